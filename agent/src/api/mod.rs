@@ -1,0 +1,6 @@
+//! The control API: newline-delimited JSON over a unix socket, one request
+//! per connection. The caller is known by `SO_PEERCRED`.
+
+pub mod client;
+pub mod protocol;
+pub mod server;

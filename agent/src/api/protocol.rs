@@ -1,0 +1,68 @@
+//! Requests and responses on the control socket.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request accepted (a token plus a command line).
+pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Open a session for the caller's held child `pid` under `token`.
+    Run {
+        /// The JWT.
+        token: String,
+        /// The caller's child, not yet executed.
+        pid: u32,
+        /// The command it will execute, for the record.
+        command: Vec<String>,
+    },
+    /// List sessions.
+    Sessions,
+    /// One session in full.
+    Show {
+        /// The session id.
+        session: String,
+    },
+    /// The daemon's state.
+    Status,
+}
+
+/// Why a request failed; `kind` lets the CLI pick its exit code.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The token was refused (or matched no identity).
+    Token,
+    /// The caller may not do this.
+    Forbidden,
+    /// No such session.
+    NotFound,
+    /// The request was malformed.
+    BadRequest,
+    /// The daemon failed.
+    Internal,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// Success, with a request-specific body.
+    Ok(serde_json::Value),
+    /// Failure.
+    Error {
+        /// What kind.
+        kind: ErrorKind,
+        /// One line for the user.
+        message: String,
+    },
+}
+
+impl Response {
+    /// An error response.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::Error { kind, message: message.into() }
+    }
+}

@@ -1,0 +1,248 @@
+//! Decoding ring buffer records into typed events.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use tollgate_common::{
+    ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventHeader, EventKind,
+    ExecEvent, ExitEvent, ForkEvent, Verdict,
+};
+
+/// An event from the kernel, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// An exec, allowed or refused.
+    Exec {
+        /// Where and when.
+        at: Origin,
+        /// Parent at exec time, as the kernel sees it.
+        ppid: u32,
+        /// Real uid.
+        uid: u32,
+        /// Allow, Deny (LSM) or Killed (tracepoint).
+        verdict: Verdict,
+        /// The file name given to exec.
+        filename: String,
+        /// Set when the file name was cut.
+        filename_truncated: bool,
+        /// The arguments.
+        argv: Vec<String>,
+        /// Set when the arguments were cut or unreadable.
+        argv_truncated: bool,
+    },
+    /// A new process.
+    Fork {
+        /// Where and when (`pid` is the parent).
+        at: Origin,
+        /// The new process.
+        child_pid: u32,
+    },
+    /// A process ended.
+    Exit {
+        /// Where and when.
+        at: Origin,
+        /// The exit status (0..255) when it exited normally.
+        code: Option<u8>,
+        /// The signal that ended it, if one did.
+        signal: Option<u8>,
+    },
+    /// A connect or unconnected send.
+    Connect {
+        /// Where and when.
+        at: Origin,
+        /// Allow or Deny.
+        verdict: Verdict,
+        /// Destination; IPv4-mapped IPv6 is shown as IPv4.
+        addr: IpAddr,
+        /// Destination port.
+        port: u16,
+        /// 4 or 6: the socket's family.
+        family: u8,
+        /// "tcp", "udp" or a number.
+        protocol: String,
+        /// True for `sendmsg` without connect.
+        send: bool,
+    },
+}
+
+/// What every event has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The session's cgroup.
+    pub cgroup_id: u64,
+    /// The process.
+    pub pid: u32,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub boot_ns: u64,
+}
+
+impl KernelEvent {
+    /// Where and when it happened.
+    pub fn origin(&self) -> Origin {
+        match self {
+            Self::Exec { at, .. } | Self::Fork { at, .. } | Self::Exit { at, .. } | Self::Connect { at, .. } => *at,
+        }
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its kind needs.
+    #[error("event of kind {kind} is {len} bytes, expected {expected}")]
+    Short {
+        /// Kind number.
+        kind: u32,
+        /// Bytes received.
+        len: usize,
+        /// Bytes needed.
+        expected: usize,
+    },
+    /// A kind this agent does not know (object and agent out of step).
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    /// A verdict this agent does not know.
+    #[error("unknown verdict {0}")]
+    UnknownVerdict(u32),
+}
+
+fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
+    if bytes.len() < expected {
+        return Err(DecodeError::Short { kind, len: bytes.len(), expected });
+    }
+    // SAFETY: the length is checked above; T is a repr(C) type of plain
+    // integers and arrays for which every bit pattern is valid.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+    let header: EventHeader = read(bytes, 0)?;
+    let at = Origin { cgroup_id: header.cgroup_id, pid: header.pid, boot_ns: header.boot_ns };
+    let verdict = |raw: u32| Verdict::try_from(raw).map_err(DecodeError::UnknownVerdict);
+    match EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)? {
+        EventKind::Exec => {
+            let event: ExecEvent = read(bytes, header.kind)?;
+            let filename = c_string(&event.filename);
+            let used = (event.argv_len as usize).min(event.argv.len());
+            let argv = event.argv[..used]
+                .split(|&b| b == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect::<Vec<_>>();
+            // The argument area ends with a NUL, which leaves one empty piece.
+            let argv = match argv.split_last() {
+                Some((last, rest)) if last.is_empty() => rest.to_vec(),
+                _ => argv,
+            };
+            Ok(KernelEvent::Exec {
+                at,
+                ppid: event.ppid,
+                uid: event.uid,
+                verdict: verdict(event.verdict)?,
+                filename,
+                filename_truncated: event.flags & EXEC_FILENAME_TRUNCATED != 0,
+                argv,
+                argv_truncated: event.flags & (EXEC_ARGV_TRUNCATED | EXEC_ARGV_UNREADABLE) != 0,
+            })
+        }
+        EventKind::Fork => {
+            let event: ForkEvent = read(bytes, header.kind)?;
+            Ok(KernelEvent::Fork { at, child_pid: event.child_pid })
+        }
+        EventKind::Exit => {
+            let event: ExitEvent = read(bytes, header.kind)?;
+            let signal = (event.exit_code & 0x7f) as u8;
+            let (code, signal) =
+                if signal == 0 { (Some(((event.exit_code >> 8) & 0xff) as u8), None) } else { (None, Some(signal)) };
+            Ok(KernelEvent::Exit { at, code, signal })
+        }
+        EventKind::Connect => {
+            let event: ConnectEvent = read(bytes, header.kind)?;
+            let v6 = Ipv6Addr::from(event.addr);
+            let addr = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            let protocol = match event.protocol {
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                other => other.to_string(),
+            };
+            Ok(KernelEvent::Connect {
+                at,
+                verdict: verdict(event.verdict)?,
+                addr,
+                port: event.port as u16,
+                family: event.family as u8,
+                protocol,
+                send: event.send != 0,
+            })
+        }
+    }
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The name of an event kind slot in the lost-event counters.
+pub fn kind_name(slot: usize) -> &'static str {
+    match slot {
+        1 => "exec",
+        2 => "fork",
+        3 => "exit",
+        4 => "connect",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_common::{ARGV_LEN, FILENAME_LEN};
+
+    fn bytes_of<T>(value: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a repr(C) value for the test.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn exec_events_decode_arguments_and_flags() {
+        let mut event = ExecEvent {
+            header: EventHeader { kind: 1, pid: 42, cgroup_id: 7, boot_ns: 1 },
+            ppid: 41,
+            uid: 1000,
+            verdict: Verdict::Killed as u32,
+            flags: EXEC_ARGV_TRUNCATED,
+            dev: 0,
+            argv_len: 0,
+            ino: 0,
+            filename: [0; FILENAME_LEN],
+            argv: [0; ARGV_LEN],
+        };
+        event.filename[..8].copy_from_slice(b"/bin/ls\0");
+        let args = b"ls\0-la\0/tmp\0";
+        event.argv[..args.len()].copy_from_slice(args);
+        event.argv_len = args.len() as u32;
+        let decoded = decode(&bytes_of(&event)).expect("decodes");
+        let KernelEvent::Exec { filename, argv, argv_truncated, verdict, ppid, .. } = decoded else {
+            panic!("not an exec: {decoded:?}");
+        };
+        assert_eq!(filename, "/bin/ls");
+        assert_eq!(argv, vec!["ls", "-la", "/tmp"]);
+        assert!(argv_truncated);
+        assert_eq!((verdict, ppid), (Verdict::Killed, 41));
+    }
+
+    #[test]
+    fn exit_status_splits_code_and_signal() {
+        let exit = |raw| ExitEvent { header: EventHeader { kind: 3, pid: 1, cgroup_id: 1, boot_ns: 0 }, exit_code: raw, reserved: 0 };
+        assert!(matches!(decode(&bytes_of(&exit(3 << 8))), Ok(KernelEvent::Exit { code: Some(3), signal: None, .. })));
+        assert!(matches!(decode(&bytes_of(&exit(9))), Ok(KernelEvent::Exit { code: None, signal: Some(9), .. })));
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_errors() {
+        assert!(matches!(decode(&[0u8; 4]), Err(DecodeError::Short { .. })));
+        let header = EventHeader { kind: 99, pid: 1, cgroup_id: 1, boot_ns: 0 };
+        assert_eq!(decode(&bytes_of(&header)), Err(DecodeError::UnknownKind(99)));
+    }
+}

@@ -1,0 +1,269 @@
+//! Command-line interface: argument definitions and dispatch. Each command's
+//! work lives in the module for its concern; this file only wires them.
+
+mod output;
+mod run;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    api::{client, protocol::{ErrorKind, Request, Response}},
+    config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET},
+    identity::dev,
+};
+
+/// Exit code when a token is refused (and the command was not started).
+pub const EXIT_TOKEN_REFUSED: i32 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about = "Verified identities and kernel enforcement for nested agents")]
+struct Cli {
+    /// The daemon's control socket [default: $TOLLGATE_SOCKET, else the socket of /etc/tollgate/config.yaml, else /run/tollgate/control.sock]
+    #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum Format {
+    /// For people.
+    #[default]
+    Text,
+    /// For programs.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (as root).
+    Daemon {
+        /// Configuration file [default: /etc/tollgate/config.yaml if it exists, else built-in defaults]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Override the config's state_dir.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run a command in a new governed session under a token.
+    Run {
+        /// File holding the OIDC JWT.
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// List sessions.
+    Sessions {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show one session: its process tree and its events in order.
+    Show {
+        /// The session id.
+        session: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show the daemon's state.
+    Status {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Dev issuer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a dev-issuer token (trusted only where the config says dev_issuer: true).
+    Mint {
+        /// The token's subject.
+        #[arg(long)]
+        sub: String,
+        /// An extra claim NAME=VALUE; repeat a name to make an array claim.
+        #[arg(long = "claim", value_name = "NAME=VALUE")]
+        claims: Vec<String>,
+        /// Seconds until the token expires (negative for an expired token).
+        #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+        expires_in: i64,
+        /// The daemon's state directory (holds the dev key).
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        state_dir: Option<PathBuf>,
+        /// Take the state directory from this config file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Check policy files; errors are printed as FILE:LINE:COLUMN: message.
+    Check {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Parses the command line, runs it, and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tollgate: {}", describe(&e));
+            1
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping causes whose text the
+/// message already includes.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// The config at the default path, if there is one.
+fn default_config() -> anyhow::Result<Option<Config>> {
+    let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Config::load(&path)?))
+}
+
+fn socket_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path);
+    }
+    Ok(default_config()?.map_or_else(|| PathBuf::from(DEFAULT_SOCKET), |c| c.socket))
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Daemon { config, state_dir } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => default_config()?.unwrap_or_else(Config::embedded),
+            };
+            if let Some(dir) = state_dir {
+                config.state_dir = dir;
+            }
+            if let Some(socket) = cli.socket {
+                config.socket = socket;
+            }
+            init_logging();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(crate::daemon::run(config))?;
+            Ok(0)
+        }
+        Command::Run { token_file, command } => run::run(&socket_path(cli.socket)?, &token_file, &command),
+        Command::Sessions { format } => {
+            let sessions = call(&socket_path(cli.socket)?, &Request::Sessions)?;
+            output::sessions(&sessions, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Show { session, format } => {
+            let detail = call(&socket_path(cli.socket)?, &Request::Show { session })?;
+            output::show(&detail, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Status { format } => {
+            let status = call(&socket_path(cli.socket)?, &Request::Status)?;
+            output::status(&status, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Token(TokenCommand::Mint { sub, claims, expires_in, state_dir, config }) => {
+            let state_dir = match (state_dir, config) {
+                (Some(dir), _) => dir,
+                (None, Some(path)) => Config::load(&path)?.state_dir,
+                (None, None) => default_config()?.unwrap_or_else(Config::embedded).state_dir,
+            };
+            let key = dev::ensure_key(&Config::dev_key_path(&state_dir))?;
+            let token = dev::mint(&key, &sub, &parse_claims(&claims)?, expires_in)?;
+            println!("{token}");
+            Ok(0)
+        }
+        Command::Policy(PolicyCommand::Check { files }) => {
+            let errors = crate::policy::check(&files);
+            for error in &errors {
+                eprintln!("{error}");
+            }
+            if errors.is_empty() {
+                println!("ok: {} policy file(s)", files.len());
+                Ok(0)
+            } else {
+                Ok(1)
+            }
+        }
+    }
+}
+
+/// `NAME=VALUE` pairs to claims; a repeated name becomes an array.
+fn parse_claims(pairs: &[String]) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let mut claims: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for pair in pairs {
+        let (name, value) = pair
+            .split_once('=')
+            .with_context(|| format!("claim '{pair}' must be NAME=VALUE"))?;
+        let value = serde_json::Value::String(value.to_owned());
+        match claims.remove(name) {
+            None => claims.insert(name.to_owned(), value),
+            Some(serde_json::Value::Array(mut items)) => {
+                items.push(value);
+                claims.insert(name.to_owned(), serde_json::Value::Array(items))
+            }
+            Some(first) => claims.insert(name.to_owned(), serde_json::Value::Array(vec![first, value])),
+        };
+    }
+    Ok(claims)
+}
+
+/// Sends a request; an error answer becomes an error naming the daemon's reason.
+fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    match client::call(socket, request)? {
+        Response::Ok(body) => Ok(body),
+        Response::Error { kind: ErrorKind::NotFound, message } => anyhow::bail!("{message}"),
+        Response::Error { message, .. } => anyhow::bail!("{message}"),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_claims_become_arrays() {
+        let claims = parse_claims(&["a=1".into(), "b=x".into(), "a=2".into()]).expect("parses");
+        assert_eq!(claims["a"], serde_json::json!(["1", "2"]));
+        assert_eq!(claims["b"], serde_json::json!("x"));
+        assert!(parse_claims(&["novalue".into()]).is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! Printing answers for people (text) or programs (JSON).
+
+use serde_json::Value;
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn text<'a>(value: &'a Value, key: &str) -> &'a str {
+    value.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+/// `tollgate sessions`.
+pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(sessions);
+    }
+    println!("{:<20} {:<16} {:<20} {:>6} {:<32} {}", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED", "ENDED");
+    for s in sessions.as_array().into_iter().flatten() {
+        let uid = s.get("uid").and_then(Value::as_u64).map_or("-".into(), |u| u.to_string());
+        let ended = s.get("ended_at").and_then(Value::as_str).unwrap_or("running");
+        println!(
+            "{:<20} {:<16} {:<20} {:>6} {:<32} {}",
+            text(s, "id"),
+            text(s, "identity"),
+            text(s, "subject"),
+            uid,
+            text(s, "started_at"),
+            ended
+        );
+    }
+    Ok(())
+}
+
+/// `tollgate show`.
+pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(detail);
+    }
+    let session = &detail["session"];
+    println!("session   {}", text(session, "id"));
+    println!("identity  {} (subject {}, issuer {})", text(session, "identity"), text(session, "subject"), text(session, "issuer"));
+    println!("uid       {}{}", session["uid"], if session["privileged"] == true { "  PRIVILEGED" } else { "" });
+    println!("started   {}", text(session, "started_at"));
+    println!("ended     {}", session.get("ended_at").and_then(Value::as_str).unwrap_or("running"));
+    println!("\nprocesses");
+    for p in detail["processes"].as_array().into_iter().flatten() {
+        let end = match (p["exit_code"].as_u64(), p.get("signal").and_then(Value::as_u64)) {
+            (_, Some(sig)) => format!("signal {sig}"),
+            (Some(code), _) => format!("exit {code}"),
+            _ => "running".to_owned(),
+        };
+        println!("  {:>7} <- {:<7} {}  {end}", p["pid"], p["ppid"], text(p, "filename"));
+    }
+    println!("\nevents");
+    for e in detail["events"].as_array().into_iter().flatten() {
+        let what = match text(e, "kind") {
+            "exec" => {
+                let argv: Vec<&str> = e["argv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let cut = if e["argv_truncated"] == true { " [arguments cut]" } else { "" };
+                format!("{} {}{cut}", text(e, "filename"), argv.join(" "))
+            }
+            "fork" => format!("-> {}", e["child_pid"]),
+            "exit" => match e["signal"].as_u64() {
+                Some(sig) => format!("signal {sig}"),
+                None => format!("code {}", e["exit_code"]),
+            },
+            "connect" => format!("{} {}:{}", text(e, "protocol"), text(e, "addr"), e["port"]),
+            _ => String::new(),
+        };
+        let verdict = e.get("verdict").and_then(Value::as_str).map_or(String::new(), |v| format!(" [{v}]"));
+        println!("  {:>5} {} {:<7} {:>7} {what}{verdict}", e["seq"], text(e, "at"), text(e, "kind"), e["pid"]);
+    }
+    Ok(())
+}
+
+/// `tollgate status`.
+pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(status);
+    }
+    println!("exec enforcement  {}", text(status, "exec_enforcement"));
+    if let Some(why) = status.get("lsm_unavailable").and_then(Value::as_str) {
+        println!("                  ({why})");
+    }
+    println!("active sessions   {}", status["sessions_active"]);
+    println!("events lost       {}", status["events_lost"]);
+    println!("session cgroup    {}", text(status, "cgroup"));
+    println!("policies          {} file(s), {} identities, {} grants", status["policy_files"], status["identities"], status["grants"]);
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `tollgate run`: hold a child before it executes, have the daemon put it
+//! into a new session, then let it execute the command.
+//!
+//! The child waits on a pipe. On success the parent writes the session id
+//! into it and the child executes; on refusal the parent closes the pipe and
+//! the child exits without running anything.
+
+use std::{
+    ffi::CString,
+    io::{Read, Write},
+    os::fd::OwnedFd,
+    path::Path,
+};
+
+use anyhow::Context;
+use nix::{
+    sys::{
+        signal::{SigHandler, Signal, signal},
+        wait::{WaitStatus, waitpid},
+    },
+    unistd::{ForkResult, Pid, fork, pipe},
+};
+
+use super::EXIT_TOKEN_REFUSED;
+use crate::api::{
+    client,
+    protocol::{ErrorKind, Request, Response},
+};
+
+/// Runs `command` in a session opened with the token in `token_file`;
+/// returns the command's exit code (128 + signal when a signal ended it).
+pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Result<i32> {
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("cannot read token file {}", token_file.display()))?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        anyhow::bail!("token file {} is empty", token_file.display());
+    }
+    let argv: Vec<CString> = command
+        .iter()
+        .map(|arg| CString::new(arg.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("an argument contains a NUL byte")?;
+
+    let (hold_read, hold_write) = pipe().context("cannot create pipe")?;
+    // SAFETY: this process is single-threaded (the CLI starts no runtime), so
+    // the child may allocate and use std before it executes.
+    match unsafe { fork() }.context("cannot fork")? {
+        ForkResult::Child => {
+            drop(hold_write);
+            let code = held_child(hold_read, &argv);
+            // SAFETY: leave without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(hold_read);
+            let request = Request::Run { token, pid: child.as_raw() as u32, command: command.to_vec() };
+            let answer = client::call(socket, &request);
+            let session = match answer {
+                Ok(Response::Ok(body)) => body.get("session").and_then(|s| s.as_str()).unwrap_or_default().to_owned(),
+                other => {
+                    // Closing the pipe makes the child exit without executing.
+                    drop(hold_write);
+                    let _ = waitpid(child, None);
+                    return match other {
+                        Ok(Response::Error { kind: ErrorKind::Token, message }) => {
+                            eprintln!("tollgate: token rejected: {message}");
+                            Ok(EXIT_TOKEN_REFUSED)
+                        }
+                        Ok(Response::Error { message, .. }) => Err(anyhow::anyhow!("session refused: {message}")),
+                        Ok(Response::Ok(_)) => unreachable!("handled above"),
+                        Err(e) => Err(e),
+                    };
+                }
+            };
+            release(hold_write, &session)?;
+            wait(child)
+        }
+    }
+}
+
+fn release(hold_write: OwnedFd, session: &str) -> anyhow::Result<()> {
+    let mut pipe = std::fs::File::from(hold_write);
+    pipe.write_all(format!("{session}\n").as_bytes()).context("cannot release the held command")
+}
+
+/// Like `system()`: the terminal's Ctrl-C goes to the command; we wait for it.
+fn wait(child: Pid) -> anyhow::Result<i32> {
+    // SAFETY: setting dispositions to ignore is async-signal-safe and affects only us.
+    unsafe {
+        let _ = signal(Signal::SIGINT, SigHandler::SigIgn);
+        let _ = signal(Signal::SIGQUIT, SigHandler::SigIgn);
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(anyhow::anyhow!("cannot wait for the command: {e}")),
+        }
+    }
+}
+
+/// The child: wait for the session id, then execute. Exit codes follow the
+/// shell's: 126 not released, 127 cannot execute.
+fn held_child(hold_read: OwnedFd, argv: &[CString]) -> i32 {
+    let mut session = String::new();
+    let mut pipe = std::fs::File::from(hold_read);
+    if pipe.read_to_string(&mut session).is_err() || !session.ends_with('\n') {
+        return 126;
+    }
+    // SAFETY: single-threaded child; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("TOLLGATE_SESSION", session.trim()) };
+    drop(pipe);
+    // A session never gains privileges through setuid binaries or file capabilities.
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        eprintln!("tollgate: cannot set no_new_privs: {}", std::io::Error::last_os_error());
+        return 126;
+    }
+    let Some(program) = argv.first() else { return 127 };
+    let error = nix::unistd::execvp(program, argv).unwrap_err();
+    eprintln!("tollgate: cannot execute {}: {error}", program.to_string_lossy());
+    127
+}

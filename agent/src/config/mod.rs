@@ -1,0 +1,143 @@
+//! The daemon's configuration file.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::yaml::{self, YamlError};
+
+/// Where a packaged install keeps its configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tollgate/config.yaml";
+/// The control socket when neither `--socket`, `TOLLGATE_SOCKET` nor a config says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/tollgate/control.sock";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Session log, dev issuer key and other state.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The control socket clients connect to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Policy files, or directories of `*.yaml` / `*.yml` policy files.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    /// OIDC issuers whose tokens open sessions.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    /// Trust tokens from `tollgate token mint` (for trying tollgate out and
+    /// for tests; off in packaged configs).
+    #[serde(default)]
+    pub dev_issuer: bool,
+    /// Name of the daemon's cgroup subtree under the cgroup v2 mount.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+    /// Milliseconds between commits of batched events to the session log.
+    #[serde(default = "default_flush_ms")]
+    pub flush_interval_ms: u64,
+}
+
+/// One trusted OIDC issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` claim.
+    pub issuer: String,
+    /// The `aud` the token must carry.
+    pub audience: String,
+    /// Fetch the JWKS from here (https, or http to a loopback address).
+    pub jwks_url: Option<String>,
+    /// Or read it from this file.
+    pub jwks_file: Option<PathBuf>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tollgate")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_cgroup() -> String {
+    "tollgate".to_owned()
+}
+fn default_flush_ms() -> u64 {
+    200
+}
+
+impl Config {
+    /// Loads and validates a configuration file.
+    /// Relative paths in the file are relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, YamlError> {
+        let (mut config, source): (Config, String) = yaml::load(path)?;
+        config.validate(path, &source)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let absolute = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        absolute(&mut config.state_dir);
+        absolute(&mut config.socket);
+        config.policies.iter_mut().for_each(absolute);
+        config.issuers.iter_mut().filter_map(|i| i.jwks_file.as_mut()).for_each(absolute);
+        Ok(config)
+    }
+
+    /// The built-in defaults: what a packaged install uses when its config
+    /// file names nothing else.
+    pub fn embedded() -> Self {
+        serde_yaml_ng::from_str("{}").expect("an empty config deserializes to the defaults")
+    }
+
+    fn validate(&self, path: &Path, source: &str) -> Result<(), YamlError> {
+        let error = |key: &str, value: &str, message: String| YamlError {
+            path: path.to_owned(),
+            position: yaml::locate(source, key, value),
+            message,
+        };
+        if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {
+            return Err(error("cgroup", &self.cgroup, format!("cgroup '{}' must be a plain directory name", self.cgroup)));
+        }
+        for issuer in &self.issuers {
+            match (&issuer.jwks_url, &issuer.jwks_file) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(error(
+                        "issuer",
+                        &issuer.issuer,
+                        format!("issuer '{}' needs exactly one of jwks_url or jwks_file", issuer.issuer),
+                    ));
+                }
+                (Some(url), None) => {
+                    if let Err(why) = crate::identity::jwks::check_url(url) {
+                        return Err(error("jwks_url", url, why));
+                    }
+                }
+                (None, Some(_)) => {}
+            }
+            if issuer.issuer == crate::identity::dev::DEV_ISSUER {
+                return Err(error("issuer", &issuer.issuer, format!("issuer '{}' is reserved for the dev issuer (dev_issuer: true)", issuer.issuer)));
+            }
+        }
+        Ok(())
+    }
+
+    /// How often the session log writer commits a batch.
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms.max(10))
+    }
+
+    /// The state directory's dev issuer key.
+    pub fn dev_key_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("dev-issuer.pk8")
+    }
+
+    /// The session log database.
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join("sessions.db")
+    }
+}

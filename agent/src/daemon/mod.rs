@@ -1,0 +1,196 @@
+//! The daemon: loads policy and programs, serves the control socket, turns
+//! kernel events into session log records, ends sessions whose last process
+//! has exited, and cleans up on SIGTERM.
+
+mod clock;
+mod events;
+mod mounts;
+mod sessions;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use crate::{
+    bpf::{Enforcer, ExecEnforcement},
+    config::Config,
+    identity::{Verifier, dev},
+    policy::PolicySet,
+    session::{Registry, cgroup},
+    store::{Reader, Writer, WriterHandle},
+};
+
+pub use clock::BootClock;
+pub use sessions::Caller;
+
+/// Everything the daemon's tasks share.
+pub struct Daemon {
+    config: Config,
+    policies: PolicySet,
+    verifier: Verifier,
+    tree: cgroup::CgroupTree,
+    mount: PathBuf,
+    host: String,
+    state: Mutex<State>,
+    writer: WriterHandle,
+    reader: Reader,
+    clock: BootClock,
+    mode: ExecEnforcement,
+    lsm_reason: Option<String>,
+    lost_total: AtomicU64,
+}
+
+struct State {
+    enforcer: Enforcer,
+    registry: Registry,
+}
+
+impl Daemon {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock must not stop enforcement bookkeeping.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The session log reader.
+    pub fn reader(&self) -> &Reader {
+        &self.reader
+    }
+
+    /// True when `pid` runs inside one of this daemon's sessions.
+    pub fn is_governed(&self, pid: u32) -> bool {
+        match cgroup::of_process(pid) {
+            Some(path) => {
+                let full = self.mount.join(path.trim_start_matches('/'));
+                full.starts_with(&self.tree.sessions)
+            }
+            // A caller we cannot place is treated as governed: fail closed.
+            None => true,
+        }
+    }
+
+    /// What `tollgate status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let sessions_active = self.state().registry.len();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "exec_enforcement": self.mode.as_str(),
+            "lsm_unavailable": self.lsm_reason,
+            "sessions_active": sessions_active,
+            "events_lost": self.lost_total.load(Ordering::Relaxed),
+            "cgroup": self.tree.sessions.display().to_string(),
+            "policy_files": self.policies.files.len(),
+            "identities": self.policies.identities.len(),
+            "grants": self.policies.grants.len(),
+            "dev_issuer": self.config.dev_issuer,
+            "state_dir": self.config.state_dir.display().to_string(),
+        })
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("the daemon must run as root (it loads eBPF programs and manages cgroups)");
+    }
+    let policies = PolicySet::load(&config.policies).context("policies did not load")?;
+    mounts::ensure()?;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
+
+    let dev_jwks = if config.dev_issuer {
+        let key = dev::ensure_key(&Config::dev_key_path(&config.state_dir))?;
+        tracing::warn!("the dev issuer is trusted (dev_issuer: true): anyone who can read the state directory can mint tokens");
+        Some(dev::jwks(&key)?)
+    } else {
+        None
+    };
+    let verifier = Verifier::new(&config.issuers, dev_jwks);
+
+    let mount = cgroup::cgroup2_mount()?;
+    let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
+    let mut enforcer = Enforcer::load(&tree.sessions).context("cannot load the eBPF programs")?;
+    let mode = enforcer.exec_enforcement();
+    let lsm_reason = enforcer.lsm_unavailable_reason().map(str::to_owned);
+    match &lsm_reason {
+        None => tracing::info!(mode = mode.as_str(), "exec enforcement: denied execs fail with EPERM"),
+        Some(why) => tracing::warn!(mode = mode.as_str(), reason = %why, "exec enforcement: BPF LSM unavailable, denied execs are killed before the new image runs"),
+    }
+    let ring = enforcer.take_events().context("event ring buffer missing")?;
+
+    let writer = Writer::start(&config.database_path(), config.flush_interval())?;
+    let reader = Reader::new(&config.database_path());
+    let listener = crate::api::server::bind(&config.socket)?;
+
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
+    let daemon = Arc::new(Daemon {
+        policies,
+        verifier,
+        tree,
+        mount,
+        host,
+        state: Mutex::new(State { enforcer, registry: Registry::default() }),
+        writer: writer.handle(),
+        reader,
+        clock: BootClock::now(),
+        mode,
+        lsm_reason,
+        lost_total: AtomicU64::new(0),
+        config,
+    });
+    tracing::info!(
+        socket = %daemon.config.socket.display(),
+        cgroup = %daemon.tree.sessions.display(),
+        policies = daemon.policies.files.len(),
+        "tollgate daemon ready"
+    );
+
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until
+    // the reader task ends, so the fd stays valid while registered.
+    let ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(events::read(daemon.clone(), ring));
+    tasks.spawn(sessions::reap(daemon.clone()));
+    tasks.spawn(events::watch_lost(daemon.clone()));
+    tasks.spawn(crate::api::server::serve(daemon.clone(), listener));
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let outcome = tokio::select! {
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task stopped unexpectedly")),
+            Err(e) => Err(anyhow::anyhow!("a daemon task panicked: {e}")),
+        },
+    };
+    tracing::info!("stopping");
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    sessions::shutdown(&daemon).await;
+    let _ = std::fs::remove_file(&daemon.config.socket);
+    daemon.writer.flush();
+    let tree = daemon.tree.clone();
+    drop(daemon);
+    drop(writer);
+    // Programs detach when the enforcer drops, before the cgroups go.
+    tree.remove();
+    outcome
+}
+
+/// How often session cgroups are checked for their last process.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,0 +1,17 @@
+//! tollgate: a host enforcement agent for machines that run CI runners,
+//! sandboxes and AI agents that start other agents.
+//!
+//! Data flows one way: kernel events -> [`store`]; [`policy`] -> kernel maps.
+//! The binary (`main.rs`) only parses arguments and calls into [`cli`].
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod policy;
+pub mod session;
+pub mod store;
+pub mod yaml;

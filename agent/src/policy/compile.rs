@@ -1,0 +1,146 @@
+//! From the grants of one session to the entries the kernel maps hold.
+
+use std::{collections::BTreeMap, net::IpAddr, os::unix::fs::MetadataExt, path::PathBuf};
+
+use tollgate_common::Verdict;
+
+use super::{Destination, Grant};
+
+/// A file as the kernel identifies it in an exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device in the kernel's encoding (`MAJOR << 20 | MINOR`).
+    pub dev: u32,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The file `path` resolves to (following symlinks).
+    pub fn of(path: &std::path::Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        let dev = meta.dev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        Ok(Self { dev: (major << 20) | minor, ino: meta.ino() })
+    }
+}
+
+/// One network rule in kernel form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetEntry {
+    /// The prefix as IPv6 (IPv4 mapped into `::ffff:0:0/96`).
+    pub addr: [u8; 16],
+    /// Prefix length over the 128-bit address.
+    pub addr_prefix: u32,
+    /// `None` for every port.
+    pub port: Option<u16>,
+    /// Allow or deny.
+    pub verdict: Verdict,
+    /// Index into [`SessionRules::rules`].
+    pub rule_id: u32,
+}
+
+/// What the kernel enforces for one session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionRules {
+    /// Names of the grants that apply.
+    pub grants: Vec<String>,
+    /// Denied executables that exist now, with the path that named them.
+    pub exec_deny: Vec<(PathBuf, FileId)>,
+    /// Denied paths that do not exist (nothing to match; reported).
+    pub exec_deny_missing: Vec<PathBuf>,
+    /// Network rules, at most one per (prefix, port).
+    pub net: Vec<NetEntry>,
+    /// Human-readable rule names, indexed by `NetEntry::rule_id`.
+    pub rules: Vec<String>,
+}
+
+/// Turns grants into kernel entries. Where two rules have the same prefix
+/// and port, deny beats allow.
+pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules {
+    let mut out = SessionRules::default();
+    let mut net: BTreeMap<([u8; 16], u32, Option<u16>), NetEntry> = BTreeMap::new();
+    for grant in grants {
+        out.grants.push(grant.name.clone());
+        for path in &grant.exec.deny {
+            match FileId::of(&path.0) {
+                Ok(id) => out.exec_deny.push((path.0.clone(), id)),
+                Err(_) => out.exec_deny_missing.push(path.0.clone()),
+            }
+        }
+        let entries = grant
+            .network
+            .allow
+            .iter()
+            .map(|d| (d, Verdict::Allow, "allow"))
+            .chain(grant.network.deny.iter().map(|d| (d, Verdict::Deny, "deny")));
+        for (destination, verdict, word) in entries {
+            let rule_id = out.rules.len() as u32;
+            out.rules.push(format!("{}: network.{word} {destination}", grant.name));
+            let (addr, addr_prefix) = mapped(destination);
+            let key = (addr, addr_prefix, destination.port);
+            let entry = NetEntry { addr, addr_prefix, port: destination.port, verdict, rule_id };
+            match net.get(&key) {
+                Some(existing) if existing.verdict == Verdict::Deny => {}
+                _ => {
+                    net.insert(key, entry);
+                }
+            }
+        }
+    }
+    out.net = net.into_values().collect();
+    out
+}
+
+/// A destination's prefix in the IPv6 space the kernel programs use.
+fn mapped(destination: &Destination) -> ([u8; 16], u32) {
+    match destination.net.network() {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(destination.net.prefix_len())),
+        IpAddr::V6(v6) => (v6.octets(), u32::from(destination.net.prefix_len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::{ExecRules, NetworkRules};
+
+    fn grant(allow: &[&str], deny: &[&str]) -> Grant {
+        let parse = |list: &[&str]| list.iter().map(|d| d.parse().expect("destination")).collect();
+        Grant {
+            name: "g".into(),
+            identity: "i".into(),
+            exec: ExecRules::default(),
+            network: NetworkRules { allow: parse(allow), deny: parse(deny) },
+        }
+    }
+
+    #[test]
+    fn deny_beats_allow_for_the_same_prefix_and_port() {
+        let rules = compile([&grant(&["10.0.0.0/8"], &[]), &grant(&[], &["10.0.0.0/8"]), &grant(&["10.0.0.0/8"], &[])]);
+        assert_eq!(rules.net.len(), 1);
+        assert_eq!(rules.net[0].verdict, Verdict::Deny);
+        assert_eq!(rules.net[0].addr_prefix, 104);
+    }
+
+    #[test]
+    fn port_rules_stay_apart_from_address_rules() {
+        let rules = compile([&grant(&["0.0.0.0/0", "::/0"], &["169.254.169.254/32:80"])]);
+        assert_eq!(rules.net.len(), 3);
+        let port_rule = rules.net.iter().find(|e| e.port == Some(80)).expect("port rule");
+        assert_eq!((port_rule.verdict, port_rule.addr_prefix), (Verdict::Deny, 128));
+        assert_eq!(rules.rules[port_rule.rule_id as usize], "g: network.deny 169.254.169.254/32:80");
+    }
+
+    #[test]
+    fn missing_exec_paths_are_reported_not_dropped() {
+        let mut g = grant(&[], &[]);
+        g.exec.deny = vec![
+            crate::policy::model::AbsolutePath("/bin/sh".into()),
+            crate::policy::model::AbsolutePath("/nonexistent/tool".into()),
+        ];
+        let rules = compile([&g]);
+        assert_eq!(rules.exec_deny.len(), 1);
+        assert_eq!(rules.exec_deny_missing, vec![PathBuf::from("/nonexistent/tool")]);
+    }
+}

@@ -1,0 +1,119 @@
+//! The session log: a SQLite database on the host (WAL), written by one
+//! batching writer thread, read by the control API.
+
+mod queries;
+mod schema;
+mod writer;
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+pub use queries::{Reader, SessionDetail};
+pub use writer::{Writer, WriterHandle};
+
+/// Errors of the session log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused something.
+    #[error("session log: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer tollgate.
+    #[error("session log schema version {found} is newer than this tollgate understands ({known})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest known here.
+        known: i64,
+    },
+    /// No such session.
+    #[error("no session '{0}'")]
+    NoSuchSession(String),
+    /// The writer thread has stopped.
+    #[error("session log writer has stopped")]
+    WriterGone,
+}
+
+/// A session's id: short, random, safe in paths and cgroup names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// A new random id, `s-` and 16 hex digits.
+    pub fn generate() -> Self {
+        Self(format!("s-{:016x}", rand::random::<u64>()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let valid = text.len() <= 64
+            && !text.is_empty()
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if valid { Ok(Self(text.to_owned())) } else { Err(format!("'{text}' is not a session id")) }
+    }
+}
+
+/// A session as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Its id.
+    pub id: SessionId,
+    /// The policy identity the token matched.
+    pub identity: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// The token's `iss`.
+    pub issuer: String,
+    /// Every claim of the token.
+    pub claims: serde_json::Value,
+    /// This host's name.
+    pub host: String,
+    /// The uid the session runs as.
+    pub uid: u32,
+    /// True when the session runs as root (it could undo its own confinement).
+    pub privileged: bool,
+    /// The grants that applied.
+    pub grants: Vec<String>,
+    /// The session's cgroup directory.
+    pub cgroup: String,
+    /// The command as asked for.
+    pub command: Vec<String>,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, once the last process has exited.
+    pub ended_at: Option<String>,
+}
+
+/// One event of a session, in the order the kernel reported it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// RFC 3339.
+    pub at: String,
+    /// `exec`, `fork`, `exit`, `connect`.
+    pub kind: String,
+    /// The process.
+    pub pid: u32,
+    /// `allow`, `deny`, `killed`, where the event is a decision.
+    pub verdict: Option<String>,
+    /// Kind-specific fields.
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+/// RFC 3339 with nanoseconds, UTC.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_nanos(time).to_string()
+}

@@ -1,0 +1,90 @@
+//! Schema and migrations. `PRAGMA user_version` is the schema version; each
+//! migration runs once, in order, in its own transaction.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: sessions and their events.
+    "CREATE TABLE sessions (
+        id          TEXT PRIMARY KEY,
+        identity    TEXT NOT NULL,
+        subject     TEXT NOT NULL,
+        issuer      TEXT NOT NULL,
+        claims      TEXT NOT NULL,
+        host        TEXT NOT NULL,
+        uid         INTEGER NOT NULL,
+        privileged  INTEGER NOT NULL,
+        grants      TEXT NOT NULL,
+        cgroup      TEXT NOT NULL,
+        command     TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        ended_at    TEXT
+     );
+     CREATE TABLE events (
+        session_id  TEXT NOT NULL REFERENCES sessions(id),
+        seq         INTEGER NOT NULL,
+        at          TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        verdict     TEXT,
+        detail      TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+     ) WITHOUT ROWID;
+     CREATE INDEX events_by_verdict ON events(verdict) WHERE verdict IS NOT NULL;
+     CREATE TABLE lost_events (
+        at          TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        count       INTEGER NOT NULL
+     );",
+];
+
+/// Opens `path` for writing: WAL, foreign keys, schema migrated to the newest.
+pub fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew { found: version, known });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_run_once_and_refuse_a_newer_file() {
+        let dir = tempfile_dir();
+        let path = dir.join("log.db");
+        drop(open(&path).expect("first open migrates"));
+        drop(open(&path).expect("second open is a no-op"));
+        let conn = Connection::open(&path).expect("raw open");
+        conn.pragma_update(None, "user_version", 99).expect("bump");
+        drop(conn);
+        assert!(matches!(open(&path), Err(StoreError::TooNew { found: 99, .. })));
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("tollgate-schema-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+}

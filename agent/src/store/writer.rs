@@ -1,0 +1,201 @@
+//! The one writer of the session log. Events arrive on a channel and are
+//! committed in batches; opening a session commits at once and is
+//! acknowledged, so no process runs in a session that has no record.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use rusqlite::{Connection, params};
+
+use super::{EventRecord, SessionId, SessionRecord, StoreError, schema};
+
+const MAX_BATCH: usize = 2000;
+
+enum Op {
+    Open(Box<SessionRecord>, mpsc::Sender<Result<(), String>>),
+    Event(SessionId, EventRecord),
+    End(SessionId, String),
+    Lost(String, u64),
+    Flush(mpsc::Sender<()>),
+}
+
+/// Owns the writer thread, which stops once every handle is dropped, after
+/// committing what was queued. Call [`WriterHandle::flush`] to wait for that.
+pub struct Writer {
+    _thread: JoinHandle<()>,
+    handle: WriterHandle,
+}
+
+/// Sends work to the writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+impl Writer {
+    /// Opens (creating and migrating) the database and starts the thread.
+    pub fn start(path: &Path, flush_interval: Duration) -> Result<Self, StoreError> {
+        let conn = schema::open(path)?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("session-log".into())
+            .spawn(move || run(conn, rx, flush_interval))
+            .map_err(|_| StoreError::WriterGone)?;
+        Ok(Self { _thread: thread, handle: WriterHandle { tx } })
+    }
+
+    /// A handle to send work with.
+    pub fn handle(&self) -> WriterHandle {
+        self.handle.clone()
+    }
+}
+
+impl WriterHandle {
+    /// Records a new session and waits until it is committed.
+    pub fn open_session(&self, record: SessionRecord) -> Result<(), StoreError> {
+        let (ack, done) = mpsc::channel();
+        self.tx.send(Op::Open(Box::new(record), ack)).map_err(|_| StoreError::WriterGone)?;
+        match done.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(why.into()))),
+            Err(_) => Err(StoreError::WriterGone),
+        }
+    }
+
+    /// Queues an event.
+    pub fn event(&self, session: SessionId, event: EventRecord) {
+        let _ = self.tx.send(Op::Event(session, event));
+    }
+
+    /// Queues the end of a session.
+    pub fn end_session(&self, session: SessionId, ended_at: String) {
+        let _ = self.tx.send(Op::End(session, ended_at));
+    }
+
+    /// Queues a count of events the kernel could not deliver.
+    pub fn lost(&self, kind: &str, count: u64) {
+        let _ = self.tx.send(Op::Lost(kind.to_owned(), count));
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub fn flush(&self) {
+        let (ack, done) = mpsc::channel();
+        if self.tx.send(Op::Flush(ack)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+}
+
+fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, flush_interval: Duration) {
+    let mut seqs: HashMap<SessionId, i64> = HashMap::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + flush_interval;
+        // Opening a session and flushing are waited on: commit at once.
+        while !matches!(batch.last(), Some(Op::Open(..) | Op::Flush(_))) && batch.len() < MAX_BATCH {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        commit(&mut conn, &mut seqs, batch);
+    }
+}
+
+fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<Op>) {
+    let mut acks = Vec::new();
+    let mut flushes = Vec::new();
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        for op in batch {
+            match op {
+                Op::Open(record, ack) => {
+                    let outcome = insert_session(&tx, &record).map(|_| ()).map_err(|e| e.to_string());
+                    if outcome.is_ok() {
+                        seqs.insert(record.id.clone(), 0);
+                    }
+                    acks.push((ack, outcome));
+                }
+                Op::Event(session, event) => {
+                    let seq = match seqs.get_mut(&session) {
+                        Some(seq) => seq,
+                        None => {
+                            let last: i64 = tx.query_row(
+                                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1",
+                                [session.as_str()],
+                                |row| row.get(0),
+                            )?;
+                            seqs.entry(session.clone()).or_insert(last)
+                        }
+                    };
+                    *seq += 1;
+                    let detail = serde_json::Value::Object(event.detail).to_string();
+                    if let Err(e) = tx.execute(
+                        "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![session.as_str(), *seq, event.at, event.kind, event.pid, event.verdict, detail],
+                    ) {
+                        tracing::error!(session = %session, error = %e, "cannot record event");
+                    }
+                }
+                Op::End(session, ended_at) => {
+                    tx.execute(
+                        "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
+                        params![session.as_str(), ended_at],
+                    )?;
+                    seqs.remove(&session);
+                }
+                Op::Lost(kind, count) => {
+                    tx.execute(
+                        "INSERT INTO lost_events (at, kind, count) VALUES (?1, ?2, ?3)",
+                        params![super::rfc3339(std::time::SystemTime::now()), kind, count as i64],
+                    )?;
+                }
+                Op::Flush(ack) => flushes.push(ack),
+            }
+        }
+        tx.commit()
+    })();
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "session log batch failed");
+    }
+    for (ack, outcome) in acks {
+        let outcome = match (&result, outcome) {
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(()), outcome) => outcome,
+        };
+        let _ = ack.send(outcome);
+    }
+    for ack in flushes {
+        let _ = ack.send(());
+    }
+}
+
+fn insert_session(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO sessions (id, identity, subject, issuer, claims, host, uid, privileged, grants,
+                               cgroup, command, started_at, ended_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            r.id.as_str(),
+            r.identity,
+            r.subject,
+            r.issuer,
+            r.claims.to_string(),
+            r.host,
+            r.uid,
+            r.privileged,
+            serde_json::to_string(&r.grants).unwrap_or_else(|_| "[]".into()),
+            r.cgroup,
+            serde_json::to_string(&r.command).unwrap_or_else(|_| "[]".into()),
+            r.started_at,
+            r.ended_at,
+        ],
+    )
+}

@@ -1,0 +1,272 @@
+//! Types shared by the tollgate eBPF programs and the agent.
+//!
+//! Everything here is `#[repr(C)]`, has no implicit padding, and has its size
+//! asserted at compile time, because both sides read the same bytes: the
+//! kernel side writes events and reads maps, userspace does the reverse.
+#![no_std]
+#![deny(missing_docs)]
+
+/// Bytes of the executed file's name kept in an exec event.
+pub const FILENAME_LEN: usize = 256;
+/// Bytes of the NUL-separated argument list kept in an exec event.
+pub const ARGV_LEN: usize = 512;
+
+/// `ExecEvent::flags`: the file name was longer than [`FILENAME_LEN`] and was cut.
+pub const EXEC_FILENAME_TRUNCATED: u32 = 1;
+/// `ExecEvent::flags`: the arguments were longer than [`ARGV_LEN`] and were cut.
+pub const EXEC_ARGV_TRUNCATED: u32 = 2;
+/// `ExecEvent::flags`: the arguments could not be read at all.
+pub const EXEC_ARGV_UNREADABLE: u32 = 4;
+
+/// What an event reports. Decoded in userspace with `TryFrom<u32>`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A program image was executed (or refused).
+    Exec = 1,
+    /// A governed process created a new process (threads are not reported).
+    Fork = 2,
+    /// A governed process (thread group) exited.
+    Exit = 3,
+    /// A governed socket asked to connect or send to an address.
+    Connect = 4,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            1 => Ok(Self::Exec),
+            2 => Ok(Self::Fork),
+            3 => Ok(Self::Exit),
+            4 => Ok(Self::Connect),
+            other => Err(other),
+        }
+    }
+}
+
+/// The kernel's decision on an exec or a connect.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it happen.
+    Allow = 1,
+    /// Refused with `EPERM` (connect, and exec where BPF LSM is active).
+    Deny = 2,
+    /// Exec refused by killing the process before the new image ran.
+    Killed = 3,
+}
+
+impl TryFrom<u32> for Verdict {
+    type Error = u32;
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            1 => Ok(Self::Allow),
+            2 => Ok(Self::Deny),
+            3 => Ok(Self::Killed),
+            other => Err(other),
+        }
+    }
+}
+
+/// Common start of every event in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Thread group id (the process id userspace sees).
+    pub pid: u32,
+    /// The cgroup v2 id of the process's cgroup.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_boot_ns()` when the event happened.
+    pub boot_ns: u64,
+}
+
+/// An exec, allowed or refused.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    /// Common header; `kind` is [`EventKind::Exec`].
+    pub header: EventHeader,
+    /// The parent's thread group id at exec time.
+    pub ppid: u32,
+    /// The real uid of the process.
+    pub uid: u32,
+    /// A [`Verdict`] as `u32`.
+    pub verdict: u32,
+    /// `EXEC_*` flags.
+    pub flags: u32,
+    /// Device of the executed file (kernel encoding, `MAJOR << 20 | MINOR`).
+    pub dev: u32,
+    /// Bytes of `argv` used.
+    pub argv_len: u32,
+    /// Inode number of the executed file.
+    pub ino: u64,
+    /// NUL-terminated file name as given to `execve`.
+    pub filename: [u8; FILENAME_LEN],
+    /// NUL-separated arguments, `argv_len` bytes.
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// A new process inside a governed cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    /// Common header; `pid` is the parent, `kind` is [`EventKind::Fork`].
+    pub header: EventHeader,
+    /// The new process's thread group id.
+    pub child_pid: u32,
+    /// The uid of the parent.
+    pub uid: u32,
+}
+
+/// A governed process has exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    /// Common header; `kind` is [`EventKind::Exit`].
+    pub header: EventHeader,
+    /// Wait status as the kernel keeps it (`code << 8 | signal`).
+    pub exit_code: u32,
+    /// Padding to 8 bytes, always zero.
+    pub reserved: u32,
+}
+
+/// A connect (or unconnected send) from a governed socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    /// Common header; `kind` is [`EventKind::Connect`].
+    pub header: EventHeader,
+    /// The uid of the process.
+    pub uid: u32,
+    /// A [`Verdict`] as `u32`.
+    pub verdict: u32,
+    /// 4 or 6: the socket family the program saw.
+    pub family: u32,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u32,
+    /// Destination port, host byte order.
+    pub port: u32,
+    /// 1 when this was `sendmsg` on an unconnected socket rather than `connect`.
+    pub send: u32,
+    /// Destination as IPv6 (IPv4 is mapped, `::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+}
+
+/// Value of the governed-cgroup map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SessionSlot {
+    /// The cgroup id again, so a dump of the map reads on its own.
+    pub session_id: u64,
+}
+
+/// Key of the exec deny map: an executable file of one session.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExecKey {
+    /// The session's cgroup id.
+    pub cgroup_id: u64,
+    /// Inode number of the file.
+    pub ino: u64,
+    /// Device of the file, kernel encoding.
+    pub dev: u32,
+    /// Always zero.
+    pub reserved: u32,
+}
+
+/// Data of a key in the address-only network rule trie:
+/// cgroup id (big endian) then the IPv6 or mapped IPv4 address.
+pub type NetAnyPortKey = [u8; 24];
+/// Data of a key in the address-and-port network rule trie:
+/// cgroup id (big endian), port (big endian), then the address.
+pub type NetPortKey = [u8; 26];
+/// Bits of a network key before the address starts, address-only trie.
+pub const NET_ANY_PORT_FIXED_BITS: u32 = 64;
+/// Bits of a network key before the address starts, address-and-port trie.
+pub const NET_PORT_FIXED_BITS: u32 = 80;
+
+/// Value of a network rule trie entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetRule {
+    /// A [`Verdict`] as `u32` (`Allow` or `Deny`).
+    pub verdict: u32,
+    /// Prefix length of the address alone (0..=128, IPv4 as mapped), so the
+    /// kernel can tell which of two tries matched more specifically.
+    pub addr_prefix: u32,
+    /// Index of the policy entry that made this rule, for the record.
+    pub rule_id: u32,
+    /// Always zero.
+    pub reserved: u32,
+}
+
+/// Offsets into kernel structures, read by the agent from the running
+/// kernel's BTF and written into the programs' read-only data before load.
+/// This is what lets one object work across kernel versions without CO-RE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    /// `task_struct.mm`
+    pub task_mm: u32,
+    /// `task_struct.real_parent`
+    pub task_real_parent: u32,
+    /// `task_struct.pid`
+    pub task_pid: u32,
+    /// `task_struct.tgid`
+    pub task_tgid: u32,
+    /// `task_struct.exit_code`
+    pub task_exit_code: u32,
+    /// `mm_struct.exe_file`
+    pub mm_exe_file: u32,
+    /// `mm_struct.arg_start`
+    pub mm_arg_start: u32,
+    /// `mm_struct.arg_end`
+    pub mm_arg_end: u32,
+    /// `file.f_path` + `path.dentry`
+    pub file_dentry: u32,
+    /// `dentry.d_inode`
+    pub dentry_inode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
+    /// `inode.i_sb`
+    pub inode_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_dev: u32,
+    /// `linux_binprm.file`
+    pub bprm_file: u32,
+    /// `linux_binprm.filename`
+    pub bprm_filename: u32,
+    /// 1 once the agent has filled this in; programs do nothing while 0.
+    pub ready: u32,
+}
+
+/// Index into the lost-event counters, one per [`EventKind`] (index 0 unused).
+pub const LOST_SLOTS: u32 = 5;
+
+#[cfg(feature = "user")]
+mod user {
+    //! `aya::Pod` for the types userspace puts into or reads out of maps.
+    use super::{ExecKey, KernelOffsets, NetRule, SessionSlot};
+    // SAFETY: all four are repr(C), made only of integers, with no padding.
+    unsafe impl aya::Pod for SessionSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExecKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NetRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for KernelOffsets {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EventHeader>() == 24);
+    assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + FILENAME_LEN + ARGV_LEN);
+    assert!(core::mem::size_of::<ForkEvent>() == 32);
+    assert!(core::mem::size_of::<ExitEvent>() == 32);
+    assert!(core::mem::size_of::<ConnectEvent>() == 24 + 24 + 16);
+    assert!(core::mem::size_of::<ExecKey>() == 24);
+    assert!(core::mem::size_of::<NetRule>() == 16);
+    assert!(core::mem::size_of::<KernelOffsets>() == 64);
+};

@@ -1,0 +1,459 @@
+//! tollgate's kernel side.
+//!
+//! Every program first asks "is the current cgroup a governed session?" and
+//! returns at once when it is not. For sessions it records exec, fork, exit
+//! and connect, refuses execs of denied files and refuses connects that the
+//! session's rules do not allow. All matching of names, claims and policy
+//! happens in userspace; the maps hold only what must be decided here.
+//!
+//! Kernel structure offsets come from the agent (read from the running
+//! kernel's BTF) through the `OFFSETS` read-only global.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_send_signal},
+    },
+    macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext},
+};
+use tollgate_common::{
+    ARGV_LEN, ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
+    EventHeader, EventKind, ExecEvent, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent,
+    KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey,
+    NetPortKey, NetRule, SessionSlot, Verdict,
+};
+
+const SIGKILL: u32 = 9;
+const EPERM: i32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    task_mm: 0,
+    task_real_parent: 0,
+    task_pid: 0,
+    task_tgid: 0,
+    task_exit_code: 0,
+    mm_exe_file: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+    file_dentry: 0,
+    dentry_inode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    bprm_file: 0,
+    bprm_filename: 0,
+    ready: 0,
+};
+
+/// Governed cgroups: cgroup id -> session.
+#[map]
+static SESSIONS: HashMap<u64, SessionSlot> = HashMap::with_max_entries(4096, 0);
+
+/// Executables a session may not run, by (cgroup, device, inode).
+#[map]
+static EXEC_DENY: HashMap<ExecKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Network rules that apply to every port of a prefix.
+#[map]
+static NET_ANY_PORT: LpmTrie<NetAnyPortKey, NetRule> = LpmTrie::with_max_entries(16384, 0);
+
+/// Network rules for one port of a prefix.
+#[map]
+static NET_PORT: LpmTrie<NetPortKey, NetRule> = LpmTrie::with_max_entries(16384, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Events that found the ring buffer full, per event kind.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a plain read of our own global; volatile so the compiler does not
+    // fold in the zeroes it was compiled with (the agent rewrites it before load).
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn is_governed(cgroup_id: u64) -> bool {
+    // SAFETY: a map lookup; the value is only tested for presence.
+    unsafe { SESSIONS.get(&cgroup_id) }.is_some()
+}
+
+#[inline(always)]
+fn count_lost(kind: EventKind) {
+    if let Some(counter) = LOST.get_ptr_mut(kind as u32) {
+        // SAFETY: per-CPU slot, so no other writer races with this one.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, cgroup_id: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        cgroup_id,
+        // SAFETY: no arguments, always safe to call.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+    }
+}
+
+/// Reads a field of type `T` at `offset` bytes into the kernel object at `base`.
+#[inline(always)]
+unsafe fn field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an Err.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// Device and inode of the file an exec is loading, as `stat()` reports them
+/// for the path (the dentry's inode, not a stacked filesystem's real one).
+#[inline(always)]
+unsafe fn file_identity(file: *const u8, off: &KernelOffsets) -> Result<(u32, u64), i32> {
+    // SAFETY: every step is a checked kernel read.
+    unsafe {
+        let dentry: *const u8 = field(file, off.file_dentry)?;
+        let inode: *const u8 = field(dentry, off.dentry_inode)?;
+        let ino: u64 = field(inode, off.inode_ino)?;
+        let sb: *const u8 = field(inode, off.inode_sb)?;
+        let dev: u32 = field(sb, off.sb_dev)?;
+        Ok((dev, ino))
+    }
+}
+
+#[inline(always)]
+fn exec_denied(cgroup_id: u64, dev: u32, ino: u64) -> bool {
+    let key = ExecKey { cgroup_id, ino, dev, reserved: 0 };
+    // SAFETY: presence test only.
+    unsafe { EXEC_DENY.get(&key) }.is_some()
+}
+
+/// Writes an exec event straight into ring buffer memory: the event is larger
+/// than the 512-byte BPF stack.
+#[inline(always)]
+unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64, read_argv: bool) {
+    let off = offsets();
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost(EventKind::Exec);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved, exclusively owned ring buffer slot.
+    unsafe {
+        (*event).header = header(EventKind::Exec, cgroup_id);
+        (*event).uid = bpf_get_current_uid_gid() as u32;
+        (*event).verdict = verdict as u32;
+        (*event).dev = dev;
+        (*event).ino = ino;
+        (*event).flags = 0;
+        (*event).argv_len = 0;
+        (*event).ppid = 0;
+        (*event).filename[0] = 0;
+
+        let task = bpf_get_current_task() as *const u8;
+        if let Ok(parent) = field::<*const u8>(task, off.task_real_parent) {
+            if let Ok(ppid) = field::<u32>(parent, off.task_tgid) {
+                (*event).ppid = ppid;
+            }
+        }
+        if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename) {
+            if let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename) {
+                // The helper stops one short of the buffer when it had to cut.
+                if bytes.len() >= FILENAME_LEN - 1 {
+                    (*event).flags |= EXEC_FILENAME_TRUNCATED;
+                }
+            }
+        }
+        // Arguments exist only once the new image is set up: in the exec
+        // tracepoint, not in the LSM hook that runs before it.
+        if read_argv {
+            read_args(task, &off, event);
+        }
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+unsafe fn read_args(task: *const u8, off: &KernelOffsets, event: *mut ExecEvent) {
+    // SAFETY: checked kernel and user reads into our reserved slot.
+    unsafe {
+        let Ok(mm) = field::<*const u8>(task, off.task_mm) else {
+            (*event).flags |= EXEC_ARGV_UNREADABLE;
+            return;
+        };
+        let (Ok(start), Ok(end)) = (field::<u64>(mm, off.mm_arg_start), field::<u64>(mm, off.mm_arg_end))
+        else {
+            (*event).flags |= EXEC_ARGV_UNREADABLE;
+            return;
+        };
+        let total = end.saturating_sub(start);
+        let mut len = total;
+        if len > ARGV_LEN as u64 {
+            len = ARGV_LEN as u64;
+            (*event).flags |= EXEC_ARGV_TRUNCATED;
+        }
+        let len = (len as u32) & (2 * ARGV_LEN as u32 - 1);
+        if len > ARGV_LEN as u32 {
+            return;
+        }
+        let dst = (*event).argv.as_mut_ptr().cast();
+        if bpf_probe_read_user(dst, len, start as *const _) == 0 {
+            (*event).argv_len = len;
+        } else {
+            (*event).flags |= EXEC_ARGV_UNREADABLE;
+        }
+    }
+}
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`:
+/// the new image is loaded but has not run. A denied file is killed here,
+/// so not one instruction of it executes (the fallback when BPF LSM is absent).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let off = offsets();
+    let bprm: *const u8 = ctx.arg(2);
+    // SAFETY: checked kernel reads.
+    let identity = unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) };
+    let (dev, ino) = identity.unwrap_or((0, 0));
+    let verdict = if identity.is_ok() && exec_denied(cgroup_id, dev, ino) {
+        // SAFETY: signals the current task; delivered before it returns to user mode.
+        unsafe { bpf_send_signal(SIGKILL) };
+        Verdict::Killed
+    } else {
+        Verdict::Allow
+    };
+    // SAFETY: bprm comes from the tracepoint's own arguments.
+    unsafe { emit_exec(cgroup_id, bprm, verdict, dev, ino, true) };
+    0
+}
+
+/// `bprm_check_security(struct linux_binprm *bprm)`: refuses a denied exec
+/// with EPERM before the new image replaces the caller. Needs BPF LSM.
+#[lsm(hook = "bprm_check_security")]
+pub fn bprm_check_security(ctx: LsmContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: the hook's first argument is the bprm.
+    let bprm: *const u8 = ctx.arg(0);
+    // SAFETY: checked kernel reads.
+    let Ok((dev, ino)) = (unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) }) else {
+        return 0;
+    };
+    if !exec_denied(cgroup_id, dev, ino) {
+        return 0;
+    }
+    // SAFETY: bprm is the hook's argument.
+    unsafe { emit_exec(cgroup_id, bprm, Verdict::Deny, dev, ino, false) };
+    -EPERM
+}
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let off = offsets();
+    let child: *const u8 = ctx.arg(1);
+    // SAFETY: checked kernel reads.
+    let (Ok(pid), Ok(tgid)) = (unsafe { field::<u32>(child, off.task_pid) }, unsafe {
+        field::<u32>(child, off.task_tgid)
+    }) else {
+        return 0;
+    };
+    if pid != tgid {
+        return 0; // a thread, not a process
+    }
+    let event = ForkEvent {
+        header: header(EventKind::Fork, cgroup_id),
+        child_pid: tgid,
+        uid: bpf_get_current_uid_gid() as u32,
+    };
+    if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
+        count_lost(EventKind::Fork);
+    }
+    0
+}
+
+/// `sched_process_exit(struct task_struct *p, ...)`: reported once per
+/// process, when its thread group leader exits.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if pid_tgid as u32 != (pid_tgid >> 32) as u32 {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: the current task is valid for the whole program.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: checked kernel read.
+    let exit_code = unsafe { field::<u32>(task, off.task_exit_code) }.unwrap_or(0);
+    let event = ExitEvent { header: header(EventKind::Exit, cgroup_id), exit_code, reserved: 0 };
+    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+        count_lost(EventKind::Exit);
+    }
+    0
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, false, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, true, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, false, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, true, true)
+}
+
+/// Returns 1 to allow, 0 to refuse with EPERM. These programs are attached to
+/// the sessions parent cgroup, so a cgroup below it with no session (one
+/// being torn down, say) is refused: fail closed.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; 4-byte
+    // reads of the fields this attach type may read (v4 programs may not
+    // touch user_ip6 and the reverse, so the branch is on the program, not
+    // on user_family).
+    let (family, protocol, port_be, addr) = unsafe {
+        let family = if ipv6 { AF_INET6 } else { AF_INET };
+        let mut addr = [0u8; 16];
+        if ipv6 {
+            let words = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]];
+            let mut i = 0;
+            while i < 4 {
+                let b = words[i].to_ne_bytes();
+                addr[i * 4] = b[0];
+                addr[i * 4 + 1] = b[1];
+                addr[i * 4 + 2] = b[2];
+                addr[i * 4 + 3] = b[3];
+                i += 1;
+            }
+        } else {
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            let b = (*sa).user_ip4.to_ne_bytes();
+            addr[12] = b[0];
+            addr[13] = b[1];
+            addr[14] = b[2];
+            addr[15] = b[3];
+        }
+        (family, (*sa).protocol, (*sa).user_port as u16, addr)
+    };
+    // user_port holds the port in network order in its low 16 bits.
+    let port_bytes = port_be.to_ne_bytes();
+    let port = u16::from_be_bytes(port_bytes);
+
+    let verdict = if is_governed(cgroup_id) {
+        if rule_verdict(cgroup_id, port_bytes, &addr) == Verdict::Allow as u32 {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        }
+    } else {
+        Verdict::Deny
+    };
+
+    let event = ConnectEvent {
+        header: header(EventKind::Connect, cgroup_id),
+        uid: bpf_get_current_uid_gid() as u32,
+        verdict: verdict as u32,
+        family: if family == AF_INET6 { 6 } else { 4 },
+        protocol,
+        port: port as u32,
+        send: send as u32,
+        addr,
+    };
+    if EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
+        count_lost(EventKind::Connect);
+    }
+    (verdict == Verdict::Allow) as i32
+}
+
+/// The verdict of the most specific rule for (cgroup, port, address): the
+/// longer address prefix wins; at equal length the port-specific rule wins.
+/// Rules with the same prefix and port were merged by the agent (deny beats
+/// allow). No rule: deny.
+#[inline(always)]
+fn rule_verdict(cgroup_id: u64, port: [u8; 2], addr: &[u8; 16]) -> u32 {
+    let cg = cgroup_id.to_be_bytes();
+    let mut any = [0u8; 24];
+    let mut with_port = [0u8; 26];
+    let mut i = 0;
+    while i < 8 {
+        any[i] = cg[i];
+        with_port[i] = cg[i];
+        i += 1;
+    }
+    with_port[8] = port[0];
+    with_port[9] = port[1];
+    let mut i = 0;
+    while i < 16 {
+        any[8 + i] = addr[i];
+        with_port[10 + i] = addr[i];
+        i += 1;
+    }
+    // Compare through references into map memory: copying Option<NetRule>
+    // out lets the compiler read undefined padding, which the verifier refuses.
+    let any_rule = NET_ANY_PORT.get(&Key::new(NET_ANY_PORT_FIXED_BITS + 128, any));
+    let port_rule = NET_PORT.get(&Key::new(NET_PORT_FIXED_BITS + 128, with_port));
+    match (any_rule, port_rule) {
+        (Some(a), Some(p)) => {
+            if p.addr_prefix >= a.addr_prefix {
+                p.verdict
+            } else {
+                a.verdict
+            }
+        }
+        (Some(a), None) => a.verdict,
+        (None, Some(p)) => p.verdict,
+        (None, None) => Verdict::Deny as u32,
+    }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
