@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -56,7 +57,10 @@ impl SigningKey {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .expect("generating an Ed25519 key");
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("parsing the generated key");
-        SigningKey { pkcs8: pkcs8.as_ref().to_vec(), public: pair.public_key().as_ref().to_vec() }
+        SigningKey {
+            pkcs8: pkcs8.as_ref().to_vec(),
+            public: pair.public_key().as_ref().to_vec(),
+        }
     }
 
     /// A JWKS holding the public key under [`KID`].
@@ -82,7 +86,10 @@ impl SigningKey {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
 }
 
 /// Claims that `POLICY` maps to an identity for `issuer`, valid for the next ten minutes.
@@ -101,8 +108,8 @@ fn valid_claims(issuer: &str, sub: &str) -> Value {
 /// `valid_claims` with some fields replaced.
 fn claims_with(issuer: &str, changes: Value) -> Value {
     let mut claims = valid_claims(issuer, "token-test");
-    let (Value::Object(claims_map), Value::Object(changes)) = (&mut claims, changes) else {
-        unreachable!("both are JSON objects by construction");
+    let (Some(claims_map), Value::Object(changes)) = (claims.as_object_mut(), changes) else {
+        panic!("test bug: claims and their changes must be JSON objects");
     };
     claims_map.extend(changes);
     claims
@@ -119,7 +126,9 @@ struct JwksServer {
 impl JwksServer {
     fn start(jwks: String) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the JWKS server");
-        let addr = listener.local_addr().expect("reading the JWKS server's address");
+        let addr = listener
+            .local_addr()
+            .expect("reading the JWKS server's address");
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::spawn({
@@ -137,7 +146,12 @@ impl JwksServer {
                 }
             }
         });
-        JwksServer { addr, requests, stop, thread: Some(thread) }
+        JwksServer {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn url(&self) -> String {
@@ -209,22 +223,37 @@ fn tokens_from_jwks_file_and_jwks_url_issuers_start_sessions() {
         })
         .start();
 
-    for (issuer, key, identity) in
-        [(FILE_ISSUER, &file_key, "file-issued"), (URL_ISSUER, &url_key, "url-issued")]
-    {
+    for (issuer, key, identity) in [
+        (FILE_ISSUER, &file_key, "file-issued"),
+        (URL_ISSUER, &url_key, "url-issued"),
+    ] {
         let subject = format!("{identity}-subject");
         let token = daemon.write_token(&key.sign(&valid_claims(issuer, &subject)));
         let marker = format!("ran-{}", unique_tag());
         let script = format!(r#"echo "$TOLLGATE_SESSION"; echo {marker}"#);
         let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
-        assert_eq!(out.code(), Some(0), "a valid token from {issuer} was not accepted: {out}");
-        assert!(out.has_stdout_line(&marker), "the command's output is missing ({issuer}): {out}");
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "a valid token from {issuer} was not accepted: {out}"
+        );
+        assert!(
+            out.has_stdout_line(&marker),
+            "the command's output is missing ({issuer}): {out}"
+        );
 
         let session = daemon.session(out.first_line());
         let context = pretty(&session);
         assert_eq!(session["issuer"], issuer, "session issuer:\n{context}");
-        assert_eq!(session["identity"], identity, "session identity:\n{context}");
-        assert_eq!(session["subject"], subject.as_str(), "session subject:\n{context}");
+        assert_eq!(
+            session["identity"], identity,
+            "session identity:\n{context}"
+        );
+        assert_eq!(
+            session["subject"],
+            subject.as_str(),
+            "session subject:\n{context}"
+        );
     }
     assert!(
         server.requests() >= 1,
@@ -257,26 +286,61 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
     // The classic algorithm-confusion attack: HMAC keyed with the issuer's public key.
     let mut hs256_header = Header::new(Algorithm::HS256);
     hs256_header.kid = Some(KID.to_owned());
-    let hs256 = jsonwebtoken::encode(&hs256_header, &valid, &EncodingKey::from_secret(&key.public))
-        .expect("signing the HS256 token");
+    let hs256 = jsonwebtoken::encode(
+        &hs256_header,
+        &valid,
+        &EncodingKey::from_secret(&key.public),
+    )
+    .expect("signing the HS256 token");
 
     let cases: [(&str, String, &str); 9] = [
-        ("expired", key.sign(&claims_with(FILE_ISSUER, json!({"iat": now - 1200, "exp": now - 600}))), "expired"),
-        ("not yet valid", key.sign(&claims_with(FILE_ISSUER, json!({"nbf": now + 600}))), "not yet valid"),
-        ("unknown issuer", key.sign(&claims_with(FILE_ISSUER, json!({"iss": "https://unknown.test.example"}))), "unknown issuer"),
-        ("wrong audience", key.sign(&claims_with(FILE_ISSUER, json!({"aud": "someone-else"}))), "audience"),
+        (
+            "expired",
+            key.sign(&claims_with(
+                FILE_ISSUER,
+                json!({"iat": now - 1200, "exp": now - 600}),
+            )),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            key.sign(&claims_with(FILE_ISSUER, json!({"nbf": now + 600}))),
+            "not yet valid",
+        ),
+        (
+            "unknown issuer",
+            key.sign(&claims_with(
+                FILE_ISSUER,
+                json!({"iss": "https://unknown.test.example"}),
+            )),
+            "unknown issuer",
+        ),
+        (
+            "wrong audience",
+            key.sign(&claims_with(FILE_ISSUER, json!({"aud": "someone-else"}))),
+            "audience",
+        ),
         ("wrong key", impostor.sign(&valid), "signature"),
         ("alg none", unsigned, "none"),
         ("HS256", hs256, "HS256"),
         ("garbage", "this is not a JWT".to_owned(), "malformed"),
-        ("no matching identity", key.sign(&claims_with(FILE_ISSUER, json!({"repository_owner": "intruder"}))), "no matching identity"),
+        (
+            "no matching identity",
+            key.sign(&claims_with(
+                FILE_ISSUER,
+                json!({"repository_owner": "intruder"}),
+            )),
+            "no matching identity",
+        ),
     ];
 
     let mut failures = Vec::new();
     for (case, jwt, reason) in cases {
         let token = daemon.write_token(&jwt);
         // The command would leave this file behind if it ever ran.
-        let marker = daemon.dir().join(format!("started-{}", case.replace(' ', "-")));
+        let marker = daemon
+            .dir()
+            .join(format!("started-{}", case.replace(' ', "-")));
         let out = daemon.run(&token, &[Path::new("/usr/bin/touch"), marker.as_path()]);
 
         let stderr = out.stderr.trim_end();
@@ -300,7 +364,11 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
             failures.push(format!("{case}: {}\n{out}", problems.join("; ")));
         }
     }
-    assert!(failures.is_empty(), "bad tokens were mishandled:\n\n{}", failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "bad tokens were mishandled:\n\n{}",
+        failures.join("\n\n")
+    );
 
     let sessions = daemon.sessions();
     assert!(

@@ -55,8 +55,8 @@ pub fn parse<T: DeserializeOwned>(path: &Path, source: &str) -> Result<T, YamlEr
     })
 }
 
-/// The 1-based line and column of the first `key: value` (value optionally
-/// quoted) at or after the `nth_of_key` occurrence of `key:`.
+/// The 1-based line and column of the first `key: value` line (the value
+/// optionally quoted, the line optionally a list item).
 pub fn locate(source: &str, key: &str, value: &str) -> Option<(usize, usize)> {
     for (index, line) in source.lines().enumerate() {
         let trimmed = line.trim_start().trim_start_matches("- ");
@@ -65,8 +65,9 @@ pub fn locate(source: &str, key: &str, value: &str) -> Option<(usize, usize)> {
         };
         let found = rest.trim().trim_matches(|c| c == '"' || c == '\'');
         if found == value {
-            let column = line.find(rest.trim()).map_or(1, |c| c + 1);
-            return Some((index + 1, column));
+            // `rest` is the tail of `line` after the colon; the value starts after its blanks.
+            let value_start = line.len() - rest.len() + (rest.len() - rest.trim_start().len());
+            return Some((index + 1, value_start + 1));
         }
     }
     None

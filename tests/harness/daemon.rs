@@ -126,7 +126,8 @@ impl DaemonBuilder {
             match &issuer.jwks {
                 Jwks::Json(json) => {
                     let path = dir.path().join(format!("jwks-{index}.json"));
-                    fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+                    fs::write(&path, json)
+                        .with_context(|| format!("writing {}", path.display()))?;
                     config.push_str(&format!("    jwks_file: {}\n", yaml_path(&path)?));
                 }
                 Jwks::Url(url) => config.push_str(&format!("    jwks_url: {}\n", yaml_str(url))),
@@ -137,9 +138,11 @@ impl DaemonBuilder {
             .with_context(|| format!("writing {}", config_path.display()))?;
 
         let log_path = dir.path().join("daemon.log");
-        let log = File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let log_for_stdout = log.try_clone().context("duplicating the daemon log handle")?;
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log_for_stdout = log
+            .try_clone()
+            .context("duplicating the daemon log handle")?;
         let child = Command::new(&bin)
             .arg("daemon")
             .arg("--config")
@@ -188,7 +191,11 @@ impl Daemon {
     }
 
     pub fn builder() -> DaemonBuilder {
-        DaemonBuilder { policies: Vec::new(), issuers: Vec::new(), dev_issuer: true }
+        DaemonBuilder {
+            policies: Vec::new(),
+            issuers: Vec::new(),
+            dev_issuer: true,
+        }
     }
 
     /// The daemon's temp dir (mode 0755); tests may put their own files here.
@@ -215,7 +222,9 @@ impl Daemon {
     /// array claim) and returns the path of a world-readable file holding it.
     pub fn mint(&self, sub: &str, claims: &[(&str, &str)]) -> PathBuf {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["token", "mint", "--state-dir"]).arg(&self.state_dir).args(["--sub", sub]);
+        cmd.args(["token", "mint", "--state-dir"])
+            .arg(&self.state_dir)
+            .args(["--sub", sub]);
         for (key, value) in claims {
             cmd.arg("--claim").arg(format!("{key}={value}"));
         }
@@ -293,7 +302,10 @@ impl Daemon {
     pub fn sessions(&self) -> Vec<Value> {
         match self.query_json(&["sessions", "--format", "json"]) {
             Value::Array(sessions) => sessions,
-            other => panic!("`sessions --format json` is not a JSON array:\n{}", pretty(&other)),
+            other => panic!(
+                "`sessions --format json` is not a JSON array:\n{}",
+                pretty(&other)
+            ),
         }
     }
 
@@ -305,7 +317,10 @@ impl Daemon {
             .find(|session| session["id"].as_str() == Some(id))
             .cloned()
             .unwrap_or_else(|| {
-                panic!("no session {id:?} in `sessions`:\n{}", pretty(&Value::Array(sessions)))
+                panic!(
+                    "no session {id:?} in `sessions`:\n{}",
+                    pretty(&Value::Array(sessions))
+                )
             })
     }
 
@@ -361,9 +376,15 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the daemon to exit. Panics if it needed SIGKILL.
     pub fn stop(mut self) -> StopReport {
-        let child = self.child.take().expect("a Daemon's child is only taken when it stops");
+        let child = self
+            .child
+            .take()
+            .expect("a Daemon's child is only taken when it stops");
         match terminate(child) {
-            Ok(Stopped::Exited(status)) => StopReport { status, log: self.log() },
+            Ok(Stopped::Exited(status)) => StopReport {
+                status,
+                log: self.log(),
+            },
             Ok(Stopped::Killed) => {
                 panic!("tollgate daemon did not exit within {STOP_GRACE:?} of SIGTERM")
             }
@@ -381,7 +402,10 @@ impl Daemon {
         let out = self.tollgate(args);
         assert!(out.success(), "`tollgate {}` failed: {out}", args.join(" "));
         serde_json::from_str(&out.stdout).unwrap_or_else(|err| {
-            panic!("`tollgate {}` did not print valid JSON ({err}): {out}", args.join(" "))
+            panic!(
+                "`tollgate {}` did not print valid JSON ({err}): {out}",
+                args.join(" ")
+            )
         })
     }
 
@@ -476,6 +500,8 @@ fn yaml_str(text: &str) -> String {
 }
 
 fn yaml_path(path: &Path) -> anyhow::Result<String> {
-    let text = path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))?;
+    let text = path
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))?;
     Ok(yaml_str(text))
 }

@@ -21,7 +21,11 @@ pub fn active_lsms() -> Vec<String> {
         Err(err) if err.kind() == ErrorKind::NotFound => read_lsm_list_privately(),
         Err(err) => panic!("reading {LSM_LIST}: {err}"),
     };
-    list.trim().split(',').filter(|name| !name.is_empty()).map(str::to_owned).collect()
+    list.trim()
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn read_lsm_list_privately() -> String {
@@ -32,14 +36,21 @@ fn read_lsm_list_privately() -> String {
         .arg(mount_point.path());
     let out = run_with_timeout(&mut cmd, Duration::from_secs(10))
         .unwrap_or_else(|err| panic!("reading the LSM list from a private securityfs: {err:#}"));
-    assert!(out.success(), "could not read the LSM list from a private securityfs mount: {out}");
+    assert!(
+        out.success(),
+        "could not read the LSM list from a private securityfs mount: {out}"
+    );
     out.stdout
 }
 
 /// The `exec_enforcement` mode tollgate should report here: `lsm` when the BPF LSM is active,
 /// otherwise the `kill-on-exec` fallback.
 pub fn expected_exec_enforcement() -> &'static str {
-    if active_lsms().iter().any(|name| name == "bpf") { "lsm" } else { "kill-on-exec" }
+    if active_lsms().iter().any(|name| name == "bpf") {
+        "lsm"
+    } else {
+        "kill-on-exec"
+    }
 }
 
 /// Where the cgroup2 hierarchy is mounted (for example /sys/fs/cgroup, or

@@ -14,7 +14,9 @@ pub struct Listener {
 impl Listener {
     /// Binds `ip` (e.g. "127.0.0.2" or "::1") on port 0.
     pub fn bind(ip: &str) -> Listener {
-        let ip: IpAddr = ip.parse().unwrap_or_else(|err| panic!("bad listener address {ip:?}: {err}"));
+        let ip: IpAddr = ip
+            .parse()
+            .unwrap_or_else(|err| panic!("bad listener address {ip:?}: {err}"));
         let inner = TcpListener::bind((ip, 0))
             .unwrap_or_else(|err| panic!("binding a TCP listener on {ip}: {err}"));
         inner

@@ -1,1 +1,159 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | build | run | test`.
+//!
+//! Everything a fresh machine needs is installed by `setup`, which every
+//! other task calls first; it is idempotent and quick when nothing is missing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release that loads the nightly toolchain's own LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Debian packages the test suite drives (setpriv runs sessions as another user).
+const APT_PACKAGES: &[(&str, &str)] = &[("setpriv", "util-linux"), ("curl", "curl"), ("python3", "python3")];
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tollgate project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, apt packages).
+    Setup,
+    /// Build the tollgate binary (and the eBPF object it embeds).
+    Build {
+        /// Build with optimizations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the daemon in the foreground with the repo's dev config
+    /// and policies (state in target/tollgate-dev). Needs root.
+    Run,
+    /// Build, then run every test: unit tests and the integration suite
+    /// against the real kernel (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build { release } => {
+            setup()?;
+            build(&root, release)
+        }
+        Task::Run => {
+            require_root("cargo xtask run")?;
+            setup()?;
+            build(&root, false)?;
+            let config = root.join("packaging/dev/config.yaml");
+            println!("tollgate: starting the daemon with {}", config.display());
+            println!("tollgate: in another shell, try:");
+            println!("  target/debug/tollgate token mint --config {} --sub me > /tmp/tollgate.token", config.display());
+            println!("  target/debug/tollgate run --token-file /tmp/tollgate.token -- sh -c 'id; curl -sI http://127.0.0.1/ || true'");
+            println!("  target/debug/tollgate sessions; target/debug/tollgate show <SESSION>");
+            run(Command::new(root.join("target/debug/tollgate")).arg("daemon").arg("--config").arg(config))
+        }
+        Task::Test { args } => {
+            require_root("cargo xtask test")?;
+            setup()?;
+            build(&root, false)?;
+            let mut cargo = cargo();
+            cargo.current_dir(&root).arg("test").args(&args);
+            cargo.env("TOLLGATE_BIN", root.join("target/debug/tollgate"));
+            run(&mut cargo)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(command: &mut Command) -> bool {
+    command.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn output(command: &mut Command) -> String {
+    command.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} loads eBPF programs and manages cgroups: run it as root");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    let mut cargo = cargo();
+    cargo.current_dir(root).args(["build", "--package", "tollgate"]);
+    if release {
+        cargo.arg("--release");
+    }
+    run(&mut cargo)
+}
+
+/// Idempotent: each step checks before it installs.
+fn setup() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]));
+    if !toolchains.lines().any(|line| line.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain (builds the eBPF programs)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
+    if !components.lines().any(|line| line.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly (the eBPF build compiles core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        run(cargo().args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]).args([
+            "--no-default-features",
+            "--features",
+            "rust-llvm-22",
+        ]))?;
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(binary, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {binary}")])))
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))?;
+    }
+    Ok(())
+}

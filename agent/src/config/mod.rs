@@ -141,3 +141,47 @@ impl Config {
         self.state_dir.join("sessions.db")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, YamlError> {
+        let dir = std::env::temp_dir().join(format!("tollgate-config-test-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, text).expect("write config");
+        Config::load(&path)
+    }
+
+    /// The config from the spine issue, unchanged.
+    #[test]
+    fn the_documented_example_loads() {
+        let config = load(
+            "state_dir: /var/lib/tollgate\nsocket: /run/tollgate/control.sock\npolicies: [/etc/tollgate/policies]\nissuers:\n  - issuer: https://token.actions.githubusercontent.com\n    audience: tollgate\n    jwks_url: https://token.actions.githubusercontent.com/.well-known/jwks\n  - issuer: https://idp.internal.example\n    audience: tollgate\n    jwks_file: /etc/tollgate/jwks/internal.json\n",
+        )
+        .expect("example config loads");
+        assert_eq!(config.issuers.len(), 2);
+        assert!(!config.dev_issuer, "the dev issuer is off unless asked for");
+        assert_eq!(config.cgroup, "tollgate");
+    }
+
+    #[test]
+    fn bad_configs_name_the_line_and_the_problem() {
+        let error = load("state_dir: /x\nissuers:\n  - issuer: https://a\n    audience: t\n").expect_err("no jwks");
+        assert_eq!(error.position, Some((3, 13)));
+        assert!(error.message.contains("exactly one of jwks_url or jwks_file"), "{error}");
+        let error = load("sockett: /x\n").expect_err("unknown field");
+        assert!(error.message.contains("sockett") && error.position == Some((1, 1)), "{error}");
+        let error = load("issuers:\n  - issuer: https://a\n    audience: t\n    jwks_url: http://idp.example/jwks\n")
+            .expect_err("plain http");
+        assert!(error.message.contains("https") && error.position == Some((4, 15)), "{error}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let config = load("state_dir: state\npolicies: [p]\n").expect("loads");
+        assert!(config.state_dir.is_absolute() && config.state_dir.ends_with("state"));
+        assert!(config.policies[0].is_absolute());
+    }
+}
