@@ -526,7 +526,7 @@ fn run_directly(cmd: &mut Command) -> RunOutput {
 /// parent. Uses shell builtins for everything that must happen in the governed process itself.
 const ESCAPE_SCRIPT: &str = r#"
 echo "session=$TOLLGATE_SESSION"
-echo "uid=$(id -u)"
+echo "uid=$(/usr/bin/id -u)"
 own_cgroup() {
   while IFS= read -r line; do
     case $line in 0::*) echo "${line#0::}" ;; esac
@@ -622,13 +622,22 @@ fn status_reports_this_kernels_exec_enforcement() {
     let status = daemon.status();
     let context = pretty(&status);
 
-    let expected = host::expected_exec_enforcement();
-    assert_eq!(
-        status["exec_enforcement"],
-        expected,
-        "active LSMs are {:?}:\n{context}",
-        host::active_lsms()
-    );
+    // Without BPF LSM only the fallback is possible. With it, the daemon must
+    // use it unless the kernel refused the program, and then it must say why.
+    let mode = str_field(&status, "exec_enforcement");
+    if host::bpf_lsm_active() {
+        match mode {
+            "lsm" => assert!(status["lsm_unavailable"].is_null(), "lsm mode with a reason it is unavailable:\n{context}"),
+            "kill-on-exec" => assert!(
+                status["lsm_unavailable"].as_str().is_some_and(|why| !why.is_empty()),
+                "BPF LSM is active but unused, and the daemon does not say why:\n{context}"
+            ),
+            other => panic!("unknown exec_enforcement {other:?}:\n{context}"),
+        }
+    } else {
+        assert_eq!(mode, "kill-on-exec", "active LSMs are {:?}:\n{context}", host::active_lsms());
+        assert!(status["lsm_unavailable"].is_string(), "the fallback should say why LSM is unavailable:\n{context}");
+    }
     assert_eq!(status["sessions_active"], 0, "no sessions yet:\n{context}");
     assert!(
         status["events_lost"].is_u64(),

@@ -70,6 +70,12 @@ impl DaemonBuilder {
 
     /// Writes the configuration, spawns the daemon and waits until it answers `status`.
     pub fn start(self) -> Daemon {
+        // SAFETY: geteuid(2) cannot fail and has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "tollgate's integration tests load BPF programs and must run as root"
+        );
         let mut daemon = self
             .spawn()
             .unwrap_or_else(|err| panic!("could not start tollgate daemon: {err:#}"));
@@ -143,13 +149,18 @@ impl DaemonBuilder {
         let log_for_stdout = log
             .try_clone()
             .context("duplicating the daemon log handle")?;
-        let child = Command::new(&bin)
-            .arg("daemon")
+        let mut cmd = Command::new(&bin);
+        cmd.arg("daemon")
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(log_for_stdout)
-            .stderr(log)
+            .stderr(log);
+        // An informative log is what makes a failing test diagnosable; respect an explicit choice.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("spawning {} daemon", bin.display()))?;
 

@@ -43,14 +43,11 @@ fn read_lsm_list_privately() -> String {
     out.stdout
 }
 
-/// The `exec_enforcement` mode tollgate should report here: `lsm` when the BPF LSM is active,
-/// otherwise the `kill-on-exec` fallback.
-pub fn expected_exec_enforcement() -> &'static str {
-    if active_lsms().iter().any(|name| name == "bpf") {
-        "lsm"
-    } else {
-        "kill-on-exec"
-    }
+/// True when the kernel has the BPF LSM active. Active is necessary for
+/// the `lsm` exec enforcement mode but not sufficient: a kernel may still
+/// refuse to load the program (this development host blocks BPF trampolines).
+pub fn bpf_lsm_active() -> bool {
+    active_lsms().iter().any(|name| name == "bpf")
 }
 
 /// Where the cgroup2 hierarchy is mounted (for example /sys/fs/cgroup, or

@@ -4,6 +4,9 @@
 //! `tollgate daemon` with its own state directory, control socket, policy directory and cgroup
 //! subtree, so tests can run in parallel without seeing each other's sessions. Nothing is mocked;
 //! the tests must run as root on a cgroup v2 host.
+//!
+//! Run them after building the binary: `cargo build -p tollgate && cargo test -p tollgate-tests`
+//! (or set `TOLLGATE_BIN` to test another build). A failing test prints the daemon's log.
 
 mod daemon;
 pub mod host;

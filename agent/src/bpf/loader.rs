@@ -67,9 +67,12 @@ impl Enforcer {
     /// Loads the programs, attaches the tracepoints globally and the socket
     /// programs to `sessions_cgroup` (so they cover every session below it),
     /// and the LSM hook where the kernel allows it.
-    pub fn load(sessions_cgroup: &Path) -> Result<Self, BpfError> {
+    pub fn load(sessions_cgroup: &Path, event_buffer_bytes: u32) -> Result<Self, BpfError> {
         let offsets: KernelOffsets = Btf::from_sys_fs()?.kernel_offsets()?;
-        let mut ebpf = EbpfLoader::new().override_global("OFFSETS", &offsets, true).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", event_buffer_bytes)
+            .load(OBJECT)?;
 
         let program = |name: &'static str| move |source| BpfError::Program { name, source };
         for name in TRACEPOINTS {

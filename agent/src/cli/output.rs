@@ -86,7 +86,7 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
     }
     println!("active sessions   {}", status["sessions_active"]);
     println!("events lost       {}", status["events_lost"]);
-    println!("session cgroup    {}", text(status, "cgroup"));
+    println!("cgroup            {}", text(status, "cgroup"));
     println!("policies          {} file(s), {} identities, {} grants", status["policy_files"], status["identities"], status["grants"]);
     Ok(())
 }

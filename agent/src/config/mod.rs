@@ -40,6 +40,10 @@ pub struct Config {
     /// Milliseconds between commits of batched events to the session log.
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
+    /// Size of the kernel-to-daemon event ring buffer in KiB: a power of two,
+    /// at least 4. Events that find it full are counted as lost.
+    #[serde(default = "default_event_buffer_kib")]
+    pub event_buffer_kib: u32,
 }
 
 /// One trusted OIDC issuer.
@@ -67,6 +71,9 @@ fn default_cgroup() -> String {
 }
 fn default_flush_ms() -> u64 {
     200
+}
+fn default_event_buffer_kib() -> u32 {
+    4096
 }
 
 impl Config {
@@ -100,6 +107,10 @@ impl Config {
             position: yaml::locate(source, key, value),
             message,
         };
+        let kib = self.event_buffer_kib;
+        if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
+            return Err(error("event_buffer_kib", &kib.to_string(), format!("event_buffer_kib {kib} must be a power of two between 4 and 1048576")));
+        }
         if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {
             return Err(error("cgroup", &self.cgroup, format!("cgroup '{}' must be a plain directory name", self.cgroup)));
         }

@@ -90,7 +90,8 @@ impl Daemon {
             "lsm_unavailable": self.lsm_reason,
             "sessions_active": sessions_active,
             "events_lost": self.lost_total.load(Ordering::Relaxed),
-            "cgroup": self.tree.sessions.display().to_string(),
+            "cgroup": self.tree.root.display().to_string(),
+            "sessions_cgroup": self.tree.sessions.display().to_string(),
             "policy_files": self.policies.files.len(),
             "identities": self.policies.identities.len(),
             "grants": self.policies.grants.len(),
@@ -121,7 +122,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mount = cgroup::cgroup2_mount()?;
     let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
-    let mut enforcer = Enforcer::load(&tree.sessions).context("cannot load the eBPF programs")?;
+    let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024).context("cannot load the eBPF programs")?;
     let mode = enforcer.exec_enforcement();
     let lsm_reason = enforcer.lsm_unavailable_reason().map(str::to_owned);
     match &lsm_reason {
