@@ -169,13 +169,11 @@ impl Btf {
         for m in &ty.members {
             let bits = base_bits + if ty.kind_flag { m.offset & 0x00ff_ffff } else { m.offset };
             if m.name == 0 {
-                if let Some(inner) = self.resolve(m.type_id) {
-                    if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
-                        if let Some(found) = self.find_member(inner, member, bits) {
+                if let Some(inner) = self.resolve(m.type_id)
+                    && matches!(inner.kind, KIND_STRUCT | KIND_UNION)
+                        && let Some(found) = self.find_member(inner, member, bits) {
                             return Some(found);
                         }
-                    }
-                }
             } else if self.name(m.name) == member {
                 return Some(bits);
             }

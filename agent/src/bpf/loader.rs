@@ -191,11 +191,10 @@ impl Enforcer {
 
 fn attach_lsm(ebpf: &mut Ebpf) -> Result<(), Box<dyn std::error::Error>> {
     // Without securityfs we cannot tell; trying to load is the real test.
-    if let Ok(active) = std::fs::read_to_string("/sys/kernel/security/lsm") {
-        if !active.split(',').any(|name| name.trim() == "bpf") {
+    if let Ok(active) = std::fs::read_to_string("/sys/kernel/security/lsm")
+        && !active.split(',').any(|name| name.trim() == "bpf") {
             return Err(format!("BPF LSM is not enabled (active LSMs: {}); boot with lsm=...,bpf", active.trim()).into());
         }
-    }
     let btf = aya::Btf::from_sys_fs()?;
     let program: &mut Lsm = ebpf.program_mut("bprm_check_security").ok_or("program missing")?.try_into()?;
     program.load("bprm_check_security", &btf)?;

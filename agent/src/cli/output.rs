@@ -16,7 +16,7 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(sessions);
     }
-    println!("{:<20} {:<16} {:<20} {:>6} {:<32} {}", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED", "ENDED");
+    println!("{:<20} {:<16} {:<20} {:>6} {:<32} ENDED", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED");
     for s in sessions.as_array().into_iter().flatten() {
         let uid = s.get("uid").and_then(Value::as_u64).map_or("-".into(), |u| u.to_string());
         let ended = s.get("ended_at").and_then(Value::as_str).unwrap_or("running");

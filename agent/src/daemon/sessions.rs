@@ -128,7 +128,7 @@ impl Daemon {
             let state = self.state();
             state.registry.active().filter(|s| !cgroup::populated(&s.cgroup)).map(|s| s.cgroup_id).collect()
         };
-        for cgroup_id in seen_empty.drain(..).collect::<Vec<_>>() {
+        for cgroup_id in std::mem::take(seen_empty) {
             if empty.contains(&cgroup_id) {
                 self.end_session(cgroup_id);
             }

@@ -141,11 +141,10 @@ impl Verifier {
 
         let keys_error = |why| TokenError::Keys { issuer: issuer_name.to_owned(), why };
         let mut set = issuer.keys.keys(false).map_err(keys_error)?;
-        if let Some(kid) = kid {
-            if set.find(kid).is_none() {
+        if let Some(kid) = kid
+            && set.find(kid).is_none() {
                 set = issuer.keys.keys(true).map_err(keys_error)?;
             }
-        }
         let candidates: Vec<&Jwk> = match kid {
             Some(kid) => set.keys.iter().filter(|k| k.common.key_id.as_deref() == Some(kid)).collect(),
             None => set.keys.iter().collect(),
@@ -167,11 +166,10 @@ impl Verifier {
         let mut last = TokenError::BadSignature(issuer_name.to_owned());
         for jwk in candidates {
             // A key that declares its algorithm is used for that algorithm only.
-            if let Some(key_alg) = jwk.common.key_algorithm {
-                if format!("{key_alg:?}") != format!("{algorithm:?}") {
+            if let Some(key_alg) = jwk.common.key_algorithm
+                && format!("{key_alg:?}") != format!("{algorithm:?}") {
                     continue;
                 }
-            }
             let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
             match jsonwebtoken::decode::<BTreeMap<String, serde_json::Value>>(token, &key, &validation) {
                 Ok(data) => {
@@ -250,16 +248,16 @@ mod tests {
     fn refusals_name_their_reason() {
         let (verifier, key) = dev_verifier();
         let expired = dev::mint(&key, "bot", &BTreeMap::new(), -3600).expect("mint");
-        assert_eq!(verifier.verify(&expired).unwrap_err(), TokenError::Expired);
-        assert!(matches!(verifier.verify("garbage").unwrap_err(), TokenError::Malformed(_)));
+        assert_eq!(verifier.verify(&expired).expect_err("refused"), TokenError::Expired);
+        assert!(matches!(verifier.verify("garbage").expect_err("refused"), TokenError::Malformed(_)));
         let none = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(br#"{"iss":"tollgate-dev","sub":"x"}"#)
         );
-        assert_eq!(verifier.verify(&none).unwrap_err(), TokenError::AlgNone);
+        assert_eq!(verifier.verify(&none).expect_err("refused"), TokenError::AlgNone);
         let (_, other_key) = dev_verifier();
         let forged = dev::mint(&other_key, "bot", &BTreeMap::new(), 60).expect("mint");
-        assert!(matches!(verifier.verify(&forged).unwrap_err(), TokenError::BadSignature(_)));
+        assert!(matches!(verifier.verify(&forged).expect_err("refused"), TokenError::BadSignature(_)));
     }
 }

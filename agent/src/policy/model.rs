@@ -135,11 +135,10 @@ impl FromStr for Destination {
         if let Ok(addr) = text.parse::<IpAddr>() {
             return Ok(Self { net: IpNet::from(addr), port: None });
         }
-        if let Some((addr, port)) = text.rsplit_once(':') {
-            if let Ok(addr) = addr.parse::<std::net::Ipv4Addr>() {
+        if let Some((addr, port)) = text.rsplit_once(':')
+            && let Ok(addr) = addr.parse::<std::net::Ipv4Addr>() {
                 return Ok(Self { net: IpNet::from(IpAddr::V4(addr)), port: Some(parse_port(port)?) });
             }
-        }
         Err(bad("expected ADDRESS[/PREFIX][:PORT]"))
     }
 }

@@ -86,7 +86,7 @@ fn offsets() -> KernelOffsets {
 #[inline(always)]
 fn is_governed(cgroup_id: u64) -> bool {
     // SAFETY: a map lookup; the value is only tested for presence.
-    unsafe { SESSIONS.get(&cgroup_id) }.is_some()
+    unsafe { SESSIONS.get(cgroup_id) }.is_some()
 }
 
 #[inline(always)]
@@ -134,7 +134,7 @@ unsafe fn file_identity(file: *const u8, off: &KernelOffsets) -> Result<(u32, u6
 fn exec_denied(cgroup_id: u64, dev: u32, ino: u64) -> bool {
     let key = ExecKey { cgroup_id, ino, dev, reserved: 0 };
     // SAFETY: presence test only.
-    unsafe { EXEC_DENY.get(&key) }.is_some()
+    unsafe { EXEC_DENY.get(key) }.is_some()
 }
 
 /// Writes an exec event straight into ring buffer memory: the event is larger
@@ -160,19 +160,17 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
         (*event).filename[0] = 0;
 
         let task = bpf_get_current_task() as *const u8;
-        if let Ok(parent) = field::<*const u8>(task, off.task_real_parent) {
-            if let Ok(ppid) = field::<u32>(parent, off.task_tgid) {
+        if let Ok(parent) = field::<*const u8>(task, off.task_real_parent)
+            && let Ok(ppid) = field::<u32>(parent, off.task_tgid) {
                 (*event).ppid = ppid;
             }
-        }
-        if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename) {
-            if let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename) {
+        if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename)
+            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename) {
                 // The helper stops one short of the buffer when it had to cut.
                 if bytes.len() >= FILENAME_LEN - 1 {
                     (*event).flags |= EXEC_FILENAME_TRUNCATED;
                 }
             }
-        }
         // Arguments exist only once the new image is set up: in the exec
         // tracepoint, not in the LSM hook that runs before it.
         if read_argv {
@@ -432,8 +430,8 @@ fn rule_verdict(cgroup_id: u64, port: [u8; 2], addr: &[u8; 16]) -> u32 {
     }
     // Compare through references into map memory: copying Option<NetRule>
     // out lets the compiler read undefined padding, which the verifier refuses.
-    let any_rule = NET_ANY_PORT.get(&Key::new(NET_ANY_PORT_FIXED_BITS + 128, any));
-    let port_rule = NET_PORT.get(&Key::new(NET_PORT_FIXED_BITS + 128, with_port));
+    let any_rule = NET_ANY_PORT.get(Key::new(NET_ANY_PORT_FIXED_BITS + 128, any));
+    let port_rule = NET_PORT.get(Key::new(NET_PORT_FIXED_BITS + 128, with_port));
     match (any_rule, port_rule) {
         (Some(a), Some(p)) => {
             if p.addr_prefix >= a.addr_prefix {
