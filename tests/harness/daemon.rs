@@ -47,6 +47,7 @@ pub struct DaemonBuilder {
     policies: Vec<String>,
     issuers: Vec<Issuer>,
     dev_issuer: bool,
+    extra_config: String,
 }
 
 impl DaemonBuilder {
@@ -65,6 +66,13 @@ impl DaemonBuilder {
     /// Whether to trust the built-in dev issuer (`tollgate token mint`); on by default.
     pub fn dev_issuer(mut self, trusted: bool) -> Self {
         self.dev_issuer = trusted;
+        self
+    }
+
+    /// Appends a raw `key: value` line to the daemon's configuration.
+    pub fn config_line(mut self, line: &str) -> Self {
+        self.extra_config.push_str(line);
+        self.extra_config.push('\n');
         self
     }
 
@@ -118,6 +126,7 @@ impl DaemonBuilder {
             yaml_str(&cgroup_name),
             self.dev_issuer,
         );
+        config.push_str(&self.extra_config);
         if self.issuers.is_empty() {
             config.push_str("issuers: []\n");
         } else {
@@ -206,6 +215,7 @@ impl Daemon {
             policies: Vec::new(),
             issuers: Vec::new(),
             dev_issuer: true,
+            extra_config: String::new(),
         }
     }
 

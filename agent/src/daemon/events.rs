@@ -120,7 +120,7 @@ pub async fn watch_lost(daemon: Arc<Daemon>) -> anyhow::Result<()> {
                 let kind = events::kind_name(slot);
                 tracing::error!(kind, lost, "kernel events lost: the ring buffer was full");
                 daemon.writer.lost(kind, lost);
-                daemon.lost_total.fetch_add(lost, Ordering::Relaxed);
+                daemon.lost[slot].fetch_add(lost, Ordering::Relaxed);
                 *previous = count;
             }
         }

@@ -45,7 +45,8 @@ pub struct Daemon {
     clock: BootClock,
     mode: ExecEnforcement,
     lsm_reason: Option<String>,
-    lost_total: AtomicU64,
+    /// Events the kernel could not deliver, per event kind slot.
+    lost: [AtomicU64; tollgate_common::LOST_SLOTS as usize],
 }
 
 struct State {
@@ -89,7 +90,10 @@ impl Daemon {
             "exec_enforcement": self.mode.as_str(),
             "lsm_unavailable": self.lsm_reason,
             "sessions_active": sessions_active,
-            "events_lost": self.lost_total.load(Ordering::Relaxed),
+            "events_lost": self.lost.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>(),
+            "events_lost_by_kind": self.lost.iter().enumerate().skip(1)
+                .map(|(slot, n)| (crate::bpf::events::kind_name(slot), n.load(Ordering::Relaxed)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "cgroup": self.tree.root.display().to_string(),
             "sessions_cgroup": self.tree.sessions.display().to_string(),
             "policy_files": self.policies.files.len(),
@@ -148,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         clock: BootClock::now(),
         mode,
         lsm_reason,
-        lost_total: AtomicU64::new(0),
+        lost: Default::default(),
         config,
     });
     tracing::info!(
