@@ -413,8 +413,10 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
     // The denied binary from a shell in the session, then an allowed binary in the same session.
     let nested_marker = format!("denied-nested-{tag}");
     let allowed_marker = format!("allowed-{tag}");
+    // A symlink to the denied file is the same file: denied too.
+    let link_marker = format!("denied-link-{tag}");
     let script = format!(
-        r#"echo "$TOLLGATE_SESSION"; "$0" {nested_marker}; echo "status=$?"; /bin/echo {allowed_marker}"#
+        r#"echo "$TOLLGATE_SESSION"; "$0" {nested_marker}; echo "status=$?"; ln -s "$0" "$0.link"; "$0.link" {link_marker}; echo "link_status=$?"; /bin/echo {allowed_marker}"#
     );
     let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str(), copy.path_str()]);
     assert_eq!(
@@ -433,6 +435,16 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
     assert!(
         out.has_stdout_line(&allowed_marker),
         "/bin/echo (another inode) should run: {out}"
+    );
+    assert!(
+        !out.stdout.contains(&link_marker) && out.has_stdout_line(&format!("link_status={denied_status}")),
+        "a symlink to the denied binary ran ({mode}): {out}"
+    );
+    // The programs' own log (aya-log) reaches the daemon's log.
+    assert!(
+        daemon.log().contains("denied exec: pid "),
+        "the kernel side's log line about the denied exec is missing:\n{}",
+        daemon.log()
     );
 
     let session_id = out.first_line();
@@ -690,4 +702,35 @@ fn sigterm_stops_the_daemon_and_removes_its_cgroup() {
         cgroup.display(),
         stopped.log
     );
+}
+
+/// A governed process cannot shed its rules by opening a fresh session from
+/// inside its own: the daemon refuses, and nothing runs outside the session.
+#[test]
+fn a_session_cannot_open_a_new_session_from_inside() {
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
+    let token = daemon.mint("nesting-bot", BUILD_BOTS);
+    let bin = harness::tollgate_bin();
+    let marker = format!("nested-ran-{}", unique_tag());
+    let script = format!(
+        r#"echo "$TOLLGATE_SESSION"; "$0" --socket "$1" run --token-file "$2" -- /bin/echo {marker}; echo "nested_status=$?""#
+    );
+    let out = daemon.run(
+        &token,
+        &[
+            "/bin/sh",
+            "-c",
+            script.as_str(),
+            bin.to_str().expect("UTF-8 path"),
+            daemon.socket().to_str().expect("UTF-8 path"),
+            token.to_str().expect("UTF-8 path"),
+        ],
+    );
+    assert!(!out.stdout.contains(&marker), "the nested command ran: {out}");
+    assert!(out.has_stdout_line("nested_status=1"), "the nested run should fail with 1: {out}");
+    assert!(
+        out.stderr.contains("cannot open a session from inside a session"),
+        "the refusal should say why: {out}"
+    );
+    assert_eq!(daemon.sessions().len(), 1, "only the outer session exists:\n{:?}", daemon.sessions());
 }

@@ -388,3 +388,21 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
         pretty(&Value::Array(sessions))
     );
 }
+
+/// The dev issuer's tokens are trusted only where the config says
+/// `dev_issuer: true`: a packaged host refuses them even though the key exists.
+#[test]
+fn dev_tokens_are_refused_unless_the_config_trusts_the_dev_issuer() {
+    let daemon = Daemon::builder().dev_issuer(false).policy(POLICY).start();
+    let token = daemon.mint("dev-subject", &[]);
+    let marker = daemon.dir().join(format!("ran-{}", unique_tag()));
+    let script = format!("touch {}", marker.display());
+    let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
+    assert_eq!(out.code(), Some(2), "a dev token was accepted without dev_issuer: true: {out}");
+    assert!(
+        out.stderr.starts_with(REJECTED_PREFIX) && out.stderr.contains("unknown issuer 'tollgate-dev'"),
+        "the refusal does not name the untrusted issuer: {out}"
+    );
+    assert!(!marker.exists(), "the command ran although its token was refused");
+    assert!(daemon.sessions().is_empty(), "a refused token left a session record");
+}

@@ -21,6 +21,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/to
 const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sched_process_fork", "sched_process_exit"];
 const SOCK_ADDR: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
+/// Forwards `aya-log-ebpf` records from the programs to the daemon's log.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// How a denied exec is stopped on this kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecEnforcement {
@@ -51,6 +54,7 @@ pub struct Enforcer {
     net_port: LpmTrie<MapData, NetPortKey, NetRule>,
     lost: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    logger: Option<KernelLogger>,
     mode: ExecEnforcement,
     lsm_error: Option<String>,
 }
@@ -73,6 +77,14 @@ impl Enforcer {
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", event_buffer_bytes)
             .load(OBJECT)?;
+        // Taken before the programs load: they refer to its map.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF programs' own log is not available");
+                None
+            }
+        };
 
         let program = |name: &'static str| move |source| BpfError::Program { name, source };
         for name in TRACEPOINTS {
@@ -110,6 +122,7 @@ impl Enforcer {
             net_port: map(&mut ebpf, "NET_PORT")?,
             lost: map(&mut ebpf, "LOST")?,
             events: Some(map(&mut ebpf, "EVENTS")?),
+            logger,
             _ebpf: ebpf,
             mode,
             lsm_error,
@@ -129,6 +142,11 @@ impl Enforcer {
     /// The event ring buffer, once (the reader task owns it).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The programs' log, once (a daemon task forwards it).
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// Makes `cgroup_id` a governed session with `rules`. Rules go in before

@@ -5,7 +5,7 @@ pub mod btf;
 pub mod events;
 mod loader;
 
-pub use loader::{Enforcer, ExecEnforcement};
+pub use loader::{Enforcer, ExecEnforcement, KernelLogger};
 
 /// Errors of loading, attaching and updating the programs.
 #[derive(Debug, thiserror::Error)]

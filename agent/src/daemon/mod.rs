@@ -134,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(why) => tracing::warn!(mode = mode.as_str(), reason = %why, "exec enforcement: BPF LSM unavailable, denied execs are killed before the new image runs"),
     }
     let ring = enforcer.take_events().context("event ring buffer missing")?;
+    let kernel_log = enforcer.take_logger();
 
     let writer = Writer::start(&config.database_path(), config.flush_interval())?;
     let reader = Reader::new(&config.database_path());
@@ -171,6 +172,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(sessions::reap(daemon.clone()));
     tasks.spawn(events::watch_lost(daemon.clone()));
     tasks.spawn(crate::api::server::serve(daemon.clone(), listener));
+    if let Some(logger) = kernel_log {
+        tasks.spawn(events::forward_kernel_log(logger));
+    }
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;

@@ -21,6 +21,7 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{LsmContext, RawTracePointContext, SockAddrContext},
 };
+use aya_log_ebpf::warn;
 use tollgate_common::{
     ARGV_LEN, ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventHeader, EventKind, ExecEvent, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent,
@@ -230,6 +231,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     let verdict = if identity.is_ok() && exec_denied(cgroup_id, dev, ino) {
         // SAFETY: signals the current task; delivered before it returns to user mode.
         unsafe { bpf_send_signal(SIGKILL) };
+        warn!(&ctx, "killed denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
         Verdict::Killed
     } else {
         Verdict::Allow
@@ -258,6 +260,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     if !exec_denied(cgroup_id, dev, ino) {
         return 0;
     }
+    warn!(&ctx, "refused denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
     // SAFETY: bprm is the hook's argument.
     unsafe { emit_exec(cgroup_id, bprm, Verdict::Deny, dev, ino, false) };
     -EPERM
