@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use harness::net::{CONNECT_SCRIPT, Listener, session_connect_argv};
 use harness::session_log::{
-    connects_to, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, pretty, str_field,
+    connects_to, events_of_kind, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, pretty, str_field,
     u64_field,
 };
 use harness::{Daemon, RunOutput, host, run_with_timeout, unique_tag};
@@ -733,4 +733,96 @@ fn a_session_cannot_open_a_new_session_from_inside() {
         "the refusal should say why: {out}"
     );
     assert_eq!(daemon.sessions().len(), 1, "only the outer session exists:\n{:?}", daemon.sessions());
+}
+
+/// IPv6 rules govern IPv6 only: `allow: ["::/0"]` must not open IPv4
+/// (IPv4 is kept as mapped IPv6 inside the kernel maps). The connect event
+/// names the rule that decided, or none.
+#[test]
+fn ipv6_rules_do_not_cover_ipv4_and_events_name_their_rule() {
+    let listener = Listener::bind("127.0.0.1");
+    let v6_listener = Listener::bind("::1");
+    let daemon = Daemon::start(&policy(&strings(["::/0"]), &[], &[]));
+    let token = daemon.mint("v6-only-bot", BUILD_BOTS);
+
+    let v4 = governed_connect(&daemon, &token, "127.0.0.1", "127.0.0.1", listener.port());
+    v4.assert_denied(&listener, "IPv4 under an IPv6-only allow");
+    assert!(v4.event["rule"].is_null(), "no rule decided the IPv4 connect:\n{}", pretty(&v4.show));
+
+    let v6 = governed_connect(&daemon, &token, "::1", "::1", v6_listener.port());
+    v6.assert_allowed(&v6_listener, "IPv6 under an IPv6 allow");
+    assert_eq!(
+        v6.event["rule"], "build-bots-egress: network.allow ::/0",
+        "the allowing rule is named:\n{}",
+        pretty(&v6.show)
+    );
+}
+
+/// Raw and ICMP sockets reach the network without a connect the policy sees:
+/// sessions may not create them (here as root, which could otherwise).
+#[test]
+fn sessions_cannot_create_raw_sockets() {
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
+    let token = daemon.mint("raw-bot", BUILD_BOTS);
+    let script = "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n    print('raw=allowed')\nexcept PermissionError as e:\n    print('raw=refused', e.errno)\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\nprint('udp=ok')\n";
+    let out = daemon.run(&token, &["python3", "-c", script]);
+    assert!(out.has_stdout_line("raw=refused 1"), "a raw socket was not refused with EPERM: {out}");
+    assert!(out.has_stdout_line("udp=ok"), "a UDP socket should still work: {out}");
+    let id = daemon.last_session_id();
+    let show = daemon.show_until(&id, "the refused socket", |show| !events_of_kind(show, "socket").is_empty());
+    let event = events_of_kind(&show, "socket")[0];
+    assert_eq!((event["verdict"].as_str(), event["type"].as_u64()), (Some("deny"), Some(3)), "{}", pretty(&show));
+
+    // Outside any session the same socket is allowed (root has CAP_NET_RAW).
+    let mut outside = Command::new("python3");
+    outside.args(["-c", script]);
+    let out = run_with_timeout(&mut outside, Duration::from_secs(30)).expect("python3 runs");
+    assert!(out.has_stdout_line("raw=allowed"), "outside sessions nothing is refused: {out}");
+}
+
+/// An identity may forbid root sessions; the refusal names it and nothing starts.
+#[test]
+fn identities_can_forbid_root_sessions() {
+    let policy = "identities:\n  - name: no-root-bots\n    issuer: tollgate-dev\n    allow_root: false\n";
+    let daemon = Daemon::start(policy);
+    let token = daemon.mint("root-bot", &[]);
+    let marker = daemon.dir().join(format!("ran-{}", unique_tag()));
+    let script = format!("touch {}", marker.display());
+    let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
+    assert_eq!(out.code(), Some(1), "a root session of a no-root identity started: {out}");
+    assert!(out.stderr.contains("may not run sessions as root"), "the refusal should say why: {out}");
+    assert!(!marker.exists(), "the command ran");
+    assert!(daemon.sessions().is_empty(), "a refused session left a record");
+}
+
+/// A governed process sees its own session's record and no other: records
+/// hold other sessions' arguments and token claims.
+#[test]
+fn a_session_reads_only_its_own_record() {
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
+    let token = daemon.mint("reader-bot", BUILD_BOTS);
+    let first = daemon.run(&token, &["/bin/sh", "-c", "echo \"$TOLLGATE_SESSION\""]);
+    let first_id = first.first_line().to_owned();
+    let bin = harness::tollgate_bin();
+    let script = r#"echo "$TOLLGATE_SESSION"; "$0" --socket "$1" sessions --format json; "$0" --socket "$1" show "$2" --format json; echo "show_status=$?""#;
+    let out = daemon.run(
+        &token,
+        &[
+            "/bin/sh",
+            "-c",
+            script,
+            bin.to_str().expect("UTF-8 path"),
+            daemon.socket().to_str().expect("UTF-8 path"),
+            first_id.as_str(),
+        ],
+    );
+    let own_id = out.first_line().to_owned();
+    // stdout: the session id, the JSON list, then the status line.
+    let json: String = out.stdout.lines().skip(1).take_while(|line| !line.starts_with("show_status=")).collect::<Vec<_>>().join("\n");
+    let listed: Vec<Value> = serde_json::from_str(&json).unwrap_or_else(|e| panic!("no session list in the output ({e}): {out}"));
+    let ids: Vec<&str> = listed.iter().filter_map(|s| s["id"].as_str()).collect();
+    assert_eq!(ids, vec![own_id.as_str()], "a session listed sessions other than its own: {out}");
+    assert!(out.has_stdout_line("show_status=1"), "a session read another session's record: {out}");
+    // Outside sessions, root reads both.
+    assert_eq!(daemon.sessions().len(), 2);
 }

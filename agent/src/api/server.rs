@@ -1,11 +1,12 @@
 //! The daemon side of the control socket.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::Semaphore,
 };
 
 use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Request, Response};
@@ -33,15 +34,32 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts connections until the daemon stops.
+/// Requests served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the daemon stops. Accept errors (out of file
+/// descriptors, say) are logged and retried: a flood of clients must not
+/// stop enforcement.
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await.context("control socket accept failed")?;
+        let permit = slots.clone().acquire_owned().await.context("connection limit closed")?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let daemon = daemon.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(daemon, stream).await {
                 tracing::debug!(error = %e, "control connection failed");
             }
+            drop(permit);
         });
     }
 }
@@ -54,7 +72,9 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
     let caller = Caller { pid: pid as u32, uid };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST_BYTES)).read_line(&mut line).await?;
+    tokio::time::timeout(REQUEST_TIMEOUT, BufReader::new(read.take(MAX_REQUEST_BYTES)).read_line(&mut line))
+        .await
+        .context("no request within the time limit")??;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => dispatch(&daemon, caller, request).await,
         Err(e) => Response::error(ErrorKind::BadRequest, format!("malformed request: {e}")),
@@ -66,6 +86,16 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
 }
 
 async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Response {
+    // A process inside a session may read its own session's record, no other.
+    let own_session = daemon.session_of_process(caller.pid);
+    let governed = daemon.is_governed(caller.pid);
+    let may_read = |uid: u32, id: &SessionId| -> bool {
+        if governed {
+            own_session.as_ref() == Some(id)
+        } else {
+            caller.uid == 0 || caller.uid == uid
+        }
+    };
     match request {
         Request::Run { token, pid, command } => daemon.open_session(caller, token, pid, command).await,
         Request::Status => Response::Ok(daemon.status()),
@@ -73,7 +103,7 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
             let reader = daemon.reader().clone();
             match tokio::task::spawn_blocking(move || reader.sessions()).await {
                 Ok(Ok(sessions)) => {
-                    let visible: Vec<_> = sessions.into_iter().filter(|s| may_read(caller, s.uid)).collect();
+                    let visible: Vec<_> = sessions.into_iter().filter(|s| may_read(s.uid, &s.id)).collect();
                     Response::Ok(serde_json::to_value(visible).unwrap_or_default())
                 }
                 Ok(Err(e)) => Response::error(ErrorKind::Internal, e.to_string()),
@@ -87,7 +117,7 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
             };
             let reader = daemon.reader().clone();
             match tokio::task::spawn_blocking(move || reader.show(&id)).await {
-                Ok(Ok(detail)) if may_read(caller, detail.session.uid) => {
+                Ok(Ok(detail)) if may_read(detail.session.uid, &detail.session.id) => {
                     Response::Ok(serde_json::to_value(detail).unwrap_or_default())
                 }
                 Ok(Ok(detail)) => Response::error(ErrorKind::NotFound, format!("no session '{}'", detail.session.id)),
@@ -97,9 +127,4 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
             }
         }
     }
-}
-
-/// Root reads every session; other users read their own.
-fn may_read(caller: Caller, session_uid: u32) -> bool {
-    caller.uid == 0 || caller.uid == session_uid
 }

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use tollgate_common::{
     ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventHeader, EventKind,
-    ExecEvent, ExitEvent, ForkEvent, Verdict,
+    ExecEvent, ExitEvent, ForkEvent, NO_RULE, SocketEvent, Verdict,
 };
 
 /// An event from the kernel, decoded.
@@ -61,6 +61,19 @@ pub enum KernelEvent {
         protocol: String,
         /// True for `sendmsg` without connect.
         send: bool,
+        /// Index of the session's rule that decided, if one did.
+        rule_id: Option<u32>,
+    },
+    /// A socket kind sessions may not create was refused.
+    Socket {
+        /// Where and when.
+        at: Origin,
+        /// `AF_*`.
+        family: u32,
+        /// `SOCK_*`.
+        sock_type: u32,
+        /// `IPPROTO_*`.
+        protocol: u32,
     },
 }
 
@@ -79,7 +92,11 @@ impl KernelEvent {
     /// Where and when it happened.
     pub fn origin(&self) -> Origin {
         match self {
-            Self::Exec { at, .. } | Self::Fork { at, .. } | Self::Exit { at, .. } | Self::Connect { at, .. } => *at,
+            Self::Exec { at, .. }
+            | Self::Fork { at, .. }
+            | Self::Exit { at, .. }
+            | Self::Connect { at, .. }
+            | Self::Socket { at, .. } => *at,
         }
     }
 }
@@ -173,7 +190,12 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 family: event.family as u8,
                 protocol,
                 send: event.send != 0,
+                rule_id: (event.rule_id != NO_RULE).then_some(event.rule_id),
             })
+        }
+        EventKind::Socket => {
+            let event: SocketEvent = read(bytes, header.kind)?;
+            Ok(KernelEvent::Socket { at, family: event.family, sock_type: event.sock_type, protocol: event.protocol })
         }
     }
 }
@@ -190,6 +212,7 @@ pub fn kind_name(slot: usize) -> &'static str {
         2 => "fork",
         3 => "exit",
         4 => "connect",
+        5 => "socket",
         _ => "unknown",
     }
 }

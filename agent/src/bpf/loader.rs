@@ -5,7 +5,7 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, RawTracePoint},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint},
 };
 use tollgate_common::{
     ExecKey, KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey,
@@ -110,6 +110,15 @@ impl Enforcer {
             prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
         }
 
+        let name = "sock_create";
+        let prog: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(program(name))?;
+        prog.load().map_err(program(name))?;
+        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
+
         let (mode, lsm_error) = match attach_lsm(&mut ebpf) {
             Ok(()) => (ExecEnforcement::Lsm, None),
             Err(e) => (ExecEnforcement::KillOnExec, Some(e.to_string())),
@@ -166,11 +175,17 @@ impl Enforcer {
             };
             match entry.port {
                 None => {
-                    let key = Key::new(NET_ANY_PORT_FIXED_BITS + entry.addr_prefix, any_port_key(cgroup_id, &entry.addr));
+                    let key = Key::new(
+                        NET_ANY_PORT_FIXED_BITS + entry.addr_prefix,
+                        any_port_key(cgroup_id, entry.family, &entry.addr),
+                    );
                     self.net_any_port.insert(&key, value, 0).map_err(fail("NET_ANY_PORT"))?;
                 }
                 Some(port) => {
-                    let key = Key::new(NET_PORT_FIXED_BITS + entry.addr_prefix, port_key(cgroup_id, port, &entry.addr));
+                    let key = Key::new(
+                        NET_PORT_FIXED_BITS + entry.addr_prefix,
+                        port_key(cgroup_id, entry.family, port, &entry.addr),
+                    );
                     self.net_port.insert(&key, value, 0).map_err(fail("NET_PORT"))?;
                 }
             }
@@ -189,11 +204,11 @@ impl Enforcer {
             let _ = match entry.port {
                 None => self.net_any_port.remove(&Key::new(
                     NET_ANY_PORT_FIXED_BITS + entry.addr_prefix,
-                    any_port_key(cgroup_id, &entry.addr),
+                    any_port_key(cgroup_id, entry.family, &entry.addr),
                 )),
                 Some(port) => self.net_port.remove(&Key::new(
                     NET_PORT_FIXED_BITS + entry.addr_prefix,
-                    port_key(cgroup_id, port, &entry.addr),
+                    port_key(cgroup_id, entry.family, port, &entry.addr),
                 )),
             };
         }
@@ -220,17 +235,19 @@ fn attach_lsm(ebpf: &mut Ebpf) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn any_port_key(cgroup_id: u64, addr: &[u8; 16]) -> NetAnyPortKey {
-    let mut key = [0u8; 24];
+fn any_port_key(cgroup_id: u64, family: u8, addr: &[u8; 16]) -> NetAnyPortKey {
+    let mut key = [0u8; 25];
     key[..8].copy_from_slice(&cgroup_id.to_be_bytes());
-    key[8..].copy_from_slice(addr);
+    key[8] = family;
+    key[9..].copy_from_slice(addr);
     key
 }
 
-fn port_key(cgroup_id: u64, port: u16, addr: &[u8; 16]) -> NetPortKey {
-    let mut key = [0u8; 26];
+fn port_key(cgroup_id: u64, family: u8, port: u16, addr: &[u8; 16]) -> NetPortKey {
+    let mut key = [0u8; 27];
     key[..8].copy_from_slice(&cgroup_id.to_be_bytes());
-    key[8..10].copy_from_slice(&port.to_be_bytes());
-    key[10..].copy_from_slice(addr);
+    key[8] = family;
+    key[9..11].copy_from_slice(&port.to_be_bytes());
+    key[11..].copy_from_slice(addr);
     key
 }

@@ -66,7 +66,11 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
                 Some(sig) => format!("signal {sig}"),
                 None => format!("code {}", e["exit_code"]),
             },
-            "connect" => format!("{} {}:{}", text(e, "protocol"), text(e, "addr"), e["port"]),
+            "connect" => match e.get("rule").and_then(Value::as_str) {
+                Some(rule) => format!("{} {}:{} ({rule})", text(e, "protocol"), text(e, "addr"), e["port"]),
+                None => format!("{} {}:{} (no rule)", text(e, "protocol"), text(e, "addr"), e["port"]),
+            },
+            "socket" => format!("family {} type {} protocol {}", e["family"], e["type"], e["protocol"]),
             _ => String::new(),
         };
         let verdict = e.get("verdict").and_then(Value::as_str).map_or(String::new(), |v| format!(" [{v}]"));

@@ -42,6 +42,12 @@ pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Resu
         .collect::<Result<_, _>>()
         .context("an argument contains a NUL byte")?;
 
+    // Set before the fork so the held child has it when the daemon checks:
+    // nothing in a session may gain privileges through setuid binaries.
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        anyhow::bail!("cannot set no_new_privs: {}", std::io::Error::last_os_error());
+    }
     let (hold_read, hold_write) = pipe().context("cannot create pipe")?;
     // SAFETY: this process is single-threaded (the CLI starts no runtime), so
     // the child may allocate and use std before it executes.
@@ -54,6 +60,10 @@ pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Resu
         }
         ForkResult::Parent { child } => {
             drop(hold_read);
+            // This process stays outside the session: the session's processes
+            // (same uid) must not ptrace it to act from outside.
+            // SAFETY: prctl with constant arguments.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
             let request = Request::Run { token, pid: child.as_raw() as u32, command: command.to_vec() };
             let answer = client::call(socket, &request);
             let session = match answer {
@@ -113,12 +123,6 @@ fn held_child(hold_read: OwnedFd, argv: &[CString]) -> i32 {
     // SAFETY: single-threaded child; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("TOLLGATE_SESSION", session.trim()) };
     drop(pipe);
-    // A session never gains privileges through setuid binaries or file capabilities.
-    // SAFETY: prctl with constant arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        eprintln!("tollgate: cannot set no_new_privs: {}", std::io::Error::last_os_error());
-        return 126;
-    }
     let Some(program) = argv.first() else { return 127 };
     let error = nix::unistd::execvp(program, argv).unwrap_err();
     eprintln!("tollgate: cannot execute {}: {error}", program.to_string_lossy());

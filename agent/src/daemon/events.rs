@@ -80,7 +80,11 @@ impl Daemon {
                 detail.insert("signal".into(), signal.map_or(Value::Null, Value::from));
                 ("exit", None)
             }
-            KernelEvent::Connect { verdict, addr, port, family, protocol, send, .. } => {
+            KernelEvent::Connect { verdict, addr, port, family, protocol, send, rule_id, .. } => {
+                let rule = rule_id.and_then(|id| {
+                    state.registry.get_mut(origin.cgroup_id).and_then(|s| s.rules.rules.get(id as usize).cloned())
+                });
+                detail.insert("rule".into(), rule.map_or(Value::Null, Value::from));
                 detail.insert("family".into(), (*family).into());
                 detail.insert("addr".into(), addr.to_string().into());
                 detail.insert("port".into(), (*port).into());
@@ -90,6 +94,13 @@ impl Daemon {
                     tracing::info!(session = %session, pid = origin.pid, %addr, port, "connect denied");
                 }
                 ("connect", Some(verdict_name(*verdict)))
+            }
+            KernelEvent::Socket { family, sock_type, protocol, .. } => {
+                detail.insert("family".into(), (*family).into());
+                detail.insert("type".into(), (*sock_type).into());
+                detail.insert("protocol".into(), (*protocol).into());
+                tracing::info!(session = %session, pid = origin.pid, family, sock_type, protocol, "socket refused");
+                ("socket", Some("deny"))
             }
         };
         drop(state);

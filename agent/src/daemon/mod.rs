@@ -45,6 +45,8 @@ pub struct Daemon {
     clock: BootClock,
     mode: ExecEnforcement,
     lsm_reason: Option<String>,
+    /// Set when the daemon begins to stop: no new sessions after that.
+    closing: std::sync::atomic::AtomicBool,
     /// Events the kernel could not deliver, per event kind slot.
     lost: [AtomicU64; tollgate_common::LOST_SLOTS as usize],
 }
@@ -70,6 +72,14 @@ impl Daemon {
         &self.reader
     }
 
+    /// The session `pid` runs in, by its cgroup directory's name, if any.
+    pub fn session_of_process(&self, pid: u32) -> Option<crate::store::SessionId> {
+        let path = cgroup::of_process(pid)?;
+        let full = self.mount.join(path.trim_start_matches('/'));
+        let relative = full.strip_prefix(&self.tree.sessions).ok()?;
+        relative.components().next()?.as_os_str().to_str()?.parse().ok()
+    }
+
     /// True when `pid` runs inside one of this daemon's sessions.
     pub fn is_governed(&self, pid: u32) -> bool {
         match cgroup::of_process(pid) {
@@ -90,9 +100,10 @@ impl Daemon {
             "exec_enforcement": self.mode.as_str(),
             "lsm_unavailable": self.lsm_reason,
             "sessions_active": sessions_active,
-            "events_lost": self.lost.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>(),
+            "events_lost": self.lost.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>() + self.writer.dropped(),
             "events_lost_by_kind": self.lost.iter().enumerate().skip(1)
                 .map(|(slot, n)| (crate::bpf::events::kind_name(slot), n.load(Ordering::Relaxed)))
+                .chain([("log_queue", self.writer.dropped())])
                 .collect::<std::collections::BTreeMap<_, _>>(),
             "cgroup": self.tree.root.display().to_string(),
             "sessions_cgroup": self.tree.sessions.display().to_string(),
@@ -154,6 +165,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mode,
         lsm_reason,
         lost: Default::default(),
+        closing: Default::default(),
         config,
     });
     tracing::info!(
@@ -188,9 +200,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     };
     tracing::info!("stopping");
+    // Sessions first, while the event reader still runs to record their ends.
+    sessions::shutdown(&daemon).await;
+    tokio::time::sleep(REAP_INTERVAL * 2).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    sessions::shutdown(&daemon).await;
     let _ = std::fs::remove_file(&daemon.config.socket);
     daemon.writer.flush();
     let tree = daemon.tree.clone();

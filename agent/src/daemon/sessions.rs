@@ -1,7 +1,11 @@
 //! Opening a session for a caller, ending it when its last process exits,
 //! and ending all of them when the daemon stops.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
 
 use super::{Daemon, REAP_INTERVAL};
 use crate::{
@@ -22,11 +26,11 @@ pub struct Caller {
 
 impl Daemon {
     /// Verifies the token, then creates the session's cgroup, fills the
-    /// kernel maps, moves the caller's held child in and records the session.
-    /// On any failure everything done so far is undone and the child stays
-    /// outside (the client then ends it without running the command).
+    /// kernel maps, records the session and moves the caller's held child in.
+    /// On any failure before the move everything is undone and the child
+    /// stays outside (the client then ends it without running the command).
     pub async fn open_session(self: &Arc<Self>, caller: Caller, token: String, pid: u32, command: Vec<String>) -> Response {
-        if self.is_governed(caller.pid) {
+        if self.is_governed(caller.pid) || self.is_governed(pid) {
             return Response::error(
                 ErrorKind::Forbidden,
                 "cannot open a session from inside a session (nested sessions are not supported yet)",
@@ -48,42 +52,44 @@ impl Daemon {
             );
         };
         let rules = compile::compile(self.policies.grants_for(&identity.name));
+        if self.mode == crate::bpf::ExecEnforcement::KillOnExec {
+            for script in &rules.exec_deny_scripts {
+                tracing::warn!(path = %script.display(), identity = %identity.name, "denied script cannot be stopped in kill-on-exec mode (it needs BPF LSM); deny its interpreter or use an allow list");
+            }
+        }
         for missing in &rules.exec_deny_missing {
             tracing::warn!(path = %missing.display(), identity = %identity.name, "denied executable does not exist; nothing to match");
         }
 
+        if caller.uid == 0 && !identity.allow_root {
+            return Response::error(
+                ErrorKind::Forbidden,
+                format!("identity '{}' may not run sessions as root (allow_root: false)", identity.name),
+            );
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Response::error(ErrorKind::Internal, "the daemon is stopping; no new sessions");
+        }
+
         let id = SessionId::generate();
         let privileged = caller.uid == 0;
-        let span = tracing::info_span!("session", id = %id, identity = %identity.name);
-        let _enter = span.enter();
         let (cgroup_path, cgroup_id) = match self.tree.create_session(id.as_str()) {
             Ok(created) => created,
             Err(e) => return Response::error(ErrorKind::Internal, e.to_string()),
         };
-        let undo_cgroup = || {
-            let _ = cgroup::kill_all(&cgroup_path);
-            let _ = cgroup::remove(&cgroup_path);
-        };
-        if let Err(e) = self.state().enforcer.add_session(cgroup_id, cgroup_id, &rules) {
+        let added = self.state().enforcer.add_session(cgroup_id, cgroup_id, &rules);
+        if let Err(e) = added {
             self.state().enforcer.remove_session(cgroup_id, &rules);
-            undo_cgroup();
+            discard_cgroup(&cgroup_path);
             return Response::error(ErrorKind::Internal, e.to_string());
         }
-        let undo = || {
-            self.state().enforcer.remove_session(cgroup_id, &rules);
-            undo_cgroup();
-        };
-        if let Err(e) = cgroup::move_process(&cgroup_path, pid) {
-            undo();
-            return Response::error(ErrorKind::Internal, e.to_string());
-        }
-        let claims: BTreeMap<_, _> = verified.claims.clone();
+        // Recorded before any process is in it, so every event has its session.
         let record = SessionRecord {
             id: id.clone(),
             identity: identity.name.clone(),
             subject: verified.subject.clone(),
             issuer: verified.issuer.clone(),
-            claims: serde_json::to_value(&claims).unwrap_or_default(),
+            claims: serde_json::to_value(&verified.claims).unwrap_or_default(),
             host: self.host.clone(),
             uid: caller.uid,
             privileged,
@@ -96,21 +102,32 @@ impl Daemon {
         let writer = self.writer.clone();
         let recorded = tokio::task::spawn_blocking(move || writer.open_session(record)).await;
         if !matches!(recorded, Ok(Ok(()))) {
-            undo();
+            self.state().enforcer.remove_session(cgroup_id, &rules);
+            discard_cgroup(&cgroup_path);
             return Response::error(ErrorKind::Internal, "cannot record the session; nothing was started");
         }
-        if privileged {
-            tracing::warn!(uid = 0, "PRIVILEGED session: it runs as root and could leave its cgroup or unload programs");
-        }
-        tracing::info!(subject = %verified.subject, pid, grants = ?rules.grants, "session started");
         let grants = rules.grants.clone();
         self.state().registry.insert(ActiveSession {
             id: id.clone(),
-            cgroup: cgroup_path,
+            cgroup: cgroup_path.clone(),
             cgroup_id,
             rules,
             creators: Default::default(),
         });
+        // Checked again right before the move: the token check may have taken
+        // seconds, in which the held child could have gone and its pid been reused.
+        let moved = peer::check_child(caller.pid, caller.uid, pid)
+            .map_err(|e| e.to_string())
+            .and_then(|()| cgroup::move_process(&cgroup_path, pid).map_err(|e| e.to_string()));
+        if let Err(e) = moved {
+            tracing::warn!(session = %id, error = %e, "session opened but its command could not be placed in it; ending it");
+            self.end_session(cgroup_id);
+            return Response::error(ErrorKind::Forbidden, e);
+        }
+        if privileged {
+            tracing::warn!(session = %id, uid = 0, "PRIVILEGED session: it runs as root and could leave its cgroup or unload programs");
+        }
+        tracing::info!(session = %id, identity = %identity.name, subject = %verified.subject, pid, grants = ?grants, "session started");
         Response::Ok(serde_json::json!({
             "session": id,
             "identity": identity.name,
@@ -136,16 +153,31 @@ impl Daemon {
         *seen_empty = empty;
     }
 
-    fn end_session(&self, cgroup_id: u64) {
+    pub(super) fn end_session(&self, cgroup_id: u64) {
         let mut state = self.state();
         let Some(session) = state.registry.end(cgroup_id) else { return };
         state.enforcer.remove_session(cgroup_id, &session.rules);
         drop(state);
-        if let Err(e) = cgroup::remove(&session.cgroup) {
-            tracing::warn!(session = %session.id, error = %e, "cannot remove session cgroup");
-        }
+        discard_cgroup(&session.cgroup);
         self.writer.end_session(session.id.clone(), rfc3339(SystemTime::now()));
         tracing::info!(session = %session.id, "session ended");
+    }
+}
+
+/// Kills what is left in a session cgroup, waits for it to empty (a killed
+/// process leaves its cgroup only once it is reaped) and removes it.
+fn discard_cgroup(path: &Path) {
+    if cgroup::populated(path) {
+        let _ = cgroup::kill_all(path);
+        for _ in 0..100 {
+            if !cgroup::populated(path) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if let Err(e) = cgroup::remove(path) {
+        tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove session cgroup");
     }
 }
 
@@ -162,6 +194,7 @@ pub async fn reap(daemon: Arc<Daemon>) -> anyhow::Result<()> {
 /// Kills what still runs in sessions (nothing may run ungoverned once the
 /// programs detach) and records every session's end.
 pub async fn shutdown(daemon: &Arc<Daemon>) {
+    daemon.closing.store(true, Ordering::SeqCst);
     let live: Vec<(u64, std::path::PathBuf)> =
         daemon.state().registry.active().map(|s| (s.cgroup_id, s.cgroup.clone())).collect();
     for (_, path) in &live {

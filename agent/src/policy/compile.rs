@@ -28,6 +28,8 @@ impl FileId {
 /// One network rule in kernel form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetEntry {
+    /// 4 or 6: IPv4 rules match only IPv4 (and IPv4-mapped) destinations.
+    pub family: u8,
     /// The prefix as IPv6 (IPv4 mapped into `::ffff:0:0/96`).
     pub addr: [u8; 16],
     /// Prefix length over the 128-bit address.
@@ -49,6 +51,9 @@ pub struct SessionRules {
     pub exec_deny: Vec<(PathBuf, FileId)>,
     /// Denied paths that do not exist (nothing to match; reported).
     pub exec_deny_missing: Vec<PathBuf>,
+    /// Denied paths that are `#!` scripts: only BPF LSM can stop those (by
+    /// the time the exec tracepoint runs, the file is the interpreter).
+    pub exec_deny_scripts: Vec<PathBuf>,
     /// Network rules, at most one per (prefix, port).
     pub net: Vec<NetEntry>,
     /// Human-readable rule names, indexed by `NetEntry::rule_id`.
@@ -59,12 +64,17 @@ pub struct SessionRules {
 /// and port, deny beats allow.
 pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules {
     let mut out = SessionRules::default();
-    let mut net: BTreeMap<([u8; 16], u32, Option<u16>), NetEntry> = BTreeMap::new();
+    let mut net: BTreeMap<(u8, [u8; 16], u32, Option<u16>), NetEntry> = BTreeMap::new();
     for grant in grants {
         out.grants.push(grant.name.clone());
         for path in &grant.exec.deny {
             match FileId::of(&path.0) {
-                Ok(id) => out.exec_deny.push((path.0.clone(), id)),
+                Ok(id) => {
+                    if is_script(&path.0) {
+                        out.exec_deny_scripts.push(path.0.clone());
+                    }
+                    out.exec_deny.push((path.0.clone(), id));
+                }
                 Err(_) => out.exec_deny_missing.push(path.0.clone()),
             }
         }
@@ -77,9 +87,9 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
         for (destination, verdict, word) in entries {
             let rule_id = out.rules.len() as u32;
             out.rules.push(format!("{}: network.{word} {destination}", grant.name));
-            let (addr, addr_prefix) = mapped(destination);
-            let key = (addr, addr_prefix, destination.port);
-            let entry = NetEntry { addr, addr_prefix, port: destination.port, verdict, rule_id };
+            let (family, addr, addr_prefix) = mapped(destination);
+            let key = (family, addr, addr_prefix, destination.port);
+            let entry = NetEntry { family, addr, addr_prefix, port: destination.port, verdict, rule_id };
             match net.get(&key) {
                 Some(existing) if existing.verdict == Verdict::Deny => {}
                 _ => {
@@ -92,11 +102,17 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
     out
 }
 
-/// A destination's prefix in the IPv6 space the kernel programs use.
-fn mapped(destination: &Destination) -> ([u8; 16], u32) {
+fn is_script(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut start = [0u8; 2];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut start)).is_ok() && &start == b"#!"
+}
+
+/// A destination's family and prefix in the IPv6 space the kernel programs use.
+fn mapped(destination: &Destination) -> (u8, [u8; 16], u32) {
     match destination.net.network() {
-        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(destination.net.prefix_len())),
-        IpAddr::V6(v6) => (v6.octets(), u32::from(destination.net.prefix_len())),
+        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets(), 96 + u32::from(destination.net.prefix_len())),
+        IpAddr::V6(v6) => (6, v6.octets(), u32::from(destination.net.prefix_len())),
     }
 }
 
@@ -121,6 +137,14 @@ mod tests {
         assert_eq!(rules.net.len(), 1);
         assert_eq!(rules.net[0].verdict, Verdict::Deny);
         assert_eq!(rules.net[0].addr_prefix, 104);
+    }
+
+    #[test]
+    fn ipv6_rules_are_kept_apart_from_ipv4() {
+        let rules = compile([&grant(&["::/0"], &[])]);
+        assert_eq!((rules.net[0].family, rules.net[0].addr_prefix), (6, 0));
+        let rules = compile([&grant(&["0.0.0.0/0"], &[])]);
+        assert_eq!((rules.net[0].family, rules.net[0].addr_prefix), (4, 96));
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub struct Identity {
     /// Each claim must equal the value, or contain it when the token's claim is an array.
     #[serde(default)]
     pub claims: BTreeMap<String, serde_json::Value>,
+    /// May this identity's sessions run as root? Root sessions are marked
+    /// privileged either way (root could undo its own confinement).
+    #[serde(default = "allow_root_default")]
+    pub allow_root: bool,
+}
+
+fn allow_root_default() -> bool {
+    true
 }
 
 /// Rights given to one identity.
@@ -111,6 +119,9 @@ impl FromStr for Destination {
         // "[v6]:port" or "[v6]/len:port"
         if let Some(rest) = text.strip_prefix('[') {
             let (addr, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
+            if !(after.is_empty() || after.starts_with(':') || after.starts_with('/')) {
+                return Err(bad("expected ':PORT' or '/PREFIX' after ']'"));
+            }
             let (len, port) = match after.strip_prefix('/') {
                 Some(tail) => match tail.split_once(':') {
                     Some((len, port)) => (Some(len), Some(port)),
@@ -191,6 +202,7 @@ mod tests {
             ("10.0.0.1/8", "host bits"),
             ("10.0.0.0/8:99999", "port"),
             ("example.com", "expected ADDRESS"),
+            ("[2001:db8::1]443", "after ']'"),
         ] {
             let error = text.parse::<Destination>().expect_err(text);
             assert!(error.contains(why) && error.contains(text), "{text}: {error}");

@@ -77,16 +77,28 @@ pub struct CgroupTree {
 }
 
 impl CgroupTree {
-    /// Creates (or reuses) the subtree. Empty session directories left by a
-    /// previous run are removed; busy ones are reported and left alone.
+    /// Creates (or reuses) the subtree. Session directories left by a
+    /// previous run are removed; processes still in them ran ungoverned
+    /// since that daemon stopped, so they are killed first (fail closed).
     pub fn create(mount: &Path, name: &str) -> Result<Self, CgroupError> {
         let root = mount.join(name);
         let sessions = root.join("sessions");
         std::fs::create_dir_all(&sessions).map_err(io_error("cannot create cgroup", &sessions))?;
         if let Ok(entries) = std::fs::read_dir(&sessions) {
             for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-                if let Err(e) = std::fs::remove_dir(entry.path()) {
-                    tracing::warn!(cgroup = %entry.path().display(), error = %e, "stale session cgroup is still busy; its processes are not governed by this daemon");
+                let path = entry.path();
+                if populated(&path) {
+                    tracing::warn!(cgroup = %path.display(), "killing processes left in a session of a previous daemon run");
+                    let _ = kill_all(&path);
+                    for _ in 0..100 {
+                        if !populated(&path) {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+                if let Err(e) = std::fs::remove_dir(&path) {
+                    tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove stale session cgroup");
                 }
             }
         }

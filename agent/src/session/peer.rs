@@ -24,9 +24,14 @@ pub enum PeerError {
     /// It has already executed another program.
     #[error("process {0} has already executed another program")]
     AlreadyExecuted(u32),
+    /// It could still gain privileges through setuid binaries.
+    #[error("process {0} does not have no_new_privs set (a session must not gain privileges)")]
+    NoNewPrivs(u32),
 }
 
-/// Checks that `child` is a not-yet-executed child of `caller_pid`, running as `caller_uid`.
+/// Checks that `child` is a not-yet-executed child of `caller_pid`, running
+/// as `caller_uid`, with `no_new_privs` already set (so a session can never
+/// become root through sudo and leave its cgroup).
 pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32) -> Result<(), PeerError> {
     let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).map_err(|_| PeerError::NoSuchProcess(child))?;
     // The command name may hold spaces and parentheses: parse after the last ')'.
@@ -51,6 +56,10 @@ pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32) -> Result<(), P
     let (child_exe, caller_exe): (Option<PathBuf>, Option<PathBuf>) = (exe(child), exe(caller_pid));
     if child_exe.is_none() || child_exe != caller_exe {
         return Err(PeerError::AlreadyExecuted(child));
+    }
+    let no_new_privs = status.lines().any(|line| line.split_whitespace().eq(["NoNewPrivs:", "1"]));
+    if !no_new_privs {
+        return Err(PeerError::NoNewPrivs(child));
     }
     Ok(())
 }

@@ -5,7 +5,11 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -15,6 +19,9 @@ use rusqlite::{Connection, params};
 use super::{EventRecord, SessionId, SessionRecord, StoreError, schema};
 
 const MAX_BATCH: usize = 2000;
+/// Events queued for the writer at most; past that they are dropped and
+/// counted (a flooding session must not exhaust the daemon's memory).
+const QUEUE_LIMIT: usize = 100_000;
 
 enum Op {
     Open(Box<SessionRecord>, mpsc::Sender<Result<(), String>>),
@@ -34,19 +41,20 @@ pub struct Writer {
 /// Sends work to the writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct WriterHandle {
-    tx: mpsc::Sender<Op>,
+    tx: mpsc::SyncSender<Op>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Opens (creating and migrating) the database and starts the thread.
     pub fn start(path: &Path, flush_interval: Duration) -> Result<Self, StoreError> {
         let conn = schema::open(path)?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE_LIMIT);
         let thread = std::thread::Builder::new()
             .name("session-log".into())
             .spawn(move || run(conn, rx, flush_interval))
             .map_err(|_| StoreError::WriterGone)?;
-        Ok(Self { _thread: thread, handle: WriterHandle { tx } })
+        Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default() } })
     }
 
     /// A handle to send work with.
@@ -67,9 +75,16 @@ impl WriterHandle {
         }
     }
 
-    /// Queues an event.
+    /// Queues an event; when the queue is full the event is dropped and counted.
     pub fn event(&self, session: SessionId, event: EventRecord) {
-        let _ = self.tx.send(Op::Event(session, event));
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(Op::Event(session, event)) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events dropped because the writer's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Queues the end of a session.

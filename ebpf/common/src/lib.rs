@@ -30,6 +30,8 @@ pub enum EventKind {
     Exit = 3,
     /// A governed socket asked to connect or send to an address.
     Connect = 4,
+    /// A governed process asked for a socket kind sessions may not have.
+    Socket = 5,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -40,6 +42,7 @@ impl TryFrom<u32> for EventKind {
             2 => Ok(Self::Fork),
             3 => Ok(Self::Exit),
             4 => Ok(Self::Connect),
+            5 => Ok(Self::Socket),
             other => Err(other),
         }
     }
@@ -151,8 +154,35 @@ pub struct ConnectEvent {
     pub port: u32,
     /// 1 when this was `sendmsg` on an unconnected socket rather than `connect`.
     pub send: u32,
+    /// The rule that decided ([`NetRule::rule_id`]), or [`NO_RULE`].
+    pub rule_id: u32,
+    /// Always zero.
+    pub reserved: u32,
     /// Destination as IPv6 (IPv4 is mapped, `::ffff:a.b.c.d`).
     pub addr: [u8; 16],
+}
+
+/// `ConnectEvent::rule_id` when no rule matched (the default is deny).
+pub const NO_RULE: u32 = u32::MAX;
+
+/// A socket a session may not create (raw, packet, ICMP "ping" sockets...).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketEvent {
+    /// Common header; `kind` is [`EventKind::Socket`].
+    pub header: EventHeader,
+    /// The uid of the process.
+    pub uid: u32,
+    /// A [`Verdict`] as `u32` (only refusals are reported).
+    pub verdict: u32,
+    /// `AF_*`.
+    pub family: u32,
+    /// `SOCK_*`.
+    pub sock_type: u32,
+    /// `IPPROTO_*`.
+    pub protocol: u32,
+    /// Always zero.
+    pub reserved: u32,
 }
 
 /// Value of the governed-cgroup map.
@@ -177,16 +207,17 @@ pub struct ExecKey {
     pub reserved: u32,
 }
 
-/// Data of a key in the address-only network rule trie:
-/// cgroup id (big endian) then the IPv6 or mapped IPv4 address.
-pub type NetAnyPortKey = [u8; 24];
-/// Data of a key in the address-and-port network rule trie:
-/// cgroup id (big endian), port (big endian), then the address.
-pub type NetPortKey = [u8; 26];
+/// Data of a key in the address-only network rule trie: cgroup id (big
+/// endian), family (4 or 6), then the address (IPv4 mapped into IPv6). The
+/// family byte keeps IPv6 rules such as `::/0` from covering IPv4.
+pub type NetAnyPortKey = [u8; 25];
+/// Data of a key in the address-and-port network rule trie: cgroup id (big
+/// endian), family, port (big endian), then the address.
+pub type NetPortKey = [u8; 27];
 /// Bits of a network key before the address starts, address-only trie.
-pub const NET_ANY_PORT_FIXED_BITS: u32 = 64;
+pub const NET_ANY_PORT_FIXED_BITS: u32 = 72;
 /// Bits of a network key before the address starts, address-and-port trie.
-pub const NET_PORT_FIXED_BITS: u32 = 80;
+pub const NET_PORT_FIXED_BITS: u32 = 88;
 
 /// Value of a network rule trie entry.
 #[repr(C)]
@@ -244,7 +275,7 @@ pub struct KernelOffsets {
 }
 
 /// Index into the lost-event counters, one per [`EventKind`] (index 0 unused).
-pub const LOST_SLOTS: u32 = 5;
+pub const LOST_SLOTS: u32 = 6;
 
 #[cfg(feature = "user")]
 mod user {
@@ -265,7 +296,8 @@ const _: () = {
     assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + FILENAME_LEN + ARGV_LEN);
     assert!(core::mem::size_of::<ForkEvent>() == 32);
     assert!(core::mem::size_of::<ExitEvent>() == 32);
-    assert!(core::mem::size_of::<ConnectEvent>() == 24 + 24 + 16);
+    assert!(core::mem::size_of::<ConnectEvent>() == 24 + 32 + 16);
+    assert!(core::mem::size_of::<SocketEvent>() == 24 + 24);
     assert!(core::mem::size_of::<ExecKey>() == 24);
     assert!(core::mem::size_of::<NetRule>() == 16);
     assert!(core::mem::size_of::<KernelOffsets>() == 64);

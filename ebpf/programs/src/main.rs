@@ -17,16 +17,16 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
         generated::{bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_send_signal},
     },
-    macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
+    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, raw_tracepoint},
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{LsmContext, RawTracePointContext, SockAddrContext},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use tollgate_common::{
     ARGV_LEN, ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventHeader, EventKind, ExecEvent, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent,
-    KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey,
-    NetPortKey, NetRule, SessionSlot, Verdict,
+    KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, NetAnyPortKey,
+    NetPortKey, NetRule, SessionSlot, SocketEvent, Verdict,
 };
 
 const SIGKILL: u32 = 9;
@@ -382,15 +382,12 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
     let port_bytes = port_be.to_ne_bytes();
     let port = u16::from_be_bytes(port_bytes);
 
-    let verdict = if is_governed(cgroup_id) {
-        if rule_verdict(cgroup_id, port_bytes, &addr) == Verdict::Allow as u32 {
-            Verdict::Allow
-        } else {
-            Verdict::Deny
-        }
+    let (rule_verdict, rule_id) = if is_governed(cgroup_id) {
+        lookup_rule(cgroup_id, port_bytes, &addr)
     } else {
-        Verdict::Deny
+        (Verdict::Deny as u32, NO_RULE)
     };
+    let verdict = if rule_verdict == Verdict::Allow as u32 { Verdict::Allow } else { Verdict::Deny };
 
     let event = ConnectEvent {
         header: header(EventKind::Connect, cgroup_id),
@@ -400,6 +397,8 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
         protocol,
         port: port as u32,
         send: send as u32,
+        rule_id,
+        reserved: 0,
         addr,
     };
     if EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
@@ -408,45 +407,89 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
     (verdict == Verdict::Allow) as i32
 }
 
-/// The verdict of the most specific rule for (cgroup, port, address): the
-/// longer address prefix wins; at equal length the port-specific rule wins.
-/// Rules with the same prefix and port were merged by the agent (deny beats
-/// allow). No rule: deny.
+/// The verdict and rule id of the most specific rule for (cgroup, port,
+/// address): the longer address prefix wins; at equal length the
+/// port-specific rule wins. Rules with the same prefix and port were merged
+/// by the agent (deny beats allow). No rule: deny.
 #[inline(always)]
-fn rule_verdict(cgroup_id: u64, port: [u8; 2], addr: &[u8; 16]) -> u32 {
+fn lookup_rule(cgroup_id: u64, port: [u8; 2], addr: &[u8; 16]) -> (u32, u32) {
+    // IPv4 (and IPv4-mapped IPv6) destinations match only IPv4 rules.
+    let mapped = addr[0..10].iter().all(|&b| b == 0) && addr[10] == 0xff && addr[11] == 0xff;
+    let family = if mapped { 4 } else { 6 };
     let cg = cgroup_id.to_be_bytes();
-    let mut any = [0u8; 24];
-    let mut with_port = [0u8; 26];
+    let mut any = [0u8; 25];
+    let mut with_port = [0u8; 27];
     let mut i = 0;
     while i < 8 {
         any[i] = cg[i];
         with_port[i] = cg[i];
         i += 1;
     }
-    with_port[8] = port[0];
-    with_port[9] = port[1];
+    any[8] = family;
+    with_port[8] = family;
+    with_port[9] = port[0];
+    with_port[10] = port[1];
     let mut i = 0;
     while i < 16 {
-        any[8 + i] = addr[i];
-        with_port[10 + i] = addr[i];
+        any[9 + i] = addr[i];
+        with_port[11 + i] = addr[i];
         i += 1;
     }
     // Compare through references into map memory: copying Option<NetRule>
     // out lets the compiler read undefined padding, which the verifier refuses.
-    let any_rule = NET_ANY_PORT.get(Key::new(NET_ANY_PORT_FIXED_BITS + 128, any));
-    let port_rule = NET_PORT.get(Key::new(NET_PORT_FIXED_BITS + 128, with_port));
+    let any_rule = NET_ANY_PORT.get(&Key::new(NET_ANY_PORT_FIXED_BITS + 128, any));
+    let port_rule = NET_PORT.get(&Key::new(NET_PORT_FIXED_BITS + 128, with_port));
     match (any_rule, port_rule) {
         (Some(a), Some(p)) => {
             if p.addr_prefix >= a.addr_prefix {
-                p.verdict
+                (p.verdict, p.rule_id)
             } else {
-                a.verdict
+                (a.verdict, a.rule_id)
             }
         }
-        (Some(a), None) => a.verdict,
-        (None, Some(p)) => p.verdict,
-        (None, None) => Verdict::Deny as u32,
+        (Some(a), None) => (a.verdict, a.rule_id),
+        (None, Some(p)) => (p.verdict, p.rule_id),
+        (None, None) => (Verdict::Deny as u32, NO_RULE),
     }
+}
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_IP: u32 = 0;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// IPv4 and IPv6 sockets of a session are TCP or UDP (governed by the
+/// programs above); raw and ICMP "ping" sockets would reach the network
+/// without a connect or send those programs see. The kernel runs this hook
+/// for inet sockets only; packet sockets need CAP_NET_RAW, which a session
+/// has only when privileged.
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let sk = ctx.sock;
+    // SAFETY: the context is valid for the program's run; 4-byte reads.
+    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    let inet_ok = (family == AF_INET || family == AF_INET6)
+        && ((sock_type == SOCK_STREAM && (protocol == IPPROTO_IP || protocol == IPPROTO_TCP))
+            || (sock_type == SOCK_DGRAM && (protocol == IPPROTO_IP || protocol == IPPROTO_UDP)));
+    if inet_ok || (family != AF_INET && family != AF_INET6) {
+        return 1;
+    }
+    let event = SocketEvent {
+        header: header(EventKind::Socket, cgroup_id),
+        uid: bpf_get_current_uid_gid() as u32,
+        verdict: Verdict::Deny as u32,
+        family,
+        sock_type,
+        protocol,
+        reserved: 0,
+    };
+    if EVENTS.output::<SocketEvent>(&event, 0).is_err() {
+        count_lost(EventKind::Socket);
+    }
+    0
 }
 
 #[unsafe(link_section = "license")]
