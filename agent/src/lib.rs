@@ -6,12 +6,14 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod approval;
 pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod policy;
+pub mod proxy;
 pub mod session;
 pub mod store;
 pub mod yaml;

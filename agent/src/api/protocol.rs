@@ -27,6 +27,22 @@ pub enum Request {
     },
     /// The daemon's state.
     Status,
+    /// Requests held for approval.
+    Approvals,
+    /// Approve a held request, optionally opening a JIT window.
+    Approve {
+        /// The approval id.
+        id: String,
+        /// Seconds during which matching requests of that session pass without asking.
+        window_secs: Option<u64>,
+    },
+    /// Deny a held request.
+    Deny {
+        /// The approval id.
+        id: String,
+        /// Why, for the requester.
+        reason: Option<String>,
+    },
 }
 
 /// Why a request failed; `kind` lets the CLI pick its exit code.

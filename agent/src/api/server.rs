@@ -11,6 +11,7 @@ use tokio::{
 
 use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Request, Response};
 use crate::{
+    approval::Decision,
     daemon::{Caller, Daemon},
     store::{SessionId, StoreError},
 };
@@ -99,6 +100,16 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
     match request {
         Request::Run { token, pid, command } => daemon.open_session(caller, token, pid, command).await,
         Request::Status => Response::Ok(daemon.status()),
+        Request::Approvals => match daemon.reviewer(caller) {
+            Ok(_) => Response::Ok(serde_json::to_value(daemon.approvals().pending()).unwrap_or_default()),
+            Err(response) => response,
+        },
+        Request::Approve { id, window_secs } => daemon.decide(
+            caller,
+            &id,
+            Decision::Approved { by: String::new(), window: window_secs.map(Duration::from_secs) },
+        ),
+        Request::Deny { id, reason } => daemon.decide(caller, &id, Decision::Denied { by: String::new(), reason }),
         Request::Sessions => {
             let reader = daemon.reader().clone();
             match tokio::task::spawn_blocking(move || reader.sessions()).await {

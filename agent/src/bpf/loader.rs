@@ -5,10 +5,10 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps},
 };
 use tollgate_common::{
-    ExecKey, KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey,
+    ConnectionKey, ExecKey, OriginalDst, ProxyAddr, KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey,
     NetRule, SessionSlot,
 };
 
@@ -19,7 +19,7 @@ use crate::policy::compile::SessionRules;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate.bpf.o"));
 
 const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sched_process_fork", "sched_process_exit"];
-const SOCK_ADDR: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+const SOCK_ADDR: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "getpeername4", "getpeername6"];
 
 /// Forwards `aya-log-ebpf` records from the programs to the daemon's log.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -53,6 +53,7 @@ pub struct Enforcer {
     net_any_port: LpmTrie<MapData, NetAnyPortKey, NetRule>,
     net_port: LpmTrie<MapData, NetPortKey, NetRule>,
     lost: PerCpuArray<MapData, u64>,
+    original: aya::maps::HashMap<MapData, ConnectionKey, OriginalDst>,
     events: Option<RingBuf<MapData>>,
     logger: Option<KernelLogger>,
     mode: ExecEnforcement,
@@ -71,10 +72,14 @@ impl Enforcer {
     /// Loads the programs, attaches the tracepoints globally and the socket
     /// programs to `sessions_cgroup` (so they cover every session below it),
     /// and the LSM hook where the kernel allows it.
-    pub fn load(sessions_cgroup: &Path, event_buffer_bytes: u32) -> Result<Self, BpfError> {
+    /// Governed connects are redirected to 127.0.0.1 / ::1 on `proxy_port`
+    /// (0: no proxy; governed connects are refused).
+    pub fn load(sessions_cgroup: &Path, event_buffer_bytes: u32, proxy_port: u16) -> Result<Self, BpfError> {
         let offsets: KernelOffsets = Btf::from_sys_fs()?.kernel_offsets()?;
+        let proxy = ProxyAddr { port: u32::from(proxy_port), reserved: 0 };
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("PROXY", &proxy, true)
             .map_max_entries("EVENTS", event_buffer_bytes)
             .load(OBJECT)?;
         // Taken before the programs load: they refer to its map.
@@ -119,6 +124,15 @@ impl Enforcer {
         prog.load().map_err(program(name))?;
         prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
 
+        let name = "track_established";
+        let prog: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(program(name))?;
+        prog.load().map_err(program(name))?;
+        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
+
         let (mode, lsm_error) = match attach_lsm(&mut ebpf) {
             Ok(()) => (ExecEnforcement::Lsm, None),
             Err(e) => (ExecEnforcement::KillOnExec, Some(e.to_string())),
@@ -130,6 +144,7 @@ impl Enforcer {
             net_any_port: map(&mut ebpf, "NET_ANY_PORT")?,
             net_port: map(&mut ebpf, "NET_PORT")?,
             lost: map(&mut ebpf, "LOST")?,
+            original: map(&mut ebpf, "ORIGINAL_BY_CONNECTION")?,
             events: Some(map(&mut ebpf, "EVENTS")?),
             logger,
             _ebpf: ebpf,
@@ -212,6 +227,13 @@ impl Enforcer {
                 )),
             };
         }
+    }
+
+    /// Where a connection the proxy accepted was going; the entry is taken.
+    pub fn take_original(&mut self, key: &ConnectionKey) -> Option<OriginalDst> {
+        let original = self.original.get(key, 0).ok()?;
+        let _ = self.original.remove(key);
+        Some(original)
     }
 
     /// Events lost so far, per event kind slot, summed over CPUs.

@@ -74,6 +74,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Requests held for approval (reviewers only).
+    Approvals {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Approve a held request.
+    Approve {
+        /// The approval id (from `tollgate approvals`).
+        id: String,
+        /// Also let matching requests of that session through for this long (e.g. 10m).
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        window: Option<std::time::Duration>,
+    },
+    /// Deny a held request.
+    Deny {
+        /// The approval id.
+        id: String,
+        /// Why; the requester sees it.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Dev issuer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -111,6 +132,21 @@ enum PolicyCommand {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// What the kernel would decide for an identity connecting to ADDR:PORT, and the entry that decides.
+    Explain {
+        /// The policy identity.
+        #[arg(long)]
+        identity: String,
+        /// The destination, e.g. 10.1.2.3:443 or [::1]:80.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: std::net::SocketAddr,
+        /// Policy files or directories [default: the config's policies]
+        #[arg(long = "policy", value_name = "PATH")]
+        policies: Vec<PathBuf>,
+        /// Take the policies from this config file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -203,6 +239,49 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let key = dev::ensure_key(&Config::dev_key_path(&state_dir))?;
             let token = dev::mint(&key, &sub, &parse_claims(&claims)?, expires_in)?;
             println!("{token}");
+            Ok(0)
+        }
+        Command::Approvals { format } => {
+            let pending = call(&socket_path(cli.socket)?, &Request::Approvals)?;
+            output::approvals(&pending, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Approve { id, window } => {
+            let request = Request::Approve { id, window_secs: window.map(|w| w.as_secs()) };
+            let answer = call(&socket_path(cli.socket)?, &request)?;
+            println!("{} {} by {}", answer["approval"].as_str().unwrap_or("?"), answer["decision"].as_str().unwrap_or("?"), answer["by"].as_str().unwrap_or("?"));
+            Ok(0)
+        }
+        Command::Deny { id, reason } => {
+            let answer = call(&socket_path(cli.socket)?, &Request::Deny { id, reason })?;
+            println!("{} {} by {}", answer["approval"].as_str().unwrap_or("?"), answer["decision"].as_str().unwrap_or("?"), answer["by"].as_str().unwrap_or("?"));
+            Ok(0)
+        }
+        Command::Policy(PolicyCommand::Explain { identity, to, policies, config }) => {
+            let paths = if policies.is_empty() {
+                let config = match config {
+                    Some(path) => Config::load(&path)?,
+                    None => default_config()?.unwrap_or_else(Config::embedded),
+                };
+                config.policies
+            } else {
+                policies
+            };
+            let set = crate::policy::PolicySet::load(&paths)?;
+            if !set.identities.iter().any(|i| i.name == identity) {
+                anyhow::bail!("no identity '{identity}' in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            }
+            let rules = crate::policy::compile::compile(set.grants_for(&identity));
+            let decision = crate::policy::explain::explain(&rules, to);
+            let verdict = match decision.verdict {
+                tollgate_common::Verdict::Allow => "allow",
+                tollgate_common::Verdict::Redirect => "proxy",
+                _ => "deny",
+            };
+            match decision.rule {
+                Some(rule) => println!("{verdict} ({rule})"),
+                None => println!("{verdict} (no entry matches: the default)"),
+            }
             Ok(0)
         }
         Command::Policy(PolicyCommand::Check { files }) => {

@@ -71,6 +71,23 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
                 None => format!("{} {}:{} (no rule)", text(e, "protocol"), text(e, "addr"), e["port"]),
             },
             "socket" => format!("family {} type {} protocol {}", e["family"], e["type"], e["protocol"]),
+            "http" => format!(
+                "{} {}{} -> {} ({}){}",
+                text(e, "method"),
+                text(e, "host"),
+                text(e, "path"),
+                e["status"],
+                text(e, "destination"),
+                e["rules"].as_array().filter(|r| !r.is_empty()).map_or(String::new(), |r| format!(" rules: {}", r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")))
+            ),
+            "approval" => format!(
+                "{} {} {} ({}){}",
+                text(e, "id"),
+                text(e, "method"),
+                text(e, "path"),
+                text(e, "rule"),
+                e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"))
+            ),
             _ => String::new(),
         };
         let verdict = e.get("verdict").and_then(Value::as_str).map_or(String::new(), |v| format!(" [{v}]"));
@@ -92,5 +109,25 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
     println!("events lost       {}", status["events_lost"]);
     println!("cgroup            {}", text(status, "cgroup"));
     println!("policies          {} file(s), {} identities, {} grants", status["policy_files"], status["identities"], status["grants"]);
+    Ok(())
+}
+
+/// `tollgate approvals`.
+pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(pending);
+    }
+    println!("{:<8} {:<20} {:<14} {:<7} {:<30} {}", "ID", "SESSION", "IDENTITY", "METHOD", "PATH", "EXPIRES");
+    for p in pending.as_array().into_iter().flatten() {
+        println!(
+            "{:<8} {:<20} {:<14} {:<7} {:<30} {}",
+            text(p, "id"),
+            text(p, "session"),
+            text(p, "identity"),
+            text(p, "method"),
+            text(p, "path"),
+            text(p, "expires_at")
+        );
+    }
     Ok(())
 }

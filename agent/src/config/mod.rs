@@ -44,6 +44,56 @@ pub struct Config {
     /// at least 4. Events that find it full are counted as lost.
     #[serde(default = "default_event_buffer_kib")]
     pub event_buffer_kib: u32,
+    /// The L7 proxy listens on 127.0.0.1 and ::1 at this port; governed
+    /// connects are redirected there.
+    #[serde(default = "default_proxy_port")]
+    pub proxy_port: u16,
+    /// Who may approve or deny held requests over the control socket.
+    #[serde(default)]
+    pub reviewers: Reviewers,
+    /// How long a held request waits for a reviewer before it is denied.
+    #[serde(default = "default_approval_timeout", deserialize_with = "humantime_serde_compat::deserialize")]
+    pub approval_timeout: Duration,
+    /// POSTed a JSON notice of each pending approval (https, or http to loopback).
+    #[serde(default)]
+    pub approval_webhook: Option<String>,
+    /// Bytes of each (masked) response body kept in the session log.
+    #[serde(default = "default_record_body_bytes")]
+    pub record_body_bytes: usize,
+}
+
+/// Reviewers allowed over the control socket, by unix user or group.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reviewers {
+    /// User names.
+    #[serde(default)]
+    pub unix_users: Vec<String>,
+    /// Group names; members (primary or supplementary) may review.
+    #[serde(default)]
+    pub unix_groups: Vec<String>,
+}
+
+fn default_proxy_port() -> u16 {
+    15080
+}
+fn default_approval_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_record_body_bytes() -> usize {
+    4096
+}
+
+/// `5m`, `30s`, `1h 30m` as a [`Duration`].
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| de::Error::custom(format!("duration '{text}' is not valid: {e}")))
+    }
 }
 
 /// One trusted OIDC issuer.
@@ -113,6 +163,11 @@ impl Config {
         }
         if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {
             return Err(error("cgroup", &self.cgroup, format!("cgroup '{}' must be a plain directory name", self.cgroup)));
+        }
+        if let Some(url) = &self.approval_webhook {
+            if let Err(why) = crate::identity::jwks::check_https_url(url, "approval_webhook") {
+                return Err(error("approval_webhook", url, why));
+            }
         }
         for issuer in &self.issuers {
             match (&issuer.jwks_url, &issuer.jwks_file) {

@@ -18,6 +18,7 @@ fn verdict_name(verdict: Verdict) -> &'static str {
         Verdict::Allow => "allow",
         Verdict::Deny => "deny",
         Verdict::Killed => "killed",
+        Verdict::Redirect => "redirect",
     }
 }
 

@@ -5,6 +5,7 @@
 mod clock;
 mod events;
 mod mounts;
+mod review;
 mod sessions;
 
 use std::{
@@ -45,6 +46,8 @@ pub struct Daemon {
     clock: BootClock,
     mode: ExecEnforcement,
     lsm_reason: Option<String>,
+    /// Requests held for a reviewer.
+    approvals: crate::approval::Approvals,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: std::sync::atomic::AtomicBool,
     /// Events the kernel could not deliver, per event kind slot.
@@ -78,6 +81,57 @@ impl Daemon {
         let full = self.mount.join(path.trim_start_matches('/'));
         let relative = full.strip_prefix(&self.tree.sessions).ok()?;
         relative.components().next()?.as_os_str().to_str()?.parse().ok()
+    }
+
+    /// Held requests.
+    pub fn approvals(&self) -> &crate::approval::Approvals {
+        &self.approvals
+    }
+
+    /// Where a connection the proxy accepted was going (the kernel's entry is taken).
+    pub fn take_original(&self, key: &tollgate_common::ConnectionKey) -> Option<tollgate_common::OriginalDst> {
+        self.state().enforcer.take_original(key)
+    }
+
+    /// The session and route of a redirected connection.
+    pub fn governed_connection(
+        &self,
+        cgroup_id: u64,
+        rule_id: u32,
+        destination: std::net::SocketAddr,
+    ) -> Option<crate::proxy::Governed> {
+        let mut state = self.state();
+        let session = state.registry.get_mut(cgroup_id)?;
+        let route = session.rules.routes.get(&rule_id)?.clone();
+        Some(crate::proxy::Governed {
+            session: session.id.clone(),
+            identity: session.identity.clone(),
+            subject: session.subject.clone(),
+            destination,
+            rule_name: session.rules.rules.get(rule_id as usize).cloned().unwrap_or_default(),
+            route: Arc::new(route),
+        })
+    }
+
+    /// Records something the proxy saw or decided.
+    pub fn record_proxy_event(
+        &self,
+        session: &crate::store::SessionId,
+        kind: &str,
+        verdict: &str,
+        detail: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let pid = 0;
+        self.writer.event(
+            session.clone(),
+            crate::store::EventRecord {
+                at: crate::store::rfc3339(std::time::SystemTime::now()),
+                kind: kind.to_owned(),
+                pid,
+                verdict: Some(verdict.to_owned()),
+                detail,
+            },
+        );
     }
 
     /// True when `pid` runs inside one of this daemon's sessions.
@@ -137,7 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mount = cgroup::cgroup2_mount()?;
     let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
-    let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024).context("cannot load the eBPF programs")?;
+    let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port).context("cannot load the eBPF programs")?;
     let mode = enforcer.exec_enforcement();
     let lsm_reason = enforcer.lsm_unavailable_reason().map(str::to_owned);
     match &lsm_reason {
@@ -150,6 +204,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let writer = Writer::start(&config.database_path(), config.flush_interval())?;
     let reader = Reader::new(&config.database_path());
     let listener = crate::api::server::bind(&config.socket)?;
+    let proxy_listeners = crate::proxy::bind(config.proxy_port).await?;
 
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
     let daemon = Arc::new(Daemon {
@@ -166,6 +221,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lsm_reason,
         lost: Default::default(),
         closing: Default::default(),
+        approvals: crate::approval::Approvals::new(config.approval_timeout),
         config,
     });
     tracing::info!(
@@ -184,6 +240,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(sessions::reap(daemon.clone()));
     tasks.spawn(events::watch_lost(daemon.clone()));
     tasks.spawn(crate::api::server::serve(daemon.clone(), listener));
+    tasks.spawn(crate::proxy::serve(daemon.clone(), proxy_listeners));
     if let Some(logger) = kernel_log {
         tasks.spawn(events::forward_kernel_log(logger));
     }

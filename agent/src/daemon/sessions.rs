@@ -109,6 +109,8 @@ impl Daemon {
         let grants = rules.grants.clone();
         self.state().registry.insert(ActiveSession {
             id: id.clone(),
+            identity: identity.name.clone(),
+            subject: verified.subject.clone(),
             cgroup: cgroup_path.clone(),
             cgroup_id,
             rules,

@@ -78,7 +78,12 @@ fn fetch(url: &str) -> Result<JwkSet, String> {
 
 /// A JWKS URL must be HTTPS, or HTTP to a loopback address (tests, local IdPs).
 pub fn check_url(url: &str) -> Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("jwks_url '{url}' is not a URL: {e}"))?;
+    check_https_url(url, "jwks_url")
+}
+
+/// `url` (the value of config key `key`) must be HTTPS, or HTTP to a loopback address.
+pub fn check_https_url(url: &str, key: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{key} '{url}' is not a URL: {e}"))?;
     match parsed.scheme() {
         "https" => Ok(()),
         "http" => {
@@ -91,10 +96,10 @@ pub fn check_url(url: &str) -> Result<(), String> {
             if loopback {
                 Ok(())
             } else {
-                Err(format!("jwks_url '{url}' must use https (http is allowed only for loopback)"))
+                Err(format!("{key} '{url}' must use https (http is allowed only for loopback)"))
             }
         }
-        other => Err(format!("jwks_url '{url}' has unsupported scheme '{other}'")),
+        other => Err(format!("{key} '{url}' has unsupported scheme '{other}'")),
     }
 }
 

@@ -1,10 +1,18 @@
 //! From the grants of one session to the entries the kernel maps hold.
 
-use std::{collections::BTreeMap, net::IpAddr, os::unix::fs::MetadataExt, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, ToSocketAddrs},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+};
 
 use tollgate_common::Verdict;
 
-use super::{Destination, Grant};
+use super::{
+    Destination, Grant,
+    route::{Route, RouteTarget},
+};
 
 /// A file as the kernel identifies it in an exec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,6 +66,28 @@ pub struct SessionRules {
     pub net: Vec<NetEntry>,
     /// Human-readable rule names, indexed by `NetEntry::rule_id`.
     pub rules: Vec<String>,
+    /// Governed destinations, by the rule id their redirect entries carry.
+    pub routes: BTreeMap<u32, SessionRoute>,
+    /// Host names of routes that did not resolve (nothing is redirected for them).
+    pub unresolved: Vec<String>,
+}
+
+/// A governed destination of one session.
+#[derive(Debug, Clone)]
+pub struct SessionRoute {
+    /// The grant it came from.
+    pub grant: String,
+    /// Its rules.
+    pub route: Route,
+}
+
+/// Ranks entries with the same prefix and port: deny beats proxy beats allow.
+fn rank(verdict: Verdict) -> u8 {
+    match verdict {
+        Verdict::Deny | Verdict::Killed => 2,
+        Verdict::Redirect => 1,
+        Verdict::Allow => 0,
+    }
 }
 
 /// Turns grants into kernel entries. Where two rules have the same prefix
@@ -84,17 +114,29 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
             .iter()
             .map(|d| (d, Verdict::Allow, "allow"))
             .chain(grant.network.deny.iter().map(|d| (d, Verdict::Deny, "deny")));
-        for (destination, verdict, word) in entries {
-            let rule_id = out.rules.len() as u32;
-            out.rules.push(format!("{}: network.{word} {destination}", grant.name));
+        let mut add = |out: &mut SessionRules, destination: &Destination, verdict: Verdict, rule_id: u32| {
             let (family, addr, addr_prefix) = mapped(destination);
             let key = (family, addr, addr_prefix, destination.port);
             let entry = NetEntry { family, addr, addr_prefix, port: destination.port, verdict, rule_id };
             match net.get(&key) {
-                Some(existing) if existing.verdict == Verdict::Deny => {}
+                Some(existing) if rank(existing.verdict) >= rank(verdict) => {}
                 _ => {
                     net.insert(key, entry);
                 }
+            }
+            let _ = out;
+        };
+        for (destination, verdict, word) in entries {
+            let rule_id = out.rules.len() as u32;
+            out.rules.push(format!("{}: network.{word} {destination}", grant.name));
+            add(&mut out, destination, verdict, rule_id);
+        }
+        for route in &grant.network.proxy {
+            let rule_id = out.rules.len() as u32;
+            out.rules.push(format!("{}: network.proxy {}", grant.name, route.to));
+            out.routes.insert(rule_id, SessionRoute { grant: grant.name.clone(), route: route.clone() });
+            for destination in route_destinations(&route.to, &mut out.unresolved) {
+                add(&mut out, &destination, Verdict::Redirect, rule_id);
             }
         }
     }
@@ -106,6 +148,22 @@ fn is_script(path: &std::path::Path) -> bool {
     use std::io::Read;
     let mut start = [0u8; 2];
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut start)).is_ok() && &start == b"#!"
+}
+
+/// The addresses a route covers: its prefix, or what its host name resolves to now.
+fn route_destinations(target: &RouteTarget, unresolved: &mut Vec<String>) -> Vec<Destination> {
+    match target {
+        RouteTarget::Address(destination) => vec![*destination],
+        RouteTarget::Host { name, port } => match (name.as_str(), *port).to_socket_addrs() {
+            Ok(addrs) => addrs
+                .map(|a| Destination { net: ipnet::IpNet::from(a.ip()), port: Some(*port) })
+                .collect(),
+            Err(_) => {
+                unresolved.push(format!("{name}:{port}"));
+                Vec::new()
+            }
+        },
+    }
 }
 
 /// A destination's family and prefix in the IPv6 space the kernel programs use.
@@ -127,7 +185,7 @@ mod tests {
             name: "g".into(),
             identity: "i".into(),
             exec: ExecRules::default(),
-            network: NetworkRules { allow: parse(allow), deny: parse(deny) },
+            network: NetworkRules { allow: parse(allow), deny: parse(deny), proxy: Vec::new() },
         }
     }
 
@@ -137,6 +195,21 @@ mod tests {
         assert_eq!(rules.net.len(), 1);
         assert_eq!(rules.net[0].verdict, Verdict::Deny);
         assert_eq!(rules.net[0].addr_prefix, 104);
+    }
+
+    #[test]
+    fn at_equal_prefix_deny_beats_proxy_beats_allow() {
+        let route = |to: &str| -> Route {
+            serde_yaml_ng::from_str(&format!("to: \"{to}\"\nprotocol: http\n")).expect("route")
+        };
+        let mut g = grant(&["127.0.0.1/32:80"], &[]);
+        g.network.proxy = vec![route("127.0.0.1/32:80"), route("127.0.0.2/32:80")];
+        let with_deny = grant(&[], &["127.0.0.2/32:80"]);
+        let rules = compile([&g, &with_deny]);
+        let verdict_of = |last: u8| rules.net.iter().find(|e| e.addr[15] == last).map(|e| e.verdict);
+        assert_eq!(verdict_of(1), Some(Verdict::Redirect));
+        assert_eq!(verdict_of(2), Some(Verdict::Deny));
+        assert_eq!(rules.routes.len(), 2);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! session into what the kernel maps hold.
 
 pub mod compile;
+pub mod explain;
 pub mod model;
+pub mod route;
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -75,6 +75,9 @@ pub struct NetworkRules {
     /// Destinations refused even when an allow rule covers them.
     #[serde(default)]
     pub deny: Vec<Destination>,
+    /// Governed destinations: sent to the L7 proxy.
+    #[serde(default)]
+    pub proxy: Vec<super::route::Route>,
 }
 
 /// An absolute path.

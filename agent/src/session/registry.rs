@@ -17,6 +17,10 @@ const LINGER: Duration = Duration::from_secs(30);
 pub struct ActiveSession {
     /// Its id.
     pub id: SessionId,
+    /// The identity it was opened for.
+    pub identity: String,
+    /// The token's subject.
+    pub subject: String,
     /// Its cgroup directory.
     pub cgroup: PathBuf,
     /// Its cgroup id.

@@ -58,6 +58,8 @@ pub enum Verdict {
     Deny = 2,
     /// Exec refused by killing the process before the new image ran.
     Killed = 3,
+    /// Connect rewritten to the daemon's L7 proxy.
+    Redirect = 4,
 }
 
 impl TryFrom<u32> for Verdict {
@@ -67,6 +69,7 @@ impl TryFrom<u32> for Verdict {
             1 => Ok(Self::Allow),
             2 => Ok(Self::Deny),
             3 => Ok(Self::Killed),
+            4 => Ok(Self::Redirect),
             other => Err(other),
         }
     }
@@ -234,6 +237,47 @@ pub struct NetRule {
     pub reserved: u32,
 }
 
+/// Where a redirected connection was going, saved by socket cookie at
+/// connect and re-keyed by the connection's addresses once established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OriginalDst {
+    /// The destination asked for, as IPv6 (IPv4 mapped).
+    pub addr: [u8; 16],
+    /// The session's cgroup.
+    pub cgroup_id: u64,
+    /// The destination port, host byte order.
+    pub port: u32,
+    /// The session rule (a proxy route) that redirected it.
+    pub rule_id: u32,
+}
+
+/// An established connection to the proxy as the proxy sees it: the client's
+/// address and port (its peer) and the proxy's own (local). Addresses are
+/// IPv6 (IPv4 mapped), ports host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    /// The client's address.
+    pub peer: [u8; 16],
+    /// The proxy's address.
+    pub local: [u8; 16],
+    /// The client's port.
+    pub peer_port: u32,
+    /// The proxy's port.
+    pub local_port: u32,
+}
+
+/// Where the proxy listens: 127.0.0.1 and ::1 on this port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProxyAddr {
+    /// Port, host byte order; 0 while no proxy is configured (redirects then fail closed).
+    pub port: u32,
+    /// Always zero.
+    pub reserved: u32,
+}
+
 /// Offsets into kernel structures, read by the agent from the running
 /// kernel's BTF and written into the programs' read-only data before load.
 /// This is what lets one object work across kernel versions without CO-RE.
@@ -280,8 +324,14 @@ pub const LOST_SLOTS: u32 = 6;
 #[cfg(feature = "user")]
 mod user {
     //! `aya::Pod` for the types userspace puts into or reads out of maps.
-    use super::{ExecKey, KernelOffsets, NetRule, SessionSlot};
-    // SAFETY: all four are repr(C), made only of integers, with no padding.
+    use super::{ConnectionKey, ExecKey, KernelOffsets, NetRule, OriginalDst, ProxyAddr, SessionSlot};
+    // SAFETY: all of these are repr(C), made only of integers, with no padding.
+    unsafe impl aya::Pod for OriginalDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnectionKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProxyAddr {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SessionSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ExecKey {}
@@ -301,4 +351,7 @@ const _: () = {
     assert!(core::mem::size_of::<ExecKey>() == 24);
     assert!(core::mem::size_of::<NetRule>() == 16);
     assert!(core::mem::size_of::<KernelOffsets>() == 64);
+    assert!(core::mem::size_of::<OriginalDst>() == 32);
+    assert!(core::mem::size_of::<ConnectionKey>() == 40);
+    assert!(core::mem::size_of::<ProxyAddr>() == 8);
 };

@@ -15,17 +15,20 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_send_signal},
+        generated::{
+            bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_send_signal,
+        },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, raw_tracepoint},
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockContext},
+    EbpfContext,
+    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, raw_tracepoint, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use tollgate_common::{
     ARGV_LEN, ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventHeader, EventKind, ExecEvent, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent,
-    KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, NetAnyPortKey,
+    ConnectionKey, KernelOffsets, LOST_SLOTS, OriginalDst, ProxyAddr, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, NetAnyPortKey,
     NetPortKey, NetRule, SessionSlot, SocketEvent, Verdict,
 };
 
@@ -53,6 +56,18 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     bprm_filename: 0,
     ready: 0,
 };
+
+/// The daemon's L7 proxy (127.0.0.1 and ::1 on this port), set before load.
+#[unsafe(no_mangle)]
+static PROXY: ProxyAddr = ProxyAddr { port: 0, reserved: 0 };
+
+/// Redirected sockets: cookie -> where they were going.
+#[map]
+static ORIGINAL_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Redirected connections once established, keyed as the proxy sees them.
+#[map]
+static ORIGINAL_BY_CONNECTION: LruHashMap<ConnectionKey, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
 
 /// Governed cgroups: cgroup id -> session.
 #[map]
@@ -387,7 +402,16 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
     } else {
         (Verdict::Deny as u32, NO_RULE)
     };
-    let verdict = if rule_verdict == Verdict::Allow as u32 { Verdict::Allow } else { Verdict::Deny };
+    let mut verdict = if rule_verdict == Verdict::Allow as u32 { Verdict::Allow } else { Verdict::Deny };
+    // Only TCP connects go to the proxy; a UDP send or connect to a governed
+    // destination has nowhere safe to go, so it is refused.
+    if rule_verdict == Verdict::Redirect as u32 && !send && protocol == IPPROTO_TCP {
+        // SAFETY: read-only global.
+        let proxy = unsafe { core::ptr::read_volatile(&PROXY) };
+        if proxy.port != 0 && redirect(ctx, ipv6, &addr, port, cgroup_id, rule_id, proxy.port) {
+            verdict = Verdict::Redirect;
+        }
+    }
 
     let event = ConnectEvent {
         header: header(EventKind::Connect, cgroup_id),
@@ -404,7 +428,159 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
     if EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
         count_lost(EventKind::Connect);
     }
-    (verdict == Verdict::Allow) as i32
+    (verdict == Verdict::Allow || verdict == Verdict::Redirect) as i32
+}
+
+/// Saves where the socket was going and points it at the proxy instead.
+/// Returns false (and the connect is refused) if the socket has no cookie slot.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, ipv6: bool, addr: &[u8; 16], port: u16, cgroup_id: u64, rule_id: u32, proxy_port: u32) -> bool {
+    // SAFETY: the context is a socket address context, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let original = OriginalDst { addr: *addr, cgroup_id, port: port as u32, rule_id };
+    if ORIGINAL_BY_COOKIE.insert(&cookie, &original, 0).is_err() {
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    let proxy_port_be = (proxy_port as u16).to_be() as u32;
+    // SAFETY: writes to the fields this attach type may write.
+    unsafe {
+        if ipv6 {
+            let mapped = addr[0..10].iter().all(|&b| b == 0) && addr[10] == 0xff && addr[11] == 0xff;
+            if mapped {
+                // ::ffff:127.0.0.1, so a dual-stack socket stays on IPv4.
+                (*sa).user_ip6 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])];
+            } else {
+                (*sa).user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+            }
+        } else {
+            (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        }
+        (*sa).user_port = proxy_port_be;
+    }
+    true
+}
+
+/// Once a redirected connection is established, keys its original
+/// destination by the addresses the proxy will see on accept.
+#[sock_ops]
+pub fn track_established(ctx: SockOpsContext) -> u32 {
+    const ACTIVE_ESTABLISHED: u32 = 4;
+    let ops = ctx.ops;
+    // Read every context field up front, straight from the context pointer:
+    // the verifier refuses context reads through a pointer the compiler has
+    // offset and kept in a register.
+    // SAFETY: the context is valid for the program's run; 4-byte reads.
+    let (op, family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ops).op),
+            core::ptr::read_volatile(&(*ops).family),
+            core::ptr::read_volatile(&(*ops).local_ip4),
+            core::ptr::read_volatile(&(*ops).remote_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).local_port),
+            core::ptr::read_volatile(&(*ops).remote_port),
+        )
+    };
+    if op != ACTIVE_ESTABLISHED {
+        return 1;
+    }
+    // SAFETY: a sock_ops context, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before any other map call.
+    let Some(original) = (unsafe { ORIGINAL_BY_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    // local_port is in host order. remote_port is in network order, and
+    // little-endian kernels put it in the upper 16 bits (the kernel shifts
+    // the be16 left by 16); take whichever half holds it.
+    let remote_be = if remote_port >> 16 != 0 { (remote_port >> 16) as u16 } else { remote_port as u16 };
+    let mut key = ConnectionKey {
+        peer: [0; 16],
+        local: [0; 16],
+        peer_port: local_port,
+        local_port: u16::from_be(remote_be) as u32,
+    };
+    if family == AF_INET6 {
+        key.peer = words_to_bytes(local_ip6);
+        key.local = words_to_bytes(remote_ip6);
+    } else {
+        key.peer = mapped_v4(local_ip4);
+        key.local = mapped_v4(remote_ip4);
+    }
+    let _ = ORIGINAL_BY_CONNECTION.insert(&key, &original, 0);
+    1
+}
+
+#[inline(always)]
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn mapped_v4(ip4: u32) -> [u8; 16] {
+    let b = ip4.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+}
+
+/// The application sees the peer it asked for, not the proxy.
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, ipv6: bool) {
+    // SAFETY: a socket address context, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(original) = (unsafe { ORIGINAL_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let a = original.addr;
+    let sa = ctx.sock_addr;
+    // SAFETY: writes to the fields this attach type may write.
+    unsafe {
+        if ipv6 {
+            (*sa).user_ip6 = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+        } else {
+            (*sa).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        }
+        (*sa).user_port = (original.port as u16).to_be() as u32;
+    }
 }
 
 /// The verdict and rule id of the most specific rule for (cgroup, port,

@@ -1,0 +1,85 @@
+//! `tollgate policy explain`: the decision the kernel would make for one
+//! identity and destination, and the entry that made it. Mirrors the
+//! programs' lookup: longest prefix of the destination's family; at equal
+//! length a port-specific entry wins; no entry means deny.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tollgate_common::Verdict;
+
+use super::compile::{NetEntry, SessionRules};
+
+/// A decision and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// allow, deny or redirect (to the proxy).
+    pub verdict: Verdict,
+    /// The rule that decided, or `None` for the default deny.
+    pub rule: Option<String>,
+}
+
+/// What `rules` decide for a connect to `to`.
+pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
+    let (family, addr) = match to.ip() {
+        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (4, v4.to_ipv6_mapped().octets()),
+            None => (6, v6.octets()),
+        },
+    };
+    let covers = |entry: &&NetEntry| entry.family == family && prefix_matches(&entry.addr, &addr, entry.addr_prefix);
+    let best = |port: Option<u16>| {
+        rules.net.iter().filter(|e| e.port == port).filter(covers).max_by_key(|e| e.addr_prefix)
+    };
+    let chosen = match (best(None), best(Some(to.port()))) {
+        (Some(any), Some(port)) => Some(if port.addr_prefix >= any.addr_prefix { port } else { any }),
+        (any, port) => any.or(port),
+    };
+    match chosen {
+        Some(entry) => Decision { verdict: entry.verdict, rule: rules.rules.get(entry.rule_id as usize).cloned() },
+        None => Decision { verdict: Verdict::Deny, rule: None },
+    }
+}
+
+fn prefix_matches(net: &[u8; 16], addr: &[u8; 16], bits: u32) -> bool {
+    let full = (bits / 8) as usize;
+    if net[..full] != addr[..full] {
+        return false;
+    }
+    let rest = bits % 8;
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        net[full] & mask == addr[full] & mask
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::compile;
+
+    fn rules(yaml: &str) -> SessionRules {
+        let grant: crate::policy::Grant = serde_yaml_ng::from_str(yaml).expect("grant parses");
+        compile([&grant])
+    }
+
+    #[test]
+    fn the_most_specific_entry_decides_and_is_named() {
+        let rules = rules(
+            "name: g\nidentity: i\nnetwork:\n  allow: [\"0.0.0.0/0\", \"::/0\"]\n  deny: [\"10.0.0.0/8\", \"169.254.169.254/32:80\"]\n  proxy:\n    - { to: \"127.0.0.1/32:18080\", protocol: http }\n",
+        );
+        let at = |text: &str| explain(&rules, text.parse().expect("socket address"));
+        assert_eq!(at("169.254.169.254:80"), Decision { verdict: Verdict::Deny, rule: Some("g: network.deny 169.254.169.254/32:80".into()) });
+        assert_eq!(at("169.254.169.254:443").verdict, Verdict::Allow);
+        assert_eq!(at("10.1.2.3:22").rule.as_deref(), Some("g: network.deny 10.0.0.0/8"));
+        assert_eq!(at("127.0.0.1:18080").verdict, Verdict::Redirect);
+        assert_eq!(at("[::ffff:127.0.0.1]:18080").verdict, Verdict::Redirect);
+        assert_eq!(at("[2001:db8::1]:443").rule.as_deref(), Some("g: network.allow ::/0"));
+    }
+
+    #[test]
+    fn no_entry_means_deny() {
+        let rules = rules("name: g\nidentity: i\nnetwork:\n  allow: [\"::/0\"]\n");
+        assert_eq!(explain(&rules, "192.0.2.1:80".parse().expect("addr")), Decision { verdict: Verdict::Deny, rule: None });
+    }
+}

@@ -1,0 +1,324 @@
+//! HTTP/1.1 through the proxy: block, hold for approval, inject the
+//! credential, forward, mask, record. Bodies are read into memory up to
+//! [`MAX_BODY`] (a larger one is refused, never half-forwarded).
+
+use std::{
+    convert::Infallible,
+    os::unix::fs::MetadataExt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    client::conn::http1::SendRequest,
+    header::{self, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value, json};
+use tokio::{net::TcpStream, sync::Mutex};
+
+use super::{
+    Governed,
+    rules::{RequestView, blocked_by, mask, needs_approval},
+};
+use crate::{
+    approval::{self, Decision},
+    daemon::Daemon,
+    policy::route::{Credential, RouteTarget},
+};
+
+/// Largest request or response body the proxy handles.
+pub const MAX_BODY: usize = 16 << 20;
+
+/// Headers that belong to one hop, never forwarded.
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"];
+
+type Upstream = Arc<Mutex<Option<SendRequest<Full<Bytes>>>>>;
+
+/// Serves one governed client connection (keep-alive: many requests).
+pub async fn serve(daemon: Arc<Daemon>, governed: Governed, stream: TcpStream) {
+    let upstream: Upstream = Arc::default();
+    let service = service_fn(move |request| {
+        let (daemon, governed, upstream) = (daemon.clone(), governed.clone(), upstream.clone());
+        async move { Ok::<_, Infallible>(exchange(&daemon, &governed, &upstream, request).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!(error = %e, "governed HTTP connection ended with an error");
+    }
+}
+
+/// What the record says of one exchange.
+struct Record {
+    detail: Map<String, Value>,
+    started: Instant,
+}
+
+impl Record {
+    fn new(governed: &Governed, method: &str, path: &str, host: &str) -> Self {
+        let mut detail = Map::new();
+        detail.insert("method".into(), method.into());
+        detail.insert("path".into(), path.into());
+        detail.insert("host".into(), host.into());
+        detail.insert("destination".into(), governed.destination.to_string().into());
+        detail.insert("grant".into(), governed.route.grant.clone().into());
+        detail.insert("route".into(), governed.rule_name.clone().into());
+        detail.insert("rules".into(), Value::Array(Vec::new()));
+        Self { detail, started: Instant::now() }
+    }
+
+    fn hit(&mut self, rule: &str) {
+        if let Some(Value::Array(rules)) = self.detail.get_mut("rules") {
+            rules.push(rule.into());
+        }
+    }
+
+    fn set(&mut self, key: &str, value: impl Into<Value>) {
+        self.detail.insert(key.into(), value.into());
+    }
+
+    fn finish(mut self, daemon: &Daemon, governed: &Governed, outcome: &str, status: StatusCode) {
+        self.set("outcome", outcome);
+        self.set("status", status.as_u16());
+        self.set("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0);
+        let verdict = match outcome {
+            "forwarded" => "allow",
+            "blocked" => "block",
+            _ => "deny",
+        };
+        daemon.record_proxy_event(&governed.session, "http", verdict, self.detail);
+    }
+}
+
+/// A JSON error for the client: what happened, which rule, and where to look.
+fn refuse(status: StatusCode, governed: &Governed, error: &str, extra: Value) -> Response<Full<Bytes>> {
+    let mut body = json!({
+        "error": error,
+        "session": governed.session,
+        "grant": governed.route.grant,
+        "route": governed.rule_name,
+    });
+    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = request.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+    let mut record = Record::new(governed, method.as_str(), &path, &host);
+    let route = &governed.route.route;
+
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            let response = refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large or unreadable", json!({"limit": MAX_BODY}));
+            record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
+            return response;
+        }
+    };
+    record.set("request_bytes", body.len());
+
+    if let RouteTarget::Host { name, .. } = &route.to {
+        let asked = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_ascii_lowercase();
+        if &asked != name {
+            let response = refuse(StatusCode::FORBIDDEN, governed, "host is not the one this route governs", json!({"host": host, "expected": name}));
+            record.finish(daemon, governed, "blocked", StatusCode::FORBIDDEN);
+            return response;
+        }
+    }
+
+    let view = RequestView { method: &method, path: &path, headers: &parts.headers, body: &body };
+    if let Some(rule) = blocked_by(route, &view) {
+        record.hit(&rule);
+        let response = refuse(StatusCode::FORBIDDEN, governed, "blocked by policy", json!({"rule": rule}));
+        record.finish(daemon, governed, "blocked", StatusCode::FORBIDDEN);
+        return response;
+    }
+    if let Some(rule) = needs_approval(route, &view) {
+        record.hit(&rule);
+        if let Err(response) = approve(daemon, governed, &mut record, &rule, method.as_str(), &path).await {
+            let status = response.status();
+            record.finish(daemon, governed, "denied", status);
+            return response;
+        }
+    }
+
+    // Rewrite for the upstream: no hop-by-hop headers, the held credential
+    // instead of whatever the client sent under that name, and no compressed
+    // answers when the response must be masked.
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    if !route.mask.is_empty() {
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+    if let Some(credential) = &route.credential {
+        match credential_header(credential) {
+            Ok((name, value)) => {
+                parts.headers.remove(&name);
+                parts.headers.insert(name, value);
+                record.set("credential", credential.header.clone());
+            }
+            Err(why) => {
+                tracing::error!(session = %governed.session, %why, "credential unavailable");
+                let response = refuse(StatusCode::BAD_GATEWAY, governed, "the credential for this destination is unavailable", json!({}));
+                record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
+                return response;
+            }
+        }
+    }
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts.uri = match path.parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            record.finish(daemon, governed, "refused", StatusCode::BAD_REQUEST);
+            return refuse(StatusCode::BAD_REQUEST, governed, "request target is not valid", json!({}));
+        }
+    };
+    let forwarded = Request::from_parts(parts, Full::new(body));
+
+    let answer = match send(upstream, governed, forwarded).await {
+        Ok(answer) => answer,
+        Err(why) => {
+            tracing::warn!(session = %governed.session, destination = %governed.destination, %why, "upstream failed");
+            let response = refuse(StatusCode::BAD_GATEWAY, governed, "upstream unreachable", json!({"detail": why}));
+            record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
+            return response;
+        }
+    };
+    let (mut answer_parts, answer_body) = answer.into_parts();
+    let answer_body = match Limited::new(answer_body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            let response = refuse(StatusCode::BAD_GATEWAY, governed, "upstream response too large or unreadable", json!({"limit": MAX_BODY}));
+            record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
+            return response;
+        }
+    };
+    let answer_body = if route.mask.is_empty() {
+        answer_body
+    } else {
+        let (masked, count) = mask(&route.mask, &answer_body);
+        record.set("masked", count);
+        let kept = masked.len().min(daemon.config().record_body_bytes);
+        record.set("response_body", String::from_utf8_lossy(&masked[..kept]).into_owned());
+        record.set("response_body_truncated", kept < masked.len());
+        Bytes::from(masked)
+    };
+    for name in HOP_BY_HOP {
+        answer_parts.headers.remove(name);
+    }
+    answer_parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(answer_body.len()));
+    record.set("response_bytes", answer_body.len());
+    let status = answer_parts.status;
+    record.finish(daemon, governed, "forwarded", status);
+    Response::from_parts(answer_parts, Full::new(answer_body))
+}
+
+/// Holds the request for a reviewer, unless a JIT window covers it.
+async fn approve(
+    daemon: &Daemon,
+    governed: &Governed,
+    record: &mut Record,
+    rule: &str,
+    method: &str,
+    path: &str,
+) -> Result<(), Response<Full<Bytes>>> {
+    let request = approval::Request {
+        session: governed.session.clone(),
+        identity: governed.identity.clone(),
+        subject: governed.subject.clone(),
+        grant: governed.route.grant.clone(),
+        rule: rule.to_owned(),
+        destination: governed.destination.to_string(),
+        method: method.to_owned(),
+        path: path.to_owned(),
+    };
+    let approvals = daemon.approvals();
+    if approvals.window_open(&governed.session, &approval::key_of(&request)) {
+        record.set("approval", "jit-window");
+        return Ok(());
+    }
+    let (pending, decision) = approvals.hold(request);
+    record.set("approval_id", pending.id.clone());
+    daemon.announce_pending(&pending);
+    tracing::info!(session = %governed.session, approval = %pending.id, method, path, "request held for approval");
+    match tokio::time::timeout(approvals.timeout(), decision).await {
+        Ok(Ok(Decision::Approved { by, window })) => {
+            record.set("approved_by", by);
+            if let Some(window) = window {
+                record.set("jit_window_secs", window.as_secs());
+            }
+            Ok(())
+        }
+        Ok(Ok(Decision::Denied { by, reason })) => {
+            record.set("denied_by", by.clone());
+            Err(refuse(
+                StatusCode::FORBIDDEN,
+                governed,
+                "denied by a reviewer",
+                json!({"rule": rule, "approval": pending.id, "denied_by": by, "reason": reason}),
+            ))
+        }
+        Ok(Err(_)) | Err(_) => {
+            approvals.abandon(&pending.id);
+            daemon.record_approval_timeout(&governed.session, &pending);
+            record.set("denied_by", "timeout");
+            Err(refuse(
+                StatusCode::FORBIDDEN,
+                governed,
+                "approval timed out",
+                json!({"rule": rule, "approval": pending.id, "denied_by": "timeout", "timeout_secs": approvals.timeout().as_secs()}),
+            ))
+        }
+    }
+}
+
+/// Reads the credential; the file must belong to root and be private.
+fn credential_header(credential: &Credential) -> Result<(HeaderName, HeaderValue), String> {
+    let path = &credential.secret_file.0;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+        return Err(format!("secret file {} must be owned by root and readable by root only", path.display()));
+    }
+    let secret = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let name = HeaderName::from_bytes(credential.header.as_bytes()).map_err(|_| format!("'{}' is not a header name", credential.header))?;
+    let mut value = HeaderValue::from_str(secret.trim_end_matches(['\r', '\n']))
+        .map_err(|_| format!("secret file {} does not hold a valid header value", path.display()))?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+/// Sends over this client connection's upstream connection, opening it
+/// (again) when needed.
+async fn send(upstream: &Upstream, governed: &Governed, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, String> {
+    let mut slot = upstream.lock().await;
+    if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(governed.destination))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *slot = Some(sender);
+    }
+    let sender = slot.as_mut().ok_or("no upstream connection")?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    sender.send_request(request).await.map_err(|e| e.to_string())
+}
+

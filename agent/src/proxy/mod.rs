@@ -1,0 +1,125 @@
+//! The L7 proxy: governed connections arrive here, redirected by the
+//! kernel; each is matched to its session and route by the original
+//! destination the kernel saved, then handled by its protocol.
+//!
+//! The proxy runs in the daemon, outside the sessions cgroup, so its own
+//! connections to upstreams are never redirected.
+
+mod http;
+pub mod rules;
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tollgate_common::ConnectionKey;
+
+use crate::{daemon::Daemon, policy::route::Protocol, policy::compile::SessionRoute, store::SessionId};
+
+/// A governed connection, matched to its session and route.
+#[derive(Clone)]
+pub struct Governed {
+    /// The session.
+    pub session: SessionId,
+    /// Its identity.
+    pub identity: String,
+    /// Its subject.
+    pub subject: String,
+    /// Where the client asked to go.
+    pub destination: SocketAddr,
+    /// The route (and grant) that governs it.
+    pub route: Arc<SessionRoute>,
+    /// The route's rule name.
+    pub rule_name: String,
+}
+
+/// Binds the proxy on 127.0.0.1 and ::1 at `port`.
+pub async fn bind(port: u16) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for ip in [IpAddr::from([127, 0, 0, 1]), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let address = SocketAddr::new(ip, port);
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} for the proxy (proxy_port in the config)"))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Accepts governed connections on every listener until the daemon stops.
+pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept(daemon.clone(), listener));
+    }
+    match tasks.join_next().await {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(anyhow::anyhow!("proxy listener task failed: {e}")),
+        None => Ok(()),
+    }
+}
+
+async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            match identify(&daemon, &stream, peer).await {
+                Some(governed) => {
+                    let protocol = governed.route.route.protocol;
+                    match protocol {
+                        Protocol::Http => http::serve(daemon, governed, stream).await,
+                        Protocol::Tls => {
+                            tracing::warn!(session = %governed.session, "TLS passthrough routes are not served yet; closing");
+                        }
+                    }
+                }
+                None => tracing::warn!(%peer, "connection to the proxy that the kernel did not redirect; closing"),
+            }
+        });
+    }
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Finds where an accepted connection was going and whose it is.
+async fn identify(daemon: &Daemon, stream: &TcpStream, peer: SocketAddr) -> Option<Governed> {
+    let local = stream.local_addr().ok()?;
+    let key = ConnectionKey {
+        peer: mapped(peer.ip()),
+        local: mapped(local.ip()),
+        peer_port: u32::from(peer.port()),
+        local_port: u32::from(local.port()),
+    };
+    // The kernel keys the entry when the client side is established, which
+    // on loopback is before the proxy's accept returns; retry briefly anyway.
+    let mut original = None;
+    for _ in 0..20 {
+        original = daemon.take_original(&key);
+        if original.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let original = original?;
+    let v6 = Ipv6Addr::from(original.addr);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    let destination = SocketAddr::new(ip, original.port as u16);
+    daemon.governed_connection(original.cgroup_id, original.rule_id, destination)
+}
