@@ -126,6 +126,10 @@ impl DaemonBuilder {
             yaml_str(&cgroup_name),
             self.dev_issuer,
         );
+        // Every daemon's proxy needs its own port, free on both loopbacks.
+        if !self.extra_config.contains("proxy_port:") {
+            config.push_str(&format!("proxy_port: {}\n", free_loopback_port()?));
+        }
         config.push_str(&self.extra_config);
         if self.issuers.is_empty() {
             config.push_str("issuers: []\n");
@@ -525,4 +529,16 @@ fn yaml_path(path: &Path) -> anyhow::Result<String> {
         .to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))?;
     Ok(yaml_str(text))
+}
+
+/// A TCP port free on both 127.0.0.1 and ::1 right now.
+fn free_loopback_port() -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
+        let port = v4.local_addr().context("probe port address")?.port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no TCP port is free on both 127.0.0.1 and ::1")
 }

@@ -210,6 +210,6 @@ mod tests {
         assert_eq!(decision.await.expect("answered"), approved);
         assert!(approvals.window_open(&"s-1".parse().expect("id"), &key));
         assert!(!approvals.window_open(&"s-2".parse().expect("id"), &key), "windows are per session");
-        assert_eq!(approvals.decide(&pending.id, approved, &key), Err(ApprovalError::NotPending(pending.id)));
+        assert_eq!(approvals.decide(&pending.id, approved, &key).expect_err("decided once"), ApprovalError::NotPending(pending.id));
     }
 }

@@ -45,7 +45,7 @@ pub struct Config {
     #[serde(default = "default_event_buffer_kib")]
     pub event_buffer_kib: u32,
     /// The L7 proxy listens on 127.0.0.1 and ::1 at this port; governed
-    /// connects are redirected there.
+    /// connects are redirected there. 0: no proxy, governed connects are refused.
     #[serde(default = "default_proxy_port")]
     pub proxy_port: u16,
     /// Who may approve or deny held requests over the control socket.

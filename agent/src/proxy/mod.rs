@@ -37,9 +37,14 @@ pub struct Governed {
     pub rule_name: String,
 }
 
-/// Binds the proxy on 127.0.0.1 and ::1 at `port`.
+/// Binds the proxy on 127.0.0.1 and ::1 at `port`; port 0 means no proxy
+/// (governed connects are then refused by the kernel: fail closed).
 pub async fn bind(port: u16) -> anyhow::Result<Vec<TcpListener>> {
     let mut listeners = Vec::new();
+    if port == 0 {
+        tracing::warn!("proxy_port is 0: no proxy, governed destinations are refused");
+        return Ok(listeners);
+    }
     for ip in [IpAddr::from([127, 0, 0, 1]), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
         let address = SocketAddr::new(ip, port);
         let listener = TcpListener::bind(address)
@@ -59,7 +64,8 @@ pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<TcpListener>) -> anyhow::
     match tasks.join_next().await {
         Some(Ok(result)) => result,
         Some(Err(e)) => Err(anyhow::anyhow!("proxy listener task failed: {e}")),
-        None => Ok(()),
+        // No proxy configured: nothing to serve, but the daemon goes on.
+        None => std::future::pending().await,
     }
 }
 
