@@ -14,7 +14,17 @@ use clap::{Parser, Subcommand};
 /// The bpf-linker release that loads the nightly toolchain's own LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the test suite drives (setpriv runs sessions as another user).
-const APT_PACKAGES: &[(&str, &str)] = &[("setpriv", "util-linux"), ("curl", "curl"), ("python3", "python3")];
+/// Each is (a command that shows it is there, the package). nginx is a real
+/// TLS upstream for the proxy tests; the tests start their own instances.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("setpriv", "util-linux"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("nginx", "nginx-light"),
+    ("openssl", "openssl"),
+];
+/// Keeps package scripts from starting services (nginx would take port 80).
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tollgate project tasks")]
@@ -153,7 +163,19 @@ fn setup() -> anyhow::Result<()> {
     if !missing.is_empty() {
         eprintln!("xtask: installing {}", missing.join(" "));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))?;
+        let guard = !Path::new(POLICY_RC_D).exists();
+        if guard {
+            std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n").context("cannot write policy-rc.d")?;
+            std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
+        let installed = run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing));
+        if guard {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+        installed?;
     }
     Ok(())
 }

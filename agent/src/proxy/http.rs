@@ -310,11 +310,25 @@ async fn send(upstream: &Upstream, governed: &Governed, request: Request<Full<By
             .await
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| format!("connect failed: {e}"))?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let sender = match &governed.route.route.upstream_tls {
+            None => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+            Some(tls) => {
+                let stream = super::tls::connect_upstream(governed, tls, stream).await?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+        };
         *slot = Some(sender);
     }
     let sender = slot.as_mut().ok_or("no upstream connection")?;

@@ -7,6 +7,7 @@
 
 mod http;
 pub mod rules;
+pub mod tls;
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -86,9 +87,7 @@ async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()
                     let protocol = governed.route.route.protocol;
                     match protocol {
                         Protocol::Http => http::serve(daemon, governed, stream).await,
-                        Protocol::Tls => {
-                            tracing::warn!(session = %governed.session, "TLS passthrough routes are not served yet; closing");
-                        }
+                        Protocol::Tls => tls::passthrough(daemon, governed, stream).await,
                     }
                 }
                 None => tracing::warn!(%peer, "connection to the proxy that the kernel did not redirect; closing"),

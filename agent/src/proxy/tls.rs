@@ -1,0 +1,227 @@
+//! TLS on governed routes.
+//!
+//! - Passthrough (`protocol: tls`): the agent's own TLS goes through
+//!   untouched after the ClientHello's server name (SNI) passes the route's
+//!   allow and deny lists; a refused name gets a TLS `access_denied` alert
+//!   and nothing reaches the upstream.
+//! - Origination (`upstream_tls`): the proxy speaks TLS to the upstream so
+//!   the agent can speak plain HTTP to a governed name.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use serde_json::{Map, Value};
+use tls_parser::{
+    SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use super::Governed;
+use crate::{
+    daemon::Daemon,
+    policy::route::{RouteTarget, SniRules, UpstreamTls},
+};
+
+/// Where the system keeps its CA bundle (Debian, Ubuntu, Alpine, Arch).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// A ClientHello fits in one record of at most this many bytes.
+const MAX_RECORD: usize = 5 + (1 << 14);
+/// TLS alert record: fatal, access_denied.
+const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
+
+/// Why a passthrough connection was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SniRefusal {
+    /// The client sent no server name.
+    #[error("the ClientHello names no server (SNI is required on governed TLS routes)")]
+    Missing,
+    /// The name is on the deny list.
+    #[error("server name '{0}' is denied")]
+    Denied(String),
+    /// There is an allow list and the name is not on it.
+    #[error("server name '{0}' is not allowed")]
+    NotAllowed(String),
+}
+
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.'),
+        None => pattern.eq_ignore_ascii_case(name),
+    }
+}
+
+/// Checks a server name against a route: deny beats allow; a host route
+/// allows only its own name.
+pub fn check_sni(target: &RouteTarget, rules: Option<&SniRules>, sni: Option<&str>) -> Result<String, SniRefusal> {
+    let name = sni.ok_or(SniRefusal::Missing)?.to_ascii_lowercase();
+    if let RouteTarget::Host { name: host, .. } = target {
+        if &name != host {
+            return Err(SniRefusal::NotAllowed(name));
+        }
+    }
+    if let Some(rules) = rules {
+        if rules.deny.iter().any(|p| name_matches(p, &name)) {
+            return Err(SniRefusal::Denied(name));
+        }
+        if !rules.allow.is_empty() && !rules.allow.iter().any(|p| name_matches(p, &name)) {
+            return Err(SniRefusal::NotAllowed(name));
+        }
+    }
+    Ok(name)
+}
+
+/// The server name in a ClientHello record, if the bytes hold one.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let (_, plaintext) = parse_tls_plaintext(record).ok()?;
+    plaintext.msg.iter().find_map(|message| match message {
+        TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) => {
+            let (_, extensions) = parse_tls_extensions(hello.ext?).ok()?;
+            extensions.iter().find_map(|extension| match extension {
+                TlsExtension::SNI(names) => names
+                    .iter()
+                    .find(|(kind, _)| *kind == SNIType::HostName)
+                    .and_then(|(_, name)| std::str::from_utf8(name).ok().map(str::to_owned)),
+                _ => None,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Reads the first TLS record (the ClientHello) from the client.
+async fn read_first_record(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buffer = vec![0u8; 5];
+    client.read_exact(&mut buffer).await?;
+    let length = usize::from(u16::from_be_bytes([buffer[3], buffer[4]]));
+    if buffer[0] != 0x16 || 5 + length > MAX_RECORD {
+        return Ok(buffer); // not a handshake record: no SNI will be found
+    }
+    buffer.resize(5 + length, 0);
+    client.read_exact(&mut buffer[5..]).await?;
+    Ok(buffer)
+}
+
+/// Serves one passthrough connection.
+pub async fn passthrough(daemon: Arc<Daemon>, governed: Governed, mut client: TcpStream) {
+    let route = &governed.route.route;
+    let mut detail = Map::new();
+    detail.insert("destination".into(), governed.destination.to_string().into());
+    detail.insert("grant".into(), governed.route.grant.clone().into());
+    detail.insert("route".into(), governed.rule_name.clone().into());
+    let first = match tokio::time::timeout(Duration::from_secs(10), read_first_record(&mut client)).await {
+        Ok(Ok(bytes)) => bytes,
+        _ => {
+            detail.insert("error".into(), "no ClientHello within 10 s".into());
+            daemon.record_proxy_event(&governed.session, "tls", "deny", detail);
+            return;
+        }
+    };
+    let sni = client_hello_sni(&first);
+    detail.insert("sni".into(), sni.clone().map_or(Value::Null, Value::from));
+    let name = match check_sni(&route.to, route.sni.as_ref(), sni.as_deref()) {
+        Ok(name) => name,
+        Err(refusal) => {
+            tracing::info!(session = %governed.session, %refusal, "TLS connection refused");
+            detail.insert("reason".into(), refusal.to_string().into());
+            daemon.record_proxy_event(&governed.session, "tls", "deny", detail);
+            let _ = client.write_all(&ACCESS_DENIED_ALERT).await;
+            return;
+        }
+    };
+    let mut upstream = match TcpStream::connect(governed.destination).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            detail.insert("error".into(), format!("upstream unreachable: {e}").into());
+            daemon.record_proxy_event(&governed.session, "tls", "deny", detail);
+            return;
+        }
+    };
+    if upstream.write_all(&first).await.is_err() {
+        return;
+    }
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (up, down) = copied.unwrap_or((0, 0));
+    detail.insert("sni".into(), name.into());
+    detail.insert("bytes_up".into(), (up + first.len() as u64).into());
+    detail.insert("bytes_down".into(), down.into());
+    daemon.record_proxy_event(&governed.session, "tls", "allow", detail);
+}
+
+/// Opens TLS to the upstream, verifying its certificate for the route's
+/// name (or `server_name`, or the destination address).
+pub async fn connect_upstream(governed: &Governed, tls: &UpstreamTls, stream: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+    let roots = load_roots(tls.ca_file.as_deref().unwrap_or(Path::new(SYSTEM_CA_BUNDLE)))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = match (&tls.server_name, &governed.route.route.to) {
+        (Some(name), _) => ServerName::try_from(name.clone()).map_err(|e| format!("server_name '{name}': {e}"))?,
+        (None, RouteTarget::Host { name, .. }) => {
+            ServerName::try_from(name.clone()).map_err(|e| format!("host '{name}': {e}"))?
+        }
+        (None, RouteTarget::Address(_)) => ServerName::IpAddress(governed.destination.ip().into()),
+    };
+    TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS to the upstream failed: {e}"))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    for certificate in certificates {
+        let certificate = certificate.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+        roots.add(certificate).map_err(|e| format!("unusable certificate in {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("CA file {} holds no certificates", path.display()));
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(allow: &[&str], deny: &[&str]) -> SniRules {
+        SniRules { allow: allow.iter().map(|s| (*s).to_owned()).collect(), deny: deny.iter().map(|s| (*s).to_owned()).collect() }
+    }
+
+    #[test]
+    fn sni_rules_deny_beats_allow_and_wildcards_match_subdomains_only() {
+        let any: RouteTarget = "127.0.0.1/32:443".parse().expect("target");
+        let r = rules(&["*.example.com", "api.test"], &["bad.example.com"]);
+        assert_eq!(check_sni(&any, Some(&r), Some("a.example.com")), Ok("a.example.com".into()));
+        assert_eq!(check_sni(&any, Some(&r), Some("bad.example.com")), Err(SniRefusal::Denied("bad.example.com".into())));
+        assert_eq!(check_sni(&any, Some(&r), Some("example.com")), Err(SniRefusal::NotAllowed("example.com".into())));
+        assert_eq!(check_sni(&any, Some(&r), None), Err(SniRefusal::Missing));
+        let host: RouteTarget = "api.test:443".parse().expect("target");
+        assert!(check_sni(&host, None, Some("other.test")).is_err());
+    }
+
+    #[test]
+    fn the_server_name_is_read_from_a_real_client_hello() {
+        // A ClientHello as rustls writes it, captured through an in-memory connection.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let name = ServerName::try_from("api.internal.example").expect("name");
+        let mut connection = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+        let mut hello = Vec::new();
+        connection.write_tls(&mut hello).expect("hello");
+        assert_eq!(client_hello_sni(&hello).as_deref(), Some("api.internal.example"));
+        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n\r\n"), None);
+    }
+}
