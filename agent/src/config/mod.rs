@@ -232,6 +232,17 @@ mod tests {
         assert_eq!(config.cgroup, "tollgate");
     }
 
+    /// The reviewer settings from the redirect issue, unchanged.
+    #[test]
+    fn the_documented_reviewer_settings_load() {
+        let config = load("reviewers:\n  unix_users: [root]\n  unix_groups: [tollgate-reviewers]\napproval_timeout: 5m\n")
+            .expect("reviewer settings load");
+        assert_eq!(config.reviewers.unix_users, vec!["root"]);
+        assert_eq!(config.approval_timeout, Duration::from_secs(300));
+        let error = load("approval_timeout: soon\n").expect_err("bad duration");
+        assert!(error.message.contains("soon") && error.position.is_some_and(|(line, _)| line == 1), "{error}");
+    }
+
     #[test]
     fn bad_configs_name_the_line_and_the_problem() {
         let error = load("state_dir: /x\nissuers:\n  - issuer: https://a\n    audience: t\n").expect_err("no jwks");
