@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 /// The bpf-linker release that loads the nightly toolchain's own LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the test suite drives (setpriv runs sessions as another user).
@@ -22,6 +24,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("nginx", "nginx-light"),
     ("openssl", "openssl"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("cpio", "cpio"),
 ];
 /// Keeps package scripts from starting services (nginx would take port 80).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -47,8 +52,14 @@ enum Task {
     /// and policies (state in target/tollgate-dev). Needs root.
     Run,
     /// Build, then run every test: unit tests and the integration suite
-    /// against the real kernel (needs root).
+    /// against the real kernel, then the kernel matrix in QEMU (needs root).
     Test {
+        /// Only the kernel matrix.
+        #[arg(long, conflicts_with = "no_vm")]
+        vm: bool,
+        /// Skip the kernel matrix (it is part of the default run).
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -76,14 +87,17 @@ fn main() -> anyhow::Result<()> {
             println!("  target/debug/tollgate sessions; target/debug/tollgate show <SESSION>");
             run(Command::new(root.join("target/debug/tollgate")).arg("daemon").arg("--config").arg(config))
         }
-        Task::Test { args } => {
+        Task::Test { vm, no_vm, args } => {
             require_root("cargo xtask test")?;
             setup()?;
             build(&root, false)?;
-            let mut cargo = cargo();
-            cargo.current_dir(&root).arg("test").args(&args);
-            cargo.env("TOLLGATE_BIN", root.join("target/debug/tollgate"));
-            run(&mut cargo)
+            if !vm {
+                let mut cargo = cargo();
+                cargo.current_dir(&root).arg("test").args(&args);
+                cargo.env("TOLLGATE_BIN", root.join("target/debug/tollgate"));
+                run(&mut cargo)?;
+            }
+            if no_vm { Ok(()) } else { vm::run(&root) }
         }
     }
 }

@@ -113,7 +113,7 @@ fn wait(child: Pid) -> anyhow::Result<i32> {
 }
 
 /// The child: wait for the session id, then execute. Exit codes follow the
-/// shell's: 126 not released, 127 cannot execute.
+/// shell's: 126 not released or not allowed to run, 127 no such command.
 fn held_child(hold_read: OwnedFd, argv: &[CString]) -> i32 {
     let mut session = String::new();
     let mut pipe = std::fs::File::from(hold_read);
@@ -124,7 +124,9 @@ fn held_child(hold_read: OwnedFd, argv: &[CString]) -> i32 {
     unsafe { std::env::set_var("TOLLGATE_SESSION", session.trim()) };
     drop(pipe);
     let Some(program) = argv.first() else { return 127 };
-    let error = nix::unistd::execvp(program, argv).unwrap_err();
+    let Err(error) = nix::unistd::execvp(program, argv);
     eprintln!("tollgate: cannot execute {}: {error}", program.to_string_lossy());
-    127
+    // As shells do: 127 when there is no such command, 126 when it may not run
+    // (a denied exec under BPF LSM fails with EPERM).
+    if error == nix::errno::Errno::ENOENT { 127 } else { 126 }
 }
