@@ -89,7 +89,7 @@ fn kernel(work: &Path, pattern: &str) -> anyhow::Result<PathBuf> {
         .lines()
         .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
         .collect();
-    names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    names.sort_by_key(|a| version_key(a));
     let package = names.pop().with_context(|| format!("no package matches {pattern} (run apt-get update)"))?;
     let dir = work.join("kernels").join(&package);
     if let Some(vmlinuz) = find_vmlinuz(&dir) {

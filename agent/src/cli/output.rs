@@ -117,7 +117,7 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(pending);
     }
-    println!("{:<8} {:<20} {:<14} {:<7} {:<30} {}", "ID", "SESSION", "IDENTITY", "METHOD", "PATH", "EXPIRES");
+    println!("{:<8} {:<20} {:<14} {:<7} {:<30} EXPIRES", "ID", "SESSION", "IDENTITY", "METHOD", "PATH");
     for p in pending.as_array().into_iter().flatten() {
         println!(
             "{:<8} {:<20} {:<14} {:<7} {:<30} {}",

@@ -164,11 +164,10 @@ impl Config {
         if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {
             return Err(error("cgroup", &self.cgroup, format!("cgroup '{}' must be a plain directory name", self.cgroup)));
         }
-        if let Some(url) = &self.approval_webhook {
-            if let Err(why) = crate::identity::jwks::check_https_url(url, "approval_webhook") {
+        if let Some(url) = &self.approval_webhook
+            && let Err(why) = crate::identity::jwks::check_https_url(url, "approval_webhook") {
                 return Err(error("approval_webhook", url, why));
             }
-        }
         for issuer in &self.issuers {
             match (&issuer.jwks_url, &issuer.jwks_file) {
                 (Some(_), Some(_)) | (None, None) => {

@@ -26,7 +26,7 @@ impl Daemon {
             .flatten()
             .ok_or_else(|| Response::error(ErrorKind::Forbidden, format!("uid {} has no user name", caller.uid)))?;
         let reviewers = &self.config().reviewers;
-        if reviewers.unix_users.iter().any(|name| *name == user.name) {
+        if reviewers.unix_users.contains(&user.name) {
             return Ok(user.name);
         }
         let name = std::ffi::CString::new(user.name.clone()).map_err(|_| Response::error(ErrorKind::Forbidden, "bad user name"))?;

@@ -18,16 +18,14 @@ pub struct RequestView<'a> {
 }
 
 fn matches(matcher: &Matcher, request: &RequestView<'_>) -> bool {
-    if let Some(method) = &matcher.method {
-        if !request.method.as_str().eq_ignore_ascii_case(method) {
+    if let Some(method) = &matcher.method
+        && !request.method.as_str().eq_ignore_ascii_case(method) {
             return false;
         }
-    }
-    if let Some(path) = &matcher.path {
-        if !path.0.is_match(request.path) {
+    if let Some(path) = &matcher.path
+        && !path.0.is_match(request.path) {
             return false;
         }
-    }
     if let Some(header) = &matcher.header {
         let found = request
             .headers
@@ -38,11 +36,10 @@ fn matches(matcher: &Matcher, request: &RequestView<'_>) -> bool {
             return false;
         }
     }
-    if let Some(body) = &matcher.body {
-        if !body.0.is_match(&String::from_utf8_lossy(request.body)) {
+    if let Some(body) = &matcher.body
+        && !body.0.is_match(&String::from_utf8_lossy(request.body)) {
             return false;
         }
-    }
     true
 }
 
@@ -68,8 +65,8 @@ pub fn mask(masks: &[Mask], body: &[u8]) -> (Vec<u8>, usize) {
             Mask::Regex { .. } => None,
         })
         .collect();
-    if !json_masks.is_empty() {
-        if let Ok(mut value) = serde_json::from_slice::<Value>(body) {
+    if !json_masks.is_empty()
+        && let Ok(mut value) = serde_json::from_slice::<Value>(body) {
             for (path, replace) in json_masks {
                 let pointers: Vec<String> =
                     path.0.query_located(&value).locations().map(|location| location.to_json_pointer()).collect();
@@ -82,7 +79,6 @@ pub fn mask(masks: &[Mask], body: &[u8]) -> (Vec<u8>, usize) {
             }
             text = Some(value.to_string());
         }
-    }
     let mut text = text.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
     for m in masks {
         if let Mask::Regex { regex, replace } = m {

@@ -59,11 +59,10 @@ fn name_matches(pattern: &str, name: &str) -> bool {
 /// allows only its own name.
 pub fn check_sni(target: &RouteTarget, rules: Option<&SniRules>, sni: Option<&str>) -> Result<String, SniRefusal> {
     let name = sni.ok_or(SniRefusal::Missing)?.to_ascii_lowercase();
-    if let RouteTarget::Host { name: host, .. } = target {
-        if &name != host {
+    if let RouteTarget::Host { name: host, .. } = target
+        && &name != host {
             return Err(SniRefusal::NotAllowed(name));
         }
-    }
     if let Some(rules) = rules {
         if rules.deny.iter().any(|p| name_matches(p, &name)) {
             return Err(SniRefusal::Denied(name));
