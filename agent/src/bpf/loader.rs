@@ -60,6 +60,19 @@ pub struct Enforcer {
     lsm_error: Option<String>,
 }
 
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> BpfError {
+    move |source| BpfError::Program { name, source }
+}
+
+/// The program `name` as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let raw = ebpf.program_mut(name).ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    raw.try_into().map_err(program_error(name))
+}
+
 fn map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -91,47 +104,29 @@ impl Enforcer {
             }
         };
 
-        let program = |name: &'static str| move |source| BpfError::Program { name, source };
         for name in TRACEPOINTS {
-            let tp: &mut RawTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(program(name))?;
-            tp.load().map_err(program(name))?;
-            tp.attach(name).map_err(program(name))?;
+            let tp: &mut RawTracePoint = program(&mut ebpf, name)?;
+            tp.load().map_err(program_error(name))?;
+            tp.attach(name).map_err(program_error(name))?;
         }
 
         let cgroup = File::open(sessions_cgroup)
             .map_err(|source| BpfError::Cgroup { path: sessions_cgroup.display().to_string(), source })?;
+        // Links to a cgroup always coexist with other programs; the mode flag must stay 0.
+        let mode = CgroupAttachMode::Single;
         for name in SOCK_ADDR {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(program(name))?;
-            prog.load().map_err(program(name))?;
-            // Links to a cgroup always coexist with other programs; the mode flag must stay 0.
-            prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(program_error(name))?;
+            prog.attach(&cgroup, mode).map_err(program_error(name))?;
         }
-
         let name = "sock_create";
-        let prog: &mut CgroupSock = ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-            .try_into()
-            .map_err(program(name))?;
-        prog.load().map_err(program(name))?;
-        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
-
+        let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+        prog.load().map_err(program_error(name))?;
+        prog.attach(&cgroup, mode).map_err(program_error(name))?;
         let name = "track_established";
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-            .try_into()
-            .map_err(program(name))?;
-        prog.load().map_err(program(name))?;
-        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program(name))?;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        prog.load().map_err(program_error(name))?;
+        prog.attach(&cgroup, mode).map_err(program_error(name))?;
 
         let (mode, lsm_error) = match attach_lsm(&mut ebpf) {
             Ok(()) => (ExecEnforcement::Lsm, None),
