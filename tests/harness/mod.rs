@@ -13,6 +13,7 @@ pub mod host;
 pub mod net;
 mod process;
 pub mod session_log;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

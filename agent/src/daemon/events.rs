@@ -91,7 +91,7 @@ impl Daemon {
                 detail.insert("port".into(), (*port).into());
                 detail.insert("protocol".into(), protocol.clone().into());
                 detail.insert("send".into(), (*send).into());
-                if *verdict != Verdict::Allow {
+                if *verdict == Verdict::Deny {
                     tracing::info!(session = %session, pid = origin.pid, %addr, port, "connect denied");
                 }
                 ("connect", Some(verdict_name(*verdict)))

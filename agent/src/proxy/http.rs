@@ -24,7 +24,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     Governed,
-    rules::{RequestView, blocked_by, mask, needs_approval},
+    rules::{RequestView, blocked_by, mask, needs_approval, normalize_path},
 };
 use crate::{
     approval::{self, Decision},
@@ -115,7 +115,8 @@ fn refuse(status: StatusCode, governed: &Governed, error: &str, extra: Value) ->
 async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    // Rules see, and the upstream receives, the path as servers will read it.
+    let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     let mut record = Record::new(governed, method.as_str(), &path, &host);
     let route = &governed.route.route;
@@ -210,7 +211,11 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
     let answer_body = if route.mask.is_empty() {
         answer_body
     } else {
-        let (masked, count) = mask(&route.mask, &answer_body);
+        let Ok((masked, count)) = mask(&route.mask, &answer_body) else {
+            let response = refuse(StatusCode::BAD_GATEWAY, governed, "the response could not be masked", json!({}));
+            record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
+            return response;
+        };
         record.set("masked", count);
         let kept = masked.len().min(daemon.config().record_body_bytes);
         record.set("response_body", String::from_utf8_lossy(&masked[..kept]).into_owned());

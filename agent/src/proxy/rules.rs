@@ -53,9 +53,17 @@ pub fn needs_approval(route: &Route, request: &RequestView<'_>) -> Option<String
     route.approve.iter().enumerate().find(|(_, m)| matches(m, request)).map(|(i, m)| format!("approve[{i}]: {m}"))
 }
 
+/// Why a response could not be masked (and so is not passed on).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the response looks like JSON but does not parse, so its JSON fields cannot be masked")]
+pub struct Unmaskable;
+
 /// Applies every mask to a response body. Returns the new body and how many
-/// values were replaced; the clear values are not kept anywhere.
-pub fn mask(masks: &[Mask], body: &[u8]) -> (Vec<u8>, usize) {
+/// values were replaced; the clear values are not kept anywhere. A body with
+/// nothing to replace is returned byte for byte. A body that looks like JSON
+/// but does not parse is refused when JSON masks apply: passing it on would
+/// let the fields the masks name through in the clear.
+pub fn mask(masks: &[Mask], body: &[u8]) -> Result<(Vec<u8>, usize), Unmaskable> {
     let mut count = 0;
     let mut text: Option<String> = None;
     let json_masks: Vec<_> = masks
@@ -65,31 +73,108 @@ pub fn mask(masks: &[Mask], body: &[u8]) -> (Vec<u8>, usize) {
             Mask::Regex { .. } => None,
         })
         .collect();
-    if !json_masks.is_empty()
-        && let Ok(mut value) = serde_json::from_slice::<Value>(body) {
-            for (path, replace) in json_masks {
-                let pointers: Vec<String> =
-                    path.0.query_located(&value).locations().map(|location| location.to_json_pointer()).collect();
-                for pointer in pointers {
-                    if let Some(slot) = value.pointer_mut(&pointer) {
-                        *slot = Value::String(replace.clone());
-                        count += 1;
+    if !json_masks.is_empty() {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(mut value) => {
+                let mut replaced = 0;
+                for (path, replace) in json_masks {
+                    let pointers: Vec<String> =
+                        path.0.query_located(&value).locations().map(|location| location.to_json_pointer()).collect();
+                    for pointer in pointers {
+                        if let Some(slot) = value.pointer_mut(&pointer) {
+                            *slot = Value::String(replace.clone());
+                            replaced += 1;
+                        }
                     }
                 }
+                if replaced > 0 {
+                    count += replaced;
+                    text = Some(value.to_string());
+                }
             }
-            text = Some(value.to_string());
+            Err(_) if looks_like_json(body) => return Err(Unmaskable),
+            Err(_) => {}
         }
-    let mut text = text.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    }
+    let original = String::from_utf8_lossy(body);
+    let mut current: std::borrow::Cow<'_, str> = match text {
+        Some(masked) => masked.into(),
+        None => original,
+    };
     for m in masks {
         if let Mask::Regex { regex, replace } = m {
-            let found = regex.0.find_iter(&text).count();
+            let found = regex.0.find_iter(&current).count();
             if found > 0 {
                 count += found;
-                text = regex.0.replace_all(&text, replace.as_str()).into_owned();
+                current = regex.0.replace_all(&current, replace.as_str()).into_owned().into();
             }
         }
     }
-    (text.into_bytes(), count)
+    if count == 0 {
+        return Ok((body.to_vec(), 0));
+    }
+    Ok((current.into_owned().into_bytes(), count))
+}
+
+fn looks_like_json(body: &[u8]) -> bool {
+    matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
+}
+
+/// The path as servers will read it: percent-encoded unreserved characters
+/// decoded, `.` and `..` segments resolved, repeated slashes folded. Rules
+/// match this form and the upstream receives it, so `/%61dmin/`,
+/// `//admin/` and `/x/../admin/` cannot slip past a rule on `^/admin/`.
+pub fn normalize_path(path_and_query: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let decoded = decode_unreserved(path);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut normalized = format!("/{}", segments.join("/"));
+    if decoded.ends_with('/') && !segments.is_empty() {
+        normalized.push('/');
+    }
+    if let Some(query) = query {
+        normalized.push('?');
+        normalized.push_str(query);
+    }
+    normalized
+}
+
+/// Decodes `%XX` only where XX is an unreserved character (RFC 3986 2.3);
+/// `%2F` and friends stay encoded, as servers keep them.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(c) = hex.filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c)) {
+                out.push(char::from(c));
+                i += 3;
+                continue;
+            }
+            // Keep other escapes, with their hex digits in upper case.
+            out.push('%');
+            out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+            i += 3;
+            continue;
+        }
+        out.push(char::from(bytes[i]));
+        i += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -106,11 +191,39 @@ mod tests {
             "to: \"127.0.0.1/32:1\"\nprotocol: http\nmask:\n  - { json_path: \"$.users[*].email\" }\n  - { regex: \"\\\\b\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}\\\\b\", replace: \"****-****-****-****\" }\n",
         );
         let body = br#"{"users":[{"name":"a","email":"a@x.io","note":"card 4111-1111-1111-1111"},{"name":"b","email":"b@x.io"}]}"#;
-        let (masked, count) = mask(&r.mask, body);
+        let (masked, count) = mask(&r.mask, body).expect("maskable");
         let masked = String::from_utf8(masked).expect("utf-8");
         assert_eq!(count, 3, "{masked}");
         assert!(!masked.contains("a@x.io") && !masked.contains("4111-1111"), "{masked}");
         assert!(masked.contains("****-****-****-****") && masked.contains(r#""email":"****""#), "{masked}");
+    }
+
+    #[test]
+    fn unparseable_json_is_refused_and_untouched_bodies_stay_exact() {
+        let r = route("to: \"127.0.0.1/32:1\"\nprotocol: http\nmask:\n  - { json_path: \"$.users[*].email\" }\n");
+        assert_eq!(mask(&r.mask, br#"{"users":[{"email":"a@x.io"}],"#), Err(Unmaskable));
+        let exact = br#"{"z":1, "order_id":123456789012345678901234567890}"#;
+        assert_eq!(mask(&r.mask, exact), Ok((exact.to_vec(), 0)));
+        let big = br#"{"users":[{"email":"a@x.io"}],"scale":1e400,"id":123456789012345678901234567890}"#;
+        let (masked, count) = mask(&r.mask, big).expect("maskable");
+        let masked = String::from_utf8(masked).expect("utf-8");
+        assert_eq!(count, 1);
+        assert!((masked.contains("1e400") || masked.contains("1e+400")) && masked.contains("123456789012345678901234567890") && !masked.contains("a@x.io"), "{masked}");
+        assert_eq!(mask(&r.mask, b"<html>a@x.io</html>"), Ok((b"<html>a@x.io</html>".to_vec(), 0)));
+    }
+
+    #[test]
+    fn paths_are_normalized_before_rules_see_them() {
+        for (raw, normal) in [
+            ("/%61dmin/users", "/admin/users"),
+            ("//admin/users", "/admin/users"),
+            ("/public/../admin/users", "/admin/users"),
+            ("/./admin/users?x=%2F", "/admin/users?x=%2F"),
+            ("/a%2fb/", "/a%2Fb/"),
+            ("/../..", "/"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
     }
 
     #[test]
