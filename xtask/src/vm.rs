@@ -84,11 +84,19 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
 
 /// The newest package matching `pattern`, downloaded and unpacked once.
 fn kernel(work: &Path, pattern: &str) -> anyhow::Result<PathBuf> {
-    let found = Command::new("apt-cache").args(["search", "--names-only", pattern]).output()?;
-    let mut names: Vec<String> = String::from_utf8_lossy(&found.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
-        .collect();
+    let search = || -> anyhow::Result<Vec<String>> {
+        let found = Command::new("apt-cache").args(["search", "--names-only", pattern]).output()?;
+        Ok(String::from_utf8_lossy(&found.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+            .collect())
+    };
+    let mut names = search()?;
+    if names.is_empty() {
+        // A fresh machine may have no package lists yet.
+        crate::run(Command::new("apt-get").args(["update", "-q"]))?;
+        names = search()?;
+    }
     names.sort_by_key(|a| version_key(a));
     let package = names.pop().with_context(|| format!("no package matches {pattern} (run apt-get update)"))?;
     let dir = work.join("kernels").join(&package);
