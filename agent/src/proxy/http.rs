@@ -1,16 +1,24 @@
 //! HTTP/1.1 through the proxy: block, hold for approval, inject the
-//! credential, forward, mask, record. Bodies are read into memory up to
-//! [`MAX_BODY`] (a larger one is refused, never half-forwarded).
+//! credential, forward, mask, record.
+//!
+//! Bodies stream through, bounded by [`MAX_BODY`], except where a rule must
+//! see all of one first: a request body when a matcher looks at bodies, a
+//! response body when masks apply. Those are read into memory within the
+//! same bound; a larger one is refused and never half-forwarded. A declared
+//! length over the bound is refused before the upstream is contacted.
 
 use std::{
     convert::Infallible,
     os::unix::fs::MetadataExt,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
@@ -24,6 +32,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     Governed,
+    body::{Counted, ProxyBody, full},
     rules::{RequestView, blocked_by, mask, needs_approval, normalize_path},
 };
 use crate::{
@@ -32,21 +41,21 @@ use crate::{
     policy::route::{Credential, RouteTarget},
 };
 
-/// Largest request or response body the proxy handles.
-pub const MAX_BODY: usize = 16 << 20;
+/// Largest request or response body the proxy passes on.
+pub const MAX_BODY: usize = 64 << 20;
 
 /// Headers that belong to one hop, never forwarded.
 const HOP_BY_HOP: [&str; 8] =
     ["connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"];
 
-type Upstream = Arc<Mutex<Option<SendRequest<Full<Bytes>>>>>;
+type Upstream = Arc<Mutex<Option<SendRequest<ProxyBody>>>>;
 
 /// Serves one governed client connection (keep-alive: many requests).
 pub async fn serve(daemon: Arc<Daemon>, governed: Governed, stream: TcpStream) {
     let upstream: Upstream = Arc::default();
     let service = service_fn(move |request| {
         let (daemon, governed, upstream) = (daemon.clone(), governed.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(exchange(&daemon, &governed, &upstream, request).await) }
+        async move { Ok::<_, Infallible>(exchange(daemon, &governed, &upstream, request).await) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
@@ -96,7 +105,7 @@ impl Record {
 }
 
 /// A JSON error for the client: what happened, which rule, and where to look.
-fn refuse(status: StatusCode, governed: &Governed, error: &str, extra: Value) -> Response<Full<Bytes>> {
+fn refuse(status: StatusCode, governed: &Governed, error: &str, extra: Value) -> Response<ProxyBody> {
     let mut body = json!({
         "error": error,
         "session": governed.session,
@@ -106,13 +115,20 @@ fn refuse(status: StatusCode, governed: &Governed, error: &str, extra: Value) ->
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
         body.extend(extra);
     }
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
-async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn exchange(
+    daemon: Arc<Daemon>,
+    governed: &Governed,
+    upstream: &Upstream,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let daemon_arc = daemon.clone();
+    let daemon: &Daemon = &daemon;
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
     // Rules see, and the upstream receives, the path as servers will read it.
@@ -121,15 +137,31 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
     let mut record = Record::new(governed, method.as_str(), &path, &host);
     let route = &governed.route.route;
 
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            let response = refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large or unreadable", json!({"limit": MAX_BODY}));
-            record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
-            return response;
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY as u64) {
+        let response = refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large", json!({"limit": MAX_BODY}));
+        record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
+        return response;
+    }
+    // Only a rule on bodies needs the whole request before deciding.
+    let needs_body = route.block.iter().chain(&route.approve).any(|m| m.body.is_some());
+    let (buffered, streamed) = if needs_body {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => (Some(collected.to_bytes()), None),
+            Err(_) => {
+                let response = refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large or unreadable", json!({"limit": MAX_BODY}));
+                record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
+                return response;
+            }
         }
+    } else {
+        (None, Some(body))
     };
-    record.set("request_bytes", body.len());
+    // A streamed request's size is known once it has gone through, which
+    // is before the answer for the servers this proxy fronts.
+    let request_bytes = Arc::new(AtomicU64::new(buffered.as_ref().map_or(0, |b| b.len() as u64)));
+    // Until the body has gone through, what the client declared.
+    record.set("request_bytes", buffered.as_ref().map_or(declared.unwrap_or(0), |b| b.len() as u64));
 
     if let RouteTarget::Host { name, .. } = &route.to {
         let asked = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_ascii_lowercase();
@@ -140,7 +172,7 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
         }
     }
 
-    let view = RequestView { method: &method, path: &path, headers: &parts.headers, body: &body };
+    let view = RequestView { method: &method, path: &path, headers: &parts.headers, body: buffered.as_deref().unwrap_or_default() };
     if let Some(rule) = blocked_by(route, &view) {
         record.hit(&rule);
         let response = refuse(StatusCode::FORBIDDEN, governed, "blocked by policy", json!({"rule": rule}));
@@ -180,7 +212,9 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
             }
         }
     }
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if let Some(bytes) = &buffered {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    }
     parts.uri = match path.parse() {
         Ok(uri) => uri,
         Err(_) => {
@@ -188,7 +222,19 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
             return refuse(StatusCode::BAD_REQUEST, governed, "request target is not valid", json!({}));
         }
     };
-    let forwarded = Request::from_parts(parts, Full::new(body));
+    let forwarded_body = match (buffered, streamed) {
+        (Some(bytes), _) => full(bytes),
+        (None, Some(incoming)) => {
+            let counter = request_bytes.clone();
+            Counted::new(
+                Limited::new(incoming, MAX_BODY).boxed_unsync(),
+                Box::new(move |bytes, _| counter.store(bytes, Ordering::Relaxed)),
+            )
+            .boxed_unsync()
+        }
+        (None, None) => full(Bytes::new()),
+    };
+    let forwarded = Request::from_parts(parts, forwarded_body);
 
     let answer = match send(upstream, governed, forwarded).await {
         Ok(answer) => answer,
@@ -200,6 +246,24 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
         }
     };
     let (mut answer_parts, answer_body) = answer.into_parts();
+    for name in HOP_BY_HOP {
+        answer_parts.headers.remove(name);
+    }
+    let status = answer_parts.status;
+    record.set("request_bytes", request_bytes.load(Ordering::Relaxed));
+    if route.mask.is_empty() {
+        // Streamed: the record is written when the body has gone through.
+        let governed = governed.clone();
+        let body = Counted::new(
+            Limited::new(answer_body, MAX_BODY).boxed_unsync(),
+            Box::new(move |bytes, complete| {
+                record.set("response_bytes", bytes);
+                let outcome = if complete { "forwarded" } else { "forwarded-incomplete" };
+                record.finish(&daemon_arc, &governed, outcome, status);
+            }),
+        );
+        return Response::from_parts(answer_parts, body.boxed_unsync());
+    }
     let answer_body = match Limited::new(answer_body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
@@ -208,28 +272,19 @@ async fn exchange(daemon: &Daemon, governed: &Governed, upstream: &Upstream, req
             return response;
         }
     };
-    let answer_body = if route.mask.is_empty() {
-        answer_body
-    } else {
-        let Ok((masked, count)) = mask(&route.mask, &answer_body) else {
-            let response = refuse(StatusCode::BAD_GATEWAY, governed, "the response could not be masked", json!({}));
-            record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
-            return response;
-        };
-        record.set("masked", count);
-        let kept = masked.len().min(daemon.config().record_body_bytes);
-        record.set("response_body", String::from_utf8_lossy(&masked[..kept]).into_owned());
-        record.set("response_body_truncated", kept < masked.len());
-        Bytes::from(masked)
+    let Ok((masked, count)) = mask(&route.mask, &answer_body) else {
+        let response = refuse(StatusCode::BAD_GATEWAY, governed, "the response could not be masked", json!({}));
+        record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
+        return response;
     };
-    for name in HOP_BY_HOP {
-        answer_parts.headers.remove(name);
-    }
-    answer_parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(answer_body.len()));
-    record.set("response_bytes", answer_body.len());
-    let status = answer_parts.status;
+    record.set("masked", count);
+    let kept = masked.len().min(daemon.config().record_body_bytes);
+    record.set("response_body", String::from_utf8_lossy(&masked[..kept]).into_owned());
+    record.set("response_body_truncated", kept < masked.len());
+    answer_parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(masked.len()));
+    record.set("response_bytes", masked.len());
     record.finish(daemon, governed, "forwarded", status);
-    Response::from_parts(answer_parts, Full::new(answer_body))
+    Response::from_parts(answer_parts, full(Bytes::from(masked)))
 }
 
 /// Holds the request for a reviewer, unless a JIT window covers it.
@@ -240,7 +295,7 @@ async fn approve(
     rule: &str,
     method: &str,
     path: &str,
-) -> Result<(), Response<Full<Bytes>>> {
+) -> Result<(), Response<ProxyBody>> {
     let request = approval::Request {
         session: governed.session.clone(),
         identity: governed.identity.clone(),
@@ -308,7 +363,7 @@ fn credential_header(credential: &Credential) -> Result<(HeaderName, HeaderValue
 
 /// Sends over this client connection's upstream connection, opening it
 /// (again) when needed.
-async fn send(upstream: &Upstream, governed: &Governed, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, String> {
+async fn send(upstream: &Upstream, governed: &Governed, request: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
     let mut slot = upstream.lock().await;
     if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(governed.destination))

@@ -5,6 +5,7 @@
 //! The proxy runs in the daemon, outside the sessions cgroup, so its own
 //! connections to upstreams are never redirected.
 
+mod body;
 mod http;
 pub mod rules;
 pub mod tls;
