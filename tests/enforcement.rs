@@ -1,5 +1,5 @@
 //! Enforcement: connects and execs inside sessions follow the policy, nothing outside sessions is
-//! touched, and a session cannot leave its cgroup.
+//! touched, and the daemon reports how it enforces and cleans up when stopped.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -7,62 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use harness::enforcement::{ALLOW_ALL, BUILD_BOTS, policy, strings};
 use harness::net::{CONNECT_SCRIPT, Listener, session_connect_argv};
 use harness::session_log::{
-    connects_to, events_of_kind, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, pretty, str_field,
+    connects_to, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, pretty, str_field,
     u64_field,
 };
 use harness::{Daemon, RunOutput, host, run_with_timeout, unique_tag};
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// Claims that match the `build-bots` identity, which has the egress grant.
-const BUILD_BOTS: &[(&str, &str)] = &[("repository_owner", "acme")];
 /// Claims that match the `no-grant-bots` identity, which no grant names.
 const NO_GRANT_BOTS: &[(&str, &str)] = &[("repository_owner", "nogrant")];
-
-const ALLOW_ALL: [&str; 2] = ["0.0.0.0/0", "::/0"];
-
-/// A policy with two identities: `build-bots`, granted `allow`/`deny` egress and forbidden to exec
-/// `exec_deny`, and `no-grant-bots`, which has no grant at all.
-fn policy(allow: &[String], deny: &[String], exec_deny: &[&Path]) -> String {
-    // JSON arrays are valid YAML flow sequences, and JSON strings need no further escaping.
-    let yaml_list = |items: &[String]| serde_json::to_string(items).expect("strings serialize");
-    let exec_deny: Vec<String> = exec_deny
-        .iter()
-        .map(|path| path.to_str().expect("temp paths are UTF-8").to_owned())
-        .collect();
-    let exec_section = if exec_deny.is_empty() {
-        String::new()
-    } else {
-        format!("    exec:\n      deny: {}\n", yaml_list(&exec_deny))
-    };
-    format!(
-        r#"
-identities:
-  - name: build-bots
-    issuer: tollgate-dev
-    claims:
-      repository_owner: acme
-  - name: no-grant-bots
-    issuer: tollgate-dev
-    claims:
-      repository_owner: nogrant
-grants:
-  - name: build-bots-egress
-    identity: build-bots
-{exec_section}    network:
-      allow: {allow}
-      deny: {deny}
-"#,
-        allow = yaml_list(allow),
-        deny = yaml_list(deny),
-    )
-}
-
-fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
-    items.iter().map(|item| (*item).to_owned()).collect()
-}
 
 /// A connect made from inside a fresh session, with that session's log.
 struct GovernedConnect {
@@ -533,101 +489,6 @@ fn run_directly(cmd: &mut Command) -> RunOutput {
         .unwrap_or_else(|err| panic!("running a command outside any session: {err:#}"))
 }
 
-/// Reports, one `key=value` per line, the session's view of its cgroup and the results of trying
-/// to move itself (the shell process, `$$`) to the cgroup2 root and to its session cgroup's
-/// parent. Uses shell builtins for everything that must happen in the governed process itself.
-const ESCAPE_SCRIPT: &str = r#"
-echo "session=$TOLLGATE_SESSION"
-echo "uid=$(/usr/bin/id -u)"
-own_cgroup() {
-  while IFS= read -r line; do
-    case $line in 0::*) echo "${line#0::}" ;; esac
-  done < /proc/self/cgroup
-}
-while read -r key value; do
-  [ "$key" = "NoNewPrivs:" ] && echo "no_new_privs=$value"
-done < /proc/self/status
-mount=
-while read -r _id _parent _dev _root mount_point rest; do
-  case " $rest " in *" - cgroup2 "*) mount=$mount_point; break ;; esac
-done < /proc/self/mountinfo
-echo "mount=$mount"
-# $(...) runs in a forked child, which shares the shell's cgroup.
-before=$(own_cgroup)
-echo "before=$before"
-if echo $$ > "$mount/cgroup.procs"; then echo "root=moved"; else echo "root=refused"; fi
-parent=${before%/*}
-if echo $$ > "$mount$parent/cgroup.procs"; then echo "parent=moved"; else echo "parent=refused"; fi
-echo "after=$(own_cgroup)"
-"#;
-
-#[test]
-fn unprivileged_session_cannot_leave_its_cgroup() {
-    const NOBODY: u32 = 65534;
-    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
-    let token = daemon.mint("unprivileged-bot", BUILD_BOTS);
-
-    let out = daemon.run_as(NOBODY, NOBODY, &token, &["/bin/sh", "-c", ESCAPE_SCRIPT]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "the escape script should run to the end: {out}"
-    );
-    let report = |key: &str| -> String {
-        let prefix = format!("{key}=");
-        out.stdout
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("the escape script reported no {key}: {out}"))
-            .to_owned()
-    };
-    assert_eq!(
-        report("uid"),
-        NOBODY.to_string(),
-        "the session should run as the caller: {out}"
-    );
-    assert_eq!(
-        report("no_new_privs"),
-        "1",
-        "sessions run with no_new_privs: {out}"
-    );
-    assert_eq!(
-        report("root"),
-        "refused",
-        "moving to the cgroup2 root must fail: {out}"
-    );
-    assert_eq!(
-        report("parent"),
-        "refused",
-        "moving to the session's parent cgroup must fail: {out}"
-    );
-    let before = report("before");
-    assert_eq!(
-        report("after"),
-        before,
-        "the process left its session cgroup: {out}"
-    );
-    assert!(
-        before.split('/').any(|part| part == daemon.cgroup_name()),
-        "the session cgroup {before:?} is not under the daemon's subtree {}: {out}",
-        daemon.cgroup_name()
-    );
-
-    let session = daemon.session(&report("session"));
-    let context = pretty(&session);
-    assert_eq!(session["uid"], NOBODY, "session uid:\n{context}");
-    assert_eq!(
-        session["privileged"], false,
-        "a non-root session is not privileged:\n{context}"
-    );
-    let expected_cgroup = format!("{}{before}", report("mount"));
-    assert_eq!(
-        Path::new(str_field(&session, "cgroup")),
-        Path::new(&expected_cgroup),
-        "the session record's cgroup is not where the process is:\n{context}\n{out}"
-    );
-}
-
 #[test]
 fn status_reports_this_kernels_exec_enforcement() {
     let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
@@ -704,37 +565,6 @@ fn sigterm_stops_the_daemon_and_removes_its_cgroup() {
     );
 }
 
-/// A governed process cannot shed its rules by opening a fresh session from
-/// inside its own: the daemon refuses, and nothing runs outside the session.
-#[test]
-fn a_session_cannot_open_a_new_session_from_inside() {
-    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
-    let token = daemon.mint("nesting-bot", BUILD_BOTS);
-    let bin = harness::tollgate_bin();
-    let marker = format!("nested-ran-{}", unique_tag());
-    let script = format!(
-        r#"echo "$TOLLGATE_SESSION"; "$0" --socket "$1" run --token-file "$2" -- /bin/echo {marker}; echo "nested_status=$?""#
-    );
-    let out = daemon.run(
-        &token,
-        &[
-            "/bin/sh",
-            "-c",
-            script.as_str(),
-            bin.to_str().expect("UTF-8 path"),
-            daemon.socket().to_str().expect("UTF-8 path"),
-            token.to_str().expect("UTF-8 path"),
-        ],
-    );
-    assert!(!out.stdout.contains(&marker), "the nested command ran: {out}");
-    assert!(out.has_stdout_line("nested_status=1"), "the nested run should fail with 1: {out}");
-    assert!(
-        out.stderr.contains("cannot open a session from inside a session"),
-        "the refusal should say why: {out}"
-    );
-    assert_eq!(daemon.sessions().len(), 1, "only the outer session exists:\n{:?}", daemon.sessions());
-}
-
 /// IPv6 rules govern IPv6 only: `allow: ["::/0"]` must not open IPv4
 /// (IPv4 is kept as mapped IPv6 inside the kernel maps). The connect event
 /// names the rule that decided, or none.
@@ -756,73 +586,4 @@ fn ipv6_rules_do_not_cover_ipv4_and_events_name_their_rule() {
         "the allowing rule is named:\n{}",
         pretty(&v6.show)
     );
-}
-
-/// Raw and ICMP sockets reach the network without a connect the policy sees:
-/// sessions may not create them (here as root, which could otherwise).
-#[test]
-fn sessions_cannot_create_raw_sockets() {
-    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
-    let token = daemon.mint("raw-bot", BUILD_BOTS);
-    let script = "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n    print('raw=allowed')\nexcept PermissionError as e:\n    print('raw=refused', e.errno)\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\nprint('udp=ok')\n";
-    let out = daemon.run(&token, &["python3", "-c", script]);
-    assert!(out.has_stdout_line("raw=refused 1"), "a raw socket was not refused with EPERM: {out}");
-    assert!(out.has_stdout_line("udp=ok"), "a UDP socket should still work: {out}");
-    let id = daemon.last_session_id();
-    let show = daemon.show_until(&id, "the refused socket", |show| !events_of_kind(show, "socket").is_empty());
-    let event = events_of_kind(&show, "socket")[0];
-    assert_eq!((event["verdict"].as_str(), event["type"].as_u64()), (Some("deny"), Some(3)), "{}", pretty(&show));
-
-    // Outside any session the same socket is allowed (root has CAP_NET_RAW).
-    let mut outside = Command::new("python3");
-    outside.args(["-c", script]);
-    let out = run_with_timeout(&mut outside, Duration::from_secs(30)).expect("python3 runs");
-    assert!(out.has_stdout_line("raw=allowed"), "outside sessions nothing is refused: {out}");
-}
-
-/// An identity may forbid root sessions; the refusal names it and nothing starts.
-#[test]
-fn identities_can_forbid_root_sessions() {
-    let policy = "identities:\n  - name: no-root-bots\n    issuer: tollgate-dev\n    allow_root: false\n";
-    let daemon = Daemon::start(policy);
-    let token = daemon.mint("root-bot", &[]);
-    let marker = daemon.dir().join(format!("ran-{}", unique_tag()));
-    let script = format!("touch {}", marker.display());
-    let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
-    assert_eq!(out.code(), Some(1), "a root session of a no-root identity started: {out}");
-    assert!(out.stderr.contains("may not run sessions as root"), "the refusal should say why: {out}");
-    assert!(!marker.exists(), "the command ran");
-    assert!(daemon.sessions().is_empty(), "a refused session left a record");
-}
-
-/// A governed process sees its own session's record and no other: records
-/// hold other sessions' arguments and token claims.
-#[test]
-fn a_session_reads_only_its_own_record() {
-    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
-    let token = daemon.mint("reader-bot", BUILD_BOTS);
-    let first = daemon.run(&token, &["/bin/sh", "-c", "echo \"$TOLLGATE_SESSION\""]);
-    let first_id = first.first_line().to_owned();
-    let bin = harness::tollgate_bin();
-    let script = r#"echo "$TOLLGATE_SESSION"; "$0" --socket "$1" sessions --format json; "$0" --socket "$1" show "$2" --format json; echo "show_status=$?""#;
-    let out = daemon.run(
-        &token,
-        &[
-            "/bin/sh",
-            "-c",
-            script,
-            bin.to_str().expect("UTF-8 path"),
-            daemon.socket().to_str().expect("UTF-8 path"),
-            first_id.as_str(),
-        ],
-    );
-    let own_id = out.first_line().to_owned();
-    // stdout: the session id, the JSON list, then the status line.
-    let json: String = out.stdout.lines().skip(1).take_while(|line| !line.starts_with("show_status=")).collect::<Vec<_>>().join("\n");
-    let listed: Vec<Value> = serde_json::from_str(&json).unwrap_or_else(|e| panic!("no session list in the output ({e}): {out}"));
-    let ids: Vec<&str> = listed.iter().filter_map(|s| s["id"].as_str()).collect();
-    assert_eq!(ids, vec![own_id.as_str()], "a session listed sessions other than its own: {out}");
-    assert!(out.has_stdout_line("show_status=1"), "a session read another session's record: {out}");
-    // Outside sessions, root reads both.
-    assert_eq!(daemon.sessions().len(), 2);
 }

@@ -9,9 +9,11 @@
 //! (or set `TOLLGATE_BIN` to test another build). A failing test prints the daemon's log.
 
 mod daemon;
+pub mod enforcement;
 pub mod host;
 pub mod net;
 mod process;
+pub mod proxy;
 pub mod session_log;
 pub mod upstream;
 
