@@ -31,10 +31,8 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(file).display());
     }
 
-    let target_dir = env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace.join("target"))
-        .join("ebpf");
+    let target_dir =
+        env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace.join("target")).join("ebpf");
     let mut cargo = Command::new("rustup");
     cargo
         .args(["run", "nightly", "cargo", "build", "--package", "tollgate-ebpf", "--release"])
@@ -45,14 +43,22 @@ fn main() {
         .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
     // The outer build's settings are for the host; none of them apply here.
     for (key, _) in env::vars() {
-        if key.starts_with("CARGO_") && key != "CARGO_HOME" || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTUP_TOOLCHAIN" {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME"
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTUP_TOOLCHAIN"
+        {
             cargo.env_remove(&key);
         }
     }
     cargo.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
-    let status = cargo.status().unwrap_or_else(|e| panic!("cannot run rustup to build the eBPF programs: {e}; run `cargo xtask setup`"));
+    let status = cargo
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run rustup to build the eBPF programs: {e}; run `cargo xtask setup`"));
     if !status.success() {
-        panic!("building the eBPF programs failed; `cargo xtask setup` installs the nightly rust-src and bpf-linker they need");
+        panic!(
+            "building the eBPF programs failed; `cargo xtask setup` installs the nightly rust-src and bpf-linker they need"
+        );
     }
     let built = target_dir.join("bpfel-unknown-none/release/tollgate-ebpf");
     std::fs::copy(&built, &out).unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use harness::session_log::{
-    argv, events, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, fork_of,
-    parse_rfc3339, pretty, process, same_path, str_field, u64_field,
+    argv, events, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, fork_of, parse_rfc3339, pretty, process,
+    same_path, str_field, u64_field,
 };
 use harness::{Daemon, unique_tag};
 use serde_json::Value;
@@ -59,10 +59,7 @@ fn nested_forks_and_execs_are_attributed_with_their_creators() {
         "level 3's output did not come back through level 1: {out}"
     );
     let session_id = out.first_line().to_owned();
-    assert!(
-        !session_id.is_empty(),
-        "TOLLGATE_SESSION was empty in the command: {out}"
-    );
+    assert!(!session_id.is_empty(), "TOLLGATE_SESSION was empty in the command: {out}");
 
     let sessions = daemon.sessions();
     assert_eq!(
@@ -71,11 +68,7 @@ fn nested_forks_and_execs_are_attributed_with_their_creators() {
         "one command should make exactly one session:\n{}",
         pretty(&Value::Array(sessions.clone()))
     );
-    assert_eq!(
-        daemon.last_session_id(),
-        session_id,
-        "TOLLGATE_SESSION is not the logged session"
-    );
+    assert_eq!(daemon.last_session_id(), session_id, "TOLLGATE_SESSION is not the logged session");
 
     let show = daemon.show_until(&session_id, "all three levels and level 1's exit", |show| {
         let level1_exited = exec_with_arg(show, &level1)
@@ -86,109 +79,56 @@ fn nested_forks_and_execs_are_attributed_with_their_creators() {
     let context = pretty(&show);
 
     let session = &show["session"];
-    assert_eq!(
-        session["id"],
-        session_id.as_str(),
-        "show returned another session:\n{context}"
-    );
-    assert_eq!(
-        session["identity"], "build-bots",
-        "wrong identity:\n{context}"
-    );
+    assert_eq!(session["id"], session_id.as_str(), "show returned another session:\n{context}");
+    assert_eq!(session["identity"], "build-bots", "wrong identity:\n{context}");
     assert_eq!(session["subject"], SUBJECT, "wrong subject:\n{context}");
-    assert_eq!(
-        session["issuer"], "tollgate-dev",
-        "wrong issuer:\n{context}"
-    );
-    assert_eq!(
-        session["claims"]["repository_owner"], "acme",
-        "claims not recorded:\n{context}"
-    );
-    assert_eq!(
-        session["grants"],
-        serde_json::json!(["build-bots-egress"]),
-        "grants:\n{context}"
-    );
+    assert_eq!(session["issuer"], "tollgate-dev", "wrong issuer:\n{context}");
+    assert_eq!(session["claims"]["repository_owner"], "acme", "claims not recorded:\n{context}");
+    assert_eq!(session["grants"], serde_json::json!(["build-bots-egress"]), "grants:\n{context}");
     assert_eq!(session["uid"], 0, "the session ran as root:\n{context}");
-    assert_eq!(
-        session["privileged"], true,
-        "a root session is privileged:\n{context}"
-    );
+    assert_eq!(session["privileged"], true, "a root session is privileged:\n{context}");
 
     // Log order is seq order.
-    let seqs: Vec<u64> = events(&show)
-        .iter()
-        .map(|event| u64_field(event, "seq"))
-        .collect();
-    assert!(
-        seqs.windows(2).all(|pair| pair[0] < pair[1]),
-        "events out of seq order:\n{context}"
-    );
+    let seqs: Vec<u64> = events(&show).iter().map(|event| u64_field(event, "seq")).collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "events out of seq order:\n{context}");
 
     // Level 1: the session's first process, created by `tollgate run` itself.
     let exec1 = expect_exec_with_arg(&show, &level1);
     assert_eq!(argv(exec1), argv1, "level 1 argv:\n{context}");
     assert_exec_filename(exec1, "/bin/sh", &context);
-    assert_eq!(
-        u64_field(exec1, "ppid"),
-        u64::from(out.pid),
-        "level 1 ppid must be `tollgate run`:\n{context}"
-    );
+    assert_eq!(u64_field(exec1, "ppid"), u64::from(out.pid), "level 1 ppid must be `tollgate run`:\n{context}");
     let pid1 = u64_field(exec1, "pid");
 
     // Level 2: forked by level 1, then exec'd /bin/sh.
     let exec2 = expect_exec_with_arg(&show, &level2);
-    assert_eq!(
-        argv(exec2),
-        ["/bin/sh", "-c", script2.as_str(), level2.as_str()],
-        "level 2 argv:\n{context}"
-    );
+    assert_eq!(argv(exec2), ["/bin/sh", "-c", script2.as_str(), level2.as_str()], "level 2 argv:\n{context}");
     assert_exec_filename(exec2, "/bin/sh", &context);
     let pid2 = u64_field(exec2, "pid");
     assert_ne!(pid2, pid1, "level 2 must be a new process:\n{context}");
-    assert_eq!(
-        u64_field(exec2, "ppid"),
-        pid1,
-        "level 2 ppid must be level 1:\n{context}"
-    );
-    let fork2 = fork_of(&show, pid2)
-        .unwrap_or_else(|| panic!("no fork event creating level 2 (pid {pid2}):\n{context}"));
-    assert_eq!(
-        u64_field(fork2, "pid"),
-        pid1,
-        "level 2 was not forked by level 1:\n{context}"
-    );
+    assert_eq!(u64_field(exec2, "ppid"), pid1, "level 2 ppid must be level 1:\n{context}");
+    let fork2 =
+        fork_of(&show, pid2).unwrap_or_else(|| panic!("no fork event creating level 2 (pid {pid2}):\n{context}"));
+    assert_eq!(u64_field(fork2, "pid"), pid1, "level 2 was not forked by level 1:\n{context}");
 
     // Level 3: B, forked by subshell A, which level 2 forked; A exited before B exec'd.
     let exec3 = expect_exec_with_arg(&show, &level3);
-    assert_eq!(
-        argv(exec3),
-        ["/bin/echo", level3.as_str()],
-        "level 3 argv:\n{context}"
-    );
+    assert_eq!(argv(exec3), ["/bin/echo", level3.as_str()], "level 3 argv:\n{context}");
     assert_exec_filename(exec3, "/bin/echo", &context);
     let pid3 = u64_field(exec3, "pid");
-    let fork3 = fork_of(&show, pid3)
-        .unwrap_or_else(|| panic!("no fork event creating level 3 (pid {pid3}):\n{context}"));
+    let fork3 =
+        fork_of(&show, pid3).unwrap_or_else(|| panic!("no fork event creating level 3 (pid {pid3}):\n{context}"));
     let pid_a = u64_field(fork3, "pid");
-    assert_ne!(
-        pid_a, pid2,
-        "level 3 should come from a double fork, not straight from level 2:\n{context}"
-    );
-    let fork_a = fork_of(&show, pid_a)
-        .unwrap_or_else(|| panic!("no fork event creating subshell A (pid {pid_a}):\n{context}"));
-    assert_eq!(
-        u64_field(fork_a, "pid"),
-        pid2,
-        "subshell A was not forked by level 2:\n{context}"
-    );
+    assert_ne!(pid_a, pid2, "level 3 should come from a double fork, not straight from level 2:\n{context}");
+    let fork_a =
+        fork_of(&show, pid_a).unwrap_or_else(|| panic!("no fork event creating subshell A (pid {pid_a}):\n{context}"));
+    assert_eq!(u64_field(fork_a, "pid"), pid2, "subshell A was not forked by level 2:\n{context}");
     assert_eq!(
         u64_field(exec3, "ppid"),
         pid_a,
         "level 3 ppid must be its creator A even though A exited and B was reparented:\n{context}"
     );
-    let exit_a = exit_of(&show, pid_a)
-        .unwrap_or_else(|| panic!("no exit event for subshell A (pid {pid_a}):\n{context}"));
+    let exit_a =
+        exit_of(&show, pid_a).unwrap_or_else(|| panic!("no exit event for subshell A (pid {pid_a}):\n{context}"));
     assert!(
         u64_field(exit_a, "seq") < u64_field(exec3, "seq"),
         "A should have exited before level 3 exec'd (the scenario under test):\n{context}"
@@ -196,50 +136,30 @@ fn nested_forks_and_execs_are_attributed_with_their_creators() {
     assert_eq!(exit_a["exit_code"], 0, "subshell A exit code:\n{context}");
 
     for exec in [exec1, exec2, exec3] {
-        assert_eq!(
-            exec["verdict"], "allow",
-            "nothing here is denied:\n{context}"
-        );
-        assert_eq!(
-            exec["argv_truncated"], false,
-            "short argv reported truncated:\n{context}"
-        );
+        assert_eq!(exec["verdict"], "allow", "nothing here is denied:\n{context}");
+        assert_eq!(exec["argv_truncated"], false, "short argv reported truncated:\n{context}");
         assert_eq!(exec["uid"], 0, "exec uid:\n{context}");
     }
 
     // The processes table agrees with the events.
-    let process3 = process(&show, pid3)
-        .unwrap_or_else(|| panic!("level 3 (pid {pid3}) missing from processes:\n{context}"));
-    assert_eq!(
-        u64_field(process3, "ppid"),
-        pid_a,
-        "level 3's recorded creator:\n{context}"
-    );
+    let process3 =
+        process(&show, pid3).unwrap_or_else(|| panic!("level 3 (pid {pid3}) missing from processes:\n{context}"));
+    assert_eq!(u64_field(process3, "ppid"), pid_a, "level 3's recorded creator:\n{context}");
     assert_exec_filename(process3, "/bin/echo", &context);
-    let process2 = process(&show, pid2)
-        .unwrap_or_else(|| panic!("level 2 (pid {pid2}) missing from processes:\n{context}"));
-    assert_eq!(
-        u64_field(process2, "ppid"),
-        pid1,
-        "level 2's recorded creator:\n{context}"
-    );
-    let process1 = process(&show, pid1)
-        .unwrap_or_else(|| panic!("level 1 (pid {pid1}) missing from processes:\n{context}"));
+    let process2 =
+        process(&show, pid2).unwrap_or_else(|| panic!("level 2 (pid {pid2}) missing from processes:\n{context}"));
+    assert_eq!(u64_field(process2, "ppid"), pid1, "level 2's recorded creator:\n{context}");
+    let process1 =
+        process(&show, pid1).unwrap_or_else(|| panic!("level 1 (pid {pid1}) missing from processes:\n{context}"));
     assert_eq!(process1["exit_code"], 0, "level 1 exit code:\n{context}");
 
     // The session ends once its command has.
-    let ended = daemon.session_until(&session_id, "the session's ended_at", |session| {
-        !session["ended_at"].is_null()
-    });
+    let ended = daemon.session_until(&session_id, "the session's ended_at", |session| !session["ended_at"].is_null());
     let started_at = parse_rfc3339(str_field(&ended, "started_at"))
         .unwrap_or_else(|| panic!("started_at is not RFC 3339:\n{}", pretty(&ended)));
     let ended_at = parse_rfc3339(str_field(&ended, "ended_at"))
         .unwrap_or_else(|| panic!("ended_at is not RFC 3339:\n{}", pretty(&ended)));
-    assert!(
-        ended_at >= started_at,
-        "session ended before it started:\n{}",
-        pretty(&ended)
-    );
+    assert!(ended_at >= started_at, "session ended before it started:\n{}", pretty(&ended));
 }
 
 #[test]
@@ -249,54 +169,32 @@ fn long_argv_is_recorded_truncated() {
 
     // 200 distinct 20-character arguments: 4 KiB of argv, more than an exec event carries.
     let tag = unique_tag();
-    let args: Vec<String> = (0..200)
-        .map(|i| format!("{:0<20}", format!("a{i:03}-{tag}-")))
-        .collect();
-    assert!(
-        args.iter().all(|arg| arg.len() == 20),
-        "test bug: args are not 20 characters"
-    );
+    let args: Vec<String> = (0..200).map(|i| format!("{:0<20}", format!("a{i:03}-{tag}-"))).collect();
+    assert!(args.iter().all(|arg| arg.len() == 20), "test bug: args are not 20 characters");
     let mut full_argv = vec!["/bin/echo".to_owned()];
     full_argv.extend(args.iter().cloned());
 
     let out = daemon.run(&token, &full_argv);
     assert_eq!(out.code(), Some(0), "the governed command failed: {out}");
-    assert_eq!(
-        out.stdout.trim_end(),
-        args.join(" "),
-        "the command itself must see its whole argv"
-    );
+    assert_eq!(out.stdout.trim_end(), args.join(" "), "the command itself must see its whole argv");
 
     let session_id = daemon.last_session_id();
     // Found by filename rather than by argument, so the test still reports clearly if the daemon
     // truncated so hard that not even the first argument survived.
     let echo = Path::new("/bin/echo");
-    let show = daemon.show_until(
-        &session_id,
-        "the exec of /bin/echo with the long argv",
-        |show| !execs_of_file(show, echo).is_empty(),
-    );
+    let show = daemon.show_until(&session_id, "the exec of /bin/echo with the long argv", |show| {
+        !execs_of_file(show, echo).is_empty()
+    });
     let context = pretty(&show);
     let exec = execs_of_file(&show, echo)[0];
-    assert_eq!(
-        exec["argv_truncated"], true,
-        "4 KiB of argv was not flagged truncated:\n{context}"
-    );
+    assert_eq!(exec["argv_truncated"], true, "4 KiB of argv was not flagged truncated:\n{context}");
 
     // What was kept is a faithful prefix: whole arguments, then possibly a cut-off last one.
     let recorded = argv(exec);
-    assert!(
-        recorded.len() <= full_argv.len(),
-        "more argv recorded than passed:\n{context}"
-    );
-    let (last, whole) = recorded
-        .split_last()
-        .unwrap_or_else(|| panic!("exec event has an empty argv:\n{context}"));
+    assert!(recorded.len() <= full_argv.len(), "more argv recorded than passed:\n{context}");
+    let (last, whole) = recorded.split_last().unwrap_or_else(|| panic!("exec event has an empty argv:\n{context}"));
     for (index, arg) in whole.iter().enumerate() {
-        assert_eq!(
-            *arg, full_argv[index],
-            "recorded argv[{index}] differs:\n{context}"
-        );
+        assert_eq!(*arg, full_argv[index], "recorded argv[{index}] differs:\n{context}");
     }
     assert!(
         full_argv[whole.len()].starts_with(last),
@@ -312,10 +210,7 @@ fn long_argv_is_recorded_truncated() {
 /// Checks an exec event's or process's filename against the path that was exec'd.
 fn assert_exec_filename(record: &Value, expected: &str, context: &str) {
     let filename = str_field(record, "filename");
-    assert!(
-        same_path(filename, Path::new(expected)),
-        "filename {filename:?} is not {expected}:\n{context}"
-    );
+    assert!(same_path(filename, Path::new(expected)), "filename {filename:?} is not {expected}:\n{context}");
 }
 
 fn make_fifo(path: &Path) {
@@ -323,9 +218,5 @@ fn make_fifo(path: &Path) {
         .arg(path)
         .status()
         .unwrap_or_else(|err| panic!("running mkfifo {}: {err}", path.display()));
-    assert!(
-        status.success(),
-        "mkfifo {} failed with {status}",
-        path.display()
-    );
+    assert!(status.success(), "mkfifo {} failed with {status}", path.display());
 }

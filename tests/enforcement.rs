@@ -10,8 +10,7 @@ use std::time::Duration;
 use harness::enforcement::{ALLOW_ALL, BUILD_BOTS, policy, strings};
 use harness::net::{CONNECT_SCRIPT, Listener, session_connect_argv};
 use harness::session_log::{
-    connects_to, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, pretty, str_field,
-    u64_field,
+    connects_to, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, pretty, str_field, u64_field,
 };
 use harness::{Daemon, RunOutput, host, run_with_timeout, unique_tag};
 use serde_json::Value;
@@ -30,85 +29,42 @@ struct GovernedConnect {
 
 /// Connects to `host`:`port` from a new session and waits until the log has the connect event,
 /// which records the destination as `logged_addr` (IPv4-mapped addresses are logged as IPv4).
-fn governed_connect(
-    daemon: &Daemon,
-    token: &Path,
-    host: &str,
-    logged_addr: &str,
-    port: u16,
-) -> GovernedConnect {
+fn governed_connect(daemon: &Daemon, token: &Path, host: &str, logged_addr: &str, port: u16) -> GovernedConnect {
     let out = daemon.run(token, &session_connect_argv(host, port));
     let session_id = out.first_line().to_owned();
-    assert!(
-        !session_id.is_empty(),
-        "no session id printed for connect to {host}:{port}: {out}"
-    );
+    assert!(!session_id.is_empty(), "no session id printed for connect to {host}:{port}: {out}");
     let show = daemon.show_until(
         &session_id,
         &format!("a connect event for {logged_addr}:{port} (connect to {host})"),
         |show| !connects_to(show, logged_addr, port).is_empty(),
     );
     let event = connects_to(&show, logged_addr, port)[0].clone();
-    assert_eq!(
-        event["protocol"],
-        "tcp",
-        "connect event protocol:\n{}",
-        pretty(&show)
-    );
+    assert_eq!(event["protocol"], "tcp", "connect event protocol:\n{}", pretty(&show));
     GovernedConnect { out, show, event }
 }
 
 impl GovernedConnect {
     fn assert_denied(&self, listener: &Listener, what: &str) {
         let log = pretty(&self.show);
-        assert_ne!(
-            self.out.code(),
-            Some(0),
-            "{what}: connect should have failed: {}",
-            self.out
-        );
+        assert_ne!(self.out.code(), Some(0), "{what}: connect should have failed: {}", self.out);
         assert!(
             self.out.stderr.contains("Operation not permitted"),
             "{what}: connect should fail with EPERM: {}",
             self.out
         );
-        assert_eq!(
-            listener.take_connections(),
-            0,
-            "{what}: the listener got a connection"
-        );
-        assert_eq!(
-            self.event["verdict"], "deny",
-            "{what}: logged verdict:\n{log}"
-        );
+        assert_eq!(listener.take_connections(), 0, "{what}: the listener got a connection");
+        assert_eq!(self.event["verdict"], "deny", "{what}: logged verdict:\n{log}");
     }
 
     fn assert_allowed(&self, listener: &Listener, what: &str) {
         let log = pretty(&self.show);
-        assert_eq!(
-            self.out.code(),
-            Some(0),
-            "{what}: connect should have succeeded: {}",
-            self.out
-        );
-        assert_eq!(
-            listener.take_connections(),
-            1,
-            "{what}: the listener should have one connection"
-        );
-        assert_eq!(
-            self.event["verdict"], "allow",
-            "{what}: logged verdict:\n{log}"
-        );
+        assert_eq!(self.out.code(), Some(0), "{what}: connect should have succeeded: {}", self.out);
+        assert_eq!(listener.take_connections(), 1, "{what}: the listener should have one connection");
+        assert_eq!(self.event["verdict"], "allow", "{what}: logged verdict:\n{log}");
     }
 
     fn assert_family(&self, family: u64, what: &str) {
-        assert_eq!(
-            self.event["family"],
-            family,
-            "{what}: address family:\n{}",
-            pretty(&self.show)
-        );
+        assert_eq!(self.event["family"], family, "{what}: address family:\n{}", pretty(&self.show));
     }
 }
 
@@ -116,11 +72,7 @@ impl GovernedConnect {
 fn denied_ipv4_connect_gets_eperm_and_allowed_connect_succeeds() {
     let denied = Listener::bind("127.0.0.2");
     let allowed = Listener::bind("127.0.0.1");
-    let daemon = Daemon::start(&policy(
-        &strings(ALLOW_ALL),
-        &strings(["127.0.0.2/32"]),
-        &[],
-    ));
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &strings(["127.0.0.2/32"]), &[]));
     let token = daemon.mint("connect-bot", BUILD_BOTS);
 
     let attempt = governed_connect(&daemon, &token, "127.0.0.2", "127.0.0.2", denied.port());
@@ -140,42 +92,18 @@ fn port_specific_rules_beat_address_rules_of_equal_prefix() {
     let closed_host = Listener::bind("127.0.0.4");
     let mut allow = strings(ALLOW_ALL);
     allow.push(format!("127.0.0.4/32:{}", opened_port.port()));
-    let deny = vec![
-        format!("127.0.0.1/32:{}", closed_port.port()),
-        "127.0.0.4/32".to_owned(),
-    ];
+    let deny = vec![format!("127.0.0.1/32:{}", closed_port.port()), "127.0.0.4/32".to_owned()];
     let daemon = Daemon::start(&policy(&allow, &deny, &[]));
     let token = daemon.mint("port-bot", BUILD_BOTS);
 
-    governed_connect(
-        &daemon,
-        &token,
-        "127.0.0.1",
-        "127.0.0.1",
-        closed_port.port(),
-    )
-    .assert_denied(&closed_port, "127.0.0.1 on its one denied port");
+    governed_connect(&daemon, &token, "127.0.0.1", "127.0.0.1", closed_port.port())
+        .assert_denied(&closed_port, "127.0.0.1 on its one denied port");
     governed_connect(&daemon, &token, "127.0.0.1", "127.0.0.1", open.port())
         .assert_allowed(&open, "127.0.0.1 on another port");
-    governed_connect(
-        &daemon,
-        &token,
-        "127.0.0.4",
-        "127.0.0.4",
-        opened_port.port(),
-    )
-    .assert_allowed(
-        &opened_port,
-        "127.0.0.4 on its one allowed port despite the /32 deny",
-    );
-    governed_connect(
-        &daemon,
-        &token,
-        "127.0.0.4",
-        "127.0.0.4",
-        closed_host.port(),
-    )
-    .assert_denied(&closed_host, "127.0.0.4 on any other port");
+    governed_connect(&daemon, &token, "127.0.0.4", "127.0.0.4", opened_port.port())
+        .assert_allowed(&opened_port, "127.0.0.4 on its one allowed port despite the /32 deny");
+    governed_connect(&daemon, &token, "127.0.0.4", "127.0.0.4", closed_host.port())
+        .assert_denied(&closed_host, "127.0.0.4 on any other port");
 }
 
 #[test]
@@ -200,28 +128,10 @@ fn ipv6_and_ipv4_mapped_connects_are_governed() {
     attempt.assert_family(6, "::1 allowed port");
 
     // bash uses an AF_INET6 socket for these; the policy's IPv4 rules must still apply.
-    governed_connect(
-        &daemon,
-        &token,
-        "::ffff:127.0.0.2",
-        "127.0.0.2",
-        v4_denied.port(),
-    )
-    .assert_denied(
-        &v4_denied,
-        "::ffff:127.0.0.2 (IPv4-mapped, denied as 127.0.0.2)",
-    );
-    governed_connect(
-        &daemon,
-        &token,
-        "::ffff:127.0.0.1",
-        "127.0.0.1",
-        v4_allowed.port(),
-    )
-    .assert_allowed(
-        &v4_allowed,
-        "::ffff:127.0.0.1 (IPv4-mapped, allowed as 127.0.0.1)",
-    );
+    governed_connect(&daemon, &token, "::ffff:127.0.0.2", "127.0.0.2", v4_denied.port())
+        .assert_denied(&v4_denied, "::ffff:127.0.0.2 (IPv4-mapped, denied as 127.0.0.2)");
+    governed_connect(&daemon, &token, "::ffff:127.0.0.1", "127.0.0.1", v4_allowed.port())
+        .assert_allowed(&v4_allowed, "::ffff:127.0.0.1 (IPv4-mapped, allowed as 127.0.0.1)");
 }
 
 #[test]
@@ -239,54 +149,19 @@ fn identity_without_grant_can_exec_but_not_connect() {
     let marker = format!("exec-ok-{}", unique_tag());
     let script = format!(r#"echo "$TOLLGATE_SESSION"; /bin/echo {marker}; {CONNECT_SCRIPT}"#);
     let port = listener.port().to_string();
-    let out = daemon.run(
-        &ungranted,
-        &[
-            "/bin/bash",
-            "-c",
-            script.as_str(),
-            "127.0.0.1",
-            port.as_str(),
-        ],
-    );
-    assert!(
-        out.has_stdout_line(&marker),
-        "exec without a grant should work: {out}"
-    );
-    assert_ne!(
-        out.code(),
-        Some(0),
-        "connect without a grant should fail: {out}"
-    );
-    assert!(
-        out.stderr.contains("Operation not permitted"),
-        "expected EPERM: {out}"
-    );
-    assert_eq!(
-        listener.take_connections(),
-        0,
-        "a session without a grant reached the listener"
-    );
+    let out = daemon.run(&ungranted, &["/bin/bash", "-c", script.as_str(), "127.0.0.1", port.as_str()]);
+    assert!(out.has_stdout_line(&marker), "exec without a grant should work: {out}");
+    assert_ne!(out.code(), Some(0), "connect without a grant should fail: {out}");
+    assert!(out.stderr.contains("Operation not permitted"), "expected EPERM: {out}");
+    assert_eq!(listener.take_connections(), 0, "a session without a grant reached the listener");
 
     let session_id = out.first_line();
-    let show = daemon.show_until(
-        session_id,
-        "the echo exec and the refused connect",
-        |show| {
-            exec_with_arg(show, &marker).is_some()
-                && !connects_to(show, "127.0.0.1", listener.port()).is_empty()
-        },
-    );
+    let show = daemon.show_until(session_id, "the echo exec and the refused connect", |show| {
+        exec_with_arg(show, &marker).is_some() && !connects_to(show, "127.0.0.1", listener.port()).is_empty()
+    });
     let context = pretty(&show);
-    assert_eq!(
-        show["session"]["identity"], "no-grant-bots",
-        "identity:\n{context}"
-    );
-    assert_eq!(
-        show["session"]["grants"],
-        serde_json::json!([]),
-        "grants:\n{context}"
-    );
+    assert_eq!(show["session"]["identity"], "no-grant-bots", "identity:\n{context}");
+    assert_eq!(show["session"]["grants"], serde_json::json!([]), "grants:\n{context}");
     let exec = expect_exec_with_arg(&show, &marker);
     assert_eq!(exec["verdict"], "allow", "exec verdict:\n{context}");
     let connect = connects_to(&show, "127.0.0.1", listener.port())[0];
@@ -310,8 +185,7 @@ impl EchoCopy {
             .expect("making the denied binary's dir traversable");
         let path = dir.path().join("echo-copy");
         fs::copy("/bin/echo", &path).expect("copying /bin/echo");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
-            .expect("making the copy of /bin/echo executable");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("making the copy of /bin/echo executable");
         EchoCopy { _dir: dir, path }
     }
 
@@ -345,26 +219,13 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
     // The denied binary as the session's own command.
     let direct_marker = format!("denied-direct-{tag}");
     let out = daemon.run(&token, &[copy.path_str(), direct_marker.as_str()]);
-    assert!(
-        !out.stdout.contains(&direct_marker),
-        "the denied binary ran ({mode}): {out}"
-    );
-    assert_eq!(
-        out.code(),
-        Some(denied_status),
-        "exit status of a denied exec in {mode} mode: {out}"
-    );
+    assert!(!out.stdout.contains(&direct_marker), "the denied binary ran ({mode}): {out}");
+    assert_eq!(out.code(), Some(denied_status), "exit status of a denied exec in {mode} mode: {out}");
     let session_id = daemon.last_session_id();
-    let show = daemon.show_until(&session_id, "the denied exec's event", |show| {
-        !execs_of_file(show, &copy.path).is_empty()
-    });
+    let show =
+        daemon.show_until(&session_id, "the denied exec's event", |show| !execs_of_file(show, &copy.path).is_empty());
     let exec = execs_of_file(&show, &copy.path)[0];
-    assert_eq!(
-        exec["verdict"],
-        denied_verdict,
-        "verdict in {mode} mode:\n{}",
-        pretty(&show)
-    );
+    assert_eq!(exec["verdict"], denied_verdict, "verdict in {mode} mode:\n{}", pretty(&show));
 
     // The denied binary from a shell in the session, then an allowed binary in the same session.
     let nested_marker = format!("denied-nested-{tag}");
@@ -375,23 +236,13 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
         r#"echo "$TOLLGATE_SESSION"; "$0" {nested_marker}; echo "status=$?"; ln -s "$0" "$0.link"; "$0.link" {link_marker}; echo "link_status=$?"; /bin/echo {allowed_marker}"#
     );
     let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str(), copy.path_str()]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "the session's shell should finish normally: {out}"
-    );
-    assert!(
-        !out.stdout.contains(&nested_marker),
-        "the denied binary ran ({mode}): {out}"
-    );
+    assert_eq!(out.code(), Some(0), "the session's shell should finish normally: {out}");
+    assert!(!out.stdout.contains(&nested_marker), "the denied binary ran ({mode}): {out}");
     assert!(
         out.has_stdout_line(&format!("status={denied_status}")),
         "the shell should see status {denied_status} for the denied exec ({mode}): {out}"
     );
-    assert!(
-        out.has_stdout_line(&allowed_marker),
-        "/bin/echo (another inode) should run: {out}"
-    );
+    assert!(out.has_stdout_line(&allowed_marker), "/bin/echo (another inode) should run: {out}");
     assert!(
         !out.stdout.contains(&link_marker) && out.has_stdout_line(&format!("link_status={denied_status}")),
         "a symlink to the denied binary ran ({mode}): {out}"
@@ -405,32 +256,18 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
 
     let session_id = out.first_line();
     let show = daemon.show_until(session_id, "the denied and the allowed exec", |show| {
-        !execs_of_file(show, &copy.path).is_empty()
-            && exec_with_arg(show, &allowed_marker).is_some()
+        !execs_of_file(show, &copy.path).is_empty() && exec_with_arg(show, &allowed_marker).is_some()
     });
     let context = pretty(&show);
     let denied = execs_of_file(&show, &copy.path)[0];
-    assert_eq!(
-        denied["verdict"], denied_verdict,
-        "verdict in {mode} mode:\n{context}"
-    );
+    assert_eq!(denied["verdict"], denied_verdict, "verdict in {mode} mode:\n{context}");
     let allowed = expect_exec_with_arg(&show, &allowed_marker);
-    assert_eq!(
-        allowed["verdict"], "allow",
-        "verdict of /bin/echo:\n{context}"
-    );
+    assert_eq!(allowed["verdict"], "allow", "verdict of /bin/echo:\n{context}");
     if mode == "kill-on-exec" {
         let pid = u64_field(denied, "pid");
-        let show = daemon.show_until(session_id, "the killed process's exit", |show| {
-            exit_of(show, pid).is_some()
-        });
+        let show = daemon.show_until(session_id, "the killed process's exit", |show| exit_of(show, pid).is_some());
         let exit = exit_of(&show, pid).expect("show_until waited for this exit event");
-        assert_eq!(
-            exit["signal"],
-            9,
-            "the denied process should die of SIGKILL:\n{}",
-            pretty(&show)
-        );
+        assert_eq!(exit["signal"], 9, "the denied process should die of SIGKILL:\n{}", pretty(&show));
     }
 }
 
@@ -438,11 +275,7 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
 fn nothing_is_enforced_outside_sessions() {
     let copy = EchoCopy::new();
     let denied = Listener::bind("127.0.0.2");
-    let daemon = Daemon::start(&policy(
-        &strings(ALLOW_ALL),
-        &strings(["127.0.0.2/32"]),
-        &[copy.path.as_path()],
-    ));
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &strings(["127.0.0.2/32"]), &[copy.path.as_path()]));
 
     // First show the policy is in force for sessions, so the checks below mean something.
     let token = daemon.mint("outside-bot", BUILD_BOTS);
@@ -452,36 +285,15 @@ fn nothing_is_enforced_outside_sessions() {
 
     let marker = format!("outside-{}", unique_tag());
     let out = run_directly(Command::new(&copy.path).arg(&marker));
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "the copy should run outside sessions: {out}"
-    );
-    assert_eq!(
-        out.stdout.trim_end(),
-        marker,
-        "the copy should print its argument: {out}"
-    );
+    assert_eq!(out.code(), Some(0), "the copy should run outside sessions: {out}");
+    assert_eq!(out.stdout.trim_end(), marker, "the copy should print its argument: {out}");
 
     let port = denied.port().to_string();
-    let out =
-        run_directly(Command::new("/bin/bash").args(["-c", CONNECT_SCRIPT, "127.0.0.2", &port]));
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "the connect should succeed outside sessions: {out}"
-    );
-    assert_eq!(
-        denied.take_connections(),
-        1,
-        "the listener should have the outside connection"
-    );
+    let out = run_directly(Command::new("/bin/bash").args(["-c", CONNECT_SCRIPT, "127.0.0.2", &port]));
+    assert_eq!(out.code(), Some(0), "the connect should succeed outside sessions: {out}");
+    assert_eq!(denied.take_connections(), 1, "the listener should have the outside connection");
 
-    assert_eq!(
-        daemon.sessions().len(),
-        sessions_before,
-        "processes outside sessions must not create sessions"
-    );
+    assert_eq!(daemon.sessions().len(), sessions_before, "processes outside sessions must not create sessions");
 }
 
 fn run_directly(cmd: &mut Command) -> RunOutput {
@@ -500,7 +312,9 @@ fn status_reports_this_kernels_exec_enforcement() {
     let mode = str_field(&status, "exec_enforcement");
     if host::bpf_lsm_active() {
         match mode {
-            "lsm" => assert!(status["lsm_unavailable"].is_null(), "lsm mode with a reason it is unavailable:\n{context}"),
+            "lsm" => {
+                assert!(status["lsm_unavailable"].is_null(), "lsm mode with a reason it is unavailable:\n{context}")
+            }
             "kill-on-exec" => assert!(
                 status["lsm_unavailable"].as_str().is_some_and(|why| !why.is_empty()),
                 "BPF LSM is active but unused, and the daemon does not say why:\n{context}"
@@ -512,10 +326,7 @@ fn status_reports_this_kernels_exec_enforcement() {
         assert!(status["lsm_unavailable"].is_string(), "the fallback should say why LSM is unavailable:\n{context}");
     }
     assert_eq!(status["sessions_active"], 0, "no sessions yet:\n{context}");
-    assert!(
-        status["events_lost"].is_u64(),
-        "events_lost should be a count:\n{context}"
-    );
+    assert!(status["events_lost"].is_u64(), "events_lost should be a count:\n{context}");
 
     let cgroup = PathBuf::from(str_field(&status, "cgroup"));
     assert_eq!(
@@ -524,15 +335,8 @@ fn status_reports_this_kernels_exec_enforcement() {
         "the daemon's cgroup is not the configured one:\n{context}"
     );
     let mount = host::cgroup2_mount();
-    assert!(
-        cgroup.starts_with(&mount),
-        "cgroup is not under the cgroup2 mount {}:\n{context}",
-        mount.display()
-    );
-    assert!(
-        cgroup.is_dir(),
-        "the daemon's cgroup does not exist:\n{context}"
-    );
+    assert!(cgroup.starts_with(&mount), "cgroup is not under the cgroup2 mount {}:\n{context}", mount.display());
+    assert!(cgroup.is_dir(), "the daemon's cgroup does not exist:\n{context}");
 }
 
 #[test]
@@ -544,11 +348,7 @@ fn sigterm_stops_the_daemon_and_removes_its_cgroup() {
     assert_eq!(out.code(), Some(0), "a trivial session failed: {out}");
     let status = daemon.status();
     let cgroup = PathBuf::from(str_field(&status, "cgroup"));
-    assert!(
-        cgroup.is_dir(),
-        "the daemon's cgroup does not exist:\n{}",
-        pretty(&status)
-    );
+    assert!(cgroup.is_dir(), "the daemon's cgroup does not exist:\n{}", pretty(&status));
 
     let stopped = daemon.stop();
     assert!(
@@ -557,12 +357,7 @@ fn sigterm_stops_the_daemon_and_removes_its_cgroup() {
         stopped.status,
         stopped.log
     );
-    assert!(
-        !cgroup.exists(),
-        "the daemon left its cgroup {} behind; its log:\n{}",
-        cgroup.display(),
-        stopped.log
-    );
+    assert!(!cgroup.exists(), "the daemon left its cgroup {} behind; its log:\n{}", cgroup.display(), stopped.log);
 }
 
 /// IPv6 rules govern IPv6 only: `allow: ["::/0"]` must not open IPv4
@@ -582,7 +377,8 @@ fn ipv6_rules_do_not_cover_ipv4_and_events_name_their_rule() {
     let v6 = governed_connect(&daemon, &token, "::1", "::1", v6_listener.port());
     v6.assert_allowed(&v6_listener, "IPv6 under an IPv6 allow");
     assert_eq!(
-        v6.event["rule"], "build-bots-egress: network.allow ::/0",
+        v6.event["rule"],
+        "build-bots-egress: network.allow ::/0",
         "the allowing rule is named:\n{}",
         pretty(&v6.show)
     );

@@ -37,7 +37,9 @@ fn a_full_ring_buffer_loses_events_visibly_and_accounts_for_every_one() {
         let show = daemon.show(&id);
         let recorded = events_of_kind(&show, "connect").len() as u64;
         let status = daemon.status();
-        let lost = status["events_lost_by_kind"]["connect"].as_u64().unwrap_or_else(|| panic!("no per-kind lost count: {status}"));
+        let lost = status["events_lost_by_kind"]["connect"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no per-kind lost count: {status}"));
         last = (recorded, lost);
         if recorded + lost == ATTEMPTS {
             assert!(lost > 0, "a 4 KiB ring buffer kept up with {ATTEMPTS} connects; the test proves nothing");

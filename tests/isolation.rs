@@ -46,11 +46,7 @@ fn unprivileged_session_cannot_leave_its_cgroup() {
     let token = daemon.mint("unprivileged-bot", BUILD_BOTS);
 
     let out = daemon.run_as(NOBODY, NOBODY, &token, &["/bin/sh", "-c", ESCAPE_SCRIPT]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "the escape script should run to the end: {out}"
-    );
+    assert_eq!(out.code(), Some(0), "the escape script should run to the end: {out}");
     let report = |key: &str| -> String {
         let prefix = format!("{key}=");
         out.stdout
@@ -59,32 +55,12 @@ fn unprivileged_session_cannot_leave_its_cgroup() {
             .unwrap_or_else(|| panic!("the escape script reported no {key}: {out}"))
             .to_owned()
     };
-    assert_eq!(
-        report("uid"),
-        NOBODY.to_string(),
-        "the session should run as the caller: {out}"
-    );
-    assert_eq!(
-        report("no_new_privs"),
-        "1",
-        "sessions run with no_new_privs: {out}"
-    );
-    assert_eq!(
-        report("root"),
-        "refused",
-        "moving to the cgroup2 root must fail: {out}"
-    );
-    assert_eq!(
-        report("parent"),
-        "refused",
-        "moving to the session's parent cgroup must fail: {out}"
-    );
+    assert_eq!(report("uid"), NOBODY.to_string(), "the session should run as the caller: {out}");
+    assert_eq!(report("no_new_privs"), "1", "sessions run with no_new_privs: {out}");
+    assert_eq!(report("root"), "refused", "moving to the cgroup2 root must fail: {out}");
+    assert_eq!(report("parent"), "refused", "moving to the session's parent cgroup must fail: {out}");
     let before = report("before");
-    assert_eq!(
-        report("after"),
-        before,
-        "the process left its session cgroup: {out}"
-    );
+    assert_eq!(report("after"), before, "the process left its session cgroup: {out}");
     assert!(
         before.split('/').any(|part| part == daemon.cgroup_name()),
         "the session cgroup {before:?} is not under the daemon's subtree {}: {out}",
@@ -94,10 +70,7 @@ fn unprivileged_session_cannot_leave_its_cgroup() {
     let session = daemon.session(&report("session"));
     let context = pretty(&session);
     assert_eq!(session["uid"], NOBODY, "session uid:\n{context}");
-    assert_eq!(
-        session["privileged"], false,
-        "a non-root session is not privileged:\n{context}"
-    );
+    assert_eq!(session["privileged"], false, "a non-root session is not privileged:\n{context}");
     let expected_cgroup = format!("{}{before}", report("mount"));
     assert_eq!(
         Path::new(str_field(&session, "cgroup")),
@@ -130,10 +103,7 @@ fn a_session_cannot_open_a_new_session_from_inside() {
     );
     assert!(!out.stdout.contains(&marker), "the nested command ran: {out}");
     assert!(out.has_stdout_line("nested_status=1"), "the nested run should fail with 1: {out}");
-    assert!(
-        out.stderr.contains("cannot open a session from inside a session"),
-        "the refusal should say why: {out}"
-    );
+    assert!(out.stderr.contains("cannot open a session from inside a session"), "the refusal should say why: {out}");
     assert_eq!(daemon.sessions().len(), 1, "only the outer session exists:\n{:?}", daemon.sessions());
 }
 
@@ -197,8 +167,10 @@ fn a_session_reads_only_its_own_record() {
     );
     let own_id = out.first_line().to_owned();
     // stdout: the session id, the JSON list, then the status line.
-    let json: String = out.stdout.lines().skip(1).take_while(|line| !line.starts_with("show_status=")).collect::<Vec<_>>().join("\n");
-    let listed: Vec<Value> = serde_json::from_str(&json).unwrap_or_else(|e| panic!("no session list in the output ({e}): {out}"));
+    let json: String =
+        out.stdout.lines().skip(1).take_while(|line| !line.starts_with("show_status=")).collect::<Vec<_>>().join("\n");
+    let listed: Vec<Value> =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("no session list in the output ({e}): {out}"));
     let ids: Vec<&str> = listed.iter().filter_map(|s| s["id"].as_str()).collect();
     assert_eq!(ids, vec![own_id.as_str()], "a session listed sessions other than its own: {out}");
     assert!(out.has_stdout_line("show_status=1"), "a session read another session's record: {out}");

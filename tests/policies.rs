@@ -47,10 +47,7 @@ fn diagnostics_for(out: &RunOutput, file: &Path) -> Vec<Diagnostic> {
             let mut parts = line.strip_prefix(&prefix)?.splitn(3, ':');
             let line_number = parts.next()?.parse().ok()?;
             let _column: u64 = parts.next()?.parse().ok()?;
-            Some(Diagnostic {
-                line: line_number,
-                message: parts.next()?.trim().to_owned(),
-            })
+            Some(Diagnostic { line: line_number, message: parts.next()?.trim().to_owned() })
         })
         .collect()
 }
@@ -58,16 +55,9 @@ fn diagnostics_for(out: &RunOutput, file: &Path) -> Vec<Diagnostic> {
 /// Writes `VALID` with `from` replaced by `to` and returns the file and the 1-based line of the
 /// change.
 fn write_variant(dir: &TempDir, name: &str, from: &str, to: &str) -> (PathBuf, u64) {
-    assert_eq!(
-        VALID.matches(from).count(),
-        1,
-        "test bug: {from:?} must occur once in VALID"
-    );
+    assert_eq!(VALID.matches(from).count(), 1, "test bug: {from:?} must occur once in VALID");
     let text = VALID.replacen(from, to, 1);
-    let line = text
-        .lines()
-        .position(|line| line.contains(to))
-        .expect("the replacement is in the text");
+    let line = text.lines().position(|line| line.contains(to)).expect("the replacement is in the text");
     let path = dir.path().join(name);
     fs::write(&path, text).unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
     (path, line as u64 + 1)
@@ -77,15 +67,10 @@ fn write_variant(dir: &TempDir, name: &str, from: &str, to: &str) -> (PathBuf, u
 /// `needle`, on `line` if given.
 fn assert_rejected(path: &Path, line: Option<u64>, needle: &str) {
     let out = policy_check(&[path]);
-    assert_eq!(
-        out.code(),
-        Some(1),
-        "policy check should fail for {}: {out}",
-        path.display()
-    );
-    let found = diagnostics_for(&out, path).into_iter().any(|diagnostic| {
-        line.is_none_or(|line| diagnostic.line == line) && diagnostic.message.contains(needle)
-    });
+    assert_eq!(out.code(), Some(1), "policy check should fail for {}: {out}", path.display());
+    let found = diagnostics_for(&out, path)
+        .into_iter()
+        .any(|diagnostic| line.is_none_or(|line| diagnostic.line == line) && diagnostic.message.contains(needle));
     let place = line.map(|line| format!("{}:{line}:", path.display()));
     assert!(
         found,
@@ -97,34 +82,17 @@ fn assert_rejected(path: &Path, line: Option<u64>, needle: &str) {
 #[test]
 fn shipped_policies_load() {
     let dir = workspace_root().join("policies");
-    let entries =
-        fs::read_dir(&dir).unwrap_or_else(|err| panic!("reading {}: {err}", dir.display()));
+    let entries = fs::read_dir(&dir).unwrap_or_else(|err| panic!("reading {}: {err}", dir.display()));
     let mut files: Vec<PathBuf> = entries
-        .map(|entry| {
-            entry
-                .unwrap_or_else(|err| panic!("listing {}: {err}", dir.display()))
-                .path()
-        })
-        .filter(|path| {
-            path.extension()
-                .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        })
+        .map(|entry| entry.unwrap_or_else(|err| panic!("listing {}: {err}", dir.display())).path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
         .collect();
     files.sort();
-    assert!(
-        !files.is_empty(),
-        "no *.yaml or *.yml policies in {}",
-        dir.display()
-    );
+    assert!(!files.is_empty(), "no *.yaml or *.yml policies in {}", dir.display());
 
     for file in &files {
         let out = policy_check(&[file]);
-        assert_eq!(
-            out.code(),
-            Some(0),
-            "{} does not load: {out}",
-            file.display()
-        );
+        assert_eq!(out.code(), Some(0), "{} does not load: {out}", file.display());
     }
 }
 
@@ -134,11 +102,7 @@ fn valid_policy_loads() {
     let path = dir.path().join("valid.yaml");
     fs::write(&path, VALID).unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
     let out = policy_check(&[&path]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "the reference policy does not load: {out}"
-    );
+    assert_eq!(out.code(), Some(0), "the reference policy does not load: {out}");
 }
 
 #[test]
@@ -153,27 +117,13 @@ fn only_the_broken_file_is_blamed() {
     let dir = tempfile::tempdir().expect("creating a temp dir");
     let valid = dir.path().join("valid.yaml");
     fs::write(&valid, VALID).unwrap_or_else(|err| panic!("writing {}: {err}", valid.display()));
-    let (broken, line) = write_variant(
-        &dir,
-        "bad-port.yaml",
-        "169.254.169.254/32:80",
-        "169.254.169.254/32:99999",
-    );
+    let (broken, line) = write_variant(&dir, "bad-port.yaml", "169.254.169.254/32:80", "169.254.169.254/32:99999");
 
     let out = policy_check(&[&valid, &broken]);
-    assert_eq!(
-        out.code(),
-        Some(1),
-        "one broken file should fail the check: {out}"
-    );
+    assert_eq!(out.code(), Some(1), "one broken file should fail the check: {out}");
+    assert!(diagnostics_for(&out, &valid).is_empty(), "the valid file was blamed: {out}");
     assert!(
-        diagnostics_for(&out, &valid).is_empty(),
-        "the valid file was blamed: {out}"
-    );
-    assert!(
-        diagnostics_for(&out, &broken)
-            .iter()
-            .any(|diagnostic| diagnostic.line == line),
+        diagnostics_for(&out, &broken).iter().any(|diagnostic| diagnostic.line == line),
         "expected a diagnostic for {}:{line}: {out}",
         broken.display()
     );
@@ -182,12 +132,7 @@ fn only_the_broken_file_is_blamed() {
 #[test]
 fn grant_for_unknown_identity_is_rejected() {
     let dir = tempfile::tempdir().expect("creating a temp dir");
-    let (path, _) = write_variant(
-        &dir,
-        "ghost.yaml",
-        "identity: build-bots",
-        "identity: ghost-bots",
-    );
+    let (path, _) = write_variant(&dir, "ghost.yaml", "identity: build-bots", "identity: ghost-bots");
     // Which line a cross-reference error points at (the grant or its `identity:`) is the
     // implementation's choice; the name must be in the message.
     assert_rejected(&path, None, "ghost-bots");

@@ -6,9 +6,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::proxy::{
-    Fixture, GRANT, Handshake, LONG_APPROVAL_TIMEOUT, REVIEWERS, UPSTREAM_REPLY, approval_events,
-    approval_id, approvals, assert_http_event, has_http_event, http_event, json_of, reported,
-    rules_hit, wait_for_approvals,
+    Fixture, GRANT, Handshake, LONG_APPROVAL_TIMEOUT, REVIEWERS, UPSTREAM_REPLY, approval_events, approval_id,
+    approvals, assert_http_event, has_http_event, http_event, json_of, reported, rules_hit, wait_for_approvals,
 };
 use harness::session_log::{parse_rfc3339, pretty, str_field};
 
@@ -19,17 +18,8 @@ fn an_approved_request_is_forwarded() {
     let payload = r#"{"release":"v1"}"#;
 
     let exchange = thread::scope(|scope| {
-        let held = scope.spawn(|| {
-            fx.curl(&[
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "--data",
-                payload,
-                &url,
-            ])
-        });
+        let held =
+            scope.spawn(|| fx.curl(&["-X", "POST", "-H", "Content-Type: application/json", "--data", payload, &url]));
         let pending = wait_for_approvals(&fx.daemon, 1);
         let pending = &pending[0];
         let context = pretty(pending);
@@ -38,15 +28,8 @@ fn an_approved_request_is_forwarded() {
         assert_eq!(pending["grant"], GRANT, "{context}");
         assert_eq!(pending["identity"], "build-bots", "{context}");
         assert_eq!(pending["subject"], "deploy-bot", "{context}");
-        assert_eq!(
-            pending["destination"],
-            format!("127.0.0.1:{}", fx.upstream.port()),
-            "{context}"
-        );
-        assert!(
-            str_field(pending, "rule").starts_with("approve[0]"),
-            "{context}"
-        );
+        assert_eq!(pending["destination"], format!("127.0.0.1:{}", fx.upstream.port()), "{context}");
+        assert!(str_field(pending, "rule").starts_with("approve[0]"), "{context}");
         assert!(str_field(pending, "session").starts_with("s-"), "{context}");
         let requested = parse_rfc3339(str_field(pending, "requested_at"));
         let expires = parse_rfc3339(str_field(pending, "expires_at"));
@@ -65,16 +48,9 @@ fn an_approved_request_is_forwarded() {
 
         let id = approval_id(pending);
         let approve = fx.daemon.tollgate(&["approve", id.as_str()]);
-        assert!(
-            approve.success(),
-            "`tollgate approve {id}` failed: {approve}"
-        );
+        assert!(approve.success(), "`tollgate approve {id}` failed: {approve}");
         let exchange = held.join().expect("the held request's thread panicked");
-        assert_eq!(
-            exchange.session,
-            str_field(pending, "session"),
-            "the pending request names its session"
-        );
+        assert_eq!(exchange.session, str_field(pending, "session"), "the pending request names its session");
         (exchange, id)
     });
     let (exchange, id) = exchange;
@@ -82,36 +58,15 @@ fn an_approved_request_is_forwarded() {
     exchange.assert_status(200, "an approved request is forwarded");
     assert_eq!(exchange.json(), json_of(UPSTREAM_REPLY), "{exchange}");
     let requests = fx.upstream.requests();
-    assert_eq!(
-        fx.upstream.request_lines(),
-        vec!["POST /deploy/1".to_owned()],
-        "{}",
-        fx.upstream.describe()
-    );
-    assert_eq!(
-        requests[0].body_text(),
-        payload,
-        "the held body is forwarded intact:\n{}",
-        requests[0]
-    );
-    assert!(
-        approvals(&fx.daemon).is_empty(),
-        "a decided request is no longer listed"
-    );
+    assert_eq!(fx.upstream.request_lines(), vec!["POST /deploy/1".to_owned()], "{}", fx.upstream.describe());
+    assert_eq!(requests[0].body_text(), payload, "the held body is forwarded intact:\n{}", requests[0]);
+    assert!(approvals(&fx.daemon).is_empty(), "a decided request is no longer listed");
 
-    let show = fx
-        .daemon
-        .show_until(&exchange.session, "the approval and the exchange", |show| {
-            !approval_events(show, "approved").is_empty()
-                && has_http_event(show, "POST", "/deploy/1")
-        });
+    let show = fx.daemon.show_until(&exchange.session, "the approval and the exchange", |show| {
+        !approval_events(show, "approved").is_empty() && has_http_event(show, "POST", "/deploy/1")
+    });
     let pending_events = approval_events(&show, "pending");
-    assert_eq!(
-        pending_events.len(),
-        1,
-        "one pending approval:\n{}",
-        pretty(&show)
-    );
+    assert_eq!(pending_events.len(), 1, "one pending approval:\n{}", pretty(&show));
     assert_eq!(pending_events[0]["id"], id.as_str(), "{}", pretty(&show));
     let approved = approval_events(&show, "approved")[0];
     assert_eq!(
@@ -122,20 +77,10 @@ fn an_approved_request_is_forwarded() {
     );
     let event = http_event(&show, "POST", "/deploy/1");
     let destination = format!("127.0.0.1:{}", fx.upstream.port());
-    assert_http_event(
-        event,
-        &show,
-        ("allow", "forwarded", 200),
-        &destination,
-        &fx.route(),
-    );
+    assert_http_event(event, &show, ("allow", "forwarded", 200), &destination, &fx.route());
     assert_eq!(event["request_bytes"], payload.len(), "{}", pretty(&show));
     let rules = rules_hit(event);
-    assert!(
-        rules.len() == 1 && rules[0].starts_with("approve[0]"),
-        "the approve rule is recorded:\n{}",
-        pretty(&show)
-    );
+    assert!(rules.len() == 1 && rules[0].starts_with("approve[0]"), "the approve rule is recorded:\n{}", pretty(&show));
 }
 
 #[test]
@@ -148,9 +93,7 @@ fn a_denied_request_gets_403_with_the_reviewers_reason() {
         let held = scope.spawn(|| fx.curl(&["-X", "POST", "--data", "go", &url]));
         let pending = wait_for_approvals(&fx.daemon, 1);
         let id = approval_id(&pending[0]);
-        let deny = fx
-            .daemon
-            .tollgate(&["deny", id.as_str(), "--reason", reason]);
+        let deny = fx.daemon.tollgate(&["deny", id.as_str(), "--reason", reason]);
         assert!(deny.success(), "`tollgate deny {id}` failed: {deny}");
         (held.join().expect("the held request's thread panicked"), id)
     });
@@ -161,28 +104,14 @@ fn a_denied_request_gets_403_with_the_reviewers_reason() {
     assert_eq!(body["denied_by"], "root", "{exchange}");
     assert_eq!(body["reason"], reason, "{exchange}");
     assert_eq!(body["session"], exchange.session, "{exchange}");
-    assert!(
-        fx.upstream.requests().is_empty(),
-        "a denied request reached the upstream: {}",
-        fx.upstream.describe()
-    );
-    assert!(
-        approvals(&fx.daemon).is_empty(),
-        "a decided request is no longer listed"
-    );
+    assert!(fx.upstream.requests().is_empty(), "a denied request reached the upstream: {}", fx.upstream.describe());
+    assert!(approvals(&fx.daemon).is_empty(), "a decided request is no longer listed");
 
-    let show = fx
-        .daemon
-        .show_until(&exchange.session, "the denial", |show| {
-            !approval_events(show, "denied").is_empty() && has_http_event(show, "POST", "/deploy/2")
-        });
+    let show = fx.daemon.show_until(&exchange.session, "the denial", |show| {
+        !approval_events(show, "denied").is_empty() && has_http_event(show, "POST", "/deploy/2")
+    });
     let denied = approval_events(&show, "denied")[0];
-    assert_eq!(
-        (denied["id"].as_str(), denied["by"].as_str()),
-        (Some(id.as_str()), Some("root")),
-        "{}",
-        pretty(&show)
-    );
+    assert_eq!((denied["id"].as_str(), denied["by"].as_str()), (Some(id.as_str()), Some("root")), "{}", pretty(&show));
     let destination = format!("127.0.0.1:{}", fx.upstream.port());
     assert_http_event(
         http_event(&show, "POST", "/deploy/2"),
@@ -208,22 +137,12 @@ fn an_undecided_request_is_denied_when_the_approval_times_out() {
         waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
         "the request should be held for about the 2s timeout, was {waited:?}: {exchange}"
     );
-    assert!(
-        fx.upstream.requests().is_empty(),
-        "a timed-out request reached the upstream: {}",
-        fx.upstream.describe()
-    );
-    assert!(
-        approvals(&fx.daemon).is_empty(),
-        "a timed-out request is no longer listed"
-    );
+    assert!(fx.upstream.requests().is_empty(), "a timed-out request reached the upstream: {}", fx.upstream.describe());
+    assert!(approvals(&fx.daemon).is_empty(), "a timed-out request is no longer listed");
 
-    let show = fx
-        .daemon
-        .show_until(&exchange.session, "the timeout", |show| {
-            !approval_events(show, "timed-out").is_empty()
-                && has_http_event(show, "POST", "/deploy/late")
-        });
+    let show = fx.daemon.show_until(&exchange.session, "the timeout", |show| {
+        !approval_events(show, "timed-out").is_empty() && has_http_event(show, "POST", "/deploy/late")
+    });
     let pending = approval_events(&show, "pending");
     assert_eq!(pending.len(), 1, "one pending approval:\n{}", pretty(&show));
     let id = str_field(pending[0], "id").to_owned();
@@ -245,17 +164,9 @@ fn an_undecided_request_is_denied_when_the_approval_times_out() {
 
     // A late approval releases nothing.
     let late = fx.daemon.tollgate(&["approve", id.as_str()]);
-    assert_eq!(
-        late.code(),
-        Some(1),
-        "approving a timed-out request should fail: {late}"
-    );
+    assert_eq!(late.code(), Some(1), "approving a timed-out request should fail: {late}");
     thread::sleep(Duration::from_millis(300));
-    assert!(
-        fx.upstream.requests().is_empty(),
-        "a late approval released the request: {}",
-        fx.upstream.describe()
-    );
+    assert!(fx.upstream.requests().is_empty(), "a late approval released the request: {}", fx.upstream.describe());
 }
 
 #[test]
@@ -273,33 +184,19 @@ done"#;
         assert_eq!(pending[0]["path"], "/deploy/1", "{}", pretty(&pending[0]));
         let id = approval_id(&pending[0]);
         let approve = fx.daemon.tollgate(&["approve", id.as_str(), "--for", "1m"]);
-        assert!(
-            approve.success(),
-            "`tollgate approve {id} --for 1m` failed: {approve}"
-        );
+        assert!(approve.success(), "`tollgate approve {id} --for 1m` failed: {approve}");
         session.join().expect("the session's thread panicked")
     });
     assert_eq!(out.code(), Some(0), "the session failed: {out}");
-    assert_eq!(
-        reported(&out, "status /deploy/1"),
-        "200",
-        "the approved request: {out}"
-    );
-    assert_eq!(
-        reported(&out, "status /deploy/2"),
-        "200",
-        "the request inside the window: {out}"
-    );
+    assert_eq!(reported(&out, "status /deploy/1"), "200", "the approved request: {out}");
+    assert_eq!(reported(&out, "status /deploy/2"), "200", "the request inside the window: {out}");
     assert_eq!(
         fx.upstream.request_lines(),
         vec!["POST /deploy/1".to_owned(), "POST /deploy/2".to_owned()],
         "{}",
         fx.upstream.describe()
     );
-    assert!(
-        approvals(&fx.daemon).is_empty(),
-        "nothing is held after the window let /deploy/2 through"
-    );
+    assert!(approvals(&fx.daemon).is_empty(), "nothing is held after the window let /deploy/2 through");
 
     let session = out.first_line().to_owned();
     let show = fx.daemon.show_until(&session, "both exchanges", |show| {
@@ -311,46 +208,21 @@ done"#;
         "only the first request should have been held:\n{}",
         pretty(&show)
     );
-    assert_eq!(
-        http_event(&show, "POST", "/deploy/2")["outcome"],
-        "forwarded",
-        "{}",
-        pretty(&show)
-    );
+    assert_eq!(http_event(&show, "POST", "/deploy/2")["outcome"], "forwarded", "{}", pretty(&show));
 
     // The window is that session's only: a new session's request is held again.
     let (other, other_pending) = thread::scope(|scope| {
         let held = scope.spawn(|| fx.curl(&["-X", "POST", "--data", "go", &fx.url("/deploy/3")]));
         let pending = wait_for_approvals(&fx.daemon, 1);
         let id = approval_id(&pending[0]);
-        let deny = fx
-            .daemon
-            .tollgate(&["deny", id.as_str(), "--reason", "other session"]);
+        let deny = fx.daemon.tollgate(&["deny", id.as_str(), "--reason", "other session"]);
         assert!(deny.success(), "`tollgate deny {id}` failed: {deny}");
-        (
-            held.join().expect("the held request's thread panicked"),
-            pending[0].clone(),
-        )
+        (held.join().expect("the held request's thread panicked"), pending[0].clone())
     });
-    assert_ne!(
-        other_pending["session"],
-        session.as_str(),
-        "{}",
-        pretty(&other_pending)
-    );
-    assert_eq!(
-        other_pending["path"],
-        "/deploy/3",
-        "{}",
-        pretty(&other_pending)
-    );
+    assert_ne!(other_pending["session"], session.as_str(), "{}", pretty(&other_pending));
+    assert_eq!(other_pending["path"], "/deploy/3", "{}", pretty(&other_pending));
     other.assert_status(403, "another session is not covered by the window");
-    assert_eq!(
-        fx.upstream.requests().len(),
-        2,
-        "{}",
-        fx.upstream.describe()
-    );
+    assert_eq!(fx.upstream.requests().len(), 2, "{}", fx.upstream.describe());
 }
 
 #[test]
@@ -372,29 +244,16 @@ echo "held_status=$(cat "$dir/held.code")""#,
     let base = fx.upstream.base_url();
 
     let (session_a, session_b) = thread::scope(|scope| {
-        let held = scope.spawn(|| {
-            fx.daemon.run(
-                &fx.token,
-                &["/bin/sh", "-c", &script, handshake.dir(), &base],
-            )
-        });
+        let held = scope.spawn(|| fx.daemon.run(&fx.token, &["/bin/sh", "-c", &script, handshake.dir(), &base]));
         let pending = wait_for_approvals(&fx.daemon, 1);
-        assert_eq!(
-            pending[0]["path"],
-            "/deploy/slow",
-            "{}",
-            pretty(&pending[0])
-        );
+        assert_eq!(pending[0]["path"], "/deploy/slow", "{}", pretty(&pending[0]));
 
         // Session B's GET flows while A's POST is held.
         let started = Instant::now();
         let session_b = fx.curl(&[&fx.url("/status")]);
         let took = started.elapsed();
         session_b.assert_status(200, "another session's GET while a request is held");
-        assert!(
-            took < Duration::from_secs(10),
-            "the GET took {took:?} while a request was held: {session_b}"
-        );
+        assert!(took < Duration::from_secs(10), "the GET took {took:?} while a request was held: {session_b}");
 
         // So does a GET on another connection of the session whose request is held.
         handshake.go("now");
@@ -409,35 +268,16 @@ echo "held_status=$(cat "$dir/held.code")""#,
 
         let id = approval_id(&pending[0]);
         let approve = fx.daemon.tollgate(&["approve", id.as_str()]);
-        assert!(
-            approve.success(),
-            "`tollgate approve {id}` failed: {approve}"
-        );
+        assert!(approve.success(), "`tollgate approve {id}` failed: {approve}");
         (held.join().expect("session A's thread panicked"), session_b)
     });
     assert_eq!(session_a.code(), Some(0), "session A failed: {session_a}");
-    assert_eq!(
-        reported(&session_a, "same_session_status"),
-        "200",
-        "{session_a}"
-    );
-    assert_eq!(
-        reported(&session_a, "held_status"),
-        "200",
-        "the held request, once approved: {session_a}"
-    );
-    assert_ne!(
-        session_a.first_line(),
-        session_b.session,
-        "the requests came from two sessions"
-    );
+    assert_eq!(reported(&session_a, "same_session_status"), "200", "{session_a}");
+    assert_eq!(reported(&session_a, "held_status"), "200", "the held request, once approved: {session_a}");
+    assert_ne!(session_a.first_line(), session_b.session, "the requests came from two sessions");
     assert_eq!(
         fx.upstream.request_lines(),
-        vec![
-            "GET /status".to_owned(),
-            "GET /same-session".to_owned(),
-            "POST /deploy/slow".to_owned()
-        ],
+        vec!["GET /status".to_owned(), "GET /same-session".to_owned(), "POST /deploy/slow".to_owned()],
         "{}",
         fx.upstream.describe()
     );

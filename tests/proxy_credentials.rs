@@ -4,9 +4,8 @@
 
 use harness::Daemon;
 use harness::proxy::{
-    BUILD_BOTS, Exchange, Fixture, NOBODY, Secret, UPSTREAM_REPLY, assert_http_event, contains,
-    curl_argv, database_bytes, has_http_event, http_event, http_events, path_str, policy, reported,
-    route_name, standard_route,
+    BUILD_BOTS, Exchange, Fixture, NOBODY, Secret, UPSTREAM_REPLY, assert_http_event, contains, curl_argv,
+    database_bytes, has_http_event, http_event, http_events, path_str, policy, reported, route_name, standard_route,
 };
 use harness::session_log::pretty;
 use harness::upstream::Upstream;
@@ -15,11 +14,7 @@ use harness::upstream::Upstream;
 fn the_credential_is_injected_and_the_clients_own_is_dropped() {
     let fx = Fixture::start(&[]);
 
-    let root = fx.curl(&[
-        "-H",
-        "Authorization: Bearer forged-by-root-client",
-        &fx.url("/as-root"),
-    ]);
+    let root = fx.curl(&["-H", "Authorization: Bearer forged-by-root-client", &fx.url("/as-root")]);
     root.assert_status(200, "a request with a client Authorization header");
 
     // An unprivileged session cannot read the secret, yet its requests carry it.
@@ -27,37 +22,15 @@ fn the_credential_is_injected_and_the_clients_own_is_dropped() {
 if cat "$0"; then echo "secret=read"; else echo "secret=unreadable"; fi
 curl -sS --max-time 30 -o /dev/null -w 'curl_status=%{http_code}\n' -H 'authorization: forged-by-nobody' "$1""#;
     let url = fx.url("/as-nobody");
-    let nobody = fx.daemon.run_as(
-        NOBODY,
-        NOBODY,
-        &fx.token,
-        &["/bin/sh", "-c", script, path_str(&fx.secret.path), &url],
-    );
-    assert_eq!(
-        nobody.code(),
-        Some(0),
-        "the unprivileged session failed: {nobody}"
-    );
-    assert_eq!(
-        reported(&nobody, "secret"),
-        "unreadable",
-        "uid {NOBODY} read the secret file: {nobody}"
-    );
-    assert!(
-        !nobody.stdout.contains(&fx.secret.value),
-        "the secret leaked to the session: {nobody}"
-    );
-    assert!(
-        nobody.stderr.contains("Permission denied"),
-        "cat should fail with EACCES: {nobody}"
-    );
+    let nobody =
+        fx.daemon.run_as(NOBODY, NOBODY, &fx.token, &["/bin/sh", "-c", script, path_str(&fx.secret.path), &url]);
+    assert_eq!(nobody.code(), Some(0), "the unprivileged session failed: {nobody}");
+    assert_eq!(reported(&nobody, "secret"), "unreadable", "uid {NOBODY} read the secret file: {nobody}");
+    assert!(!nobody.stdout.contains(&fx.secret.value), "the secret leaked to the session: {nobody}");
+    assert!(nobody.stderr.contains("Permission denied"), "cat should fail with EACCES: {nobody}");
     assert_eq!(reported(&nobody, "curl_status"), "200", "{nobody}");
     let nobody_session = nobody.first_line().to_owned();
-    assert_eq!(
-        fx.daemon.session(&nobody_session)["uid"],
-        NOBODY,
-        "the session runs as nobody"
-    );
+    assert_eq!(fx.daemon.session(&nobody_session)["uid"], NOBODY, "the session runs as nobody");
 
     let requests = fx.upstream.requests();
     assert_eq!(
@@ -74,32 +47,15 @@ curl -sS --max-time 30 -o /dev/null -w 'curl_status=%{http_code}\n' -H 'authoriz
         );
     }
     let described = fx.upstream.describe();
-    assert!(
-        !described.contains("forged-by"),
-        "a client's own Authorization reached the upstream: {described}"
-    );
+    assert!(!described.contains("forged-by"), "a client's own Authorization reached the upstream: {described}");
 
     // The record names the credential's header but never holds the secret.
     for session in [&root.session, &nobody_session] {
-        let show = fx.daemon.show_until(session, "the exchange", |show| {
-            !http_events(show).is_empty()
-        });
-        assert_eq!(
-            http_events(&show)[0]["outcome"],
-            "forwarded",
-            "{}",
-            pretty(&show)
-        );
-        assert!(
-            !show.to_string().contains(&fx.secret.value),
-            "the session log holds the secret:\n{}",
-            pretty(&show)
-        );
+        let show = fx.daemon.show_until(session, "the exchange", |show| !http_events(show).is_empty());
+        assert_eq!(http_events(&show)[0]["outcome"], "forwarded", "{}", pretty(&show));
+        assert!(!show.to_string().contains(&fx.secret.value), "the session log holds the secret:\n{}", pretty(&show));
     }
-    assert!(
-        !contains(&database_bytes(&fx.daemon), &fx.secret.value),
-        "the session database holds the secret"
-    );
+    assert!(!contains(&database_bytes(&fx.daemon), &fx.secret.value), "the session database holds the secret");
 }
 
 #[test]
@@ -111,38 +67,21 @@ fn a_secret_file_others_could_read_or_own_fails_closed() {
     let upstream_foreign = Upstream::start("127.0.0.1", 200, UPSTREAM_REPLY);
     let to_readable = format!("127.0.0.1/32:{}", upstream_readable.port());
     let to_foreign = format!("127.0.0.1/32:{}", upstream_foreign.port());
-    let routes =
-        standard_route(&to_readable, &readable.path) + &standard_route(&to_foreign, &foreign.path);
+    let routes = standard_route(&to_readable, &readable.path) + &standard_route(&to_foreign, &foreign.path);
     let daemon = Daemon::start(&policy(&routes, ""));
     let token = daemon.mint("deploy-bot", BUILD_BOTS);
 
     for (upstream, to, what) in [
-        (
-            &upstream_readable,
-            &to_readable,
-            "a world-readable secret file",
-        ),
-        (
-            &upstream_foreign,
-            &to_foreign,
-            "a secret file owned by another user",
-        ),
+        (&upstream_readable, &to_readable, "a world-readable secret file"),
+        (&upstream_foreign, &to_foreign, "a secret file owned by another user"),
     ] {
         let url = format!("{}/with-bad-secret", upstream.base_url());
         let exchange = Exchange::parse(daemon.run(&token, &curl_argv(&[&url])));
         exchange.assert_status(502, what);
         let body = exchange.json();
-        assert_eq!(
-            body["error"], "the credential for this destination is unavailable",
-            "{what}: {exchange}"
-        );
+        assert_eq!(body["error"], "the credential for this destination is unavailable", "{what}: {exchange}");
         assert_eq!(body["route"], route_name(to), "{what}: {exchange}");
-        assert_eq!(
-            upstream.connections(),
-            0,
-            "{what}: the upstream was contacted: {}",
-            upstream.describe()
-        );
+        assert_eq!(upstream.connections(), 0, "{what}: the upstream was contacted: {}", upstream.describe());
 
         let show = daemon.show_until(&exchange.session, "the failed exchange", |show| {
             has_http_event(show, "GET", "/with-bad-secret")

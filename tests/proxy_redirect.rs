@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use harness::net::Listener;
 use harness::proxy::{
-    BUILD_BOTS, Fixture, GRANT, Secret, UPSTREAM_REPLY, assert_http_event, has_http_event,
-    http_event, http_events, json_of, policy, reported, route_name, rules_hit, standard_route,
+    BUILD_BOTS, Fixture, GRANT, Secret, UPSTREAM_REPLY, assert_http_event, has_http_event, http_event, http_events,
+    json_of, policy, reported, route_name, rules_hit, standard_route,
 };
 use harness::session_log::{connects_to, events_of_kind, pretty};
 use harness::upstream::Upstream;
@@ -50,9 +50,7 @@ fn governed_connects_are_redirected_transparently_and_recorded() {
     let script = format!(
         r#"echo "$TOLLGATE_SESSION"; {PYTHON} -c "$0" 4 127.0.0.1 {port} GET /peer && curl -sS --max-time 30 -w '\ncurl_status=%{{http_code}}\n' "$1""#
     );
-    let out = fx
-        .daemon
-        .run(&fx.token, &["/bin/sh", "-c", &script, REQUEST_SCRIPT, &url]);
+    let out = fx.daemon.run(&fx.token, &["/bin/sh", "-c", &script, REQUEST_SCRIPT, &url]);
     assert_eq!(out.code(), Some(0), "the session's requests failed: {out}");
     let session = out.first_line().to_owned();
 
@@ -70,11 +68,7 @@ fn governed_connects_are_redirected_transparently_and_recorded() {
     );
     assert_eq!(reported(&out, "curl_status"), "200", "{out}");
     let curl_body = out.stdout.lines().rev().nth(1).unwrap_or_default();
-    assert_eq!(
-        json_of(curl_body),
-        json_of(UPSTREAM_REPLY),
-        "curl got the upstream's body: {out}"
-    );
+    assert_eq!(json_of(curl_body), json_of(UPSTREAM_REPLY), "curl got the upstream's body: {out}");
 
     // The upstream received both requests, through the proxy.
     assert_eq!(
@@ -88,46 +82,16 @@ fn governed_connects_are_redirected_transparently_and_recorded() {
         has_http_event(show, "GET", "/peer") && has_http_event(show, "GET", "/hello?x=1")
     });
     let connects = connects_to(&show, "127.0.0.1", port);
-    assert_eq!(
-        connects.len(),
-        2,
-        "two connects to the upstream:\n{}",
-        pretty(&show)
-    );
+    assert_eq!(connects.len(), 2, "two connects to the upstream:\n{}", pretty(&show));
     for connect in connects {
-        assert_eq!(
-            connect["verdict"],
-            "redirect",
-            "a governed connect is redirected:\n{}",
-            pretty(&show)
-        );
+        assert_eq!(connect["verdict"], "redirect", "a governed connect is redirected:\n{}", pretty(&show));
     }
     let destination = format!("127.0.0.1:{port}");
     let event = http_event(&show, "GET", "/hello?x=1");
-    assert_http_event(
-        event,
-        &show,
-        ("allow", "forwarded", 200),
-        &destination,
-        &fx.route(),
-    );
-    assert_eq!(
-        event["host"],
-        format!("127.0.0.1:{port}"),
-        "the Host header is recorded:\n{}",
-        pretty(&show)
-    );
-    assert!(
-        rules_hit(event).is_empty(),
-        "no block/approve rule applies to a GET:\n{}",
-        pretty(&show)
-    );
-    assert_eq!(
-        event["request_bytes"],
-        0,
-        "a GET has no body:\n{}",
-        pretty(&show)
-    );
+    assert_http_event(event, &show, ("allow", "forwarded", 200), &destination, &fx.route());
+    assert_eq!(event["host"], format!("127.0.0.1:{port}"), "the Host header is recorded:\n{}", pretty(&show));
+    assert!(rules_hit(event).is_empty(), "no block/approve rule applies to a GET:\n{}", pretty(&show));
+    assert_eq!(event["request_bytes"], 0, "a GET has no body:\n{}", pretty(&show));
     assert_eq!(
         event["response_bytes"],
         curl_body.len(),
@@ -147,31 +111,12 @@ fn ipv6_routes_are_governed_like_ipv4() {
     assert_eq!(forwarded.json(), json_of(UPSTREAM_REPLY), "{forwarded}");
     let blocked = fx.curl(&["-g", "-X", "DELETE", &fx.url("/v6/item")]);
     blocked.assert_status(403, "DELETE over IPv6");
-    assert_eq!(
-        blocked.json()["rule"],
-        "block[0]: method DELETE",
-        "{blocked}"
-    );
+    assert_eq!(blocked.json()["rule"], "block[0]: method DELETE", "{blocked}");
 
-    let peer = fx.daemon.run(
-        &fx.token,
-        &[
-            PYTHON,
-            "-c",
-            REQUEST_SCRIPT,
-            "6",
-            "::1",
-            &port.to_string(),
-            "GET",
-            "/v6/peer",
-        ],
-    );
+    let peer =
+        fx.daemon.run(&fx.token, &[PYTHON, "-c", REQUEST_SCRIPT, "6", "::1", &port.to_string(), "GET", "/v6/peer"]);
     assert_eq!(peer.code(), Some(0), "{peer}");
-    assert_eq!(
-        reported(&peer, "peer"),
-        format!("::1 {port}"),
-        "getpeername() shows the original peer: {peer}"
-    );
+    assert_eq!(reported(&peer, "peer"), format!("::1 {port}"), "getpeername() shows the original peer: {peer}");
     assert_eq!(reported(&peer, "status"), "HTTP/1.1 200 OK", "{peer}");
 
     assert_eq!(
@@ -180,22 +125,13 @@ fn ipv6_routes_are_governed_like_ipv4() {
         "{}",
         fx.upstream.describe()
     );
-    assert_eq!(
-        fx.upstream.requests()[0].header_values("authorization"),
-        vec![fx.secret.value.as_str()]
-    );
+    assert_eq!(fx.upstream.requests()[0].header_values("authorization"), vec![fx.secret.value.as_str()]);
 
-    let show = fx
-        .daemon
-        .show_until(&forwarded.session, "the IPv6 exchange", |show| {
-            has_http_event(show, "GET", "/v6/hello")
-        });
+    let show =
+        fx.daemon.show_until(&forwarded.session, "the IPv6 exchange", |show| has_http_event(show, "GET", "/v6/hello"));
     let connects = connects_to(&show, "::1", port);
     assert!(
-        !connects.is_empty()
-            && connects
-                .iter()
-                .all(|connect| connect["verdict"] == "redirect"),
+        !connects.is_empty() && connects.iter().all(|connect| connect["verdict"] == "redirect"),
         "the IPv6 connect is redirected:\n{}",
         pretty(&show)
     );
@@ -233,54 +169,23 @@ fn ipv4_mapped_connects_are_governed_as_ipv4() {
     };
 
     let blocked = raw("DELETE", "/mapped");
-    assert_eq!(
-        reported(&blocked, "peer"),
-        format!("::ffff:127.0.0.1 {port}"),
-        "{blocked}"
-    );
-    assert_eq!(
-        reported(&blocked, "status"),
-        "HTTP/1.1 403 Forbidden",
-        "a mapped DELETE is blocked: {blocked}"
-    );
+    assert_eq!(reported(&blocked, "peer"), format!("::ffff:127.0.0.1 {port}"), "{blocked}");
+    assert_eq!(reported(&blocked, "status"), "HTTP/1.1 403 Forbidden", "a mapped DELETE is blocked: {blocked}");
     let body: Value = serde_json::from_str(reported(&blocked, "body"))
         .unwrap_or_else(|err| panic!("the 403 body is not JSON ({err}): {blocked}"));
     assert_eq!(body["error"], "blocked by policy", "{blocked}");
     assert_eq!(body["rule"], "block[0]: method DELETE", "{blocked}");
-    assert_eq!(
-        body["route"],
-        fx.route(),
-        "the IPv4 route governs the mapped connect: {blocked}"
-    );
-    assert!(
-        fx.upstream.requests().is_empty(),
-        "a mapped DELETE reached the upstream: {}",
-        fx.upstream.describe()
-    );
+    assert_eq!(body["route"], fx.route(), "the IPv4 route governs the mapped connect: {blocked}");
+    assert!(fx.upstream.requests().is_empty(), "a mapped DELETE reached the upstream: {}", fx.upstream.describe());
 
     let forwarded = raw("GET", "/mapped-get");
-    assert_eq!(
-        reported(&forwarded, "status"),
-        "HTTP/1.1 200 OK",
-        "a mapped GET is forwarded: {forwarded}"
-    );
-    assert_eq!(
-        fx.upstream.request_lines(),
-        vec!["GET /mapped-get".to_owned()],
-        "{}",
-        fx.upstream.describe()
-    );
-    assert_eq!(
-        fx.upstream.requests()[0].header_values("authorization"),
-        vec![fx.secret.value.as_str()]
-    );
+    assert_eq!(reported(&forwarded, "status"), "HTTP/1.1 200 OK", "a mapped GET is forwarded: {forwarded}");
+    assert_eq!(fx.upstream.request_lines(), vec!["GET /mapped-get".to_owned()], "{}", fx.upstream.describe());
+    assert_eq!(fx.upstream.requests()[0].header_values("authorization"), vec![fx.secret.value.as_str()]);
 
     let session = blocked.first_line();
-    let show = fx
-        .daemon
-        .show_until(session, "the blocked mapped request", |show| {
-            has_http_event(show, "DELETE", "/mapped")
-        });
+    let show =
+        fx.daemon.show_until(session, "the blocked mapped request", |show| has_http_event(show, "DELETE", "/mapped"));
     let connects = connects_to(&show, "127.0.0.1", fx.upstream.port());
     assert!(
         connects.len() == 1 && connects[0]["verdict"] == "redirect",
@@ -325,40 +230,22 @@ for name, port in (("governed", int(sys.argv[1])), ("plain", int(sys.argv[2]))):
         &url,
     ];
     let out = fx.daemon.run(&fx.token, &argv);
-    assert_eq!(
-        reported(&out, "governed"),
-        "errno 1",
-        "a governed connect without a proxy fails with EPERM: {out}"
-    );
-    assert_eq!(
-        reported(&out, "plain"),
-        "connected",
-        "an allowed, ungoverned destination still works: {out}"
-    );
+    assert_eq!(reported(&out, "governed"), "errno 1", "a governed connect without a proxy fails with EPERM: {out}");
+    assert_eq!(reported(&out, "plain"), "connected", "an allowed, ungoverned destination still works: {out}");
     assert_eq!(reported(&out, "curl"), "7", "curl cannot connect: {out}");
-    assert_eq!(
-        other.take_connections(),
-        1,
-        "the plain connect reached its listener"
-    );
+    assert_eq!(other.take_connections(), 1, "the plain connect reached its listener");
     assert_eq!(
         fx.upstream.connections(),
         0,
         "nothing may reach the upstream without the proxy: {}",
         fx.upstream.describe()
     );
-    assert!(
-        fx.upstream.requests().is_empty(),
-        "{}",
-        fx.upstream.describe()
-    );
+    assert!(fx.upstream.requests().is_empty(), "{}", fx.upstream.describe());
 
     let session = out.first_line();
-    let show = fx
-        .daemon
-        .show_until(session, "the refused connects", |show| {
-            connects_to(show, "127.0.0.1", fx.upstream.port()).len() == 2
-        });
+    let show = fx.daemon.show_until(session, "the refused connects", |show| {
+        connects_to(show, "127.0.0.1", fx.upstream.port()).len() == 2
+    });
     for connect in connects_to(&show, "127.0.0.1", fx.upstream.port()) {
         assert_eq!(
             connect["verdict"],
@@ -367,11 +254,7 @@ for name, port in (("governed", int(sys.argv[1])), ("plain", int(sys.argv[2]))):
             pretty(&show)
         );
     }
-    assert!(
-        http_events(&show).is_empty(),
-        "no exchange can happen without a proxy:\n{}",
-        pretty(&show)
-    );
+    assert!(http_events(&show).is_empty(), "no exchange can happen without a proxy:\n{}", pretty(&show));
 }
 
 #[test]
@@ -380,44 +263,23 @@ fn policy_explain_names_the_entry_and_matches_the_kernel() {
     let secret = Secret::private();
     let port = upstream.port();
     let to = format!("127.0.0.1/32:{port}");
-    let policy_text = policy(
-        &standard_route(&to, &secret.path),
-        "      deny: [\"127.0.0.9/32\"]\n",
-    );
+    let policy_text = policy(&standard_route(&to, &secret.path), "      deny: [\"127.0.0.9/32\"]\n");
     let dir = tempfile::tempdir().expect("creating a temp dir");
     let policy_file = dir.path().join("policy.yaml");
     fs::write(&policy_file, &policy_text).expect("writing the policy");
 
     let explain = |identity: &str, dest: &str| {
         let mut cmd = Command::new(tollgate_bin());
-        cmd.args(["policy", "explain", "--policy"])
-            .arg(&policy_file)
-            .args(["--identity", identity, "--to", dest]);
-        run_with_timeout(&mut cmd, Duration::from_secs(30))
-            .expect("running tollgate policy explain")
+        cmd.args(["policy", "explain", "--policy"]).arg(&policy_file).args(["--identity", identity, "--to", dest]);
+        run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("running tollgate policy explain")
     };
     let allowed = Listener::bind("127.0.0.1");
     let cases = [
-        (
-            format!("127.0.0.1:{port}"),
-            format!("proxy ({})", route_name(&to)),
-        ),
-        (
-            format!("[::ffff:127.0.0.1]:{port}"),
-            format!("proxy ({})", route_name(&to)),
-        ),
-        (
-            format!("127.0.0.9:{port}"),
-            format!("deny ({GRANT}: network.deny 127.0.0.9/32)"),
-        ),
-        (
-            format!("127.0.0.1:{}", allowed.port()),
-            format!("allow ({GRANT}: network.allow 127.0.0.0/8)"),
-        ),
-        (
-            "10.1.2.3:443".to_owned(),
-            "deny (no entry matches: the default)".to_owned(),
-        ),
+        (format!("127.0.0.1:{port}"), format!("proxy ({})", route_name(&to))),
+        (format!("[::ffff:127.0.0.1]:{port}"), format!("proxy ({})", route_name(&to))),
+        (format!("127.0.0.9:{port}"), format!("deny ({GRANT}: network.deny 127.0.0.9/32)")),
+        (format!("127.0.0.1:{}", allowed.port()), format!("allow ({GRANT}: network.allow 127.0.0.0/8)")),
+        ("10.1.2.3:443".to_owned(), "deny (no entry matches: the default)".to_owned()),
     ];
     for (dest, expected) in &cases {
         let out = explain("build-bots", dest);
@@ -425,11 +287,7 @@ fn policy_explain_names_the_entry_and_matches_the_kernel() {
         assert_eq!(out.stdout.trim(), expected, "explain {dest}: {out}");
     }
     let unknown = explain("ghost-bots", "127.0.0.1:80");
-    assert_eq!(
-        unknown.code(),
-        Some(1),
-        "an unknown identity is an error: {unknown}"
-    );
+    assert_eq!(unknown.code(), Some(1), "an unknown identity is an error: {unknown}");
     assert!(unknown.stderr.contains("ghost-bots"), "{unknown}");
 
     // The kernel decides the same: redirect, deny, allow.
@@ -459,24 +317,10 @@ for host, port in (("127.0.0.1", int(sys.argv[1])), ("127.0.0.9", int(sys.argv[1
     ];
     let out = daemon.run(&token, &argv);
     assert_eq!(out.code(), Some(0), "{out}");
-    assert_eq!(
-        reported(&out, &format!("127.0.0.1:{port}")),
-        "connected",
-        "the proxied destination: {out}"
-    );
-    assert_eq!(
-        reported(&out, &format!("127.0.0.9:{port}")),
-        "errno 1",
-        "the denied destination: {out}"
-    );
-    assert_eq!(
-        reported(&out, &format!("127.0.0.1:{}", allowed.port())),
-        "connected",
-        "the allowed destination: {out}"
-    );
-    let show = daemon.show_until(out.first_line(), "three connects", |show| {
-        events_of_kind(show, "connect").len() >= 3
-    });
+    assert_eq!(reported(&out, &format!("127.0.0.1:{port}")), "connected", "the proxied destination: {out}");
+    assert_eq!(reported(&out, &format!("127.0.0.9:{port}")), "errno 1", "the denied destination: {out}");
+    assert_eq!(reported(&out, &format!("127.0.0.1:{}", allowed.port())), "connected", "the allowed destination: {out}");
+    let show = daemon.show_until(out.first_line(), "three connects", |show| events_of_kind(show, "connect").len() >= 3);
     let verdict = |addr: &str, port: u16| {
         connects_to(&show, addr, port)
             .first()
@@ -485,15 +329,6 @@ for host, port in (("127.0.0.1", int(sys.argv[1])), ("127.0.0.9", int(sys.argv[1
     };
     assert_eq!(verdict("127.0.0.1", port), "redirect", "{}", pretty(&show));
     assert_eq!(verdict("127.0.0.9", port), "deny", "{}", pretty(&show));
-    assert_eq!(
-        verdict("127.0.0.1", allowed.port()),
-        "allow",
-        "{}",
-        pretty(&show)
-    );
-    assert_eq!(
-        allowed.take_connections(),
-        1,
-        "the allowed connect reached its listener"
-    );
+    assert_eq!(verdict("127.0.0.1", allowed.port()), "allow", "{}", pretty(&show));
+    assert_eq!(allowed.take_connections(), 1, "the allowed connect reached its listener");
 }

@@ -3,8 +3,8 @@
 
 use harness::Daemon;
 use harness::proxy::{
-    BUILD_BOTS, Exchange, Fixture, GRANT, UPSTREAM_REPLY, assert_http_event, curl_argv,
-    has_http_event, http_event, policy, rules_hit,
+    BUILD_BOTS, Exchange, Fixture, GRANT, UPSTREAM_REPLY, assert_http_event, curl_argv, has_http_event, http_event,
+    policy, rules_hit,
 };
 use harness::session_log::pretty;
 use harness::upstream::Upstream;
@@ -32,61 +32,26 @@ fn blocked_requests_get_403_and_never_reach_the_upstream() {
         "the refusal should name the path rule: {by_path}"
     );
 
-    assert!(
-        fx.upstream.requests().is_empty(),
-        "blocked requests reached the upstream: {}",
-        fx.upstream.describe()
-    );
-    assert_eq!(
-        fx.upstream.connections(),
-        0,
-        "the proxy should not even connect for a blocked request"
-    );
+    assert!(fx.upstream.requests().is_empty(), "blocked requests reached the upstream: {}", fx.upstream.describe());
+    assert_eq!(fx.upstream.connections(), 0, "the proxy should not even connect for a blocked request");
 
     // The route itself works: an allowed request on it gets through.
     let allowed = fx.curl(&[&fx.url("/admin")]);
     allowed.assert_status(200, "/admin (no trailing slash) is not blocked");
-    assert_eq!(
-        fx.upstream.request_lines(),
-        vec!["GET /admin".to_owned()],
-        "{}",
-        fx.upstream.describe()
-    );
+    assert_eq!(fx.upstream.request_lines(), vec!["GET /admin".to_owned()], "{}", fx.upstream.describe());
 
     let destination = format!("127.0.0.1:{}", fx.upstream.port());
     let show = fx
         .daemon
-        .show_until(&by_method.session, "the blocked DELETE", |show| {
-            has_http_event(show, "DELETE", "/items/1")
-        });
+        .show_until(&by_method.session, "the blocked DELETE", |show| has_http_event(show, "DELETE", "/items/1"));
     let event = http_event(&show, "DELETE", "/items/1");
-    assert_http_event(
-        event,
-        &show,
-        ("block", "blocked", 403),
-        &destination,
-        &fx.route(),
-    );
-    assert_eq!(
-        rules_hit(event),
-        vec!["block[0]: method DELETE"],
-        "{}",
-        pretty(&show)
-    );
+    assert_http_event(event, &show, ("block", "blocked", 403), &destination, &fx.route());
+    assert_eq!(rules_hit(event), vec!["block[0]: method DELETE"], "{}", pretty(&show));
 
-    let show = fx
-        .daemon
-        .show_until(&by_path.session, "the blocked GET", |show| {
-            has_http_event(show, "GET", "/admin/users")
-        });
+    let show =
+        fx.daemon.show_until(&by_path.session, "the blocked GET", |show| has_http_event(show, "GET", "/admin/users"));
     let event = http_event(&show, "GET", "/admin/users");
-    assert_http_event(
-        event,
-        &show,
-        ("block", "blocked", 403),
-        &destination,
-        &fx.route(),
-    );
+    assert_http_event(event, &show, ("block", "blocked", 403), &destination, &fx.route());
     assert_eq!(rules_hit(event), vec![rule], "{}", pretty(&show));
 }
 
@@ -98,9 +63,7 @@ fn normalized_path(path: &str) -> String {
     let mut rest = path;
     while let Some(at) = rest.find('%') {
         decoded.push_str(&rest[..at]);
-        let hex = rest
-            .get(at + 1..at + 3)
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        let hex = rest.get(at + 1..at + 3).and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match hex.map(char::from) {
             Some(c) if c.is_ascii_alphanumeric() || "-._~".contains(c) => {
                 decoded.push(c);
@@ -132,18 +95,10 @@ fn normalized_path(path: &str) -> String {
 #[test]
 fn blocked_paths_cannot_be_reached_by_another_spelling() {
     let fx = Fixture::start(&[]);
-    let spellings = [
-        "/%61dmin/users",
-        "//admin/users",
-        "/public/../admin/users",
-        "/./admin/users",
-    ];
+    let spellings = ["/%61dmin/users", "//admin/users", "/public/../admin/users", "/./admin/users"];
     let mut answers = Vec::new();
     for path in spellings {
-        assert!(
-            normalized_path(path).starts_with("/admin/"),
-            "test bug: {path} is not an /admin/ path"
-        );
+        assert!(normalized_path(path).starts_with("/admin/"), "test bug: {path} is not an /admin/ path");
         let exchange = fx.curl(&["--path-as-is", &fx.url(path)]);
         answers.push(format!("{path} -> HTTP {}", exchange.status));
     }
@@ -181,54 +136,27 @@ fn block_rules_match_headers_and_bodies() {
     let header = curl(&["-H", "X-Danger: yes", &url("/by-header")]);
     header.assert_status(403, "a matching header is blocked");
     assert!(
-        header.json()["rule"]
-            .as_str()
-            .is_some_and(|rule| rule.starts_with("block[0]") && rule.contains("X-Danger")),
+        header.json()["rule"].as_str().is_some_and(|rule| rule.starts_with("block[0]") && rule.contains("X-Danger")),
         "{header}"
     );
-    let body = curl(&[
-        "-X",
-        "POST",
-        "--data",
-        "x; DROP TABLE users",
-        &url("/by-body"),
-    ]);
+    let body = curl(&["-X", "POST", "--data", "x; DROP TABLE users", &url("/by-body")]);
     body.assert_status(403, "a matching body is blocked");
-    assert!(
-        body.json()["rule"]
-            .as_str()
-            .is_some_and(|rule| rule.starts_with("block[1]")),
-        "{body}"
-    );
+    assert!(body.json()["rule"].as_str().is_some_and(|rule| rule.starts_with("block[1]")), "{body}");
 
     // Near misses pass: another header value, the body rule's text under another method.
     let other_header = curl(&["-H", "X-Danger: no", &url("/other-header")]);
     other_header.assert_status(200, "a non-matching header value passes");
     let other_body = curl(&["-X", "POST", "--data", "SELECT 1", &url("/other-body")]);
     other_body.assert_status(200, "a non-matching body passes");
-    let other_method = curl(&[
-        "-X",
-        "PUT",
-        "--data",
-        "DROP TABLE users",
-        &url("/other-method"),
-    ]);
+    let other_method = curl(&["-X", "PUT", "--data", "DROP TABLE users", &url("/other-method")]);
     other_method.assert_status(200, "all fields of a matcher must match");
 
     assert_eq!(
         upstream.request_lines(),
-        vec![
-            "GET /other-header".to_owned(),
-            "POST /other-body".to_owned(),
-            "PUT /other-method".to_owned()
-        ],
+        vec!["GET /other-header".to_owned(), "POST /other-body".to_owned(), "PUT /other-method".to_owned()],
         "{}",
         upstream.describe()
     );
     let forwarded = &upstream.requests()[1];
-    assert_eq!(
-        forwarded.body_text(),
-        "SELECT 1",
-        "the request body reaches the upstream intact:\n{forwarded}"
-    );
+    assert_eq!(forwarded.body_text(), "SELECT 1", "the request body reaches the upstream intact:\n{forwarded}");
 }

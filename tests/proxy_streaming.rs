@@ -18,14 +18,21 @@ fn a_large_response_streams_through_and_is_counted() {
     let daemon = Daemon::start(&policy(upstream.port()));
     let token = daemon.mint("bulk-bot", &[]);
     let url = format!("http://127.0.0.1:{}/bulk", upstream.port());
-    let out = daemon.run(&token, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", url.as_str()]);
+    let out =
+        daemon.run(&token, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", url.as_str()]);
     assert_eq!(out.stdout.trim(), format!("200 {size}"), "the whole body should arrive: {out}");
 
     let id = daemon.last_session_id();
     let show = daemon.show_until(&id, "the streamed exchange's record", |show| {
-        show["events"].as_array().is_some_and(|events| events.iter().any(|e| e["kind"] == "http" && e["response_bytes"].is_u64()))
+        show["events"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["kind"] == "http" && e["response_bytes"].is_u64()))
     });
-    let http = show["events"].as_array().and_then(|events| events.iter().find(|e| e["kind"] == "http")).cloned().unwrap_or_default();
+    let http = show["events"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["kind"] == "http"))
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(http["response_bytes"].as_u64(), Some(size as u64), "{}", pretty(&show));
     assert_eq!(http["outcome"], "forwarded", "{}", pretty(&show));
 }
@@ -39,7 +46,23 @@ fn a_request_declared_over_the_bound_is_refused_before_the_upstream() {
     // Declares 100 MiB and sends nothing: the proxy must answer from the header alone.
     let out = daemon.run(
         &token,
-        &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", "Content-Length: 104857600", "-H", "Expect:", "--max-time", "10", url.as_str()],
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Length: 104857600",
+            "-H",
+            "Expect:",
+            "--max-time",
+            "10",
+            url.as_str(),
+        ],
     );
     assert_eq!(out.stdout.trim(), "413", "an oversized request must be refused: {out}");
     assert!(upstream.request_lines().is_empty(), "nothing may reach the upstream: {:?}", upstream.request_lines());

@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, run_with_timeout, session_log::{events_of_kind, pretty}};
+use harness::{
+    Daemon, run_with_timeout,
+    session_log::{events_of_kind, pretty},
+};
 use tempfile::TempDir;
 
 /// A real nginx serving TLS on 127.0.0.1, with a certificate for
@@ -31,15 +34,42 @@ impl Nginx {
             .expect("extension file");
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
         let steps: [Vec<String>; 3] = [
-            ["req", "-x509"].iter().chain(&ec).map(|s| (*s).to_owned())
-                .chain(["-days", "2", "-subj", "/CN=tollgate test CA", "-keyout", &p("ca.key"), "-out", &p("ca.pem")].map(String::from))
+            ["req", "-x509"]
+                .iter()
+                .chain(&ec)
+                .map(|s| (*s).to_owned())
+                .chain(
+                    ["-days", "2", "-subj", "/CN=tollgate test CA", "-keyout", &p("ca.key"), "-out", &p("ca.pem")]
+                        .map(String::from),
+                )
                 .collect(),
-            ["req"].iter().chain(&ec).map(|s| (*s).to_owned())
-                .chain(["-subj", "/CN=allowed.test", "-keyout", &p("key.pem"), "-out", &p("leaf.csr")].map(String::from))
+            ["req"]
+                .iter()
+                .chain(&ec)
+                .map(|s| (*s).to_owned())
+                .chain(
+                    ["-subj", "/CN=allowed.test", "-keyout", &p("key.pem"), "-out", &p("leaf.csr")].map(String::from),
+                )
                 .collect(),
-            ["x509", "-req", "-in", &p("leaf.csr"), "-CA", &p("ca.pem"), "-CAkey", &p("ca.key"), "-CAcreateserial", "-days", "2", "-extfile", &p("leaf.ext"), "-out", &p("cert.pem")]
-                .map(String::from)
-                .to_vec(),
+            [
+                "x509",
+                "-req",
+                "-in",
+                &p("leaf.csr"),
+                "-CA",
+                &p("ca.pem"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p("leaf.ext"),
+                "-out",
+                &p("cert.pem"),
+            ]
+            .map(String::from)
+            .to_vec(),
         ];
         for step in steps {
             let mut openssl = Command::new("openssl");
@@ -73,7 +103,11 @@ impl Nginx {
             .expect("nginx starts (cargo xtask setup installs it)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen on {port}: {}", fs::read_to_string(path("error.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen on {port}: {}",
+                fs::read_to_string(path("error.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Nginx { dir, port, child }
@@ -127,12 +161,21 @@ fn the_proxy_originates_tls_so_the_agent_speaks_plain_http() {
     let out = daemon.run(&token, &["curl", "-s", "--max-time", "10", url.as_str()]);
     assert_eq!(out.code(), Some(0), "curl through the proxy failed: {out}");
     assert!(out.stdout.contains(r#""served":"nginx""#), "the agent did not get nginx's answer over plain HTTP: {out}");
-    assert_eq!(nginx.requests(), vec!["GET /plain-to-tls HTTP/1.1"], "nginx should have served exactly the request, over TLS");
+    assert_eq!(
+        nginx.requests(),
+        vec!["GET /plain-to-tls HTTP/1.1"],
+        "nginx should have served exactly the request, over TLS"
+    );
 
     let id = daemon.last_session_id();
     let show = daemon.show_until(&id, "the http exchange", |show| !events_of_kind(show, "http").is_empty());
     let http = events_of_kind(&show, "http")[0];
-    assert_eq!((http["status"].as_u64(), http["outcome"].as_str()), (Some(200), Some("forwarded")), "{}", pretty(&show));
+    assert_eq!(
+        (http["status"].as_u64(), http["outcome"].as_str()),
+        (Some(200), Some("forwarded")),
+        "{}",
+        pretty(&show)
+    );
 }
 
 #[test]
@@ -185,6 +228,11 @@ fn tls_passthrough_is_governed_by_server_name() {
     let id = daemon.last_session_id();
     let show = daemon.show_until(&id, "the refused TLS connection", |show| !events_of_kind(show, "tls").is_empty());
     let tls = events_of_kind(&show, "tls")[0];
-    assert_eq!((tls["verdict"].as_str(), tls["sni"].as_str()), (Some("deny"), Some("denied.test")), "{}", pretty(&show));
+    assert_eq!(
+        (tls["verdict"].as_str(), tls["sni"].as_str()),
+        (Some("deny"), Some("denied.test")),
+        "{}",
+        pretty(&show)
+    );
     assert!(tls["reason"].as_str().is_some_and(|r| r.contains("denied")), "{}", pretty(&show));
 }

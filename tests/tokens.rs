@@ -56,13 +56,9 @@ struct SigningKey {
 
 impl SigningKey {
     fn generate() -> SigningKey {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-            .expect("generating an Ed25519 key");
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("generating an Ed25519 key");
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("parsing the generated key");
-        SigningKey {
-            pkcs8: pkcs8.as_ref().to_vec(),
-            public: pair.public_key().as_ref().to_vec(),
-        }
+        SigningKey { pkcs8: pkcs8.as_ref().to_vec(), public: pair.public_key().as_ref().to_vec() }
     }
 
     /// A JWKS holding the public key under [`KID`].
@@ -82,16 +78,12 @@ impl SigningKey {
     fn sign(&self, claims: &Value) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(KID.to_owned());
-        jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(&self.pkcs8))
-            .expect("signing a test token")
+        jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(&self.pkcs8)).expect("signing a test token")
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970").as_secs()
 }
 
 /// Claims that `POLICY` maps to an identity for `issuer`, valid for the next ten minutes.
@@ -128,9 +120,7 @@ struct JwksServer {
 impl JwksServer {
     fn start(jwks: String) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the JWKS server");
-        let addr = listener
-            .local_addr()
-            .expect("reading the JWKS server's address");
+        let addr = listener.local_addr().expect("reading the JWKS server's address");
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::spawn({
@@ -148,12 +138,7 @@ impl JwksServer {
                 }
             }
         });
-        JwksServer {
-            addr,
-            requests,
-            stop,
-            thread: Some(thread),
-        }
+        JwksServer { addr, requests, stop, thread: Some(thread) }
     }
 
     fn url(&self) -> String {
@@ -220,44 +205,23 @@ fn tokens_from_jwks_file_and_jwks_url_issuers_start_sessions() {
             audience: AUDIENCE.to_owned(),
             jwks: Jwks::Json(file_key.jwks()),
         })
-        .issuer(Issuer {
-            issuer: URL_ISSUER.to_owned(),
-            audience: AUDIENCE.to_owned(),
-            jwks: Jwks::Url(server.url()),
-        })
+        .issuer(Issuer { issuer: URL_ISSUER.to_owned(), audience: AUDIENCE.to_owned(), jwks: Jwks::Url(server.url()) })
         .start();
 
-    for (issuer, key, identity) in [
-        (FILE_ISSUER, &file_key, "file-issued"),
-        (URL_ISSUER, &url_key, "url-issued"),
-    ] {
+    for (issuer, key, identity) in [(FILE_ISSUER, &file_key, "file-issued"), (URL_ISSUER, &url_key, "url-issued")] {
         let subject = format!("{identity}-subject");
         let token = daemon.write_token(&key.sign(&valid_claims(issuer, &subject)));
         let marker = format!("ran-{}", unique_tag());
         let script = format!(r#"echo "$TOLLGATE_SESSION"; echo {marker}"#);
         let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
-        assert_eq!(
-            out.code(),
-            Some(0),
-            "a valid token from {issuer} was not accepted: {out}"
-        );
-        assert!(
-            out.has_stdout_line(&marker),
-            "the command's output is missing ({issuer}): {out}"
-        );
+        assert_eq!(out.code(), Some(0), "a valid token from {issuer} was not accepted: {out}");
+        assert!(out.has_stdout_line(&marker), "the command's output is missing ({issuer}): {out}");
 
         let session = daemon.session(out.first_line());
         let context = pretty(&session);
         assert_eq!(session["issuer"], issuer, "session issuer:\n{context}");
-        assert_eq!(
-            session["identity"], identity,
-            "session identity:\n{context}"
-        );
-        assert_eq!(
-            session["subject"],
-            subject.as_str(),
-            "session subject:\n{context}"
-        );
+        assert_eq!(session["identity"], identity, "session identity:\n{context}");
+        assert_eq!(session["subject"], subject.as_str(), "session subject:\n{context}");
     }
     assert!(
         server.requests() >= 1,
@@ -273,70 +237,39 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
     let impostor = SigningKey::generate();
     let daemon = Daemon::builder()
         .policy(POLICY)
-        .issuer(Issuer {
-            issuer: FILE_ISSUER.to_owned(),
-            audience: AUDIENCE.to_owned(),
-            jwks: Jwks::Json(key.jwks()),
-        })
+        .issuer(Issuer { issuer: FILE_ISSUER.to_owned(), audience: AUDIENCE.to_owned(), jwks: Jwks::Json(key.jwks()) })
         .start();
 
     let now = unix_now();
     let valid = valid_claims(FILE_ISSUER, "token-test");
-    let unsigned = format!(
-        "{}.{}.",
-        URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
-        URL_SAFE_NO_PAD.encode(valid.to_string())
-    );
+    let unsigned =
+        format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(valid.to_string()));
     // The classic algorithm-confusion attack: HMAC keyed with the issuer's public key.
     let mut hs256_header = Header::new(Algorithm::HS256);
     hs256_header.kid = Some(KID.to_owned());
-    let hs256 = jsonwebtoken::encode(
-        &hs256_header,
-        &valid,
-        &EncodingKey::from_secret(&key.public),
-    )
-    .expect("signing the HS256 token");
+    let hs256 = jsonwebtoken::encode(&hs256_header, &valid, &EncodingKey::from_secret(&key.public))
+        .expect("signing the HS256 token");
 
     let cases: [(&str, String, &str); 9] = [
-        (
-            "expired",
-            key.sign(&claims_with(
-                FILE_ISSUER,
-                json!({"iat": now - 1200, "exp": now - 600}),
-            )),
-            "expired",
-        ),
+        ("expired", key.sign(&claims_with(FILE_ISSUER, json!({"iat": now - 1200, "exp": now - 600}))), "expired"),
         (
             "not yet valid",
-            key.sign(&claims_with(
-                FILE_ISSUER,
-                json!({"nbf": now + 600, "exp": now + 1200}),
-            )),
+            key.sign(&claims_with(FILE_ISSUER, json!({"nbf": now + 600, "exp": now + 1200}))),
             "not yet valid",
         ),
         (
             "unknown issuer",
-            key.sign(&claims_with(
-                FILE_ISSUER,
-                json!({"iss": "https://unknown.test.example"}),
-            )),
+            key.sign(&claims_with(FILE_ISSUER, json!({"iss": "https://unknown.test.example"}))),
             "unknown issuer",
         ),
-        (
-            "wrong audience",
-            key.sign(&claims_with(FILE_ISSUER, json!({"aud": "someone-else"}))),
-            "audience",
-        ),
+        ("wrong audience", key.sign(&claims_with(FILE_ISSUER, json!({"aud": "someone-else"}))), "audience"),
         ("wrong key", impostor.sign(&valid), "signature"),
         ("alg none", unsigned, "none"),
         ("HS256", hs256, "HS256"),
         ("garbage", "this is not a JWT".to_owned(), "malformed"),
         (
             "no matching identity",
-            key.sign(&claims_with(
-                FILE_ISSUER,
-                json!({"repository_owner": "intruder"}),
-            )),
+            key.sign(&claims_with(FILE_ISSUER, json!({"repository_owner": "intruder"}))),
             "no matching identity",
         ),
     ];
@@ -345,9 +278,7 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
     for (case, jwt, reason) in cases {
         let token = daemon.write_token(&jwt);
         // The command would leave this file behind if it ever ran.
-        let marker = daemon
-            .dir()
-            .join(format!("started-{}", case.replace(' ', "-")));
+        let marker = daemon.dir().join(format!("started-{}", case.replace(' ', "-")));
         let out = daemon.run(&token, &[Path::new("/usr/bin/touch"), marker.as_path()]);
 
         let stderr = out.stderr.trim_end();
@@ -361,9 +292,7 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
                     problems.push(format!("the reason does not mention {reason:?}"));
                 }
             }
-            _ => problems.push(format!(
-                "stderr is not one `{REJECTED_PREFIX}<reason>` line"
-            )),
+            _ => problems.push(format!("stderr is not one `{REJECTED_PREFIX}<reason>` line")),
         }
         if !out.stdout.is_empty() {
             problems.push("something was printed on stdout".to_owned());
@@ -375,18 +304,10 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
             failures.push(format!("{case}: {}\n{out}", problems.join("; ")));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "bad tokens were mishandled:\n\n{}",
-        failures.join("\n\n")
-    );
+    assert!(failures.is_empty(), "bad tokens were mishandled:\n\n{}", failures.join("\n\n"));
 
     let sessions = daemon.sessions();
-    assert!(
-        sessions.is_empty(),
-        "rejected tokens must not create sessions:\n{}",
-        pretty(&Value::Array(sessions))
-    );
+    assert!(sessions.is_empty(), "rejected tokens must not create sessions:\n{}", pretty(&Value::Array(sessions)));
 }
 
 /// The dev issuer's tokens are trusted only where the config says

@@ -5,7 +5,10 @@
 //! after parsing (a grant naming an unknown identity) are located by
 //! [`locate`], which finds the `key: value` line in the source.
 
-use std::{fmt, path::{Path, PathBuf}};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use serde::de::DeserializeOwned;
 

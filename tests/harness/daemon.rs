@@ -80,13 +80,8 @@ impl DaemonBuilder {
     pub fn start(self) -> Daemon {
         // SAFETY: geteuid(2) cannot fail and has no preconditions.
         let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "tollgate's integration tests load BPF programs and must run as root"
-        );
-        let mut daemon = self
-            .spawn()
-            .unwrap_or_else(|err| panic!("could not start tollgate daemon: {err:#}"));
+        assert_eq!(euid, 0, "tollgate's integration tests load BPF programs and must run as root");
+        let mut daemon = self.spawn().unwrap_or_else(|err| panic!("could not start tollgate daemon: {err:#}"));
         if let Err(err) = daemon.wait_ready() {
             // Dropping the daemon while panicking prints its log.
             panic!("tollgate daemon did not become ready: {err:#}");
@@ -96,10 +91,8 @@ impl DaemonBuilder {
 
     fn spawn(self) -> anyhow::Result<Daemon> {
         let bin = tollgate_bin();
-        let dir = tempfile::Builder::new()
-            .prefix("tollgate-test-")
-            .tempdir()
-            .context("creating the daemon's temp dir")?;
+        let dir =
+            tempfile::Builder::new().prefix("tollgate-test-").tempdir().context("creating the daemon's temp dir")?;
         // Tests run governed commands as an unprivileged user too; it must reach token files.
         set_mode(dir.path(), 0o755)?;
 
@@ -145,37 +138,25 @@ impl DaemonBuilder {
             match &issuer.jwks {
                 Jwks::Json(json) => {
                     let path = dir.path().join(format!("jwks-{index}.json"));
-                    fs::write(&path, json)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
                     config.push_str(&format!("    jwks_file: {}\n", yaml_path(&path)?));
                 }
                 Jwks::Url(url) => config.push_str(&format!("    jwks_url: {}\n", yaml_str(url))),
             }
         }
         let config_path = dir.path().join("config.yaml");
-        fs::write(&config_path, &config)
-            .with_context(|| format!("writing {}", config_path.display()))?;
+        fs::write(&config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
 
         let log_path = dir.path().join("daemon.log");
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let log_for_stdout = log
-            .try_clone()
-            .context("duplicating the daemon log handle")?;
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log_for_stdout = log.try_clone().context("duplicating the daemon log handle")?;
         let mut cmd = Command::new(&bin);
-        cmd.arg("daemon")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log_for_stdout)
-            .stderr(log);
+        cmd.arg("daemon").arg("--config").arg(&config_path).stdin(Stdio::null()).stdout(log_for_stdout).stderr(log);
         // An informative log is what makes a failing test diagnosable; respect an explicit choice.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} daemon", bin.display()))?;
+        let child = cmd.spawn().with_context(|| format!("spawning {} daemon", bin.display()))?;
 
         Ok(Daemon {
             bin,
@@ -215,12 +196,7 @@ impl Daemon {
     }
 
     pub fn builder() -> DaemonBuilder {
-        DaemonBuilder {
-            policies: Vec::new(),
-            issuers: Vec::new(),
-            dev_issuer: true,
-            extra_config: String::new(),
-        }
+        DaemonBuilder { policies: Vec::new(), issuers: Vec::new(), dev_issuer: true, extra_config: String::new() }
     }
 
     /// The daemon's temp dir (mode 0755); tests may put their own files here.
@@ -247,19 +223,14 @@ impl Daemon {
     /// array claim) and returns the path of a world-readable file holding it.
     pub fn mint(&self, sub: &str, claims: &[(&str, &str)]) -> PathBuf {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["token", "mint", "--state-dir"])
-            .arg(&self.state_dir)
-            .args(["--sub", sub]);
+        cmd.args(["token", "mint", "--state-dir"]).arg(&self.state_dir).args(["--sub", sub]);
         for (key, value) in claims {
             cmd.arg("--claim").arg(format!("{key}={value}"));
         }
         let out = self.finish(&mut cmd, "tollgate token mint");
         assert!(out.success(), "tollgate token mint failed: {out}");
         let jwt = out.stdout.trim();
-        assert!(
-            jwt.split('.').count() == 3,
-            "tollgate token mint printed something that is not a JWT: {out}"
-        );
+        assert!(jwt.split('.').count() == 3, "tollgate token mint printed something that is not a JWT: {out}");
         self.write_token(jwt)
     }
 
@@ -282,13 +253,7 @@ impl Daemon {
 
     /// Runs `argv` in a new session, with `tollgate run` itself started as `uid`/`gid` with no
     /// supplementary groups.
-    pub fn run_as<S: AsRef<OsStr>>(
-        &self,
-        uid: u32,
-        gid: u32,
-        token_file: &Path,
-        argv: &[S],
-    ) -> RunOutput {
+    pub fn run_as<S: AsRef<OsStr>>(&self, uid: u32, gid: u32, token_file: &Path, argv: &[S]) -> RunOutput {
         // setpriv execs the binary, so the pid we record is still that of `tollgate run`.
         let mut cmd = Command::new("setpriv");
         cmd.arg("--reuid")
@@ -302,13 +267,7 @@ impl Daemon {
     }
 
     fn add_run_args<S: AsRef<OsStr>>(&self, cmd: &mut Command, token_file: &Path, argv: &[S]) {
-        cmd.arg("run")
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--token-file")
-            .arg(token_file)
-            .arg("--")
-            .args(argv);
+        cmd.arg("run").arg("--socket").arg(&self.socket).arg("--token-file").arg(token_file).arg("--").args(argv);
     }
 
     /// Runs `tollgate --socket SOCKET ARGS...`.
@@ -327,10 +286,7 @@ impl Daemon {
     pub fn sessions(&self) -> Vec<Value> {
         match self.query_json(&["sessions", "--format", "json"]) {
             Value::Array(sessions) => sessions,
-            other => panic!(
-                "`sessions --format json` is not a JSON array:\n{}",
-                pretty(&other)
-            ),
+            other => panic!("`sessions --format json` is not a JSON array:\n{}", pretty(&other)),
         }
     }
 
@@ -341,12 +297,7 @@ impl Daemon {
             .iter()
             .find(|session| session["id"].as_str() == Some(id))
             .cloned()
-            .unwrap_or_else(|| {
-                panic!(
-                    "no session {id:?} in `sessions`:\n{}",
-                    pretty(&Value::Array(sessions))
-                )
-            })
+            .unwrap_or_else(|| panic!("no session {id:?} in `sessions`:\n{}", pretty(&Value::Array(sessions))))
     }
 
     /// Polls `sessions` until the record for `id` satisfies `done`; `what` describes the wait in
@@ -360,9 +311,8 @@ impl Daemon {
         let sessions = self.sessions();
         let latest = sessions.iter().max_by_key(|session| {
             let started_at = session["started_at"].as_str().unwrap_or_default();
-            parse_rfc3339(started_at).unwrap_or_else(|| {
-                panic!("session has an invalid started_at:\n{}", pretty(session))
-            })
+            parse_rfc3339(started_at)
+                .unwrap_or_else(|| panic!("session has an invalid started_at:\n{}", pretty(session)))
         });
         match latest.map(|session| &session["id"]) {
             Some(Value::String(id)) => id.clone(),
@@ -390,10 +340,7 @@ impl Daemon {
                 return value;
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "timed out after {LOG_POLL_TIMEOUT:?} waiting for {what}; last answer:\n{}",
-                    pretty(&value)
-                );
+                panic!("timed out after {LOG_POLL_TIMEOUT:?} waiting for {what}; last answer:\n{}", pretty(&value));
             }
             thread::sleep(POLL_INTERVAL);
         }
@@ -401,15 +348,9 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the daemon to exit. Panics if it needed SIGKILL.
     pub fn stop(mut self) -> StopReport {
-        let child = self
-            .child
-            .take()
-            .expect("a Daemon's child is only taken when it stops");
+        let child = self.child.take().expect("a Daemon's child is only taken when it stops");
         match terminate(child) {
-            Ok(Stopped::Exited(status)) => StopReport {
-                status,
-                log: self.log(),
-            },
+            Ok(Stopped::Exited(status)) => StopReport { status, log: self.log() },
             Ok(Stopped::Killed) => {
                 panic!("tollgate daemon did not exit within {STOP_GRACE:?} of SIGTERM")
             }
@@ -426,12 +367,8 @@ impl Daemon {
     fn query_json(&self, args: &[&str]) -> Value {
         let out = self.tollgate(args);
         assert!(out.success(), "`tollgate {}` failed: {out}", args.join(" "));
-        serde_json::from_str(&out.stdout).unwrap_or_else(|err| {
-            panic!(
-                "`tollgate {}` did not print valid JSON ({err}): {out}",
-                args.join(" ")
-            )
-        })
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|err| panic!("`tollgate {}` did not print valid JSON ({err}): {out}", args.join(" ")))
     }
 
     fn finish(&self, cmd: &mut Command, what: &str) -> RunOutput {
@@ -525,9 +462,7 @@ fn yaml_str(text: &str) -> String {
 }
 
 fn yaml_path(path: &Path) -> anyhow::Result<String> {
-    let text = path
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))?;
+    let text = path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))?;
     Ok(yaml_str(text))
 }
 

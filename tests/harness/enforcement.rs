@@ -13,10 +13,8 @@ pub const ALLOW_ALL: [&str; 2] = ["0.0.0.0/0", "::/0"];
 pub fn policy(allow: &[String], deny: &[String], exec_deny: &[&Path]) -> String {
     // JSON arrays are valid YAML flow sequences, and JSON strings need no further escaping.
     let yaml_list = |items: &[String]| serde_json::to_string(items).expect("strings serialize");
-    let exec_deny: Vec<String> = exec_deny
-        .iter()
-        .map(|path| path.to_str().expect("temp paths are UTF-8").to_owned())
-        .collect();
+    let exec_deny: Vec<String> =
+        exec_deny.iter().map(|path| path.to_str().expect("temp paths are UTF-8").to_owned()).collect();
     let exec_section = if exec_deny.is_empty() {
         String::new()
     } else {

@@ -21,11 +21,7 @@ pub fn active_lsms() -> Vec<String> {
         Err(err) if err.kind() == ErrorKind::NotFound => read_lsm_list_privately(),
         Err(err) => panic!("reading {LSM_LIST}: {err}"),
     };
-    list.trim()
-        .split(',')
-        .filter(|name| !name.is_empty())
-        .map(str::to_owned)
-        .collect()
+    list.trim().split(',').filter(|name| !name.is_empty()).map(str::to_owned).collect()
 }
 
 fn read_lsm_list_privately() -> String {
@@ -36,10 +32,7 @@ fn read_lsm_list_privately() -> String {
         .arg(mount_point.path());
     let out = run_with_timeout(&mut cmd, Duration::from_secs(10))
         .unwrap_or_else(|err| panic!("reading the LSM list from a private securityfs: {err:#}"));
-    assert!(
-        out.success(),
-        "could not read the LSM list from a private securityfs mount: {out}"
-    );
+    assert!(out.success(), "could not read the LSM list from a private securityfs mount: {out}");
     out.stdout
 }
 
@@ -53,8 +46,8 @@ pub fn bpf_lsm_active() -> bool {
 /// Where the cgroup2 hierarchy is mounted (for example /sys/fs/cgroup, or
 /// /sys/fs/cgroup/unified on a hybrid host), from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> PathBuf {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_else(|err| panic!("reading /proc/self/mountinfo: {err}"));
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").unwrap_or_else(|err| panic!("reading /proc/self/mountinfo: {err}"));
     // Each line is "ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ...".
     // Mount points with spaces would be octal-escaped; cgroup2 mount points have none.
     mountinfo

@@ -29,12 +29,10 @@ pub const BIN_ENV: &str = "TOLLGATE_BIN";
 /// The workspace root: the parent of this crate's directory.
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().map(PathBuf::from).unwrap_or_else(|| {
-        panic!(
-            "tests crate at {} has no parent directory",
-            manifest_dir.display()
-        )
-    })
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("tests crate at {} has no parent directory", manifest_dir.display()))
 }
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else the workspace's debug build.
@@ -44,10 +42,7 @@ pub fn workspace_root() -> PathBuf {
 pub fn tollgate_bin() -> PathBuf {
     let (path, origin) = match std::env::var_os(BIN_ENV) {
         Some(path) => (PathBuf::from(path), format!("${BIN_ENV}")),
-        None => (
-            workspace_root().join("target/debug/tollgate"),
-            "the default location".to_owned(),
-        ),
+        None => (workspace_root().join("target/debug/tollgate"), "the default location".to_owned()),
     };
     assert!(
         path.is_file(),
@@ -63,9 +58,5 @@ pub fn tollgate_bin() -> PathBuf {
 /// Includes the pid so that markers from concurrently running test binaries cannot collide.
 pub fn unique_tag() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }

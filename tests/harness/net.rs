@@ -14,17 +14,11 @@ pub struct Listener {
 impl Listener {
     /// Binds `ip` (e.g. "127.0.0.2" or "::1") on port 0.
     pub fn bind(ip: &str) -> Listener {
-        let ip: IpAddr = ip
-            .parse()
-            .unwrap_or_else(|err| panic!("bad listener address {ip:?}: {err}"));
-        let inner = TcpListener::bind((ip, 0))
-            .unwrap_or_else(|err| panic!("binding a TCP listener on {ip}: {err}"));
-        inner
-            .set_nonblocking(true)
-            .unwrap_or_else(|err| panic!("making the listener on {ip} non-blocking: {err}"));
-        let addr = inner
-            .local_addr()
-            .unwrap_or_else(|err| panic!("reading the address of the listener on {ip}: {err}"));
+        let ip: IpAddr = ip.parse().unwrap_or_else(|err| panic!("bad listener address {ip:?}: {err}"));
+        let inner = TcpListener::bind((ip, 0)).unwrap_or_else(|err| panic!("binding a TCP listener on {ip}: {err}"));
+        inner.set_nonblocking(true).unwrap_or_else(|err| panic!("making the listener on {ip} non-blocking: {err}"));
+        let addr =
+            inner.local_addr().unwrap_or_else(|err| panic!("reading the address of the listener on {ip}: {err}"));
         Listener { inner, addr }
     }
 

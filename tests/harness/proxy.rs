@@ -98,12 +98,9 @@ pub struct Secret {
 impl Secret {
     /// A secret owned by `uid` (gid 0) with permission bits `mode`.
     pub fn new(mode: u32, uid: u32) -> Secret {
-        let dir = tempfile::Builder::new()
-            .prefix("tollgate-secret-")
-            .tempdir()
-            .expect("creating the secret's temp dir");
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
-            .expect("chmod 755 on the secret's dir");
+        let dir =
+            tempfile::Builder::new().prefix("tollgate-secret-").tempdir().expect("creating the secret's temp dir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod 755 on the secret's dir");
         let path = dir.path().join("api-token");
         let value = format!("Bearer tollgate-secret-{}", unique_tag());
         // Created private, so the secret is never readable by others before the chmod below.
@@ -114,15 +111,10 @@ impl Secret {
             .open(&path)
             .and_then(|mut file| writeln!(file, "{value}"))
             .unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
-        chown(&path, Some(uid), Some(0))
-            .unwrap_or_else(|err| panic!("chown {uid}:0 {}: {err}", path.display()));
+        chown(&path, Some(uid), Some(0)).unwrap_or_else(|err| panic!("chown {uid}:0 {}: {err}", path.display()));
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))
             .unwrap_or_else(|err| panic!("chmod {mode:o} {}: {err}", path.display()));
-        Secret {
-            _dir: dir,
-            path,
-            value,
-        }
+        Secret { _dir: dir, path, value }
     }
 
     /// Root-owned and private: what the proxy requires.
@@ -168,13 +160,7 @@ impl Fixture {
         }
         let daemon = builder.start();
         let token = daemon.mint("deploy-bot", BUILD_BOTS);
-        Fixture {
-            daemon,
-            upstream,
-            secret,
-            token,
-            to,
-        }
+        Fixture { daemon, upstream, secret, token, to }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -206,59 +192,36 @@ pub struct Exchange {
 impl Exchange {
     /// Parses the output of [`curl_argv`]: the session id, the body, then the status code.
     pub fn parse(out: RunOutput) -> Exchange {
-        let (session, rest) = out
-            .stdout
-            .split_once('\n')
-            .unwrap_or((out.stdout.as_str(), ""));
+        let (session, rest) = out.stdout.split_once('\n').unwrap_or((out.stdout.as_str(), ""));
         let (body, code) = rest.rsplit_once('\n').unwrap_or(("", rest));
-        let status = code
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("curl printed no status code: {out}"));
-        Exchange {
-            session: session.to_owned(),
-            status,
-            body: body.to_owned(),
-            out,
-        }
+        let status = code.trim().parse().unwrap_or_else(|_| panic!("curl printed no status code: {out}"));
+        Exchange { session: session.to_owned(), status, body: body.to_owned(), out }
     }
 
     /// The body as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|err| panic!("the response body is not JSON ({err}):\n{self}"))
+        serde_json::from_str(&self.body).unwrap_or_else(|err| panic!("the response body is not JSON ({err}):\n{self}"))
     }
 
     /// Asserts the status, with the whole exchange in the message.
     pub fn assert_status(&self, status: u16, what: &str) {
-        assert_eq!(
-            self.status, status,
-            "{what}: unexpected HTTP status\n{self}"
-        );
+        assert_eq!(self.status, status, "{what}: unexpected HTTP status\n{self}");
     }
 }
 
 impl std::fmt::Display for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "session {} got HTTP {} with body {:?}\n{}",
-            self.session, self.status, self.body, self.out
-        )
+        write!(f, "session {} got HTTP {} with body {:?}\n{}", self.session, self.status, self.body, self.out)
     }
 }
 
 /// argv for a governed command that prints its session id, then runs `curl ARGS...` printing
 /// the response body and, on a line of its own, the status code.
 pub fn curl_argv(args: &[&str]) -> Vec<String> {
-    let mut argv: Vec<String> = [
-        "/bin/sh",
-        "-c",
-        r#"echo "$TOLLGATE_SESSION"; exec curl -sS --max-time 45 -w '\n%{http_code}' "$@""#,
-        "sh",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut argv: Vec<String> =
+        ["/bin/sh", "-c", r#"echo "$TOLLGATE_SESSION"; exec curl -sS --max-time 45 -w '\n%{http_code}' "$@""#, "sh"]
+            .map(str::to_owned)
+            .to_vec();
     argv.extend(args.iter().map(|arg| (*arg).to_owned()));
     argv
 }
@@ -282,17 +245,12 @@ pub fn http_event<'a>(show: &'a Value, method: &str, path: &str) -> &'a Value {
 
 /// Whether the log has an http event for `method path`.
 pub fn has_http_event(show: &Value, method: &str, path: &str) -> bool {
-    http_events(show)
-        .iter()
-        .any(|event| event["method"] == method && event["path"] == path)
+    http_events(show).iter().any(|event| event["method"] == method && event["path"] == path)
 }
 
 /// The approval events with `verdict`.
 pub fn approval_events<'a>(show: &'a Value, verdict: &str) -> Vec<&'a Value> {
-    events_of_kind(show, "approval")
-        .into_iter()
-        .filter(|event| event["verdict"] == verdict)
-        .collect()
+    events_of_kind(show, "approval").into_iter().filter(|event| event["verdict"] == verdict).collect()
 }
 
 /// Checks the fields every http event has, and that they name this route and destination.
@@ -307,32 +265,17 @@ pub fn assert_http_event(
     assert_eq!(event["verdict"], verdict, "http event verdict:\n{context}");
     assert_eq!(event["outcome"], outcome, "http event outcome:\n{context}");
     assert_eq!(event["status"], status, "http event status:\n{context}");
-    assert_eq!(
-        event["destination"], destination,
-        "http event destination:\n{context}"
-    );
+    assert_eq!(event["destination"], destination, "http event destination:\n{context}");
     assert_eq!(event["grant"], GRANT, "http event grant:\n{context}");
     assert_eq!(event["route"], route, "http event route:\n{context}");
-    assert!(
-        event["rules"].is_array(),
-        "http event rules should be an array:\n{context}"
-    );
-    assert!(
-        event["duration_ms"].is_number(),
-        "http event duration_ms should be a number:\n{context}"
-    );
-    assert!(
-        event["request_bytes"].is_u64(),
-        "http event request_bytes should be a count:\n{context}"
-    );
+    assert!(event["rules"].is_array(), "http event rules should be an array:\n{context}");
+    assert!(event["duration_ms"].is_number(), "http event duration_ms should be a number:\n{context}");
+    assert!(event["request_bytes"].is_u64(), "http event request_bytes should be a count:\n{context}");
 }
 
 /// The rule names an http event says it hit.
 pub fn rules_hit(event: &Value) -> Vec<&str> {
-    event["rules"]
-        .as_array()
-        .map(|rules| rules.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default()
+    event["rules"].as_array().map(|rules| rules.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
 }
 
 /// `tollgate approvals --format json` as root.
@@ -371,11 +314,7 @@ pub fn wait_for_approvals(daemon: &Daemon, count: usize) -> Vec<Value> {
 /// A pending approval's id.
 pub fn approval_id(pending: &Value) -> String {
     let id = str_field(pending, "id");
-    assert!(
-        id.starts_with("a-"),
-        "approval ids look like a-N:\n{}",
-        pretty(pending)
-    );
+    assert!(id.starts_with("a-"), "approval ids look like a-N:\n{}", pretty(pending));
     id.to_owned()
 }
 
@@ -410,10 +349,7 @@ go_value=$(cat "$dir/go")"#;
     pub fn wait_done(&self, what: &str) {
         let deadline = Instant::now() + ASYNC_TIMEOUT;
         while !self.dir.join("done").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for the session to {what}"
-            );
+            assert!(Instant::now() < deadline, "timed out waiting for the session to {what}");
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -440,9 +376,7 @@ pub fn json_of(text: &str) -> Value {
 }
 
 pub fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle.as_bytes())
+    haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
 }
 
 /// The value of the first stdout line starting with `key=`.

@@ -14,98 +14,67 @@ pub fn pretty(value: &Value) -> String {
 /// The `events` array of a `show` answer (empty if absent, so polling predicates can use it
 /// before the log is complete).
 pub fn events(show: &Value) -> &[Value] {
-    show["events"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    show["events"].as_array().map(Vec::as_slice).unwrap_or_default()
 }
 
 /// Events of one kind (`exec`, `fork`, `exit`, `connect`), in log order.
 pub fn events_of_kind<'a>(show: &'a Value, kind: &str) -> Vec<&'a Value> {
-    events(show)
-        .iter()
-        .filter(|event| event["kind"] == kind)
-        .collect()
+    events(show).iter().filter(|event| event["kind"] == kind).collect()
 }
 
 /// The recorded argv of an exec event as strings.
 pub fn argv(event: &Value) -> Vec<&str> {
-    event["argv"]
-        .as_array()
-        .map(|args| args.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default()
+    event["argv"].as_array().map(|args| args.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
 }
 
 /// The first exec event whose argv contains `arg`.
 pub fn exec_with_arg<'a>(show: &'a Value, arg: &str) -> Option<&'a Value> {
-    events_of_kind(show, "exec")
-        .into_iter()
-        .find(|event| argv(event).contains(&arg))
+    events_of_kind(show, "exec").into_iter().find(|event| argv(event).contains(&arg))
 }
 
 /// Like [`exec_with_arg`], panicking with the whole log if there is none.
 pub fn expect_exec_with_arg<'a>(show: &'a Value, arg: &str) -> &'a Value {
-    exec_with_arg(show, arg)
-        .unwrap_or_else(|| panic!("no exec event with argument {arg:?} in:\n{}", pretty(show)))
+    exec_with_arg(show, arg).unwrap_or_else(|| panic!("no exec event with argument {arg:?} in:\n{}", pretty(show)))
 }
 
 /// Exec events whose filename is `path` (see [`same_path`]).
 pub fn execs_of_file<'a>(show: &'a Value, path: &Path) -> Vec<&'a Value> {
     events_of_kind(show, "exec")
         .into_iter()
-        .filter(|event| {
-            event["filename"]
-                .as_str()
-                .is_some_and(|name| same_path(name, path))
-        })
+        .filter(|event| event["filename"].as_str().is_some_and(|name| same_path(name, path)))
         .collect()
 }
 
 /// The fork event that created `child_pid`, if logged.
 pub fn fork_of(show: &Value, child_pid: u64) -> Option<&Value> {
-    events_of_kind(show, "fork")
-        .into_iter()
-        .find(|event| event["child_pid"] == child_pid)
+    events_of_kind(show, "fork").into_iter().find(|event| event["child_pid"] == child_pid)
 }
 
 /// The exit event of `pid`, if logged.
 pub fn exit_of(show: &Value, pid: u64) -> Option<&Value> {
-    events_of_kind(show, "exit")
-        .into_iter()
-        .find(|event| event["pid"] == pid)
+    events_of_kind(show, "exit").into_iter().find(|event| event["pid"] == pid)
 }
 
 /// Connect events to `addr`:`port`, in log order.
 pub fn connects_to<'a>(show: &'a Value, addr: &str, port: u16) -> Vec<&'a Value> {
-    events_of_kind(show, "connect")
-        .into_iter()
-        .filter(|event| event["addr"] == addr && event["port"] == port)
-        .collect()
+    events_of_kind(show, "connect").into_iter().filter(|event| event["addr"] == addr && event["port"] == port).collect()
 }
 
 /// The `processes` entry for `pid`.
 pub fn process(show: &Value, pid: u64) -> Option<&Value> {
-    show["processes"]
-        .as_array()?
-        .iter()
-        .find(|process| process["pid"] == pid)
+    show["processes"].as_array()?.iter().find(|process| process["pid"] == pid)
 }
 
 /// A non-negative integer field, panicking with the object if it is missing or not a number.
 pub fn u64_field(object: &Value, key: &str) -> u64 {
-    object[key].as_u64().unwrap_or_else(|| {
-        panic!(
-            "field {key:?} is not a non-negative integer in:\n{}",
-            pretty(object)
-        )
-    })
+    object[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {key:?} is not a non-negative integer in:\n{}", pretty(object)))
 }
 
 /// A string field, panicking with the object if it is missing or not a string.
 pub fn str_field<'a>(object: &'a Value, key: &str) -> &'a str {
-    object[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("field {key:?} is not a string in:\n{}", pretty(object)))
+    object[key].as_str().unwrap_or_else(|| panic!("field {key:?} is not a string in:\n{}", pretty(object)))
 }
 
 /// Whether a recorded exec filename names `expected`: either literally (the path as passed to
@@ -171,9 +140,8 @@ pub fn parse_rfc3339(text: &str) -> Option<(i64, u32)> {
                 _ => return None,
             };
             let offset = rest.as_bytes();
-            let well_formed = offset.len() == 6
-                && offset[3] == b':'
-                && [1, 2, 4, 5].iter().all(|&i| offset[i].is_ascii_digit());
+            let well_formed =
+                offset.len() == 6 && offset[3] == b':' && [1, 2, 4, 5].iter().all(|&i| offset[i].is_ascii_digit());
             if !well_formed {
                 return None;
             }
@@ -204,18 +172,9 @@ mod tests {
     #[test]
     fn parses_rfc3339() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some((0, 0)));
-        assert_eq!(
-            parse_rfc3339("2024-02-29T12:34:56.5Z"),
-            Some((1_709_210_096, 500_000_000))
-        );
-        assert_eq!(
-            parse_rfc3339("2024-02-29T14:34:56.123456789+02:00"),
-            Some((1_709_210_096, 123_456_789))
-        );
-        assert_eq!(
-            parse_rfc3339("2024-02-29 12:34:56-00:30"),
-            Some((1_709_211_896, 0))
-        );
+        assert_eq!(parse_rfc3339("2024-02-29T12:34:56.5Z"), Some((1_709_210_096, 500_000_000)));
+        assert_eq!(parse_rfc3339("2024-02-29T14:34:56.123456789+02:00"), Some((1_709_210_096, 123_456_789)));
+        assert_eq!(parse_rfc3339("2024-02-29 12:34:56-00:30"), Some((1_709_211_896, 0)));
         assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("2024-01-01T00:00:00"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);

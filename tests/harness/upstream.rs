@@ -34,11 +34,7 @@ pub struct Recorded {
 impl Recorded {
     /// Every value of header `name` (case-insensitive), in order.
     pub fn header_values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-            .collect()
+        self.headers.iter().filter(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str()).collect()
     }
 
     /// The body as text (lossy).
@@ -74,9 +70,7 @@ struct Shared {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic on the server thread must not hide what was recorded before it.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The recording HTTP server. Stops when dropped.
@@ -90,22 +84,12 @@ impl Upstream {
     /// Listens on `ip` ("127.0.0.1" or "::1") at a kernel-chosen port and answers every request
     /// with `status` and the JSON `body`.
     pub fn start(ip: &str, status: u16, body: &str) -> Upstream {
-        let ip: IpAddr = ip
-            .parse()
-            .unwrap_or_else(|err| panic!("bad upstream address {ip:?}: {err}"));
-        let listener = TcpListener::bind((ip, 0))
-            .unwrap_or_else(|err| panic!("binding the upstream on {ip}: {err}"));
-        listener
-            .set_nonblocking(true)
-            .unwrap_or_else(|err| panic!("making the upstream listener non-blocking: {err}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|err| panic!("reading the upstream's address: {err}"));
+        let ip: IpAddr = ip.parse().unwrap_or_else(|err| panic!("bad upstream address {ip:?}: {err}"));
+        let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|err| panic!("binding the upstream on {ip}: {err}"));
+        listener.set_nonblocking(true).unwrap_or_else(|err| panic!("making the upstream listener non-blocking: {err}"));
+        let addr = listener.local_addr().unwrap_or_else(|err| panic!("reading the upstream's address: {err}"));
         let shared = Arc::new(Shared::default());
-        *lock(&shared.reply) = Some(Reply {
-            status,
-            body: body.to_owned(),
-        });
+        *lock(&shared.reply) = Some(Reply { status, body: body.to_owned() });
         let thread = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
@@ -113,11 +97,7 @@ impl Upstream {
                 .spawn(move || serve(&listener, &shared))
                 .unwrap_or_else(|err| panic!("spawning the upstream thread: {err}"))
         };
-        Upstream {
-            addr,
-            shared,
-            thread: Some(thread),
-        }
+        Upstream { addr, shared, thread: Some(thread) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -135,10 +115,7 @@ impl Upstream {
 
     /// Changes what later requests are answered with.
     pub fn set_reply(&self, status: u16, body: &str) {
-        *lock(&self.shared.reply) = Some(Reply {
-            status,
-            body: body.to_owned(),
-        });
+        *lock(&self.shared.reply) = Some(Reply { status, body: body.to_owned() });
     }
 
     /// Every request received so far, in order.
@@ -153,27 +130,16 @@ impl Upstream {
 
     /// The requests as "METHOD PATH" lines, for compact assertions.
     pub fn request_lines(&self) -> Vec<String> {
-        self.requests()
-            .iter()
-            .map(|request| format!("{} {}", request.method, request.path))
-            .collect()
+        self.requests().iter().map(|request| format!("{} {}", request.method, request.path)).collect()
     }
 
     /// All recorded requests, formatted for failure messages.
     pub fn describe(&self) -> String {
         let requests = self.requests();
         if requests.is_empty() {
-            return format!(
-                "upstream {} received no requests ({} connections)",
-                self.addr,
-                self.connections()
-            );
+            return format!("upstream {} received no requests ({} connections)", self.addr, self.connections());
         }
-        let mut text = format!(
-            "upstream {} received {} request(s):",
-            self.addr,
-            requests.len()
-        );
+        let mut text = format!("upstream {} received {} request(s):", self.addr, requests.len());
         for request in requests {
             text.push('\n');
             text.push_str(&request.to_string());
@@ -182,22 +148,13 @@ impl Upstream {
     }
 
     /// Waits up to `timeout` for a request satisfying `done`, and returns it.
-    pub fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&Recorded) -> bool,
-    ) -> Recorded {
+    pub fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Recorded) -> bool) -> Recorded {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(found) = self.requests().into_iter().find(|request| done(request)) {
                 return found;
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; {}",
-                self.describe()
-            );
+            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; {}", self.describe());
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -271,24 +228,12 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         body.resize(length, 0);
         reader.read_exact(&mut body)?;
     }
-    lock(&shared.requests).push(Recorded {
-        method,
-        path,
-        headers,
-        body,
-    });
+    lock(&shared.requests).push(Recorded { method, path, headers, body });
 
     if too_large {
-        return respond(
-            &stream,
-            413,
-            r#"{"error":"body too large for the test upstream"}"#,
-        );
+        return respond(&stream, 413, r#"{"error":"body too large for the test upstream"}"#);
     }
-    let reply = lock(&shared.reply).clone().unwrap_or(Reply {
-        status: 200,
-        body: "{}".to_owned(),
-    });
+    let reply = lock(&shared.reply).clone().unwrap_or(Reply { status: 200, body: "{}".to_owned() });
     respond(&stream, reply.status, &reply.body)
 }
 

@@ -83,7 +83,9 @@ fn main() -> anyhow::Result<()> {
             println!("tollgate: starting the daemon with {}", config.display());
             println!("tollgate: in another shell, try:");
             println!("  target/debug/tollgate token mint --config {} --sub me > /tmp/tollgate.token", config.display());
-            println!("  target/debug/tollgate run --token-file /tmp/tollgate.token -- sh -c 'id; curl -sI http://127.0.0.1/ || true'");
+            println!(
+                "  target/debug/tollgate run --token-file /tmp/tollgate.token -- sh -c 'id; curl -sI http://127.0.0.1/ || true'"
+            );
             println!("  target/debug/tollgate sessions; target/debug/tollgate show <SESSION>");
             run(Command::new(root.join("target/debug/tollgate")).arg("daemon").arg("--config").arg(config))
         }
@@ -155,7 +157,8 @@ fn setup() -> anyhow::Result<()> {
         eprintln!("xtask: installing the nightly toolchain (builds the eBPF programs)");
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
     if !components.lines().any(|line| line.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to nightly (the eBPF build compiles core)");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;

@@ -29,7 +29,12 @@ struct Entry {
 
 const MATRIX: [Entry; 3] = [
     Entry { label: "debian-12-6.1", package: r"^linux-image-6\.1\.0-[0-9]+-amd64$", lsm: LSM_WITH_BPF, expect: "lsm" },
-    Entry { label: "debian-12-6.12", package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$", lsm: LSM_WITH_BPF, expect: "lsm" },
+    Entry {
+        label: "debian-12-6.12",
+        package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
+        lsm: LSM_WITH_BPF,
+        expect: "lsm",
+    },
     // Feature detection the other way: the same kernel without BPF LSM
     // must fall back to kill-on-exec and still deny.
     Entry {
@@ -48,7 +53,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for entry in &MATRIX {
-        let kernel = kernel(&work, entry.package).with_context(|| format!("cannot get the kernel for {}", entry.label))?;
+        let kernel =
+            kernel(&work, entry.package).with_context(|| format!("cannot get the kernel for {}", entry.label))?;
         eprintln!("xtask: booting {} ({})", entry.label, kernel.display());
         let started = Instant::now();
         let outcome = boot(&kernel, &initramfs, entry)?;
@@ -152,7 +158,8 @@ fn build_initramfs(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
     std::fs::copy(root.join("tests/vm/init"), tree.join("init"))?;
     std::fs::copy(root.join("tests/vm/suite.sh"), tree.join("suite.sh"))?;
     let image = work.join("initramfs.cpio.gz");
-    let script = format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", tree.display(), image.display());
+    let script =
+        format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", tree.display(), image.display());
     crate::run(Command::new("sh").arg("-c").arg(script))?;
     Ok(image)
 }
@@ -168,7 +175,19 @@ struct Outcome {
 fn boot(kernel: &Path, initramfs: &Path, entry: &Entry) -> anyhow::Result<Outcome> {
     let append = format!("console=ttyS0 panic=-1 quiet lsm={} tollgate.expect={}", entry.lsm, entry.expect);
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "2048", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "2048",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -190,7 +209,8 @@ fn boot(kernel: &Path, initramfs: &Path, entry: &Entry) -> anyhow::Result<Outcom
         }
     });
     let deadline = Instant::now() + BOOT_LIMIT;
-    let mut outcome = Outcome { checks: Vec::new(), done: false, hung: false, mode: "?".into(), console_tail: String::new() };
+    let mut outcome =
+        Outcome { checks: Vec::new(), done: false, hung: false, mode: "?".into(), console_tail: String::new() };
     let mut tail: Vec<String> = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

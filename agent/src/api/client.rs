@@ -12,7 +12,10 @@ use super::protocol::{Request, Response};
 pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
     use anyhow::Context;
     let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!("cannot reach the tollgate daemon at {} (is it running? set --socket or TOLLGATE_SOCKET)", socket.display())
+        format!(
+            "cannot reach the tollgate daemon at {} (is it running? set --socket or TOLLGATE_SOCKET)",
+            socket.display()
+        )
     })?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');

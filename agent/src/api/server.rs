@@ -29,7 +29,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("cannot set permissions of {}", path.display()))?;
     Ok(listener)
@@ -91,11 +92,7 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
     let own_session = daemon.session_of_process(caller.pid);
     let governed = daemon.is_governed(caller.pid);
     let may_read = |uid: u32, id: &SessionId| -> bool {
-        if governed {
-            own_session.as_ref() == Some(id)
-        } else {
-            caller.uid == 0 || caller.uid == uid
-        }
+        if governed { own_session.as_ref() == Some(id) } else { caller.uid == 0 || caller.uid == uid }
     };
     match request {
         Request::Run { token, pid, command } => daemon.open_session(caller, token, pid, command).await,

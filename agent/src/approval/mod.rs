@@ -132,12 +132,8 @@ impl Approvals {
         inner.next += 1;
         let id = format!("a-{}", inner.next);
         let now = SystemTime::now();
-        let pending = Pending {
-            id: id.clone(),
-            request,
-            requested_at: rfc3339(now),
-            expires_at: rfc3339(now + self.timeout),
-        };
+        let pending =
+            Pending { id: id.clone(), request, requested_at: rfc3339(now), expires_at: rfc3339(now + self.timeout) };
         inner.held.insert(id, Held { pending: pending.clone(), answer });
         (pending, decision)
     }
@@ -210,6 +206,9 @@ mod tests {
         assert_eq!(decision.await.expect("answered"), approved);
         assert!(approvals.window_open(&"s-1".parse().expect("id"), &key));
         assert!(!approvals.window_open(&"s-2".parse().expect("id"), &key), "windows are per session");
-        assert_eq!(approvals.decide(&pending.id, approved, &key).expect_err("decided once"), ApprovalError::NotPending(pending.id));
+        assert_eq!(
+            approvals.decide(&pending.id, approved, &key).expect_err("decided once"),
+            ApprovalError::NotPending(pending.id)
+        );
     }
 }

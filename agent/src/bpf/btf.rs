@@ -104,8 +104,8 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let mut members = Vec::new();
             let extra = match kind {
-                1 | 14 | 17 => 4,                 // int, var, decl_tag
-                3 => 12,                          // array
+                1 | 14 | 17 => 4, // int, var, decl_tag
+                3 => 12,          // array
                 KIND_STRUCT | KIND_UNION => {
                     for i in 0..vlen {
                         let m = at + i * 12;
@@ -113,8 +113,8 @@ impl Btf {
                     }
                     vlen * 12
                 }
-                6 | 13 => vlen * 8,               // enum, func_proto
-                15 | 19 => vlen * 12,             // datasec, enum64
+                6 | 13 => vlen * 8,   // enum, func_proto
+                15 | 19 => vlen * 12, // datasec, enum64
                 2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
@@ -156,9 +156,7 @@ impl Btf {
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
         let id = *self.structs.get(name).ok_or_else(|| BtfError::Missing(format!("struct {name}")))?;
         let ty = &self.types[id as usize];
-        let bits = self
-            .find_member(ty, member, 0)
-            .ok_or_else(|| BtfError::Missing(format!("{name}.{member}")))?;
+        let bits = self.find_member(ty, member, 0).ok_or_else(|| BtfError::Missing(format!("{name}.{member}")))?;
         if bits % 8 != 0 {
             return Err(BtfError::Missing(format!("{name}.{member} at a byte offset (it is a bitfield)")));
         }
@@ -171,9 +169,10 @@ impl Btf {
             if m.name == 0 {
                 if let Some(inner) = self.resolve(m.type_id)
                     && matches!(inner.kind, KIND_STRUCT | KIND_UNION)
-                        && let Some(found) = self.find_member(inner, member, bits) {
-                            return Some(found);
-                        }
+                    && let Some(found) = self.find_member(inner, member, bits)
+                {
+                    return Some(found);
+                }
             } else if self.name(m.name) == member {
                 return Some(bits);
             }

@@ -257,7 +257,11 @@ mod tests {
 
     #[test]
     fn exit_status_splits_code_and_signal() {
-        let exit = |raw| ExitEvent { header: EventHeader { kind: 3, pid: 1, cgroup_id: 1, boot_ns: 0 }, exit_code: raw, reserved: 0 };
+        let exit = |raw| ExitEvent {
+            header: EventHeader { kind: 3, pid: 1, cgroup_id: 1, boot_ns: 0 },
+            exit_code: raw,
+            reserved: 0,
+        };
         assert!(matches!(decode(&bytes_of(&exit(3 << 8))), Ok(KernelEvent::Exit { code: Some(3), signal: None, .. })));
         assert!(matches!(decode(&bytes_of(&exit(9))), Ok(KernelEvent::Exit { code: None, signal: Some(9), .. })));
     }

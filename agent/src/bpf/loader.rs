@@ -8,8 +8,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps},
 };
 use tollgate_common::{
-    ConnectionKey, ExecKey, OriginalDst, ProxyAddr, KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey,
-    NetRule, SessionSlot,
+    ConnectionKey, ExecKey, KernelOffsets, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey,
+    NetPortKey, NetRule, OriginalDst, ProxyAddr, SessionSlot,
 };
 
 use super::{BpfError, btf::Btf};
@@ -69,7 +69,8 @@ fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, B
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let raw = ebpf.program_mut(name).ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    let raw =
+        ebpf.program_mut(name).ok_or(BpfError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
     raw.try_into().map_err(program_error(name))
 }
 
@@ -233,18 +234,17 @@ impl Enforcer {
 
     /// Events lost so far, per event kind slot, summed over CPUs.
     pub fn lost_events(&self) -> Vec<u64> {
-        (0..LOST_SLOTS)
-            .map(|slot| self.lost.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
-            .collect()
+        (0..LOST_SLOTS).map(|slot| self.lost.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)).collect()
     }
 }
 
 fn attach_lsm(ebpf: &mut Ebpf) -> Result<(), Box<dyn std::error::Error>> {
     // Without securityfs we cannot tell; trying to load is the real test.
     if let Ok(active) = std::fs::read_to_string("/sys/kernel/security/lsm")
-        && !active.split(',').any(|name| name.trim() == "bpf") {
-            return Err(format!("BPF LSM is not enabled (active LSMs: {}); boot with lsm=...,bpf", active.trim()).into());
-        }
+        && !active.split(',').any(|name| name.trim() == "bpf")
+    {
+        return Err(format!("BPF LSM is not enabled (active LSMs: {}); boot with lsm=...,bpf", active.trim()).into());
+    }
     let btf = aya::Btf::from_sys_fs()?;
     let program: &mut Lsm = ebpf.program_mut("bprm_check_security").ok_or("program missing")?.try_into()?;
     program.load("bprm_check_security", &btf)?;

@@ -10,7 +10,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    api::{client, protocol::{ErrorKind, Request, Response}},
+    api::{
+        client,
+        protocol::{ErrorKind, Request, Response},
+    },
     config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET},
     identity::dev,
 };
@@ -249,12 +252,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Approve { id, window } => {
             let request = Request::Approve { id, window_secs: window.map(|w| w.as_secs()) };
             let answer = call(&socket_path(cli.socket)?, &request)?;
-            println!("{} {} by {}", answer["approval"].as_str().unwrap_or("?"), answer["decision"].as_str().unwrap_or("?"), answer["by"].as_str().unwrap_or("?"));
+            println!(
+                "{} {} by {}",
+                answer["approval"].as_str().unwrap_or("?"),
+                answer["decision"].as_str().unwrap_or("?"),
+                answer["by"].as_str().unwrap_or("?")
+            );
             Ok(0)
         }
         Command::Deny { id, reason } => {
             let answer = call(&socket_path(cli.socket)?, &Request::Deny { id, reason })?;
-            println!("{} {} by {}", answer["approval"].as_str().unwrap_or("?"), answer["decision"].as_str().unwrap_or("?"), answer["by"].as_str().unwrap_or("?"));
+            println!(
+                "{} {} by {}",
+                answer["approval"].as_str().unwrap_or("?"),
+                answer["decision"].as_str().unwrap_or("?"),
+                answer["by"].as_str().unwrap_or("?")
+            );
             Ok(0)
         }
         Command::Policy(PolicyCommand::Explain { identity, to, policies, config }) => {
@@ -269,7 +282,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             let set = crate::policy::PolicySet::load(&paths)?;
             if !set.identities.iter().any(|i| i.name == identity) {
-                anyhow::bail!("no identity '{identity}' in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+                anyhow::bail!(
+                    "no identity '{identity}' in {}",
+                    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                );
             }
             let rules = crate::policy::compile::compile(set.grants_for(&identity));
             let decision = crate::policy::explain::explain(&rules, to);
@@ -303,9 +319,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 fn parse_claims(pairs: &[String]) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
     let mut claims: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for pair in pairs {
-        let (name, value) = pair
-            .split_once('=')
-            .with_context(|| format!("claim '{pair}' must be NAME=VALUE"))?;
+        let (name, value) = pair.split_once('=').with_context(|| format!("claim '{pair}' must be NAME=VALUE"))?;
         let value = serde_json::Value::String(value.to_owned());
         match claims.remove(name) {
             None => claims.insert(name.to_owned(), value),

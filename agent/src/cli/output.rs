@@ -40,7 +40,12 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
     }
     let session = &detail["session"];
     println!("session   {}", text(session, "id"));
-    println!("identity  {} (subject {}, issuer {})", text(session, "identity"), text(session, "subject"), text(session, "issuer"));
+    println!(
+        "identity  {} (subject {}, issuer {})",
+        text(session, "identity"),
+        text(session, "subject"),
+        text(session, "issuer")
+    );
     println!("uid       {}{}", session["uid"], if session["privileged"] == true { "  PRIVILEGED" } else { "" });
     println!("started   {}", text(session, "started_at"));
     println!("ended     {}", session.get("ended_at").and_then(Value::as_str).unwrap_or("running"));
@@ -78,7 +83,10 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
                 text(e, "path"),
                 e["status"],
                 text(e, "destination"),
-                e["rules"].as_array().filter(|r| !r.is_empty()).map_or(String::new(), |r| format!(" rules: {}", r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")))
+                e["rules"].as_array().filter(|r| !r.is_empty()).map_or(String::new(), |r| format!(
+                    " rules: {}",
+                    r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")
+                ))
             ),
             "approval" => format!(
                 "{} {} {} ({}){}",
@@ -108,7 +116,10 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
     println!("active sessions   {}", status["sessions_active"]);
     println!("events lost       {}", status["events_lost"]);
     println!("cgroup            {}", text(status, "cgroup"));
-    println!("policies          {} file(s), {} identities, {} grants", status["policy_files"], status["identities"], status["grants"]);
+    println!(
+        "policies          {} file(s), {} identities, {} grants",
+        status["policy_files"], status["identities"], status["grants"]
+    );
     Ok(())
 }
 

@@ -159,15 +159,24 @@ impl Config {
         };
         let kib = self.event_buffer_kib;
         if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
-            return Err(error("event_buffer_kib", &kib.to_string(), format!("event_buffer_kib {kib} must be a power of two between 4 and 1048576")));
+            return Err(error(
+                "event_buffer_kib",
+                &kib.to_string(),
+                format!("event_buffer_kib {kib} must be a power of two between 4 and 1048576"),
+            ));
         }
         if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {
-            return Err(error("cgroup", &self.cgroup, format!("cgroup '{}' must be a plain directory name", self.cgroup)));
+            return Err(error(
+                "cgroup",
+                &self.cgroup,
+                format!("cgroup '{}' must be a plain directory name", self.cgroup),
+            ));
         }
         if let Some(url) = &self.approval_webhook
-            && let Err(why) = crate::identity::jwks::check_https_url(url, "approval_webhook") {
-                return Err(error("approval_webhook", url, why));
-            }
+            && let Err(why) = crate::identity::jwks::check_https_url(url, "approval_webhook")
+        {
+            return Err(error("approval_webhook", url, why));
+        }
         for issuer in &self.issuers {
             match (&issuer.jwks_url, &issuer.jwks_file) {
                 (Some(_), Some(_)) | (None, None) => {
@@ -185,7 +194,11 @@ impl Config {
                 (None, Some(_)) => {}
             }
             if issuer.issuer == crate::identity::dev::DEV_ISSUER {
-                return Err(error("issuer", &issuer.issuer, format!("issuer '{}' is reserved for the dev issuer (dev_issuer: true)", issuer.issuer)));
+                return Err(error(
+                    "issuer",
+                    &issuer.issuer,
+                    format!("issuer '{}' is reserved for the dev issuer (dev_issuer: true)", issuer.issuer),
+                ));
             }
         }
         Ok(())
@@ -234,8 +247,9 @@ mod tests {
     /// The reviewer settings from the redirect issue, unchanged.
     #[test]
     fn the_documented_reviewer_settings_load() {
-        let config = load("reviewers:\n  unix_users: [root]\n  unix_groups: [tollgate-reviewers]\napproval_timeout: 5m\n")
-            .expect("reviewer settings load");
+        let config =
+            load("reviewers:\n  unix_users: [root]\n  unix_groups: [tollgate-reviewers]\napproval_timeout: 5m\n")
+                .expect("reviewer settings load");
         assert_eq!(config.reviewers.unix_users, vec!["root"]);
         assert_eq!(config.approval_timeout, Duration::from_secs(300));
         let error = load("approval_timeout: soon\n").expect_err("bad duration");

@@ -121,8 +121,8 @@ impl Daemon {
 /// Forwards what the programs log (through `aya-log`) into the daemon's log.
 pub async fn forward_kernel_log(logger: crate::bpf::KernelLogger) -> anyhow::Result<()> {
     // SAFETY: the logger owns its ring buffer fd and lives inside the AsyncFd.
-    let mut logger = unsafe { AsyncFd::register(logger) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the eBPF log: {e}"))?;
+    let mut logger =
+        unsafe { AsyncFd::register(logger) }.map_err(|e| anyhow::anyhow!("cannot poll the eBPF log: {e}"))?;
     loop {
         let mut guard = logger.readable_mut().await?;
         guard.get_inner_mut().flush();

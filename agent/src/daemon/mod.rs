@@ -182,7 +182,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let dev_jwks = if config.dev_issuer {
         let key = dev::ensure_key(&Config::dev_key_path(&config.state_dir))?;
-        tracing::warn!("the dev issuer is trusted (dev_issuer: true): anyone who can read the state directory can mint tokens");
+        tracing::warn!(
+            "the dev issuer is trusted (dev_issuer: true): anyone who can read the state directory can mint tokens"
+        );
         Some(dev::jwks(&key)?)
     } else {
         None
@@ -191,12 +193,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mount = cgroup::cgroup2_mount()?;
     let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
-    let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port).context("cannot load the eBPF programs")?;
+    let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port)
+        .context("cannot load the eBPF programs")?;
     let mode = enforcer.exec_enforcement();
     let lsm_reason = enforcer.lsm_unavailable_reason().map(str::to_owned);
     match &lsm_reason {
         None => tracing::info!(mode = mode.as_str(), "exec enforcement: denied execs fail with EPERM"),
-        Some(why) => tracing::warn!(mode = mode.as_str(), reason = %why, "exec enforcement: BPF LSM unavailable, denied execs are killed before the new image runs"),
+        Some(why) => {
+            tracing::warn!(mode = mode.as_str(), reason = %why, "exec enforcement: BPF LSM unavailable, denied execs are killed before the new image runs")
+        }
     }
     let ring = enforcer.take_events().context("event ring buffer missing")?;
     let kernel_log = enforcer.take_logger();
@@ -233,8 +238,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until
     // the reader task ends, so the fd stays valid while registered.
-    let ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
+    let ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(events::read(daemon.clone(), ring));
     tasks.spawn(sessions::reap(daemon.clone()));

@@ -4,11 +4,8 @@ use std::path::Path;
 
 use nix::mount::{MsFlags, mount};
 
-const NEEDED: [(&str, &str); 3] = [
-    ("/sys/fs/bpf", "bpf"),
-    ("/sys/kernel/tracing", "tracefs"),
-    ("/sys/kernel/security", "securityfs"),
-];
+const NEEDED: [(&str, &str); 3] =
+    [("/sys/fs/bpf", "bpf"), ("/sys/kernel/tracing", "tracefs"), ("/sys/kernel/security", "securityfs")];
 
 /// Mounts bpffs, tracefs and securityfs where they are missing. Only bpffs
 /// is required; the others improve diagnostics, so their failures are logged.

@@ -29,15 +29,20 @@ impl Daemon {
         if reviewers.unix_users.contains(&user.name) {
             return Ok(user.name);
         }
-        let name = std::ffi::CString::new(user.name.clone()).map_err(|_| Response::error(ErrorKind::Forbidden, "bad user name"))?;
+        let name = std::ffi::CString::new(user.name.clone())
+            .map_err(|_| Response::error(ErrorKind::Forbidden, "bad user name"))?;
         let groups = getgrouplist(&name, user.gid).unwrap_or_default();
-        let member = reviewers.unix_groups.iter().any(|group| {
-            Group::from_name(group).ok().flatten().is_some_and(|g| groups.contains(&g.gid))
-        });
+        let member = reviewers
+            .unix_groups
+            .iter()
+            .any(|group| Group::from_name(group).ok().flatten().is_some_and(|g| groups.contains(&g.gid)));
         if member {
             Ok(user.name)
         } else {
-            Err(Response::error(ErrorKind::Forbidden, format!("user '{}' is not a reviewer (reviewers in the config)", user.name)))
+            Err(Response::error(
+                ErrorKind::Forbidden,
+                format!("user '{}' is not a reviewer (reviewers in the config)", user.name),
+            ))
         }
     }
 
@@ -52,7 +57,10 @@ impl Daemon {
             Decision::Denied { reason, .. } => Decision::Denied { by: by.clone(), reason },
         };
         let Some(key) = self.approvals().rule_key(id) else {
-            return Response::error(ErrorKind::NotFound, format!("no pending request '{id}' (it may have been decided or timed out)"));
+            return Response::error(
+                ErrorKind::NotFound,
+                format!("no pending request '{id}' (it may have been decided or timed out)"),
+            );
         };
         match self.approvals().decide(id, decision.clone(), &key) {
             Ok(pending) => {

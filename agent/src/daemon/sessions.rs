@@ -29,7 +29,13 @@ impl Daemon {
     /// kernel maps, records the session and moves the caller's held child in.
     /// On any failure before the move everything is undone and the child
     /// stays outside (the client then ends it without running the command).
-    pub async fn open_session(self: &Arc<Self>, caller: Caller, token: String, pid: u32, command: Vec<String>) -> Response {
+    pub async fn open_session(
+        self: &Arc<Self>,
+        caller: Caller,
+        token: String,
+        pid: u32,
+        command: Vec<String>,
+    ) -> Response {
         if self.is_governed(caller.pid) || self.is_governed(pid) {
             return Response::error(
                 ErrorKind::Forbidden,

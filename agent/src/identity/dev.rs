@@ -55,9 +55,10 @@ pub fn ensure_key(path: &Path) -> Result<Vec<u8>, DevIssuerError> {
                 std::fs::create_dir_all(parent).map_err(io)?;
             }
             let rng = ring::rand::SystemRandom::new();
-            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
-                .map_err(|_| DevIssuerError::BadKey(path.display().to_string()))?;
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+            let pkcs8 =
+                Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| DevIssuerError::BadKey(path.display().to_string()))?;
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
             file.write_all(pkcs8.as_ref()).map_err(io)?;
             Ok(pkcs8.as_ref().to_vec())
         }

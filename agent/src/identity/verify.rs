@@ -100,7 +100,8 @@ impl Verifier {
                 (None, Some(file)) => JwksSource::File(file.clone()),
                 (None, None) => continue, // refused by config validation
             };
-            issuers.insert(config.issuer.clone(), Issuer { audience: config.audience.clone(), keys: Jwks::new(source) });
+            issuers
+                .insert(config.issuer.clone(), Issuer { audience: config.audience.clone(), keys: Jwks::new(source) });
         }
         if let Some(set) = dev_jwks {
             issuers.insert(
@@ -129,22 +130,18 @@ impl Verifier {
             "EdDSA" => Algorithm::EdDSA,
             other => return Err(TokenError::AlgRefused(other.to_owned())),
         };
-        let issuer_name = payload
-            .get("iss")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| TokenError::MissingClaim("iss".into()))?;
-        let issuer = self
-            .issuers
-            .get(issuer_name)
-            .ok_or_else(|| TokenError::UnknownIssuer(issuer_name.to_owned()))?;
+        let issuer_name =
+            payload.get("iss").and_then(|v| v.as_str()).ok_or_else(|| TokenError::MissingClaim("iss".into()))?;
+        let issuer = self.issuers.get(issuer_name).ok_or_else(|| TokenError::UnknownIssuer(issuer_name.to_owned()))?;
         let kid = header.get("kid").and_then(|v| v.as_str());
 
         let keys_error = |why| TokenError::Keys { issuer: issuer_name.to_owned(), why };
         let mut set = issuer.keys.keys(false).map_err(keys_error)?;
         if let Some(kid) = kid
-            && set.find(kid).is_none() {
-                set = issuer.keys.keys(true).map_err(keys_error)?;
-            }
+            && set.find(kid).is_none()
+        {
+            set = issuer.keys.keys(true).map_err(keys_error)?;
+        }
         let candidates: Vec<&Jwk> = match kid {
             Some(kid) => set.keys.iter().filter(|k| k.common.key_id.as_deref() == Some(kid)).collect(),
             None => set.keys.iter().collect(),
@@ -167,9 +164,10 @@ impl Verifier {
         for jwk in candidates {
             // A key that declares its algorithm is used for that algorithm only.
             if let Some(key_alg) = jwk.common.key_algorithm
-                && format!("{key_alg:?}") != format!("{algorithm:?}") {
-                    continue;
-                }
+                && format!("{key_alg:?}") != format!("{algorithm:?}")
+            {
+                continue;
+            }
             let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
             match jsonwebtoken::decode::<BTreeMap<String, serde_json::Value>>(token, &key, &validation) {
                 Ok(data) => {

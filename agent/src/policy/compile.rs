@@ -155,9 +155,7 @@ fn route_destinations(target: &RouteTarget, unresolved: &mut Vec<String>) -> Vec
     match target {
         RouteTarget::Address(destination) => vec![*destination],
         RouteTarget::Host { name, port } => match (name.as_str(), *port).to_socket_addrs() {
-            Ok(addrs) => addrs
-                .map(|a| Destination { net: ipnet::IpNet::from(a.ip()), port: Some(*port) })
-                .collect(),
+            Ok(addrs) => addrs.map(|a| Destination { net: ipnet::IpNet::from(a.ip()), port: Some(*port) }).collect(),
             Err(_) => {
                 unresolved.push(format!("{name}:{port}"));
                 Vec::new()
@@ -199,9 +197,8 @@ mod tests {
 
     #[test]
     fn at_equal_prefix_deny_beats_proxy_beats_allow() {
-        let route = |to: &str| -> Route {
-            serde_yaml_ng::from_str(&format!("to: \"{to}\"\nprotocol: http\n")).expect("route")
-        };
+        let route =
+            |to: &str| -> Route { serde_yaml_ng::from_str(&format!("to: \"{to}\"\nprotocol: http\n")).expect("route") };
         let mut g = grant(&["127.0.0.1/32:80"], &[]);
         g.network.proxy = vec![route("127.0.0.1/32:80"), route("127.0.0.2/32:80")];
         let with_deny = grant(&[], &["127.0.0.2/32:80"]);

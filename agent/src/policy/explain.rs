@@ -28,9 +28,8 @@ pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
         },
     };
     let covers = |entry: &&NetEntry| entry.family == family && prefix_matches(&entry.addr, &addr, entry.addr_prefix);
-    let best = |port: Option<u16>| {
-        rules.net.iter().filter(|e| e.port == port).filter(covers).max_by_key(|e| e.addr_prefix)
-    };
+    let best =
+        |port: Option<u16>| rules.net.iter().filter(|e| e.port == port).filter(covers).max_by_key(|e| e.addr_prefix);
     let chosen = match (best(None), best(Some(to.port()))) {
         (Some(any), Some(port)) => Some(if port.addr_prefix >= any.addr_prefix { port } else { any }),
         (any, port) => any.or(port),
@@ -69,7 +68,10 @@ mod tests {
             "name: g\nidentity: i\nnetwork:\n  allow: [\"0.0.0.0/0\", \"::/0\"]\n  deny: [\"10.0.0.0/8\", \"169.254.169.254/32:80\"]\n  proxy:\n    - { to: \"127.0.0.1/32:18080\", protocol: http }\n",
         );
         let at = |text: &str| explain(&rules, text.parse().expect("socket address"));
-        assert_eq!(at("169.254.169.254:80"), Decision { verdict: Verdict::Deny, rule: Some("g: network.deny 169.254.169.254/32:80".into()) });
+        assert_eq!(
+            at("169.254.169.254:80"),
+            Decision { verdict: Verdict::Deny, rule: Some("g: network.deny 169.254.169.254/32:80".into()) }
+        );
         assert_eq!(at("169.254.169.254:443").verdict, Verdict::Allow);
         assert_eq!(at("10.1.2.3:22").rule.as_deref(), Some("g: network.deny 10.0.0.0/8"));
         assert_eq!(at("127.0.0.1:18080").verdict, Verdict::Redirect);
@@ -80,6 +82,9 @@ mod tests {
     #[test]
     fn no_entry_means_deny() {
         let rules = rules("name: g\nidentity: i\nnetwork:\n  allow: [\"::/0\"]\n");
-        assert_eq!(explain(&rules, "192.0.2.1:80".parse().expect("addr")), Decision { verdict: Verdict::Deny, rule: None });
+        assert_eq!(
+            explain(&rules, "192.0.2.1:80".parse().expect("addr")),
+            Decision { verdict: Verdict::Deny, rule: None }
+        );
     }
 }

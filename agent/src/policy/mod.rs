@@ -52,8 +52,8 @@ impl PolicySet {
         let mut files = Vec::new();
         for path in paths {
             if path.is_dir() {
-                let entries = std::fs::read_dir(path)
-                    .map_err(|source| PolicyError::Directory { path: path.clone(), source })?;
+                let entries =
+                    std::fs::read_dir(path).map_err(|source| PolicyError::Directory { path: path.clone(), source })?;
                 let mut found: Vec<PathBuf> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
@@ -158,7 +158,6 @@ pub fn check(paths: &[PathBuf]) -> Vec<String> {
     errors
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +173,8 @@ mod tests {
 
     #[test]
     fn claims_match_by_equality_or_array_membership() {
-        let set = set("identities:\n  - name: bots\n    issuer: iss\n    claims:\n      owner: acme\n      groups: ci\n");
+        let set =
+            set("identities:\n  - name: bots\n    issuer: iss\n    claims:\n      owner: acme\n      groups: ci\n");
         let claims = |owner: serde_json::Value, groups: serde_json::Value| {
             BTreeMap::from([("owner".to_owned(), owner), ("groups".to_owned(), groups)])
         };

@@ -150,9 +150,10 @@ impl FromStr for Destination {
             return Ok(Self { net: IpNet::from(addr), port: None });
         }
         if let Some((addr, port)) = text.rsplit_once(':')
-            && let Ok(addr) = addr.parse::<std::net::Ipv4Addr>() {
-                return Ok(Self { net: IpNet::from(IpAddr::V4(addr)), port: Some(parse_port(port)?) });
-            }
+            && let Ok(addr) = addr.parse::<std::net::Ipv4Addr>()
+        {
+            return Ok(Self { net: IpNet::from(IpAddr::V4(addr)), port: Some(parse_port(port)?) });
+        }
         Err(bad("expected ADDRESS[/PREFIX][:PORT]"))
     }
 }

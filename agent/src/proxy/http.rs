@@ -45,8 +45,16 @@ use crate::{
 pub const MAX_BODY: usize = 64 << 20;
 
 /// Headers that belong to one hop, never forwarded.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
 
 type Upstream = Arc<Mutex<Option<SendRequest<ProxyBody>>>>;
 
@@ -139,7 +147,8 @@ async fn exchange(
 
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
-        let response = refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large", json!({"limit": MAX_BODY}));
+        let response =
+            refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large", json!({"limit": MAX_BODY}));
         record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
         return response;
     }
@@ -149,7 +158,12 @@ async fn exchange(
         match Limited::new(body, MAX_BODY).collect().await {
             Ok(collected) => (Some(collected.to_bytes()), None),
             Err(_) => {
-                let response = refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large or unreadable", json!({"limit": MAX_BODY}));
+                let response = refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    governed,
+                    "request body too large or unreadable",
+                    json!({"limit": MAX_BODY}),
+                );
                 record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
                 return response;
             }
@@ -166,13 +180,23 @@ async fn exchange(
     if let RouteTarget::Host { name, .. } = &route.to {
         let asked = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_ascii_lowercase();
         if &asked != name {
-            let response = refuse(StatusCode::FORBIDDEN, governed, "host is not the one this route governs", json!({"host": host, "expected": name}));
+            let response = refuse(
+                StatusCode::FORBIDDEN,
+                governed,
+                "host is not the one this route governs",
+                json!({"host": host, "expected": name}),
+            );
             record.finish(daemon, governed, "blocked", StatusCode::FORBIDDEN);
             return response;
         }
     }
 
-    let view = RequestView { method: &method, path: &path, headers: &parts.headers, body: buffered.as_deref().unwrap_or_default() };
+    let view = RequestView {
+        method: &method,
+        path: &path,
+        headers: &parts.headers,
+        body: buffered.as_deref().unwrap_or_default(),
+    };
     if let Some(rule) = blocked_by(route, &view) {
         record.hit(&rule);
         let response = refuse(StatusCode::FORBIDDEN, governed, "blocked by policy", json!({"rule": rule}));
@@ -206,7 +230,12 @@ async fn exchange(
             }
             Err(why) => {
                 tracing::error!(session = %governed.session, %why, "credential unavailable");
-                let response = refuse(StatusCode::BAD_GATEWAY, governed, "the credential for this destination is unavailable", json!({}));
+                let response = refuse(
+                    StatusCode::BAD_GATEWAY,
+                    governed,
+                    "the credential for this destination is unavailable",
+                    json!({}),
+                );
                 record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
                 return response;
             }
@@ -267,7 +296,12 @@ async fn exchange(
     let answer_body = match Limited::new(answer_body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
-            let response = refuse(StatusCode::BAD_GATEWAY, governed, "upstream response too large or unreadable", json!({"limit": MAX_BODY}));
+            let response = refuse(
+                StatusCode::BAD_GATEWAY,
+                governed,
+                "upstream response too large or unreadable",
+                json!({"limit": MAX_BODY}),
+            );
             record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
             return response;
         }
@@ -353,8 +387,10 @@ fn credential_header(credential: &Credential) -> Result<(HeaderName, HeaderValue
     if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
         return Err(format!("secret file {} must be owned by root and readable by root only", path.display()));
     }
-    let secret = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    let name = HeaderName::from_bytes(credential.header.as_bytes()).map_err(|_| format!("'{}' is not a header name", credential.header))?;
+    let secret =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let name = HeaderName::from_bytes(credential.header.as_bytes())
+        .map_err(|_| format!("'{}' is not a header name", credential.header))?;
     let mut value = HeaderValue::from_str(secret.trim_end_matches(['\r', '\n']))
         .map_err(|_| format!("secret file {} does not hold a valid header value", path.display()))?;
     value.set_sensitive(true);
@@ -363,7 +399,11 @@ fn credential_header(credential: &Credential) -> Result<(HeaderName, HeaderValue
 
 /// Sends over this client connection's upstream connection, opening it
 /// (again) when needed.
-async fn send(upstream: &Upstream, governed: &Governed, request: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+async fn send(
+    upstream: &Upstream,
+    governed: &Governed,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, String> {
     let mut slot = upstream.lock().await;
     if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(governed.destination))
@@ -395,4 +435,3 @@ async fn send(upstream: &Upstream, governed: &Governed, request: Request<ProxyBo
     sender.ready().await.map_err(|e| e.to_string())?;
     sender.send_request(request).await.map_err(|e| e.to_string())
 }
-

@@ -20,7 +20,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_common::ConnectionKey;
 
-use crate::{daemon::Daemon, policy::route::Protocol, policy::compile::SessionRoute, store::SessionId};
+use crate::{daemon::Daemon, policy::compile::SessionRoute, policy::route::Protocol, store::SessionId};
 
 /// A governed connection, matched to its session and route.
 #[derive(Clone)]

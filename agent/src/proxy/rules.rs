@@ -19,13 +19,15 @@ pub struct RequestView<'a> {
 
 fn matches(matcher: &Matcher, request: &RequestView<'_>) -> bool {
     if let Some(method) = &matcher.method
-        && !request.method.as_str().eq_ignore_ascii_case(method) {
-            return false;
-        }
+        && !request.method.as_str().eq_ignore_ascii_case(method)
+    {
+        return false;
+    }
     if let Some(path) = &matcher.path
-        && !path.0.is_match(request.path) {
-            return false;
-        }
+        && !path.0.is_match(request.path)
+    {
+        return false;
+    }
     if let Some(header) = &matcher.header {
         let found = request
             .headers
@@ -37,9 +39,10 @@ fn matches(matcher: &Matcher, request: &RequestView<'_>) -> bool {
         }
     }
     if let Some(body) = &matcher.body
-        && !body.0.is_match(&String::from_utf8_lossy(request.body)) {
-            return false;
-        }
+        && !body.0.is_match(&String::from_utf8_lossy(request.body))
+    {
+        return false;
+    }
     true
 }
 
@@ -208,7 +211,12 @@ mod tests {
         let (masked, count) = mask(&r.mask, big).expect("maskable");
         let masked = String::from_utf8(masked).expect("utf-8");
         assert_eq!(count, 1);
-        assert!((masked.contains("1e400") || masked.contains("1e+400")) && masked.contains("123456789012345678901234567890") && !masked.contains("a@x.io"), "{masked}");
+        assert!(
+            (masked.contains("1e400") || masked.contains("1e+400"))
+                && masked.contains("123456789012345678901234567890")
+                && !masked.contains("a@x.io"),
+            "{masked}"
+        );
         assert_eq!(mask(&r.mask, b"<html>a@x.io</html>"), Ok((b"<html>a@x.io</html>".to_vec(), 0)));
     }
 
@@ -230,7 +238,8 @@ mod tests {
     fn every_field_of_a_matcher_must_match() {
         let r = route("to: \"127.0.0.1/32:1\"\nprotocol: http\nblock:\n  - { method: POST, path: \"^/deploy\" }\n");
         let headers = HeaderMap::new();
-        let view = |method: &'static Method, path: &'static str| RequestView { method, path, headers: &headers, body: b"" };
+        let view =
+            |method: &'static Method, path: &'static str| RequestView { method, path, headers: &headers, body: b"" };
         assert!(blocked_by(&r, &view(&Method::POST, "/deploy/x")).is_some());
         assert!(blocked_by(&r, &view(&Method::GET, "/deploy/x")).is_none());
         assert!(blocked_by(&r, &view(&Method::POST, "/other")).is_none());

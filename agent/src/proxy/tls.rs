@@ -9,12 +9,10 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use serde_json::{Map, Value};
-use tls_parser::{
-    SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext,
-};
+use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -50,7 +48,9 @@ pub enum SniRefusal {
 
 fn name_matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_prefix("*.") {
-        Some(suffix) => name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.'),
+        Some(suffix) => {
+            name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.')
+        }
         None => pattern.eq_ignore_ascii_case(name),
     }
 }
@@ -60,9 +60,10 @@ fn name_matches(pattern: &str, name: &str) -> bool {
 pub fn check_sni(target: &RouteTarget, rules: Option<&SniRules>, sni: Option<&str>) -> Result<String, SniRefusal> {
     let name = sni.ok_or(SniRefusal::Missing)?.to_ascii_lowercase();
     if let RouteTarget::Host { name: host, .. } = target
-        && &name != host {
-            return Err(SniRefusal::NotAllowed(name));
-        }
+        && &name != host
+    {
+        return Err(SniRefusal::NotAllowed(name));
+    }
     if let Some(rules) = rules {
         if rules.deny.iter().any(|p| name_matches(p, &name)) {
             return Err(SniRefusal::Denied(name));
@@ -153,7 +154,11 @@ pub async fn passthrough(daemon: Arc<Daemon>, governed: Governed, mut client: Tc
 
 /// Opens TLS to the upstream, verifying its certificate for the route's
 /// name (or `server_name`, or the destination address).
-pub async fn connect_upstream(governed: &Governed, tls: &UpstreamTls, stream: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+pub async fn connect_upstream(
+    governed: &Governed,
+    tls: &UpstreamTls,
+    stream: TcpStream,
+) -> Result<TlsStream<TcpStream>, String> {
     let roots = load_roots(tls.ca_file.as_deref().unwrap_or(Path::new(SYSTEM_CA_BUNDLE)))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
@@ -176,7 +181,8 @@ pub async fn connect_upstream(governed: &Governed, tls: &UpstreamTls, stream: Tc
 
 fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let certificates =
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
     for certificate in certificates {
         let certificate = certificate.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
         roots.add(certificate).map_err(|e| format!("unusable certificate in {}: {e}", path.display()))?;
@@ -192,7 +198,10 @@ mod tests {
     use super::*;
 
     fn rules(allow: &[&str], deny: &[&str]) -> SniRules {
-        SniRules { allow: allow.iter().map(|s| (*s).to_owned()).collect(), deny: deny.iter().map(|s| (*s).to_owned()).collect() }
+        SniRules {
+            allow: allow.iter().map(|s| (*s).to_owned()).collect(),
+            deny: deny.iter().map(|s| (*s).to_owned()).collect(),
+        }
     }
 
     #[test]
@@ -200,7 +209,10 @@ mod tests {
         let any: RouteTarget = "127.0.0.1/32:443".parse().expect("target");
         let r = rules(&["*.example.com", "api.test"], &["bad.example.com"]);
         assert_eq!(check_sni(&any, Some(&r), Some("a.example.com")), Ok("a.example.com".into()));
-        assert_eq!(check_sni(&any, Some(&r), Some("bad.example.com")), Err(SniRefusal::Denied("bad.example.com".into())));
+        assert_eq!(
+            check_sni(&any, Some(&r), Some("bad.example.com")),
+            Err(SniRefusal::Denied("bad.example.com".into()))
+        );
         assert_eq!(check_sni(&any, Some(&r), Some("example.com")), Err(SniRefusal::NotAllowed("example.com".into())));
         assert_eq!(check_sni(&any, Some(&r), None), Err(SniRefusal::Missing));
         let host: RouteTarget = "api.test:443".parse().expect("target");

@@ -2,7 +2,7 @@
 //! for it, and its lifecycle from the first process to the last.
 
 pub mod cgroup;
-mod registry;
 pub mod peer;
+mod registry;
 
 pub use registry::{ActiveSession, Registry};

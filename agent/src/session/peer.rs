@@ -43,7 +43,8 @@ pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32) -> Result<(), P
     if parent != caller_pid {
         return Err(PeerError::NotChild { pid: child, parent });
     }
-    let status = std::fs::read_to_string(format!("/proc/{child}/status")).map_err(|_| PeerError::NoSuchProcess(child))?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{child}/status")).map_err(|_| PeerError::NoSuchProcess(child))?;
     let uids: Vec<u32> = status
         .lines()
         .find_map(|line| line.strip_prefix("Uid:"))

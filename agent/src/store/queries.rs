@@ -57,9 +57,8 @@ impl Reader {
                 rusqlite::Error::QueryReturnedNoRows => StoreError::NoSuchSession(id.to_string()),
                 other => other.into(),
             })?;
-        let mut statement = conn.prepare(
-            "SELECT seq, at, kind, pid, verdict, detail FROM events WHERE session_id = ?1 ORDER BY seq",
-        )?;
+        let mut statement =
+            conn.prepare("SELECT seq, at, kind, pid, verdict, detail FROM events WHERE session_id = ?1 ORDER BY seq")?;
         let events: Vec<Value> = statement
             .query_map([id.as_str()], |row| {
                 let mut event = Map::new();
@@ -96,9 +95,7 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     let json = |index: usize| -> rusqlite::Result<Value> {
         Ok(serde_json::from_str(&row.get::<_, String>(index)?).unwrap_or(Value::Null))
     };
-    let strings = |value: Value| -> Vec<String> {
-        serde_json::from_value(value).unwrap_or_default()
-    };
+    let strings = |value: Value| -> Vec<String> { serde_json::from_value(value).unwrap_or_default() };
     Ok(SessionRecord {
         id: SessionId(row.get(0)?),
         identity: row.get(1)?,

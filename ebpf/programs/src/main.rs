@@ -12,24 +12,24 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
         generated::{
             bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_send_signal,
         },
     },
-    EbpfContext,
     macros::{cgroup_sock, cgroup_sock_addr, lsm, map, raw_tracepoint, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{LsmContext, RawTracePointContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use tollgate_common::{
-    ARGV_LEN, ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
-    EventHeader, EventKind, ExecEvent, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent,
-    ConnectionKey, KernelOffsets, LOST_SLOTS, OriginalDst, ProxyAddr, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, NetAnyPortKey,
-    NetPortKey, NetRule, SessionSlot, SocketEvent, Verdict,
+    ARGV_LEN, ConnectEvent, ConnectionKey, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
+    EventHeader, EventKind, ExecEvent, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_SLOTS,
+    NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, NetAnyPortKey, NetPortKey, NetRule, OriginalDst, ProxyAddr,
+    SessionSlot, SocketEvent, Verdict,
 };
 
 const SIGKILL: u32 = 9;
@@ -177,16 +177,18 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
 
         let task = bpf_get_current_task() as *const u8;
         if let Ok(parent) = field::<*const u8>(task, off.task_real_parent)
-            && let Ok(ppid) = field::<u32>(parent, off.task_tgid) {
-                (*event).ppid = ppid;
-            }
+            && let Ok(ppid) = field::<u32>(parent, off.task_tgid)
+        {
+            (*event).ppid = ppid;
+        }
         if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename)
-            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename) {
-                // The helper stops one short of the buffer when it had to cut.
-                if bytes.len() >= FILENAME_LEN - 1 {
-                    (*event).flags |= EXEC_FILENAME_TRUNCATED;
-                }
+            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
+        {
+            // The helper stops one short of the buffer when it had to cut.
+            if bytes.len() >= FILENAME_LEN - 1 {
+                (*event).flags |= EXEC_FILENAME_TRUNCATED;
             }
+        }
         // Arguments exist only once the new image is set up: in the exec
         // tracepoint, not in the LSM hook that runs before it.
         if read_argv {
@@ -204,8 +206,7 @@ unsafe fn read_args(task: *const u8, off: &KernelOffsets, event: *mut ExecEvent)
             (*event).flags |= EXEC_ARGV_UNREADABLE;
             return;
         };
-        let (Ok(start), Ok(end)) = (field::<u64>(mm, off.mm_arg_start), field::<u64>(mm, off.mm_arg_end))
-        else {
+        let (Ok(start), Ok(end)) = (field::<u64>(mm, off.mm_arg_start), field::<u64>(mm, off.mm_arg_end)) else {
             (*event).flags |= EXEC_ARGV_UNREADABLE;
             return;
         };
@@ -269,7 +270,8 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // SAFETY: the hook's first argument is the bprm.
     let bprm: *const u8 = ctx.arg(0);
     // SAFETY: checked kernel reads.
-    let Ok((dev, ino)) = (unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) }) else {
+    let Ok((dev, ino)) = (unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) })
+    else {
         return 0;
     };
     if !exec_denied(cgroup_id, dev, ino) {
@@ -292,9 +294,9 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     let off = offsets();
     let child: *const u8 = ctx.arg(1);
     // SAFETY: checked kernel reads.
-    let (Ok(pid), Ok(tgid)) = (unsafe { field::<u32>(child, off.task_pid) }, unsafe {
-        field::<u32>(child, off.task_tgid)
-    }) else {
+    let (Ok(pid), Ok(tgid)) =
+        (unsafe { field::<u32>(child, off.task_pid) }, unsafe { field::<u32>(child, off.task_tgid) })
+    else {
         return 0;
     };
     if pid != tgid {
@@ -434,7 +436,15 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
 /// Saves where the socket was going and points it at the proxy instead.
 /// Returns false (and the connect is refused) if the socket has no cookie slot.
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext, ipv6: bool, addr: &[u8; 16], port: u16, cgroup_id: u64, rule_id: u32, proxy_port: u32) -> bool {
+fn redirect(
+    ctx: &SockAddrContext,
+    ipv6: bool,
+    addr: &[u8; 16],
+    port: u16,
+    cgroup_id: u64,
+    rule_id: u32,
+    proxy_port: u32,
+) -> bool {
     // SAFETY: the context is a socket address context, as the helper requires.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let original = OriginalDst { addr: *addr, cgroup_id, port: port as u32, rule_id };
