@@ -252,22 +252,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Approve { id, window } => {
             let request = Request::Approve { id, window_secs: window.map(|w| w.as_secs()) };
             let answer = call(&socket_path(cli.socket)?, &request)?;
-            println!(
-                "{} {} by {}",
-                answer["approval"].as_str().unwrap_or("?"),
-                answer["decision"].as_str().unwrap_or("?"),
-                answer["by"].as_str().unwrap_or("?")
-            );
+            output::decision(&answer);
             Ok(0)
         }
         Command::Deny { id, reason } => {
             let answer = call(&socket_path(cli.socket)?, &Request::Deny { id, reason })?;
-            println!(
-                "{} {} by {}",
-                answer["approval"].as_str().unwrap_or("?"),
-                answer["decision"].as_str().unwrap_or("?"),
-                answer["by"].as_str().unwrap_or("?")
-            );
+            output::decision(&answer);
             Ok(0)
         }
         Command::Policy(PolicyCommand::Explain { identity, to, policies, config }) => {

@@ -142,3 +142,8 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `tollgate approve` / `deny`: what was decided, by whom.
+pub fn decision(answer: &Value) {
+    println!("{} {} by {}", text(answer, "approval"), text(answer, "decision"), text(answer, "by"));
+}

@@ -371,29 +371,12 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
     // touch user_ip6 and the reverse, so the branch is on the program, not
     // on user_family).
     let (family, protocol, port_be, addr) = unsafe {
-        let family = if ipv6 { AF_INET6 } else { AF_INET };
-        let mut addr = [0u8; 16];
-        if ipv6 {
-            let words = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]];
-            let mut i = 0;
-            while i < 4 {
-                let b = words[i].to_ne_bytes();
-                addr[i * 4] = b[0];
-                addr[i * 4 + 1] = b[1];
-                addr[i * 4 + 2] = b[2];
-                addr[i * 4 + 3] = b[3];
-                i += 1;
-            }
+        let addr = if ipv6 {
+            words_to_bytes([(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]])
         } else {
-            addr[10] = 0xff;
-            addr[11] = 0xff;
-            let b = (*sa).user_ip4.to_ne_bytes();
-            addr[12] = b[0];
-            addr[13] = b[1];
-            addr[14] = b[2];
-            addr[15] = b[3];
-        }
-        (family, (*sa).protocol, (*sa).user_port as u16, addr)
+            mapped_v4((*sa).user_ip4)
+        };
+        (if ipv6 { AF_INET6 } else { AF_INET }, (*sa).protocol, (*sa).user_port as u16, addr)
     };
     // user_port holds the port in network order in its low 16 bits.
     let port_bytes = port_be.to_ne_bytes();
