@@ -15,11 +15,18 @@ use tokio::sync::oneshot;
 
 use crate::store::{SessionId, rfc3339};
 
+/// Requests one session may have waiting at once; more are refused (429).
+pub const MAX_HELD_PER_SESSION: usize = 16;
+/// The longest JIT window a reviewer may open.
+pub const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// What a held request is, for the reviewer.
 #[derive(Debug, Clone, Serialize)]
 pub struct Request {
     /// The session asking.
     pub session: SessionId,
+    /// The uid the session runs as (that user may not approve it).
+    pub uid: u32,
     /// Its identity.
     pub identity: String,
     /// Its subject.
@@ -125,17 +132,22 @@ impl Approvals {
         inner.windows.iter().any(|w| &w.session == session && w.rule_key == rule_key)
     }
 
-    /// Holds a request: returns its id and where the decision will arrive.
-    pub fn hold(&self, request: Request) -> (Pending, oneshot::Receiver<Decision>) {
+    /// Holds a request: returns its id and where the decision will arrive,
+    /// or `None` when its session already has [`MAX_HELD_PER_SESSION`] waiting.
+    pub fn hold(&self, request: Request) -> Option<(Pending, oneshot::Receiver<Decision>)> {
         let (answer, decision) = oneshot::channel();
         let mut inner = self.lock();
+        let waiting = inner.held.values().filter(|h| h.pending.request.session == request.session).count();
+        if waiting >= MAX_HELD_PER_SESSION {
+            return None;
+        }
         inner.next += 1;
         let id = format!("a-{}", inner.next);
         let now = SystemTime::now();
         let pending =
             Pending { id: id.clone(), request, requested_at: rfc3339(now), expires_at: rfc3339(now + self.timeout) };
         inner.held.insert(id, Held { pending: pending.clone(), answer });
-        (pending, decision)
+        Some((pending, decision))
     }
 
     /// Forgets a held request whose wait ended (timeout, client gone).
@@ -159,7 +171,7 @@ impl Approvals {
             inner.windows.push(Window {
                 session: held.pending.request.session.clone(),
                 rule_key: rule_key.to_owned(),
-                until: Instant::now() + *window,
+                until: Instant::now() + (*window).min(MAX_WINDOW),
             });
         }
         // The waiting request may have just timed out; then nobody listens.
@@ -170,6 +182,30 @@ impl Approvals {
     /// The rule key of a held request (what a JIT window is keyed on).
     pub fn rule_key(&self, id: &str) -> Option<String> {
         self.lock().held.get(id).map(|h| key_of(&h.pending.request))
+    }
+
+    /// A held request, as listed.
+    pub fn get(&self, id: &str) -> Option<Pending> {
+        self.lock().held.get(id).map(|h| h.pending.clone())
+    }
+}
+
+/// Forgets a held request when dropped (its wait ended, however it ended).
+pub struct Abandon<'a> {
+    approvals: &'a Approvals,
+    id: String,
+}
+
+impl<'a> Abandon<'a> {
+    /// Guards the held request `id`.
+    pub fn new(approvals: &'a Approvals, id: &str) -> Self {
+        Self { approvals, id: id.to_owned() }
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        self.approvals.abandon(&self.id);
     }
 }
 
@@ -185,6 +221,7 @@ mod tests {
     fn request(session: &str) -> Request {
         Request {
             session: session.parse().expect("id"),
+            uid: 1000,
             identity: "bots".into(),
             subject: "bot".into(),
             grant: "g".into(),
@@ -195,10 +232,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_session_may_hold_only_so_many_and_abandoned_requests_leave() {
+        let approvals = Approvals::new(Duration::from_secs(60));
+        let held: Vec<_> = (0..MAX_HELD_PER_SESSION).map(|_| approvals.hold(request("s-1")).expect("held")).collect();
+        assert!(approvals.hold(request("s-1")).is_none(), "one more than the limit is refused");
+        assert!(approvals.hold(request("s-2")).is_some(), "other sessions are not affected");
+        drop(Abandon::new(&approvals, &held[0].0.id));
+        assert!(approvals.get(&held[0].0.id).is_none(), "an abandoned request is no longer pending");
+    }
+
     #[tokio::test]
     async fn a_decision_reaches_the_waiting_request_and_opens_a_window() {
         let approvals = Approvals::new(Duration::from_secs(60));
-        let (pending, decision) = approvals.hold(request("s-1"));
+        let (pending, decision) = approvals.hold(request("s-1")).expect("held");
         assert_eq!(approvals.pending().len(), 1);
         let key = approvals.rule_key(&pending.id).expect("held");
         let approved = Decision::Approved { by: "root".into(), window: Some(Duration::from_secs(60)) };

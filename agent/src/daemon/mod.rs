@@ -48,6 +48,8 @@ pub struct Daemon {
     lsm_reason: Option<String>,
     /// Requests held for a reviewer.
     approvals: crate::approval::Approvals,
+    /// Notices for the approval webhook, posted by one worker thread.
+    webhook_queue: std::sync::OnceLock<std::sync::mpsc::SyncSender<serde_json::Value>>,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: std::sync::atomic::AtomicBool,
     /// Events the kernel could not deliver, per event kind slot.
@@ -104,6 +106,7 @@ impl Daemon {
         let session = state.registry.get_mut(cgroup_id)?;
         let route = session.rules.routes.get(&rule_id)?.clone();
         Some(crate::proxy::Governed {
+            uid: session.uid,
             session: session.id.clone(),
             identity: session.identity.clone(),
             subject: session.subject.clone(),
@@ -227,6 +230,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lost: Default::default(),
         closing: Default::default(),
         approvals: crate::approval::Approvals::new(config.approval_timeout),
+        webhook_queue: std::sync::OnceLock::new(),
         config,
     });
     tracing::info!(

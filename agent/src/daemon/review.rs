@@ -56,12 +56,20 @@ impl Daemon {
             Decision::Approved { window, .. } => Decision::Approved { by: by.clone(), window },
             Decision::Denied { reason, .. } => Decision::Denied { by: by.clone(), reason },
         };
-        let Some(key) = self.approvals().rule_key(id) else {
+        let (Some(key), Some(held)) = (self.approvals().rule_key(id), self.approvals().get(id)) else {
             return Response::error(
                 ErrorKind::NotFound,
                 format!("no pending request '{id}' (it may have been decided or timed out)"),
             );
         };
+        // The session's own user could be acting for it from outside the
+        // session (another login, a user service): never let it decide.
+        if caller.uid != 0 && caller.uid == held.request.uid {
+            return Response::error(
+                ErrorKind::Forbidden,
+                format!("user '{by}' runs the requesting session and cannot decide its requests"),
+            );
+        }
         match self.approvals().decide(id, decision.clone(), &key) {
             Ok(pending) => {
                 let mut detail = describe(&pending);
@@ -96,16 +104,27 @@ impl Daemon {
         self.record_proxy_event(&pending.request.session, "approval", "pending", describe(pending));
         let Some(url) = self.config().approval_webhook.clone() else { return };
         let notice = serde_json::to_value(pending).unwrap_or_default();
-        // Off the runtime: a slow webhook must not hold up the proxy.
-        std::thread::spawn(move || {
-            let sent = ureq::post(&url)
-                .timeout(Duration::from_secs(5))
-                .set("Content-Type", "application/json")
-                .send_string(&notice.to_string());
-            if let Err(e) = sent {
-                tracing::warn!(%url, error = %e, "approval webhook failed");
-            }
+        // One worker thread posts notices in order; a slow webhook never
+        // holds up the proxy, and a flood of held requests cannot start
+        // threads without bound (notices beyond the queue are dropped, logged).
+        let queue = self.webhook_queue.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<serde_json::Value>(256);
+            std::thread::spawn(move || {
+                for notice in rx {
+                    let sent = ureq::post(&url)
+                        .timeout(Duration::from_secs(5))
+                        .set("Content-Type", "application/json")
+                        .send_string(&notice.to_string());
+                    if let Err(e) = sent {
+                        tracing::warn!(%url, error = %e, "approval webhook failed");
+                    }
+                }
+            });
+            tx
         });
+        if queue.try_send(notice).is_err() {
+            tracing::warn!("approval webhook queue is full; a notice was dropped");
+        }
     }
 }
 

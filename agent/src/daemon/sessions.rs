@@ -117,6 +117,7 @@ impl Daemon {
             id: id.clone(),
             identity: identity.name.clone(),
             subject: verified.subject.clone(),
+            uid: caller.uid,
             cgroup: cgroup_path.clone(),
             cgroup_id,
             rules,

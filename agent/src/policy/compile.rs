@@ -150,9 +150,27 @@ fn is_script(path: &std::path::Path) -> bool {
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut start)).is_ok() && &start == b"#!"
 }
 
-/// The addresses a route covers: its prefix, or what its host name resolves to now.
+/// The addresses a route covers: its prefix, or what its host name resolves
+/// to now. A route on a loopback address covers all of loopback at its port
+/// (127.0.0.0/8 and ::1): a server listening on a wildcard address answers
+/// on every one of them, and the route must not be reachable around.
 fn route_destinations(target: &RouteTarget, unresolved: &mut Vec<String>) -> Vec<Destination> {
-    match target {
+    let with_loopback = |destinations: Vec<Destination>| -> Vec<Destination> {
+        let mut out = destinations.clone();
+        for d in destinations {
+            if d.net.network().is_loopback() && d.port.is_some() {
+                for net in ["127.0.0.0/8", "::1/128"] {
+                    if let Ok(net) = net.parse() {
+                        out.push(Destination { net, port: d.port });
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|d| (d.net.to_string(), d.port));
+        out.dedup();
+        out
+    };
+    with_loopback(match target {
         RouteTarget::Address(destination) => vec![*destination],
         RouteTarget::Host { name, port } => match (name.as_str(), *port).to_socket_addrs() {
             Ok(addrs) => addrs.map(|a| Destination { net: ipnet::IpNet::from(a.ip()), port: Some(*port) }).collect(),
@@ -161,13 +179,18 @@ fn route_destinations(target: &RouteTarget, unresolved: &mut Vec<String>) -> Vec
                 Vec::new()
             }
         },
-    }
+    })
 }
 
 /// A destination's family and prefix in the IPv6 space the kernel programs use.
 fn mapped(destination: &Destination) -> (u8, [u8; 16], u32) {
     match destination.net.network() {
         IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets(), 96 + u32::from(destination.net.prefix_len())),
+        // An IPv4-mapped prefix is an IPv4 rule: the kernel looks mapped
+        // destinations up as IPv4.
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() && destination.net.prefix_len() >= 96 => {
+            (4, v6.octets(), u32::from(destination.net.prefix_len()))
+        }
         IpAddr::V6(v6) => (6, v6.octets(), u32::from(destination.net.prefix_len())),
     }
 }
@@ -207,6 +230,21 @@ mod tests {
         assert_eq!(verdict_of(1), Some(Verdict::Redirect));
         assert_eq!(verdict_of(2), Some(Verdict::Deny));
         assert_eq!(rules.routes.len(), 2);
+    }
+
+    #[test]
+    fn loopback_routes_cover_all_of_loopback_and_mapped_prefixes_are_ipv4() {
+        let mut g = grant(&[], &["::ffff:10.0.0.0/104"]);
+        g.network.proxy = vec![serde_yaml_ng::from_str("to: \"127.0.0.1/32:80\"\nprotocol: http\n").expect("route")];
+        let rules = compile([&g]);
+        let redirects: Vec<(u8, u32)> =
+            rules.net.iter().filter(|e| e.verdict == Verdict::Redirect).map(|e| (e.family, e.addr_prefix)).collect();
+        assert!(
+            redirects.contains(&(4, 128)) && redirects.contains(&(4, 104)) && redirects.contains(&(6, 128)),
+            "{redirects:?}"
+        );
+        let deny = rules.net.iter().find(|e| e.verdict == Verdict::Deny).expect("deny entry");
+        assert_eq!((deny.family, deny.addr_prefix), (4, 104));
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub struct Decision {
 
 /// What `rules` decide for a connect to `to`.
 pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
+    // As the kernel does: 0.0.0.0 and :: reach loopback.
+    let to = match to.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), to.port()),
+        IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), to.port()),
+        _ => to,
+    };
     let (family, addr) = match to.ip() {
         IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -76,6 +82,9 @@ mod tests {
         assert_eq!(at("10.1.2.3:22").rule.as_deref(), Some("g: network.deny 10.0.0.0/8"));
         assert_eq!(at("127.0.0.1:18080").verdict, Verdict::Redirect);
         assert_eq!(at("[::ffff:127.0.0.1]:18080").verdict, Verdict::Redirect);
+        assert_eq!(at("0.0.0.0:18080").verdict, Verdict::Redirect, "the unspecified address is loopback");
+        assert_eq!(at("127.0.0.2:18080").verdict, Verdict::Redirect, "every loopback address reaches the server");
+        assert_eq!(at("[::1]:18080").verdict, Verdict::Redirect);
         assert_eq!(at("[2001:db8::1]:443").rule.as_deref(), Some("g: network.allow ::/0"));
     }
 

@@ -33,16 +33,91 @@ use tokio::{net::TcpStream, sync::Mutex};
 use super::{
     Governed,
     body::{Counted, ProxyBody, full},
-    rules::{RequestView, blocked_by, mask, needs_approval, normalize_path},
+    rules::{RequestView, Unmaskable, blocked_by, mask, needs_approval, normalize_path},
 };
 use crate::{
     approval::{self, Decision},
     daemon::Daemon,
-    policy::route::{Credential, RouteTarget},
+    policy::route::{Credential, Route, RouteTarget},
 };
 
 /// Largest request or response body the proxy passes on.
 pub const MAX_BODY: usize = 64 << 20;
+
+/// Headers some frameworks take as the request's real method.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Why a request is ambiguous, if it is: its path or headers could be read
+/// differently by the upstream than by the proxy's rules.
+fn ambiguity(
+    headers: &hyper::HeaderMap,
+    raw_path: &str,
+    method: &hyper::Method,
+    route: &Route,
+) -> Option<&'static str> {
+    if !raw_path.is_ascii() {
+        return Some("the path is not ASCII");
+    }
+    let path_only = raw_path.split('?').next().unwrap_or("");
+    let lower = path_only.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path_only.contains('\\') || path_only.contains(';') {
+        return Some("the path holds an encoded slash, a backslash or a ';' parameter");
+    }
+    if has_bad_escape(path_only) {
+        return Some("the path holds a malformed percent escape");
+    }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Some("more than one Host header");
+    }
+    if route.credential.is_some()
+        && (method.as_str().eq_ignore_ascii_case("TRACE") || method.as_str().eq_ignore_ascii_case("TRACK"))
+    {
+        return Some("TRACE would echo the injected credential back");
+    }
+    let body_rules = route.block.iter().chain(&route.approve).any(|m| m.body.is_some());
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+    if body_rules && encoded {
+        return Some("a content-encoded body cannot be checked by body rules");
+    }
+    None
+}
+
+fn has_bad_escape(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%' && !(i + 2 < bytes.len() && bytes[i + 1].is_ascii_hexdigit() && bytes[i + 2].is_ascii_hexdigit())
+    })
+}
+
+/// Routes whose answers are read whole before the client sees them: masked
+/// ones, and those with a credential (scrubbed of it in case it is echoed).
+fn scrubs_response(route: &Route) -> bool {
+    !route.mask.is_empty() || route.credential.is_some()
+}
+
+fn strip_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
+}
+
+/// Replaces every occurrence of `secret` in `body`.
+fn scrub(body: &[u8], secret: &str) -> (Vec<u8>, usize) {
+    let needle = secret.as_bytes();
+    let (mut out, mut found, mut i) = (Vec::with_capacity(body.len()), 0, 0);
+    while i < body.len() {
+        if body[i..].starts_with(needle) {
+            out.extend_from_slice(b"[credential removed]");
+            found += 1;
+            i += needle.len();
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    (out, found)
+}
 
 /// Headers that belong to one hop, never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -65,7 +140,10 @@ pub async fn serve(daemon: Arc<Daemon>, governed: Governed, stream: TcpStream) {
         let (daemon, governed, upstream) = (daemon.clone(), governed.clone(), upstream.clone());
         async move { Ok::<_, Infallible>(exchange(daemon, &governed, &upstream, request).await) }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+    // A client that never finishes its headers must not hold a connection forever.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
     }
 }
@@ -139,11 +217,25 @@ async fn exchange(
     let daemon: &Daemon = &daemon;
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
-    // Rules see, and the upstream receives, the path as servers will read it.
-    let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
-    let mut record = Record::new(governed, method.as_str(), &path, &host);
     let route = &governed.route.route;
+    // Requests whose meaning servers disagree on are refused outright, so a
+    // rule cannot be read one way by the proxy and another by the upstream.
+    if let Some(why) = ambiguity(&parts.headers, &raw_path, &method, route) {
+        let mut record = Record::new(governed, method.as_str(), &raw_path, &host);
+        let response = refuse(StatusCode::BAD_REQUEST, governed, "ambiguous request refused", json!({"reason": why}));
+        record.hit(why);
+        record.finish(daemon, governed, "refused", StatusCode::BAD_REQUEST);
+        return response;
+    }
+    // Rules see, and the upstream receives, the path as servers will read it.
+    let path = normalize_path(&raw_path);
+    let mut record = Record::new(governed, method.as_str(), &path, &host);
+    // A method override would let a POST act as the DELETE a rule blocks.
+    for name in METHOD_OVERRIDES {
+        parts.headers.remove(name);
+    }
 
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
@@ -218,12 +310,18 @@ async fn exchange(
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
     }
-    if !route.mask.is_empty() {
+    if scrubs_response(route) {
+        // Whole, uncompressed answers only: a compressed or partial one could
+        // not be masked or scrubbed.
         parts.headers.remove(header::ACCEPT_ENCODING);
+        parts.headers.remove(header::RANGE);
+        parts.headers.remove(header::IF_RANGE);
     }
+    let mut secret: Option<String> = None;
     if let Some(credential) = &route.credential {
         match credential_header(credential) {
             Ok((name, value)) => {
+                secret = value.to_str().ok().map(str::to_owned).filter(|v| !v.is_empty());
                 parts.headers.remove(&name);
                 parts.headers.insert(name, value);
                 record.set("credential", credential.header.clone());
@@ -280,7 +378,7 @@ async fn exchange(
     }
     let status = answer_parts.status;
     record.set("request_bytes", request_bytes.load(Ordering::Relaxed));
-    if route.mask.is_empty() {
+    if !scrubs_response(route) {
         // Streamed: the record is written when the body has gone through.
         let governed = governed.clone();
         let body = Counted::new(
@@ -306,11 +404,44 @@ async fn exchange(
             return response;
         }
     };
-    let Ok((masked, count)) = mask(&route.mask, &answer_body) else {
+    // A partial or encoded answer cannot be masked or scrubbed: refuse it
+    // rather than pass it on unread.
+    let encoded = answer_parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+    let json_declared = answer_parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let masked = if status == StatusCode::PARTIAL_CONTENT || encoded {
+        Err(Unmaskable)
+    } else {
+        mask(&route.mask, strip_bom(&answer_body), json_declared)
+    };
+    let Ok((mut masked, mut count)) = masked else {
         let response = refuse(StatusCode::BAD_GATEWAY, governed, "the response could not be masked", json!({}));
         record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
         return response;
     };
+    // The injected credential never goes back to the agent, even when an
+    // endpoint echoes the request.
+    if let Some(secret) = &secret {
+        let (scrubbed, found) = scrub(&masked, secret);
+        if found > 0 {
+            tracing::warn!(session = %governed.session, "the upstream echoed the injected credential; removed");
+            masked = scrubbed;
+            count += found;
+        }
+        for value in answer_parts.headers.values_mut() {
+            if value.to_str().is_ok_and(|v| v.contains(secret.as_str())) {
+                *value = HeaderValue::from_static("[credential removed]");
+                count += 1;
+            }
+        }
+    }
     record.set("masked", count);
     let kept = masked.len().min(daemon.config().record_body_bytes);
     record.set("response_body", String::from_utf8_lossy(&masked[..kept]).into_owned());
@@ -332,6 +463,7 @@ async fn approve(
 ) -> Result<(), Response<ProxyBody>> {
     let request = approval::Request {
         session: governed.session.clone(),
+        uid: governed.uid,
         identity: governed.identity.clone(),
         subject: governed.subject.clone(),
         grant: governed.route.grant.clone(),
@@ -345,7 +477,17 @@ async fn approve(
         record.set("approval", "jit-window");
         return Ok(());
     }
-    let (pending, decision) = approvals.hold(request);
+    let Some((pending, decision)) = approvals.hold(request) else {
+        return Err(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            governed,
+            "too many requests of this session are already waiting for approval",
+            json!({"rule": rule, "limit": approval::MAX_HELD_PER_SESSION}),
+        ));
+    };
+    // If the client goes away while held, the request stops being pending:
+    // nobody can approve (or open a window with) what no longer waits.
+    let _held = approval::Abandon::new(approvals, &pending.id);
     record.set("approval_id", pending.id.clone());
     daemon.announce_pending(&pending);
     tracing::info!(session = %governed.session, approval = %pending.id, method, path, "request held for approval");
@@ -367,7 +509,6 @@ async fn approve(
             ))
         }
         Ok(Err(_)) | Err(_) => {
-            approvals.abandon(&pending.id);
             daemon.record_approval_timeout(&governed.session, &pending);
             record.set("denied_by", "timeout");
             Err(refuse(

@@ -27,6 +27,8 @@ use crate::{daemon::Daemon, policy::compile::SessionRoute, policy::route::Protoc
 pub struct Governed {
     /// The session.
     pub session: SessionId,
+    /// The uid the session runs as.
+    pub uid: u32,
     /// Its identity.
     pub identity: String,
     /// Its subject.
@@ -71,8 +73,13 @@ pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<TcpListener>) -> anyhow::
     }
 }
 
+/// Governed connections served at once (per listener); more wait in the backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
 async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = slots.clone().acquire_owned().await.context("proxy connection limit closed")?;
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -83,6 +90,7 @@ async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()
         };
         let daemon = daemon.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match identify(&daemon, &stream, peer).await {
                 Some(governed) => {
                     let protocol = governed.route.route.protocol;

@@ -66,7 +66,9 @@ pub struct Unmaskable;
 /// nothing to replace is returned byte for byte. A body that looks like JSON
 /// but does not parse is refused when JSON masks apply: passing it on would
 /// let the fields the masks name through in the clear.
-pub fn mask(masks: &[Mask], body: &[u8]) -> Result<(Vec<u8>, usize), Unmaskable> {
+/// `json_declared`: the response says it is JSON, so failing to parse it is
+/// a refusal even when it does not look like JSON.
+pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>, usize), Unmaskable> {
     let mut count = 0;
     let mut text: Option<String> = None;
     let json_masks: Vec<_> = masks
@@ -95,7 +97,7 @@ pub fn mask(masks: &[Mask], body: &[u8]) -> Result<(Vec<u8>, usize), Unmaskable>
                     text = Some(value.to_string());
                 }
             }
-            Err(_) if looks_like_json(body) => return Err(Unmaskable),
+            Err(_) if json_declared || looks_like_json(body) => return Err(Unmaskable),
             Err(_) => {}
         }
     }
@@ -194,7 +196,7 @@ mod tests {
             "to: \"127.0.0.1/32:1\"\nprotocol: http\nmask:\n  - { json_path: \"$.users[*].email\" }\n  - { regex: \"\\\\b\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}\\\\b\", replace: \"****-****-****-****\" }\n",
         );
         let body = br#"{"users":[{"name":"a","email":"a@x.io","note":"card 4111-1111-1111-1111"},{"name":"b","email":"b@x.io"}]}"#;
-        let (masked, count) = mask(&r.mask, body).expect("maskable");
+        let (masked, count) = mask(&r.mask, body, true).expect("maskable");
         let masked = String::from_utf8(masked).expect("utf-8");
         assert_eq!(count, 3, "{masked}");
         assert!(!masked.contains("a@x.io") && !masked.contains("4111-1111"), "{masked}");
@@ -204,11 +206,11 @@ mod tests {
     #[test]
     fn unparseable_json_is_refused_and_untouched_bodies_stay_exact() {
         let r = route("to: \"127.0.0.1/32:1\"\nprotocol: http\nmask:\n  - { json_path: \"$.users[*].email\" }\n");
-        assert_eq!(mask(&r.mask, br#"{"users":[{"email":"a@x.io"}],"#), Err(Unmaskable));
+        assert_eq!(mask(&r.mask, br#"{"users":[{"email":"a@x.io"}],"#, false), Err(Unmaskable));
         let exact = br#"{"z":1, "order_id":123456789012345678901234567890}"#;
-        assert_eq!(mask(&r.mask, exact), Ok((exact.to_vec(), 0)));
+        assert_eq!(mask(&r.mask, exact, true), Ok((exact.to_vec(), 0)));
         let big = br#"{"users":[{"email":"a@x.io"}],"scale":1e400,"id":123456789012345678901234567890}"#;
-        let (masked, count) = mask(&r.mask, big).expect("maskable");
+        let (masked, count) = mask(&r.mask, big, true).expect("maskable");
         let masked = String::from_utf8(masked).expect("utf-8");
         assert_eq!(count, 1);
         assert!(
@@ -217,7 +219,7 @@ mod tests {
                 && !masked.contains("a@x.io"),
             "{masked}"
         );
-        assert_eq!(mask(&r.mask, b"<html>a@x.io</html>"), Ok((b"<html>a@x.io</html>".to_vec(), 0)));
+        assert_eq!(mask(&r.mask, b"<html>a@x.io</html>", false), Ok((b"<html>a@x.io</html>".to_vec(), 0)));
     }
 
     #[test]

@@ -47,18 +47,20 @@ pub enum SniRefusal {
 }
 
 fn name_matches(pattern: &str, name: &str) -> bool {
+    let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
             name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.')
         }
-        None => pattern.eq_ignore_ascii_case(name),
+        None => pattern == name,
     }
 }
 
 /// Checks a server name against a route: deny beats allow; a host route
 /// allows only its own name.
 pub fn check_sni(target: &RouteTarget, rules: Option<&SniRules>, sni: Option<&str>) -> Result<String, SniRefusal> {
-    let name = sni.ok_or(SniRefusal::Missing)?.to_ascii_lowercase();
+    // Names compare without case and without the root's trailing dot.
+    let name = sni.ok_or(SniRefusal::Missing)?.trim_end_matches('.').to_ascii_lowercase();
     if let RouteTarget::Host { name: host, .. } = target
         && &name != host
     {
@@ -215,6 +217,12 @@ mod tests {
         );
         assert_eq!(check_sni(&any, Some(&r), Some("example.com")), Err(SniRefusal::NotAllowed("example.com".into())));
         assert_eq!(check_sni(&any, Some(&r), None), Err(SniRefusal::Missing));
+        assert_eq!(
+            check_sni(&any, Some(&r), Some("Bad.Example.com.")),
+            Err(SniRefusal::Denied("bad.example.com".into()))
+        );
+        let upper = rules(&["*.Example.COM"], &[]);
+        assert!(check_sni(&any, Some(&upper), Some("a.example.com")).is_ok(), "patterns compare without case");
         let host: RouteTarget = "api.test:443".parse().expect("target");
         assert!(check_sni(&host, None, Some("other.test")).is_err());
     }

@@ -21,6 +21,8 @@ pub struct ActiveSession {
     pub identity: String,
     /// The token's subject.
     pub subject: String,
+    /// The uid its processes run as.
+    pub uid: u32,
     /// Its cgroup directory.
     pub cgroup: PathBuf,
     /// Its cgroup id.

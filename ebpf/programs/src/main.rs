@@ -378,6 +378,10 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
         };
         (if ipv6 { AF_INET6 } else { AF_INET }, (*sa).protocol, (*sa).user_port as u16, addr)
     };
+    // Connecting to 0.0.0.0 or :: reaches this host's loopback; decide (and
+    // record) it as the loopback address it becomes, so it cannot slip past
+    // rules written for 127.0.0.1 or ::1.
+    let addr = loopback_for_unspecified(addr);
     // user_port holds the port in network order in its low 16 bits.
     let port_bytes = port_be.to_ne_bytes();
     let port = u16::from_be_bytes(port_bytes);
@@ -514,6 +518,24 @@ pub fn track_established(ctx: SockOpsContext) -> u32 {
     }
     let _ = ORIGINAL_BY_CONNECTION.insert(&key, &original, 0);
     1
+}
+
+#[inline(always)]
+fn loopback_for_unspecified(mut addr: [u8; 16]) -> [u8; 16] {
+    let mut zero_head = true;
+    let mut i = 0;
+    while i < 10 {
+        zero_head &= addr[i] == 0;
+        i += 1;
+    }
+    let tail_zero = addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 0;
+    if zero_head && addr[10] == 0xff && addr[11] == 0xff && tail_zero {
+        addr[12] = 127; // ::ffff:0.0.0.0 -> ::ffff:127.0.0.1
+        addr[15] = 1;
+    } else if zero_head && addr[10] == 0 && addr[11] == 0 && tail_zero {
+        addr[15] = 1; // :: -> ::1
+    }
+    addr
 }
 
 #[inline(always)]

@@ -1,0 +1,114 @@
+//! Requests built to be read one way by the proxy and another by the
+//! upstream, or to get around a route: each is refused or neutralised, and
+//! the upstream sees nothing it should not.
+
+use harness::proxy::{Fixture, REVIEWERS};
+
+#[test]
+fn the_unspecified_address_reaches_the_route_not_the_upstream_directly() {
+    let fx = Fixture::start(&[]);
+    // 0.0.0.0 is this host's loopback: it must meet the same route.
+    let url = format!("http://0.0.0.0:{}/admin/users", fx.upstream.port());
+    let exchange = fx.curl(&[url.as_str()]);
+    exchange.assert_status(403, "a blocked path through 0.0.0.0");
+    assert!(
+        fx.upstream.request_lines().is_empty(),
+        "the upstream was reached around the proxy: {:?}",
+        fx.upstream.request_lines()
+    );
+}
+
+#[test]
+fn ambiguous_paths_and_headers_are_refused_before_the_upstream() {
+    let fx = Fixture::start(&[]);
+    for path in ["/admin%2Fusers", "/admin;x/users", "/admin%zz/users"] {
+        let exchange = fx.curl(&["--path-as-is", fx.url(path).as_str()]);
+        exchange.assert_status(400, path);
+        assert_eq!(exchange.json()["error"], "ambiguous request refused", "{exchange}");
+    }
+    // curl sends one Host at most; a raw request sends two.
+    let script = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(b'GET /ok HTTP/1.1\\r\\nHost: a.example\\r\\nHost: b.example\\r\\nConnection: close\\r\\n\\r\\n')\nprint(s.recv(65536).split(b'\\r\\n')[0].decode())\n",
+        port = fx.upstream.port()
+    );
+    let out = fx.daemon.run(&fx.token, &["python3", "-c", script.as_str()]);
+    assert!(out.stdout.contains(" 400 "), "two Host headers must be refused: {out}");
+    let exchange = fx.curl(&["-X", "TRACE", fx.url("/ok").as_str()]);
+    exchange.assert_status(400, "TRACE on a route with a credential");
+    assert!(
+        fx.upstream.request_lines().is_empty(),
+        "refused requests reached the upstream: {:?}",
+        fx.upstream.request_lines()
+    );
+}
+
+#[test]
+fn method_overrides_and_ranges_are_removed_on_the_way_up() {
+    let fx = Fixture::start(&[]);
+    let exchange = fx.curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "X-HTTP-Method-Override: DELETE",
+        "-H",
+        "Range: bytes=0-5",
+        "--data",
+        "x",
+        fx.url("/items/1").as_str(),
+    ]);
+    exchange.assert_status(200, "a PUT with an override header");
+    let requests = fx.upstream.requests();
+    assert_eq!(requests.len(), 1, "{}", fx.upstream.describe());
+    let request = &requests[0];
+    assert_eq!(request.method, "PUT");
+    assert!(request.header_values("x-http-method-override").is_empty(), "the override reached the upstream");
+    assert!(request.header_values("range").is_empty(), "a masked route must get whole answers");
+}
+
+#[test]
+fn an_echoed_credential_never_reaches_the_agent() {
+    let fx = Fixture::start(&[]);
+    // An upstream that reflects the request's Authorization header.
+    fx.upstream.set_reply(200, &format!(r#"{{"you_sent":"{}"}}"#, fx.secret.value));
+    let exchange = fx.curl(&[fx.url("/debug/echo").as_str()]);
+    exchange.assert_status(200, "an echoing endpoint");
+    assert!(!exchange.body.contains(&fx.secret.value), "the credential came back to the agent: {exchange}");
+    assert!(exchange.body.contains("[credential removed]"), "{exchange}");
+}
+
+#[test]
+fn a_sessions_own_user_cannot_approve_its_requests_from_outside() {
+    let fx = Fixture::start(&[REVIEWERS, "  unix_groups: [nogroup]", "approval_timeout: 20s"]);
+    // The session runs as nobody, who is (through nogroup) a reviewer.
+    let token = &fx.token;
+    let url = fx.url("/deploy/1");
+    let held = std::thread::scope(|scope| {
+        let request = scope.spawn(|| {
+            fx.daemon.run_as(
+                65534,
+                65534,
+                token,
+                &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", url.as_str()],
+            )
+        });
+        let pending = harness::proxy::wait_for_approvals(&fx.daemon, 1);
+        let id = harness::proxy::approval_id(&pending[0]);
+        let bin = harness::tollgate_bin();
+        let mut approve = std::process::Command::new("setpriv");
+        approve
+            .args(["--reuid", "65534", "--regid", "65534", "--init-groups"])
+            .arg(&bin)
+            .arg("--socket")
+            .arg(fx.daemon.socket())
+            .args(["approve", id.as_str()]);
+        let refused =
+            harness::run_with_timeout(&mut approve, std::time::Duration::from_secs(30)).expect("tollgate approve runs");
+        assert_eq!(refused.code(), Some(1), "the session's own user approved its request: {refused}");
+        assert!(refused.stderr.contains("cannot decide its requests"), "{refused}");
+        // Root, another user, may.
+        let approved = fx.daemon.tollgate(&["approve", id.as_str()]);
+        assert!(approved.success(), "root could not approve: {approved}");
+        request.join().expect("the request thread")
+    });
+    assert_eq!(held.stdout.trim(), "200", "the approved request should pass: {held}");
+}
