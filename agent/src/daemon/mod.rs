@@ -194,8 +194,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let verifier = Verifier::new(&config.issuers, dev_jwks);
 
+    // The socket first: a second daemon on the same config must stop here,
+    // before it touches the cgroups of the one already running.
+    let listener = crate::api::server::bind(&config.socket)?;
     let mount = cgroup::cgroup2_mount()?;
     let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
+    // If starting fails from here on, nothing was started: leave no cgroup
+    // behind (declared before the enforcer, so its programs detach first).
+    let _cleanup = TreeCleanup(tree.clone());
     let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port)
         .context("cannot load the eBPF programs")?;
     let mode = enforcer.exec_enforcement();
@@ -211,7 +217,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let writer = Writer::start(&config.database_path(), config.flush_interval())?;
     let reader = Reader::new(&config.database_path());
-    let listener = crate::api::server::bind(&config.socket)?;
     let proxy_listeners = crate::proxy::bind(config.proxy_port).await?;
 
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
@@ -279,6 +284,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Programs detach when the enforcer drops, before the cgroups go.
     tree.remove();
     outcome
+}
+
+/// Removes the daemon's cgroup subtree when dropped (it fails quietly if
+/// the subtree is busy or already gone).
+struct TreeCleanup(cgroup::CgroupTree);
+
+impl Drop for TreeCleanup {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
 }
 
 /// How often session cgroups are checked for their last process.

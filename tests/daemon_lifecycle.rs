@@ -1,0 +1,54 @@
+//! Starting and failing to start: a daemon that cannot start leaves nothing
+//! behind, and a second daemon on the same config never disturbs the first.
+
+use std::{process::Command, time::Duration};
+
+use harness::{Daemon, host, run_with_timeout, tollgate_bin, unique_tag};
+
+const POLICY: &str = "identities:\n  - name: life-bots\n    issuer: tollgate-dev\ngrants:\n  - name: life\n    identity: life-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n";
+
+#[test]
+fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {
+    // The proxy port is taken, so start-up fails after the cgroups exist.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to take");
+    let port = taken.local_addr().expect("address").port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cgroup = format!("tollgate-test-{}", unique_tag());
+    let config = dir.path().join("config.yaml");
+    std::fs::create_dir(dir.path().join("policies")).expect("policy dir");
+    std::fs::write(dir.path().join("policies/p.yaml"), POLICY).expect("policy");
+    std::fs::write(
+        &config,
+        format!("state_dir: state\nsocket: control.sock\npolicies: [policies]\ncgroup: {cgroup}\nproxy_port: {port}\n"),
+    )
+    .expect("config");
+    let mut daemon = Command::new(tollgate_bin());
+    daemon.arg("daemon").arg("--config").arg(&config);
+    let out = run_with_timeout(&mut daemon, Duration::from_secs(60)).expect("the daemon runs");
+    assert_eq!(out.code(), Some(1), "start-up should fail: {out}");
+    assert!(
+        out.stderr.contains(&format!("{port}")) && out.stderr.contains("proxy"),
+        "the error should name the proxy port: {out}"
+    );
+    assert!(!host::cgroup2_mount().join(&cgroup).exists(), "a failed start left its cgroup {cgroup} behind");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_and_leaves_the_first_alone() {
+    let first = Daemon::start(POLICY);
+    let token = first.mint("long-bot", &[]);
+    let marker = first.dir().join(format!("still-running-{}", unique_tag()));
+    let script = format!("sleep 3; touch {}", marker.display());
+    std::thread::scope(|scope| {
+        let session = scope.spawn(|| first.run(&token, &["/bin/sh", "-c", script.as_str()]));
+        std::thread::sleep(Duration::from_millis(500));
+        let mut second = Command::new(tollgate_bin());
+        second.arg("daemon").arg("--config").arg(first.dir().join("config.yaml"));
+        let out = run_with_timeout(&mut second, Duration::from_secs(60)).expect("the second daemon runs");
+        assert_eq!(out.code(), Some(1), "a second daemon must not start: {out}");
+        assert!(out.stderr.contains("already listening"), "the refusal should say why: {out}");
+        let finished = session.join().expect("session thread");
+        assert_eq!(finished.code(), Some(0), "the first daemon's session was disturbed: {finished}");
+    });
+    assert!(marker.exists(), "the first daemon's session did not finish its work");
+}
