@@ -16,17 +16,18 @@ mod vm;
 /// The bpf-linker release that loads the nightly toolchain's own LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the test suite drives (setpriv runs sessions as another user).
-/// Each is (a command that shows it is there, the package). nginx is a real
+/// Each is (a shell test that it is there, the package). nginx is a real
 /// TLS upstream for the proxy tests; the tests start their own instances.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("setpriv", "util-linux"),
-    ("curl", "curl"),
-    ("python3", "python3"),
-    ("nginx", "nginx-light"),
-    ("openssl", "openssl"),
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("busybox", "busybox-static"),
-    ("cpio", "cpio"),
+    ("command -v setpriv", "util-linux"),
+    ("command -v curl", "curl"),
+    ("command -v python3", "python3"),
+    ("command -v nginx", "nginx-light"),
+    ("command -v openssl", "openssl"),
+    ("command -v qemu-system-x86_64", "qemu-system-x86"),
+    // The VM's initramfs needs busybox linked statically (ldd fails on it).
+    ("test -x /bin/busybox && ! ldd /bin/busybox >/dev/null 2>&1", "busybox-static"),
+    ("command -v cpio", "cpio"),
 ];
 /// Keeps package scripts from starting services (nginx would take port 80).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -174,7 +175,7 @@ fn setup() -> anyhow::Result<()> {
     }
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(binary, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {binary}")])))
+        .filter(|(present, _)| !succeeds(Command::new("sh").args(["-c", present])))
         .map(|(_, package)| *package)
         .collect();
     if !missing.is_empty() {

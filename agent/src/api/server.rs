@@ -12,7 +12,7 @@ use tokio::{
 use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Request, Response};
 use crate::{
     approval::Decision,
-    daemon::{Caller, Daemon},
+    daemon::{Caller, Daemon, Placement},
     store::{SessionId, StoreError},
 };
 
@@ -89,10 +89,13 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
 
 async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Response {
     // A process inside a session may read its own session's record, no other.
-    let own_session = daemon.session_of_process(caller.pid);
-    let governed = daemon.is_governed(caller.pid);
-    let may_read = |uid: u32, id: &SessionId| -> bool {
-        if governed { own_session.as_ref() == Some(id) } else { caller.uid == 0 || caller.uid == uid }
+    // Only reading records asks where the caller runs.
+    let placement = || daemon.placement(caller.pid);
+    let may_read = |placement: &Placement, uid: u32, id: &SessionId| -> bool {
+        match placement {
+            Placement::Inside(own) => own.as_ref() == Some(id),
+            Placement::Outside => caller.uid == 0 || caller.uid == uid,
+        }
     };
     match request {
         Request::Run { token, pid, command } => daemon.open_session(caller, token, pid, command).await,
@@ -111,7 +114,8 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
             let reader = daemon.reader().clone();
             match tokio::task::spawn_blocking(move || reader.sessions()).await {
                 Ok(Ok(sessions)) => {
-                    let visible: Vec<_> = sessions.into_iter().filter(|s| may_read(s.uid, &s.id)).collect();
+                    let here = placement();
+                    let visible: Vec<_> = sessions.into_iter().filter(|s| may_read(&here, s.uid, &s.id)).collect();
                     Response::Ok(serde_json::to_value(visible).unwrap_or_default())
                 }
                 Ok(Err(e)) => Response::error(ErrorKind::Internal, e.to_string()),
@@ -125,7 +129,7 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
             };
             let reader = daemon.reader().clone();
             match tokio::task::spawn_blocking(move || reader.show(&id)).await {
-                Ok(Ok(detail)) if may_read(detail.session.uid, &detail.session.id) => {
+                Ok(Ok(detail)) if may_read(&placement(), detail.session.uid, &detail.session.id) => {
                     Response::Ok(serde_json::to_value(detail).unwrap_or_default())
                 }
                 Ok(Ok(detail)) => Response::error(ErrorKind::NotFound, format!("no session '{}'", detail.session.id)),

@@ -163,25 +163,20 @@ impl Approvals {
     }
 
     /// Decides a held request. An approval with a window opens it for the
-    /// request's session and rule (`rule_key` from the pending request).
-    pub fn decide(&self, id: &str, decision: Decision, rule_key: &str) -> Result<Pending, ApprovalError> {
+    /// request's session and rule.
+    pub fn decide(&self, id: &str, decision: Decision) -> Result<Pending, ApprovalError> {
         let mut inner = self.lock();
         let held = inner.held.remove(id).ok_or_else(|| ApprovalError::NotPending(id.to_owned()))?;
         if let Decision::Approved { window: Some(window), .. } = &decision {
             inner.windows.push(Window {
                 session: held.pending.request.session.clone(),
-                rule_key: rule_key.to_owned(),
+                rule_key: key_of(&held.pending.request),
                 until: Instant::now() + (*window).min(MAX_WINDOW),
             });
         }
         // The waiting request may have just timed out; then nobody listens.
         let _ = held.answer.send(decision);
         Ok(held.pending)
-    }
-
-    /// The rule key of a held request (what a JIT window is keyed on).
-    pub fn rule_key(&self, id: &str) -> Option<String> {
-        self.lock().held.get(id).map(|h| key_of(&h.pending.request))
     }
 
     /// A held request, as listed.
@@ -247,14 +242,14 @@ mod tests {
         let approvals = Approvals::new(Duration::from_secs(60));
         let (pending, decision) = approvals.hold(request("s-1")).expect("held");
         assert_eq!(approvals.pending().len(), 1);
-        let key = approvals.rule_key(&pending.id).expect("held");
+        let key = key_of(&pending.request);
         let approved = Decision::Approved { by: "root".into(), window: Some(Duration::from_secs(60)) };
-        approvals.decide(&pending.id, approved.clone(), &key).expect("decided");
+        approvals.decide(&pending.id, approved.clone()).expect("decided");
         assert_eq!(decision.await.expect("answered"), approved);
         assert!(approvals.window_open(&"s-1".parse().expect("id"), &key));
         assert!(!approvals.window_open(&"s-2".parse().expect("id"), &key), "windows are per session");
         assert_eq!(
-            approvals.decide(&pending.id, approved, &key).expect_err("decided once"),
+            approvals.decide(&pending.id, approved).expect_err("decided once"),
             ApprovalError::NotPending(pending.id)
         );
     }

@@ -171,7 +171,7 @@ impl Enforcer {
 
     /// Makes `cgroup_id` a governed session with `rules`. Rules go in before
     /// the session entry, so the kernel never sees the session without them.
-    pub fn add_session(&mut self, cgroup_id: u64, session_id: u64, rules: &SessionRules) -> Result<(), BpfError> {
+    pub fn add_session(&mut self, cgroup_id: u64, rules: &SessionRules) -> Result<(), BpfError> {
         let fail = |name| move |source| BpfError::Map { name, source };
         for (_, file) in &rules.exec_deny {
             let key = ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 };
@@ -201,7 +201,7 @@ impl Enforcer {
                 }
             }
         }
-        self.sessions.insert(cgroup_id, SessionSlot { session_id }, 0).map_err(fail("SESSIONS"))
+        self.sessions.insert(cgroup_id, SessionSlot { session_id: cgroup_id }, 0).map_err(fail("SESSIONS"))
     }
 
     /// Forgets a session. The session entry goes first so nothing is

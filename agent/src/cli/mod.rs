@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     api::{
         client,
-        protocol::{ErrorKind, Request, Response},
+        protocol::{Request, Response},
     },
     config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET},
     identity::dev,
@@ -327,7 +327,6 @@ fn parse_claims(pairs: &[String]) -> anyhow::Result<BTreeMap<String, serde_json:
 fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<serde_json::Value> {
     match client::call(socket, request)? {
         Response::Ok(body) => Ok(body),
-        Response::Error { kind: ErrorKind::NotFound, message } => anyhow::bail!("{message}"),
         Response::Error { message, .. } => anyhow::bail!("{message}"),
     }
 }

@@ -32,6 +32,15 @@ use crate::{
 pub use clock::BootClock;
 pub use sessions::Caller;
 
+/// Where a process runs, as far as sessions go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Outside every session of this daemon.
+    Outside,
+    /// Inside a session (named, when the cgroup is one this daemon made).
+    Inside(Option<crate::store::SessionId>),
+}
+
 /// Everything the daemon's tasks share.
 pub struct Daemon {
     config: Config,
@@ -77,12 +86,18 @@ impl Daemon {
         &self.reader
     }
 
-    /// The session `pid` runs in, by its cgroup directory's name, if any.
-    pub fn session_of_process(&self, pid: u32) -> Option<crate::store::SessionId> {
-        let path = cgroup::of_process(pid)?;
+    /// Where `pid` runs, from one read of `/proc/PID/cgroup`: outside the
+    /// sessions, or inside (with its session when it can be named). A process
+    /// that cannot be placed counts as inside: fail closed.
+    pub fn placement(&self, pid: u32) -> Placement {
+        let Some(path) = cgroup::of_process(pid) else { return Placement::Inside(None) };
         let full = self.mount.join(path.trim_start_matches('/'));
-        let relative = full.strip_prefix(&self.tree.sessions).ok()?;
-        relative.components().next()?.as_os_str().to_str()?.parse().ok()
+        match full.strip_prefix(&self.tree.sessions) {
+            Ok(relative) => Placement::Inside(
+                relative.components().next().and_then(|c| c.as_os_str().to_str()).and_then(|name| name.parse().ok()),
+            ),
+            Err(_) => Placement::Outside,
+        }
     }
 
     /// Held requests.
@@ -124,13 +139,13 @@ impl Daemon {
         verdict: &str,
         detail: serde_json::Map<String, serde_json::Value>,
     ) {
-        let pid = 0;
         self.writer.event(
             session.clone(),
             crate::store::EventRecord {
                 at: crate::store::rfc3339(std::time::SystemTime::now()),
                 kind: kind.to_owned(),
-                pid,
+                // The proxy sees a connection, not a process.
+                pid: 0,
                 verdict: Some(verdict.to_owned()),
                 detail,
             },
@@ -139,19 +154,12 @@ impl Daemon {
 
     /// True when `pid` runs inside one of this daemon's sessions.
     pub fn is_governed(&self, pid: u32) -> bool {
-        match cgroup::of_process(pid) {
-            Some(path) => {
-                let full = self.mount.join(path.trim_start_matches('/'));
-                full.starts_with(&self.tree.sessions)
-            }
-            // A caller we cannot place is treated as governed: fail closed.
-            None => true,
-        }
+        matches!(self.placement(pid), Placement::Inside(_))
     }
 
     /// What `tollgate status` shows.
     pub fn status(&self) -> serde_json::Value {
-        let sessions_active = self.state().registry.len();
+        let sessions_active = self.state().registry.active_count();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "exec_enforcement": self.mode.as_str(),

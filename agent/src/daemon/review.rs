@@ -56,7 +56,7 @@ impl Daemon {
             Decision::Approved { window, .. } => Decision::Approved { by: by.clone(), window },
             Decision::Denied { reason, .. } => Decision::Denied { by: by.clone(), reason },
         };
-        let (Some(key), Some(held)) = (self.approvals().rule_key(id), self.approvals().get(id)) else {
+        let Some(held) = self.approvals().get(id) else {
             return Response::error(
                 ErrorKind::NotFound,
                 format!("no pending request '{id}' (it may have been decided or timed out)"),
@@ -70,7 +70,7 @@ impl Daemon {
                 format!("user '{by}' runs the requesting session and cannot decide its requests"),
             );
         }
-        match self.approvals().decide(id, decision.clone(), &key) {
+        match self.approvals().decide(id, decision.clone()) {
             Ok(pending) => {
                 let mut detail = describe(&pending);
                 let verdict = match &decision {

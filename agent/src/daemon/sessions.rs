@@ -2,9 +2,8 @@
 //! and ending all of them when the daemon stops.
 
 use std::{
-    path::Path,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use super::{Daemon, REAP_INTERVAL};
@@ -83,10 +82,10 @@ impl Daemon {
             Ok(created) => created,
             Err(e) => return Response::error(ErrorKind::Internal, e.to_string()),
         };
-        let added = self.state().enforcer.add_session(cgroup_id, cgroup_id, &rules);
+        let added = self.state().enforcer.add_session(cgroup_id, &rules);
         if let Err(e) = added {
             self.state().enforcer.remove_session(cgroup_id, &rules);
-            discard_cgroup(&cgroup_path);
+            cgroup::discard(&cgroup_path);
             return Response::error(ErrorKind::Internal, e.to_string());
         }
         // Recorded before any process is in it, so every event has its session.
@@ -109,7 +108,7 @@ impl Daemon {
         let recorded = tokio::task::spawn_blocking(move || writer.open_session(record)).await;
         if !matches!(recorded, Ok(Ok(()))) {
             self.state().enforcer.remove_session(cgroup_id, &rules);
-            discard_cgroup(&cgroup_path);
+            cgroup::discard(&cgroup_path);
             return Response::error(ErrorKind::Internal, "cannot record the session; nothing was started");
         }
         let grants = rules.grants.clone();
@@ -167,26 +166,9 @@ impl Daemon {
         let Some(session) = state.registry.end(cgroup_id) else { return };
         state.enforcer.remove_session(cgroup_id, &session.rules);
         drop(state);
-        discard_cgroup(&session.cgroup);
+        cgroup::discard(&session.cgroup);
         self.writer.end_session(session.id.clone(), rfc3339(SystemTime::now()));
         tracing::info!(session = %session.id, "session ended");
-    }
-}
-
-/// Kills what is left in a session cgroup, waits for it to empty (a killed
-/// process leaves its cgroup only once it is reaped) and removes it.
-fn discard_cgroup(path: &Path) {
-    if cgroup::populated(path) {
-        let _ = cgroup::kill_all(path);
-        for _ in 0..100 {
-            if !cgroup::populated(path) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    if let Err(e) = cgroup::remove(path) {
-        tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove session cgroup");
     }
 }
 

@@ -74,7 +74,7 @@ fn ambiguity(
     {
         return Some("TRACE would echo the injected credential back");
     }
-    let body_rules = route.block.iter().chain(&route.approve).any(|m| m.body.is_some());
+    let body_rules = has_body_rules(route);
     let encoded = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -90,6 +90,11 @@ fn has_bad_escape(path: &str) -> bool {
     bytes.iter().enumerate().any(|(i, &b)| {
         b == b'%' && !(i + 2 < bytes.len() && bytes[i + 1].is_ascii_hexdigit() && bytes[i + 2].is_ascii_hexdigit())
     })
+}
+
+/// Does a rule of the route look at request bodies?
+fn has_body_rules(route: &Route) -> bool {
+    route.block.iter().chain(&route.approve).any(|m| m.body.is_some())
 }
 
 /// Routes whose answers are read whole before the client sees them: masked
@@ -177,6 +182,21 @@ impl Record {
         self.detail.insert(key.into(), value.into());
     }
 
+    /// Records the exchange as ended by the proxy with `status`, and builds
+    /// the client's answer.
+    fn refuse(
+        self,
+        daemon: &Daemon,
+        outcome: &str,
+        status: StatusCode,
+        governed: &Governed,
+        error: &str,
+        extra: Value,
+    ) -> Response<ProxyBody> {
+        self.finish(daemon, governed, outcome, status);
+        refuse(status, governed, error, extra)
+    }
+
     fn finish(mut self, daemon: &Daemon, governed: &Governed, outcome: &str, status: StatusCode) {
         self.set("outcome", outcome);
         self.set("status", status.as_u16());
@@ -224,10 +244,15 @@ async fn exchange(
     // rule cannot be read one way by the proxy and another by the upstream.
     if let Some(why) = ambiguity(&parts.headers, &raw_path, &method, route) {
         let mut record = Record::new(governed, method.as_str(), &raw_path, &host);
-        let response = refuse(StatusCode::BAD_REQUEST, governed, "ambiguous request refused", json!({"reason": why}));
         record.hit(why);
-        record.finish(daemon, governed, "refused", StatusCode::BAD_REQUEST);
-        return response;
+        return record.refuse(
+            daemon,
+            "refused",
+            StatusCode::BAD_REQUEST,
+            governed,
+            "ambiguous request refused",
+            json!({"reason": why}),
+        );
     }
     // Rules see, and the upstream receives, the path as servers will read it.
     let path = normalize_path(&raw_path);
@@ -239,25 +264,29 @@ async fn exchange(
 
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
-        let response =
-            refuse(StatusCode::PAYLOAD_TOO_LARGE, governed, "request body too large", json!({"limit": MAX_BODY}));
-        record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
-        return response;
+        return record.refuse(
+            daemon,
+            "refused",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            governed,
+            "request body too large",
+            json!({"limit": MAX_BODY}),
+        );
     }
     // Only a rule on bodies needs the whole request before deciding.
-    let needs_body = route.block.iter().chain(&route.approve).any(|m| m.body.is_some());
+    let needs_body = has_body_rules(route);
     let (buffered, streamed) = if needs_body {
         match Limited::new(body, MAX_BODY).collect().await {
             Ok(collected) => (Some(collected.to_bytes()), None),
             Err(_) => {
-                let response = refuse(
+                return record.refuse(
+                    daemon,
+                    "refused",
                     StatusCode::PAYLOAD_TOO_LARGE,
                     governed,
                     "request body too large or unreadable",
                     json!({"limit": MAX_BODY}),
                 );
-                record.finish(daemon, governed, "refused", StatusCode::PAYLOAD_TOO_LARGE);
-                return response;
             }
         }
     } else {
@@ -272,14 +301,14 @@ async fn exchange(
     if let RouteTarget::Host { name, .. } = &route.to {
         let asked = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_ascii_lowercase();
         if &asked != name {
-            let response = refuse(
+            return record.refuse(
+                daemon,
+                "blocked",
                 StatusCode::FORBIDDEN,
                 governed,
                 "host is not the one this route governs",
                 json!({"host": host, "expected": name}),
             );
-            record.finish(daemon, governed, "blocked", StatusCode::FORBIDDEN);
-            return response;
         }
     }
 
@@ -291,9 +320,14 @@ async fn exchange(
     };
     if let Some(rule) = blocked_by(route, &view) {
         record.hit(&rule);
-        let response = refuse(StatusCode::FORBIDDEN, governed, "blocked by policy", json!({"rule": rule}));
-        record.finish(daemon, governed, "blocked", StatusCode::FORBIDDEN);
-        return response;
+        return record.refuse(
+            daemon,
+            "blocked",
+            StatusCode::FORBIDDEN,
+            governed,
+            "blocked by policy",
+            json!({"rule": rule}),
+        );
     }
     if let Some(rule) = needs_approval(route, &view) {
         record.hit(&rule);
@@ -328,14 +362,14 @@ async fn exchange(
             }
             Err(why) => {
                 tracing::error!(session = %governed.session, %why, "credential unavailable");
-                let response = refuse(
+                return record.refuse(
+                    daemon,
+                    "error",
                     StatusCode::BAD_GATEWAY,
                     governed,
                     "the credential for this destination is unavailable",
                     json!({}),
                 );
-                record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
-                return response;
             }
         }
     }
@@ -345,8 +379,14 @@ async fn exchange(
     parts.uri = match path.parse() {
         Ok(uri) => uri,
         Err(_) => {
-            record.finish(daemon, governed, "refused", StatusCode::BAD_REQUEST);
-            return refuse(StatusCode::BAD_REQUEST, governed, "request target is not valid", json!({}));
+            return record.refuse(
+                daemon,
+                "refused",
+                StatusCode::BAD_REQUEST,
+                governed,
+                "request target is not valid",
+                json!({}),
+            );
         }
     };
     let forwarded_body = match (buffered, streamed) {
@@ -367,9 +407,14 @@ async fn exchange(
         Ok(answer) => answer,
         Err(why) => {
             tracing::warn!(session = %governed.session, destination = %governed.destination, %why, "upstream failed");
-            let response = refuse(StatusCode::BAD_GATEWAY, governed, "upstream unreachable", json!({"detail": why}));
-            record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
-            return response;
+            return record.refuse(
+                daemon,
+                "error",
+                StatusCode::BAD_GATEWAY,
+                governed,
+                "upstream unreachable",
+                json!({"detail": why}),
+            );
         }
     };
     let (mut answer_parts, answer_body) = answer.into_parts();
@@ -394,14 +439,14 @@ async fn exchange(
     let answer_body = match Limited::new(answer_body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
-            let response = refuse(
+            return record.refuse(
+                daemon,
+                "error",
                 StatusCode::BAD_GATEWAY,
                 governed,
                 "upstream response too large or unreadable",
                 json!({"limit": MAX_BODY}),
             );
-            record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
-            return response;
         }
     };
     // A partial or encoded answer cannot be masked or scrubbed: refuse it
@@ -422,9 +467,14 @@ async fn exchange(
         mask(&route.mask, strip_bom(&answer_body), json_declared)
     };
     let Ok((mut masked, mut count)) = masked else {
-        let response = refuse(StatusCode::BAD_GATEWAY, governed, "the response could not be masked", json!({}));
-        record.finish(daemon, governed, "error", StatusCode::BAD_GATEWAY);
-        return response;
+        return record.refuse(
+            daemon,
+            "error",
+            StatusCode::BAD_GATEWAY,
+            governed,
+            "the response could not be masked",
+            json!({}),
+        );
     };
     // The injected credential never goes back to the agent, even when an
     // endpoint echoes the request.

@@ -89,17 +89,8 @@ impl CgroupTree {
                 let path = entry.path();
                 if populated(&path) {
                     tracing::warn!(cgroup = %path.display(), "killing processes left in a session of a previous daemon run");
-                    let _ = kill_all(&path);
-                    for _ in 0..100 {
-                        if !populated(&path) {
-                            break;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
                 }
-                if let Err(e) = std::fs::remove_dir(&path) {
-                    tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove stale session cgroup");
-                }
+                discard(&path);
             }
         }
         Ok(Self { root, sessions })
@@ -140,9 +131,22 @@ pub fn kill_all(path: &Path) -> Result<(), CgroupError> {
     std::fs::write(&kill, "1").map_err(io_error("cannot kill processes of", &kill))
 }
 
-/// Removes an empty session cgroup.
-pub fn remove(path: &Path) -> Result<(), CgroupError> {
-    std::fs::remove_dir(path).map_err(io_error("cannot remove cgroup", path))
+/// Kills what is left in a session cgroup, waits for it to empty (a killed
+/// process leaves its cgroup only once it is reaped) and removes it.
+/// Failures are logged: there is nothing more the caller could do.
+pub fn discard(path: &Path) {
+    if populated(path) {
+        let _ = kill_all(path);
+        for _ in 0..100 {
+            if !populated(path) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(path) {
+        tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove session cgroup");
+    }
 }
 
 /// The cgroup v2 path of a process, relative to the mount (`/a/b`).

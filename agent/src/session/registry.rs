@@ -74,19 +74,7 @@ impl Registry {
     }
 
     /// The number of live sessions.
-    pub fn len(&self) -> usize {
+    pub fn active_count(&self) -> usize {
         self.active.len()
-    }
-
-    /// True when no session is live.
-    pub fn is_empty(&self) -> bool {
-        self.active.is_empty()
-    }
-
-    /// True when `cgroup_path` (relative to the mount, from /proc/PID/cgroup)
-    /// is a live session's cgroup or below one.
-    pub fn contains_path(&self, mount: &std::path::Path, cgroup_path: &str) -> bool {
-        let full = mount.join(cgroup_path.trim_start_matches('/'));
-        self.active.values().any(|s| full.starts_with(&s.cgroup))
     }
 }
