@@ -2,5 +2,6 @@
 //! per connection. The caller is known by `SO_PEERCRED`.
 
 pub mod client;
+mod errors;
 pub mod protocol;
 pub mod server;

@@ -9,12 +9,27 @@ use tokio::{
     sync::Semaphore,
 };
 
-use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Request, Response};
-use crate::{
-    approval::Decision,
-    daemon::{Caller, Daemon, Placement},
-    store::{SessionId, StoreError},
+use super::{
+    errors::reply,
+    protocol::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
 };
+use crate::{
+    approval::{Decision, Reviews},
+    session::{Caller, OpenRequest, Placement, Sessions},
+    store::{Reader, SessionId, StoreError},
+};
+
+/// What the control socket serves from: the daemon hands it these handles.
+pub struct Control {
+    /// Opening sessions, and where callers run.
+    pub sessions: Arc<Sessions>,
+    /// Held requests and who may decide them.
+    pub reviews: Arc<Reviews>,
+    /// The session log, read-only.
+    pub reader: Reader,
+    /// What `tollgate status` shows, made by the daemon.
+    pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
 
 /// Binds the control socket. Anyone may connect (mode 0666): every request
 /// is authorized by the caller's credentials, and opening a session needs a
@@ -44,7 +59,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts connections until the daemon stops. Accept errors (out of file
 /// descriptors, say) are logged and retried: a flood of clients must not
 /// stop enforcement.
-pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> anyhow::Result<()> {
+pub async fn serve(control: Arc<Control>, listener: UnixListener) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = slots.clone().acquire_owned().await.context("connection limit closed")?;
@@ -56,9 +71,9 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> anyhow::Resul
                 continue;
             }
         };
-        let daemon = daemon.clone();
+        let control = control.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(daemon, stream).await {
+            if let Err(e) = handle(control, stream).await {
                 tracing::debug!(error = %e, "control connection failed");
             }
             drop(permit);
@@ -66,7 +81,7 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> anyhow::Resul
     }
 }
 
-async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
+async fn handle(control: Arc<Control>, stream: UnixStream) -> anyhow::Result<()> {
     let cred = stream.peer_cred()?;
     let (Some(pid), uid) = (cred.pid(), cred.uid()) else {
         anyhow::bail!("peer has no pid");
@@ -78,7 +93,7 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
         .await
         .context("no request within the time limit")??;
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => dispatch(&daemon, caller, request).await,
+        Ok(request) => dispatch(&control, caller, request).await,
         Err(e) => Response::error(ErrorKind::BadRequest, format!("malformed request: {e}")),
     };
     let mut out = serde_json::to_string(&response)?;
@@ -87,10 +102,10 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Response {
+async fn dispatch(control: &Control, caller: Caller, request: Request) -> Response {
     // A process inside a session may read its own session's record, no other.
     // Only reading records asks where the caller runs.
-    let placement = || daemon.placement(caller.pid);
+    let placement = || control.sessions.placement(caller.pid);
     let may_read = |placement: &Placement, uid: u32, id: &SessionId| -> bool {
         match placement {
             Placement::Inside(own) => own.as_ref() == Some(id),
@@ -98,27 +113,28 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
         }
     };
     match request {
-        Request::Run { token, pid, command } => daemon.open_session(caller, token, pid, command).await,
-        Request::Status => Response::Ok(daemon.status()),
-        Request::Approvals => match daemon.reviewer(caller) {
-            Ok(_) => Response::Ok(serde_json::to_value(daemon.approvals().pending()).unwrap_or_default()),
-            Err(response) => response,
-        },
-        Request::Approve { id, window_secs } => daemon.decide(
+        Request::Run { token, pid, command } => {
+            reply(control.sessions.open(caller, OpenRequest { token, pid, command }).await)
+        }
+        Request::Status => Response::Ok((control.status)()),
+        Request::Approvals => reply(control.reviews.pending(caller)),
+        Request::Approve { id, window_secs } => reply(control.reviews.decide(
             caller,
             &id,
             Decision::Approved { by: String::new(), window: window_secs.map(Duration::from_secs) },
-        ),
-        Request::Deny { id, reason } => daemon.decide(caller, &id, Decision::Denied { by: String::new(), reason }),
+        )),
+        Request::Deny { id, reason } => {
+            reply(control.reviews.decide(caller, &id, Decision::Denied { by: String::new(), reason }))
+        }
         Request::Sessions => {
-            let reader = daemon.reader().clone();
+            let reader = control.reader.clone();
             match tokio::task::spawn_blocking(move || reader.sessions()).await {
                 Ok(Ok(sessions)) => {
                     let here = placement();
                     let visible: Vec<_> = sessions.into_iter().filter(|s| may_read(&here, s.uid, &s.id)).collect();
                     Response::Ok(serde_json::to_value(visible).unwrap_or_default())
                 }
-                Ok(Err(e)) => Response::error(ErrorKind::Internal, e.to_string()),
+                Ok(Err(e)) => reply::<()>(Err(e)),
                 Err(e) => Response::error(ErrorKind::Internal, e.to_string()),
             }
         }
@@ -127,14 +143,14 @@ async fn dispatch(daemon: &Arc<Daemon>, caller: Caller, request: Request) -> Res
                 Ok(id) => id,
                 Err(e) => return Response::error(ErrorKind::BadRequest, e),
             };
-            let reader = daemon.reader().clone();
+            let reader = control.reader.clone();
             match tokio::task::spawn_blocking(move || reader.show(&id)).await {
                 Ok(Ok(detail)) if may_read(&placement(), detail.session.uid, &detail.session.id) => {
                     Response::Ok(serde_json::to_value(detail).unwrap_or_default())
                 }
-                Ok(Ok(detail)) => Response::error(ErrorKind::NotFound, format!("no session '{}'", detail.session.id)),
-                Ok(Err(e @ StoreError::NoSuchSession(_))) => Response::error(ErrorKind::NotFound, e.to_string()),
-                Ok(Err(e)) => Response::error(ErrorKind::Internal, e.to_string()),
+                // Another's session is reported as absent, not as forbidden.
+                Ok(Ok(detail)) => reply::<()>(Err(StoreError::NoSuchSession(detail.session.id.to_string()))),
+                Ok(Err(e)) => reply::<()>(Err(e)),
                 Err(e) => Response::error(ErrorKind::Internal, e.to_string()),
             }
         }

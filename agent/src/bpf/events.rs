@@ -122,14 +122,8 @@ pub enum DecodeError {
     UnknownVerdict(u32),
 }
 
-fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
-    let expected = size_of::<T>();
-    if bytes.len() < expected {
-        return Err(DecodeError::Short { kind, len: bytes.len(), expected });
-    }
-    // SAFETY: the length is checked above; T is a repr(C) type of plain
-    // integers and arrays for which every bit pattern is valid.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+fn read<T: aya::Pod>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
+    tollgate_common::read(bytes).ok_or(DecodeError::Short { kind, len: bytes.len(), expected: size_of::<T>() })
 }
 
 /// Decodes one ring buffer record.
@@ -207,14 +201,7 @@ fn c_string(bytes: &[u8]) -> String {
 
 /// The name of an event kind slot in the lost-event counters.
 pub fn kind_name(slot: usize) -> &'static str {
-    match slot {
-        1 => "exec",
-        2 => "fork",
-        3 => "exit",
-        4 => "connect",
-        5 => "socket",
-        _ => "unknown",
-    }
+    u32::try_from(slot).ok().and_then(|slot| EventKind::try_from(slot).ok()).map_or("unknown", EventKind::name)
 }
 
 #[cfg(test)]

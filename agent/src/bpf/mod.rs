@@ -4,8 +4,10 @@
 pub mod btf;
 pub mod events;
 mod loader;
+mod maps;
 
-pub use loader::{Enforcer, ExecEnforcement, KernelLogger};
+pub use loader::{ExecEnforcement, KernelLogger, Loaded, Programs, load};
+pub use maps::{LostCounters, OriginalDestinations, SessionMaps};
 
 /// Errors of loading, attaching and updating the programs.
 #[derive(Debug, thiserror::Error)]

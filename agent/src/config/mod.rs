@@ -7,6 +7,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub use crate::identity::IssuerConfig;
 use crate::yaml::{self, YamlError};
 
 /// Where a packaged install keeps its configuration.
@@ -94,20 +95,6 @@ mod humantime_serde_compat {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text).map_err(|e| de::Error::custom(format!("duration '{text}' is not valid: {e}")))
     }
-}
-
-/// One trusted OIDC issuer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerConfig {
-    /// The exact `iss` claim.
-    pub issuer: String,
-    /// The `aud` the token must carry.
-    pub audience: String,
-    /// Fetch the JWKS from here (https, or http to a loopback address).
-    pub jwks_url: Option<String>,
-    /// Or read it from this file.
-    pub jwks_file: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {

@@ -1,184 +1,59 @@
-//! The daemon: loads policy and programs, serves the control socket, turns
-//! kernel events into session log records, ends sessions whose last process
-//! has exited, and cleans up on SIGTERM.
+//! The daemon: only the wiring. It loads policy and programs, builds the
+//! handles each concern works through ([`Sessions`], [`SessionLog`],
+//! [`Reviews`], the proxy's and the control socket's contexts), runs the
+//! event pump, and cleans up on SIGTERM.
 
-mod clock;
 mod events;
 mod mounts;
-mod review;
-mod sessions;
 
 use std::{
-    path::PathBuf,
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
 };
 
 use anyhow::Context;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    bpf::{Enforcer, ExecEnforcement},
+    api::server::Control,
+    approval::Reviews,
+    bpf,
     config::Config,
     identity::{Verifier, dev},
     policy::PolicySet,
-    session::{Registry, cgroup},
-    store::{Reader, Writer, WriterHandle},
+    proxy::ProxyCtx,
+    session::{REAP_INTERVAL, Sessions, SessionsParts, cgroup},
+    store::{Reader, SessionLog, Writer},
 };
 
-pub use clock::BootClock;
-pub use sessions::Caller;
-
-/// Where a process runs, as far as sessions go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
-    /// Outside every session of this daemon.
-    Outside,
-    /// Inside a session (named, when the cgroup is one this daemon made).
-    Inside(Option<crate::store::SessionId>),
-}
-
-/// Everything the daemon's tasks share.
-pub struct Daemon {
-    config: Config,
-    policies: PolicySet,
-    verifier: Verifier,
-    tree: cgroup::CgroupTree,
-    mount: PathBuf,
-    host: String,
-    state: Mutex<State>,
-    writer: WriterHandle,
-    reader: Reader,
-    clock: BootClock,
-    mode: ExecEnforcement,
-    lsm_reason: Option<String>,
-    /// Requests held for a reviewer.
-    approvals: crate::approval::Approvals,
-    /// Notices for the approval webhook, posted by one worker thread.
-    webhook_queue: std::sync::OnceLock<std::sync::mpsc::SyncSender<serde_json::Value>>,
-    /// Set when the daemon begins to stop: no new sessions after that.
-    closing: std::sync::atomic::AtomicBool,
-    /// Events the kernel could not deliver, per event kind slot.
-    lost: [AtomicU64; tollgate_common::LOST_SLOTS as usize],
-}
-
-struct State {
-    enforcer: Enforcer,
-    registry: Registry,
-}
-
-impl Daemon {
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock must not stop enforcement bookkeeping.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The configuration in use.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The session log reader.
-    pub fn reader(&self) -> &Reader {
-        &self.reader
-    }
-
-    /// Where `pid` runs, from one read of `/proc/PID/cgroup`: outside the
-    /// sessions, or inside (with its session when it can be named). A process
-    /// that cannot be placed counts as inside: fail closed.
-    pub fn placement(&self, pid: u32) -> Placement {
-        let Some(path) = cgroup::of_process(pid) else { return Placement::Inside(None) };
-        let full = self.mount.join(path.trim_start_matches('/'));
-        match full.strip_prefix(&self.tree.sessions) {
-            Ok(relative) => Placement::Inside(
-                relative.components().next().and_then(|c| c.as_os_str().to_str()).and_then(|name| name.parse().ok()),
-            ),
-            Err(_) => Placement::Outside,
-        }
-    }
-
-    /// Held requests.
-    pub fn approvals(&self) -> &crate::approval::Approvals {
-        &self.approvals
-    }
-
-    /// Where a connection the proxy accepted was going (the kernel's entry is taken).
-    pub fn take_original(&self, key: &tollgate_common::ConnectionKey) -> Option<tollgate_common::OriginalDst> {
-        self.state().enforcer.take_original(key)
-    }
-
-    /// The session and route of a redirected connection.
-    pub fn governed_connection(
-        &self,
-        cgroup_id: u64,
-        rule_id: u32,
-        destination: std::net::SocketAddr,
-    ) -> Option<crate::proxy::Governed> {
-        let mut state = self.state();
-        let session = state.registry.get_mut(cgroup_id)?;
-        let route = session.rules.routes.get(&rule_id)?.clone();
-        Some(crate::proxy::Governed {
-            uid: session.uid,
-            session: session.id.clone(),
-            identity: session.identity.clone(),
-            subject: session.subject.clone(),
-            destination,
-            rule_name: session.rules.rules.get(rule_id as usize).cloned().unwrap_or_default(),
-            route: Arc::new(route),
-        })
-    }
-
-    /// Records something the proxy saw or decided.
-    pub fn record_proxy_event(
-        &self,
-        session: &crate::store::SessionId,
-        kind: &str,
-        verdict: &str,
-        detail: serde_json::Map<String, serde_json::Value>,
-    ) {
-        self.writer.event(
-            session.clone(),
-            crate::store::EventRecord {
-                at: crate::store::rfc3339(std::time::SystemTime::now()),
-                kind: kind.to_owned(),
-                // The proxy sees a connection, not a process.
-                pid: 0,
-                verdict: Some(verdict.to_owned()),
-                detail,
-            },
-        );
-    }
-
-    /// True when `pid` runs inside one of this daemon's sessions.
-    pub fn is_governed(&self, pid: u32) -> bool {
-        matches!(self.placement(pid), Placement::Inside(_))
-    }
-
-    /// What `tollgate status` shows.
-    pub fn status(&self) -> serde_json::Value {
-        let sessions_active = self.state().registry.active_count();
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "exec_enforcement": self.mode.as_str(),
-            "lsm_unavailable": self.lsm_reason,
-            "sessions_active": sessions_active,
-            "events_lost": self.lost.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>() + self.writer.dropped(),
-            "events_lost_by_kind": self.lost.iter().enumerate().skip(1)
-                .map(|(slot, n)| (crate::bpf::events::kind_name(slot), n.load(Ordering::Relaxed)))
-                .chain([("log_queue", self.writer.dropped())])
-                .collect::<std::collections::BTreeMap<_, _>>(),
-            "cgroup": self.tree.root.display().to_string(),
-            "sessions_cgroup": self.tree.sessions.display().to_string(),
-            "policy_files": self.policies.files.len(),
-            "identities": self.policies.identities.len(),
-            "grants": self.policies.grants.len(),
-            "dev_issuer": self.config.dev_issuer,
-            "state_dir": self.config.state_dir.display().to_string(),
-        })
-    }
+/// What `tollgate status` shows.
+fn status(
+    config: &Config,
+    sessions: &Sessions,
+    log: &SessionLog,
+    lost: &events::LostTotals,
+    lsm_unavailable: Option<&str>,
+) -> serde_json::Value {
+    let lost_now = |slot: usize| lost[slot].load(Ordering::Relaxed);
+    let policies = sessions.policies();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "exec_enforcement": sessions.exec_enforcement().as_str(),
+        "lsm_unavailable": lsm_unavailable,
+        "sessions_active": sessions.active_count(),
+        "events_lost": (0..lost.len()).map(lost_now).sum::<u64>() + log.dropped(),
+        "events_lost_by_kind": (1..lost.len())
+            .map(|slot| (bpf::events::kind_name(slot), lost_now(slot)))
+            .chain([("log_queue", log.dropped())])
+            .collect::<BTreeMap<_, _>>(),
+        "cgroup": sessions.tree().root.display().to_string(),
+        "sessions_cgroup": sessions.tree().sessions.display().to_string(),
+        "policy_files": policies.files.len(),
+        "identities": policies.identities.len(),
+        "grants": policies.grants.len(),
+        "dev_issuer": config.dev_issuer,
+        "state_dir": config.state_dir.display().to_string(),
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -209,47 +84,59 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
     // If starting fails from here on, nothing was started: leave no cgroup
     // behind (declared before the enforcer, so its programs detach first).
-    let _cleanup = TreeCleanup(tree.clone());
-    let mut enforcer = Enforcer::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port)
+    let cleanup = TreeCleanup(tree.clone());
+    let loaded = bpf::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port)
         .context("cannot load the eBPF programs")?;
-    let mode = enforcer.exec_enforcement();
-    let lsm_reason = enforcer.lsm_unavailable_reason().map(str::to_owned);
-    match &lsm_reason {
+    let bpf::Loaded { programs, session_maps, originals, lost, events: ring, logger, mode, lsm_unavailable } = loaded;
+    match &lsm_unavailable {
         None => tracing::info!(mode = mode.as_str(), "exec enforcement: denied execs fail with EPERM"),
         Some(why) => {
             tracing::warn!(mode = mode.as_str(), reason = %why, "exec enforcement: BPF LSM unavailable, denied execs are killed before the new image runs")
         }
     }
-    let ring = enforcer.take_events().context("event ring buffer missing")?;
-    let kernel_log = enforcer.take_logger();
 
     let writer = Writer::start(&config.database_path(), config.flush_interval())?;
+    let log = SessionLog::new(writer.handle());
     let reader = Reader::new(&config.database_path());
     let proxy_listeners = crate::proxy::bind(config.proxy_port).await?;
 
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
-    let daemon = Arc::new(Daemon {
+    let policy_files = policies.files.len();
+    let sessions = Arc::new(Sessions::new(SessionsParts {
         policies,
         verifier,
         tree,
         mount,
         host,
-        state: Mutex::new(State { enforcer, registry: Registry::default() }),
-        writer: writer.handle(),
-        reader,
-        clock: BootClock::now(),
         mode,
-        lsm_reason,
-        lost: Default::default(),
-        closing: Default::default(),
-        approvals: crate::approval::Approvals::new(config.approval_timeout),
-        webhook_queue: std::sync::OnceLock::new(),
-        config,
+        maps: session_maps,
+        log: log.clone(),
+    }));
+    let reviews = Arc::new(Reviews::new(
+        config.approval_timeout,
+        config.reviewers.clone(),
+        config.approval_webhook.clone(),
+        sessions.clone(),
+        log.clone(),
+    ));
+    let proxy =
+        Arc::new(ProxyCtx::new(sessions.clone(), reviews.clone(), log.clone(), originals, config.record_body_bytes));
+    let lost_totals: Arc<events::LostTotals> = Arc::default();
+    let config = Arc::new(config);
+    let control = Arc::new(Control {
+        sessions: sessions.clone(),
+        reviews,
+        reader,
+        status: {
+            let (config, sessions, log, lost_totals) =
+                (config.clone(), sessions.clone(), log.clone(), lost_totals.clone());
+            Box::new(move || status(&config, &sessions, &log, &lost_totals, lsm_unavailable.as_deref()))
+        },
     });
     tracing::info!(
-        socket = %daemon.config.socket.display(),
-        cgroup = %daemon.tree.sessions.display(),
-        policies = daemon.policies.files.len(),
+        socket = %config.socket.display(),
+        cgroup = %sessions.tree().sessions.display(),
+        policies = policy_files,
         "tollgate daemon ready"
     );
 
@@ -258,12 +145,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(events::read(daemon.clone(), ring));
-    tasks.spawn(sessions::reap(daemon.clone()));
-    tasks.spawn(events::watch_lost(daemon.clone()));
-    tasks.spawn(crate::api::server::serve(daemon.clone(), listener));
-    tasks.spawn(crate::proxy::serve(daemon.clone(), proxy_listeners));
-    if let Some(logger) = kernel_log {
+    tasks.spawn(events::read(sessions.clone(), log.clone(), ring));
+    tasks.spawn(sessions.clone().reap());
+    tasks.spawn(events::watch_lost(lost, log.clone(), lost_totals));
+    tasks.spawn(crate::api::server::serve(control, listener));
+    tasks.spawn(crate::proxy::serve(proxy, proxy_listeners));
+    if let Some(logger) = logger {
         tasks.spawn(events::forward_kernel_log(logger));
     }
 
@@ -280,17 +167,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!("stopping");
     // Sessions first, while the event reader still runs to record their ends.
-    sessions::shutdown(&daemon).await;
+    sessions.shutdown().await;
     tokio::time::sleep(REAP_INTERVAL * 2).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let _ = std::fs::remove_file(&daemon.config.socket);
-    daemon.writer.flush();
-    let tree = daemon.tree.clone();
-    drop(daemon);
+    let _ = std::fs::remove_file(&config.socket);
+    log.flush();
+    drop(sessions);
+    drop(log);
     drop(writer);
-    // Programs detach when the enforcer drops, before the cgroups go.
-    tree.remove();
+    // Programs detach before the cgroups go.
+    drop(programs);
+    drop(cleanup);
     outcome
 }
 
@@ -303,6 +191,3 @@ impl Drop for TreeCleanup {
         self.0.remove();
     }
 }
-
-/// How often session cgroups are checked for their last process.
-pub const REAP_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,7 +1,9 @@
 //! Identity: verifying OIDC JWTs against the configured issuers.
 
 pub mod dev;
+mod issuer;
 pub mod jwks;
 pub mod verify;
 
+pub use issuer::IssuerConfig;
 pub use verify::{TokenError, VerifiedToken, Verifier};

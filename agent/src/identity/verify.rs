@@ -10,10 +10,10 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::Jwk};
 
 use super::{
+    IssuerConfig,
     dev::{DEV_AUDIENCE, DEV_ISSUER},
     jwks::{Jwks, JwksSource},
 };
-use crate::config::IssuerConfig;
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 30;

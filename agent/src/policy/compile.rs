@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use tollgate_common::Verdict;
+use tollgate_common::{FAMILY_V4, FAMILY_V6, Verdict, v4_mapped};
 
 use super::{
     Destination, Grant,
@@ -185,13 +185,13 @@ fn route_destinations(target: &RouteTarget, unresolved: &mut Vec<String>) -> Vec
 /// A destination's family and prefix in the IPv6 space the kernel programs use.
 fn mapped(destination: &Destination) -> (u8, [u8; 16], u32) {
     match destination.net.network() {
-        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets(), 96 + u32::from(destination.net.prefix_len())),
+        IpAddr::V4(v4) => (FAMILY_V4, v4_mapped(v4.octets()), 96 + u32::from(destination.net.prefix_len())),
         // An IPv4-mapped prefix is an IPv4 rule: the kernel looks mapped
         // destinations up as IPv4.
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() && destination.net.prefix_len() >= 96 => {
-            (4, v6.octets(), u32::from(destination.net.prefix_len()))
+            (FAMILY_V4, v6.octets(), u32::from(destination.net.prefix_len()))
         }
-        IpAddr::V6(v6) => (6, v6.octets(), u32::from(destination.net.prefix_len())),
+        IpAddr::V6(v6) => (FAMILY_V6, v6.octets(), u32::from(destination.net.prefix_len())),
     }
 }
 
@@ -268,8 +268,8 @@ mod tests {
     fn missing_exec_paths_are_reported_not_dropped() {
         let mut g = grant(&[], &[]);
         g.exec.deny = vec![
-            crate::policy::model::AbsolutePath("/bin/sh".into()),
-            crate::policy::model::AbsolutePath("/nonexistent/tool".into()),
+            crate::policy::AbsolutePath("/bin/sh".into()),
+            crate::policy::AbsolutePath("/nonexistent/tool".into()),
         ];
         let rules = compile([&g]);
         assert_eq!(rules.exec_deny.len(), 1);

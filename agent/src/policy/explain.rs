@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use tollgate_common::Verdict;
+use tollgate_common::{Verdict, family_of, loopback_for_unspecified, v4_mapped};
 
 use super::compile::{NetEntry, SessionRules};
 
@@ -20,19 +20,13 @@ pub struct Decision {
 
 /// What `rules` decide for a connect to `to`.
 pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
-    // As the kernel does: 0.0.0.0 and :: reach loopback.
-    let to = match to.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), to.port()),
-        IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), to.port()),
-        _ => to,
-    };
-    let (family, addr) = match to.ip() {
-        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => (4, v4.to_ipv6_mapped().octets()),
-            None => (6, v6.octets()),
-        },
-    };
+    // The address as the programs see it: IPv6 bytes, IPv4 mapped, the
+    // unspecified address as the loopback it reaches.
+    let addr = loopback_for_unspecified(match to.ip() {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    });
+    let family = family_of(&addr);
     let covers = |entry: &&NetEntry| entry.family == family && prefix_matches(&entry.addr, &addr, entry.addr_prefix);
     let best =
         |port: Option<u16>| rules.net.iter().filter(|e| e.port == port).filter(covers).max_by_key(|e| e.addr_prefix);

@@ -3,7 +3,9 @@
 //! Files are loaded and checked here; [`compile`] turns the grants of one
 //! session into what the kernel maps hold.
 
+pub mod absolute_path;
 pub mod compile;
+pub mod destination;
 pub mod explain;
 pub mod model;
 pub mod route;
@@ -13,7 +15,9 @@ use std::{
     path::PathBuf,
 };
 
-pub use model::{Destination, Grant, Identity, PolicyFile};
+pub use absolute_path::AbsolutePath;
+pub use destination::Destination;
+pub use model::{Grant, Identity, PolicyFile};
 
 use crate::yaml::{self, YamlError};
 

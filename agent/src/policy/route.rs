@@ -5,7 +5,7 @@ use std::{fmt, path::PathBuf, str::FromStr};
 
 use serde::{Deserialize, Deserializer, de};
 
-use super::model::{AbsolutePath, Destination};
+use super::{absolute_path::AbsolutePath, destination::Destination};
 
 /// One governed destination of a grant.
 #[derive(Debug, Clone, Deserialize)]

@@ -6,7 +6,10 @@
 //! connections to upstreams are never redirected.
 
 mod body;
+mod credential;
+mod file_cache;
 mod http;
+mod record;
 pub mod rules;
 pub mod tls;
 
@@ -19,8 +22,54 @@ use std::{
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_common::ConnectionKey;
+use tracing::Instrument;
 
-use crate::{daemon::Daemon, policy::compile::SessionRoute, policy::route::Protocol, store::SessionId};
+use crate::{
+    approval::Reviews,
+    bpf::OriginalDestinations,
+    policy::{compile::SessionRoute, route::Protocol},
+    session::{GovernedRoute, Sessions},
+    store::{SessionId, SessionLog},
+};
+
+/// What the proxy works with: the daemon hands it these handles and nothing else.
+pub struct ProxyCtx {
+    /// Which session and route a redirected connection belongs to.
+    pub sessions: Arc<Sessions>,
+    /// Where held requests wait for a reviewer.
+    pub reviews: Arc<Reviews>,
+    /// Where exchanges are recorded.
+    pub log: SessionLog,
+    /// Where redirected connections were going.
+    pub originals: OriginalDestinations,
+    /// Bytes of each (masked) response body kept in the record.
+    pub record_body_bytes: usize,
+    /// Credentials read from their secret files, refreshed when a file changes.
+    pub credentials: credential::Credentials,
+    /// TLS client configurations per CA file, refreshed when a file changes.
+    pub upstream_tls: tls::UpstreamConfigs,
+}
+
+impl ProxyCtx {
+    /// The proxy's context; caches start empty.
+    pub fn new(
+        sessions: Arc<Sessions>,
+        reviews: Arc<Reviews>,
+        log: SessionLog,
+        originals: OriginalDestinations,
+        record_body_bytes: usize,
+    ) -> Self {
+        Self {
+            sessions,
+            reviews,
+            log,
+            originals,
+            record_body_bytes,
+            credentials: credential::Credentials::default(),
+            upstream_tls: tls::UpstreamConfigs::default(),
+        }
+    }
+}
 
 /// A governed connection, matched to its session and route.
 #[derive(Clone)]
@@ -60,10 +109,10 @@ pub async fn bind(port: u16) -> anyhow::Result<Vec<TcpListener>> {
 }
 
 /// Accepts governed connections on every listener until the daemon stops.
-pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
+pub async fn serve(ctx: Arc<ProxyCtx>, listeners: Vec<TcpListener>) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
-        tasks.spawn(accept(daemon.clone(), listener));
+        tasks.spawn(accept(ctx.clone(), listener));
     }
     match tasks.join_next().await {
         Some(Ok(result)) => result,
@@ -76,7 +125,7 @@ pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<TcpListener>) -> anyhow::
 /// Governed connections served at once (per listener); more wait in the backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
-async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()> {
+async fn accept(ctx: Arc<ProxyCtx>, listener: TcpListener) -> anyhow::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = slots.clone().acquire_owned().await.context("proxy connection limit closed")?;
@@ -88,15 +137,21 @@ async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()
                 continue;
             }
         };
-        let daemon = daemon.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match identify(&daemon, &stream, peer).await {
+            match identify(&ctx, &stream, peer).await {
                 Some(governed) => {
+                    // Every log line of this connection names its session.
+                    let span = tracing::info_span!(
+                        "governed",
+                        session = %governed.session,
+                        destination = %governed.destination,
+                    );
                     let protocol = governed.route.route.protocol;
                     match protocol {
-                        Protocol::Http => http::serve(daemon, governed, stream).await,
-                        Protocol::Tls => tls::passthrough(daemon, governed, stream).await,
+                        Protocol::Http => http::serve(ctx, governed, stream).instrument(span).await,
+                        Protocol::Tls => tls::passthrough(ctx, governed, stream).instrument(span).await,
                     }
                 }
                 None => tracing::warn!(%peer, "connection to the proxy that the kernel did not redirect; closing"),
@@ -107,13 +162,13 @@ async fn accept(daemon: Arc<Daemon>, listener: TcpListener) -> anyhow::Result<()
 
 fn mapped(ip: IpAddr) -> [u8; 16] {
     match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V4(v4) => tollgate_common::v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     }
 }
 
 /// Finds where an accepted connection was going and whose it is.
-async fn identify(daemon: &Daemon, stream: &TcpStream, peer: SocketAddr) -> Option<Governed> {
+async fn identify(ctx: &ProxyCtx, stream: &TcpStream, peer: SocketAddr) -> Option<Governed> {
     let local = stream.local_addr().ok()?;
     let key = ConnectionKey {
         peer: mapped(peer.ip()),
@@ -125,7 +180,7 @@ async fn identify(daemon: &Daemon, stream: &TcpStream, peer: SocketAddr) -> Opti
     // on loopback is before the proxy's accept returns; retry briefly anyway.
     let mut original = None;
     for _ in 0..20 {
-        original = daemon.take_original(&key);
+        original = ctx.originals.take(&key);
         if original.is_some() {
             break;
         }
@@ -135,5 +190,7 @@ async fn identify(daemon: &Daemon, stream: &TcpStream, peer: SocketAddr) -> Opti
     let v6 = Ipv6Addr::from(original.addr);
     let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
     let destination = SocketAddr::new(ip, original.port as u16);
-    daemon.governed_connection(original.cgroup_id, original.rule_id, destination)
+    let GovernedRoute { session, uid, identity, subject, route, rule_name } =
+        ctx.sessions.route_of(original.cgroup_id, original.rule_id)?;
+    Some(Governed { session, uid, identity, subject, destination, route, rule_name })
 }

@@ -11,7 +11,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -19,10 +19,10 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::Governed;
+use super::{Governed, ProxyCtx, file_cache::FileCache, record::ProxyRecord};
 use crate::{
-    daemon::Daemon,
     policy::route::{RouteTarget, SniRules, UpstreamTls},
+    store::{RecordKind, RecordVerdict},
 };
 
 /// Where the system keeps its CA bundle (Debian, Ubuntu, Alpine, Arch).
@@ -109,65 +109,73 @@ async fn read_first_record(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// Serves one passthrough connection.
-pub async fn passthrough(daemon: Arc<Daemon>, governed: Governed, mut client: TcpStream) {
+pub async fn passthrough(ctx: Arc<ProxyCtx>, governed: Governed, mut client: TcpStream) {
     let route = &governed.route.route;
-    let mut detail = Map::new();
-    detail.insert("destination".into(), governed.destination.to_string().into());
-    detail.insert("grant".into(), governed.route.grant.clone().into());
-    detail.insert("route".into(), governed.rule_name.clone().into());
+    let mut record = ProxyRecord::new(RecordKind::Tls, &governed);
+    let deny = |mut record: ProxyRecord, key: &str, why: String| {
+        record.set(key, why);
+        record.finish(&ctx.log, &governed, RecordVerdict::DENY);
+    };
     let first = match tokio::time::timeout(Duration::from_secs(10), read_first_record(&mut client)).await {
         Ok(Ok(bytes)) => bytes,
-        _ => {
-            detail.insert("error".into(), "no ClientHello within 10 s".into());
-            daemon.record_proxy_event(&governed.session, "tls", "deny", detail);
-            return;
-        }
+        _ => return deny(record, "error", "no ClientHello within 10 s".into()),
     };
     let sni = client_hello_sni(&first);
-    detail.insert("sni".into(), sni.clone().map_or(Value::Null, Value::from));
+    record.set("sni", sni.clone().map_or(Value::Null, Value::from));
     let name = match check_sni(&route.to, route.sni.as_ref(), sni.as_deref()) {
         Ok(name) => name,
         Err(refusal) => {
-            tracing::info!(session = %governed.session, %refusal, "TLS connection refused");
-            detail.insert("reason".into(), refusal.to_string().into());
-            daemon.record_proxy_event(&governed.session, "tls", "deny", detail);
+            tracing::info!(%refusal, "TLS connection refused");
+            deny(record, "reason", refusal.to_string());
             let _ = client.write_all(&ACCESS_DENIED_ALERT).await;
             return;
         }
     };
     let mut upstream = match TcpStream::connect(governed.destination).await {
         Ok(stream) => stream,
-        Err(e) => {
-            detail.insert("error".into(), format!("upstream unreachable: {e}").into());
-            daemon.record_proxy_event(&governed.session, "tls", "deny", detail);
-            return;
-        }
+        Err(e) => return deny(record, "error", format!("upstream unreachable: {e}")),
     };
     if upstream.write_all(&first).await.is_err() {
         return;
     }
     let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     let (up, down) = copied.unwrap_or((0, 0));
-    detail.insert("sni".into(), name.into());
-    detail.insert("bytes_up".into(), (up + first.len() as u64).into());
-    detail.insert("bytes_down".into(), down.into());
-    daemon.record_proxy_event(&governed.session, "tls", "allow", detail);
+    record.set("sni", name);
+    record.set("bytes_up", up + first.len() as u64);
+    record.set("bytes_down", down);
+    record.finish(&ctx.log, &governed, RecordVerdict::ALLOW);
+}
+
+/// rustls client configurations by CA file, made once and again when the file changes.
+pub struct UpstreamConfigs {
+    configs: FileCache<ClientConfig>,
+}
+
+impl Default for UpstreamConfigs {
+    fn default() -> Self {
+        Self { configs: FileCache::new(client_config) }
+    }
+}
+
+fn client_config(ca_file: &Path, _: &std::fs::Metadata) -> Result<ClientConfig, String> {
+    let roots = load_roots(ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Opens TLS to the upstream, verifying its certificate for the route's
 /// name (or `server_name`, or the destination address).
 pub async fn connect_upstream(
+    ctx: &ProxyCtx,
     governed: &Governed,
     tls: &UpstreamTls,
     stream: TcpStream,
 ) -> Result<TlsStream<TcpStream>, String> {
-    let roots = load_roots(tls.ca_file.as_deref().unwrap_or(Path::new(SYSTEM_CA_BUNDLE)))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = ctx.upstream_tls.configs.get(tls.ca_file.as_deref().unwrap_or(Path::new(SYSTEM_CA_BUNDLE))).await?;
     let name = match (&tls.server_name, &governed.route.route.to) {
         (Some(name), _) => ServerName::try_from(name.clone()).map_err(|e| format!("server_name '{name}': {e}"))?,
         (None, RouteTarget::Host { name, .. }) => {
@@ -175,10 +183,7 @@ pub async fn connect_upstream(
         }
         (None, RouteTarget::Address(_)) => ServerName::IpAddress(governed.destination.ip().into()),
     };
-    TlsConnector::from(Arc::new(config))
-        .connect(name, stream)
-        .await
-        .map_err(|e| format!("TLS to the upstream failed: {e}"))
+    TlsConnector::from(config).connect(name, stream).await.map_err(|e| format!("TLS to the upstream failed: {e}"))
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, String> {

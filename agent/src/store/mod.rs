@@ -1,7 +1,10 @@
 //! The session log: a SQLite database on the host (WAL), written by one
 //! batching writer thread, read by the control API.
 
+mod clock;
+mod log;
 mod queries;
+mod record;
 mod schema;
 mod writer;
 
@@ -9,7 +12,10 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
+pub use clock::BootClock;
+pub use log::SessionLog;
 pub use queries::{Reader, SessionDetail};
+pub use record::{EventRecord, RecordKind, RecordVerdict};
 pub use writer::{Writer, WriterHandle};
 
 /// Errors of the session log.
@@ -96,21 +102,6 @@ pub struct SessionRecord {
     pub started_at: String,
     /// RFC 3339, once the last process has exited.
     pub ended_at: Option<String>,
-}
-
-/// One event of a session, in the order the kernel reported it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventRecord {
-    /// RFC 3339.
-    pub at: String,
-    /// `exec`, `fork`, `exit`, `connect`.
-    pub kind: String,
-    /// The process.
-    pub pid: u32,
-    /// `allow`, `deny`, `killed`, where the event is a decision.
-    pub verdict: Option<String>,
-    /// Kind-specific fields.
-    pub detail: serde_json::Map<String, serde_json::Value>,
 }
 
 /// RFC 3339 with nanoseconds, UTC.

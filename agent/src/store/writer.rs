@@ -16,7 +16,7 @@ use std::{
 
 use rusqlite::{Connection, params};
 
-use super::{EventRecord, SessionId, SessionRecord, StoreError, schema};
+use super::{EventRecord, RecordVerdict, SessionId, SessionRecord, StoreError, schema};
 
 const MAX_BATCH: usize = 2000;
 /// Events queued for the writer at most; past that they are dropped and
@@ -154,7 +154,15 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
                     if let Err(e) = tx.execute(
                         "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![session.as_str(), *seq, event.at, event.kind, event.pid, event.verdict, detail],
+                        params![
+                            session.as_str(),
+                            *seq,
+                            event.at,
+                            event.kind.as_str(),
+                            event.pid,
+                            event.verdict.map(RecordVerdict::as_str),
+                            detail
+                        ],
                     ) {
                         tracing::error!(session = %session, error = %e, "cannot record event");
                     }

@@ -3,7 +3,7 @@
 //! Everything here is `#[repr(C)]`, has no implicit padding, and has its size
 //! asserted at compile time, because both sides read the same bytes: the
 //! kernel side writes events and reads maps, userspace does the reverse.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
 /// Bytes of the executed file's name kept in an exec event.
@@ -34,6 +34,19 @@ pub enum EventKind {
     Socket = 5,
 }
 
+impl EventKind {
+    /// The name the session log, `status` and the docs use for this kind.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Fork => "fork",
+            Self::Exit => "exit",
+            Self::Connect => "connect",
+            Self::Socket => "socket",
+        }
+    }
+}
+
 impl TryFrom<u32> for EventKind {
     type Error = u32;
     fn try_from(value: u32) -> Result<Self, u32> {
@@ -60,6 +73,18 @@ pub enum Verdict {
     Killed = 3,
     /// Connect rewritten to the daemon's L7 proxy.
     Redirect = 4,
+}
+
+impl Verdict {
+    /// The name the session log and `policy explain` use for this verdict.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Killed => "killed",
+            Self::Redirect => "redirect",
+        }
+    }
 }
 
 impl TryFrom<u32> for Verdict {
@@ -222,6 +247,98 @@ pub const NET_ANY_PORT_FIXED_BITS: u32 = 72;
 /// Bits of a network key before the address starts, address-and-port trie.
 pub const NET_PORT_FIXED_BITS: u32 = 88;
 
+/// `family` byte of a network key for IPv4 (and IPv4-mapped IPv6) destinations.
+pub const FAMILY_V4: u8 = 4;
+/// `family` byte of a network key for IPv6 destinations.
+pub const FAMILY_V6: u8 = 6;
+
+/// Is `addr` an IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`)? Such
+/// destinations are governed as IPv4, whichever socket family asked.
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    let mut zero = true;
+    let mut i = 0;
+    while i < 10 {
+        zero &= addr[i] == 0;
+        i += 1;
+    }
+    zero && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// The rule family of a destination: [`FAMILY_V4`] for mapped IPv4, else [`FAMILY_V6`].
+#[inline(always)]
+pub fn family_of(addr: &[u8; 16]) -> u8 {
+    if is_v4_mapped(addr) { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+/// An IPv4 address (octets in network order) mapped into IPv6.
+#[inline(always)]
+pub fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+}
+
+/// Connecting to `0.0.0.0` or `::` reaches this host's loopback; such a
+/// destination is decided (and recorded) as `127.0.0.1` or `::1`, so it
+/// cannot slip past rules written for the loopback address.
+#[inline(always)]
+pub fn loopback_for_unspecified(mut addr: [u8; 16]) -> [u8; 16] {
+    let mut zero_head = true;
+    let mut i = 0;
+    while i < 10 {
+        zero_head &= addr[i] == 0;
+        i += 1;
+    }
+    let tail_zero = addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 0;
+    if zero_head && addr[10] == 0xff && addr[11] == 0xff && tail_zero {
+        addr[12] = 127; // ::ffff:0.0.0.0 -> ::ffff:127.0.0.1
+        addr[15] = 1;
+    } else if zero_head && addr[10] == 0 && addr[11] == 0 && tail_zero {
+        addr[15] = 1; // :: -> ::1
+    }
+    addr
+}
+
+/// The address-only trie's key data for (cgroup, family, address).
+#[inline(always)]
+pub fn net_any_port_key(cgroup_id: u64, family: u8, addr: &[u8; 16]) -> NetAnyPortKey {
+    let mut key = [0u8; 25];
+    let cgroup = cgroup_id.to_be_bytes();
+    let mut i = 0;
+    while i < 8 {
+        key[i] = cgroup[i];
+        i += 1;
+    }
+    key[8] = family;
+    let mut i = 0;
+    while i < 16 {
+        key[9 + i] = addr[i];
+        i += 1;
+    }
+    key
+}
+
+/// The address-and-port trie's key data for (cgroup, family, port, address).
+#[inline(always)]
+pub fn net_port_key(cgroup_id: u64, family: u8, port: u16, addr: &[u8; 16]) -> NetPortKey {
+    let mut key = [0u8; 27];
+    let cgroup = cgroup_id.to_be_bytes();
+    let mut i = 0;
+    while i < 8 {
+        key[i] = cgroup[i];
+        i += 1;
+    }
+    key[8] = family;
+    let port = port.to_be_bytes();
+    key[9] = port[0];
+    key[10] = port[1];
+    let mut i = 0;
+    while i < 16 {
+        key[11 + i] = addr[i];
+        i += 1;
+    }
+    key
+}
+
 /// Value of a network rule trie entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -322,9 +439,41 @@ pub struct KernelOffsets {
 pub const LOST_SLOTS: u32 = 6;
 
 #[cfg(feature = "user")]
+pub use user::read;
+
+#[cfg(feature = "user")]
 mod user {
-    //! `aya::Pod` for the types userspace puts into or reads out of maps.
-    use super::{ConnectionKey, ExecKey, KernelOffsets, NetRule, OriginalDst, ProxyAddr, SessionSlot};
+    //! `aya::Pod` for the types userspace puts into maps or reads out of
+    //! maps and the ring buffer, and reading them from raw bytes.
+    use super::{
+        ConnectEvent, ConnectionKey, EventHeader, ExecEvent, ExecKey, ExitEvent, ForkEvent, KernelOffsets, NetRule,
+        OriginalDst, ProxyAddr, SessionSlot, SocketEvent,
+    };
+
+    /// A `T` from the start of `bytes` (which need not be aligned), or `None`
+    /// when there are fewer bytes than a `T` has.
+    pub fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+        if bytes.len() < core::mem::size_of::<T>() {
+            return None;
+        }
+        // SAFETY: the length is checked above, and `Pod` promises a repr(C)
+        // type of plain integers for which every bit pattern is valid.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+
+    // SAFETY: the event structs are repr(C), made only of integers and byte
+    // arrays, with no padding (sizes asserted below).
+    unsafe impl aya::Pod for EventHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExecEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ForkEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExitEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnectEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SocketEvent {}
     // SAFETY: all of these are repr(C), made only of integers, with no padding.
     unsafe impl aya::Pod for OriginalDst {}
     // SAFETY: as above.
@@ -355,3 +504,41 @@ const _: () = {
     assert!(core::mem::size_of::<ConnectionKey>() == 40);
     assert!(core::mem::size_of::<ProxyAddr>() == 8);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_put_the_cgroup_family_port_and_address_where_the_prefix_lengths_say() {
+        let addr = v4_mapped([10, 1, 2, 3]);
+        let any = net_any_port_key(0x0102_0304_0506_0708, family_of(&addr), &addr);
+        assert_eq!(&any[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(any[8], FAMILY_V4);
+        assert_eq!(&any[9..], &addr);
+        assert_eq!(NET_ANY_PORT_FIXED_BITS as usize, 9 * 8);
+        let port = net_port_key(1, FAMILY_V6, 0x1f90, &[0xfd; 16]);
+        assert_eq!((port[8], port[9], port[10]), (FAMILY_V6, 0x1f, 0x90));
+        assert_eq!(&port[11..], &[0xfd; 16]);
+        assert_eq!(NET_PORT_FIXED_BITS as usize, 11 * 8);
+    }
+
+    #[test]
+    fn mapped_and_unspecified_addresses() {
+        assert!(is_v4_mapped(&v4_mapped([127, 0, 0, 1])));
+        let mut v6_loopback = [0u8; 16];
+        v6_loopback[15] = 1;
+        assert!(!is_v4_mapped(&v6_loopback));
+        assert_eq!(family_of(&v6_loopback), FAMILY_V6);
+        assert_eq!(loopback_for_unspecified(v4_mapped([0, 0, 0, 0])), v4_mapped([127, 0, 0, 1]));
+        assert_eq!(loopback_for_unspecified([0; 16]), v6_loopback);
+        assert_eq!(loopback_for_unspecified(v4_mapped([10, 0, 0, 0])), v4_mapped([10, 0, 0, 0]));
+    }
+
+    #[test]
+    fn names_are_spelled_once() {
+        assert_eq!(EventKind::Connect.name(), "connect");
+        assert_eq!(Verdict::Killed.as_str(), "killed");
+        assert_eq!(EventKind::try_from(5).map(EventKind::name), Ok("socket"));
+    }
+}

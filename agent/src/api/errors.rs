@@ -1,0 +1,55 @@
+//! Domain errors to replies, in one place: each error kind the CLI tells
+//! apart (and picks its exit code by) is decided here and nowhere else.
+
+use serde::Serialize;
+
+use super::protocol::{ErrorKind, Response};
+use crate::{approval::ReviewError, session::OpenError, store::StoreError};
+
+/// A domain error as the control socket reports it.
+pub trait ToReply: std::fmt::Display {
+    /// Which kind of failure this is for the client.
+    fn kind(&self) -> ErrorKind;
+}
+
+impl ToReply for OpenError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Token(_) | Self::NoIdentity { .. } => ErrorKind::Token,
+            Self::Nested | Self::NotHeldChild(_) | Self::RootRefused(_) | Self::NotPlaced(_) => ErrorKind::Forbidden,
+            Self::Closing | Self::Cgroup(_) | Self::Maps(_) | Self::NotRecorded | Self::Internal(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}
+
+impl ToReply for ReviewError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotPending(_) => ErrorKind::NotFound,
+            Self::InsideSession
+            | Self::NoUserName(_)
+            | Self::BadUserName
+            | Self::NotReviewer(_)
+            | Self::OwnSession(_) => ErrorKind::Forbidden,
+        }
+    }
+}
+
+impl ToReply for StoreError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NoSuchSession(_) => ErrorKind::NotFound,
+            Self::Sqlite(_) | Self::TooNew { .. } | Self::WriterGone => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The reply for a domain result: its value as JSON, or its error.
+pub fn reply<T: Serialize>(result: Result<T, impl ToReply>) -> Response {
+    match result {
+        Ok(value) => Response::Ok(serde_json::to_value(value).unwrap_or_default()),
+        Err(error) => Response::error(error.kind(), error.to_string()),
+    }
+}

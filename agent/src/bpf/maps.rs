@@ -1,0 +1,127 @@
+//! The maps the daemon reads and fills, one handle per concern: a
+//! session's rules ([`SessionMaps`]), the original destinations of
+//! redirected connections ([`OriginalDestinations`], the proxy's), and the
+//! lost-event counters ([`LostCounters`], the event pump's).
+
+use std::sync::Mutex;
+
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use tollgate_common::{
+    ConnectionKey, ExecKey, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey,
+    NetRule, OriginalDst, SessionSlot, net_any_port_key, net_port_key,
+};
+
+use super::BpfError;
+use crate::policy::compile::{NetEntry, SessionRules};
+
+/// The governed-cgroup map and the rule maps of every session.
+pub struct SessionMaps {
+    sessions: HashMap<MapData, u64, SessionSlot>,
+    exec_deny: HashMap<MapData, ExecKey, u32>,
+    net_any_port: LpmTrie<MapData, NetAnyPortKey, NetRule>,
+    net_port: LpmTrie<MapData, NetPortKey, NetRule>,
+}
+
+/// Where a network entry of a session lives: which trie, under which key.
+enum NetKey {
+    AnyPort(Key<NetAnyPortKey>),
+    Port(Key<NetPortKey>),
+}
+
+fn net_key(cgroup_id: u64, entry: &NetEntry) -> NetKey {
+    match entry.port {
+        None => NetKey::AnyPort(Key::new(
+            NET_ANY_PORT_FIXED_BITS + entry.addr_prefix,
+            net_any_port_key(cgroup_id, entry.family, &entry.addr),
+        )),
+        Some(port) => NetKey::Port(Key::new(
+            NET_PORT_FIXED_BITS + entry.addr_prefix,
+            net_port_key(cgroup_id, entry.family, port, &entry.addr),
+        )),
+    }
+}
+
+impl SessionMaps {
+    pub(super) fn new(
+        sessions: HashMap<MapData, u64, SessionSlot>,
+        exec_deny: HashMap<MapData, ExecKey, u32>,
+        net_any_port: LpmTrie<MapData, NetAnyPortKey, NetRule>,
+        net_port: LpmTrie<MapData, NetPortKey, NetRule>,
+    ) -> Self {
+        Self { sessions, exec_deny, net_any_port, net_port }
+    }
+
+    /// Makes `cgroup_id` a governed session with `rules`. Rules go in before
+    /// the session entry, so the kernel never sees the session without them.
+    pub fn add_session(&mut self, cgroup_id: u64, rules: &SessionRules) -> Result<(), BpfError> {
+        let fail = |name| move |source| BpfError::Map { name, source };
+        for (_, file) in &rules.exec_deny {
+            let key = ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 };
+            self.exec_deny.insert(key, 1, 0).map_err(fail("EXEC_DENY"))?;
+        }
+        for entry in &rules.net {
+            let value = NetRule {
+                verdict: entry.verdict as u32,
+                addr_prefix: entry.addr_prefix,
+                rule_id: entry.rule_id,
+                reserved: 0,
+            };
+            match net_key(cgroup_id, entry) {
+                NetKey::AnyPort(key) => self.net_any_port.insert(&key, value, 0).map_err(fail("NET_ANY_PORT"))?,
+                NetKey::Port(key) => self.net_port.insert(&key, value, 0).map_err(fail("NET_PORT"))?,
+            }
+        }
+        self.sessions.insert(cgroup_id, SessionSlot { session_id: cgroup_id }, 0).map_err(fail("SESSIONS"))
+    }
+
+    /// Forgets a session. The session entry goes first so nothing is
+    /// decided from half-removed rules (a non-session cgroup is refused).
+    pub fn remove_session(&mut self, cgroup_id: u64, rules: &SessionRules) {
+        let _ = self.sessions.remove(&cgroup_id);
+        for (_, file) in &rules.exec_deny {
+            let _ = self.exec_deny.remove(&ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 });
+        }
+        for entry in &rules.net {
+            let _ = match net_key(cgroup_id, entry) {
+                NetKey::AnyPort(key) => self.net_any_port.remove(&key),
+                NetKey::Port(key) => self.net_port.remove(&key),
+            };
+        }
+    }
+}
+
+/// Where redirected connections were going, keyed as the proxy sees them.
+/// Its own lock: the proxy's lookups never wait on session bookkeeping.
+pub struct OriginalDestinations {
+    map: Mutex<HashMap<MapData, ConnectionKey, OriginalDst>>,
+}
+
+impl OriginalDestinations {
+    pub(super) fn new(map: HashMap<MapData, ConnectionKey, OriginalDst>) -> Self {
+        Self { map: Mutex::new(map) }
+    }
+
+    /// Where a connection the proxy accepted was going; the entry is taken.
+    pub fn take(&self, key: &ConnectionKey) -> Option<OriginalDst> {
+        let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let original = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(original)
+    }
+}
+
+/// Per-CPU counts of events that found the ring buffer full.
+pub struct LostCounters {
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl LostCounters {
+    pub(super) fn new(lost: PerCpuArray<MapData, u64>) -> Self {
+        Self { lost }
+    }
+
+    /// Events lost so far, per event kind slot, summed over CPUs.
+    pub fn read(&self) -> Vec<u64> {
+        (0..LOST_SLOTS).map(|slot| self.lost.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)).collect()
+    }
+}

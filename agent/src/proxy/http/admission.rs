@@ -1,0 +1,220 @@
+//! Request admission: whether a request may go upstream at all. Requests
+//! servers could read differently from the rules are refused; then the
+//! route's host, block and approve rules decide.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::{Method, StatusCode, body::Incoming, header, http::request::Parts};
+use serde_json::json;
+
+use super::{MAX_BODY, Refusal};
+use crate::{
+    approval::{self, Answer},
+    policy::route::{Route, RouteTarget},
+    proxy::{
+        Governed, ProxyCtx,
+        record::{Outcome, ProxyRecord},
+        rules::{RequestView, blocked_by, needs_approval},
+    },
+};
+
+/// Headers some frameworks take as the request's real method.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// A request's body once admitted: read whole (a rule needed to see it) or still streaming.
+pub enum AdmittedBody {
+    /// Read whole.
+    Buffered(Bytes),
+    /// Not read yet; it streams through.
+    Streamed(Incoming),
+}
+
+/// Why a request is ambiguous, if it is: its path or headers could be read
+/// differently by the upstream than by the proxy's rules.
+pub fn ambiguity(
+    headers: &hyper::HeaderMap,
+    raw_path: &str,
+    method: &hyper::Method,
+    route: &Route,
+) -> Option<&'static str> {
+    if !raw_path.is_ascii() {
+        return Some("the path is not ASCII");
+    }
+    let path_only = raw_path.split('?').next().unwrap_or("");
+    let lower = path_only.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path_only.contains('\\') || path_only.contains(';') {
+        return Some("the path holds an encoded slash, a backslash or a ';' parameter");
+    }
+    if has_bad_escape(path_only) {
+        return Some("the path holds a malformed percent escape");
+    }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Some("more than one Host header");
+    }
+    if route.credential.is_some()
+        && (method.as_str().eq_ignore_ascii_case("TRACE") || method.as_str().eq_ignore_ascii_case("TRACK"))
+    {
+        return Some("TRACE would echo the injected credential back");
+    }
+    let body_rules = has_body_rules(route);
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+    if body_rules && encoded {
+        return Some("a content-encoded body cannot be checked by body rules");
+    }
+    None
+}
+
+fn has_bad_escape(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%' && !(i + 2 < bytes.len() && bytes[i + 1].is_ascii_hexdigit() && bytes[i + 2].is_ascii_hexdigit())
+    })
+}
+
+/// Does a rule of the route look at request bodies?
+fn has_body_rules(route: &Route) -> bool {
+    route.block.iter().chain(&route.approve).any(|m| m.body.is_some())
+}
+
+/// Decides whether a request may go upstream. `path` is the normalized
+/// path the rules see. On refusal the answer for the client is returned,
+/// with the record already written.
+pub async fn admit(
+    ctx: &ProxyCtx,
+    governed: &Governed,
+    parts: &mut Parts,
+    body: Incoming,
+    path: &str,
+    host: &str,
+    record: &mut ProxyRecord,
+) -> Result<AdmittedBody, Refusal> {
+    let route = &governed.route.route;
+    // A method override would let a POST act as the DELETE a rule blocks.
+    for name in METHOD_OVERRIDES {
+        parts.headers.remove(name);
+    }
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY as u64) {
+        return Err(Refusal::new(
+            Outcome::Refused,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+            json!({"limit": MAX_BODY}),
+        ));
+    }
+    // Only a rule on bodies needs the whole request before deciding.
+    let body = if has_body_rules(route) {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => AdmittedBody::Buffered(collected.to_bytes()),
+            Err(_) => {
+                return Err(Refusal::new(
+                    Outcome::Refused,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large or unreadable",
+                    json!({"limit": MAX_BODY}),
+                ));
+            }
+        }
+    } else {
+        AdmittedBody::Streamed(body)
+    };
+    // Until a streamed body has gone through, what the client declared.
+    record.set(
+        "request_bytes",
+        match &body {
+            AdmittedBody::Buffered(bytes) => bytes.len() as u64,
+            AdmittedBody::Streamed(_) => declared.unwrap_or(0),
+        },
+    );
+
+    if let RouteTarget::Host { name, .. } = &route.to {
+        let asked = host.rsplit_once(':').map_or(host, |(h, _)| h).to_ascii_lowercase();
+        if &asked != name {
+            return Err(Refusal::new(
+                Outcome::Blocked,
+                StatusCode::FORBIDDEN,
+                "host is not the one this route governs",
+                json!({"host": host, "expected": name}),
+            ));
+        }
+    }
+
+    let view = RequestView {
+        method: &parts.method,
+        path,
+        headers: &parts.headers,
+        body: match &body {
+            AdmittedBody::Buffered(bytes) => bytes,
+            AdmittedBody::Streamed(_) => &[],
+        },
+    };
+    if let Some(rule) = blocked_by(route, &view) {
+        record.hit(&rule);
+        return Err(Refusal::new(Outcome::Blocked, StatusCode::FORBIDDEN, "blocked by policy", json!({"rule": rule})));
+    }
+    if let Some(rule) = needs_approval(route, &view) {
+        record.hit(&rule);
+        approve(ctx, governed, record, &rule, &parts.method, path).await?;
+    }
+    Ok(body)
+}
+
+/// Holds the request for a reviewer, unless a JIT window covers it.
+async fn approve(
+    ctx: &ProxyCtx,
+    governed: &Governed,
+    record: &mut ProxyRecord,
+    rule: &str,
+    method: &Method,
+    path: &str,
+) -> Result<(), Refusal> {
+    let request = approval::Request {
+        session: governed.session.clone(),
+        uid: governed.uid,
+        identity: governed.identity.clone(),
+        subject: governed.subject.clone(),
+        grant: governed.route.grant.clone(),
+        rule: rule.to_owned(),
+        destination: governed.destination.to_string(),
+        method: method.as_str().to_owned(),
+        path: path.to_owned(),
+    };
+    let denied = |extra| Refusal::new(Outcome::Denied, StatusCode::FORBIDDEN, "", extra);
+    match ctx.reviews.ask(request).await {
+        Answer::Window => {
+            record.set("approval", "jit-window");
+            Ok(())
+        }
+        Answer::Approved { id, by, window } => {
+            record.set("approval_id", id);
+            record.set("approved_by", by);
+            if let Some(window) = window {
+                record.set("jit_window_secs", window.as_secs());
+            }
+            Ok(())
+        }
+        Answer::Denied { id, by, reason } => {
+            record.set("approval_id", id.clone());
+            record.set("denied_by", by.clone());
+            Err(denied(json!({"rule": rule, "approval": id, "denied_by": by, "reason": reason}))
+                .with_error("denied by a reviewer"))
+        }
+        Answer::TimedOut { id, timeout } => {
+            record.set("approval_id", id.clone());
+            record.set("denied_by", "timeout");
+            Err(denied(
+                json!({"rule": rule, "approval": id, "denied_by": "timeout", "timeout_secs": timeout.as_secs()}),
+            )
+            .with_error("approval timed out"))
+        }
+        Answer::TooMany => Err(Refusal::new(
+            Outcome::Denied,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests of this session are already waiting for approval",
+            json!({"rule": rule, "limit": approval::MAX_HELD_PER_SESSION}),
+        )),
+    }
+}

@@ -1,0 +1,224 @@
+//! HTTP/1.1 through the proxy: admit (ambiguity, block, hold for
+//! approval), rewrite (hop-by-hop headers, credential), forward, answer
+//! (stream, or mask and scrub), record.
+//!
+//! Bodies stream through, bounded by [`MAX_BODY`], except where a rule must
+//! see all of one first: a request body when a matcher looks at bodies, a
+//! response body when masks apply. Those are read into memory within the
+//! same bound; a larger one is refused and never half-forwarded. A declared
+//! length over the bound is refused before the upstream is contacted.
+
+mod admission;
+mod response;
+mod rewrite;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::{
+    Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest, header, header::HeaderValue,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{net::TcpStream, sync::Mutex};
+use tracing::Instrument;
+
+use super::{
+    Governed, ProxyCtx,
+    body::{Counted, ProxyBody, full},
+    record::{Outcome, ProxyRecord},
+    rules::normalize_path,
+};
+use crate::{policy::route::Route, store::RecordKind};
+use admission::AdmittedBody;
+
+/// Largest request or response body the proxy passes on.
+pub const MAX_BODY: usize = 64 << 20;
+
+/// Routes whose answers are read whole before the client sees them: masked
+/// ones, and those with a credential (scrubbed of it in case it is echoed).
+fn scrubs_response(route: &Route) -> bool {
+    !route.mask.is_empty() || route.credential.is_some()
+}
+
+type Upstream = Arc<Mutex<Option<SendRequest<ProxyBody>>>>;
+
+/// Serves one governed client connection (keep-alive: many requests).
+pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
+    let upstream: Upstream = Arc::default();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (ctx, governed, upstream) = (ctx.clone(), governed.clone(), upstream.clone());
+        let span = tracing::info_span!("request", method = %request.method(), path = %request.uri().path());
+        async move { Ok::<_, Infallible>(exchange(ctx, &governed, &upstream, request).await) }.instrument(span)
+    });
+    // A client that never finishes its headers must not hold a connection forever.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!(error = %e, "governed HTTP connection ended with an error");
+    }
+}
+
+/// A request the proxy answers itself: how the exchange ends, and what the client is told.
+pub struct Refusal {
+    outcome: Outcome,
+    status: StatusCode,
+    error: &'static str,
+    extra: Value,
+}
+
+impl Refusal {
+    fn new(outcome: Outcome, status: StatusCode, error: &'static str, extra: Value) -> Self {
+        Self { outcome, status, error, extra }
+    }
+
+    fn with_error(mut self, error: &'static str) -> Self {
+        self.error = error;
+        self
+    }
+
+    /// Writes the record and builds the client's answer: a JSON error
+    /// saying what happened, which rule, and where to look.
+    fn answer(self, ctx: &ProxyCtx, governed: &Governed, record: ProxyRecord) -> Response<ProxyBody> {
+        record.finish_exchange(&ctx.log, governed, self.outcome, self.status);
+        let mut body = json!({
+            "error": self.error,
+            "session": governed.session,
+            "grant": governed.route.grant,
+            "route": governed.rule_name,
+        });
+        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), self.extra) {
+            body.extend(extra);
+        }
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+/// The record of one exchange, before any rule has matched.
+fn exchange_record(governed: &Governed, method: &str, path: &str, host: &str) -> ProxyRecord {
+    let mut record = ProxyRecord::new(RecordKind::Http, governed);
+    record.set("method", method);
+    record.set("path", path);
+    record.set("host", host);
+    record.set("rules", Value::Array(Vec::new()));
+    record
+}
+
+/// One request: admit, rewrite, send, answer. Whatever happens, one record.
+async fn exchange(
+    ctx: Arc<ProxyCtx>,
+    governed: &Governed,
+    upstream: &Upstream,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = request.into_parts();
+    let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+    // Requests whose meaning servers disagree on are refused outright, so a
+    // rule cannot be read one way by the proxy and another by the upstream.
+    if let Some(why) = admission::ambiguity(&parts.headers, &raw_path, &parts.method, &governed.route.route) {
+        let mut record = exchange_record(governed, parts.method.as_str(), &raw_path, &host);
+        record.hit(why);
+        let refusal = Refusal::new(
+            Outcome::Refused,
+            StatusCode::BAD_REQUEST,
+            "ambiguous request refused",
+            json!({"reason": why}),
+        );
+        return refusal.answer(&ctx, governed, record);
+    }
+    // Rules see, and the upstream receives, the path as servers will read it.
+    let path = normalize_path(&raw_path);
+    let mut record = exchange_record(governed, parts.method.as_str(), &path, &host);
+    let admitted = match admission::admit(&ctx, governed, &mut parts, body, &path, &host, &mut record).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.answer(&ctx, governed, record),
+    };
+    let buffered_len = match &admitted {
+        AdmittedBody::Buffered(bytes) => Some(bytes.len()),
+        AdmittedBody::Streamed(_) => None,
+    };
+    let secret = match rewrite::rewrite(&ctx, governed, &mut parts, &path, buffered_len, &mut record).await {
+        Ok(secret) => secret,
+        Err(refusal) => return refusal.answer(&ctx, governed, record),
+    };
+    // A streamed request's size is known once it has gone through, which
+    // is before the answer for the servers this proxy fronts.
+    let request_bytes = Arc::new(AtomicU64::new(buffered_len.unwrap_or(0) as u64));
+    let forwarded_body = match admitted {
+        AdmittedBody::Buffered(bytes) => full(bytes),
+        AdmittedBody::Streamed(incoming) => {
+            let counter = request_bytes.clone();
+            Counted::new(
+                Limited::new(incoming, MAX_BODY).boxed_unsync(),
+                Box::new(move |bytes, _| counter.store(bytes, Ordering::Relaxed)),
+            )
+            .boxed_unsync()
+        }
+    };
+    let answer = match send(&ctx, upstream, governed, Request::from_parts(parts, forwarded_body)).await {
+        Ok(answer) => answer,
+        Err(why) => {
+            tracing::warn!(%why, "upstream failed");
+            let refusal =
+                Refusal::new(Outcome::Error, StatusCode::BAD_GATEWAY, "upstream unreachable", json!({"detail": why}));
+            return refusal.answer(&ctx, governed, record);
+        }
+    };
+    match response::respond(&ctx, governed, answer, record, secret, &request_bytes).await {
+        Ok(response) => response,
+        Err((record, refusal)) => refusal.answer(&ctx, governed, record),
+    }
+}
+
+/// Sends over this client connection's upstream connection, opening it
+/// (again) when needed.
+async fn send(
+    ctx: &ProxyCtx,
+    upstream: &Upstream,
+    governed: &Governed,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, String> {
+    let mut slot = upstream.lock().await;
+    if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(governed.destination))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let sender = match &governed.route.route.upstream_tls {
+            None => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+            Some(tls) => {
+                let stream = crate::proxy::tls::connect_upstream(ctx, governed, tls, stream).await?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+        };
+        *slot = Some(sender);
+    }
+    let sender = slot.as_mut().ok_or("no upstream connection")?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    sender.send_request(request).await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,114 @@
+//! The upstream's answer on its way back: streamed as it comes where no
+//! rule reads it, otherwise read whole, masked and scrubbed of the injected
+//! credential. An answer that cannot be masked is refused, never passed on unread.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::{Response, StatusCode, body::Incoming, header, header::HeaderValue};
+use serde_json::json;
+
+use super::{MAX_BODY, Refusal, rewrite::HOP_BY_HOP, scrubs_response};
+use crate::proxy::{
+    Governed, ProxyCtx,
+    body::{Counted, ProxyBody, full},
+    credential::{REMOVED, scrub},
+    record::{Outcome, ProxyRecord},
+    rules::{Unmaskable, mask},
+};
+
+fn strip_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
+}
+
+/// Turns the upstream's answer into the client's, and writes the record
+/// (for a streamed answer, once its body has gone through).
+pub async fn respond(
+    ctx: &Arc<ProxyCtx>,
+    governed: &Governed,
+    answer: Response<Incoming>,
+    mut record: ProxyRecord,
+    secret: Option<String>,
+    request_bytes: &AtomicU64,
+) -> Result<Response<ProxyBody>, (ProxyRecord, Refusal)> {
+    let route = &governed.route.route;
+    let (mut parts, body) = answer.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    let status = parts.status;
+    record.set("request_bytes", request_bytes.load(Ordering::Relaxed));
+    if !scrubs_response(route) {
+        let (ctx, governed) = (ctx.clone(), governed.clone());
+        let body = Counted::new(
+            Limited::new(body, MAX_BODY).boxed_unsync(),
+            Box::new(move |bytes, complete| {
+                record.set("response_bytes", bytes);
+                let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
+                record.finish_exchange(&ctx.log, &governed, outcome, status);
+            }),
+        );
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+    }
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            let refusal = Refusal::new(
+                Outcome::Error,
+                StatusCode::BAD_GATEWAY,
+                "upstream response too large or unreadable",
+                json!({"limit": MAX_BODY}),
+            );
+            return Err((record, refusal));
+        }
+    };
+    // A partial or encoded answer cannot be masked or scrubbed.
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+    let json_declared = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let masked = if status == StatusCode::PARTIAL_CONTENT || encoded {
+        Err(Unmaskable)
+    } else {
+        mask(&route.mask, strip_bom(&body), json_declared)
+    };
+    let Ok((mut masked, mut count)) = masked else {
+        let refusal =
+            Refusal::new(Outcome::Error, StatusCode::BAD_GATEWAY, "the response could not be masked", json!({}));
+        return Err((record, refusal));
+    };
+    // The injected credential never goes back to the agent, even when an
+    // endpoint echoes the request.
+    if let Some(secret) = &secret {
+        let (scrubbed, found) = scrub(&masked, secret);
+        if found > 0 {
+            tracing::warn!("the upstream echoed the injected credential; removed");
+            masked = scrubbed;
+            count += found;
+        }
+        for value in parts.headers.values_mut() {
+            if value.to_str().is_ok_and(|v| v.contains(secret.as_str())) {
+                *value = HeaderValue::from_static(REMOVED);
+                count += 1;
+            }
+        }
+    }
+    record.set("masked", count);
+    let kept = masked.len().min(ctx.record_body_bytes);
+    record.set("response_body", String::from_utf8_lossy(&masked[..kept]).into_owned());
+    record.set("response_body_truncated", kept < masked.len());
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(masked.len()));
+    record.set("response_bytes", masked.len());
+    record.finish_exchange(&ctx.log, governed, Outcome::Forwarded, status);
+    Ok(Response::from_parts(parts, full(Bytes::from(masked))))
+}

@@ -1,0 +1,74 @@
+//! Rewriting an admitted request for the upstream: no hop-by-hop headers,
+//! the held credential instead of whatever the client sent under that
+//! name, and no compressed or partial answers where the response is read.
+
+use hyper::{StatusCode, header, header::HeaderValue, http::request::Parts};
+use serde_json::json;
+
+use super::{Refusal, scrubs_response};
+use crate::proxy::{
+    Governed, ProxyCtx,
+    record::{Outcome, ProxyRecord},
+};
+
+/// Headers that belong to one hop, never forwarded.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Rewrites `parts` in place for the upstream; returns the injected secret
+/// (for scrubbing it from the answer), if the route injects one.
+pub async fn rewrite(
+    ctx: &ProxyCtx,
+    governed: &Governed,
+    parts: &mut Parts,
+    path: &str,
+    buffered_len: Option<usize>,
+    record: &mut ProxyRecord,
+) -> Result<Option<String>, Refusal> {
+    let route = &governed.route.route;
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    if scrubs_response(route) {
+        // Whole, uncompressed answers only: a compressed or partial one could
+        // not be masked or scrubbed.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+        parts.headers.remove(header::RANGE);
+        parts.headers.remove(header::IF_RANGE);
+    }
+    let mut secret = None;
+    if let Some(credential) = &route.credential {
+        match ctx.credentials.header(credential).await {
+            Ok((name, value)) => {
+                secret = value.to_str().ok().map(str::to_owned).filter(|v| !v.is_empty());
+                parts.headers.remove(&name);
+                parts.headers.insert(name, value);
+                record.set("credential", credential.header.clone());
+            }
+            Err(why) => {
+                tracing::error!(%why, "credential unavailable");
+                return Err(Refusal::new(
+                    Outcome::Error,
+                    StatusCode::BAD_GATEWAY,
+                    "the credential for this destination is unavailable",
+                    json!({}),
+                ));
+            }
+        }
+    }
+    if let Some(length) = buffered_len {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    parts.uri = path.parse().map_err(|_| {
+        Refusal::new(Outcome::Refused, StatusCode::BAD_REQUEST, "request target is not valid", json!({}))
+    })?;
+    Ok(secret)
+}

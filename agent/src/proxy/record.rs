@@ -1,0 +1,96 @@
+//! What the session log says of one governed connection or exchange: the
+//! record type the HTTP and TLS paths share.
+
+use std::time::Instant;
+
+use hyper::StatusCode;
+use serde_json::{Map, Value};
+
+use super::Governed;
+use crate::store::{RecordKind, RecordVerdict, SessionLog};
+
+/// How an HTTP exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent upstream and answered in full.
+    Forwarded,
+    /// Sent upstream, but the answer's body did not arrive whole.
+    ForwardedIncomplete,
+    /// Refused by a block rule (or a host the route does not govern).
+    Blocked,
+    /// Refused before any rule: ambiguous, too large, not a valid target.
+    Refused,
+    /// Held for approval and not approved.
+    Denied,
+    /// The proxy or the upstream failed.
+    Error,
+}
+
+impl Outcome {
+    /// The name stored in the record's `outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::ForwardedIncomplete => "forwarded-incomplete",
+            Self::Blocked => "blocked",
+            Self::Refused => "refused",
+            Self::Denied => "denied",
+            Self::Error => "error",
+        }
+    }
+
+    /// The record's verdict: only a whole answer counts as allowed.
+    pub fn verdict(self) -> RecordVerdict {
+        match self {
+            Self::Forwarded => RecordVerdict::ALLOW,
+            Self::Blocked => RecordVerdict::Block,
+            Self::ForwardedIncomplete | Self::Refused | Self::Denied | Self::Error => RecordVerdict::DENY,
+        }
+    }
+}
+
+/// The record of one connection (TLS) or exchange (HTTP), written once when it ends.
+pub struct ProxyRecord {
+    kind: RecordKind,
+    detail: Map<String, Value>,
+    started: Instant,
+}
+
+impl ProxyRecord {
+    /// A record of `kind` for a connection of `governed`, naming where it went and under which route.
+    pub fn new(kind: RecordKind, governed: &Governed) -> Self {
+        let mut detail = Map::new();
+        detail.insert("destination".into(), governed.destination.to_string().into());
+        detail.insert("grant".into(), governed.route.grant.clone().into());
+        detail.insert("route".into(), governed.rule_name.clone().into());
+        Self { kind, detail, started: Instant::now() }
+    }
+
+    /// Notes a rule that matched.
+    pub fn hit(&mut self, rule: &str) {
+        match self.detail.get_mut("rules") {
+            Some(Value::Array(rules)) => rules.push(rule.into()),
+            _ => {
+                self.detail.insert("rules".into(), Value::Array(vec![rule.into()]));
+            }
+        }
+    }
+
+    /// Sets a field.
+    pub fn set(&mut self, key: &str, value: impl Into<Value>) {
+        self.detail.insert(key.into(), value.into());
+    }
+
+    /// Writes the record with `verdict`.
+    pub fn finish(self, log: &SessionLog, governed: &Governed, verdict: RecordVerdict) {
+        log.proxy_event(&governed.session, self.kind, verdict, self.detail);
+    }
+
+    /// Writes an HTTP exchange's record: its outcome, status and duration.
+    pub fn finish_exchange(mut self, log: &SessionLog, governed: &Governed, outcome: Outcome, status: StatusCode) {
+        self.set("outcome", outcome.as_str());
+        self.set("status", status.as_u16());
+        self.set("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0);
+        self.finish(log, governed, outcome.verdict());
+    }
+}

@@ -1,0 +1,77 @@
+//! [`SessionLog`]: the handle through which everything that records into
+//! the session log does so.
+
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+
+use super::{
+    EventRecord, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError, WriterHandle, clock::BootClock,
+    rfc3339,
+};
+
+/// Records sessions and their events. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionLog {
+    writer: WriterHandle,
+    clock: BootClock,
+}
+
+impl SessionLog {
+    /// Records through `writer`; kernel times are converted with a clock read now.
+    pub fn new(writer: WriterHandle) -> Self {
+        Self { writer, clock: BootClock::now() }
+    }
+
+    /// Records a new session and waits until it is committed (blocking).
+    pub fn open_session(&self, record: SessionRecord) -> Result<(), StoreError> {
+        self.writer.open_session(record)
+    }
+
+    /// Records an event the kernel reported at `boot_ns` (`CLOCK_BOOTTIME`).
+    pub fn kernel_event(
+        &self,
+        session: SessionId,
+        boot_ns: u64,
+        pid: u32,
+        kind: RecordKind,
+        verdict: Option<RecordVerdict>,
+        detail: Map<String, Value>,
+    ) {
+        let at = rfc3339(self.clock.wall(boot_ns));
+        self.writer.event(session, EventRecord { at, kind, pid, verdict, detail });
+    }
+
+    /// Records something the proxy saw or decided, now.
+    pub fn proxy_event(
+        &self,
+        session: &SessionId,
+        kind: RecordKind,
+        verdict: RecordVerdict,
+        detail: Map<String, Value>,
+    ) {
+        let at = rfc3339(SystemTime::now());
+        // The proxy sees a connection, not a process.
+        self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail });
+    }
+
+    /// Records the end of a session, now.
+    pub fn end_session(&self, session: SessionId) {
+        self.writer.end_session(session, rfc3339(SystemTime::now()));
+    }
+
+    /// Records a count of events the kernel could not deliver.
+    pub fn lost(&self, kind: &str, count: u64) {
+        self.writer.lost(kind, count);
+    }
+
+    /// Events dropped because the writer's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.writer.dropped()
+    }
+
+    /// Waits until everything recorded so far is committed.
+    pub fn flush(&self) {
+        self.writer.flush();
+    }
+}

@@ -1,0 +1,108 @@
+//! What one event of a session is, as the session log stores it: a typed
+//! kind and verdict (spelled once, here and in `tollgate_common`) and
+//! kind-specific detail.
+
+use serde::{Serialize, Serializer};
+use serde_json::{Map, Value};
+use tollgate_common::{EventKind, Verdict};
+
+/// What an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Reported by the kernel programs.
+    Kernel(EventKind),
+    /// One HTTP exchange through the proxy.
+    Http,
+    /// One TLS passthrough connection through the proxy.
+    Tls,
+    /// A held request: asked, decided, or timed out.
+    Approval,
+}
+
+impl RecordKind {
+    /// The name stored in the `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel(kind) => kind.name(),
+            Self::Http => "http",
+            Self::Tls => "tls",
+            Self::Approval => "approval",
+        }
+    }
+}
+
+/// What was decided, where an event is a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordVerdict {
+    /// The kernel's decision on an exec, connect or socket.
+    Kernel(Verdict),
+    /// The proxy refused a request by a block rule.
+    Block,
+    /// A held request waits for a reviewer.
+    Pending,
+    /// A reviewer approved a held request.
+    Approved,
+    /// A reviewer denied a held request.
+    Denied,
+    /// Nobody decided a held request in time.
+    TimedOut,
+}
+
+impl RecordVerdict {
+    /// Let through (the kernel's or the proxy's allow).
+    pub const ALLOW: Self = Self::Kernel(Verdict::Allow);
+    /// Refused (the kernel's EPERM, or the proxy's refusal of a request).
+    pub const DENY: Self = Self::Kernel(Verdict::Deny);
+
+    /// The name stored in the `verdict` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel(verdict) => verdict.as_str(),
+            Self::Block => "block",
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::TimedOut => "timed-out",
+        }
+    }
+}
+
+impl Serialize for RecordKind {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl Serialize for RecordVerdict {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// One event of a session, in the order it was reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    /// RFC 3339.
+    pub at: String,
+    /// What it reports.
+    pub kind: RecordKind,
+    /// The process (0 for what the proxy saw: a connection, not a process).
+    pub pid: u32,
+    /// The decision, where the event is one.
+    pub verdict: Option<RecordVerdict>,
+    /// Kind-specific fields.
+    pub detail: Map<String, Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_come_from_the_shared_contract() {
+        assert_eq!(RecordKind::Kernel(EventKind::Exec).as_str(), "exec");
+        assert_eq!(RecordVerdict::Kernel(Verdict::Killed).as_str(), "killed");
+        assert_eq!(RecordVerdict::DENY.as_str(), "deny");
+        assert_eq!(serde_json::to_value(RecordVerdict::TimedOut).ok(), Some(Value::from("timed-out")));
+    }
+}

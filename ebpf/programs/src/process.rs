@@ -1,0 +1,227 @@
+//! Process programs: exec (recorded, and refused for denied files), fork and exit.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_current_task, bpf_probe_read_user, bpf_send_signal},
+    },
+    macros::{lsm, raw_tracepoint},
+    programs::{LsmContext, RawTracePointContext},
+};
+use aya_log_ebpf::warn;
+use tollgate_common::{
+    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExecKey,
+    ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, Verdict,
+};
+
+use crate::{EVENTS, EXEC_DENY, count_lost, field, header, is_governed, offsets};
+
+const SIGKILL: u32 = 9;
+const EPERM: i32 = 1;
+
+/// Device and inode of the file an exec is loading, as `stat()` reports them
+/// for the path (the dentry's inode, not a stacked filesystem's real one).
+#[inline(always)]
+unsafe fn file_identity(file: *const u8, off: &KernelOffsets) -> Result<(u32, u64), i32> {
+    // SAFETY: every step is a checked kernel read.
+    unsafe {
+        let dentry: *const u8 = field(file, off.file_dentry)?;
+        let inode: *const u8 = field(dentry, off.dentry_inode)?;
+        let ino: u64 = field(inode, off.inode_ino)?;
+        let sb: *const u8 = field(inode, off.inode_sb)?;
+        let dev: u32 = field(sb, off.sb_dev)?;
+        Ok((dev, ino))
+    }
+}
+
+#[inline(always)]
+fn exec_denied(cgroup_id: u64, dev: u32, ino: u64) -> bool {
+    let key = ExecKey { cgroup_id, ino, dev, reserved: 0 };
+    // SAFETY: presence test only.
+    unsafe { EXEC_DENY.get(key) }.is_some()
+}
+
+/// Writes an exec event straight into ring buffer memory: the event is larger
+/// than the 512-byte BPF stack.
+#[inline(always)]
+unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64, read_argv: bool) {
+    let off = offsets();
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost(EventKind::Exec);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved, exclusively owned ring buffer slot.
+    unsafe {
+        (*event).header = header(EventKind::Exec, cgroup_id);
+        (*event).uid = bpf_get_current_uid_gid() as u32;
+        (*event).verdict = verdict as u32;
+        (*event).dev = dev;
+        (*event).ino = ino;
+        (*event).flags = 0;
+        (*event).argv_len = 0;
+        (*event).ppid = 0;
+        (*event).filename[0] = 0;
+
+        let task = bpf_get_current_task() as *const u8;
+        if let Ok(parent) = field::<*const u8>(task, off.task_real_parent)
+            && let Ok(ppid) = field::<u32>(parent, off.task_tgid)
+        {
+            (*event).ppid = ppid;
+        }
+        if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename)
+            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
+        {
+            // The helper stops one short of the buffer when it had to cut.
+            if bytes.len() >= FILENAME_LEN - 1 {
+                (*event).flags |= EXEC_FILENAME_TRUNCATED;
+            }
+        }
+        // Arguments exist only once the new image is set up: in the exec
+        // tracepoint, not in the LSM hook that runs before it.
+        if read_argv {
+            read_args(task, &off, event);
+        }
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+unsafe fn read_args(task: *const u8, off: &KernelOffsets, event: *mut ExecEvent) {
+    // SAFETY: checked kernel and user reads into our reserved slot.
+    unsafe {
+        let Ok(mm) = field::<*const u8>(task, off.task_mm) else {
+            (*event).flags |= EXEC_ARGV_UNREADABLE;
+            return;
+        };
+        let (Ok(start), Ok(end)) = (field::<u64>(mm, off.mm_arg_start), field::<u64>(mm, off.mm_arg_end)) else {
+            (*event).flags |= EXEC_ARGV_UNREADABLE;
+            return;
+        };
+        let total = end.saturating_sub(start);
+        let mut len = total;
+        if len > ARGV_LEN as u64 {
+            len = ARGV_LEN as u64;
+            (*event).flags |= EXEC_ARGV_TRUNCATED;
+        }
+        let len = (len as u32) & (2 * ARGV_LEN as u32 - 1);
+        if len > ARGV_LEN as u32 {
+            return;
+        }
+        let dst = (*event).argv.as_mut_ptr().cast();
+        if bpf_probe_read_user(dst, len, start as *const _) == 0 {
+            (*event).argv_len = len;
+        } else {
+            (*event).flags |= EXEC_ARGV_UNREADABLE;
+        }
+    }
+}
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`:
+/// the new image is loaded but has not run. A denied file is killed here,
+/// so not one instruction of it executes (the fallback when BPF LSM is absent).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let off = offsets();
+    let bprm: *const u8 = ctx.arg(2);
+    // SAFETY: checked kernel reads.
+    let identity = unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) };
+    let (dev, ino) = identity.unwrap_or((0, 0));
+    let verdict = if identity.is_ok() && exec_denied(cgroup_id, dev, ino) {
+        // SAFETY: signals the current task; delivered before it returns to user mode.
+        unsafe { bpf_send_signal(SIGKILL) };
+        warn!(&ctx, "killed denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
+        Verdict::Killed
+    } else {
+        Verdict::Allow
+    };
+    // SAFETY: bprm comes from the tracepoint's own arguments.
+    unsafe { emit_exec(cgroup_id, bprm, verdict, dev, ino, true) };
+    0
+}
+
+/// `bprm_check_security(struct linux_binprm *bprm)`: refuses a denied exec
+/// with EPERM before the new image replaces the caller. Needs BPF LSM.
+#[lsm(hook = "bprm_check_security")]
+pub fn bprm_check_security(ctx: LsmContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: the hook's first argument is the bprm.
+    let bprm: *const u8 = ctx.arg(0);
+    // SAFETY: checked kernel reads.
+    let Ok((dev, ino)) = (unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) })
+    else {
+        return 0;
+    };
+    if !exec_denied(cgroup_id, dev, ino) {
+        return 0;
+    }
+    warn!(&ctx, "refused denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
+    // SAFETY: bprm is the hook's argument.
+    unsafe { emit_exec(cgroup_id, bprm, Verdict::Deny, dev, ino, false) };
+    -EPERM
+}
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let off = offsets();
+    let child: *const u8 = ctx.arg(1);
+    // SAFETY: checked kernel reads.
+    let (Ok(pid), Ok(tgid)) =
+        (unsafe { field::<u32>(child, off.task_pid) }, unsafe { field::<u32>(child, off.task_tgid) })
+    else {
+        return 0;
+    };
+    if pid != tgid {
+        return 0; // a thread, not a process
+    }
+    let event = ForkEvent {
+        header: header(EventKind::Fork, cgroup_id),
+        child_pid: tgid,
+        uid: bpf_get_current_uid_gid() as u32,
+    };
+    if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
+        count_lost(EventKind::Fork);
+    }
+    0
+}
+
+/// `sched_process_exit(struct task_struct *p, ...)`: reported once per
+/// process, when its thread group leader exits.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_governed(cgroup_id) {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if pid_tgid as u32 != (pid_tgid >> 32) as u32 {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: the current task is valid for the whole program.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: checked kernel read.
+    let exit_code = unsafe { field::<u32>(task, off.task_exit_code) }.unwrap_or(0);
+    let event = ExitEvent { header: header(EventKind::Exit, cgroup_id), exit_code, reserved: 0 };
+    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+        count_lost(EventKind::Exit);
+    }
+    0
+}
