@@ -1,8 +1,11 @@
 //! tollgate: a host enforcement agent for machines that run CI runners,
 //! sandboxes and AI agents that start other agents.
 //!
-//! Data flows one way: kernel events -> [`store`]; [`policy`] -> kernel maps.
-//! The binary (`main.rs`) only parses arguments and calls into [`cli`].
+//! Data flows one way: kernel events -> [`store`]; [`policy`] -> kernel maps
+//! and proxy rules. Imports point down: [`cli`] -> [`api`] -> the domain
+//! modules ([`session`], [`approval`], [`store`], [`policy`], [`identity`]);
+//! [`proxy`] -> the domain modules; [`daemon`] only wires them. The binary
+//! (`main.rs`) only parses arguments and calls into [`cli`].
 #![deny(missing_docs)]
 
 pub mod api;
@@ -17,3 +20,6 @@ pub mod proxy;
 pub mod session;
 pub mod store;
 pub mod yaml;
+
+#[cfg(test)]
+mod layering;

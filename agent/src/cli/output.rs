@@ -1,6 +1,9 @@
 //! Printing answers for people (text) or programs (JSON).
 
 use serde_json::Value;
+use tollgate_common::EventKind;
+
+use crate::store::RecordKind;
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -60,23 +63,25 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
     }
     println!("\nevents");
     for e in detail["events"].as_array().into_iter().flatten() {
-        let what = match text(e, "kind") {
-            "exec" => {
+        let what = match RecordKind::from_name(text(e, "kind")) {
+            Some(RecordKind::Kernel(EventKind::Exec)) => {
                 let argv: Vec<&str> = e["argv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
                 let cut = if e["argv_truncated"] == true { " [arguments cut]" } else { "" };
                 format!("{} {}{cut}", text(e, "filename"), argv.join(" "))
             }
-            "fork" => format!("-> {}", e["child_pid"]),
-            "exit" => match e["signal"].as_u64() {
+            Some(RecordKind::Kernel(EventKind::Fork)) => format!("-> {}", e["child_pid"]),
+            Some(RecordKind::Kernel(EventKind::Exit)) => match e["signal"].as_u64() {
                 Some(sig) => format!("signal {sig}"),
                 None => format!("code {}", e["exit_code"]),
             },
-            "connect" => match e.get("rule").and_then(Value::as_str) {
+            Some(RecordKind::Kernel(EventKind::Connect)) => match e.get("rule").and_then(Value::as_str) {
                 Some(rule) => format!("{} {}:{} ({rule})", text(e, "protocol"), text(e, "addr"), e["port"]),
                 None => format!("{} {}:{} (no rule)", text(e, "protocol"), text(e, "addr"), e["port"]),
             },
-            "socket" => format!("family {} type {} protocol {}", e["family"], e["type"], e["protocol"]),
-            "http" => format!(
+            Some(RecordKind::Kernel(EventKind::Socket)) => {
+                format!("family {} type {} protocol {}", e["family"], e["type"], e["protocol"])
+            }
+            Some(RecordKind::Http) => format!(
                 "{} {}{} -> {} ({}){}",
                 text(e, "method"),
                 text(e, "host"),
@@ -88,7 +93,7 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
                     r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")
                 ))
             ),
-            "approval" => format!(
+            Some(RecordKind::Approval) => format!(
                 "{} {} {} ({}){}",
                 text(e, "id"),
                 text(e, "method"),

@@ -9,7 +9,9 @@ use rusqlite::{Connection, OpenFlags, Row};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{SessionId, SessionRecord, StoreError};
+use tollgate_common::EventKind;
+
+use super::{RecordKind, SessionId, SessionRecord, StoreError};
 
 /// Opens read-only connections to the session log.
 #[derive(Debug, Clone)]
@@ -121,8 +123,9 @@ fn process_tree(events: &[Value]) -> Vec<Value> {
     let field = |event: &Value, name: &str| event.get(name).and_then(Value::as_u64);
     for event in events {
         let Some(pid) = field(event, "pid") else { continue };
-        match event.get("kind").and_then(Value::as_str) {
-            Some("fork") => {
+        let kind = event.get("kind").and_then(Value::as_str).and_then(RecordKind::from_name);
+        match kind {
+            Some(RecordKind::Kernel(EventKind::Fork)) => {
                 if let Some(child) = field(event, "child_pid") {
                     let mut process = Map::new();
                     process.insert("pid".into(), child.into());
@@ -133,7 +136,7 @@ fn process_tree(events: &[Value]) -> Vec<Value> {
                     processes.push(process);
                 }
             }
-            Some("exec") => {
+            Some(RecordKind::Kernel(EventKind::Exec)) => {
                 let index = *live.entry(pid).or_insert_with(|| {
                     let mut process = Map::new();
                     process.insert("pid".into(), pid.into());
@@ -144,7 +147,7 @@ fn process_tree(events: &[Value]) -> Vec<Value> {
                 });
                 processes[index].insert("filename".into(), event.get("filename").cloned().unwrap_or(Value::Null));
             }
-            Some("exit") => {
+            Some(RecordKind::Kernel(EventKind::Exit)) => {
                 if let Some(index) = live.remove(&pid) {
                     processes[index].insert("exit_code".into(), event.get("exit_code").cloned().unwrap_or(Value::Null));
                     processes[index].insert("signal".into(), event.get("signal").cloned().unwrap_or(Value::Null));

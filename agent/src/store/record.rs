@@ -20,6 +20,23 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
+    /// Every kind, in the order the docs list them.
+    pub const ALL: [Self; 8] = [
+        Self::Kernel(EventKind::Exec),
+        Self::Kernel(EventKind::Fork),
+        Self::Kernel(EventKind::Exit),
+        Self::Kernel(EventKind::Connect),
+        Self::Kernel(EventKind::Socket),
+        Self::Http,
+        Self::Tls,
+        Self::Approval,
+    ];
+
+    /// The kind a stored name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
     /// The name stored in the `kind` column.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -104,5 +121,9 @@ mod tests {
         assert_eq!(RecordVerdict::Kernel(Verdict::Killed).as_str(), "killed");
         assert_eq!(RecordVerdict::DENY.as_str(), "deny");
         assert_eq!(serde_json::to_value(RecordVerdict::TimedOut).ok(), Some(Value::from("timed-out")));
+        for kind in RecordKind::ALL {
+            assert_eq!(RecordKind::from_name(kind.as_str()), Some(kind), "names read back as their kind");
+        }
+        assert_eq!(RecordKind::from_name("unknown"), None);
     }
 }

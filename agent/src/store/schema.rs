@@ -6,7 +6,11 @@ use rusqlite::Connection;
 use super::StoreError;
 
 const MIGRATIONS: &[&str] = &[
-    // 1: sessions and their events.
+    // 1: sessions and their events. `events.kind` is a `RecordKind` name
+    // (exec, fork, exit, connect, socket, http, tls, approval); `verdict` a
+    // `RecordVerdict` name (allow, deny, killed, redirect, block, pending,
+    // approved, denied, timed-out) or NULL; `detail` a JSON object whose
+    // fields depend on the kind; `lost_events.kind` is a kernel event kind.
     "CREATE TABLE sessions (
         id          TEXT PRIMARY KEY,
         identity    TEXT NOT NULL,
