@@ -1,0 +1,21 @@
+//! tollgate's integration suite: the real daemon on the real kernel, as
+//! root, one module per concern. See `harness` for how each test gets a
+//! daemon of its own.
+
+mod attribution;
+mod daemon_lifecycle;
+mod enforcement;
+mod events;
+mod isolation;
+mod policies;
+mod proxy_approvals;
+mod proxy_credentials;
+mod proxy_hardening;
+mod proxy_hosts;
+mod proxy_masking;
+mod proxy_redirect;
+mod proxy_reviewers;
+mod proxy_rules;
+mod proxy_streaming;
+mod tls;
+mod tokens;
