@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -468,12 +468,19 @@ fn yaml_path(path: &Path) -> anyhow::Result<String> {
 
 /// A TCP port free on both 127.0.0.1 and ::1 right now.
 fn free_loopback_port() -> anyhow::Result<u16> {
-    for _ in 0..50 {
-        let v4 = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
-        let port = v4.local_addr().context("probe port address")?.port();
-        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+    // Below the kernel's ephemeral range: upstreams and clients that bind
+    // port 0 can never be handed a proxy port between our probe and the
+    // daemon's bind. A counter keeps the tests of one process apart.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const FIRST: u16 = 20000;
+    const COUNT: u16 = 10000;
+    let offset = (std::process::id() % u32::from(COUNT)) as u16;
+    for _ in 0..200 {
+        let port = FIRST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT;
+        let v4 = std::net::TcpListener::bind(("127.0.0.1", port));
+        if v4.is_ok() && std::net::TcpListener::bind(("::1", port)).is_ok() {
             return Ok(port);
         }
     }
-    anyhow::bail!("no TCP port is free on both 127.0.0.1 and ::1")
+    anyhow::bail!("no TCP port in {FIRST}..{} is free on both 127.0.0.1 and ::1", FIRST + COUNT)
 }

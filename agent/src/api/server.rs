@@ -117,14 +117,21 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             reply(control.sessions.open(caller, OpenRequest { token, pid, command }).await)
         }
         Request::Status => Response::Ok((control.status)()),
-        Request::Approvals => reply(control.reviews.pending(caller)),
-        Request::Approve { id, window_secs } => reply(control.reviews.decide(
-            caller,
-            &id,
-            Decision::Approved { by: String::new(), window: window_secs.map(Duration::from_secs) },
-        )),
+        // Deciding who is a reviewer asks the user and group databases
+        // (NSS: maybe LDAP): off the runtime.
+        Request::Approvals => {
+            let reviews = control.reviews.clone();
+            blocking(move || reply(reviews.pending(caller))).await
+        }
+        Request::Approve { id, window_secs } => {
+            let reviews = control.reviews.clone();
+            let decision = Decision::Approved { by: String::new(), window: window_secs.map(Duration::from_secs) };
+            blocking(move || reply(reviews.decide(caller, &id, decision))).await
+        }
         Request::Deny { id, reason } => {
-            reply(control.reviews.decide(caller, &id, Decision::Denied { by: String::new(), reason }))
+            let reviews = control.reviews.clone();
+            let decision = Decision::Denied { by: String::new(), reason };
+            blocking(move || reply(reviews.decide(caller, &id, decision))).await
         }
         Request::Sessions => {
             let reader = control.reader.clone();
@@ -155,4 +162,11 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             }
         }
     }
+}
+
+/// Runs `work` on the blocking pool; a failed task is an internal error.
+async fn blocking(work: impl FnOnce() -> Response + Send + 'static) -> Response {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Response::error(ErrorKind::Internal, format!("request failed: {e}")))
 }

@@ -102,16 +102,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
     let policy_files = policies.files.len();
-    let sessions = Arc::new(Sessions::new(SessionsParts {
-        policies,
-        verifier,
-        tree,
-        mount,
-        host,
-        mode,
-        maps: session_maps,
-        log: log.clone(),
-    }));
+    let parts = SessionsParts { policies, verifier, tree, mount, host, mode, log: log.clone() };
+    let sessions = Arc::new(Sessions::new(parts, session_maps));
     let reviews = Arc::new(Reviews::new(
         config.approval_timeout,
         config.reviewers.clone(),

@@ -147,13 +147,7 @@ pub struct Attribution {
 /// and policies. One lock guards the registry and the maps together, so
 /// the kernel and the registry never disagree about a session.
 pub struct Sessions {
-    policies: PolicySet,
-    verifier: Verifier,
-    tree: CgroupTree,
-    mount: PathBuf,
-    host: String,
-    mode: ExecEnforcement,
-    log: SessionLog,
+    parts: SessionsParts,
     state: Mutex<State>,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: AtomicBool,
@@ -164,7 +158,7 @@ struct State {
     registry: Registry,
 }
 
-/// What [`Sessions`] is made of.
+/// What [`Sessions`] works with, besides the kernel maps.
 pub struct SessionsParts {
     /// Loaded policies.
     pub policies: PolicySet,
@@ -178,27 +172,15 @@ pub struct SessionsParts {
     pub host: String,
     /// How denied execs are stopped.
     pub mode: ExecEnforcement,
-    /// The kernel maps of session rules.
-    pub maps: SessionMaps,
     /// Where sessions are recorded.
     pub log: SessionLog,
 }
 
 impl Sessions {
-    /// A registry with no sessions yet.
-    pub fn new(parts: SessionsParts) -> Self {
-        let SessionsParts { policies, verifier, tree, mount, host, mode, maps, log } = parts;
-        Self {
-            policies,
-            verifier,
-            tree,
-            mount,
-            host,
-            mode,
-            log,
-            state: Mutex::new(State { maps, registry: Registry::default() }),
-            closing: AtomicBool::new(false),
-        }
+    /// No sessions yet; their rules go into `maps`.
+    pub fn new(parts: SessionsParts, maps: SessionMaps) -> Self {
+        let state = Mutex::new(State { maps, registry: Registry::default() });
+        Self { parts, state, closing: AtomicBool::new(false) }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -208,17 +190,17 @@ impl Sessions {
 
     /// The loaded policies.
     pub fn policies(&self) -> &PolicySet {
-        &self.policies
+        &self.parts.policies
     }
 
     /// The daemon's cgroup subtree.
     pub fn tree(&self) -> &CgroupTree {
-        &self.tree
+        &self.parts.tree
     }
 
     /// How denied execs are stopped.
     pub fn exec_enforcement(&self) -> ExecEnforcement {
-        self.mode
+        self.parts.mode
     }
 
     /// The number of live sessions.
@@ -231,8 +213,8 @@ impl Sessions {
     /// that cannot be placed counts as inside: fail closed.
     pub fn placement(&self, pid: u32) -> Placement {
         let Some(path) = cgroup::of_process(pid) else { return Placement::Inside(None) };
-        let full = self.mount.join(path.trim_start_matches('/'));
-        match full.strip_prefix(&self.tree.sessions) {
+        let full = self.parts.mount.join(path.trim_start_matches('/'));
+        match full.strip_prefix(&self.parts.tree.sessions) {
             Ok(relative) => Placement::Inside(
                 relative.components().next().and_then(|c| c.as_os_str().to_str()).and_then(|name| name.parse().ok()),
             ),
@@ -259,16 +241,16 @@ impl Sessions {
         // Token checks may fetch keys, and compiling may resolve host names
         // and stat files: off the runtime.
         let (verified, identity, rules) = tokio::task::spawn_blocking(move || {
-            let verified = this.verifier.verify(&token)?;
-            let Some(identity) = this.policies.match_identity(&verified.issuer, &verified.claims).cloned() else {
+            let verified = this.parts.verifier.verify(&token)?;
+            let Some(identity) = this.parts.policies.match_identity(&verified.issuer, &verified.claims).cloned() else {
                 return Err(OpenError::NoIdentity { issuer: verified.issuer, subject: verified.subject });
             };
-            let rules = crate::policy::compile::compile(this.policies.grants_for(&identity.name));
+            let rules = crate::policy::compile::compile(this.parts.policies.grants_for(&identity.name));
             Ok((verified, identity, rules))
         })
         .await
         .map_err(|e| OpenError::Internal(format!("token verification failed: {e}")))??;
-        if self.mode == ExecEnforcement::KillOnExec {
+        if self.parts.mode == ExecEnforcement::KillOnExec {
             for script in &rules.exec_deny_scripts {
                 tracing::warn!(path = %script.display(), identity = %identity.name, "denied script cannot be stopped in kill-on-exec mode (it needs BPF LSM); deny its interpreter or use an allow list");
             }
@@ -285,7 +267,7 @@ impl Sessions {
 
         let id = SessionId::generate();
         let privileged = caller.uid == 0;
-        let (cgroup_path, cgroup_id) = self.tree.create_session(id.as_str())?;
+        let (cgroup_path, cgroup_id) = self.parts.tree.create_session(id.as_str())?;
         let added = self.state().maps.add_session(cgroup_id, &rules);
         if let Err(e) = added {
             self.state().maps.remove_session(cgroup_id, &rules);
@@ -299,7 +281,7 @@ impl Sessions {
             subject: verified.subject.clone(),
             issuer: verified.issuer.clone(),
             claims: serde_json::to_value(&verified.claims).unwrap_or_default(),
-            host: self.host.clone(),
+            host: self.parts.host.clone(),
             uid: caller.uid,
             privileged,
             grants: rules.grants.clone(),
@@ -308,7 +290,7 @@ impl Sessions {
             started_at: rfc3339(SystemTime::now()),
             ended_at: None,
         };
-        let log = self.log.clone();
+        let log = self.parts.log.clone();
         let recorded = tokio::task::spawn_blocking(move || log.open_session(record)).await;
         if !matches!(recorded, Ok(Ok(()))) {
             self.state().maps.remove_session(cgroup_id, &rules);
@@ -340,7 +322,13 @@ impl Sessions {
             tracing::warn!(session = %id, uid = 0, "PRIVILEGED session: it runs as root and could leave its cgroup or unload programs");
         }
         tracing::info!(session = %id, identity = %identity.name, subject = %verified.subject, pid, grants = ?grants, "session started");
-        Ok(Opened { session: id, identity: identity.name, grants, privileged, exec_enforcement: self.mode.as_str() })
+        Ok(Opened {
+            session: id,
+            identity: identity.name,
+            grants,
+            privileged,
+            exec_enforcement: self.parts.mode.as_str(),
+        })
     }
 
     /// The session and route of a redirected connection.
@@ -395,7 +383,7 @@ impl Sessions {
             session
         };
         discard(session.cgroup.clone()).await;
-        self.log.end_session(session.id.clone());
+        self.parts.log.end_session(session.id.clone());
         tracing::info!(session = %session.id, "session ended");
     }
 

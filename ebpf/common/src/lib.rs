@@ -461,33 +461,30 @@ mod user {
         Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
     }
 
-    // SAFETY: the event structs are repr(C), made only of integers and byte
-    // arrays, with no padding (sizes asserted below).
-    unsafe impl aya::Pod for EventHeader {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ExecEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ForkEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ExitEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ConnectEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for SocketEvent {}
-    // SAFETY: all of these are repr(C), made only of integers, with no padding.
-    unsafe impl aya::Pod for OriginalDst {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ConnectionKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ProxyAddr {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for SessionSlot {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ExecKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for NetRule {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for KernelOffsets {}
+    /// `aya::Pod` for each type: repr(C), made only of integers and byte
+    /// arrays, with no padding (sizes asserted below).
+    macro_rules! pod {
+        ($($ty:ty),* $(,)?) => {
+            // SAFETY: every listed type is repr(C) plain old data without
+            // padding, so every bit pattern is a valid value.
+            $(unsafe impl aya::Pod for $ty {})*
+        };
+    }
+    pod!(
+        EventHeader,
+        ExecEvent,
+        ForkEvent,
+        ExitEvent,
+        ConnectEvent,
+        SocketEvent,
+        OriginalDst,
+        ConnectionKey,
+        ProxyAddr,
+        SessionSlot,
+        ExecKey,
+        NetRule,
+        KernelOffsets,
+    );
 }
 
 const _: () = {
