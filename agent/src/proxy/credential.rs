@@ -19,7 +19,7 @@ pub struct Credentials {
 
 impl Default for Credentials {
     fn default() -> Self {
-        Self { secrets: FileCache::new(load_secret) }
+        Self { secrets: FileCache::new("secret file", load_secret) }
     }
 }
 

@@ -50,12 +50,14 @@ pub type Load<T> = fn(&Path, &std::fs::Metadata) -> Result<T, String>;
 pub struct FileCache<T> {
     entries: Arc<Mutex<HashMap<PathBuf, Entry<T>>>>,
     load: Load<T>,
+    /// What the files are, for errors ("secret file", "CA file").
+    what: &'static str,
 }
 
 impl<T: Send + Sync + 'static> FileCache<T> {
-    /// A cache that makes values with `load`.
-    pub fn new(load: Load<T>) -> Self {
-        Self { entries: Arc::default(), load }
+    /// A cache of `what` files that makes values with `load`.
+    pub fn new(what: &'static str, load: Load<T>) -> Self {
+        Self { entries: Arc::default(), load, what }
     }
 
     /// The value for `path`, made again if the file changed since it was made.
@@ -68,19 +70,26 @@ impl<T: Send + Sync + 'static> FileCache<T> {
                 return entry.value.clone();
             }
         }
-        let (entries, load, path) = (self.entries.clone(), self.load, path.to_owned());
+        let (entries, load, what, path) = (self.entries.clone(), self.load, self.what, path.to_owned());
         tokio::task::spawn_blocking(move || {
-            let meta = std::fs::metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+            let meta = std::fs::metadata(&path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()));
             let stamp = meta.as_ref().ok().map(Stamp::of);
-            let mut entries = entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Some(entry) = entries.get_mut(&path)
-                && stamp.is_some()
-                && entry.stamp == stamp
             {
-                entry.checked = Instant::now();
-                return entry.value.clone();
+                let mut entries = entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                // The same file as last time, made into a value then: keep it.
+                // A failed load is tried again: its cause may have passed.
+                if let Some(entry) = entries.get_mut(&path)
+                    && stamp.is_some()
+                    && entry.stamp == stamp
+                    && entry.value.is_ok()
+                {
+                    entry.checked = Instant::now();
+                    return entry.value.clone();
+                }
             }
+            // Made outside the lock: requests with a fresh value never wait on a slow load.
             let value = meta.and_then(|meta| load(&path, &meta)).map(Arc::new);
+            let mut entries = entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             entries.insert(path, Entry { stamp, checked: Instant::now(), value: value.clone() });
             value
         })
@@ -103,7 +112,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("secret");
         std::fs::write(&path, "abc").expect("write");
-        let cache = FileCache::new(length);
+        let cache = FileCache::new("test file", length);
         assert_eq!(cache.get(&path).await.as_deref(), Ok(&3));
         std::fs::write(&path, "abcdef").expect("rewrite");
         tokio::time::sleep(REVALIDATE + Duration::from_millis(50)).await;

@@ -57,9 +57,10 @@ pub struct ProxyRecord {
 }
 
 impl ProxyRecord {
-    /// A record of `kind` for a connection of `governed`, naming where it went and under which route.
-    pub fn new(kind: RecordKind, governed: &Governed) -> Self {
-        let mut detail = Map::new();
+    /// A record of `kind` for a connection of `governed`: `leading` fields
+    /// first, then where it went and under which route.
+    pub fn new(kind: RecordKind, governed: &Governed, leading: Map<String, Value>) -> Self {
+        let mut detail = leading;
         detail.insert("destination".into(), governed.destination.to_string().into());
         detail.insert("grant".into(), governed.route.grant.clone().into());
         detail.insert("route".into(), governed.rule_name.clone().into());

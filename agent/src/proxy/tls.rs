@@ -11,7 +11,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -111,7 +111,7 @@ async fn read_first_record(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// Serves one passthrough connection.
 pub async fn passthrough(ctx: Arc<ProxyCtx>, governed: Governed, mut client: TcpStream) {
     let route = &governed.route.route;
-    let mut record = ProxyRecord::new(RecordKind::Tls, &governed);
+    let mut record = ProxyRecord::new(RecordKind::Tls, &governed, Map::new());
     let deny = |mut record: ProxyRecord, key: &str, why: String| {
         record.set(key, why);
         record.finish(&ctx.log, &governed, RecordVerdict::DENY);
@@ -153,18 +153,22 @@ pub struct UpstreamConfigs {
 
 impl Default for UpstreamConfigs {
     fn default() -> Self {
-        Self { configs: FileCache::new(client_config) }
+        Self { configs: FileCache::new("CA file", client_config) }
     }
 }
 
 fn client_config(ca_file: &Path, _: &std::fs::Metadata) -> Result<ClientConfig, String> {
     let roots = load_roots(ca_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    // One configuration serves every session: resuming TLS sessions across
+    // them would let an upstream link one session's connections to another's.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 /// Opens TLS to the upstream, verifying its certificate for the route's

@@ -28,7 +28,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::{net::TcpStream, sync::Mutex};
 use tracing::Instrument;
 
@@ -108,10 +108,11 @@ impl Refusal {
 
 /// The record of one exchange, before any rule has matched.
 fn exchange_record(governed: &Governed, method: &str, path: &str, host: &str) -> ProxyRecord {
-    let mut record = ProxyRecord::new(RecordKind::Http, governed);
-    record.set("method", method);
-    record.set("path", path);
-    record.set("host", host);
+    let mut leading = Map::new();
+    leading.insert("method".into(), method.into());
+    leading.insert("path".into(), path.into());
+    leading.insert("host".into(), host.into());
+    let mut record = ProxyRecord::new(RecordKind::Http, governed, leading);
     record.set("rules", Value::Array(Vec::new()));
     record
 }
