@@ -15,6 +15,7 @@ const POLICY: &str = r#"
 identities:
   - name: build-bots
     issuer: tollgate-dev
+    allow_root: true
     claims:
       repository_owner: acme
 grants:

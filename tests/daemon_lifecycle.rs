@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use harness::{Daemon, host, run_with_timeout, tollgate_bin, unique_tag};
 
-const POLICY: &str = "identities:\n  - name: life-bots\n    issuer: tollgate-dev\ngrants:\n  - name: life\n    identity: life-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n";
+const POLICY: &str = "identities:\n  - name: life-bots\n    issuer: tollgate-dev\n    allow_root: true\ngrants:\n  - name: life\n    identity: life-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n";
 
 #[test]
 fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {

@@ -6,6 +6,7 @@ use harness::{Daemon, session_log::events_of_kind};
 const POLICY: &str = r#"identities:
   - name: flood-bots
     issuer: tollgate-dev
+    allow_root: true
 grants:
   - name: flood-bots-egress
     identity: flood-bots

@@ -129,19 +129,45 @@ fn sessions_cannot_create_raw_sockets() {
     assert!(out.has_stdout_line("raw=allowed"), "outside sessions nothing is refused: {out}");
 }
 
-/// An identity may forbid root sessions; the refusal names it and nothing starts.
+/// Root sessions are off unless an identity opts in (`allow_root: true`):
+/// an explicit `allow_root: false` and an identity that says nothing both
+/// refuse them, the refusal names why, and nothing starts.
 #[test]
-fn identities_can_forbid_root_sessions() {
-    let policy = "identities:\n  - name: no-root-bots\n    issuer: tollgate-dev\n    allow_root: false\n";
+fn identities_refuse_root_sessions_unless_they_opt_in() {
+    let policy = "identities:\n  - name: no-root-bots\n    issuer: tollgate-dev\n    allow_root: false\n    claims:\n      team: explicit\n  - name: default-bots\n    issuer: tollgate-dev\n    claims:\n      team: default\n";
     let daemon = Daemon::start(policy);
-    let token = daemon.mint("root-bot", &[]);
-    let marker = daemon.dir().join(format!("ran-{}", unique_tag()));
-    let script = format!("touch {}", marker.display());
-    let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
-    assert_eq!(out.code(), Some(1), "a root session of a no-root identity started: {out}");
-    assert!(out.stderr.contains("may not run sessions as root"), "the refusal should say why: {out}");
-    assert!(!marker.exists(), "the command ran");
+    for team in ["explicit", "default"] {
+        let token = daemon.mint("root-bot", &[("team", team)]);
+        let marker = daemon.dir().join(format!("ran-{}", unique_tag()));
+        let script = format!("touch {}", marker.display());
+        let out = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
+        assert_eq!(out.code(), Some(1), "a root session of a {team} no-root identity started: {out}");
+        assert!(out.stderr.contains("may not run sessions as root"), "the refusal should say why: {out}");
+        assert!(!marker.exists(), "the command of a refused {team} session ran");
+    }
     assert!(daemon.sessions().is_empty(), "a refused session left a record");
+}
+
+/// A root session of an identity that allows it is marked privileged in
+/// the text of `sessions` and `show`, not only in their JSON.
+#[test]
+fn root_sessions_are_marked_privileged_in_text() {
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
+    let token = daemon.mint("root-bot", BUILD_BOTS);
+    let out = daemon.run(&token, &["/bin/sh", "-c", "echo \"$TOLLGATE_SESSION\""]);
+    let id = out.first_line().to_owned();
+    let socket = daemon.socket().to_str().expect("UTF-8 path").to_owned();
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(harness::tollgate_bin());
+        command.arg("--socket").arg(&socket).args(args);
+        run_with_timeout(&mut command, Duration::from_secs(30)).expect("tollgate runs")
+    };
+    let listed = cli(&["sessions"]);
+    let line = listed.stdout.lines().find(|line| line.starts_with(id.as_str())).unwrap_or_default();
+    assert!(line.contains(" 0!"), "the session's line should mark uid 0 as privileged: {listed}");
+    assert!(listed.stdout.contains("PRIVILEGED"), "the list should say what the mark means: {listed}");
+    let shown = cli(&["show", id.as_str()]);
+    assert!(shown.stdout.lines().any(|l| l.starts_with("uid") && l.contains("PRIVILEGED")), "{shown}");
 }
 
 /// A governed process sees its own session's record and no other: records
@@ -176,4 +202,30 @@ fn a_session_reads_only_its_own_record() {
     assert!(out.has_stdout_line("show_status=1"), "a session read another session's record: {out}");
     // Outside sessions, root reads both.
     assert_eq!(daemon.sessions().len(), 2);
+}
+
+/// The state directory, the session log (with its WAL and shared-memory
+/// files) and the dev issuer's key are root-only even when the daemon
+/// starts with umask 000; another user cannot read the log.
+#[test]
+fn the_state_directory_and_session_log_are_root_only_whatever_the_umask() {
+    let daemon = Daemon::builder().policy(&policy(&strings(ALLOW_ALL), &[], &[])).umask(0).start();
+    let token = daemon.mint("state-bot", BUILD_BOTS);
+    let out = daemon.run(&token, &["/bin/true"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let state = daemon.state_dir().to_owned();
+    let mode = |path: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&state), 0o700, "state directory");
+    for file in ["sessions.db", "sessions.db-wal", "sessions.db-shm", "dev-issuer.pk8"] {
+        assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+    }
+    // On the receiving side: another user gets nothing out of the log.
+    let mut cat = Command::new("setpriv");
+    cat.args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "cat"]).arg(state.join("sessions.db"));
+    let read = run_with_timeout(&mut cat, Duration::from_secs(10)).expect("setpriv runs");
+    assert_ne!(read.code(), Some(0), "another user read the session log: {read}");
+    assert!(read.stdout.is_empty(), "another user read bytes of the session log");
 }

@@ -3,6 +3,7 @@
 //! daemon of its own.
 
 mod attribution;
+mod cli;
 mod daemon_lifecycle;
 mod enforcement;
 mod events;

@@ -9,7 +9,7 @@ fn a_host_route_governs_its_name_and_refuses_other_hosts() {
     let upstream = Upstream::start("127.0.0.1", 200, r#"{"served":"upstream"}"#);
     let port = upstream.port();
     let policy = format!(
-        "identities:\n  - name: host-bots\n    issuer: tollgate-dev\ngrants:\n  - name: host-api\n    identity: host-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n      proxy:\n        - to: \"localhost:{port}\"\n          protocol: http\n          block:\n            - {{ path: \"^/admin/\" }}\n"
+        "identities:\n  - name: host-bots\n    issuer: tollgate-dev\n    allow_root: true\ngrants:\n  - name: host-api\n    identity: host-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n      proxy:\n        - to: \"localhost:{port}\"\n          protocol: http\n          block:\n            - {{ path: \"^/admin/\" }}\n"
     );
     let daemon = Daemon::start(&policy);
     let token = daemon.mint("host-bot", &[]);

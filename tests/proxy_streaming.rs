@@ -5,7 +5,7 @@ use harness::{Daemon, session_log::pretty, upstream::Upstream};
 
 fn policy(port: u16) -> String {
     format!(
-        "identities:\n  - name: bulk-bots\n    issuer: tollgate-dev\ngrants:\n  - name: bulk-api\n    identity: bulk-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n      proxy:\n        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          block:\n            - {{ method: DELETE }}\n"
+        "identities:\n  - name: bulk-bots\n    issuer: tollgate-dev\n    allow_root: true\ngrants:\n  - name: bulk-api\n    identity: bulk-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n      proxy:\n        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          block:\n            - {{ method: DELETE }}\n"
     )
 }
 

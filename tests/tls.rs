@@ -139,7 +139,7 @@ impl Drop for Nginx {
 
 fn policy(route: &str) -> String {
     format!(
-        "identities:\n  - name: tls-bots\n    issuer: tollgate-dev\ngrants:\n  - name: tls-egress\n    identity: tls-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n      proxy:\n{route}"
+        "identities:\n  - name: tls-bots\n    issuer: tollgate-dev\n    allow_root: true\ngrants:\n  - name: tls-egress\n    identity: tls-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n      proxy:\n{route}"
     )
 }
 

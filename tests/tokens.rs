@@ -31,10 +31,12 @@ const POLICY: &str = r#"
 identities:
   - name: file-issued
     issuer: https://idp.test.example
+    allow_root: true
     claims:
       repository_owner: acme
   - name: url-issued
     issuer: https://idp-url.test.example
+    allow_root: true
     claims:
       repository_owner: acme
 grants:
@@ -250,7 +252,7 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
     let hs256 = jsonwebtoken::encode(&hs256_header, &valid, &EncodingKey::from_secret(&key.public))
         .expect("signing the HS256 token");
 
-    let cases: [(&str, String, &str); 9] = [
+    let cases: [(&str, String, &str); 10] = [
         ("expired", key.sign(&claims_with(FILE_ISSUER, json!({"iat": now - 1200, "exp": now - 600}))), "expired"),
         (
             "not yet valid",
@@ -267,6 +269,8 @@ fn bad_tokens_are_rejected_before_the_command_starts() {
         ("alg none", unsigned, "none"),
         ("HS256", hs256, "HS256"),
         ("garbage", "this is not a JWT".to_owned(), "malformed"),
+        // Over the size limit: refused by the client before the daemon parses anything.
+        ("oversized", format!("{}.{}.{}", "e".repeat(40_000), "e".repeat(40_000), "e".repeat(40_000)), "65536 bytes"),
         (
             "no matching identity",
             key.sign(&claims_with(FILE_ISSUER, json!({"repository_owner": "intruder"}))),

@@ -48,6 +48,7 @@ pub struct DaemonBuilder {
     issuers: Vec<Issuer>,
     dev_issuer: bool,
     extra_config: String,
+    umask: Option<u32>,
 }
 
 impl DaemonBuilder {
@@ -66,6 +67,12 @@ impl DaemonBuilder {
     /// Whether to trust the built-in dev issuer (`tollgate token mint`); on by default.
     pub fn dev_issuer(mut self, trusted: bool) -> Self {
         self.dev_issuer = trusted;
+        self
+    }
+
+    /// Starts the daemon with this umask (the test process's otherwise).
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.umask = Some(mask);
         self
     }
 
@@ -156,6 +163,16 @@ impl DaemonBuilder {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask(2) is async-signal-safe and cannot fail.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().with_context(|| format!("spawning {} daemon", bin.display()))?;
 
         Ok(Daemon {
@@ -196,7 +213,18 @@ impl Daemon {
     }
 
     pub fn builder() -> DaemonBuilder {
-        DaemonBuilder { policies: Vec::new(), issuers: Vec::new(), dev_issuer: true, extra_config: String::new() }
+        DaemonBuilder {
+            policies: Vec::new(),
+            issuers: Vec::new(),
+            dev_issuer: true,
+            extra_config: String::new(),
+            umask: None,
+        }
+    }
+
+    /// The daemon's state directory (session log, dev issuer key).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// The daemon's temp dir (mode 0755); tests may put their own files here.

@@ -25,10 +25,12 @@ pub fn policy(allow: &[String], deny: &[String], exec_deny: &[&Path]) -> String 
 identities:
   - name: build-bots
     issuer: tollgate-dev
+    allow_root: true
     claims:
       repository_owner: acme
   - name: no-grant-bots
     issuer: tollgate-dev
+    allow_root: true
     claims:
       repository_owner: nogrant
 grants:

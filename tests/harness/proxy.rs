@@ -42,6 +42,7 @@ pub fn policy(routes: &str, extra_network: &str) -> String {
         r#"identities:
   - name: build-bots
     issuer: tollgate-dev
+    allow_root: true
     claims: {{ repository_owner: acme }}
 grants:
   - name: {GRANT}

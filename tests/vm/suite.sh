@@ -36,6 +36,7 @@ cat > /etc/tollgate/policies/vm.yaml <<YAML
 identities:
   - name: vm-bots
     issuer: tollgate-dev
+    allow_root: true
 grants:
   - name: vm-egress
     identity: vm-bots

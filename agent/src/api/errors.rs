@@ -41,7 +41,7 @@ impl ToReply for StoreError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NoSuchSession(_) => ErrorKind::NotFound,
-            Self::Sqlite(_) | Self::TooNew { .. } | Self::WriterGone => ErrorKind::Internal,
+            Self::Sqlite(_) | Self::TooNew { .. } | Self::WriterGone | Self::File { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -92,9 +92,13 @@ async fn handle(control: Arc<Control>, stream: UnixStream) -> anyhow::Result<()>
     tokio::time::timeout(REQUEST_TIMEOUT, BufReader::new(read.take(MAX_REQUEST_BYTES)).read_line(&mut line))
         .await
         .context("no request within the time limit")??;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => dispatch(&control, caller, request).await,
-        Err(e) => Response::error(ErrorKind::BadRequest, format!("malformed request: {e}")),
+    let response = if line.len() as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') {
+        Response::error(ErrorKind::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes"))
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) => dispatch(&control, caller, request).await,
+            Err(e) => Response::error(ErrorKind::BadRequest, format!("malformed request: {e}")),
+        }
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');

@@ -156,6 +156,14 @@ enum PolicyCommand {
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon { .. }) {
+        // Commands end quietly when their reader goes away (`tollgate sessions
+        // | head -1`), and `tollgate run` hands the command the default
+        // disposition, as a shell would, not the ignored one Rust starts with.
+        // The daemon keeps ignoring SIGPIPE: a closed socket must not kill it.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -21,7 +21,12 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
     }
     println!("{:<20} {:<16} {:<20} {:>6} {:<32} ENDED", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED");
     for s in sessions.as_array().into_iter().flatten() {
-        let uid = s.get("uid").and_then(Value::as_u64).map_or("-".into(), |u| u.to_string());
+        // A root session could have undone its own confinement: say so on its line.
+        let uid = match s.get("uid").and_then(Value::as_u64) {
+            Some(uid) if s["privileged"] == true => format!("{uid}!"),
+            Some(uid) => uid.to_string(),
+            None => "-".into(),
+        };
         let ended = s.get("ended_at").and_then(Value::as_str).unwrap_or("running");
         println!(
             "{:<20} {:<16} {:<20} {:>6} {:<32} {}",
@@ -32,6 +37,9 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
             text(s, "started_at"),
             ended
         );
+    }
+    if sessions.as_array().into_iter().flatten().any(|s| s["privileged"] == true) {
+        println!("! PRIVILEGED: ran as root, and could have left its cgroup or unloaded the programs");
     }
     Ok(())
 }
@@ -49,7 +57,12 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
         text(session, "subject"),
         text(session, "issuer")
     );
-    println!("uid       {}{}", session["uid"], if session["privileged"] == true { "  PRIVILEGED" } else { "" });
+    let privileged = if session["privileged"] == true {
+        "  PRIVILEGED: runs as root, and could have left its cgroup or unloaded the programs"
+    } else {
+        ""
+    };
+    println!("uid       {}{privileged}", session["uid"]);
     println!("started   {}", text(session, "started_at"));
     println!("ended     {}", session.get("ended_at").and_then(Value::as_str).unwrap_or("running"));
     println!("\nprocesses");

@@ -26,15 +26,25 @@ use crate::api::{
     client,
     protocol::{ErrorKind, Request, Response},
 };
+use crate::identity::MAX_TOKEN_BYTES;
 
 /// Runs `command` in a session opened with the token in `token_file`;
 /// returns the command's exit code (128 + signal when a signal ended it).
 pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Result<i32> {
-    let token = std::fs::read_to_string(token_file)
+    let mut token = String::new();
+    std::fs::File::open(token_file)
+        .and_then(|file| file.take(MAX_TOKEN_BYTES as u64 * 2).read_to_string(&mut token))
         .with_context(|| format!("cannot read token file {}", token_file.display()))?;
     let token = token.trim().to_owned();
     if token.is_empty() {
         anyhow::bail!("token file {} is empty", token_file.display());
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        eprintln!(
+            "tollgate: token rejected: token file {} holds more than {MAX_TOKEN_BYTES} bytes; is it a token?",
+            token_file.display()
+        );
+        return Ok(EXIT_TOKEN_REFUSED);
     }
     let argv: Vec<CString> = command
         .iter()

@@ -65,6 +65,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     mounts::ensure()?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
+    // The session log and the dev issuer's key live here: root only, whatever the umask.
+    std::fs::set_permissions(&config.state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot make state directory {} root-only", config.state_dir.display()))?;
 
     let dev_jwks = if config.dev_issuer {
         let key = dev::ensure_key(&Config::dev_key_path(&config.state_dir))?;

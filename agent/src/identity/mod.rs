@@ -6,4 +6,4 @@ pub mod jwks;
 pub mod verify;
 
 pub use issuer::IssuerConfig;
-pub use verify::{TokenError, VerifiedToken, Verifier};
+pub use verify::{MAX_TOKEN_BYTES, TokenError, VerifiedToken, Verifier};

@@ -15,12 +15,19 @@ use super::{
     jwks::{Jwks, JwksSource},
 };
 
+/// The longest token accepted. Real OIDC tokens are a few KiB; this bounds
+/// what a caller can make the daemon parse.
+pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 30;
 
 /// Why a token was refused. The text is what the caller of `tollgate run` sees.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// Longer than [`MAX_TOKEN_BYTES`].
+    #[error("token is {0} bytes; tokens are at most {MAX_TOKEN_BYTES} bytes")]
+    TooLarge(usize),
     /// Not three base64url parts with a JSON header and payload.
     #[error("malformed token: {0}")]
     Malformed(String),
@@ -115,6 +122,9 @@ impl Verifier {
     /// Verifies `token`. May fetch a JWKS over the network: call off the async runtime.
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         let token = token.trim();
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge(token.len()));
+        }
         let (header, payload) = peek(token)?;
         let alg_name = header.get("alg").and_then(|v| v.as_str()).unwrap_or("");
         let algorithm = match alg_name {
@@ -230,6 +240,13 @@ mod tests {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key").as_ref().to_vec();
         (Verifier::new(&[], Some(dev::jwks(&pkcs8).expect("jwks"))), pkcs8)
+    }
+
+    #[test]
+    fn oversized_tokens_are_refused_before_parsing() {
+        let verifier = Verifier::new(&[], None);
+        let token = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert_eq!(verifier.verify(&token).err(), Some(TokenError::TooLarge(MAX_TOKEN_BYTES + 1)));
     }
 
     #[test]

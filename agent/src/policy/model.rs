@@ -30,14 +30,11 @@ pub struct Identity {
     /// Each claim must equal the value, or contain it when the token's claim is an array.
     #[serde(default)]
     pub claims: BTreeMap<String, serde_json::Value>,
-    /// May this identity's sessions run as root? Root sessions are marked
-    /// privileged either way (root could undo its own confinement).
-    #[serde(default = "allow_root_default")]
+    /// May this identity's sessions run as root? Off unless a policy opts in:
+    /// root could detach the programs and leave its cgroup, so a root
+    /// session is marked privileged in its record either way.
+    #[serde(default)]
     pub allow_root: bool,
-}
-
-fn allow_root_default() -> bool {
-    true
 }
 
 /// Rights given to one identity.

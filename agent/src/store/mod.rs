@@ -38,6 +38,14 @@ pub enum StoreError {
     /// The writer thread has stopped.
     #[error("session log writer has stopped")]
     WriterGone,
+    /// A file of the session log could not be made root-only.
+    #[error("session log file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A session's id: short, random, safe in paths and cgroup names.

@@ -1,6 +1,12 @@
 //! Schema and migrations. `PRAGMA user_version` is the schema version; each
 //! migration runs once, in order, in its own transaction.
 
+use std::{
+    fs::{OpenOptions, Permissions},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
 use rusqlite::Connection;
 
 use super::StoreError;
@@ -44,8 +50,34 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
-/// Opens `path` for writing: WAL, foreign keys, schema migrated to the newest.
-pub fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
+/// The session log holds every session's commands and traffic: root only.
+const FILE_MODE: u32 = 0o600;
+
+/// Makes the database (created if missing) and its WAL and shared-memory
+/// files root-only, whatever the umask. SQLite creates the WAL and
+/// shared-memory files later with the database file's mode.
+fn restrict(path: &Path) -> Result<(), StoreError> {
+    let fail = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| StoreError::File { path, source }
+    };
+    OpenOptions::new().create(true).append(true).mode(FILE_MODE).open(path).map_err(fail(path))?;
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    for file in [path.to_owned(), with_suffix("-wal"), with_suffix("-shm")] {
+        if file.exists() {
+            std::fs::set_permissions(&file, Permissions::from_mode(FILE_MODE)).map_err(fail(&file))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens `path` for writing: root-only, WAL, foreign keys, schema migrated to the newest.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    restrict(path)?;
     let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -80,6 +112,8 @@ mod tests {
         let path = dir.join("log.db");
         drop(open(&path).expect("first open migrates"));
         drop(open(&path).expect("second open is a no-op"));
+        let mode = std::fs::metadata(&path).expect("database").permissions().mode();
+        assert_eq!(mode & 0o777, FILE_MODE, "the database is root-only");
         let conn = Connection::open(&path).expect("raw open");
         conn.pragma_update(None, "user_version", 99).expect("bump");
         drop(conn);
