@@ -8,6 +8,7 @@ mod daemon_lifecycle;
 mod enforcement;
 mod events;
 mod isolation;
+mod lifetime;
 mod policies;
 mod proxy_approvals;
 mod proxy_credentials;

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, de, de::DeserializeOwned};
 
 /// A YAML file that did not load, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,17 @@ impl fmt::Display for YamlError {
             None => write!(f, "{}: {}", self.path.display(), self.message),
         }
     }
+}
+
+/// An optional duration written `90s`, `5m`, `1h 30m` (`deserialize_with`).
+pub fn optional_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<std::time::Duration>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(deserializer)? else { return Ok(None) };
+    let duration = humantime::parse_duration(&text)
+        .map_err(|e| de::Error::custom(format!("duration '{text}' is not valid: {e}")))?;
+    if duration.is_zero() {
+        return Err(de::Error::custom(format!("duration '{text}' must be longer than zero")));
+    }
+    Ok(Some(duration))
 }
 
 /// Reads and deserializes `path`, returning the source too for [`locate`].

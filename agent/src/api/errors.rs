@@ -4,7 +4,11 @@
 use serde::Serialize;
 
 use super::protocol::{ErrorKind, Response};
-use crate::{approval::ReviewError, session::OpenError, store::StoreError};
+use crate::{
+    approval::ReviewError,
+    session::{OpenError, RevokeError},
+    store::StoreError,
+};
 
 /// A domain error as the control socket reports it.
 pub trait ToReply: std::fmt::Display {
@@ -33,6 +37,15 @@ impl ToReply for ReviewError {
             | Self::BadUserName
             | Self::NotReviewer(_)
             | Self::OwnSession(_) => ErrorKind::Forbidden,
+        }
+    }
+}
+
+impl ToReply for RevokeError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotLive(_) => ErrorKind::NotFound,
+            Self::AlreadyEnding(_) => ErrorKind::BadRequest,
         }
     }
 }

@@ -43,6 +43,13 @@ pub enum Request {
         /// Why, for the requester.
         reason: Option<String>,
     },
+    /// End a live session now (reviewers).
+    Revoke {
+        /// The session id.
+        session: String,
+        /// Why, for the record.
+        reason: Option<String>,
+    },
 }
 
 /// Why a request failed; `kind` lets the CLI pick its exit code.

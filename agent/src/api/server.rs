@@ -137,6 +137,18 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             let decision = Decision::Denied { by: String::new(), reason };
             blocking(move || reply(reviews.decide(caller, &id, decision))).await
         }
+        Request::Revoke { session, reason } => {
+            let id: SessionId = match session.parse() {
+                Ok(id) => id,
+                Err(e) => return Response::error(ErrorKind::BadRequest, e),
+            };
+            let (reviews, sessions) = (control.reviews.clone(), control.sessions.clone());
+            blocking(move || match reviews.reviewer(caller) {
+                Ok(by) => reply(sessions.revoke(&id, by, reason)),
+                Err(e) => reply::<()>(Err(e)),
+            })
+            .await
+        }
         Request::Sessions => {
             let reader = control.reader.clone();
             match tokio::task::spawn_blocking(move || reader.sessions()).await {

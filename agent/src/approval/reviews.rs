@@ -167,7 +167,7 @@ impl Reviews {
         };
         detail.insert("by".into(), by.clone().into());
         tracing::info!(session = %pending.request.session, approval = id, by, verdict = verdict.as_str(), "approval decided");
-        self.log.proxy_event(&pending.request.session, RecordKind::Approval, verdict, detail);
+        self.log.decided(&pending.request.session, RecordKind::Approval, verdict, detail);
         Ok(Decided { approval: id.to_owned(), decision: verdict.as_str(), by })
     }
 
@@ -198,7 +198,7 @@ impl Reviews {
             Ok(Err(_)) | Err(_) => {
                 let mut detail = describe(&pending);
                 detail.insert("by".into(), "timeout".into());
-                self.log.proxy_event(&pending.request.session, RecordKind::Approval, RecordVerdict::TimedOut, detail);
+                self.log.decided(&pending.request.session, RecordKind::Approval, RecordVerdict::TimedOut, detail);
                 Answer::TimedOut { id: pending.id, timeout }
             }
         }
@@ -206,7 +206,7 @@ impl Reviews {
 
     /// Records a newly held request and announces it to the webhook.
     fn announce(&self, pending: &Pending) {
-        self.log.proxy_event(&pending.request.session, RecordKind::Approval, RecordVerdict::Pending, describe(pending));
+        self.log.decided(&pending.request.session, RecordKind::Approval, RecordVerdict::Pending, describe(pending));
         let Some(url) = self.webhook.clone() else { return };
         let notice = serde_json::to_value(pending).unwrap_or_default();
         // One worker thread posts notices in order; a slow webhook never

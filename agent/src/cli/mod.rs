@@ -98,6 +98,14 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// End a live session now: its processes are killed, and who and why are recorded (reviewers).
+    Revoke {
+        /// The session id.
+        session: String,
+        /// Why, for the record.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Dev issuer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -266,6 +274,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Deny { id, reason } => {
             let answer = call(&socket_path(cli.socket)?, &Request::Deny { id, reason })?;
             output::decision(&answer);
+            Ok(0)
+        }
+        Command::Revoke { session, reason } => {
+            let answer = call(&socket_path(cli.socket)?, &Request::Revoke { session, reason })?;
+            output::revoked(&answer);
             Ok(0)
         }
         Command::Policy(PolicyCommand::Explain { identity, to, policies, config }) => {

@@ -114,6 +114,12 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
                 text(e, "rule"),
                 e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"))
             ),
+            Some(RecordKind::Session) => {
+                let by = e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!("by {by}"));
+                let reason = e.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(" ({r})"));
+                let limit = e.get("max_session_secs").map_or(String::new(), |s| format!("max_session {s}s"));
+                format!("{by}{reason}{limit}")
+            }
             _ => String::new(),
         };
         let verdict = e.get("verdict").and_then(Value::as_str).map_or(String::new(), |v| format!(" [{v}]"));
@@ -164,4 +170,9 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
 /// `tollgate approve` / `deny`: what was decided, by whom.
 pub fn decision(answer: &Value) {
     println!("{} {} by {}", text(answer, "approval"), text(answer, "decision"), text(answer, "by"));
+}
+
+/// `tollgate revoke`.
+pub fn revoked(answer: &Value) {
+    println!("revoked {} (by {}); its processes are being killed", text(answer, "session"), text(answer, "by"));
 }

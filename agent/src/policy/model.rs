@@ -35,6 +35,10 @@ pub struct Identity {
     /// session is marked privileged in its record either way.
     #[serde(default)]
     pub allow_root: bool,
+    /// The longest a session of this identity may run; past it the
+    /// session's processes are killed and the end is recorded.
+    #[serde(default, deserialize_with = "crate::yaml::optional_duration")]
+    pub max_session: Option<std::time::Duration>,
 }
 
 /// Rights given to one identity.

@@ -84,7 +84,7 @@ impl ProxyRecord {
 
     /// Writes the record with `verdict`.
     pub fn finish(self, log: &SessionLog, governed: &Governed, verdict: RecordVerdict) {
-        log.proxy_event(&governed.session, self.kind, verdict, self.detail);
+        log.decided(&governed.session, self.kind, verdict, self.detail);
     }
 
     /// Writes an HTTP exchange's record: its outcome, status and duration.

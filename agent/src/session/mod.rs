@@ -10,6 +10,6 @@ mod sessions;
 pub use crate::store::SessionId;
 pub use registry::{ActiveSession, Registry};
 pub use sessions::{
-    Attribution, Caller, GovernedRoute, OpenError, OpenRequest, Opened, Placement, REAP_INTERVAL, Sessions,
-    SessionsParts,
+    Attribution, Caller, GovernedRoute, OpenError, OpenRequest, Opened, Placement, REAP_INTERVAL, RevokeError, Revoked,
+    Sessions, SessionsParts,
 };

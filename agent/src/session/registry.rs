@@ -32,6 +32,10 @@ pub struct ActiveSession {
     /// Who forked whom (child -> creator), so an exec names the process
     /// that made it even after a double fork reparented it.
     pub creators: HashMap<u32, u32>,
+    /// When it must end, and the identity's `max_session` that set it.
+    pub deadline: Option<(Instant, Duration)>,
+    /// Set once it was revoked or expired: its processes are being killed.
+    pub ending: bool,
 }
 
 /// Live sessions, and recently ended ones for late events.
@@ -71,6 +75,11 @@ impl Registry {
     /// Every live session.
     pub fn active(&self) -> impl Iterator<Item = &ActiveSession> {
         self.active.values()
+    }
+
+    /// Every live session, to change.
+    pub fn active_mut(&mut self) -> impl Iterator<Item = &mut ActiveSession> {
+        self.active.values_mut()
     }
 
     /// The number of live sessions.

@@ -8,10 +8,11 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::{
     ActiveSession, Registry,
@@ -22,7 +23,7 @@ use crate::{
     bpf::{BpfError, ExecEnforcement, SessionMaps, events::KernelEvent},
     identity::{TokenError, Verifier},
     policy::{PolicySet, compile::SessionRoute},
-    store::{SessionId, SessionLog, SessionRecord, rfc3339},
+    store::{RecordKind, RecordVerdict, SessionId, SessionLog, SessionRecord, rfc3339},
 };
 
 /// How often session cgroups are checked for their last process.
@@ -113,6 +114,26 @@ pub enum OpenError {
     /// A worker task failed.
     #[error("{0}")]
     Internal(String),
+}
+
+/// A session a reviewer ended, as the reviewer is told.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revoked {
+    /// The session.
+    pub session: SessionId,
+    /// Who revoked it.
+    pub by: String,
+}
+
+/// Why a session could not be revoked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevokeError {
+    /// No live session has that id (it ended, or never was).
+    #[error("no live session '{0}' (it may have ended)")]
+    NotLive(String),
+    /// Already revoked or expired; its processes are being killed.
+    #[error("session '{0}' is already ending")]
+    AlreadyEnding(String),
 }
 
 /// A governed connection's session and route, as the proxy needs them.
@@ -307,6 +328,8 @@ impl Sessions {
             cgroup_id,
             rules,
             creators: Default::default(),
+            deadline: identity.max_session.map(|limit| (Instant::now() + limit, limit)),
+            ending: false,
         });
         // Checked again right before the move: the token check may have taken
         // seconds, in which the held child could have gone and its pid been reused.
@@ -373,6 +396,60 @@ impl Sessions {
         Some(attribution)
     }
 
+    /// Ends a live session now for a reviewer: recorded with who and why,
+    /// then every process in it is killed; the reaper records its end.
+    pub fn revoke(&self, id: &SessionId, by: String, reason: Option<String>) -> Result<Revoked, RevokeError> {
+        let cgroup = {
+            let mut state = self.state();
+            let session = state
+                .registry
+                .active_mut()
+                .find(|s| &s.id == id)
+                .ok_or_else(|| RevokeError::NotLive(id.to_string()))?;
+            if session.ending {
+                return Err(RevokeError::AlreadyEnding(id.to_string()));
+            }
+            session.ending = true;
+            session.cgroup.clone()
+        };
+        let mut detail = Map::new();
+        detail.insert("by".into(), by.clone().into());
+        detail.insert("reason".into(), reason.clone().map_or(Value::Null, Value::from));
+        self.parts.log.decided(id, RecordKind::Session, RecordVerdict::Revoked, detail);
+        tracing::warn!(session = %id, by, reason = reason.as_deref().unwrap_or(""), "session revoked; killing its processes");
+        if let Err(e) = cgroup::kill_all(&cgroup) {
+            tracing::error!(session = %id, error = %e, "cannot kill a revoked session's processes");
+        }
+        Ok(Revoked { session: id.clone(), by })
+    }
+
+    /// Ends the sessions that ran past their identity's `max_session`.
+    fn expire(&self) {
+        let now = Instant::now();
+        let expired: Vec<(SessionId, PathBuf, Duration)> = self
+            .state()
+            .registry
+            .active_mut()
+            .filter(|s| !s.ending)
+            .filter_map(|s| {
+                let (deadline, limit) = s.deadline?;
+                (deadline <= now).then(|| {
+                    s.ending = true;
+                    (s.id.clone(), s.cgroup.clone(), limit)
+                })
+            })
+            .collect();
+        for (id, cgroup, limit) in expired {
+            let mut detail = Map::new();
+            detail.insert("max_session_secs".into(), limit.as_secs().into());
+            self.parts.log.decided(&id, RecordKind::Session, RecordVerdict::Expired, detail);
+            tracing::warn!(session = %id, "session reached its identity's max_session; killing its processes");
+            if let Err(e) = cgroup::kill_all(&cgroup) {
+                tracing::error!(session = %id, error = %e, "cannot kill an expired session's processes");
+            }
+        }
+    }
+
     /// Ends a session: its kernel entries go first, then its cgroup (with
     /// anything left in it), then its record is closed.
     pub async fn end(&self, cgroup_id: u64) {
@@ -387,14 +464,16 @@ impl Sessions {
         tracing::info!(session = %session.id, "session ended");
     }
 
-    /// Ends sessions as their last process exits. A session is ended one
-    /// tick after it is first seen empty, so that its last events, still in
-    /// the ring buffer, are recorded before its end.
+    /// Ends sessions past their `max_session`, and sessions as their last
+    /// process exits. A session is ended one tick after it is first seen
+    /// empty, so that its last events, still in the ring buffer, are
+    /// recorded before its end.
     pub async fn reap(self: Arc<Self>) -> anyhow::Result<()> {
         let mut seen_empty: Vec<u64> = Vec::new();
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         loop {
             tick.tick().await;
+            self.expire();
             let empty: Vec<u64> = {
                 let state = self.state();
                 state.registry.active().filter(|s| !cgroup::populated(&s.cgroup)).map(|s| s.cgroup_id).collect()

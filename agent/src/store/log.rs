@@ -42,16 +42,11 @@ impl SessionLog {
         self.writer.event(session, EventRecord { at, kind, pid, verdict, detail });
     }
 
-    /// Records something the proxy saw or decided, now.
-    pub fn proxy_event(
-        &self,
-        session: &SessionId,
-        kind: RecordKind,
-        verdict: RecordVerdict,
-        detail: Map<String, Value>,
-    ) {
+    /// Records something decided now in userspace (by the proxy, a
+    /// reviewer, the session's lifecycle) rather than by the kernel.
+    pub fn decided(&self, session: &SessionId, kind: RecordKind, verdict: RecordVerdict, detail: Map<String, Value>) {
         let at = rfc3339(SystemTime::now());
-        // The proxy sees a connection, not a process.
+        // A decision about a request or a session, not about one process.
         self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail });
     }
 

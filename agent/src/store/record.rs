@@ -17,11 +17,13 @@ pub enum RecordKind {
     Tls,
     /// A held request: asked, decided, or timed out.
     Approval,
+    /// The session itself: revoked by a reviewer, or past its identity's `max_session`.
+    Session,
 }
 
 impl RecordKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Kernel(EventKind::Exec),
         Self::Kernel(EventKind::Fork),
         Self::Kernel(EventKind::Exit),
@@ -30,6 +32,7 @@ impl RecordKind {
         Self::Http,
         Self::Tls,
         Self::Approval,
+        Self::Session,
     ];
 
     /// The kind a stored name stands for.
@@ -44,6 +47,7 @@ impl RecordKind {
             Self::Http => "http",
             Self::Tls => "tls",
             Self::Approval => "approval",
+            Self::Session => "session",
         }
     }
 }
@@ -63,6 +67,10 @@ pub enum RecordVerdict {
     Denied,
     /// Nobody decided a held request in time.
     TimedOut,
+    /// A reviewer ended the session.
+    Revoked,
+    /// The session ran as long as its identity allows.
+    Expired,
 }
 
 impl RecordVerdict {
@@ -80,6 +88,8 @@ impl RecordVerdict {
             Self::Approved => "approved",
             Self::Denied => "denied",
             Self::TimedOut => "timed-out",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
         }
     }
 }
