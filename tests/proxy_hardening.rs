@@ -2,7 +2,9 @@
 //! upstream, or to get around a route: each is refused or neutralised, and
 //! the upstream sees nothing it should not.
 
-use harness::proxy::{Fixture, REVIEWERS};
+use harness::Daemon;
+use harness::proxy::{BUILD_BOTS, Exchange, Fixture, REVIEWERS, Secret, UPSTREAM_REPLY, curl_argv, path_str, policy};
+use harness::upstream::Upstream;
 
 #[test]
 fn the_unspecified_address_reaches_the_route_not_the_upstream_directly() {
@@ -111,4 +113,47 @@ fn a_sessions_own_user_cannot_approve_its_requests_from_outside() {
         request.join().expect("the request thread")
     });
     assert_eq!(held.stdout.trim(), "200", "the approved request should pass: {held}");
+}
+
+/// A route that names its hosts serves those only. Another Host, or an
+/// absolute-form target naming another host, is refused before the
+/// upstream, so the credential is never sent on its behalf.
+#[test]
+fn a_route_with_hosts_serves_only_those_hosts() {
+    let upstream = Upstream::start("127.0.0.1", 200, UPSTREAM_REPLY);
+    let secret = Secret::private();
+    let to = format!("127.0.0.1/32:{}", upstream.port());
+    let route = format!(
+        "        - to: \"{to}\"\n          protocol: http\n          hosts: [api.internal.test, \"*.svc.test\"]\n          credential: {{ header: Authorization, secret_file: {} }}\n",
+        path_str(&secret.path)
+    );
+    let daemon = Daemon::start(&policy(&route, ""));
+    let token = daemon.mint("hosts-bot", BUILD_BOTS);
+    let url = format!("{}/ok", upstream.base_url());
+    let curl = |host: &str| Exchange::parse(daemon.run(&token, &curl_argv(&["-H", host, url.as_str()])));
+    curl("Host: api.internal.test").assert_status(200, "a named host");
+    curl("Host: API.Internal.Test.").assert_status(200, "a named host in another spelling");
+    curl("Host: build.svc.test:8080").assert_status(200, "a wildcard host with a port");
+    let other = curl("Host: evil.test");
+    other.assert_status(403, "a host the route does not name");
+    assert_eq!(other.json()["error"], "host is not one this route serves", "{other}");
+    curl("Host: svc.test").assert_status(403, "the wildcard's own parent");
+    // The address itself is no host the route names.
+    let bare = Exchange::parse(daemon.run(&token, &curl_argv(&[url.as_str()])));
+    bare.assert_status(403, "the Host curl derives from the address");
+    // Absolute form: the target names another host than the Host header.
+    let script = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(b'GET http://evil.test/ok HTTP/1.1\\r\\nHost: api.internal.test\\r\\nConnection: close\\r\\n\\r\\n')\nprint(s.recv(65536).split(b'\\r\\n')[0].decode())\n",
+        port = upstream.port()
+    );
+    let out = daemon.run(&token, &["python3", "-c", script.as_str()]);
+    assert!(out.stdout.contains(" 400 "), "an absolute-form target for another host must be refused: {out}");
+
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 3, "only the named hosts reach the upstream: {}", upstream.describe());
+    for request in &requests {
+        assert_eq!(request.header_values("authorization"), vec![secret.value.as_str()], "{request}");
+        let host = request.header_values("host").join(",").to_ascii_lowercase();
+        assert!(host.contains("internal.test") || host.contains("svc.test"), "{request}");
+    }
 }

@@ -36,9 +36,9 @@ fn blocked_requests_get_403_and_never_reach_the_upstream() {
     assert_eq!(fx.upstream.connections(), 0, "the proxy should not even connect for a blocked request");
 
     // The route itself works: an allowed request on it gets through.
-    let allowed = fx.curl(&[&fx.url("/admin")]);
-    allowed.assert_status(200, "/admin (no trailing slash) is not blocked");
-    assert_eq!(fx.upstream.request_lines(), vec!["GET /admin".to_owned()], "{}", fx.upstream.describe());
+    let allowed = fx.curl(&[&fx.url("/administrator")]);
+    allowed.assert_status(200, "/administrator is not under /admin/");
+    assert_eq!(fx.upstream.request_lines(), vec!["GET /administrator".to_owned()], "{}", fx.upstream.describe());
 
     let destination = format!("127.0.0.1:{}", fx.upstream.port());
     let show = fx
@@ -113,6 +113,42 @@ fn blocked_paths_cannot_be_reached_by_another_spelling() {
         reached.is_empty(),
         "requests for a blocked path reached the upstream as {reached:?}\nthe client got: {answers:#?}\n{}",
         fx.upstream.describe()
+    );
+}
+
+/// Path rules compare without case (servers such as IIS, or any on a
+/// case-insensitive filesystem, read `/ADMIN/` as `/admin/`) unless a rule
+/// asks for exact case, and a rule for a directory covers the directory itself.
+#[test]
+fn path_rules_ignore_case_and_cover_the_directory_itself() {
+    let upstream = Upstream::start("127.0.0.1", 200, UPSTREAM_REPLY);
+    let to = format!("127.0.0.1/32:{}", upstream.port());
+    let route = format!(
+        r#"        - to: "{to}"
+          protocol: http
+          block:
+            - {{ path: "^/admin/" }}
+            - {{ path: "^/Secret/", exact_case: true }}
+"#
+    );
+    let daemon = Daemon::start(&policy(&route, ""));
+    let token = daemon.mint("case-bot", BUILD_BOTS);
+    let url = |path: &str| format!("{}{path}", upstream.base_url());
+    let curl = |args: &[&str]| Exchange::parse(daemon.run(&token, &curl_argv(args)));
+    for path in ["/ADMIN/users", "/Admin/users", "/admin", "/ADMIN", "/admin?tab=users"] {
+        let exchange = curl(&[&url(path)]);
+        exchange.assert_status(403, path);
+        assert!(exchange.json()["rule"].as_str().is_some_and(|rule| rule.starts_with("block[0]")), "{exchange}");
+    }
+    curl(&[&url("/Secret/plans")]).assert_status(403, "the exact-case rule on its own spelling");
+    for path in ["/administrator", "/secret/plans"] {
+        curl(&[&url(path)]).assert_status(200, path);
+    }
+    assert_eq!(
+        upstream.request_lines(),
+        vec!["GET /administrator".to_owned(), "GET /secret/plans".to_owned()],
+        "only the requests no rule covers reach the upstream: {}",
+        upstream.describe()
     );
 }
 

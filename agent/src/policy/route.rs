@@ -35,6 +35,41 @@ pub struct Route {
     /// For `protocol: tls` (passthrough): which server names may be reached.
     #[serde(default)]
     pub sni: Option<SniRules>,
+    /// For `protocol: http`: the names (`api.example.com`, `*.example.com`)
+    /// requests may give as their Host. A request for another host is
+    /// refused, so the credential is never sent on its behalf.
+    #[serde(default)]
+    pub hosts: Vec<HostName>,
+}
+
+/// A host name a route serves, lowercase; `*.` matches subdomains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostName(pub String);
+
+impl<'de> Deserialize<'de> for HostName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let name = text.trim_end_matches('.').to_ascii_lowercase();
+        let bare = name.strip_prefix("*.").unwrap_or(&name);
+        let valid = !bare.is_empty()
+            && bare.split('.').all(|label| {
+                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if valid { Ok(Self(name)) } else { Err(de::Error::custom(format!("host '{text}' is not a host name"))) }
+    }
+}
+
+/// Does `pattern` (a name, or `*.suffix` for its subdomains) cover `name`?
+/// Both compare without case and without the root's trailing dot.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.')
+        }
+        None => pattern == name,
+    }
 }
 
 /// The protocol spoken on a governed destination.
@@ -112,16 +147,52 @@ pub struct Credential {
 
 /// A request pattern; every field given must match.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "RawMatcher")]
 pub struct Matcher {
     /// HTTP method, case-insensitive.
     pub method: Option<String>,
-    /// Regex on the path (with query).
+    /// Regex on the normalized path (with query); case-insensitive unless
+    /// `exact_case`, since many servers read paths without case.
     pub path: Option<Pattern>,
+    /// `path` compares case as written.
+    pub exact_case: bool,
     /// A header, by name, whose value matches a regex.
     pub header: Option<HeaderMatch>,
     /// Regex on the request body (read up to the proxy's body limit).
     pub body: Option<Pattern>,
+}
+
+/// A matcher as written, before its path regex is built.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatcher {
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    exact_case: bool,
+    #[serde(default)]
+    header: Option<HeaderMatch>,
+    #[serde(default)]
+    body: Option<Pattern>,
+}
+
+impl TryFrom<RawMatcher> for Matcher {
+    type Error = String;
+    fn try_from(raw: RawMatcher) -> Result<Self, String> {
+        let RawMatcher { method, path, exact_case, header, body } = raw;
+        let path = path
+            .map(|text| {
+                regex::RegexBuilder::new(&text)
+                    .case_insensitive(!exact_case)
+                    .build()
+                    .map(Pattern)
+                    .map_err(|e| format!("regex '{text}' is not valid: {e}"))
+            })
+            .transpose()?;
+        Ok(Self { method, path, exact_case, header, body })
+    }
 }
 
 impl fmt::Display for Matcher {
@@ -131,7 +202,8 @@ impl fmt::Display for Matcher {
             parts.push(format!("method {method}"));
         }
         if let Some(path) = &self.path {
-            parts.push(format!("path ~ {}", path.0.as_str()));
+            let case = if self.exact_case { " (exact case)" } else { "" };
+            parts.push(format!("path ~ {}{case}", path.0.as_str()));
         }
         if let Some(header) = &self.header {
             parts.push(format!("header {} ~ {}", header.name, header.value.0.as_str()));

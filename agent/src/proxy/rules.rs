@@ -24,7 +24,7 @@ fn matches(matcher: &Matcher, request: &RequestView<'_>) -> bool {
         return false;
     }
     if let Some(path) = &matcher.path
-        && !path.0.is_match(request.path)
+        && !path_matches(&path.0, request.path)
     {
         return false;
     }
@@ -44,6 +44,26 @@ fn matches(matcher: &Matcher, request: &RequestView<'_>) -> bool {
         return false;
     }
     true
+}
+
+/// Does a path rule cover `path`? A rule for a directory (`^/admin/`) also
+/// covers the directory itself (`/admin`, `/admin?x`), which servers answer
+/// the same way.
+fn path_matches(rule: &regex::Regex, path: &str) -> bool {
+    if rule.is_match(path) {
+        return true;
+    }
+    let (bare, query) = match path.split_once('?') {
+        Some((bare, query)) => (bare, Some(query)),
+        None => (path, None),
+    };
+    !bare.ends_with('/') && {
+        let directory = match query {
+            Some(query) => format!("{bare}/?{query}"),
+            None => format!("{bare}/"),
+        };
+        rule.is_match(&directory)
+    }
 }
 
 /// The first block rule the request matches, named for the record.
@@ -188,6 +208,17 @@ mod tests {
 
     fn route(yaml: &str) -> Route {
         serde_yaml_ng::from_str(yaml).expect("route parses")
+    }
+
+    #[test]
+    fn a_directory_rule_covers_the_directory_itself() {
+        let rule = regex::RegexBuilder::new("^/admin/").case_insensitive(true).build().expect("regex");
+        for path in ["/admin/x", "/admin", "/ADMIN", "/admin?tab=1", "/Admin/"] {
+            assert!(path_matches(&rule, path), "{path}");
+        }
+        for path in ["/administrator", "/public/admin", "/admin-tools/x"] {
+            assert!(!path_matches(&rule, path), "{path}");
+        }
     }
 
     #[test]

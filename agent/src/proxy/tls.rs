@@ -21,7 +21,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{Governed, ProxyCtx, file_cache::FileCache, record::ProxyRecord};
 use crate::{
-    policy::route::{RouteTarget, SniRules, UpstreamTls},
+    policy::route::{RouteTarget, SniRules, UpstreamTls, name_matches},
     store::{RecordKind, RecordVerdict},
 };
 
@@ -44,16 +44,6 @@ pub enum SniRefusal {
     /// There is an allow list and the name is not on it.
     #[error("server name '{0}' is not allowed")]
     NotAllowed(String),
-}
-
-fn name_matches(pattern: &str, name: &str) -> bool {
-    let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => {
-            name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.')
-        }
-        None => pattern == name,
-    }
 }
 
 /// Checks a server name against a route: deny beats allow; a host route

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{MAX_BODY, Refusal};
 use crate::{
     approval::{self, Answer},
-    policy::route::{Route, RouteTarget},
+    policy::route::{Route, RouteTarget, name_matches},
     proxy::{
         Governed, ProxyCtx,
         record::{Outcome, ProxyRecord},
@@ -34,6 +34,7 @@ pub enum AdmittedBody {
 pub fn ambiguity(
     headers: &hyper::HeaderMap,
     raw_path: &str,
+    target_authority: Option<&str>,
     method: &hyper::Method,
     route: &Route,
 ) -> Option<&'static str> {
@@ -50,6 +51,13 @@ pub fn ambiguity(
     }
     if headers.get_all(header::HOST).iter().count() > 1 {
         return Some("more than one Host header");
+    }
+    // An absolute-form target names a host of its own; HTTP/1.1 says it
+    // wins over the Host header, and servers disagree on whether they follow.
+    if let Some(authority) = target_authority
+        && headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(host_name) != Some(host_name(authority))
+    {
+        return Some("the request target names another host than the Host header");
     }
     if route.credential.is_some()
         && (method.as_str().eq_ignore_ascii_case("TRACE") || method.as_str().eq_ignore_ascii_case("TRACK"))
@@ -77,6 +85,19 @@ fn has_bad_escape(path: &str) -> bool {
 /// Does a rule of the route look at request bodies?
 fn has_body_rules(route: &Route) -> bool {
     route.block.iter().chain(&route.approve).any(|m| m.body.is_some())
+}
+
+/// The host a Host header or an authority names: lowercase, without port,
+/// brackets or the root's trailing dot.
+pub fn host_name(host: &str) -> String {
+    let bare = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    bare.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Decides whether a request may go upstream. `path` is the normalized
@@ -130,16 +151,26 @@ pub async fn admit(
         },
     );
 
-    if let RouteTarget::Host { name, .. } = &route.to {
-        let asked = host.rsplit_once(':').map_or(host, |(h, _)| h).to_ascii_lowercase();
-        if &asked != name {
-            return Err(Refusal::new(
-                Outcome::Blocked,
-                StatusCode::FORBIDDEN,
-                "host is not the one this route governs",
-                json!({"host": host, "expected": name}),
-            ));
-        }
+    let asked = host_name(host);
+    if let RouteTarget::Host { name, .. } = &route.to
+        && &asked != name
+    {
+        return Err(Refusal::new(
+            Outcome::Blocked,
+            StatusCode::FORBIDDEN,
+            "host is not the one this route governs",
+            json!({"host": host, "expected": name}),
+        ));
+    }
+    // A route that names its hosts serves those only: the credential is
+    // never sent for a request to another.
+    if !route.hosts.is_empty() && !route.hosts.iter().any(|pattern| name_matches(&pattern.0, &asked)) {
+        return Err(Refusal::new(
+            Outcome::Blocked,
+            StatusCode::FORBIDDEN,
+            "host is not one this route serves",
+            json!({"host": host, "hosts": route.hosts.iter().map(|h| h.0.as_str()).collect::<Vec<_>>()}),
+        ));
     }
 
     let view = RequestView {
@@ -216,5 +247,18 @@ async fn approve(
             "too many requests of this session are already waiting for approval",
             json!({"rule": rule, "limit": approval::MAX_HELD_PER_SESSION}),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_name;
+
+    #[test]
+    fn host_names_lose_port_brackets_case_and_the_trailing_dot() {
+        assert_eq!(host_name("API.example.com.:8080"), "api.example.com");
+        assert_eq!(host_name("[::1]:80"), "::1");
+        assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
+        assert_eq!(host_name("evil.test"), "evil.test");
     }
 }

@@ -129,7 +129,10 @@ async fn exchange(
     let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     // Requests whose meaning servers disagree on are refused outright, so a
     // rule cannot be read one way by the proxy and another by the upstream.
-    if let Some(why) = admission::ambiguity(&parts.headers, &raw_path, &parts.method, &governed.route.route) {
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let ambiguous =
+        admission::ambiguity(&parts.headers, &raw_path, authority.as_deref(), &parts.method, &governed.route.route);
+    if let Some(why) = ambiguous {
         let mut record = exchange_record(governed, parts.method.as_str(), &raw_path, &host);
         record.hit(why);
         let refusal = Refusal::new(
