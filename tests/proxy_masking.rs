@@ -111,3 +111,76 @@ fn recorded_response_bodies_are_cut_at_record_body_bytes() {
     assert_eq!(event["response_body"], &exchange.body[..16], "the first 16 bytes are kept:\n{}", pretty(&show));
     assert_eq!(event["response_bytes"], exchange.body.len(), "the size is the whole body's:\n{}", pretty(&show));
 }
+
+/// gzip of `text`, made by Python's gzip module (a real compressed body).
+fn gzip(text: &str) -> Vec<u8> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import gzip, sys; sys.stdout.buffer.write(gzip.compress(sys.argv[1].encode()))", text])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "python3 gzip failed");
+    out.stdout
+}
+
+/// The same personal data in representations the route's masks cannot
+/// read with certainty: each answer is refused with 502, the client never
+/// sees the clear value, and the session log never stores it.
+#[test]
+fn answers_the_masks_cannot_read_are_refused_and_never_stored() {
+    let fx = Fixture::start(&[]);
+    let email = format!("carol.{}@example.com", unique_tag());
+    let json = format!(r#"{{"users":[{{"email":"{email}"}}]}}"#);
+    let utf16: Vec<u8> = [0xff, 0xfe].into_iter().chain(json.encode_utf16().flat_map(u16::to_le_bytes)).collect();
+    let cases: Vec<(&str, Vec<&str>, Vec<u8>)> = vec![
+        ("JSONP", vec!["Content-Type: application/javascript"], format!("cb({json})").into_bytes()),
+        ("CSV", vec!["Content-Type: text/csv"], format!("email\n{email}\n").into_bytes()),
+        ("UTF-16 JSON", vec!["Content-Type: application/json; charset=utf-16"], utf16),
+        ("gzip without Content-Encoding", vec!["Content-Type: application/json"], gzip(&json)),
+        (
+            "two media types",
+            vec!["Content-Type: application/json", "Content-Type: text/plain"],
+            json.clone().into_bytes(),
+        ),
+        ("no media type", vec![], json.clone().into_bytes()),
+        ("declared gzip", vec!["Content-Type: application/json", "Content-Encoding: gzip"], gzip(&json)),
+    ];
+    for (case, headers, body) in &cases {
+        fx.upstream.set_raw_reply(200, headers, body);
+        let exchange = fx.curl(&[&fx.url("/users")]);
+        exchange.assert_status(502, case);
+        assert_eq!(exchange.json()["error"], "the response could not be masked", "{case}: {exchange}");
+        assert!(exchange.json()["reason"].is_string(), "{case}: the refusal says why: {exchange}");
+        assert!(!exchange.body.contains(&email), "{case}: the client saw the clear value: {exchange}");
+    }
+    // Once a later exchange is recorded, the refusals before it are too.
+    let last = fx.curl(&[&fx.url("/last")]);
+    fx.daemon.show_until(&last.session, "the last exchange", |show| has_http_event(show, "GET", "/last"));
+    let stored = database_bytes(&fx.daemon);
+    assert!(!contains(&stored, &email), "the session log stored the clear value");
+    assert_eq!(fx.upstream.requests().len(), cases.len() + 1, "{}", fx.upstream.describe());
+}
+
+/// A route with only regex masks reads every textual representation: the
+/// pattern is replaced in a CSV body and in response header values.
+#[test]
+fn regex_masks_apply_to_every_text_and_to_headers() {
+    let upstream = harness::upstream::Upstream::start("127.0.0.1", 200, "{}");
+    let to = format!("127.0.0.1/32:{}", upstream.port());
+    let route = format!(
+        "        - to: \"{to}\"\n          protocol: http\n          mask:\n            - {{ regex: \"[a-z0-9.]+@example\\\\.com\", replace: \"[email]\" }}\n"
+    );
+    let daemon = harness::Daemon::start(&harness::proxy::policy(&route, ""));
+    let token = daemon.mint("csv-bot", harness::proxy::BUILD_BOTS);
+    let email = format!("dave.{}@example.com", unique_tag().replace('-', "."));
+    let owner = format!("X-Owner: {email}");
+    upstream.set_raw_reply(
+        200,
+        &["Content-Type: text/csv; charset=utf-8", owner.as_str()],
+        format!("name,email\ndave,{email}\n").as_bytes(),
+    );
+    let argv = harness::proxy::curl_argv(&["-D", "/dev/stdout", &format!("{}/export.csv", upstream.base_url())]);
+    let out = daemon.run(&token, &argv);
+    assert!(!out.stdout.contains(&email), "the clear value reached the client: {out}");
+    assert!(out.stdout.contains("dave,[email]"), "the body is masked: {out}");
+    assert!(out.stdout.to_ascii_lowercase().contains("x-owner: [email]"), "the header is masked: {out}");
+}

@@ -57,7 +57,15 @@ impl fmt::Display for Recorded {
 #[derive(Clone)]
 struct Reply {
     status: u16,
-    body: String,
+    /// Header lines (`Name: value`); Content-Length and Connection are added.
+    headers: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(status: u16, body: &str) -> Reply {
+        Reply { status, headers: vec!["Content-Type: application/json".to_owned()], body: body.as_bytes().to_vec() }
+    }
 }
 
 #[derive(Default)]
@@ -89,7 +97,7 @@ impl Upstream {
         listener.set_nonblocking(true).unwrap_or_else(|err| panic!("making the upstream listener non-blocking: {err}"));
         let addr = listener.local_addr().unwrap_or_else(|err| panic!("reading the upstream's address: {err}"));
         let shared = Arc::new(Shared::default());
-        *lock(&shared.reply) = Some(Reply { status, body: body.to_owned() });
+        *lock(&shared.reply) = Some(Reply::json(status, body));
         let thread = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
@@ -115,7 +123,14 @@ impl Upstream {
 
     /// Changes what later requests are answered with.
     pub fn set_reply(&self, status: u16, body: &str) {
-        *lock(&self.shared.reply) = Some(Reply { status, body: body.to_owned() });
+        *lock(&self.shared.reply) = Some(Reply::json(status, body));
+    }
+
+    /// Answers later requests with these header lines (`Name: value`, as
+    /// sent: duplicates and all) and body bytes.
+    pub fn set_raw_reply(&self, status: u16, headers: &[&str], body: &[u8]) {
+        let headers = headers.iter().map(|line| (*line).to_owned()).collect();
+        *lock(&self.shared.reply) = Some(Reply { status, headers, body: body.to_vec() });
     }
 
     /// Every request received so far, in order.
@@ -198,7 +213,7 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
     let mut parts = request_line.split_whitespace();
     let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
-        return respond(&stream, 400, r#"{"error":"bad request line"}"#);
+        return respond(&stream, &Reply::json(400, r#"{"error":"bad request line"}"#));
     };
     let (method, path) = (method.to_owned(), path.to_owned());
 
@@ -231,20 +246,21 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     lock(&shared.requests).push(Recorded { method, path, headers, body });
 
     if too_large {
-        return respond(&stream, 413, r#"{"error":"body too large for the test upstream"}"#);
+        return respond(&stream, &Reply::json(413, r#"{"error":"body too large for the test upstream"}"#));
     }
-    let reply = lock(&shared.reply).clone().unwrap_or(Reply { status: 200, body: "{}".to_owned() });
-    respond(&stream, reply.status, &reply.body)
+    let reply = lock(&shared.reply).clone().unwrap_or_else(|| Reply::json(200, "{}"));
+    respond(&stream, &reply)
 }
 
-fn respond(mut stream: &TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    );
+fn respond(mut stream: &TcpStream, reply: &Reply) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {} {}\r\n", reply.status, reason(reply.status));
+    for line in &reply.headers {
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", reply.body.len()));
     stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
+    stream.write_all(&reply.body)?;
     stream.flush()?;
     stream.shutdown(std::net::Shutdown::Both)
 }

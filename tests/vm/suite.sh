@@ -23,8 +23,10 @@ cp /bin/busybox /tmp/denied/echo
 chmod 755 /tmp/denied/echo
 echo 'allowed-content' > /www/allowed.txt
 echo '{"users":[{"name":"a","email":"a@example.com"}]}' > /www/users.json
-busybox httpd -p 127.0.0.1:8081 -h /www
-busybox httpd -p 127.0.0.1:8082 -h /www
+# Declared as JSON: a masked route refuses what it cannot read with certainty.
+echo '.json:application/json' > /etc/httpd.conf
+busybox httpd -p 127.0.0.1:8081 -h /www -c /etc/httpd.conf
+busybox httpd -p 127.0.0.1:8082 -h /www -c /etc/httpd.conf
 
 cat > /etc/tollgate/config.yaml <<YAML
 state_dir: /tmp/state

@@ -10,6 +10,7 @@ mod credential;
 mod file_cache;
 mod http;
 mod record;
+mod representation;
 pub mod rules;
 pub mod tls;
 

@@ -79,7 +79,7 @@ pub fn needs_approval(route: &Route, request: &RequestView<'_>) -> Option<String
 /// Why a response could not be masked (and so is not passed on).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("the response looks like JSON but does not parse, so its JSON fields cannot be masked")]
-pub struct Unmaskable;
+pub struct Unparsable;
 
 /// Applies every mask to a response body. Returns the new body and how many
 /// values were replaced; the clear values are not kept anywhere. A body with
@@ -88,7 +88,7 @@ pub struct Unmaskable;
 /// let the fields the masks name through in the clear.
 /// `json_declared`: the response says it is JSON, so failing to parse it is
 /// a refusal even when it does not look like JSON.
-pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>, usize), Unmaskable> {
+pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>, usize), Unparsable> {
     let mut count = 0;
     let mut text: Option<String> = None;
     let json_masks: Vec<_> = masks
@@ -117,7 +117,7 @@ pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>
                     text = Some(value.to_string());
                 }
             }
-            Err(_) if json_declared || looks_like_json(body) => return Err(Unmaskable),
+            Err(_) if json_declared || looks_like_json(body) => return Err(Unparsable),
             Err(_) => {}
         }
     }
@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn unparseable_json_is_refused_and_untouched_bodies_stay_exact() {
         let r = route("to: \"127.0.0.1/32:1\"\nprotocol: http\nmask:\n  - { json_path: \"$.users[*].email\" }\n");
-        assert_eq!(mask(&r.mask, br#"{"users":[{"email":"a@x.io"}],"#, false), Err(Unmaskable));
+        assert_eq!(mask(&r.mask, br#"{"users":[{"email":"a@x.io"}],"#, false), Err(Unparsable));
         let exact = br#"{"z":1, "order_id":123456789012345678901234567890}"#;
         assert_eq!(mask(&r.mask, exact, true), Ok((exact.to_vec(), 0)));
         let big = br#"{"users":[{"email":"a@x.io"}],"scale":1e400,"id":123456789012345678901234567890}"#;

@@ -13,13 +13,45 @@ use hyper::{Response, StatusCode, body::Incoming, header, header::HeaderValue};
 use serde_json::json;
 
 use super::{MAX_BODY, Refusal, rewrite::HOP_BY_HOP, scrubs_response};
+use crate::policy::route::Mask;
 use crate::proxy::{
     Governed, ProxyCtx,
     body::{Counted, ProxyBody, full},
     credential::{REMOVED, scrub},
     record::{Outcome, ProxyRecord},
-    rules::{Unmaskable, mask},
+    representation::{self, Unmaskable},
+    rules::mask,
 };
+
+/// Headers that describe the body rather than carry data.
+const FRAMING: [header::HeaderName; 4] =
+    [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::CONTENT_ENCODING, header::TRANSFER_ENCODING];
+
+/// Applies the regex masks to response header values (a header can carry
+/// the same data as the body). Returns how many values were replaced.
+fn mask_headers(masks: &[Mask], headers: &mut hyper::HeaderMap) -> usize {
+    let mut count = 0;
+    for (name, value) in headers.iter_mut() {
+        if FRAMING.contains(name) {
+            continue;
+        }
+        let Ok(text) = value.to_str() else { continue };
+        let mut current = text.to_owned();
+        for m in masks {
+            if let Mask::Regex { regex, replace } = m {
+                let found = regex.0.find_iter(&current).count();
+                if found > 0 {
+                    count += found;
+                    current = regex.0.replace_all(&current, replace.as_str()).into_owned();
+                }
+            }
+        }
+        if current != text {
+            *value = HeaderValue::from_str(&current).unwrap_or_else(|_| HeaderValue::from_static("****"));
+        }
+    }
+    count
+}
 
 fn strip_bom(body: &[u8]) -> &[u8] {
     body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
@@ -66,27 +98,42 @@ pub async fn respond(
             return Err((record, refusal));
         }
     };
-    // A partial or encoded answer cannot be masked or scrubbed.
-    let encoded = parts
-        .headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+    // Masks work only on a representation they read with certainty; a
+    // credential-only route reads the answer whole to scrub it, which an
+    // encoded or partial answer does not allow either.
+    let readable = if route.mask.is_empty() {
+        let encoding = parts.headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("(not text)"));
+        match encoding {
+            _ if status == StatusCode::PARTIAL_CONTENT => Err(Unmaskable::Partial),
+            Some(encoding) if !encoding.eq_ignore_ascii_case("identity") => Err(Unmaskable::Encoded(encoding.into())),
+            _ => Ok(()),
+        }
+    } else {
+        representation::check(&route.mask, status, &parts.headers, &body)
+    };
     let json_declared = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-    let masked = if status == StatusCode::PARTIAL_CONTENT || encoded {
-        Err(Unmaskable)
-    } else {
-        mask(&route.mask, strip_bom(&body), json_declared)
+    let masked = readable
+        .map_err(|why| why.to_string())
+        .and_then(|()| mask(&route.mask, strip_bom(&body), json_declared).map_err(|unparsable| unparsable.to_string()));
+    let (mut masked, mut count) = match masked {
+        Ok(masked) => masked,
+        Err(why) => {
+            tracing::warn!(reason = %why, "response refused: it cannot be masked with certainty");
+            record.set("reason", why.clone());
+            let refusal = Refusal::new(
+                Outcome::Error,
+                StatusCode::BAD_GATEWAY,
+                "the response could not be masked",
+                json!({"reason": why}),
+            );
+            return Err((record, refusal));
+        }
     };
-    let Ok((mut masked, mut count)) = masked else {
-        let refusal =
-            Refusal::new(Outcome::Error, StatusCode::BAD_GATEWAY, "the response could not be masked", json!({}));
-        return Err((record, refusal));
-    };
+    count += mask_headers(&route.mask, &mut parts.headers);
     // The injected credential never goes back to the agent, even when an
     // endpoint echoes the request.
     if let Some(secret) = &secret {
