@@ -19,5 +19,6 @@ mod proxy_redirect;
 mod proxy_reviewers;
 mod proxy_rules;
 mod proxy_streaming;
+mod survival;
 mod tls;
 mod tokens;

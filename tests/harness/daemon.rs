@@ -1,7 +1,7 @@
 //! A `tollgate daemon` started for one test, and the CLI calls tests make against it.
 
 use std::ffi::OsStr;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -155,29 +155,12 @@ impl DaemonBuilder {
         fs::write(&config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
 
         let log_path = dir.path().join("daemon.log");
-        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let log_for_stdout = log.try_clone().context("duplicating the daemon log handle")?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("daemon").arg("--config").arg(&config_path).stdin(Stdio::null()).stdout(log_for_stdout).stderr(log);
-        // An informative log is what makes a failing test diagnosable; respect an explicit choice.
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        if let Some(mask) = self.umask {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: umask(2) is async-signal-safe and cannot fail.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::umask(mask as libc::mode_t);
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().with_context(|| format!("spawning {} daemon", bin.display()))?;
+        let child = launch(&bin, &config_path, &log_path, self.umask)?;
 
         Ok(Daemon {
             bin,
             child: Some(child),
+            config_path,
             dir,
             socket,
             state_dir,
@@ -197,6 +180,7 @@ pub struct Daemon {
     bin: PathBuf,
     /// `None` once stopped.
     child: Option<Child>,
+    config_path: PathBuf,
     dir: TempDir,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -225,6 +209,40 @@ impl Daemon {
     /// The daemon's state directory (session log, dev issuer key).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// Kills the daemon with SIGKILL: no cleanup of any kind runs.
+    pub fn kill_hard(&mut self) {
+        let mut child = self.child.take().expect("the daemon is running");
+        child.kill().expect("SIGKILL to the daemon");
+        child.wait().expect("reaping the killed daemon");
+    }
+
+    /// Asks the daemon to stop for a handover (SIGUSR2) and waits for it to exit.
+    pub fn handover(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the daemon is running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0, "SIGUSR2 to the daemon");
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the daemon") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not stop on SIGUSR2");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the daemon again on the same configuration and state, after
+    /// [`Daemon::kill_hard`] or [`Daemon::handover`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        let child = launch(&self.bin, &self.config_path, &self.log_path, None).expect("restarting the daemon");
+        self.child = Some(child);
+        if let Err(err) = self.wait_ready() {
+            panic!("the restarted daemon did not become ready: {err:#}");
+        }
     }
 
     /// The daemon's temp dir (mode 0755); tests may put their own files here.
@@ -476,6 +494,33 @@ fn terminate(mut child: Child) -> anyhow::Result<Stopped> {
     child.kill().context("killing the daemon")?;
     child.wait().context("reaping the killed daemon")?;
     Ok(Stopped::Killed)
+}
+
+/// Spawns `tollgate daemon` on `config`, appending to the log at `log_path`.
+fn launch(bin: &Path, config: &Path, log_path: &Path, umask: Option<u32>) -> anyhow::Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_for_stdout = log.try_clone().context("duplicating the daemon log handle")?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("daemon").arg("--config").arg(config).stdin(Stdio::null()).stdout(log_for_stdout).stderr(log);
+    // An informative log is what makes a failing test diagnosable; respect an explicit choice.
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    if let Some(mask) = umask {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask(2) is async-signal-safe and cannot fail.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(mask as libc::mode_t);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().with_context(|| format!("spawning {} daemon", bin.display()))
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {

@@ -57,6 +57,7 @@ grants:
 YAML
 
 $T daemon --config /etc/tollgate/config.yaml > /tmp/daemon.log 2>&1 &
+daemon_pid=$!
 i=0
 until $T --socket $S status > /dev/null 2>&1; do
     i=$((i + 1))
@@ -117,5 +118,23 @@ for id in $(echo "$sessions" | sed -n 's/.*"id": "\(s-[0-9a-f]*\)".*/\1/p'); do
     fi
 done
 if [ $denied_logged = 1 ]; then pass denied-exec-recorded; else fail denied-exec-recorded "no exec event for /tmp/denied/echo"; fi
+
+# Enforcement outlives the daemon: with its programs pinned, a session
+# started before a kill -9 still cannot run the denied file or reach the
+# denied address while no daemon runs.
+rm -f /tmp/go
+run sh -c 'while [ ! -e /tmp/go ]; do sleep 0.1; done; /tmp/denied/echo PINNED-MARKER; echo "exec=$?"; busybox wget -q -O - http://127.0.0.2:8081/allowed.txt; echo "connect=$?"' > /tmp/pin-out 2>&1 &
+runner=$!
+i=0
+until $T --socket $S status --format json | grep -q '"sessions_active": 1'; do
+    i=$((i + 1)); [ $i -gt 100 ] && break; sleep 0.1
+done
+kill -9 $daemon_pid
+touch /tmp/go
+wait $runner
+out=$(cat /tmp/pin-out)
+if echo "$out" | grep -q "exec=$want" && echo "$out" | grep -q "connect=1" && ! echo "$out" | grep -q "PINNED-MARKER\|allowed-content"; then
+    pass enforcement-survives-daemon-kill
+else fail enforcement-survives-daemon-kill "want exec=$want and connect=1: $out"; fi
 
 if grep -qi "error" /tmp/daemon.log; then echo "TOLLGATE-VM: LOG $(grep -i error /tmp/daemon.log | head -3 | tr '\n' ' ')"; fi

@@ -5,7 +5,10 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use tollgate_common::{KernelOffsets, ProxyAddr};
 
@@ -13,6 +16,7 @@ use super::{
     BpfError,
     btf::Btf,
     maps::{LostCounters, OriginalDestinations, SessionMaps},
+    pins::{PINNED_MAPS, PinDir},
 };
 
 /// The compiled eBPF object, built by `agent/build.rs`.
@@ -66,9 +70,55 @@ pub struct Loaded {
     pub lsm_unavailable: Option<String>,
 }
 
-/// The loaded object: its programs and links stay attached while this lives.
+/// The loaded object and its links. Without pins, the programs stay
+/// attached while this lives; with pins, until the pins are removed.
 pub struct Programs {
     _ebpf: Ebpf,
+    /// Links pinned in bpffs (they outlive this process).
+    _pinned: Vec<PinnedLink>,
+    /// Links held only by this process (no bpffs): they detach when it ends.
+    _held: Vec<FdLink>,
+    pins: Option<PinDir>,
+}
+
+impl Programs {
+    /// A clean stop: removes the pins, so the programs detach and the maps
+    /// are freed once this process lets go of them.
+    pub fn release(self) {
+        if let Some(pins) = &self.pins {
+            pins.remove();
+        }
+    }
+
+    /// Whether enforcement outlives this process.
+    pub fn pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+}
+
+/// Keeps a program's link attached: pinned where bpffs allows (replacing
+/// an earlier daemon's pin, whose program detaches only now that this one
+/// is attached), held by this process otherwise.
+fn keep_link(
+    link: FdLink,
+    name: &'static str,
+    pins: Option<&PinDir>,
+    pinned: &mut Vec<PinnedLink>,
+    held: &mut Vec<FdLink>,
+) -> Result<(), BpfError> {
+    let Some(pins) = pins else {
+        held.push(link);
+        return Ok(());
+    };
+    let path = pins.link(name);
+    if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(BpfError::Pin { name, why: format!("cannot replace {}: {e}", path.display()) });
+    }
+    let link = link.pin(&path).map_err(|e| BpfError::Pin { name, why: e.to_string() })?;
+    pinned.push(link);
+    Ok(())
 }
 
 fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> BpfError {
@@ -98,14 +148,28 @@ where
 /// and the LSM hook where the kernel allows it.
 /// Governed connects are redirected to 127.0.0.1 / ::1 on `proxy_port`
 /// (0: no proxy; governed connects are refused).
-pub fn load(sessions_cgroup: &Path, event_buffer_bytes: u32, proxy_port: u16) -> Result<Loaded, BpfError> {
+/// With `pins`, the maps are pinned (an earlier daemon's are reused, with
+/// what they hold) and so are the links.
+pub fn load(
+    sessions_cgroup: &Path,
+    event_buffer_bytes: u32,
+    proxy_port: u16,
+    pins: Option<PinDir>,
+) -> Result<Loaded, BpfError> {
     let offsets: KernelOffsets = Btf::from_sys_fs()?.kernel_offsets()?;
     let proxy = ProxyAddr { port: u32::from(proxy_port), reserved: 0 };
-    let mut ebpf = EbpfLoader::new()
+    let map_paths: Vec<(&str, std::path::PathBuf)> =
+        pins.iter().flat_map(|pins| PINNED_MAPS.map(|name| (name, pins.map(name)))).collect();
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global("OFFSETS", &offsets, true)
         .override_global("PROXY", &proxy, true)
-        .map_max_entries("EVENTS", event_buffer_bytes)
-        .load(OBJECT)?;
+        .map_max_entries("EVENTS", event_buffer_bytes);
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    let (mut pinned, mut held) = (Vec::new(), Vec::new());
     // Taken before the programs load: they refer to its map.
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
@@ -118,31 +182,55 @@ pub fn load(sessions_cgroup: &Path, event_buffer_bytes: u32, proxy_port: u16) ->
     for name in TRACEPOINTS {
         let tp: &mut RawTracePoint = program(&mut ebpf, name)?;
         tp.load().map_err(program_error(name))?;
-        tp.attach(name).map_err(program_error(name))?;
+        let link = tp.attach(name).map_err(program_error(name))?;
+        let link = tp.take_link(link).map_err(program_error(name))?;
+        keep_link(link.into(), name, pins.as_ref(), &mut pinned, &mut held)?;
     }
 
     let cgroup = File::open(sessions_cgroup)
         .map_err(|source| BpfError::Cgroup { path: sessions_cgroup.display().to_string(), source })?;
     // Links to a cgroup always coexist with other programs; the mode flag must stay 0.
     let mode = CgroupAttachMode::Single;
+    // Cgroup links are BPF links (5.7+), which is what lets them be pinned.
+    let fd_link = |name| move |e| BpfError::Pin { name, why: format!("not a BPF link: {e}") };
     for name in SOCK_ADDR {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         prog.load().map_err(program_error(name))?;
-        prog.attach(&cgroup, mode).map_err(program_error(name))?;
+        let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
+        let link = prog.take_link(link).map_err(program_error(name))?;
+        keep_link(FdLink::try_from(link).map_err(fd_link(name))?, name, pins.as_ref(), &mut pinned, &mut held)?;
     }
     let name = "sock_create";
     let prog: &mut CgroupSock = program(&mut ebpf, name)?;
     prog.load().map_err(program_error(name))?;
-    prog.attach(&cgroup, mode).map_err(program_error(name))?;
+    let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
+    let link = prog.take_link(link).map_err(program_error(name))?;
+    keep_link(FdLink::try_from(link).map_err(fd_link(name))?, name, pins.as_ref(), &mut pinned, &mut held)?;
     let name = "track_established";
     let prog: &mut SockOps = program(&mut ebpf, name)?;
     prog.load().map_err(program_error(name))?;
-    prog.attach(&cgroup, mode).map_err(program_error(name))?;
+    let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
+    let link = prog.take_link(link).map_err(program_error(name))?;
+    keep_link(FdLink::try_from(link).map_err(fd_link(name))?, name, pins.as_ref(), &mut pinned, &mut held)?;
 
     let (mode, lsm_error) = match attach_lsm(&mut ebpf) {
-        Ok(()) => (ExecEnforcement::Lsm, None),
-        Err(e) => (ExecEnforcement::KillOnExec, Some(e.to_string())),
+        Ok(link) => {
+            keep_link(link, "bprm_check_security", pins.as_ref(), &mut pinned, &mut held)?;
+            (ExecEnforcement::Lsm, None)
+        }
+        Err(e) => {
+            // An earlier daemon's LSM link would refuse execs this one no
+            // longer expects to see refused; nothing else may hold the pin.
+            if let Some(pins) = &pins {
+                let _ = std::fs::remove_file(pins.link("bprm_check_security"));
+            }
+            (ExecEnforcement::KillOnExec, Some(e.to_string()))
+        }
     };
+    // Earlier layouts' programs detach now that these are attached.
+    if let Some(pins) = &pins {
+        pins.remove_other_layouts();
+    }
 
     Ok(Loaded {
         session_maps: SessionMaps::new(
@@ -155,13 +243,13 @@ pub fn load(sessions_cgroup: &Path, event_buffer_bytes: u32, proxy_port: u16) ->
         lost: LostCounters::new(map(&mut ebpf, "LOST")?),
         events: map(&mut ebpf, "EVENTS")?,
         logger,
-        programs: Programs { _ebpf: ebpf },
+        programs: Programs { _ebpf: ebpf, _pinned: pinned, _held: held, pins },
         mode,
         lsm_unavailable: lsm_error,
     })
 }
 
-fn attach_lsm(ebpf: &mut Ebpf) -> Result<(), Box<dyn std::error::Error>> {
+fn attach_lsm(ebpf: &mut Ebpf) -> Result<FdLink, Box<dyn std::error::Error>> {
     // Without securityfs we cannot tell; trying to load is the real test.
     if let Ok(active) = std::fs::read_to_string("/sys/kernel/security/lsm")
         && !active.split(',').any(|name| name.trim() == "bpf")
@@ -171,6 +259,6 @@ fn attach_lsm(ebpf: &mut Ebpf) -> Result<(), Box<dyn std::error::Error>> {
     let btf = aya::Btf::from_sys_fs()?;
     let program: &mut Lsm = ebpf.program_mut("bprm_check_security").ok_or("program missing")?.try_into()?;
     program.load("bprm_check_security", &btf)?;
-    program.attach()?;
-    Ok(())
+    let link = program.attach()?;
+    Ok(program.take_link(link)?.into())
 }

@@ -74,6 +74,25 @@ impl SessionMaps {
         self.sessions.insert(cgroup_id, SessionSlot { session_id: cgroup_id }, 0).map_err(fail("SESSIONS"))
     }
 
+    /// Removes every entry of `cgroup_id`, whatever rules put them there
+    /// (maps an earlier daemon pinned may hold rules this one never compiled).
+    pub fn purge(&mut self, cgroup_id: u64) {
+        let _ = self.sessions.remove(&cgroup_id);
+        let exec: Vec<ExecKey> = self.exec_deny.keys().flatten().filter(|k| k.cgroup_id == cgroup_id).collect();
+        for key in exec {
+            let _ = self.exec_deny.remove(&key);
+        }
+        let prefix = cgroup_id.to_be_bytes();
+        let any: Vec<_> = self.net_any_port.keys().flatten().filter(|k| k.data()[..8] == prefix).collect();
+        for key in any {
+            let _ = self.net_any_port.remove(&key);
+        }
+        let port: Vec<_> = self.net_port.keys().flatten().filter(|k| k.data()[..8] == prefix).collect();
+        for key in port {
+            let _ = self.net_port.remove(&key);
+        }
+    }
+
     /// Forgets a session. The session entry goes first so nothing is
     /// decided from half-removed rules (a non-session cgroup is refused).
     pub fn remove_session(&mut self, cgroup_id: u64, rules: &SessionRules) {

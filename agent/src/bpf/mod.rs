@@ -5,6 +5,7 @@ pub mod btf;
 pub mod events;
 mod loader;
 mod maps;
+pub mod pins;
 
 pub use loader::{ExecEnforcement, KernelLogger, Loaded, Programs, load};
 pub use maps::{LostCounters, OriginalDestinations, SessionMaps};
@@ -33,6 +34,14 @@ pub enum BpfError {
         name: &'static str,
         /// Why.
         source: aya::maps::MapError,
+    },
+    /// A link could not be pinned in bpffs.
+    #[error("cannot pin the link of eBPF program {name}: {why}")]
+    Pin {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        why: String,
     },
     /// A map is not in the object.
     #[error("eBPF map {0} is missing from the object")]

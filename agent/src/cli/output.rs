@@ -137,6 +137,12 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
     if let Some(why) = status.get("lsm_unavailable").and_then(Value::as_str) {
         println!("                  ({why})");
     }
+    match status.get("pinning_unavailable").and_then(Value::as_str) {
+        None if status["enforcement_survives_daemon"] == true => {
+            println!("survives daemon   yes (programs and maps pinned in bpffs)");
+        }
+        why => println!("survives daemon   NO: sessions end with the daemon ({})", why.unwrap_or("not pinned")),
+    }
     println!("active sessions   {}", status["sessions_active"]);
     println!("events lost       {}", status["events_lost"]);
     println!("cgroup            {}", text(status, "cgroup"));

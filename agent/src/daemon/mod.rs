@@ -4,6 +4,7 @@
 //! event pump, and cleans up on SIGTERM.
 
 mod events;
+mod heartbeat;
 mod mounts;
 
 use std::{
@@ -17,12 +18,15 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use crate::{
     api::server::Control,
     approval::Reviews,
-    bpf,
+    bpf::{
+        self,
+        pins::{Found, PinDir},
+    },
     config::Config,
     identity::{Verifier, dev},
     policy::PolicySet,
     proxy::ProxyCtx,
-    session::{REAP_INTERVAL, Sessions, SessionsParts, cgroup},
+    session::{Gap, REAP_INTERVAL, Sessions, SessionsParts, cgroup},
     store::{Reader, SessionLog, Writer},
 };
 
@@ -33,6 +37,7 @@ fn status(
     log: &SessionLog,
     lost: &events::LostTotals,
     lsm_unavailable: Option<&str>,
+    pinning: &Pinning,
 ) -> serde_json::Value {
     let lost_now = |slot: usize| lost[slot].load(Ordering::Relaxed);
     let policies = sessions.policies();
@@ -51,6 +56,8 @@ fn status(
         "policy_files": policies.files.len(),
         "identities": policies.identities.len(),
         "grants": policies.grants.len(),
+        "enforcement_survives_daemon": pinning.survives,
+        "pinning_unavailable": pinning.unavailable,
         "dev_issuer": config.dev_issuer,
         "state_dir": config.state_dir.display().to_string(),
     })
@@ -62,7 +69,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::bail!("the daemon must run as root (it loads eBPF programs and manages cgroups)");
     }
     let policies = PolicySet::load(&config.policies).context("policies did not load")?;
-    mounts::ensure()?;
+    mounts::ensure();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state directory {}", config.state_dir.display()))?;
     // The session log and the dev issuer's key live here: root only, whatever the umask.
@@ -87,8 +94,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tree = cgroup::CgroupTree::create(&mount, &config.cgroup)?;
     // If starting fails from here on, nothing was started: leave no cgroup
     // behind (declared before the enforcer, so its programs detach first).
-    let cleanup = TreeCleanup(tree.clone());
-    let loaded = bpf::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port)
+    let cleanup = TreeCleanup(Some(tree.clone()));
+    // Pinned, enforcement outlives this process; an earlier daemon's pins
+    // mean its sessions were governed while none ran, and can be adopted.
+    let (pins, pinning_unavailable) = match PinDir::open(&config.cgroup) {
+        Ok(pins) => (Some(pins), None),
+        Err(why) => {
+            tracing::error!(reason = %why, "cannot pin the eBPF programs: enforcement ends with this daemon, and sessions left by an earlier one are killed");
+            (None, Some(why))
+        }
+    };
+    let found = pins.as_ref().map_or(Found::Nothing, PinDir::found);
+    // Pins this start made are removed if it fails; an earlier daemon's stay.
+    let mut unpin_on_failure = PinCleanup(pins.clone().filter(|_| found == Found::Nothing));
+    let loaded = bpf::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port, pins)
         .context("cannot load the eBPF programs")?;
     let bpf::Loaded { programs, session_maps, originals, lost, events: ring, logger, mode, lsm_unavailable } = loaded;
     match &lsm_unavailable {
@@ -107,6 +126,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let policy_files = policies.files.len();
     let parts = SessionsParts { policies, verifier, tree, mount, host, mode, log: log.clone() };
     let sessions = Arc::new(Sessions::new(parts, session_maps));
+    // What an earlier daemon left is adopted or closed before any event is
+    // read, so events it left in the (pinned) ring buffer find their session.
+    let gap = Gap { enforced: found == Found::Enforcing, last_alive: heartbeat::last(&config.state_dir) };
+    let open_records: Vec<_> = {
+        let reader = reader.clone();
+        tokio::task::spawn_blocking(move || reader.sessions())
+            .await
+            .context("reading the session log")?
+            .context("reading the session log")?
+            .into_iter()
+            .filter(|record| record.ended_at.is_none())
+            .collect()
+    };
+    sessions.recover(open_records, &gap).await;
+    let survives = programs.pinned();
     let reviews = Arc::new(Reviews::new(
         config.approval_timeout,
         config.reviewers.clone(),
@@ -125,7 +159,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         status: {
             let (config, sessions, log, lost_totals) =
                 (config.clone(), sessions.clone(), log.clone(), lost_totals.clone());
-            Box::new(move || status(&config, &sessions, &log, &lost_totals, lsm_unavailable.as_deref()))
+            let pinning = Pinning { survives, unavailable: pinning_unavailable };
+            Box::new(move || status(&config, &sessions, &log, &lost_totals, lsm_unavailable.as_deref(), &pinning))
         },
     });
     tracing::info!(
@@ -140,6 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(heartbeat::beat(config.state_dir.clone()));
     tasks.spawn(events::read(sessions.clone(), log.clone(), ring));
     tasks.spawn(sessions.clone().reap());
     tasks.spawn(events::watch_lost(lost, log.clone(), lost_totals));
@@ -149,21 +185,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(events::forward_kernel_log(logger));
     }
 
+    unpin_on_failure.0 = None;
+
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let outcome = tokio::select! {
-        _ = term.recv() => Ok(()),
-        _ = int.recv() => Ok(()),
-        Some(done) = tasks.join_next() => match done {
+    let mut handover = tokio::signal::unix::signal(SignalKind::user_defined2())?;
+    let (outcome, keep_sessions) = tokio::select! {
+        _ = term.recv() => (Ok(()), false),
+        _ = int.recv() => (Ok(()), false),
+        _ = handover.recv() => (Ok(()), true),
+        Some(done) = tasks.join_next() => (match done {
             Ok(Err(e)) => Err(e),
             Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task stopped unexpectedly")),
             Err(e) => Err(anyhow::anyhow!("a daemon task panicked: {e}")),
-        },
+        }, false),
     };
-    tracing::info!("stopping");
-    // Sessions first, while the event reader still runs to record their ends.
-    sessions.shutdown().await;
-    tokio::time::sleep(REAP_INTERVAL * 2).await;
+    // A handover leaves the sessions to the pinned programs and the next
+    // daemon; without pins nothing would govern them, so they end instead.
+    let keep_sessions = keep_sessions && survives;
+    if keep_sessions {
+        tracing::warn!(
+            "stopping for a handover: sessions keep running, enforced by the pinned programs, until the next daemon adopts them"
+        );
+    } else {
+        tracing::info!("stopping");
+        // Sessions first, while the event reader still runs to record their ends.
+        sessions.shutdown().await;
+        tokio::time::sleep(REAP_INTERVAL * 2).await;
+    }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&config.socket);
@@ -171,18 +220,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drop(sessions);
     drop(log);
     drop(writer);
-    // Programs detach before the cgroups go.
-    drop(programs);
-    drop(cleanup);
+    if keep_sessions {
+        // The pins keep the programs attached and the maps alive.
+        drop(programs);
+        cleanup.keep();
+        heartbeat::stop(&config.state_dir);
+    } else {
+        // Programs detach before the cgroups go.
+        programs.release();
+        drop(cleanup);
+        heartbeat::remove(&config.state_dir);
+    }
     outcome
 }
 
+/// Whether enforcement outlives the daemon, for `status`.
+struct Pinning {
+    survives: bool,
+    unavailable: Option<String>,
+}
+
+/// Removes pins this start made if it fails before it is ready.
+struct PinCleanup(Option<PinDir>);
+
+impl Drop for PinCleanup {
+    fn drop(&mut self) {
+        if let Some(pins) = self.0.take() {
+            pins.remove();
+        }
+    }
+}
+
 /// Removes the daemon's cgroup subtree when dropped (it fails quietly if
-/// the subtree is busy or already gone).
-struct TreeCleanup(cgroup::CgroupTree);
+/// the subtree is busy or already gone), unless told to keep it.
+struct TreeCleanup(Option<cgroup::CgroupTree>);
+
+impl TreeCleanup {
+    /// Leaves the subtree for the next daemon (a handover).
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for TreeCleanup {
     fn drop(&mut self) {
-        self.0.remove();
+        if let Some(tree) = self.0.take() {
+            tree.remove();
+        }
     }
 }

@@ -77,23 +77,27 @@ pub struct CgroupTree {
 }
 
 impl CgroupTree {
-    /// Creates (or reuses) the subtree. Session directories left by a
-    /// previous run are removed; processes still in them ran ungoverned
-    /// since that daemon stopped, so they are killed first (fail closed).
+    /// Creates (or reuses) the subtree. Session directories an earlier
+    /// daemon left are kept: [`CgroupTree::leftovers`] lists them, and the
+    /// daemon adopts or ends each.
     pub fn create(mount: &Path, name: &str) -> Result<Self, CgroupError> {
         let root = mount.join(name);
         let sessions = root.join("sessions");
         std::fs::create_dir_all(&sessions).map_err(io_error("cannot create cgroup", &sessions))?;
-        if let Ok(entries) = std::fs::read_dir(&sessions) {
-            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-                let path = entry.path();
-                if populated(&path) {
-                    tracing::warn!(cgroup = %path.display(), "killing processes left in a session of a previous daemon run");
-                }
-                discard(&path);
-            }
-        }
         Ok(Self { root, sessions })
+    }
+
+    /// Session cgroups an earlier daemon left: (directory name, path, cgroup id).
+    pub fn leftovers(&self) -> Vec<(String, PathBuf, u64)> {
+        let entries = std::fs::read_dir(&self.sessions).into_iter().flatten().flatten();
+        entries
+            .filter(|entry| entry.path().is_dir())
+            .filter_map(|entry| {
+                let path = entry.path();
+                let ino = std::fs::metadata(&path).ok()?.ino();
+                Some((entry.file_name().to_string_lossy().into_owned(), path, ino))
+            })
+            .collect()
     }
 
     /// Creates a session's cgroup and returns it with its id (the id the

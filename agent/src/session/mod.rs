@@ -3,11 +3,13 @@
 
 pub mod cgroup;
 pub mod peer;
+mod recover;
 mod registry;
 mod sessions;
 
 /// Session ids are the session log's keys; the store defines them.
 pub use crate::store::SessionId;
+pub use recover::Gap;
 pub use registry::{ActiveSession, Registry};
 pub use sessions::{
     Attribution, Caller, GovernedRoute, OpenError, OpenRequest, Opened, Placement, REAP_INTERVAL, RevokeError, Revoked,

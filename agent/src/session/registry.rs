@@ -72,6 +72,12 @@ impl Registry {
         Some(session)
     }
 
+    /// Remembers a session that ended unobserved, so late events of its
+    /// cgroup are still attributed to it.
+    pub fn remember_ended(&mut self, cgroup_id: u64, id: SessionId) {
+        self.ended.insert(cgroup_id, (id, Instant::now()));
+    }
+
     /// Every live session.
     pub fn active(&self) -> impl Iterator<Item = &ActiveSession> {
         self.active.values()

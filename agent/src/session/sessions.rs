@@ -168,15 +168,15 @@ pub struct Attribution {
 /// and policies. One lock guards the registry and the maps together, so
 /// the kernel and the registry never disagree about a session.
 pub struct Sessions {
-    parts: SessionsParts,
+    pub(super) parts: SessionsParts,
     state: Mutex<State>,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: AtomicBool,
 }
 
-struct State {
-    maps: SessionMaps,
-    registry: Registry,
+pub(super) struct State {
+    pub(super) maps: SessionMaps,
+    pub(super) registry: Registry,
 }
 
 /// What [`Sessions`] works with, besides the kernel maps.
@@ -204,7 +204,7 @@ impl Sessions {
         Self { parts, state, closing: AtomicBool::new(false) }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock must not stop enforcement bookkeeping.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -510,7 +510,7 @@ impl Sessions {
 }
 
 /// Removes a session cgroup off the runtime: emptying it may wait.
-async fn discard(path: PathBuf) {
+pub(super) async fn discard(path: PathBuf) {
     let removed = tokio::task::spawn_blocking(move || cgroup::discard(Path::new(&path))).await;
     if let Err(e) = removed {
         tracing::warn!(error = %e, "cgroup removal task failed");

@@ -71,6 +71,8 @@ pub enum RecordVerdict {
     Revoked,
     /// The session ran as long as its identity allows.
     Expired,
+    /// No daemon ran for a while: the session was adopted, or closed.
+    DaemonGap,
 }
 
 impl RecordVerdict {
@@ -90,6 +92,7 @@ impl RecordVerdict {
             Self::TimedOut => "timed-out",
             Self::Revoked => "revoked",
             Self::Expired => "expired",
+            Self::DaemonGap => "daemon-gap",
         }
     }
 }

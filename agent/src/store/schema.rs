@@ -15,7 +15,7 @@ const MIGRATIONS: &[&str] = &[
     // 1: sessions and their events. `events.kind` is a `RecordKind` name
     // (exec, fork, exit, connect, socket, http, tls, approval, session);
     // `verdict` a `RecordVerdict` name (allow, deny, killed, redirect, block,
-    // pending, approved, denied, timed-out, revoked, expired) or NULL; `detail` a JSON object whose
+    // pending, approved, denied, timed-out, revoked, expired, daemon-gap) or NULL; `detail` a JSON object whose
     // fields depend on the kind; `lost_events.kind` is a kernel event kind.
     "CREATE TABLE sessions (
         id          TEXT PRIMARY KEY,

@@ -6,6 +6,10 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
+/// The layout of the maps the daemon pins. Bumped whenever a pinned map's
+/// key, value or size changes, so a daemon never adopts maps it would misread.
+pub const ABI_VERSION: u32 = 1;
+
 /// Bytes of the executed file's name kept in an exec event.
 pub const FILENAME_LEN: usize = 256;
 /// Bytes of the NUL-separated argument list kept in an exec event.

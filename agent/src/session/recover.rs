@@ -1,0 +1,144 @@
+//! What a starting daemon does with the sessions an earlier one left.
+//!
+//! With the earlier daemon's programs still pinned, its sessions stayed
+//! governed while no daemon ran: each one still running is adopted (its
+//! rules compiled again from the current policy and written into the
+//! maps) and its record resumes, with an event saying when no daemon was
+//! there. Sessions that ended meanwhile, and any whose processes could not
+//! have been governed (no pins: the programs detached with the daemon), are
+//! closed in the record with what is known, their processes killed.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::{Map, Value};
+
+use super::{ActiveSession, Sessions, cgroup::populated, sessions::discard};
+use crate::store::{RecordKind, RecordVerdict, SessionId, SessionRecord, rfc3339};
+
+/// What the starting daemon knows of the time no daemon ran.
+#[derive(Debug, Clone)]
+pub struct Gap {
+    /// Whether an earlier daemon's programs were still attached (pinned).
+    pub enforced: bool,
+    /// When the earlier daemon was last alive (its heartbeat), if known.
+    pub last_alive: Option<String>,
+}
+
+impl Gap {
+    fn detail(&self, outcome: &str) -> Map<String, Value> {
+        let mut detail = Map::new();
+        detail.insert("daemon_last_alive".into(), self.last_alive.clone().map_or(Value::Null, Value::from));
+        detail.insert("daemon_back".into(), rfc3339(SystemTime::now()).into());
+        detail.insert("enforced_meanwhile".into(), self.enforced.into());
+        detail.insert("outcome".into(), outcome.into());
+        detail
+    }
+}
+
+impl Sessions {
+    /// Adopts or ends what an earlier daemon left: the cgroups under the
+    /// sessions cgroup, and the records still open. `running` are the
+    /// session log's records that have no end.
+    pub async fn recover(self: &Arc<Self>, running: Vec<SessionRecord>, gap: &Gap) {
+        let tree = self.parts.tree.clone();
+        let mut seen = Vec::new();
+        for (name, path, cgroup_id) in tree.leftovers() {
+            let record = running.iter().find(|r| r.id.as_str() == name);
+            seen.push(name.clone());
+            let adopted = match record {
+                Some(record) if gap.enforced && populated(&path) => self.adopt(record, &path, cgroup_id, gap).await,
+                _ => false,
+            };
+            if adopted {
+                continue;
+            }
+            if populated(&path) {
+                tracing::warn!(cgroup = %path.display(), enforced = gap.enforced, "killing processes left in a session this daemon cannot adopt");
+            }
+            self.state().maps.purge(cgroup_id);
+            discard(path.clone()).await;
+            if let Some(record) = record {
+                self.close_unobserved(record, cgroup_id, gap);
+            }
+        }
+        // Records of this tree still open with no cgroup: they ended unobserved.
+        let ours = |r: &&SessionRecord| PathBuf::from(&r.cgroup).parent() == Some(tree.sessions.as_path());
+        for record in running.iter().filter(ours).filter(|r| !seen.iter().any(|name| name == r.id.as_str())) {
+            self.close_unobserved(record, 0, gap);
+        }
+    }
+
+    /// Takes a running session back: its rules from the current policy, its
+    /// registry entry, and a record of the gap. False when it cannot be
+    /// adopted (its identity is gone from the policy, the maps refuse it).
+    async fn adopt(
+        self: &Arc<Self>,
+        record: &SessionRecord,
+        path: &std::path::Path,
+        cgroup_id: u64,
+        gap: &Gap,
+    ) -> bool {
+        let this = self.clone();
+        let identity_name = record.identity.clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let identity = this.parts.policies.identities.iter().find(|i| i.name == identity_name).cloned()?;
+            let rules = crate::policy::compile::compile(this.parts.policies.grants_for(&identity.name));
+            Some((identity, rules))
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some((identity, rules)) = compiled else {
+            tracing::warn!(session = %record.id, identity = %record.identity, "cannot adopt: its identity is no longer in the policy");
+            return false;
+        };
+        let deadline = identity.max_session.map(|limit| {
+            let started = humantime::parse_rfc3339(&record.started_at).unwrap_or_else(|_| SystemTime::now());
+            let left = (started + limit).duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            (Instant::now() + left, limit)
+        });
+        let added = {
+            let mut state = self.state();
+            state.maps.purge(cgroup_id);
+            state.maps.add_session(cgroup_id, &rules)
+        };
+        if let Err(e) = added {
+            tracing::error!(session = %record.id, error = %e, "cannot adopt: the maps refused its rules");
+            self.state().maps.purge(cgroup_id);
+            return false;
+        }
+        self.state().registry.insert(ActiveSession {
+            id: record.id.clone(),
+            identity: identity.name.clone(),
+            subject: record.subject.clone(),
+            uid: record.uid,
+            cgroup: path.to_owned(),
+            cgroup_id,
+            rules,
+            creators: Default::default(),
+            deadline,
+            ending: false,
+        });
+        self.parts.log.decided(&record.id, RecordKind::Session, RecordVerdict::DaemonGap, gap.detail("adopted"));
+        tracing::warn!(session = %record.id, last_alive = gap.last_alive.as_deref().unwrap_or("unknown"), "adopted a session an earlier daemon left running");
+        true
+    }
+
+    /// Closes the record of a session that ended (or was ended) while no
+    /// daemon watched it.
+    fn close_unobserved(&self, record: &SessionRecord, cgroup_id: u64, gap: &Gap) {
+        let id: SessionId = record.id.clone();
+        if cgroup_id != 0 {
+            self.state().registry.remember_ended(cgroup_id, id.clone());
+        }
+        let outcome =
+            if gap.enforced { "ended while no daemon ran" } else { "killed: not governed while no daemon ran" };
+        self.parts.log.decided(&id, RecordKind::Session, RecordVerdict::DaemonGap, gap.detail(outcome));
+        self.parts.log.end_session(id.clone());
+        tracing::warn!(session = %id, outcome, "closed a session an earlier daemon left");
+    }
+}
