@@ -229,3 +229,42 @@ fn the_state_directory_and_session_log_are_root_only_whatever_the_umask() {
     assert_ne!(read.code(), Some(0), "another user read the session log: {read}");
     assert!(read.stdout.is_empty(), "another user read bytes of the session log");
 }
+
+/// The held child must be one that has executed nothing since the caller
+/// forked it. A caller that forks and then executes its own program again
+/// (same executable path, so a path comparison would pass) is refused, and
+/// the process is not placed in any session.
+#[test]
+fn a_child_that_executed_the_callers_own_program_again_is_not_placed() {
+    let daemon = Daemon::start(&policy(&strings(ALLOW_ALL), &[], &[]));
+    let token = daemon.mint("reexec-bot", BUILD_BOTS);
+    let token_text = std::fs::read_to_string(&token).expect("token");
+    let script = r#"
+import ctypes, json, os, socket, sys, time
+pid = os.fork()
+if pid == 0:
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(20)"])
+time.sleep(1)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall((json.dumps({"op": "run", "token": sys.argv[2].strip(), "pid": pid, "command": ["sleep"]}) + "\n").encode())
+print(s.makefile().readline().strip())
+print("cgroup=" + open("/proc/%d/cgroup" % pid).read().strip())
+os.kill(pid, 9)
+"#;
+    let mut command = Command::new("python3");
+    command.args(["-c", script]).arg(daemon.socket()).arg(token_text.trim());
+    let out = run_with_timeout(&mut command, Duration::from_secs(30)).expect("python3 runs");
+    let answer: Value = serde_json::from_str(out.first_line()).unwrap_or_else(|e| panic!("no answer ({e}): {out}"));
+    assert_eq!(answer["error"]["kind"], "forbidden", "the re-executed child was accepted: {out}");
+    assert!(
+        answer["error"]["message"].as_str().is_some_and(|m| m.contains("already executed")),
+        "the refusal should say why: {out}"
+    );
+    assert!(
+        !out.stdout.contains(&daemon.cgroup_name().to_owned()),
+        "the child was moved into the daemon's cgroups: {out}"
+    );
+    assert!(daemon.sessions().is_empty(), "a refused session left a record");
+}

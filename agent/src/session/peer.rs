@@ -1,6 +1,13 @@
 //! Who may put which process into a session: only the caller's own child
-//! that has not yet executed anything (it still runs the caller's binary).
-//! The caller is identified by `SO_PEERCRED`, never by what it claims.
+//! that has not yet executed anything. The caller is identified by
+//! `SO_PEERCRED`, never by what it claims.
+//!
+//! "Not yet executed" does not rest on the executable's path (a child that
+//! executes the caller's own program again would pass that): a forked child
+//! has exactly its parent's memory layout (code, stack, data, heap,
+//! arguments and environment addresses) until it executes anything, and
+//! every exec lays out a new image. The process is then held to its start
+//! time, so the one placed is the one checked, not a later holder of its pid.
 
 use std::path::PathBuf;
 
@@ -24,24 +31,57 @@ pub enum PeerError {
     /// It has already executed another program.
     #[error("process {0} has already executed another program")]
     AlreadyExecuted(u32),
+    /// Its start time changed between the checks: another process took its pid.
+    #[error("process {0} is not the process first checked (its pid was reused)")]
+    Replaced(u32),
     /// It could still gain privileges through setuid binaries.
     #[error("process {0} does not have no_new_privs set (a session must not gain privileges)")]
     NoNewPrivs(u32),
 }
 
+/// A process as the checks saw it: its pid and when it started (clock
+/// ticks since boot), which together name one process for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    /// The pid.
+    pub pid: u32,
+    /// Field 22 of `/proc/PID/stat`.
+    pub start_time: u64,
+}
+
+/// The fields of `/proc/PID/stat` after the command name, which may hold
+/// spaces and parentheses: index 0 is field 3 (state).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // The state is a letter; it reads as 0, and nothing compares it.
+    Some(rest.split_whitespace().map(|field| field.parse().unwrap_or(0)).collect())
+}
+
+/// Field `n` (1-based, as `man 5 proc` numbers them) of parsed stat fields.
+fn field(fields: &[u64], n: usize) -> Option<u64> {
+    fields.get(n.checked_sub(3)?).copied()
+}
+
+/// Where the process's image lies: startcode, endcode, startstack, and
+/// start_data through env_end (fields 26-28 and 45-51).
+fn layout(fields: &[u64]) -> Option<Vec<u64>> {
+    [26, 27, 28, 45, 46, 47, 48, 49, 50, 51].into_iter().map(|n| field(fields, n)).collect()
+}
+
 /// Checks that `child` is a not-yet-executed child of `caller_pid`, running
 /// as `caller_uid`, with `no_new_privs` already set (so a session can never
-/// become root through sudo and leave its cgroup).
-pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32) -> Result<(), PeerError> {
-    let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).map_err(|_| PeerError::NoSuchProcess(child))?;
-    // The command name may hold spaces and parentheses: parse after the last ')'.
-    let parent = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|field| field.parse::<u32>().ok())
-        .ok_or(PeerError::NoSuchProcess(child))?;
-    if parent != caller_pid {
-        return Err(PeerError::NotChild { pid: child, parent });
+/// become root through sudo and leave its cgroup). With `first`, also that
+/// it is the very process the first check saw.
+pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32, first: Option<Checked>) -> Result<Checked, PeerError> {
+    let fields = stat_fields(child).ok_or(PeerError::NoSuchProcess(child))?;
+    let parent = field(&fields, 4).ok_or(PeerError::NoSuchProcess(child))?;
+    let start_time = field(&fields, 22).ok_or(PeerError::NoSuchProcess(child))?;
+    if first.is_some_and(|first| first.start_time != start_time) {
+        return Err(PeerError::Replaced(child));
+    }
+    if parent != u64::from(caller_pid) {
+        return Err(PeerError::NotChild { pid: child, parent: u32::try_from(parent).unwrap_or(u32::MAX) });
     }
     let status =
         std::fs::read_to_string(format!("/proc/{child}/status")).map_err(|_| PeerError::NoSuchProcess(child))?;
@@ -55,14 +95,21 @@ pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32) -> Result<(), P
     }
     let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let (child_exe, caller_exe): (Option<PathBuf>, Option<PathBuf>) = (exe(child), exe(caller_pid));
-    if child_exe.is_none() || child_exe != caller_exe {
+    let caller_layout = stat_fields(caller_pid).and_then(|fields| layout(&fields));
+    let child_layout = layout(&fields);
+    let unexecuted = child_exe.is_some()
+        && child_exe == caller_exe
+        && child_layout.is_some()
+        && child_layout == caller_layout
+        && child_layout.as_ref().is_some_and(|l| l.iter().any(|&address| address != 0));
+    if !unexecuted {
         return Err(PeerError::AlreadyExecuted(child));
     }
     let no_new_privs = status.lines().any(|line| line.split_whitespace().eq(["NoNewPrivs:", "1"]));
     if !no_new_privs {
         return Err(PeerError::NoNewPrivs(child));
     }
-    Ok(())
+    Ok(Checked { pid: child, start_time })
 }
 
 #[cfg(test)]
@@ -75,11 +122,11 @@ mod tests {
         let uid = nix::unistd::getuid().as_raw();
         // A child that has executed another program (sleep) is refused.
         let mut sleeper = std::process::Command::new("sleep").arg("5").spawn().expect("spawn sleep");
-        assert_eq!(check_child(me, uid, sleeper.id()), Err(PeerError::AlreadyExecuted(sleeper.id())));
+        assert_eq!(check_child(me, uid, sleeper.id(), None), Err(PeerError::AlreadyExecuted(sleeper.id())));
         // Our parent is not our child.
         let parent = nix::unistd::getppid().as_raw() as u32;
-        assert!(matches!(check_child(me, uid, parent), Err(PeerError::NotChild { .. })));
-        assert_eq!(check_child(me, uid, u32::MAX - 1), Err(PeerError::NoSuchProcess(u32::MAX - 1)));
+        assert!(matches!(check_child(me, uid, parent, None), Err(PeerError::NotChild { .. })));
+        assert_eq!(check_child(me, uid, u32::MAX - 1, None), Err(PeerError::NoSuchProcess(u32::MAX - 1)));
         let _ = sleeper.kill();
         let _ = sleeper.wait();
     }

@@ -257,7 +257,7 @@ impl Sessions {
         if self.is_governed(caller.pid) || self.is_governed(pid) {
             return Err(OpenError::Nested);
         }
-        peer::check_child(caller.pid, caller.uid, pid)?;
+        let checked = peer::check_child(caller.pid, caller.uid, pid, None)?;
         let this = self.clone();
         // Token checks may fetch keys, and compiling may resolve host names
         // and stat files: off the runtime.
@@ -333,7 +333,8 @@ impl Sessions {
         });
         // Checked again right before the move: the token check may have taken
         // seconds, in which the held child could have gone and its pid been reused.
-        let moved = peer::check_child(caller.pid, caller.uid, pid)
+        let moved = peer::check_child(caller.pid, caller.uid, pid, Some(checked))
+            .map(|_| ())
             .map_err(|e| e.to_string())
             .and_then(|()| cgroup::move_process(&cgroup_path, pid).map_err(|e| e.to_string()));
         if let Err(e) = moved {
