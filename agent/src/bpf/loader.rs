@@ -15,7 +15,7 @@ use tollgate_common::{KernelOffsets, ProxyAddr};
 use super::{
     BpfError,
     btf::Btf,
-    maps::{LostCounters, OriginalDestinations, SessionMaps},
+    maps::{ConsumedBytes, LostCounters, OriginalDestinations, SessionMaps},
     pins::{PINNED_MAPS, PinDir},
 };
 
@@ -60,6 +60,8 @@ pub struct Loaded {
     pub originals: OriginalDestinations,
     /// Events the kernel could not deliver.
     pub lost: LostCounters,
+    /// Bytes of each session's events read so far, for the kernel's fairness.
+    pub consumed: ConsumedBytes,
     /// The event ring buffer.
     pub events: RingBuf<MapData>,
     /// The programs' own log, where the kernel supports it.
@@ -241,6 +243,7 @@ pub fn load(
         ),
         originals: OriginalDestinations::new(map(&mut ebpf, "ORIGINAL_BY_CONNECTION")?),
         lost: LostCounters::new(map(&mut ebpf, "LOST")?),
+        consumed: ConsumedBytes::new(map(&mut ebpf, "CONSUMED")?),
         events: map(&mut ebpf, "EVENTS")?,
         logger,
         programs: Programs { _ebpf: ebpf, _pinned: pinned, _held: held, pins },

@@ -5,10 +5,10 @@
 
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
 use tollgate_common::{
-    ConnectionKey, ExecKey, LOST_SLOTS, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey,
-    NetRule, OriginalDst, SessionSlot, net_any_port_key, net_port_key,
+    ConnectionKey, ExecKey, LostKey, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey, NetRule,
+    OriginalDst, SessionSlot, net_any_port_key, net_port_key,
 };
 
 use super::BpfError;
@@ -129,18 +129,49 @@ impl OriginalDestinations {
     }
 }
 
-/// Per-CPU counts of events that found the ring buffer full.
+/// Per-CPU counts of events not delivered, per session, kind and reason.
 pub struct LostCounters {
-    lost: PerCpuArray<MapData, u64>,
+    lost: PerCpuHashMap<MapData, LostKey, u64>,
 }
 
 impl LostCounters {
-    pub(super) fn new(lost: PerCpuArray<MapData, u64>) -> Self {
+    pub(super) fn new(lost: PerCpuHashMap<MapData, LostKey, u64>) -> Self {
         Self { lost }
     }
 
-    /// Events lost so far, per event kind slot, summed over CPUs.
-    pub fn read(&self) -> Vec<u64> {
-        (0..LOST_SLOTS).map(|slot| self.lost.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)).collect()
+    /// Every counter so far, summed over CPUs.
+    pub fn read(&self) -> Vec<(LostKey, u64)> {
+        self.lost.iter().flatten().map(|(key, per_cpu)| (key, per_cpu.iter().sum())).collect()
+    }
+}
+
+/// How many bytes of each session's events the daemon has read, told to
+/// the kernel so it knows which sessions' events fill the ring buffer.
+pub struct ConsumedBytes {
+    map: HashMap<MapData, u64, u64>,
+    /// What this daemon believes each counter holds.
+    totals: std::collections::HashMap<u64, u64>,
+}
+
+impl ConsumedBytes {
+    pub(super) fn new(map: HashMap<MapData, u64, u64>) -> Self {
+        Self { map, totals: std::collections::HashMap::new() }
+    }
+
+    /// Adds `bytes` read of `cgroup_id`'s events (kept here until [`ConsumedBytes::publish`]).
+    pub fn add(&mut self, cgroup_id: u64, bytes: u64) {
+        let map = &self.map;
+        // The first time, carry on from what an earlier daemon published.
+        let total = self.totals.entry(cgroup_id).or_insert_with(|| map.get(&cgroup_id, 0).unwrap_or(0));
+        *total += bytes;
+    }
+
+    /// Writes the counters of `cgroup_ids` to the kernel.
+    pub fn publish(&mut self, cgroup_ids: impl IntoIterator<Item = u64>) {
+        for cgroup_id in cgroup_ids {
+            if let Some(total) = self.totals.get(&cgroup_id) {
+                let _ = self.map.insert(cgroup_id, *total, 0);
+            }
+        }
     }
 }

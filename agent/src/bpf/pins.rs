@@ -18,8 +18,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// Maps whose contents must survive the daemon: the session rules, the
 /// original destinations of redirected connections, the events written
-/// while no daemon reads them, and the lost counters.
-pub const PINNED_MAPS: [&str; 8] = [
+/// while no daemon reads them, the lost counters and the fairness accounts.
+pub const PINNED_MAPS: [&str; 10] = [
     "SESSIONS",
     "EXEC_DENY",
     "NET_ANY_PORT",
@@ -28,6 +28,8 @@ pub const PINNED_MAPS: [&str; 8] = [
     "ORIGINAL_BY_CONNECTION",
     "EVENTS",
     "LOST",
+    "SUBMITTED",
+    "CONSUMED",
 ];
 
 /// This daemon's pin directory.

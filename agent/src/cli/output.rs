@@ -114,6 +114,9 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
                 text(e, "rule"),
                 e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"))
             ),
+            Some(RecordKind::Lost) => {
+                format!("{} {} event(s) not delivered ({})", e["count"], text(e, "lost_kind"), text(e, "reason"))
+            }
             Some(RecordKind::Session) => {
                 let by = e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!("by {by}"));
                 let reason = e.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(" ({r})"));

@@ -42,7 +42,7 @@ pub struct Config {
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
     /// Size of the kernel-to-daemon event ring buffer in KiB: a power of two,
-    /// at least 4. Events that find it full are counted as lost.
+    /// at least 16. Events that find it full are counted as lost, per session.
     #[serde(default = "default_event_buffer_kib")]
     pub event_buffer_kib: u32,
     /// The L7 proxy listens on 127.0.0.1 and ::1 at this port; governed
@@ -145,11 +145,11 @@ impl Config {
             message,
         };
         let kib = self.event_buffer_kib;
-        if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
+        if kib < 16 || !kib.is_power_of_two() || kib > 1 << 20 {
             return Err(error(
                 "event_buffer_kib",
                 &kib.to_string(),
-                format!("event_buffer_kib {kib} must be a power of two between 4 and 1048576"),
+                format!("event_buffer_kib {kib} must be a power of two between 16 and 1048576"),
             ));
         }
         if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {

@@ -1,19 +1,22 @@
 //! The event pump: kernel events to session log records, the programs'
 //! own log to the daemon's, and lost events to counts that are never silent.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::maps::{MapData, RingBuf};
 use serde_json::{Map, Value, json};
 use tokio::io::unix::AsyncFd;
-use tollgate_common::{EventKind, LOST_SLOTS, Verdict};
+use tollgate_common::{EventKind, LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, LostKey, Verdict};
 
 use crate::{
     bpf::{
-        KernelLogger, LostCounters,
+        ConsumedBytes, KernelLogger, LostCounters,
         events::{self, KernelEvent},
     },
     session::Sessions,
@@ -23,18 +26,48 @@ use crate::{
 /// Events the kernel could not deliver, per event kind slot, as counted so far.
 pub type LostTotals = [AtomicU64; LOST_SLOTS as usize];
 
-/// Reads the ring buffer for as long as the daemon runs.
-pub async fn read(sessions: Arc<Sessions>, log: SessionLog, mut ring: AsyncFd<RingBuf<MapData>>) -> anyhow::Result<()> {
+/// Events handled before the reader lets other tasks (the control socket,
+/// the proxy) run: a flood must not make the daemon unresponsive.
+const EVENTS_PER_TURN: usize = 256;
+
+/// Reads the ring buffer for as long as the daemon runs. After each turn,
+/// the bytes read of each session's events are told to the kernel, which
+/// holds a session back only while its own unread events fill its share of
+/// the buffer.
+pub async fn read(
+    sessions: Arc<Sessions>,
+    log: SessionLog,
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    mut consumed: ConsumedBytes,
+) -> anyhow::Result<()> {
+    let mut touched = Vec::new();
     loop {
         let mut guard = ring.readable_mut().await?;
         let buffer = guard.get_inner_mut();
-        while let Some(item) = buffer.next() {
+        let mut handled = 0;
+        while handled < EVENTS_PER_TURN {
+            let Some(item) = buffer.next() else { break };
             match events::decode(&item) {
-                Ok(event) => record(&sessions, &log, &event),
+                Ok(event) => {
+                    let cgroup_id = event.origin().cgroup_id;
+                    consumed.add(cgroup_id, item.len() as u64);
+                    if !touched.contains(&cgroup_id) {
+                        touched.push(cgroup_id);
+                    }
+                    record(&sessions, &log, &event);
+                }
                 Err(e) => tracing::error!(error = %e, "undecodable kernel event"),
             }
+            handled += 1;
         }
-        guard.clear_ready();
+        consumed.publish(touched.drain(..));
+        if handled < EVENTS_PER_TURN {
+            // Drained: wait for the kernel to say there is more.
+            guard.clear_ready();
+        } else {
+            drop(guard);
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -112,22 +145,55 @@ pub async fn forward_kernel_log(logger: KernelLogger) -> anyhow::Result<()> {
     }
 }
 
-/// Reports events the kernel could not deliver (ring buffer full): logged,
-/// recorded, and counted in `tollgate status`. Never silent.
-pub async fn watch_lost(counters: LostCounters, log: SessionLog, totals: Arc<LostTotals>) -> anyhow::Result<()> {
-    let mut seen = vec![0u64; LOST_SLOTS as usize];
+/// Reports events the kernel did not deliver (the ring buffer was full, or
+/// their session had used its share of it): each loss is recorded in its
+/// session's record with its kind, count and reason, logged, counted in
+/// `tollgate status` and in the log's lost-event table. Never silent.
+pub async fn watch_lost(
+    counters: LostCounters,
+    sessions: Arc<Sessions>,
+    log: SessionLog,
+    totals: Arc<LostTotals>,
+) -> anyhow::Result<()> {
+    let mut seen: HashMap<LostKey, u64> = HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now = counters.read();
-        for (slot, (&count, previous)) in now.iter().zip(seen.iter_mut()).enumerate() {
-            if count > *previous {
-                let lost = count - *previous;
-                let kind = events::kind_name(slot);
-                tracing::error!(kind, lost, "kernel events lost: the ring buffer was full");
-                log.lost(kind, lost);
-                totals[slot].fetch_add(lost, Ordering::Relaxed);
-                *previous = count;
+        for (key, count) in counters.read() {
+            let previous = seen.entry(key).or_insert(0);
+            if count <= *previous {
+                continue;
+            }
+            let lost = count - *previous;
+            *previous = count;
+            let kind = events::kind_name(key.kind as usize);
+            let reason = match key.reason {
+                LOST_THROTTLED => "throttled",
+                LOST_BUFFER_FULL => "ring-buffer-full",
+                _ => "unknown",
+            };
+            if let Some(slot) = totals.get(key.kind as usize) {
+                slot.fetch_add(lost, Ordering::Relaxed);
+            }
+            log.lost(kind, lost);
+            match sessions.session_of(key.cgroup_id) {
+                Some(session) => {
+                    tracing::error!(session = %session, kind, lost, reason, "kernel events of a session were not delivered");
+                    let mut detail = Map::new();
+                    detail.insert("lost_kind".into(), kind.into());
+                    detail.insert("count".into(), lost.into());
+                    detail.insert("reason".into(), reason.into());
+                    log.noted(&session, RecordKind::Lost, detail);
+                }
+                None => {
+                    tracing::error!(
+                        cgroup_id = key.cgroup_id,
+                        kind,
+                        lost,
+                        reason,
+                        "kernel events lost for a cgroup with no session"
+                    );
+                }
             }
         }
     }

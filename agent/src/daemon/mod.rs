@@ -109,7 +109,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut unpin_on_failure = PinCleanup(pins.clone().filter(|_| found == Found::Nothing));
     let loaded = bpf::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port, pins)
         .context("cannot load the eBPF programs")?;
-    let bpf::Loaded { programs, session_maps, originals, lost, events: ring, logger, mode, lsm_unavailable } = loaded;
+    let bpf::Loaded { programs, session_maps, originals, lost, consumed, events: ring, logger, mode, lsm_unavailable } =
+        loaded;
     match &lsm_unavailable {
         None => tracing::info!(mode = mode.as_str(), "exec enforcement: denied execs fail with EPERM"),
         Some(why) => {
@@ -176,9 +177,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(heartbeat::beat(config.state_dir.clone()));
-    tasks.spawn(events::read(sessions.clone(), log.clone(), ring));
+    tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed));
     tasks.spawn(sessions.clone().reap());
-    tasks.spawn(events::watch_lost(lost, log.clone(), lost_totals));
+    tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));
     tasks.spawn(crate::api::server::serve(control, listener));
     tasks.spawn(crate::proxy::serve(proxy, proxy_listeners));
     if let Some(logger) = logger {

@@ -370,6 +370,11 @@ impl Sessions {
         })
     }
 
+    /// The session of a cgroup, live or recently ended.
+    pub fn session_of(&self, cgroup_id: u64) -> Option<SessionId> {
+        self.state().registry.session_of(cgroup_id)
+    }
+
     /// Attributes a kernel event to its session (live or recently ended)
     /// and keeps the registry's view of who forked whom up to date.
     pub fn attribute(&self, event: &KernelEvent) -> Option<Attribution> {

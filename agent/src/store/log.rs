@@ -50,6 +50,13 @@ impl SessionLog {
         self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail });
     }
 
+    /// Records a fact about a session, now, that is no decision (events
+    /// counted instead of delivered, say).
+    pub fn noted(&self, session: &SessionId, kind: RecordKind, detail: Map<String, Value>) {
+        let at = rfc3339(SystemTime::now());
+        self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail });
+    }
+
     /// Records the end of a session, now.
     pub fn end_session(&self, session: SessionId) {
         self.writer.end_session(session, rfc3339(SystemTime::now()));

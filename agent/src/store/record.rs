@@ -19,11 +19,13 @@ pub enum RecordKind {
     Approval,
     /// The session itself: revoked by a reviewer, or past its identity's `max_session`.
     Session,
+    /// Events of the session that were counted instead of delivered.
+    Lost,
 }
 
 impl RecordKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Kernel(EventKind::Exec),
         Self::Kernel(EventKind::Fork),
         Self::Kernel(EventKind::Exit),
@@ -33,6 +35,7 @@ impl RecordKind {
         Self::Tls,
         Self::Approval,
         Self::Session,
+        Self::Lost,
     ];
 
     /// The kind a stored name stands for.
@@ -48,6 +51,7 @@ impl RecordKind {
             Self::Tls => "tls",
             Self::Approval => "approval",
             Self::Session => "session",
+            Self::Lost => "lost",
         }
     }
 }

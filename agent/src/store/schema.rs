@@ -13,7 +13,7 @@ use super::StoreError;
 
 const MIGRATIONS: &[&str] = &[
     // 1: sessions and their events. `events.kind` is a `RecordKind` name
-    // (exec, fork, exit, connect, socket, http, tls, approval, session);
+    // (exec, fork, exit, connect, socket, http, tls, approval, session, lost);
     // `verdict` a `RecordVerdict` name (allow, deny, killed, redirect, block,
     // pending, approved, denied, timed-out, revoked, expired, daemon-gap) or NULL; `detail` a JSON object whose
     // fields depend on the kind; `lost_events.kind` is a kernel event kind.

@@ -8,7 +8,7 @@
 
 /// The layout of the maps the daemon pins. Bumped whenever a pinned map's
 /// key, value or size changes, so a daemon never adopts maps it would misread.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Bytes of the executed file's name kept in an exec event.
 pub const FILENAME_LEN: usize = 256;
@@ -439,8 +439,32 @@ pub struct KernelOffsets {
     pub ready: u32,
 }
 
-/// Index into the lost-event counters, one per [`EventKind`] (index 0 unused).
+/// Kind slots of userspace's lost-event totals, one per [`EventKind`] (index 0 unused).
 pub const LOST_SLOTS: u32 = 6;
+
+/// `LostKey::reason`: the ring buffer had no room for the event.
+pub const LOST_BUFFER_FULL: u32 = 1;
+/// `LostKey::reason`: the session had its share of the ring buffer in
+/// flight while the buffer was at least half full; the event is only counted.
+pub const LOST_THROTTLED: u32 = 2;
+
+/// While the ring buffer is at least half full, a session may add an event
+/// only while its events not yet read by the daemon take less than this
+/// fraction (1/N) of the buffer. A flooding session is stopped there, and
+/// the rest of the buffer stays for the sessions that write little.
+pub const FAIR_SHARE_DIVISOR: u64 = 4;
+
+/// Key of the lost-event counters: whose events, of which kind, and why.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LostKey {
+    /// The session's cgroup id.
+    pub cgroup_id: u64,
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// `LOST_BUFFER_FULL` or `LOST_THROTTLED`.
+    pub reason: u32,
+}
 
 #[cfg(feature = "user")]
 pub use user::read;
@@ -450,8 +474,8 @@ mod user {
     //! `aya::Pod` for the types userspace puts into maps or reads out of
     //! maps and the ring buffer, and reading them from raw bytes.
     use super::{
-        ConnectEvent, ConnectionKey, EventHeader, ExecEvent, ExecKey, ExitEvent, ForkEvent, KernelOffsets, NetRule,
-        OriginalDst, ProxyAddr, SessionSlot, SocketEvent,
+        ConnectEvent, ConnectionKey, EventHeader, ExecEvent, ExecKey, ExitEvent, ForkEvent, KernelOffsets, LostKey,
+        NetRule, OriginalDst, ProxyAddr, SessionSlot, SocketEvent,
     };
 
     /// A `T` from the start of `bytes` (which need not be aligned), or `None`
@@ -475,6 +499,7 @@ mod user {
         };
     }
     pod!(
+        LostKey,
         EventHeader,
         ExecEvent,
         ForkEvent,
@@ -504,6 +529,7 @@ const _: () = {
     assert!(core::mem::size_of::<OriginalDst>() == 32);
     assert!(core::mem::size_of::<ConnectionKey>() == 40);
     assert!(core::mem::size_of::<ProxyAddr>() == 8);
+    assert!(core::mem::size_of::<LostKey>() == 16);
 };
 
 #[cfg(test)]

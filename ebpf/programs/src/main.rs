@@ -23,11 +23,11 @@ mod redirect;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use tollgate_common::{
-    ConnectionKey, EventHeader, EventKind, ExecKey, KernelOffsets, LOST_SLOTS, NetAnyPortKey, NetPortKey, NetRule,
-    OriginalDst, ProxyAddr, SessionSlot,
+    ConnectionKey, EventHeader, EventKind, ExecKey, FAIR_SHARE_DIVISOR, KernelOffsets, LOST_BUFFER_FULL,
+    LOST_THROTTLED, LostKey, NetAnyPortKey, NetPortKey, NetRule, OriginalDst, ProxyAddr, SessionSlot,
 };
 
 const AF_INET: u32 = 2;
@@ -85,9 +85,21 @@ pub(crate) static NET_PORT: LpmTrie<NetPortKey, NetRule> = LpmTrie::with_max_ent
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// Events that found the ring buffer full, per event kind.
+/// Events not delivered, per session, kind and reason (per CPU: no atomics).
 #[map]
-pub(crate) static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+pub(crate) static LOST: LruPerCpuHashMap<LostKey, u64> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Bytes of events each session has put into the ring buffer, ever.
+#[map]
+pub(crate) static SUBMITTED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// Bytes of each session's events the daemon has read, ever (it writes these).
+#[map]
+pub(crate) static CONSUMED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// `bpf_ringbuf_query` flags.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
 
 #[inline(always)]
 pub(crate) fn offsets() -> KernelOffsets {
@@ -102,11 +114,67 @@ pub(crate) fn is_governed(cgroup_id: u64) -> bool {
     unsafe { SESSIONS.get(cgroup_id) }.is_some()
 }
 
+/// Counts an event of `cgroup_id` that was not delivered, and why.
 #[inline(always)]
-pub(crate) fn count_lost(kind: EventKind) {
-    if let Some(counter) = LOST.get_ptr_mut(kind as u32) {
-        // SAFETY: per-CPU slot, so no other writer races with this one.
-        unsafe { *counter += 1 };
+pub(crate) fn count_lost(cgroup_id: u64, kind: EventKind, reason: u32) {
+    let key = LostKey { cgroup_id, kind: kind as u32, reason };
+    match LOST.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot, so no other writer races with this one.
+        Some(counter) => unsafe { *counter += 1 },
+        None => {
+            // Another CPU may create the entry first; then it is counted there.
+            let _ = LOST.insert(&key, &1, 0);
+        }
+    }
+}
+
+/// May `cgroup_id` add an event of `size` bytes now? While the ring buffer
+/// is less than half full, yes; past that, only while the session's events
+/// the daemon has not read yet take less than its share of the buffer, so a
+/// flooding session cannot push out the events of quiet ones. A refused
+/// event is counted for its session as throttled.
+#[inline(always)]
+pub(crate) fn admit(cgroup_id: u64, kind: EventKind, size: u64) -> bool {
+    let filled = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let ring = EVENTS.query(BPF_RB_RING_SIZE);
+    if filled.saturating_mul(2) < ring {
+        return true;
+    }
+    // SAFETY: plain reads of map values; a racing update only makes the estimate stale.
+    let submitted = unsafe { SUBMITTED.get(&cgroup_id) }.copied().unwrap_or(0);
+    // SAFETY: as above.
+    let consumed = unsafe { CONSUMED.get(&cgroup_id) }.copied().unwrap_or(0);
+    if submitted.saturating_sub(consumed) + size <= ring / FAIR_SHARE_DIVISOR {
+        return true;
+    }
+    count_lost(cgroup_id, kind, LOST_THROTTLED);
+    false
+}
+
+/// Notes `size` bytes of `cgroup_id`'s events put into the ring buffer.
+#[inline(always)]
+pub(crate) fn submitted(cgroup_id: u64, size: u64) {
+    match SUBMITTED.get_ptr_mut(&cgroup_id) {
+        // SAFETY: a map value of ours; CPUs racing here make the estimate approximate, never unsafe.
+        Some(total) => unsafe { *total += size },
+        None => {
+            let _ = SUBMITTED.insert(&cgroup_id, &size, 0);
+        }
+    }
+}
+
+/// Writes a fixed-size event for `cgroup_id` if its session may add one now;
+/// counts it as lost when the buffer has no room.
+#[inline(always)]
+pub(crate) fn emit<T: 'static>(cgroup_id: u64, kind: EventKind, event: &T) {
+    let size = core::mem::size_of::<T>() as u64;
+    if !admit(cgroup_id, kind, size) {
+        return;
+    }
+    if EVENTS.output::<T>(event, 0).is_ok() {
+        submitted(cgroup_id, size);
+    } else {
+        count_lost(cgroup_id, kind, LOST_BUFFER_FULL);
     }
 }
 

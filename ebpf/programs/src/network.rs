@@ -14,8 +14,7 @@ use tollgate_common::{
 };
 
 use crate::{
-    AF_INET, AF_INET6, EVENTS, NET_ANY_PORT, NET_PORT, PROXY, count_lost, header, is_governed, redirect::redirect,
-    words_to_bytes,
+    AF_INET, AF_INET6, NET_ANY_PORT, NET_PORT, PROXY, emit, header, is_governed, redirect::redirect, words_to_bytes,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -87,9 +86,7 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
         reserved: 0,
         addr,
     };
-    if EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
-        count_lost(EventKind::Connect);
-    }
+    emit(cgroup_id, EventKind::Connect, &event);
     (verdict == Verdict::Allow || verdict == Verdict::Redirect) as i32
 }
 
@@ -154,8 +151,6 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         protocol,
         reserved: 0,
     };
-    if EVENTS.output::<SocketEvent>(&event, 0).is_err() {
-        count_lost(EventKind::Socket);
-    }
+    emit(cgroup_id, EventKind::Socket, &event);
     0
 }

@@ -11,10 +11,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tollgate_common::{
     ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExecKey,
-    ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, Verdict,
+    ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_BUFFER_FULL, Verdict,
 };
 
-use crate::{EVENTS, EXEC_DENY, count_lost, field, header, is_governed, offsets};
+use crate::{EVENTS, EXEC_DENY, admit, count_lost, emit, field, header, is_governed, offsets, submitted};
 
 const SIGKILL: u32 = 9;
 const EPERM: i32 = 1;
@@ -46,8 +46,11 @@ fn exec_denied(cgroup_id: u64, dev: u32, ino: u64) -> bool {
 #[inline(always)]
 unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64, read_argv: bool) {
     let off = offsets();
+    if !admit(cgroup_id, EventKind::Exec, core::mem::size_of::<ExecEvent>() as u64) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost(EventKind::Exec);
+        count_lost(cgroup_id, EventKind::Exec, LOST_BUFFER_FULL);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -84,6 +87,7 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
         }
     }
     entry.submit(0);
+    submitted(cgroup_id, core::mem::size_of::<ExecEvent>() as u64);
 }
 
 #[inline(always)]
@@ -195,9 +199,7 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         child_pid: tgid,
         uid: bpf_get_current_uid_gid() as u32,
     };
-    if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
-        count_lost(EventKind::Fork);
-    }
+    emit(cgroup_id, EventKind::Fork, &event);
     0
 }
 
@@ -220,8 +222,6 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: checked kernel read.
     let exit_code = unsafe { field::<u32>(task, off.task_exit_code) }.unwrap_or(0);
     let event = ExitEvent { header: header(EventKind::Exit, cgroup_id), exit_code, reserved: 0 };
-    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
-        count_lost(EventKind::Exit);
-    }
+    emit(cgroup_id, EventKind::Exit, &event);
     0
 }
