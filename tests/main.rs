@@ -7,6 +7,7 @@ mod cli;
 mod daemon_lifecycle;
 mod enforcement;
 mod events;
+mod exec_allow;
 mod isolation;
 mod lifetime;
 mod policies;

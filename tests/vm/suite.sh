@@ -34,6 +34,23 @@ socket: $S
 policies: [/etc/tollgate/policies]
 dev_issuer: true
 YAML
+# An allow list: busybox and one script, whose interpreter is not listed.
+mkdir -p /tmp/unlisted
+cp /bin/busybox /tmp/unlisted/sh
+printf '#!/tmp/unlisted/sh\necho LISTED-SCRIPT-RAN\n' > /tmp/listed.sh
+chmod 755 /tmp/listed.sh
+cat > /etc/tollgate/policies/listed.yaml <<YAML
+identities:
+  - name: vm-listed
+    issuer: tollgate-dev
+    allow_root: true
+    claims: { team: listed }
+grants:
+  - name: vm-listed-exec
+    identity: vm-listed
+    exec:
+      allow: [/bin/busybox, /tmp/listed.sh]
+YAML
 cat > /etc/tollgate/policies/vm.yaml <<YAML
 identities:
   - name: vm-bots
@@ -72,7 +89,7 @@ pass daemon-starts
 status=$($T --socket $S status --format json)
 mode=$(echo "$status" | sed -n 's/.*"exec_enforcement": "\([a-z-]*\)".*/\1/p')
 echo "TOLLGATE-VM: MODE $mode"
-if [ "$mode" = "$expect" ]; then pass "exec-enforcement-is-$expect"; else fail "exec-enforcement-is-$expect" "status says $mode"; fi
+if [ "$mode" = "$expect" ]; then pass "exec-enforcement-is-$expect"; else fail "exec-enforcement-is-$expect" "status says $mode: $(echo "$status" | grep lsm_unavailable | tail -c 1500)"; fi
 
 $T token mint --config /etc/tollgate/config.yaml --sub vm-bot > /tmp/token
 run() { $T --socket $S run --token-file /tmp/token -- "$@"; }
@@ -118,6 +135,25 @@ for id in $(echo "$sessions" | sed -n 's/.*"id": "\(s-[0-9a-f]*\)".*/\1/p'); do
     fi
 done
 if [ $denied_logged = 1 ]; then pass denied-exec-recorded; else fail denied-exec-recorded "no exec event for /tmp/denied/echo"; fi
+
+# Allow lists: a copy of a listed binary never runs; a listed script runs
+# under LSM (judged by its own file) and is killed without it (judged by
+# its interpreter, which is not listed).
+$T token mint --config /etc/tollgate/config.yaml --sub vm-listed --claim team=listed > /tmp/listed-token
+run_listed() { $T --socket $S run --token-file /tmp/listed-token -- "$@"; }
+out=$(run_listed /bin/busybox echo LISTED-OK 2>&1)
+if echo "$out" | grep -q LISTED-OK; then pass allow-list-runs-listed; else fail allow-list-runs-listed "$out"; fi
+out=$(run_listed /tmp/denied/echo COPY-RAN 2>&1); code=$?
+if [ "$code" = "$want" ] && ! echo "$out" | grep -q COPY-RAN; then pass allow-list-refuses-copy
+else fail allow-list-refuses-copy "exit $code (want $want): $out"; fi
+out=$(run_listed /tmp/listed.sh 2>&1); code=$?
+if [ "$expect" = lsm ]; then
+    if echo "$out" | grep -q LISTED-SCRIPT-RAN; then pass allow-list-script-judged-by-mode
+    else fail allow-list-script-judged-by-mode "lsm should run a listed script: exit $code $out"; fi
+else
+    if [ "$code" = 137 ] && ! echo "$out" | grep -q LISTED-SCRIPT-RAN; then pass allow-list-script-judged-by-mode
+    else fail allow-list-script-judged-by-mode "kill-on-exec judges the unlisted interpreter: exit $code $out"; fi
+fi
 
 # Enforcement outlives the daemon: with its programs pinned, a session
 # started before a kill -9 still cannot run the denied file or reach the

@@ -199,6 +199,8 @@ impl Btf {
             sb_dev: at("super_block", "s_dev")?,
             bprm_file: at("linux_binprm", "file")?,
             bprm_filename: at("linux_binprm", "filename")?,
+            bprm_interp: at("linux_binprm", "interp")?,
+            reserved: 0,
             ready: 1,
         })
     }

@@ -4,7 +4,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{Array, MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps,
         links::{FdLink, PinnedLink},
@@ -218,6 +218,9 @@ pub fn load(
     let (mode, lsm_error) = match attach_lsm(&mut ebpf) {
         Ok(link) => {
             keep_link(link, "bprm_check_security", pins.as_ref(), &mut pinned, &mut held)?;
+            // The hook decides execs alone from now on; the tracepoint records.
+            let mut active: Array<MapData, u32> = map(&mut ebpf, "LSM_ACTIVE")?;
+            active.set(0, 1, 0).map_err(|source| BpfError::Map { name: "LSM_ACTIVE", source })?;
             (ExecEnforcement::Lsm, None)
         }
         Err(e) => {
@@ -226,6 +229,8 @@ pub fn load(
             if let Some(pins) = &pins {
                 let _ = std::fs::remove_file(pins.link("bprm_check_security"));
             }
+            let mut active: Array<MapData, u32> = map(&mut ebpf, "LSM_ACTIVE")?;
+            active.set(0, 0, 0).map_err(|source| BpfError::Map { name: "LSM_ACTIVE", source })?;
             (ExecEnforcement::KillOnExec, Some(e.to_string()))
         }
     };
@@ -238,6 +243,7 @@ pub fn load(
         session_maps: SessionMaps::new(
             map(&mut ebpf, "SESSIONS")?,
             map(&mut ebpf, "EXEC_DENY")?,
+            map(&mut ebpf, "EXEC_ALLOW")?,
             map(&mut ebpf, "NET_ANY_PORT")?,
             map(&mut ebpf, "NET_PORT")?,
         ),

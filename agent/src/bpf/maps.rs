@@ -8,16 +8,17 @@ use std::sync::Mutex;
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
 use tollgate_common::{
     ConnectionKey, ExecKey, LostKey, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey, NetRule,
-    OriginalDst, SessionSlot, net_any_port_key, net_port_key,
+    OriginalDst, SESSION_EXEC_ALLOW_LIST, SessionSlot, net_any_port_key, net_port_key,
 };
 
 use super::BpfError;
-use crate::policy::compile::{NetEntry, SessionRules};
+use crate::policy::compile::{FileId, NetEntry, SessionRules};
 
 /// The governed-cgroup map and the rule maps of every session.
 pub struct SessionMaps {
     sessions: HashMap<MapData, u64, SessionSlot>,
     exec_deny: HashMap<MapData, ExecKey, u32>,
+    exec_allow: HashMap<MapData, ExecKey, u32>,
     net_any_port: LpmTrie<MapData, NetAnyPortKey, NetRule>,
     net_port: LpmTrie<MapData, NetPortKey, NetRule>,
 }
@@ -45,10 +46,21 @@ impl SessionMaps {
     pub(super) fn new(
         sessions: HashMap<MapData, u64, SessionSlot>,
         exec_deny: HashMap<MapData, ExecKey, u32>,
+        exec_allow: HashMap<MapData, ExecKey, u32>,
         net_any_port: LpmTrie<MapData, NetAnyPortKey, NetRule>,
         net_port: LpmTrie<MapData, NetPortKey, NetRule>,
     ) -> Self {
-        Self { sessions, exec_deny, net_any_port, net_port }
+        Self { sessions, exec_deny, exec_allow, net_any_port, net_port }
+    }
+
+    /// Adds files to a session's exec allow list (a listed file replaced by
+    /// a new one, as package upgrades do, is a new file).
+    pub fn allow_files(&mut self, cgroup_id: u64, files: &[FileId]) -> Result<(), BpfError> {
+        for file in files {
+            let key = ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 };
+            self.exec_allow.insert(key, 1, 0).map_err(|source| BpfError::Map { name: "EXEC_ALLOW", source })?;
+        }
+        Ok(())
     }
 
     /// Makes `cgroup_id` a governed session with `rules`. Rules go in before
@@ -58,6 +70,12 @@ impl SessionMaps {
         for (_, file) in &rules.exec_deny {
             let key = ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 };
             self.exec_deny.insert(key, 1, 0).map_err(fail("EXEC_DENY"))?;
+        }
+        let mut flags = 0;
+        if let Some(allow) = &rules.exec_allow {
+            let files: Vec<FileId> = allow.files.iter().map(|(_, file)| *file).collect();
+            self.allow_files(cgroup_id, &files)?;
+            flags |= SESSION_EXEC_ALLOW_LIST;
         }
         for entry in &rules.net {
             let value = NetRule {
@@ -71,16 +89,19 @@ impl SessionMaps {
                 NetKey::Port(key) => self.net_port.insert(&key, value, 0).map_err(fail("NET_PORT"))?,
             }
         }
-        self.sessions.insert(cgroup_id, SessionSlot { session_id: cgroup_id }, 0).map_err(fail("SESSIONS"))
+        let slot = SessionSlot { session_id: cgroup_id, flags, reserved: 0 };
+        self.sessions.insert(cgroup_id, slot, 0).map_err(fail("SESSIONS"))
     }
 
     /// Removes every entry of `cgroup_id`, whatever rules put them there
     /// (maps an earlier daemon pinned may hold rules this one never compiled).
     pub fn purge(&mut self, cgroup_id: u64) {
         let _ = self.sessions.remove(&cgroup_id);
-        let exec: Vec<ExecKey> = self.exec_deny.keys().flatten().filter(|k| k.cgroup_id == cgroup_id).collect();
-        for key in exec {
-            let _ = self.exec_deny.remove(&key);
+        for map in [&mut self.exec_deny, &mut self.exec_allow] {
+            let keys: Vec<ExecKey> = map.keys().flatten().filter(|k| k.cgroup_id == cgroup_id).collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
         }
         let prefix = cgroup_id.to_be_bytes();
         let any: Vec<_> = self.net_any_port.keys().flatten().filter(|k| k.data()[..8] == prefix).collect();
@@ -99,6 +120,11 @@ impl SessionMaps {
         let _ = self.sessions.remove(&cgroup_id);
         for (_, file) in &rules.exec_deny {
             let _ = self.exec_deny.remove(&ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 });
+        }
+        // Allow entries grow after the start (replaced files): take all of the session's.
+        let allowed: Vec<ExecKey> = self.exec_allow.keys().flatten().filter(|k| k.cgroup_id == cgroup_id).collect();
+        for key in allowed {
+            let _ = self.exec_allow.remove(&key);
         }
         for entry in &rules.net {
             let _ = match net_key(cgroup_id, entry) {

@@ -19,9 +19,11 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Maps whose contents must survive the daemon: the session rules, the
 /// original destinations of redirected connections, the events written
 /// while no daemon reads them, the lost counters and the fairness accounts.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 12] = [
     "SESSIONS",
     "EXEC_DENY",
+    "EXEC_ALLOW",
+    "LSM_ACTIVE",
     "NET_ANY_PORT",
     "NET_PORT",
     "ORIGINAL_BY_COOKIE",

@@ -150,8 +150,11 @@ enum PolicyCommand {
         #[arg(long)]
         identity: String,
         /// The destination, e.g. 10.1.2.3:443 or [::1]:80.
-        #[arg(long, value_name = "ADDR:PORT")]
-        to: std::net::SocketAddr,
+        #[arg(long, value_name = "ADDR:PORT", required_unless_present = "exec", conflicts_with = "exec")]
+        to: Option<std::net::SocketAddr>,
+        /// An executable instead: may the identity's sessions run it?
+        #[arg(long, value_name = "PATH")]
+        exec: Option<PathBuf>,
         /// Policy files or directories [default: the config's policies]
         #[arg(long = "policy", value_name = "PATH")]
         policies: Vec<PathBuf>,
@@ -281,7 +284,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output::revoked(&answer);
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Explain { identity, to, policies, config }) => {
+        Command::Policy(PolicyCommand::Explain { identity, to, exec, policies, config }) => {
             let paths = if policies.is_empty() {
                 let config = match config {
                     Some(path) => Config::load(&path)?,
@@ -299,6 +302,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             let rules = crate::policy::compile::compile(set.grants_for(&identity));
+            if let Some(path) = exec {
+                let decision = crate::policy::explain::explain_exec(&rules, &path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let verdict = if decision.allowed { "allow" } else { "deny" };
+                match (decision.rule, &rules.exec_allow) {
+                    (Some(rule), _) => println!("{verdict} ({rule})"),
+                    (None, Some(_)) => println!("{verdict} (not on any allow list: the default with one)"),
+                    (None, None) => println!("{verdict} (no exec rule matches: the default)"),
+                }
+                return Ok(0);
+            }
+            let Some(to) = to else { anyhow::bail!("give --to ADDR:PORT or --exec PATH") };
             let decision = crate::policy::explain::explain(&rules, to);
             let verdict = match decision.verdict {
                 tollgate_common::Verdict::Allow => "allow",

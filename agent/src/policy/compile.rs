@@ -11,11 +11,12 @@ use tollgate_common::{FAMILY_V4, FAMILY_V6, Verdict, v4_mapped};
 
 use super::{
     Destination, Grant,
+    exec_files::{ExecPattern, resolve},
     route::{Route, RouteTarget},
 };
 
 /// A file as the kernel identifies it in an exec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId {
     /// Device in the kernel's encoding (`MAJOR << 20 | MINOR`).
     pub dev: u32,
@@ -62,6 +63,10 @@ pub struct SessionRules {
     /// Denied paths that are `#!` scripts: only BPF LSM can stop those (by
     /// the time the exec tracepoint runs, the file is the interpreter).
     pub exec_deny_scripts: Vec<PathBuf>,
+    /// Names of the deny entries, by index into `exec_deny`, for explain.
+    pub exec_deny_rules: Vec<String>,
+    /// The allow list, when a grant has one: only these files may run.
+    pub exec_allow: Option<ExecAllow>,
     /// Network rules, at most one per (prefix, port).
     pub net: Vec<NetEntry>,
     /// Human-readable rule names, indexed by `NetEntry::rule_id`.
@@ -70,6 +75,24 @@ pub struct SessionRules {
     pub routes: BTreeMap<u32, SessionRoute>,
     /// Host names of routes that did not resolve (nothing is redirected for them).
     pub unresolved: Vec<String>,
+}
+
+/// An exec allow list: what the grants name, and the files that is now.
+#[derive(Debug, Clone, Default)]
+pub struct ExecAllow {
+    /// Each grant's patterns, named for explain: (rule name, pattern).
+    pub patterns: Vec<(String, ExecPattern)>,
+    /// The files they stand for now.
+    pub files: Vec<(PathBuf, FileId)>,
+}
+
+impl ExecAllow {
+    /// Resolves `patterns` (rule name, pattern) to the files they are now.
+    pub fn resolve(patterns: Vec<(String, ExecPattern)>) -> Self {
+        let only: Vec<ExecPattern> = patterns.iter().map(|(_, p)| p.clone()).collect();
+        let files = resolve(&only).files;
+        Self { patterns, files }
+    }
 }
 
 /// A governed destination of one session.
@@ -95,6 +118,7 @@ fn rank(verdict: Verdict) -> u8 {
 pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules {
     let mut out = SessionRules::default();
     let mut net: BTreeMap<(u8, [u8; 16], u32, Option<u16>), NetEntry> = BTreeMap::new();
+    let mut allow_patterns = Vec::new();
     for grant in grants {
         out.grants.push(grant.name.clone());
         for path in &grant.exec.deny {
@@ -104,10 +128,14 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
                         out.exec_deny_scripts.push(path.0.clone());
                     }
                     out.exec_deny.push((path.0.clone(), id));
+                    out.exec_deny_rules.push(format!("{}: exec.deny {}", grant.name, path.0.display()));
                 }
                 Err(_) => out.exec_deny_missing.push(path.0.clone()),
             }
         }
+        allow_patterns.extend(
+            grant.exec.allow.iter().map(|pattern| (format!("{}: exec.allow {pattern}", grant.name), pattern.clone())),
+        );
         let entries = grant
             .network
             .allow
@@ -141,6 +169,10 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
         }
     }
     out.net = net.into_values().collect();
+    // One grant's allow list restricts the session: the most restrictive wins.
+    if !allow_patterns.is_empty() {
+        out.exec_allow = Some(ExecAllow::resolve(allow_patterns));
+    }
     out
 }
 

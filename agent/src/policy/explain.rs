@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use tollgate_common::{Verdict, family_of, loopback_for_unspecified, v4_mapped};
 
-use super::compile::{NetEntry, SessionRules};
+use super::compile::{FileId, NetEntry, SessionRules};
 
 /// A decision and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,39 @@ pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
         Some(entry) => Decision { verdict: entry.verdict, rule: rules.rules.get(entry.rule_id as usize).cloned() },
         None => Decision { verdict: Verdict::Deny, rule: None },
     }
+}
+
+/// What `rules` decide for an exec of `path`: the deny entry that refuses
+/// it, or the allow entry that lets it run, or the default (allowed with no
+/// allow list, refused with one). The file is what `path` resolves to now.
+pub fn explain_exec(rules: &SessionRules, path: &std::path::Path) -> Result<ExecDecision, std::io::Error> {
+    let id = FileId::of(path)?;
+    if let Some(index) = rules.exec_deny.iter().position(|(_, denied)| *denied == id) {
+        return Ok(ExecDecision { allowed: false, rule: rules.exec_deny_rules.get(index).cloned() });
+    }
+    let Some(allow) = &rules.exec_allow else {
+        return Ok(ExecDecision { allowed: true, rule: None });
+    };
+    let listed = allow.files.iter().any(|(_, file)| *file == id);
+    // Name the pattern that lists it (a directory or glob may be the one).
+    let rule = listed
+        .then(|| {
+            allow.patterns.iter().find(|(_, pattern)| {
+                super::exec_files::resolve(std::slice::from_ref(pattern)).files.iter().any(|(_, f)| *f == id)
+            })
+        })
+        .flatten()
+        .map(|(rule, _)| rule.clone());
+    Ok(ExecDecision { allowed: listed, rule })
+}
+
+/// An exec decision and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecDecision {
+    /// May it run?
+    pub allowed: bool,
+    /// The entry that decided, or `None` for the default.
+    pub rule: Option<String>,
 }
 
 fn prefix_matches(net: &[u8; 16], addr: &[u8; 16], bits: u32) -> bool {

@@ -6,6 +6,7 @@
 pub mod absolute_path;
 pub mod compile;
 pub mod destination;
+pub mod exec_files;
 pub mod explain;
 pub mod model;
 pub mod route;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{absolute_path::AbsolutePath, destination::Destination, route::Route};
+use super::{absolute_path::AbsolutePath, destination::Destination, exec_files::ExecPattern, route::Route};
 
 /// One policy file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -65,6 +65,11 @@ pub struct ExecRules {
     /// to it are covered; a copy of it elsewhere is another file).
     #[serde(default)]
     pub deny: Vec<AbsolutePath>,
+    /// If any grant of an identity has one: the only executables its
+    /// sessions may run (files, directories, globs, resolved to the files
+    /// they are). A deny of any grant still wins.
+    #[serde(default)]
+    pub allow: Vec<ExecPattern>,
 }
 
 /// Network rules of a grant. A session may connect only where some rule allows.

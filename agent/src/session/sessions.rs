@@ -22,12 +22,18 @@ use super::{
 use crate::{
     bpf::{BpfError, ExecEnforcement, SessionMaps, events::KernelEvent},
     identity::{TokenError, Verifier},
-    policy::{PolicySet, compile::SessionRoute},
+    policy::{
+        PolicySet,
+        compile::{FileId, SessionRoute},
+        exec_files::{ExecPattern, resolve},
+    },
     store::{RecordKind, RecordVerdict, SessionId, SessionLog, SessionRecord, rfc3339},
 };
 
 /// How often session cgroups are checked for their last process.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(100);
+/// Exec allow lists are looked at again every this many reaper ticks (1 s).
+const ALLOW_REFRESH_TICKS: u64 = 10;
 
 /// The caller as the kernel reports it (`SO_PEERCRED`).
 #[derive(Debug, Clone, Copy)]
@@ -477,9 +483,12 @@ impl Sessions {
     pub async fn reap(self: Arc<Self>) -> anyhow::Result<()> {
         let mut seen_empty: Vec<u64> = Vec::new();
         let mut tick = tokio::time::interval(REAP_INTERVAL);
-        loop {
+        for ticks in 0u64.. {
             tick.tick().await;
             self.expire();
+            if ticks % ALLOW_REFRESH_TICKS == 0 {
+                self.refresh_allow_lists().await;
+            }
             let empty: Vec<u64> = {
                 let state = self.state();
                 state.registry.active().filter(|s| !cgroup::populated(&s.cgroup)).map(|s| s.cgroup_id).collect()
@@ -490,6 +499,53 @@ impl Sessions {
                 }
             }
             seen_empty = empty;
+        }
+        Ok(())
+    }
+
+    /// Adds to each session's exec allow list the files its patterns name
+    /// now and it does not hold yet: a package upgrade replaces a listed
+    /// file by a new one (rename over it), which must go on running.
+    async fn refresh_allow_lists(self: &Arc<Self>) {
+        let lists: Vec<(u64, Vec<ExecPattern>)> = self
+            .state()
+            .registry
+            .active()
+            .filter_map(|s| {
+                let allow = s.rules.exec_allow.as_ref()?;
+                Some((s.cgroup_id, allow.patterns.iter().map(|(_, pattern)| pattern.clone()).collect()))
+            })
+            .collect();
+        if lists.is_empty() {
+            return;
+        }
+        let resolved = tokio::task::spawn_blocking(move || {
+            lists.into_iter().map(|(cgroup_id, patterns)| (cgroup_id, resolve(&patterns).files)).collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(resolved) = resolved else { return };
+        let mut state = self.state();
+        let State { maps, registry } = &mut *state;
+        for (cgroup_id, files) in resolved {
+            let Some(session) = registry.get_mut(cgroup_id) else { continue };
+            let Some(allow) = session.rules.exec_allow.as_mut() else { continue };
+            let new: Vec<(PathBuf, FileId)> =
+                files.into_iter().filter(|(_, id)| !allow.files.iter().any(|(_, known)| known == id)).collect();
+            if new.is_empty() {
+                continue;
+            }
+            let ids: Vec<FileId> = new.iter().map(|(_, id)| *id).collect();
+            match maps.allow_files(cgroup_id, &ids) {
+                Ok(()) => {
+                    for (path, _) in &new {
+                        tracing::info!(session = %session.id, path = %path.display(), "a listed executable was replaced; the new file is allowed");
+                    }
+                    allow.files.extend(new);
+                }
+                Err(e) => {
+                    tracing::error!(session = %session.id, error = %e, "cannot add replaced executables to the allow list")
+                }
+            }
         }
     }
 

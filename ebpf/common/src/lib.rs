@@ -8,7 +8,7 @@
 
 /// The layout of the maps the daemon pins. Bumped whenever a pinned map's
 /// key, value or size changes, so a daemon never adopts maps it would misread.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Bytes of the executed file's name kept in an exec event.
 pub const FILENAME_LEN: usize = 256;
@@ -217,12 +217,20 @@ pub struct SocketEvent {
     pub reserved: u32,
 }
 
+/// `SessionSlot::flags`: the session may execute only files in the exec
+/// allow map (deny entries still apply).
+pub const SESSION_EXEC_ALLOW_LIST: u32 = 1;
+
 /// Value of the governed-cgroup map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SessionSlot {
     /// The cgroup id again, so a dump of the map reads on its own.
     pub session_id: u64,
+    /// `SESSION_*` flags.
+    pub flags: u32,
+    /// Always zero.
+    pub reserved: u32,
 }
 
 /// Key of the exec deny map: an executable file of one session.
@@ -435,6 +443,11 @@ pub struct KernelOffsets {
     pub bprm_file: u32,
     /// `linux_binprm.filename`
     pub bprm_filename: u32,
+    /// `linux_binprm.interp`: the same pointer as `filename` until an
+    /// interpreter (a script's `#!` line) takes over the exec.
+    pub bprm_interp: u32,
+    /// Always zero.
+    pub reserved: u32,
     /// 1 once the agent has filled this in; programs do nothing while 0.
     pub ready: u32,
 }
@@ -453,6 +466,17 @@ pub const LOST_THROTTLED: u32 = 2;
 /// fraction (1/N) of the buffer. A flooding session is stopped there, and
 /// the rest of the buffer stays for the sessions that write little.
 pub const FAIR_SHARE_DIVISOR: u64 = 4;
+
+/// Key of the map of execs whose first file an allow list admitted: the exec
+/// (its `linux_binprm`) and the thread doing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExecInProgress {
+    /// Address of the exec's `linux_binprm`.
+    pub bprm: u64,
+    /// `bpf_get_current_pid_tgid()`.
+    pub pid_tgid: u64,
+}
 
 /// Key of the lost-event counters: whose events, of which kind, and why.
 #[repr(C)]
@@ -525,7 +549,8 @@ const _: () = {
     assert!(core::mem::size_of::<SocketEvent>() == 24 + 24);
     assert!(core::mem::size_of::<ExecKey>() == 24);
     assert!(core::mem::size_of::<NetRule>() == 16);
-    assert!(core::mem::size_of::<KernelOffsets>() == 64);
+    assert!(core::mem::size_of::<KernelOffsets>() == 72);
+    assert!(core::mem::size_of::<SessionSlot>() == 16);
     assert!(core::mem::size_of::<OriginalDst>() == 32);
     assert!(core::mem::size_of::<ConnectionKey>() == 40);
     assert!(core::mem::size_of::<ProxyAddr>() == 8);

@@ -23,11 +23,11 @@ mod redirect;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use tollgate_common::{
-    ConnectionKey, EventHeader, EventKind, ExecKey, FAIR_SHARE_DIVISOR, KernelOffsets, LOST_BUFFER_FULL,
-    LOST_THROTTLED, LostKey, NetAnyPortKey, NetPortKey, NetRule, OriginalDst, ProxyAddr, SessionSlot,
+    ConnectionKey, EventHeader, EventKind, ExecInProgress, ExecKey, FAIR_SHARE_DIVISOR, KernelOffsets,
+    LOST_BUFFER_FULL, LOST_THROTTLED, LostKey, NetAnyPortKey, NetPortKey, NetRule, OriginalDst, ProxyAddr, SessionSlot,
 };
 
 const AF_INET: u32 = 2;
@@ -50,6 +50,8 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     sb_dev: 0,
     bprm_file: 0,
     bprm_filename: 0,
+    bprm_interp: 0,
+    reserved: 0,
     ready: 0,
 };
 
@@ -73,6 +75,20 @@ pub(crate) static SESSIONS: HashMap<u64, SessionSlot> = HashMap::with_max_entrie
 /// Executables a session may not run, by (cgroup, device, inode).
 #[map]
 pub(crate) static EXEC_DENY: HashMap<ExecKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Index 0: 1 once the daemon has attached the LSM hook, which then
+/// decides execs alone (the exec tracepoint only records).
+#[map]
+pub(crate) static LSM_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Execs whose first file an allow list admitted (a script): the
+/// interpreter that takes over is judged by that file, not by itself.
+#[map]
+pub(crate) static ADMITTED_EXECS: LruHashMap<ExecInProgress, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// For sessions with an allow list: the only executables they may run.
+#[map]
+pub(crate) static EXEC_ALLOW: HashMap<ExecKey, u32> = HashMap::with_max_entries(131072, 0);
 
 /// Network rules that apply to every port of a prefix.
 #[map]
@@ -112,6 +128,13 @@ pub(crate) fn offsets() -> KernelOffsets {
 pub(crate) fn is_governed(cgroup_id: u64) -> bool {
     // SAFETY: a map lookup; the value is only tested for presence.
     unsafe { SESSIONS.get(cgroup_id) }.is_some()
+}
+
+/// The session's `SESSION_*` flags (0 outside sessions).
+#[inline(always)]
+pub(crate) fn session_flags(cgroup_id: u64) -> u32 {
+    // SAFETY: a map lookup; the value is copied out at once.
+    unsafe { SESSIONS.get(cgroup_id) }.map_or(0, |slot| slot.flags)
 }
 
 /// Counts an event of `cgroup_id` that was not delivered, and why.

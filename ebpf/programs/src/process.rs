@@ -10,11 +10,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tollgate_common::{
-    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExecKey,
-    ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_BUFFER_FULL, Verdict,
+    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExecInProgress,
+    ExecKey, ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_BUFFER_FULL, SESSION_EXEC_ALLOW_LIST, Verdict,
 };
 
-use crate::{EVENTS, EXEC_DENY, admit, count_lost, emit, field, header, is_governed, offsets, submitted};
+use crate::{
+    ADMITTED_EXECS, EVENTS, EXEC_ALLOW, EXEC_DENY, LSM_ACTIVE, admit, count_lost, emit, field, header, is_governed,
+    offsets, session_flags, submitted,
+};
 
 const SIGKILL: u32 = 9;
 const EPERM: i32 = 1;
@@ -39,6 +42,17 @@ fn exec_denied(cgroup_id: u64, dev: u32, ino: u64) -> bool {
     let key = ExecKey { cgroup_id, ino, dev, reserved: 0 };
     // SAFETY: presence test only.
     unsafe { EXEC_DENY.get(key) }.is_some()
+}
+
+/// Refused by the session's allow list: it has one and the file is not on it.
+#[inline(always)]
+fn not_allowed(cgroup_id: u64, dev: u32, ino: u64) -> bool {
+    if session_flags(cgroup_id) & SESSION_EXEC_ALLOW_LIST == 0 {
+        return false;
+    }
+    let key = ExecKey { cgroup_id, ino, dev, reserved: 0 };
+    // SAFETY: presence test only.
+    unsafe { EXEC_ALLOW.get(key) }.is_none()
 }
 
 /// Writes an exec event straight into ring buffer memory: the event is larger
@@ -136,7 +150,18 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     // SAFETY: checked kernel reads.
     let identity = unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) };
     let (dev, ino) = identity.unwrap_or((0, 0));
-    let verdict = if identity.is_ok() && exec_denied(cgroup_id, dev, ino) {
+    // With BPF LSM the hook has decided already (a script by its own file);
+    // here only the kill-on-exec fallback decides, by the file the new image
+    // is (a script's interpreter). An unreadable file is refused where an
+    // allow list applies.
+    // SAFETY: a map lookup of a value copied out at once.
+    let lsm_decides = unsafe { LSM_ACTIVE.get(0) }.is_some_and(|active| *active == 1);
+    let refused = !lsm_decides
+        && match identity {
+            Ok((dev, ino)) => exec_denied(cgroup_id, dev, ino) || not_allowed(cgroup_id, dev, ino),
+            Err(_) => session_flags(cgroup_id) & SESSION_EXEC_ALLOW_LIST != 0,
+        };
+    let verdict = if refused {
         // SAFETY: signals the current task; delivered before it returns to user mode.
         unsafe { bpf_send_signal(SIGKILL) };
         warn!(&ctx, "killed denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
@@ -152,6 +177,9 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 /// `bprm_check_security(struct linux_binprm *bprm)`: refuses a denied exec
 /// with EPERM before the new image replaces the caller. Needs BPF LSM.
 #[lsm(hook = "bprm_check_security")]
+// Inlined into the program: as a subprogram, its context argument would be
+// refused by the verifier's BTF check.
+#[inline(always)]
 pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // SAFETY: no arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
@@ -161,12 +189,46 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     let off = offsets();
     // SAFETY: the hook's first argument is the bprm.
     let bprm: *const u8 = ctx.arg(0);
+    // Plain values, not `Result`s: the compiler may store the unset half of
+    // an enum, and the verifier refuses that read of an undefined register.
     // SAFETY: checked kernel reads.
-    let Ok((dev, ino)) = (unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) })
-    else {
-        return 0;
+    let (loaded, dev, ino) =
+        match unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) } {
+            Ok((dev, ino)) => (true, dev, ino),
+            Err(_) => (false, 0, 0),
+        };
+    // The first file of an exec is judged by the allow list; when an
+    // interpreter takes over (a script's `#!`), it is judged by that first
+    // file, remembered per exec. The deny list judges every file.
+    // SAFETY: checked kernel reads.
+    let (filename, interp) = unsafe {
+        (
+            field::<*const u8>(bprm, off.bprm_filename).unwrap_or(core::ptr::null()),
+            field::<*const u8>(bprm, off.bprm_interp).unwrap_or(core::ptr::null()),
+        )
     };
-    if !exec_denied(cgroup_id, dev, ino) {
+    let first_file = filename == interp;
+    let key = ExecInProgress { bprm: bprm as u64, pid_tgid: bpf_get_current_pid_tgid() };
+    let listed = if session_flags(cgroup_id) & SESSION_EXEC_ALLOW_LIST == 0 {
+        true
+    } else if !loaded {
+        // A file that cannot be identified is refused where an allow list applies.
+        false
+    } else if first_file {
+        let listed = !not_allowed(cgroup_id, dev, ino);
+        // Set or cleared at every first file, so no earlier exec's entry lingers.
+        if listed {
+            let _ = ADMITTED_EXECS.insert(&key, &1, 0);
+        } else {
+            let _ = ADMITTED_EXECS.remove(&key);
+        }
+        listed
+    } else {
+        // SAFETY: presence test only.
+        unsafe { ADMITTED_EXECS.get(&key) }.is_some()
+    };
+    let refused = (loaded && exec_denied(cgroup_id, dev, ino)) || !listed;
+    if !refused {
         return 0;
     }
     warn!(&ctx, "refused denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
