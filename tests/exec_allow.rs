@@ -27,9 +27,11 @@ impl Files {
         let dir = tempfile::Builder::new().prefix("tollgate-allow-").tempdir().expect("temp dir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
         fs::create_dir(dir.path().join("listed-dir")).expect("dir");
-        for name in ["tool", "copy-of-touch", "listed-dir/inner"] {
+        for name in ["tool", "copy-of-touch", "listed-dir/inner", "user-owned"] {
             fs::copy("/usr/bin/touch", dir.path().join(name)).expect("copy touch");
         }
+        // Listed, but a session's user could rewrite it: never allowed.
+        std::os::unix::fs::chown(dir.path().join("user-owned"), Some(65534), Some(65534)).expect("chown");
         Files { dir }
     }
 
@@ -48,14 +50,14 @@ fn only_listed_files_run_and_copies_memfds_and_the_loader_do_not() {
     let files = Files::new();
     let d = files.dir.path().display();
     let daemon = Daemon::start(&policy(&format!(
-        "  - name: listed\n    identity: listed-bots\n    exec:\n      allow: [/usr/bin/bash, /usr/bin/touch, \"/usr/bin/python3*\", \"{d}/tool\", \"{d}/listed-dir/\"]\n    network:\n      allow: [\"127.0.0.0/8\"]\n"
+        "  - name: listed\n    identity: listed-bots\n    exec:\n      allow: [/usr/bin/bash, /usr/bin/touch, \"/usr/bin/python3*\", \"{d}/tool\", \"{d}/listed-dir/\", \"{d}/user-owned\"]\n    network:\n      allow: [\"127.0.0.0/8\"]\n"
     )));
     let token = daemon.mint("listed-bot", &[]);
     let memfd = format!(
         "import os\nfd = os.memfd_create('t', 0)\nos.write(fd, open('/usr/bin/touch', 'rb').read())\nos.execv('/proc/self/fd/%d' % fd, ['touch', '{d}/m-memfd'])\n"
     );
     let script = format!(
-        "/usr/bin/touch {d}/m-touch; {d}/tool {d}/m-tool; {d}/listed-dir/inner {d}/m-inner; \
+        "/usr/bin/touch {d}/m-touch; {d}/tool {d}/m-tool; {d}/listed-dir/inner {d}/m-inner; {d}/user-owned {d}/m-user; \
          {d}/copy-of-touch {d}/m-copy; {LOADER} /usr/bin/touch {d}/m-loader; python3 -c \"$0\"; echo done",
     );
     let out = daemon.run(&token, &["/usr/bin/bash", "-c", script.as_str(), memfd.as_str()]);
@@ -63,7 +65,7 @@ fn only_listed_files_run_and_copies_memfds_and_the_loader_do_not() {
     for allowed in ["m-touch", "m-tool", "m-inner"] {
         assert!(files.path(allowed).exists(), "a listed program did not run ({allowed}): {out}");
     }
-    for refused in ["m-copy", "m-loader", "m-memfd"] {
+    for refused in ["m-copy", "m-loader", "m-memfd", "m-user"] {
         assert!(!files.path(refused).exists(), "a program not on the list ran ({refused}): {out}");
     }
     // The same programs run outside sessions: nothing else is touched.

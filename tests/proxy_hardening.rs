@@ -138,6 +138,8 @@ fn a_route_with_hosts_serves_only_those_hosts() {
     other.assert_status(403, "a host the route does not name");
     assert_eq!(other.json()["error"], "host is not one this route serves", "{other}");
     curl("Host: svc.test").assert_status(403, "the wildcard's own parent");
+    // Servers cut this at the first ':' (attacker.com); a suffix match would not.
+    curl("Host: attacker.com:443.build.svc.test").assert_status(400, "a Host servers read differently");
     // The address itself is no host the route names.
     let bare = Exchange::parse(daemon.run(&token, &curl_argv(&[url.as_str()])));
     bare.assert_status(403, "the Host curl derives from the address");

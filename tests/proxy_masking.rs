@@ -143,6 +143,11 @@ fn answers_the_masks_cannot_read_are_refused_and_never_stored() {
         ),
         ("no media type", vec![], json.clone().into_bytes()),
         ("declared gzip", vec!["Content-Type: application/json", "Content-Encoding: gzip"], gzip(&json)),
+        (
+            "a key twice",
+            vec!["Content-Type: application/json"],
+            format!(r#"{{"users":[{{"email":"{email}"}}],"users":[]}}"#).into_bytes(),
+        ),
     ];
     for (case, headers, body) in &cases {
         fx.upstream.set_raw_reply(200, headers, body);
@@ -158,6 +163,19 @@ fn answers_the_masks_cannot_read_are_refused_and_never_stored() {
     let stored = database_bytes(&fx.daemon);
     assert!(!contains(&stored, &email), "the session log stored the clear value");
     assert_eq!(fx.upstream.requests().len(), cases.len() + 1, "{}", fx.upstream.describe());
+}
+
+/// A header value that is not text cannot be read by a regex mask: the
+/// answer is refused rather than passed on with it.
+#[test]
+fn a_header_value_that_is_not_text_is_refused_on_a_masked_route() {
+    let fx = Fixture::start(&[]);
+    let owner = "X-Owner: caf\u{e9} 4111-2222-3333-4444";
+    fx.upstream.set_raw_reply(200, &["Content-Type: application/json", owner], br#"{"ok":true}"#);
+    let exchange = fx.curl(&[&fx.url("/owner")]);
+    exchange.assert_status(502, "a header value that is not text");
+    assert_eq!(exchange.json()["error"], "the response could not be masked", "{exchange}");
+    assert!(!exchange.out.stdout.contains("4111-2222-3333"), "{exchange}");
 }
 
 /// A route with only regex masks reads every textual representation: the

@@ -46,6 +46,7 @@ impl ToReply for RevokeError {
         match self {
             Self::NotLive(_) => ErrorKind::NotFound,
             Self::AlreadyEnding(_) => ErrorKind::BadRequest,
+            Self::NotKilled(..) => ErrorKind::Internal,
         }
     }
 }

@@ -96,6 +96,15 @@ impl Programs {
     pub fn pinned(&self) -> bool {
         self.pins.is_some()
     }
+
+    /// Detaches the programs of earlier map layouts (an upgrade that changed
+    /// them). Called once the sessions they governed are in this daemon's
+    /// maps, so none is ungoverned in between.
+    pub fn retire_earlier_layouts(&self) {
+        if let Some(pins) = &self.pins {
+            pins.remove_other_layouts();
+        }
+    }
 }
 
 /// Keeps a program's link attached: pinned where bpffs allows (replacing
@@ -224,20 +233,16 @@ pub fn load(
             (ExecEnforcement::Lsm, None)
         }
         Err(e) => {
-            // An earlier daemon's LSM link would refuse execs this one no
-            // longer expects to see refused; nothing else may hold the pin.
+            // The tracepoint decides from now on; only then may an earlier
+            // daemon's LSM link, which no one holds but its pin, go.
+            let mut active: Array<MapData, u32> = map(&mut ebpf, "LSM_ACTIVE")?;
+            active.set(0, 0, 0).map_err(|source| BpfError::Map { name: "LSM_ACTIVE", source })?;
             if let Some(pins) = &pins {
                 let _ = std::fs::remove_file(pins.link("bprm_check_security"));
             }
-            let mut active: Array<MapData, u32> = map(&mut ebpf, "LSM_ACTIVE")?;
-            active.set(0, 0, 0).map_err(|source| BpfError::Map { name: "LSM_ACTIVE", source })?;
             (ExecEnforcement::KillOnExec, Some(e.to_string()))
         }
     };
-    // Earlier layouts' programs detach now that these are attached.
-    if let Some(pins) = &pins {
-        pins.remove_other_layouts();
-    }
 
     Ok(Loaded {
         session_maps: SessionMaps::new(

@@ -63,6 +63,63 @@ impl SessionMaps {
         Ok(())
     }
 
+    /// Takes files off a session's exec allow list (replaced or removed).
+    pub fn disallow_files(&mut self, cgroup_id: u64, files: &[FileId]) {
+        for file in files {
+            let _ = self.exec_allow.remove(&ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 });
+        }
+    }
+
+    /// Removes the entries of `cgroup_id` that `rules` do not make: after
+    /// [`SessionMaps::add_session`], this leaves exactly the session's rules
+    /// without a moment in which the session has none.
+    pub fn purge_stale(&mut self, cgroup_id: u64, rules: &SessionRules) {
+        let deny: Vec<ExecKey> = rules
+            .exec_deny
+            .iter()
+            .map(|(_, file)| ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 })
+            .collect();
+        let allow: Vec<ExecKey> = rules
+            .exec_allow
+            .iter()
+            .flat_map(|allow| allow.files.iter())
+            .map(|(_, file)| ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 })
+            .collect();
+        for (map, keep) in [(&mut self.exec_deny, &deny), (&mut self.exec_allow, &allow)] {
+            let stale: Vec<ExecKey> =
+                map.keys().flatten().filter(|k| k.cgroup_id == cgroup_id && !keep.contains(k)).collect();
+            for key in stale {
+                let _ = map.remove(&key);
+            }
+        }
+        let prefix = cgroup_id.to_be_bytes();
+        let (mut any, mut port) = (Vec::new(), Vec::new());
+        for entry in &rules.net {
+            match net_key(cgroup_id, entry) {
+                NetKey::AnyPort(key) => any.push((key.prefix_len(), key.data())),
+                NetKey::Port(key) => port.push((key.prefix_len(), key.data())),
+            }
+        }
+        let stale: Vec<_> = self
+            .net_any_port
+            .keys()
+            .flatten()
+            .filter(|k| k.data()[..8] == prefix && !any.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            let _ = self.net_any_port.remove(&key);
+        }
+        let stale: Vec<_> = self
+            .net_port
+            .keys()
+            .flatten()
+            .filter(|k| k.data()[..8] == prefix && !port.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            let _ = self.net_port.remove(&key);
+        }
+    }
+
     /// Makes `cgroup_id` a governed session with `rules`. Rules go in before
     /// the session entry, so the kernel never sees the session without them.
     pub fn add_session(&mut self, cgroup_id: u64, rules: &SessionRules) -> Result<(), BpfError> {

@@ -141,6 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .collect()
     };
     sessions.recover(open_records, &gap).await;
+    programs.retire_earlier_layouts();
     let survives = programs.pinned();
     let reviews = Arc::new(Reviews::new(
         config.approval_timeout,

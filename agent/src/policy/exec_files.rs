@@ -1,12 +1,15 @@
 //! Exec allow lists: from what a policy names (files, directories, globs)
 //! to the files they are now, by device and inode, as the kernel sees an
-//! exec. The dynamic loader is never on the list: run as a program it
+//! exec. Only files owned by root and writable by nobody else are listed:
+//! a file a session could write, or put in a listed place, would let it run
+//! anything. The dynamic loader is never on the list: run as a program it
 //! executes any file it is given, whatever the list says.
 
 use std::{
     collections::BTreeSet,
     fmt,
     io::Read,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -115,14 +118,37 @@ pub fn elf_interpreter(path: &Path) -> Option<PathBuf> {
     None
 }
 
+/// Names the dynamic loaders go by (glibc's for each architecture, musl's).
+fn is_loader_name(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with("ld-linux")
+        || name.starts_with("ld-musl")
+        || name.starts_with("ld.so")
+        || name.starts_with("ld64.so")
+}
+
+/// Owned by root and writable by no one else (the file itself; replacing it
+/// makes another file, which is judged again).
+fn trusted(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|meta| meta.uid() == 0 && meta.mode() & 0o022 == 0)
+}
+
 /// The files `patterns` stand for now, without the loaders their programs
-/// use (which could run anything).
+/// use (which could run anything) and without files others than root could write.
 pub fn resolve(patterns: &[ExecPattern]) -> Resolved {
     let mut files: Vec<(PathBuf, FileId)> = Vec::new();
     let mut seen = BTreeSet::new();
     let mut loaders: BTreeSet<PathBuf> = BTreeSet::new();
     for pattern in patterns {
         for path in expand(pattern) {
+            if !trusted(&path) {
+                tracing::warn!(path = %path.display(), "left off the exec allow list: not owned by root, or writable by others");
+                continue;
+            }
+            if is_loader_name(&path) {
+                loaders.insert(path);
+                continue;
+            }
             let Ok(id) = FileId::of(&path) else { continue };
             if let Some(interpreter) = elf_interpreter(&path) {
                 loaders.insert(interpreter);

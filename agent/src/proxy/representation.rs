@@ -81,6 +81,10 @@ pub fn check(masks: &[Mask], status: hyper::StatusCode, headers: &HeaderMap, bod
             return Err(Unmaskable::Duplicated(label));
         }
     }
+    // A header value that is not text could carry data no regex mask reads.
+    if headers.values().any(|value| value.to_str().is_err()) {
+        return Err(Unmaskable::Body("text in every header value"));
+    }
     if status == hyper::StatusCode::PARTIAL_CONTENT || headers.contains_key(header::CONTENT_RANGE) {
         return Err(Unmaskable::Partial);
     }
@@ -121,10 +125,72 @@ pub fn check(masks: &[Mask], status: hyper::StatusCode, headers: &HeaderMap, bod
     if text.contains('\0') {
         return Err(Unmaskable::Body("text (it holds NUL bytes)"));
     }
-    if json_masks && serde_json::from_str::<serde_json::Value>(text.trim_start_matches('\u{feff}')).is_err() {
-        return Err(Unmaskable::Body("JSON"));
+    if json_masks {
+        let json = text.trim_start_matches('\u{feff}');
+        if serde_json::from_str::<serde_json::Value>(json).is_err() {
+            return Err(Unmaskable::Body("JSON"));
+        }
+        // With a key twice, parsers keep one copy and clients may read the
+        // other: the masks would see one and the client get the clear one.
+        if serde_json::from_str::<NoDuplicateKeys>(json).is_err() {
+            return Err(Unmaskable::Body("JSON without duplicate keys"));
+        }
     }
     Ok(())
+}
+
+/// Deserializes any JSON, failing on an object with a key twice.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut keys = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !keys.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("duplicate key '{key}'")));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +230,11 @@ mod tests {
         );
         assert_eq!(check(&json, ok, &headers(&[]), body), Err(Unmaskable::NoMediaType));
         assert_eq!(check(&json, ok, &headers(&[]), b""), Ok(()), "an empty body has nothing to leak");
+        let twice = br#"{"users":[{"email":"a@b.c"}],"users":[]}"#;
+        assert_eq!(
+            check(&json, ok, &headers(&[("content-type", "application/json")]), twice),
+            Err(Unmaskable::Body("JSON without duplicate keys"))
+        );
     }
 
     #[test]

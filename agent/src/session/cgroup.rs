@@ -129,10 +129,31 @@ pub fn populated(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Kills every process in the cgroup (kernel 5.14+ `cgroup.kill`).
+/// Kills every process in the cgroup: `cgroup.kill` (5.14+) where the
+/// kernel has it, else SIGKILL to each process listed, until none is left.
 pub fn kill_all(path: &Path) -> Result<(), CgroupError> {
     let kill = path.join("cgroup.kill");
-    std::fs::write(&kill, "1").map_err(io_error("cannot kill processes of", &kill))
+    if std::fs::write(&kill, "1").is_ok() {
+        return Ok(());
+    }
+    let procs = path.join("cgroup.procs");
+    // New processes may be forked while we kill: go round until none is left.
+    for _ in 0..100 {
+        let pids = std::fs::read_to_string(&procs).map_err(io_error("cannot list processes of", &procs))?;
+        let pids: Vec<i32> = pids.lines().filter_map(|pid| pid.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Err(CgroupError::Io {
+        what: "cannot kill every process of",
+        path: path.to_owned(),
+        source: io::Error::other("processes kept appearing"),
+    })
 }
 
 /// Kills what is left in a session cgroup, waits for it to empty (a killed

@@ -96,15 +96,24 @@ impl Sessions {
             tracing::warn!(session = %record.id, identity = %record.identity, "cannot adopt: its identity is no longer in the policy");
             return false;
         };
+        if record.uid == 0 && !identity.allow_root {
+            tracing::warn!(session = %record.id, identity = %identity.name, "cannot adopt: a root session of an identity that no longer allows root");
+            return false;
+        }
         let deadline = identity.max_session.map(|limit| {
             let started = humantime::parse_rfc3339(&record.started_at).unwrap_or_else(|_| SystemTime::now());
             let left = (started + limit).duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
             (Instant::now() + left, limit)
         });
+        // The new rules go in over the old ones, then what they do not make
+        // comes out: at no moment is the session without rules.
         let added = {
             let mut state = self.state();
-            state.maps.purge(cgroup_id);
-            state.maps.add_session(cgroup_id, &rules)
+            let added = state.maps.add_session(cgroup_id, &rules);
+            if added.is_ok() {
+                state.maps.purge_stale(cgroup_id, &rules);
+            }
+            added
         };
         if let Err(e) = added {
             tracing::error!(session = %record.id, error = %e, "cannot adopt: the maps refused its rules");

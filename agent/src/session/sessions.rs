@@ -3,6 +3,7 @@
 //! all of them when the daemon stops.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -140,6 +141,9 @@ pub enum RevokeError {
     /// Already revoked or expired; its processes are being killed.
     #[error("session '{0}' is already ending")]
     AlreadyEnding(String),
+    /// Its processes could not be killed; nothing was recorded, it may be tried again.
+    #[error("cannot kill the processes of session '{0}': {1}")]
+    NotKilled(String, String),
 }
 
 /// A governed connection's session and route, as the proxy needs them.
@@ -424,14 +428,18 @@ impl Sessions {
             session.ending = true;
             session.cgroup.clone()
         };
+        if let Err(e) = cgroup::kill_all(&cgroup) {
+            tracing::error!(session = %id, error = %e, "cannot kill a revoked session's processes");
+            if let Some(session) = self.state().registry.active_mut().find(|s| &s.id == id) {
+                session.ending = false;
+            }
+            return Err(RevokeError::NotKilled(id.to_string(), e.to_string()));
+        }
         let mut detail = Map::new();
         detail.insert("by".into(), by.clone().into());
         detail.insert("reason".into(), reason.clone().map_or(Value::Null, Value::from));
         self.parts.log.decided(id, RecordKind::Session, RecordVerdict::Revoked, detail);
-        tracing::warn!(session = %id, by, reason = reason.as_deref().unwrap_or(""), "session revoked; killing its processes");
-        if let Err(e) = cgroup::kill_all(&cgroup) {
-            tracing::error!(session = %id, error = %e, "cannot kill a revoked session's processes");
-        }
+        tracing::warn!(session = %id, by, reason = reason.as_deref().unwrap_or(""), "session revoked; its processes were killed");
         Ok(Revoked { session: id.clone(), by })
     }
 
@@ -452,13 +460,18 @@ impl Sessions {
             })
             .collect();
         for (id, cgroup, limit) in expired {
+            if let Err(e) = cgroup::kill_all(&cgroup) {
+                // Tried again at the next tick; recorded once it took.
+                tracing::error!(session = %id, error = %e, "cannot kill an expired session's processes");
+                if let Some(session) = self.state().registry.active_mut().find(|s| s.id == id) {
+                    session.ending = false;
+                }
+                continue;
+            }
             let mut detail = Map::new();
             detail.insert("max_session_secs".into(), limit.as_secs().into());
             self.parts.log.decided(&id, RecordKind::Session, RecordVerdict::Expired, detail);
-            tracing::warn!(session = %id, "session reached its identity's max_session; killing its processes");
-            if let Err(e) = cgroup::kill_all(&cgroup) {
-                tracing::error!(session = %id, error = %e, "cannot kill an expired session's processes");
-            }
+            tracing::warn!(session = %id, "session reached its identity's max_session; its processes were killed");
         }
     }
 
@@ -503,49 +516,56 @@ impl Sessions {
         Ok(())
     }
 
-    /// Adds to each session's exec allow list the files its patterns name
-    /// now and it does not hold yet: a package upgrade replaces a listed
-    /// file by a new one (rename over it), which must go on running.
+    /// Brings each session's exec allow list up to date with what its
+    /// patterns name now: a package upgrade replaces a listed file by a new
+    /// one (rename over it), which must go on running, and the old file's
+    /// inode must not stay allowed (a new file could take its number).
     async fn refresh_allow_lists(self: &Arc<Self>) {
-        let lists: Vec<(u64, Vec<ExecPattern>)> = self
+        let lists: Vec<(u64, Vec<ExecPattern>, Vec<FileId>)> = self
             .state()
             .registry
             .active()
             .filter_map(|s| {
                 let allow = s.rules.exec_allow.as_ref()?;
-                Some((s.cgroup_id, allow.patterns.iter().map(|(_, pattern)| pattern.clone()).collect()))
+                let patterns = allow.patterns.iter().map(|(_, pattern)| pattern.clone()).collect();
+                Some((s.cgroup_id, patterns, allow.files.iter().map(|(_, id)| *id).collect()))
             })
             .collect();
         if lists.is_empty() {
             return;
         }
-        let resolved = tokio::task::spawn_blocking(move || {
-            lists.into_iter().map(|(cgroup_id, patterns)| (cgroup_id, resolve(&patterns).files)).collect::<Vec<_>>()
+        // Resolving and comparing happen off the runtime and outside the lock.
+        let changes = tokio::task::spawn_blocking(move || {
+            lists
+                .into_iter()
+                .filter_map(|(cgroup_id, patterns, known)| {
+                    let now = resolve(&patterns).files;
+                    let known: HashSet<FileId> = known.into_iter().collect();
+                    let current: HashSet<FileId> = now.iter().map(|(_, id)| *id).collect();
+                    let added: Vec<(PathBuf, FileId)> =
+                        now.iter().filter(|(_, id)| !known.contains(id)).cloned().collect();
+                    let removed: Vec<FileId> = known.difference(&current).copied().collect();
+                    (!added.is_empty() || !removed.is_empty()).then_some((cgroup_id, now, added, removed))
+                })
+                .collect::<Vec<_>>()
         })
         .await;
-        let Ok(resolved) = resolved else { return };
+        let Ok(changes) = changes else { return };
         let mut state = self.state();
         let State { maps, registry } = &mut *state;
-        for (cgroup_id, files) in resolved {
+        for (cgroup_id, now, added, removed) in changes {
             let Some(session) = registry.get_mut(cgroup_id) else { continue };
             let Some(allow) = session.rules.exec_allow.as_mut() else { continue };
-            let new: Vec<(PathBuf, FileId)> =
-                files.into_iter().filter(|(_, id)| !allow.files.iter().any(|(_, known)| known == id)).collect();
-            if new.is_empty() {
+            maps.disallow_files(cgroup_id, &removed);
+            let ids: Vec<FileId> = added.iter().map(|(_, id)| *id).collect();
+            if let Err(e) = maps.allow_files(cgroup_id, &ids) {
+                tracing::error!(session = %session.id, error = %e, "cannot add replaced executables to the allow list");
                 continue;
             }
-            let ids: Vec<FileId> = new.iter().map(|(_, id)| *id).collect();
-            match maps.allow_files(cgroup_id, &ids) {
-                Ok(()) => {
-                    for (path, _) in &new {
-                        tracing::info!(session = %session.id, path = %path.display(), "a listed executable was replaced; the new file is allowed");
-                    }
-                    allow.files.extend(new);
-                }
-                Err(e) => {
-                    tracing::error!(session = %session.id, error = %e, "cannot add replaced executables to the allow list")
-                }
+            for (path, _) in &added {
+                tracing::info!(session = %session.id, path = %path.display(), "a listed executable changed; the file it is now is allowed");
             }
+            allow.files = now;
         }
     }
 

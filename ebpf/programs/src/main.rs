@@ -15,6 +15,8 @@
 //! connections to the proxy and their original destinations).
 #![no_std]
 #![no_main]
+// BPF's atomic add (`lock ... +=`), for counters several CPUs update.
+#![feature(asm_experimental_arch)]
 
 mod network;
 mod process;
@@ -178,8 +180,12 @@ pub(crate) fn admit(cgroup_id: u64, kind: EventKind, size: u64) -> bool {
 #[inline(always)]
 pub(crate) fn submitted(cgroup_id: u64, size: u64) {
     match SUBMITTED.get_ptr_mut(&cgroup_id) {
-        // SAFETY: a map value of ours; CPUs racing here make the estimate approximate, never unsafe.
-        Some(total) => unsafe { *total += size },
+        // An atomic add: a session writing from several CPUs at once must not
+        // lose increments, or it would look as if the daemon had read more.
+        // SAFETY: the pointer is to a live, aligned u64 map value.
+        Some(total) => unsafe {
+            core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) total, in(reg) size);
+        },
         None => {
             let _ = SUBMITTED.insert(&cgroup_id, &size, 0);
         }

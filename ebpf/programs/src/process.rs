@@ -150,12 +150,13 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     // SAFETY: checked kernel reads.
     let identity = unsafe { field::<*const u8>(bprm, off.bprm_file).and_then(|f| file_identity(f, &off)) };
     let (dev, ino) = identity.unwrap_or((0, 0));
+    // The exec is done: its admission (a script's, by the LSM hook) is spent.
+    let _ = ADMITTED_EXECS.remove(&ExecInProgress { bprm: bprm as u64, pid_tgid: bpf_get_current_pid_tgid() });
     // With BPF LSM the hook has decided already (a script by its own file);
     // here only the kill-on-exec fallback decides, by the file the new image
     // is (a script's interpreter). An unreadable file is refused where an
     // allow list applies.
-    // SAFETY: a map lookup of a value copied out at once.
-    let lsm_decides = unsafe { LSM_ACTIVE.get(0) }.is_some_and(|active| *active == 1);
+    let lsm_decides = LSM_ACTIVE.get(0).is_some_and(|active| *active == 1);
     let refused = !lsm_decides
         && match identity {
             Ok((dev, ino)) => exec_denied(cgroup_id, dev, ino) || not_allowed(cgroup_id, dev, ino),

@@ -52,6 +52,11 @@ pub fn ambiguity(
     if headers.get_all(header::HOST).iter().count() > 1 {
         return Some("more than one Host header");
     }
+    // Servers cut a Host value at different places (the first or the last
+    // ':'): only a plain name or address with an optional port is read alike.
+    if headers.get(header::HOST).is_some_and(|h| h.to_str().map_or(true, |h| !plain_host(h))) {
+        return Some("the Host header is not a host name with an optional port");
+    }
     // An absolute-form target names a host of its own; HTTP/1.1 says it
     // wins over the Host header, and servers disagree on whether they follow.
     if let Some(authority) = target_authority
@@ -85,6 +90,23 @@ fn has_bad_escape(path: &str) -> bool {
 /// Does a rule of the route look at request bodies?
 fn has_body_rules(route: &Route) -> bool {
     route.block.iter().chain(&route.approve).any(|m| m.body.is_some())
+}
+
+/// `name`, `name:port`, `[v6]` or `[v6]:port`, and nothing else.
+fn plain_host(host: &str) -> bool {
+    let port_ok = |port: &str| !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((address, after)) = rest.split_once(']') else { return false };
+        let address_ok =
+            !address.is_empty() && address.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return address_ok && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok));
+    }
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    name_ok && port.is_none_or(port_ok)
 }
 
 /// The host a Host header or an authority names: lowercase, without port,
@@ -260,5 +282,15 @@ mod tests {
         assert_eq!(host_name("[::1]:80"), "::1");
         assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
         assert_eq!(host_name("evil.test"), "evil.test");
+    }
+
+    #[test]
+    fn only_plain_hosts_are_read_alike_by_every_server() {
+        for host in ["api.example.com", "api.example.com:8080", "127.0.0.1:80", "[::1]", "[::1]:443"] {
+            assert!(super::plain_host(host), "{host}");
+        }
+        for host in ["attacker.com:443.api.example.com", "a b", "a:", "a:99999999", "[::1", "evil.test/x", "a@b", ""] {
+            assert!(!super::plain_host(host), "{host}");
+        }
     }
 }
