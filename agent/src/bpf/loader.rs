@@ -203,26 +203,23 @@ pub fn load(
     // Links to a cgroup always coexist with other programs; the mode flag must stay 0.
     let mode = CgroupAttachMode::Single;
     // Cgroup links are BPF links (5.7+), which is what lets them be pinned.
-    let fd_link = |name| move |e| BpfError::Pin { name, why: format!("not a BPF link: {e}") };
-    for name in SOCK_ADDR {
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-        prog.load().map_err(program_error(name))?;
-        let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
-        let link = prog.take_link(link).map_err(program_error(name))?;
-        keep_link(FdLink::try_from(link).map_err(fd_link(name))?, name, pins.as_ref(), &mut pinned, &mut held)?;
+    macro_rules! attach_to_cgroup {
+        ($kind:ty, $name:expr) => {{
+            let name: &'static str = $name;
+            let prog: &mut $kind = program(&mut ebpf, name)?;
+            prog.load().map_err(program_error(name))?;
+            let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
+            let link = prog.take_link(link).map_err(program_error(name))?;
+            let link =
+                FdLink::try_from(link).map_err(|e| BpfError::Pin { name, why: format!("not a BPF link: {e}") })?;
+            keep_link(link, name, pins.as_ref(), &mut pinned, &mut held)?;
+        }};
     }
-    let name = "sock_create";
-    let prog: &mut CgroupSock = program(&mut ebpf, name)?;
-    prog.load().map_err(program_error(name))?;
-    let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
-    let link = prog.take_link(link).map_err(program_error(name))?;
-    keep_link(FdLink::try_from(link).map_err(fd_link(name))?, name, pins.as_ref(), &mut pinned, &mut held)?;
-    let name = "track_established";
-    let prog: &mut SockOps = program(&mut ebpf, name)?;
-    prog.load().map_err(program_error(name))?;
-    let link = prog.attach(&cgroup, mode).map_err(program_error(name))?;
-    let link = prog.take_link(link).map_err(program_error(name))?;
-    keep_link(FdLink::try_from(link).map_err(fd_link(name))?, name, pins.as_ref(), &mut pinned, &mut held)?;
+    for name in SOCK_ADDR {
+        attach_to_cgroup!(CgroupSockAddr, name);
+    }
+    attach_to_cgroup!(CgroupSock, "sock_create");
+    attach_to_cgroup!(SockOps, "track_established");
 
     let (mode, lsm_error) = match attach_lsm(&mut ebpf) {
         Ok(link) => {

@@ -92,7 +92,6 @@ impl SessionMaps {
                 let _ = map.remove(&key);
             }
         }
-        let prefix = cgroup_id.to_be_bytes();
         let (mut any, mut port) = (Vec::new(), Vec::new());
         for entry in &rules.net {
             match net_key(cgroup_id, entry) {
@@ -100,24 +99,8 @@ impl SessionMaps {
                 NetKey::Port(key) => port.push((key.prefix_len(), key.data())),
             }
         }
-        let stale: Vec<_> = self
-            .net_any_port
-            .keys()
-            .flatten()
-            .filter(|k| k.data()[..8] == prefix && !any.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for key in stale {
-            let _ = self.net_any_port.remove(&key);
-        }
-        let stale: Vec<_> = self
-            .net_port
-            .keys()
-            .flatten()
-            .filter(|k| k.data()[..8] == prefix && !port.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for key in stale {
-            let _ = self.net_port.remove(&key);
-        }
+        remove_from_trie(&mut self.net_any_port, cgroup_id, |key| !any.contains(&(key.prefix_len(), key.data())));
+        remove_from_trie(&mut self.net_port, cgroup_id, |key| !port.contains(&(key.prefix_len(), key.data())));
     }
 
     /// Makes `cgroup_id` a governed session with `rules`. Rules go in before
@@ -160,15 +143,8 @@ impl SessionMaps {
                 let _ = map.remove(&key);
             }
         }
-        let prefix = cgroup_id.to_be_bytes();
-        let any: Vec<_> = self.net_any_port.keys().flatten().filter(|k| k.data()[..8] == prefix).collect();
-        for key in any {
-            let _ = self.net_any_port.remove(&key);
-        }
-        let port: Vec<_> = self.net_port.keys().flatten().filter(|k| k.data()[..8] == prefix).collect();
-        for key in port {
-            let _ = self.net_port.remove(&key);
-        }
+        remove_from_trie(&mut self.net_any_port, cgroup_id, |_| true);
+        remove_from_trie(&mut self.net_port, cgroup_id, |_| true);
     }
 
     /// Forgets a session. The session entry goes first so nothing is
@@ -189,6 +165,20 @@ impl SessionMaps {
                 NetKey::Port(key) => self.net_port.remove(&key),
             };
         }
+    }
+}
+
+/// Removes the entries of `cgroup_id` (the key data's first 8 bytes) that `remove` picks.
+fn remove_from_trie<const N: usize>(
+    trie: &mut LpmTrie<MapData, [u8; N], NetRule>,
+    cgroup_id: u64,
+    remove: impl Fn(&Key<[u8; N]>) -> bool,
+) {
+    let prefix = cgroup_id.to_be_bytes();
+    let doomed: Vec<Key<[u8; N]>> =
+        trie.keys().flatten().filter(|key| key.data()[..8] == prefix && remove(key)).collect();
+    for key in doomed {
+        let _ = trie.remove(&key);
     }
 }
 
