@@ -202,3 +202,27 @@ fn regex_masks_apply_to_every_text_and_to_headers() {
     assert!(out.stdout.contains("dave,[email]"), "the body is masked: {out}");
     assert!(out.stdout.to_ascii_lowercase().contains("x-owner: [email]"), "the header is masked: {out}");
 }
+
+/// HEAD and 304 carry the upstream's status and headers, minus what masking
+/// would change (length, validators) on a masked route; an endless stream
+/// on a masked route is refused at once instead of being waited for.
+#[test]
+fn head_and_304_pass_and_streams_are_refused_at_once_on_a_masked_route() {
+    let fx = Fixture::start(&[]);
+    fx.upstream.set_raw_reply(200, &["Content-Type: application/json", "ETag: \"v1\""], br#"{"users":[]}"#);
+    let head = fx.daemon.run(&fx.token, &["curl", "-sS", "-I", fx.url("/users").as_str()]);
+    let lower = head.stdout.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200"), "HEAD on a masked route: {head}");
+    assert!(!lower.contains("content-length: 0"), "HEAD claims an empty body: {head}");
+    assert!(!lower.contains("etag"), "a validator of the unmasked body reached the client: {head}");
+
+    fx.upstream.set_raw_reply(304, &["ETag: \"v1\""], b"");
+    let not_modified = fx.curl(&["-H", "If-None-Match: \"v1\"", &fx.url("/users")]);
+    not_modified.assert_status(304, "a 304 on a masked route");
+
+    fx.upstream.set_raw_reply(200, &["Content-Type: text/event-stream"], b"data: {\"email\":\"x@example.com\"}\n\n");
+    let stream = fx.curl(&["--max-time", "10", &fx.url("/events")]);
+    stream.assert_status(502, "server-sent events on a masked route");
+    assert!(stream.json()["reason"].as_str().is_some_and(|r| r.contains("stream")), "{stream}");
+    assert!(!stream.body.contains("x@example.com"), "{stream}");
+}

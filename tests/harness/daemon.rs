@@ -211,6 +211,11 @@ impl Daemon {
         &self.state_dir
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon is running").id()
+    }
+
     /// Kills the daemon with SIGKILL: no cleanup of any kind runs.
     pub fn kill_hard(&mut self) {
         let mut child = self.child.take().expect("the daemon is running");

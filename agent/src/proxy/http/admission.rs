@@ -140,7 +140,9 @@ pub async fn admit(
         parts.headers.remove(name);
     }
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > MAX_BODY as u64) {
+    // Only a body a rule must read whole is bounded; others stream through.
+    let needs_body = has_body_rules(route);
+    if needs_body && declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Err(Refusal::new(
             Outcome::Refused,
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -149,7 +151,7 @@ pub async fn admit(
         ));
     }
     // Only a rule on bodies needs the whole request before deciding.
-    let body = if has_body_rules(route) {
+    let body = if needs_body {
         match Limited::new(body, MAX_BODY).collect().await {
             Ok(collected) => AdmittedBody::Buffered(collected.to_bytes()),
             Err(_) => {

@@ -2,10 +2,11 @@
 //! approval), rewrite (hop-by-hop headers, credential), forward, answer
 //! (stream, or mask and scrub), record.
 //!
-//! Bodies stream through, bounded by [`MAX_BODY`], except where a rule must
-//! see all of one first: a request body when a matcher looks at bodies, a
-//! response body when masks apply. Those are read into memory within the
-//! same bound; a larger one is refused and never half-forwarded. A declared
+//! Bodies stream through with no size limit and constant memory, except
+//! where a rule must see all of one first: a request body when a matcher
+//! looks at bodies, a response body when masks apply. Those are read into
+//! memory within [`MAX_BODY`]; a larger one is refused (413 for a request,
+//! 502 with the reason for a response) and never half-forwarded. A declared
 //! length over the bound is refused before the upstream is contacted.
 
 mod admission;
@@ -22,7 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::{
     Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest, header, header::HeaderValue,
     service::service_fn,
@@ -34,15 +35,18 @@ use tracing::Instrument;
 
 use super::{
     Governed, ProxyCtx,
-    body::{Counted, ProxyBody, full},
+    body::{BoxError, Counted, ProxyBody, full},
     record::{Outcome, ProxyRecord},
     rules::normalize_path,
 };
 use crate::{policy::route::Route, store::RecordKind};
 use admission::AdmittedBody;
 
-/// Largest request or response body the proxy passes on.
+/// Largest request or response body the proxy reads whole (for a rule).
 pub const MAX_BODY: usize = 64 << 20;
+/// Headers a request or an answer may have: more than servers commonly
+/// accept (nginx takes about as many as fit in 32 KiB).
+pub const MAX_HEADERS: usize = 1000;
 
 /// Routes whose answers are read whole before the client sees them: masked
 /// ones, and those with a credential (scrubbed of it in case it is echoed).
@@ -61,8 +65,12 @@ pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
         async move { Ok::<_, Infallible>(exchange(ctx, &governed, &upstream, request).await) }.instrument(span)
     });
     // A client that never finishes its headers must not hold a connection forever.
+    let _ = stream.set_nodelay(true);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_headers(MAX_HEADERS);
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
     }
@@ -125,6 +133,7 @@ async fn exchange(
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
+    let head = parts.method == hyper::Method::HEAD;
     let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     // Requests whose meaning servers disagree on are refused outright, so a
@@ -166,7 +175,7 @@ async fn exchange(
         AdmittedBody::Streamed(incoming) => {
             let counter = request_bytes.clone();
             Counted::new(
-                Limited::new(incoming, MAX_BODY).boxed_unsync(),
+                incoming.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
                 Box::new(move |bytes, _| counter.store(bytes, Ordering::Relaxed)),
             )
             .boxed_unsync()
@@ -181,10 +190,17 @@ async fn exchange(
             return refusal.answer(&ctx, governed, record);
         }
     };
-    match response::respond(&ctx, governed, answer, record, secret, &request_bytes).await {
+    match response::respond(&ctx, governed, answer, record, secret, &request_bytes, head).await {
         Ok(response) => response,
         Err((record, refusal)) => refusal.answer(&ctx, governed, record),
     }
+}
+
+/// How the proxy speaks HTTP/1.1 to upstreams.
+fn client_builder() -> hyper::client::conn::http1::Builder {
+    let mut builder = hyper::client::conn::http1::Builder::new();
+    builder.max_headers(MAX_HEADERS);
+    builder
 }
 
 /// Sends over this client connection's upstream connection, opening it
@@ -201,10 +217,12 @@ async fn send(
             .await
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| format!("connect failed: {e}"))?;
+        // Small exchanges must not wait for Nagle and delayed ACKs to meet.
+        let _ = stream.set_nodelay(true);
         let sender = match &governed.route.route.upstream_tls {
             None => {
                 let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                    client_builder().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -213,7 +231,7 @@ async fn send(
             Some(tls) => {
                 let stream = crate::proxy::tls::connect_upstream(ctx, governed, tls, stream).await?;
                 let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                    client_builder().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });

@@ -9,19 +9,38 @@ use std::sync::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::{Response, StatusCode, body::Incoming, header, header::HeaderValue};
+use hyper::{
+    Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+};
 use serde_json::json;
 
 use super::{MAX_BODY, Refusal, rewrite::HOP_BY_HOP, scrubs_response};
 use crate::policy::route::Mask;
 use crate::proxy::{
     Governed, ProxyCtx,
-    body::{Counted, ProxyBody, full},
+    body::{BoxError, Counted, ProxyBody, full},
     credential::{REMOVED, scrub},
     record::{Outcome, ProxyRecord},
     representation::{self, Unmaskable},
     rules::mask,
 };
+
+/// How long a masked route waits for an answer to end before refusing it.
+const WHOLE_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Replaces header values holding the injected credential; returns how many.
+fn scrub_headers(headers: &mut hyper::HeaderMap, secret: &str) -> usize {
+    let mut count = 0;
+    for value in headers.values_mut() {
+        if value.to_str().is_ok_and(|v| v.contains(secret)) {
+            *value = HeaderValue::from_static(REMOVED);
+            count += 1;
+        }
+    }
+    count
+}
 
 /// Headers that describe the body rather than carry data.
 const FRAMING: [header::HeaderName; 4] =
@@ -66,6 +85,7 @@ pub async fn respond(
     mut record: ProxyRecord,
     secret: Option<String>,
     request_bytes: &AtomicU64,
+    head: bool,
 ) -> Result<Response<ProxyBody>, (ProxyRecord, Refusal)> {
     let route = &governed.route.route;
     let (mut parts, body) = answer.into_parts();
@@ -77,23 +97,72 @@ pub async fn respond(
     if !scrubs_response(route) {
         let (ctx, governed) = (ctx.clone(), governed.clone());
         let body = Counted::new(
-            Limited::new(body, MAX_BODY).boxed_unsync(),
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
             Box::new(move |bytes, complete| {
                 record.set("response_bytes", bytes);
                 let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
+                if !complete {
+                    tracing::warn!(
+                        bytes,
+                        "a streamed answer ended before its end (the upstream or the client went away)"
+                    );
+                }
                 record.finish_exchange(&ctx.log, &governed, outcome, status);
             }),
         );
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => {
+    // An answer without a body (HEAD, 204, 304) has only headers to scrub.
+    // What masking would change (length, validators) is not the upstream's
+    // to say on a masked route.
+    if head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED || status.is_informational() {
+        let mut count = 0;
+        if !route.mask.is_empty() {
+            for name in [header::CONTENT_LENGTH, header::ETAG, HeaderName::from_static("content-md5")] {
+                parts.headers.remove(name);
+            }
+            count += mask_headers(&route.mask, &mut parts.headers);
+        }
+        if let Some(secret) = &secret {
+            count += scrub_headers(&mut parts.headers, secret);
+        }
+        record.set("masked", count);
+        record.set("response_bytes", 0);
+        record.finish_exchange(&ctx.log, governed, Outcome::Forwarded, status);
+        return Ok(Response::from_parts(parts, full(Bytes::new())));
+    }
+    // A stream that never ends cannot be read whole: refused at once.
+    let streaming = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        let v = v.to_ascii_lowercase();
+        v.starts_with("text/event-stream") || v.starts_with("application/x-ndjson")
+    });
+    if streaming && !route.mask.is_empty() {
+        let refusal = Refusal::new(
+            Outcome::Error,
+            StatusCode::BAD_GATEWAY,
+            "the response could not be masked",
+            json!({"reason": "the response is a stream (server-sent events or NDJSON); a masked route reads answers whole"}),
+        );
+        return Err((record, refusal));
+    }
+    let collected = tokio::time::timeout(WHOLE_BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
+    let body = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(_)) => {
             let refusal = Refusal::new(
                 Outcome::Error,
                 StatusCode::BAD_GATEWAY,
                 "upstream response too large or unreadable",
                 json!({"limit": MAX_BODY}),
+            );
+            return Err((record, refusal));
+        }
+        Err(_) => {
+            let refusal = Refusal::new(
+                Outcome::Error,
+                StatusCode::BAD_GATEWAY,
+                "upstream response did not end in time",
+                json!({"timeout_secs": WHOLE_BODY_TIMEOUT.as_secs()}),
             );
             return Err((record, refusal));
         }
@@ -143,12 +212,12 @@ pub async fn respond(
             masked = scrubbed;
             count += found;
         }
-        for value in parts.headers.values_mut() {
-            if value.to_str().is_ok_and(|v| v.contains(secret.as_str())) {
-                *value = HeaderValue::from_static(REMOVED);
-                count += 1;
-            }
-        }
+        count += scrub_headers(&mut parts.headers, secret);
+    }
+    // A validator of the upstream's body does not describe a rewritten one.
+    if masked.as_slice() != body.as_ref() {
+        parts.headers.remove(header::ETAG);
+        parts.headers.remove(HeaderName::from_static("content-md5"));
     }
     record.set("masked", count);
     let kept = masked.len().min(ctx.record_body_bytes);
