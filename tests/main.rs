@@ -20,6 +20,7 @@ mod proxy_redirect;
 mod proxy_reviewers;
 mod proxy_rules;
 mod proxy_streaming;
+mod proxy_upgrade;
 mod survival;
 mod tls;
 mod tokens;

@@ -235,3 +235,132 @@ fn many_headers_pass_both_ways_and_head_keeps_its_length() {
     let head = daemon.run(&token, &["curl", "-sS", "-I", url.as_str()]);
     assert!(head.stdout.to_ascii_lowercase().contains("content-length: 11"), "HEAD keeps the length: {head}");
 }
+
+/// An upstream that answers one request per connection and closes the
+/// connection when a second one arrives on it (a server's idle timeout
+/// meeting a request on the way): the request is sent again on a new
+/// connection instead of becoming a 502.
+#[test]
+fn a_stale_upstream_connection_is_replaced_and_the_request_sent_again() {
+    let script = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    served = 0
+    def do_GET(self):
+        if self.served:
+            # Closed without an answer, as the request arrives.
+            self.close_connection = True
+            return
+        self.served = 1
+        body = b"fresh"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+    let mut child = Command::new("python3").args(["-c", script]).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
+    let port: u16 = line.trim().parse().expect("port");
+    let daemon = Daemon::start(&policy(port));
+    let token = daemon.mint("bulk-bot", &[]);
+    let client = format!(
+        "import http.client\nc = http.client.HTTPConnection('127.0.0.1', {port})\nfor i in range(3):\n    c.request('GET', '/again/%d' % i)\n    r = c.getresponse()\n    print(r.status, r.read().decode())\n"
+    );
+    let out = daemon.run(&token, &["python3", "-c", client.as_str()]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["200 fresh"; 3], "{out}\n{}", daemon.log());
+}
+
+/// `Expect: 100-continue` is the upstream's to answer: one that refuses at
+/// once (413) receives none of the body and the client gets its 413; one
+/// that asks for the body gets all of it.
+#[test]
+fn expect_continue_is_decided_by_the_upstream() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let received = dir.path().join("received");
+    let script = r#"
+import http.server, socket, sys
+RECEIVED = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def handle_expect_100(self):
+        if self.path.startswith("/refuse"):
+            self.send_response(413)
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.flush()
+            # Whatever arrives now is body the client sent before the decision.
+            self.connection.settimeout(1.0)
+            got = 0
+            try:
+                while True:
+                    data = self.connection.recv(65536)
+                    if not data:
+                        break
+                    got += len(data)
+            except socket.timeout:
+                pass
+            open(RECEIVED, "a").write("refuse %d\n" % got)
+            self.close_connection = True
+            return False
+        return super().handle_expect_100()
+    def do_PUT(self):
+        n = int(self.headers["Content-Length"])
+        data = self.rfile.read(n)
+        open(RECEIVED, "a").write("accept %d\n" % len(data))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+    let mut child =
+        Command::new("python3").args(["-c", script]).arg(&received).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
+    let port: u16 = line.trim().parse().expect("port");
+    let daemon = Daemon::start(&policy(port));
+    let token = daemon.mint("bulk-bot", &[]);
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, vec![b'x'; 1 << 20]).expect("body");
+    let curl = |path: &str| {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let out = daemon.run(
+            &token,
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Expect: 100-continue",
+                "--expect100-timeout",
+                "5",
+                "-T",
+                file.to_str().expect("UTF-8"),
+                url.as_str(),
+            ],
+        );
+        out.stdout.trim().to_owned()
+    };
+    assert_eq!(curl("/refuse"), "413", "the upstream's refusal reaches the client");
+    assert_eq!(curl("/accept"), "200");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&received).expect("the server's log");
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["refuse 0", &format!("accept {}", 1 << 20)], "{log}");
+}

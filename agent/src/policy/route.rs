@@ -35,11 +35,20 @@ pub struct Route {
     /// For `protocol: tls` (passthrough): which server names may be reached.
     #[serde(default)]
     pub sni: Option<SniRules>,
+    /// May requests upgrade the connection (WebSocket, `kubectl exec`)? On
+    /// by default; routes with masks refuse upgrades whatever this says (a
+    /// tunnel cannot be masked).
+    #[serde(default = "upgrade_default")]
+    pub upgrade: bool,
     /// For `protocol: http`: the names (`api.example.com`, `*.example.com`)
     /// requests may give as their Host. A request for another host is
     /// refused, so the credential is never sent on its behalf.
     #[serde(default)]
     pub hosts: Vec<HostName>,
+}
+
+fn upgrade_default() -> bool {
+    true
 }
 
 /// A host name a route serves, lowercase; `*.` matches subdomains.

@@ -86,6 +86,45 @@ impl Drop for Counted {
     }
 }
 
+/// A request body held back until the upstream says it wants it (`100
+/// Continue`), or dropped with an error when the upstream answers without
+/// wanting it: what the client sends is never read before the upstream decides.
+pub struct Gated {
+    inner: ProxyBody,
+    gate: Option<tokio::sync::oneshot::Receiver<bool>>,
+}
+
+impl Gated {
+    /// Holds `inner` back until `gate` says true (send it) or false (abandon it).
+    pub fn new(inner: ProxyBody, gate: tokio::sync::oneshot::Receiver<bool>) -> Self {
+        Self { inner, gate: Some(gate) }
+    }
+}
+
+impl Body for Gated {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(gate) = this.gate.as_mut() {
+            match std::future::Future::poll(Pin::new(gate), cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(true)) => this.gate = None,
+                Poll::Ready(_) => {
+                    this.gate = None;
+                    return Poll::Ready(Some(Err("the upstream answered without asking for the body".into())));
+                }
+            }
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,8 @@ pub enum Outcome {
     Forwarded,
     /// Sent upstream, but the answer's body did not arrive whole.
     ForwardedIncomplete,
+    /// Upgraded (101) and tunnelled both ways until either side closed.
+    Tunnelled,
     /// Refused by a block rule (or a host the route does not govern).
     Blocked,
     /// Refused before any rule: ambiguous, too large, not a valid target.
@@ -32,6 +34,7 @@ impl Outcome {
         match self {
             Self::Forwarded => "forwarded",
             Self::ForwardedIncomplete => "forwarded-incomplete",
+            Self::Tunnelled => "tunnelled",
             Self::Blocked => "blocked",
             Self::Refused => "refused",
             Self::Denied => "denied",
@@ -42,7 +45,7 @@ impl Outcome {
     /// The record's verdict: only a whole answer counts as allowed.
     pub fn verdict(self) -> RecordVerdict {
         match self {
-            Self::Forwarded => RecordVerdict::ALLOW,
+            Self::Forwarded | Self::Tunnelled => RecordVerdict::ALLOW,
             Self::Blocked => RecordVerdict::Block,
             Self::ForwardedIncomplete | Self::Refused | Self::Denied | Self::Error => RecordVerdict::DENY,
         }

@@ -12,6 +12,7 @@
 mod admission;
 mod response;
 mod rewrite;
+mod upgrade;
 
 use std::{
     convert::Infallible,
@@ -25,7 +26,11 @@ use std::{
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{
-    Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest, header, header::HeaderValue,
+    Request, Response, StatusCode,
+    body::{Body, Incoming},
+    client::conn::http1::SendRequest,
+    header,
+    header::HeaderValue,
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
@@ -35,7 +40,7 @@ use tracing::Instrument;
 
 use super::{
     Governed, ProxyCtx,
-    body::{BoxError, Counted, ProxyBody, full},
+    body::{BoxError, Counted, Gated, ProxyBody, full},
     record::{Outcome, ProxyRecord},
     rules::normalize_path,
 };
@@ -71,7 +76,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .max_headers(MAX_HEADERS);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
     }
 }
@@ -130,8 +135,10 @@ async fn exchange(
     ctx: Arc<ProxyCtx>,
     governed: &Governed,
     upstream: &Upstream,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    // The client's side of an upgrade is taken before the request is split.
+    let upgrade = upgrade::asked(&request).map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
     let (mut parts, body) = request.into_parts();
     let head = parts.method == hyper::Method::HEAD;
     let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
@@ -163,26 +170,82 @@ async fn exchange(
         AdmittedBody::Buffered(bytes) => Some(bytes.len()),
         AdmittedBody::Streamed(_) => None,
     };
+    if let Some((protocol, _)) = &upgrade
+        && let Err(refusal) = upgrade::allowed(&governed.route.route, protocol, &mut record)
+    {
+        return refusal.answer(&ctx, governed, record);
+    }
     let secret = match rewrite::rewrite(&ctx, governed, &mut parts, &path, buffered_len, &mut record).await {
         Ok(secret) => secret,
         Err(refusal) => return refusal.answer(&ctx, governed, record),
     };
+    if let Some((protocol, _)) = &upgrade {
+        upgrade::restore_headers(&mut parts.headers, protocol);
+    }
     // A streamed request's size is known once it has gone through, which
     // is before the answer for the servers this proxy fronts.
     let request_bytes = Arc::new(AtomicU64::new(buffered_len.unwrap_or(0) as u64));
+    // A request whose body is held whole (or has none) can be sent again.
+    let replay = match &admitted {
+        AdmittedBody::Buffered(bytes) => Some(bytes.clone()),
+        AdmittedBody::Streamed(incoming) if incoming.is_end_stream() => Some(Bytes::new()),
+        AdmittedBody::Streamed(_) => None,
+    }
+    .filter(|_| upgrade.is_none())
+    .map(|body| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body,
+    });
+    // `Expect: 100-continue`: the client's body is read only once the
+    // upstream asks for it, so an upstream that refuses (413, 401) never
+    // receives any of it, and the client hears its answer.
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    let mut continue_gate = None;
     let forwarded_body = match admitted {
         AdmittedBody::Buffered(bytes) => full(bytes),
         AdmittedBody::Streamed(incoming) => {
             let counter = request_bytes.clone();
-            Counted::new(
+            let counted = Counted::new(
                 incoming.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
                 Box::new(move |bytes, _| counter.store(bytes, Ordering::Relaxed)),
             )
-            .boxed_unsync()
+            .boxed_unsync();
+            if expects_continue && !counted.is_end_stream() {
+                let (open, gate) = tokio::sync::oneshot::channel();
+                continue_gate = Some(Arc::new(std::sync::Mutex::new(Some(open))));
+                Gated::new(counted, gate).boxed_unsync()
+            } else {
+                counted
+            }
         }
     };
-    let answer = match send(&ctx, upstream, governed, Request::from_parts(parts, forwarded_body)).await {
-        Ok(answer) => answer,
+    let mut forwarded = Request::from_parts(parts, forwarded_body);
+    if let Some(gate) = &continue_gate {
+        let gate = gate.clone();
+        hyper::ext::on_informational(&mut forwarded, move |answer| {
+            if answer.status() == StatusCode::CONTINUE
+                && let Some(open) = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+            {
+                let _ = open.send(true);
+            }
+        });
+    }
+    let answer = match send(&ctx, upstream, governed, forwarded, replay).await {
+        Ok(answer) => {
+            // A final answer without `100 Continue`: the body is abandoned
+            // (and with it that upstream connection), never sent.
+            if let Some(open) = continue_gate.and_then(|gate| gate.lock().ok()?.take()) {
+                let _ = open.send(false);
+            }
+            answer
+        }
         Err(why) => {
             tracing::warn!(%why, "upstream failed");
             let refusal =
@@ -190,6 +253,11 @@ async fn exchange(
             return refusal.answer(&ctx, governed, record);
         }
     };
+    if let Some((_, client)) = upgrade
+        && answer.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        return upgrade::tunnel(&ctx, governed, answer, client, record);
+    }
     match response::respond(&ctx, governed, answer, record, secret, &request_bytes, head).await {
         Ok(response) => response,
         Err((record, refusal)) => refusal.answer(&ctx, governed, record),
@@ -203,44 +271,98 @@ fn client_builder() -> hyper::client::conn::http1::Builder {
     builder
 }
 
+/// A request that can be sent again: its head and a body held whole.
+pub struct Replay {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    version: hyper::Version,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    fn request(&self) -> Request<ProxyBody> {
+        let mut request = Request::new(full(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Methods a client may send twice without changing what happens.
+fn idempotent(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE].contains(method)
+}
+
+/// Opens a connection to the upstream (TLS where the route originates it).
+async fn connect(ctx: &ProxyCtx, governed: &Governed) -> Result<SendRequest<ProxyBody>, String> {
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(governed.destination))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect failed: {e}"))?;
+    // Small exchanges must not wait for Nagle and delayed ACKs to meet.
+    let _ = stream.set_nodelay(true);
+    let sender = match &governed.route.route.upstream_tls {
+        None => {
+            let (sender, connection) =
+                client_builder().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+            sender
+        }
+        Some(tls) => {
+            let stream = crate::proxy::tls::connect_upstream(ctx, governed, tls, stream).await?;
+            let (sender, connection) =
+                client_builder().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+            sender
+        }
+    };
+    Ok(sender)
+}
+
 /// Sends over this client connection's upstream connection, opening it
-/// (again) when needed.
+/// (again) when needed. A kept-alive connection the server closed just as
+/// the request went out is replaced and the request sent once more, as
+/// HTTP clients do: an idempotent one (with `replay`) whenever it failed
+/// that way, any other only when it was not sent at all.
 async fn send(
     ctx: &ProxyCtx,
     upstream: &Upstream,
     governed: &Governed,
     request: Request<ProxyBody>,
+    replay: Option<Replay>,
 ) -> Result<Response<Incoming>, String> {
     let mut slot = upstream.lock().await;
+    let mut reused = true;
     if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
-        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(governed.destination))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| format!("connect failed: {e}"))?;
-        // Small exchanges must not wait for Nagle and delayed ACKs to meet.
-        let _ = stream.set_nodelay(true);
-        let sender = match &governed.route.route.upstream_tls {
-            None => {
-                let (sender, connection) =
-                    client_builder().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                sender
-            }
-            Some(tls) => {
-                let stream = crate::proxy::tls::connect_upstream(ctx, governed, tls, stream).await?;
-                let (sender, connection) =
-                    client_builder().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                sender
-            }
-        };
-        *slot = Some(sender);
+        *slot = Some(connect(ctx, governed).await?);
+        reused = false;
     }
     let sender = slot.as_mut().ok_or("no upstream connection")?;
+    if sender.ready().await.is_err() {
+        // Closed before anything was sent: a new connection, whatever the method.
+        *slot = Some(connect(ctx, governed).await?);
+        reused = false;
+    }
+    let sender = slot.as_mut().ok_or("no upstream connection")?;
+    let failed = match sender.send_request(request).await {
+        Ok(answer) => return Ok(answer),
+        Err(e) => e,
+    };
+    let stale = reused && (failed.is_canceled() || failed.is_incomplete_message());
+    let Some(replay) = replay.filter(|r| stale && (failed.is_canceled() || idempotent(&r.method))) else {
+        return Err(failed.to_string());
+    };
+    tracing::info!(error = %failed, "the kept-alive upstream connection was closed; sending again on a new one");
+    *slot = Some(connect(ctx, governed).await?);
+    let sender = slot.as_mut().ok_or("no upstream connection")?;
     sender.ready().await.map_err(|e| e.to_string())?;
-    sender.send_request(request).await.map_err(|e| e.to_string())
+    sender.send_request(replay.request()).await.map_err(|e| e.to_string())
 }
