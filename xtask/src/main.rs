@@ -22,6 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("command -v setpriv", "util-linux"),
     ("command -v curl", "curl"),
     ("command -v python3", "python3"),
+    ("python3 -c 'import requests'", "python3-requests"),
     ("command -v nginx", "nginx-light"),
     ("command -v openssl", "openssl"),
     ("command -v qemu-system-x86_64", "qemu-system-x86"),
@@ -52,6 +53,8 @@ enum Task {
     /// Build, then run the daemon in the foreground with the repo's dev config
     /// and policies (state in target/tollgate-dev). Needs root.
     Run,
+    /// Build release, then measure: the proxy's latency against the direct path (needs root).
+    Bench,
     /// Build, then run every test: unit tests and the integration suite
     /// against the real kernel, then the kernel matrix in QEMU (needs root).
     Test {
@@ -89,6 +92,15 @@ fn main() -> anyhow::Result<()> {
             );
             println!("  target/debug/tollgate sessions; target/debug/tollgate show <SESSION>");
             run(Command::new(root.join("target/debug/tollgate")).arg("daemon").arg("--config").arg(config))
+        }
+        Task::Bench => {
+            require_root("cargo xtask bench")?;
+            setup()?;
+            build(&root, true)?;
+            let mut cargo = cargo();
+            cargo.current_dir(&root).args(["bench", "-p", "tollgate-tests", "--bench", "latency"]);
+            cargo.env("TOLLGATE_BIN", root.join("target/release/tollgate"));
+            run(&mut cargo)
         }
         Task::Test { vm, no_vm, args } => {
             require_root("cargo xtask test")?;
