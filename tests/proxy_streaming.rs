@@ -234,6 +234,23 @@ fn many_headers_pass_both_ways_and_head_keeps_its_length() {
 
     let head = daemon.run(&token, &["curl", "-sS", "-I", url.as_str()]);
     assert!(head.stdout.to_ascii_lowercase().contains("content-length: 11"), "HEAD keeps the length: {head}");
+
+    // Past the limit: 431 with a body that names it, and nothing upstream.
+    let before = upstream.requests().len();
+    let mut argv: Vec<String> = vec!["curl".into(), "-sS".into(), "-w".into(), "\n%{http_code}".into()];
+    for i in 0..1001 {
+        argv.push("-H".into());
+        argv.push(format!("X-Ask-{i}: q"));
+    }
+    argv.push(url.clone());
+    let over = daemon.run(&token, &argv);
+    assert!(over.stdout.trim_end().ends_with("431"), "{over}");
+    assert!(over.stdout.contains("\"limit\":1000"), "the refusal names the limit: {over}");
+    assert_eq!(upstream.requests().len(), before, "an over-limit request reached the upstream");
+
+    upstream.set_raw_reply(304, &["ETag: \"v1\""], b"");
+    let not_modified = daemon.run(&token, &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url.as_str()]);
+    assert_eq!(not_modified.stdout.trim(), "304", "a 304 on a plain route: {not_modified}");
 }
 
 /// An upstream that answers one request per connection and closes the

@@ -50,8 +50,12 @@ use admission::AdmittedBody;
 /// Largest request or response body the proxy reads whole (for a rule).
 pub const MAX_BODY: usize = 64 << 20;
 /// Headers a request or an answer may have: more than servers commonly
-/// accept (nginx takes about as many as fit in 32 KiB).
+/// accept (nginx takes about as many as fit in 32 KiB). A request with more
+/// gets 431 with a body naming the limit.
 pub const MAX_HEADERS: usize = 1000;
+/// What the HTTP parser takes before it answers 431 itself (with no body):
+/// above [`MAX_HEADERS`], so the proxy's own answer says what the limit is.
+const PARSER_MAX_HEADERS: usize = 4 * MAX_HEADERS;
 
 /// Routes whose answers are read whole before the client sees them: masked
 /// ones, and those with a credential (scrubbed of it in case it is echoed).
@@ -75,7 +79,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_headers(MAX_HEADERS);
+        .max_headers(PARSER_MAX_HEADERS);
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
     }
@@ -162,6 +166,15 @@ async fn exchange(
     // Rules see, and the upstream receives, the path as servers will read it.
     let path = normalize_path(&raw_path);
     let mut record = exchange_record(governed, parts.method.as_str(), &path, &host);
+    if parts.headers.len() > MAX_HEADERS {
+        let refusal = Refusal::new(
+            Outcome::Refused,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many request headers",
+            json!({"limit": MAX_HEADERS, "headers": parts.headers.len()}),
+        );
+        return refusal.answer(&ctx, governed, record);
+    }
     let admitted = match admission::admit(&ctx, governed, &mut parts, body, &path, &host, &mut record).await {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal.answer(&ctx, governed, record),
