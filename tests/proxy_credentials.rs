@@ -96,3 +96,26 @@ fn a_secret_file_others_could_read_or_own_fails_closed() {
         );
     }
 }
+
+/// A route that injects a credential and masks nothing streams its answers
+/// (server-sent events from an API whose key is injected): the stream
+/// arrives, with the credential scrubbed wherever the upstream echoes it.
+#[test]
+fn a_credential_route_streams_answers_with_the_credential_scrubbed() {
+    let upstream = Upstream::start("127.0.0.1", 200, "{}");
+    let secret = Secret::private();
+    let to = format!("127.0.0.1/32:{}", upstream.port());
+    let route = format!(
+        "        - to: \"{to}\"\n          protocol: http\n          credential: {{ header: Authorization, secret_file: {} }}\n",
+        path_str(&secret.path)
+    );
+    let events = format!("data: one\n\ndata: you sent {}\n\ndata: three\n\n", secret.value);
+    upstream.set_raw_reply(200, &["Content-Type: text/event-stream"], events.as_bytes());
+    let daemon = Daemon::start(&policy(&route, ""));
+    let token = daemon.mint("stream-bot", BUILD_BOTS);
+    let exchange = Exchange::parse(daemon.run(&token, &curl_argv(&[&format!("{}/events", upstream.base_url())])));
+    exchange.assert_status(200, "a stream on a credential route");
+    assert!(exchange.body.contains("data: one") && exchange.body.contains("data: three"), "{exchange}");
+    assert!(!exchange.body.contains(&secret.value), "the credential came back to the agent: {exchange}");
+    assert!(exchange.body.contains("[credential removed]"), "{exchange}");
+}

@@ -140,15 +140,19 @@ fn a_websocket_tunnels_frames_both_ways_and_is_recorded() {
     }
     assert_eq!(handshakes(&count), 1, "the server saw one handshake");
     let id = daemon.last_session_id();
-    let show = daemon.show_until(&id, "the tunnel's record", |show| {
-        events_of_kind(show, "http").iter().any(|e| e["outcome"] == "tunnelled")
+    let show = daemon.show_until(&id, "the tunnel's records", |show| {
+        events_of_kind(show, "http").iter().any(|e| e["outcome"] == "tunnel-closed")
     });
-    let event =
-        events_of_kind(&show, "http").into_iter().find(|e| e["outcome"] == "tunnelled").cloned().unwrap_or_default();
-    assert_eq!(event["status"], 101, "{}", pretty(&show));
-    assert_eq!(event["upgrade"], "websocket", "{}", pretty(&show));
-    assert!(event["bytes_up"].as_u64().is_some_and(|n| n > 0), "{}", pretty(&show));
-    assert!(event["bytes_down"].as_u64().is_some_and(|n| n > 0), "{}", pretty(&show));
+    let find = |outcome: &str| {
+        events_of_kind(&show, "http").into_iter().find(|e| e["outcome"] == outcome).cloned().unwrap_or_default()
+    };
+    let opened = find("tunnelled");
+    assert_eq!(opened["status"], 101, "the handshake is recorded as the tunnel opens: {}", pretty(&show));
+    assert_eq!(opened["upgrade"], "websocket", "{}", pretty(&show));
+    let closed = find("tunnel-closed");
+    assert!(closed["bytes_up"].as_u64().is_some_and(|n| n > 0), "{}", pretty(&show));
+    assert!(closed["bytes_down"].as_u64().is_some_and(|n| n > 0), "{}", pretty(&show));
+    assert!(closed["tunnel_ms"].is_number(), "{}", pretty(&show));
 }
 
 #[test]
@@ -156,9 +160,16 @@ fn routes_that_forbid_upgrades_or_mask_refuse_them_before_the_upstream() {
     let dir = tempfile::tempdir().expect("temp dir");
     let count = dir.path().join("handshakes");
     let server = EchoServer::start(&count);
+    let secret = harness::proxy::Secret::private();
+    let credential = format!(
+        "          credential: {{ header: Authorization, secret_file: {} }}\n",
+        harness::proxy::path_str(&secret.path)
+    );
     for (extra, reason) in [
         ("          upgrade: false\n", "upgrade: false"),
         ("          mask:\n            - { regex: \"secret\" }\n", "cannot be masked"),
+        (credential.as_str(), "injects a credential"),
+        ("          block:\n            - { body: \"DROP\" }\n", "read bodies"),
     ] {
         let route = format!("        - to: \"127.0.0.1/32:{}\"\n          protocol: http\n{extra}", server.port);
         let daemon = Daemon::start(&policy(&route, ""));

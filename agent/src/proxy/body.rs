@@ -3,6 +3,7 @@
 //! streamed body ends.
 
 use std::{
+    future::Future,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -92,12 +93,19 @@ impl Drop for Counted {
 pub struct Gated {
     inner: ProxyBody,
     gate: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// As clients do: an upstream that says nothing for this long gets the body.
+    patience: Pin<Box<tokio::time::Sleep>>,
 }
 
+/// How long the upstream has to answer `Expect: 100-continue` before the
+/// body is sent anyway (curl waits as long).
+const CONTINUE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Gated {
-    /// Holds `inner` back until `gate` says true (send it) or false (abandon it).
+    /// Holds `inner` back until `gate` says true (send it) or false, or is
+    /// dropped (abandon it), or the upstream has said nothing for a second.
     pub fn new(inner: ProxyBody, gate: tokio::sync::oneshot::Receiver<bool>) -> Self {
-        Self { inner, gate: Some(gate) }
+        Self { inner, gate: Some(gate), patience: Box::pin(tokio::time::sleep(CONTINUE_PATIENCE)) }
     }
 }
 
@@ -109,6 +117,7 @@ impl Body for Gated {
         let this = self.get_mut();
         if let Some(gate) = this.gate.as_mut() {
             match std::future::Future::poll(Pin::new(gate), cx) {
+                Poll::Pending if this.patience.as_mut().poll(cx).is_ready() => this.gate = None,
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(true)) => this.gate = None,
                 Poll::Ready(_) => {

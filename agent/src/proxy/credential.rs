@@ -2,11 +2,26 @@
 //! between requests, refreshed when the file changes, and scrubbed from
 //! whatever the upstream sends back.
 
-use std::{os::unix::fs::MetadataExt, path::Path};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::Path,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame};
 
 use hyper::header::{HeaderName, HeaderValue};
 
-use super::file_cache::FileCache;
+use super::{
+    body::{BoxError, ProxyBody},
+    file_cache::FileCache,
+};
 use crate::policy::route::Credential;
 
 /// What replaces an echoed credential.
@@ -62,4 +77,103 @@ pub fn scrub(body: &[u8], secret: &str) -> (Vec<u8>, usize) {
         }
     }
     (out, found)
+}
+
+/// A streamed answer with every occurrence of the injected credential
+/// replaced as it passes, across chunk boundaries: the bytes that could
+/// start an occurrence wait for the next chunk.
+pub struct Scrubbing {
+    inner: ProxyBody,
+    needle: Vec<u8>,
+    carry: Vec<u8>,
+    found: Arc<AtomicUsize>,
+    ended: bool,
+}
+
+impl Scrubbing {
+    /// Scrubs `secret` out of `inner`; `found` counts the replacements.
+    pub fn new(inner: ProxyBody, secret: &str, found: Arc<AtomicUsize>) -> Self {
+        Self { inner, needle: secret.as_bytes().to_vec(), carry: Vec::new(), found, ended: false }
+    }
+
+    /// Replaces what can be decided in `buffer`; keeps the undecided tail.
+    fn scrub_chunk(&mut self, chunk: &[u8], last: bool) -> Bytes {
+        let mut buffer = std::mem::take(&mut self.carry);
+        buffer.extend_from_slice(chunk);
+        let keep = if last { 0 } else { self.needle.len().saturating_sub(1) };
+        let decided = buffer.len().saturating_sub(keep);
+        let mut out = Vec::with_capacity(buffer.len());
+        let mut i = 0;
+        while i < decided {
+            if buffer[i..].starts_with(&self.needle) {
+                out.extend_from_slice(REMOVED.as_bytes());
+                self.found.fetch_add(1, Ordering::Relaxed);
+                i += self.needle.len();
+            } else {
+                out.push(buffer[i]);
+                i += 1;
+            }
+        }
+        self.carry = buffer[i.min(buffer.len())..].to_vec();
+        Bytes::from(out)
+    }
+}
+
+impl Body for Scrubbing {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(this.scrub_chunk(&data, false))))),
+                // Trailers are not scrubbed: drop them rather than pass them unread.
+                Err(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::new())))),
+            },
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => {
+                this.ended = true;
+                let rest = this.scrub_chunk(&[], true);
+                if rest.is_empty() { Poll::Ready(None) } else { Poll::Ready(Some(Ok(Frame::data(rest)))) }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// A body that yields the given chunks one frame each.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_split_across_chunks_is_still_replaced() {
+        let chunks: [&'static str; 3] = ["data: Bear", "er tok", "en-1 and Bearer token-1\n"];
+        let chunks = chunks.map(|chunk| Bytes::from_static(chunk.as_bytes()));
+        let inner = Chunks(chunks.into_iter().collect()).boxed_unsync();
+        let found = Arc::new(AtomicUsize::new(0));
+        let body = Scrubbing::new(inner, "Bearer token-1", found.clone());
+        let out = body.collect().await.expect("collects").to_bytes();
+        assert_eq!(&out[..], format!("data: {REMOVED} and {REMOVED}\n").as_bytes());
+        assert_eq!(found.load(Ordering::Relaxed), 2);
+    }
 }

@@ -49,7 +49,12 @@ pub struct ProxyCtx {
     pub credentials: credential::Credentials,
     /// TLS client configurations per CA file, refreshed when a file changes.
     pub upstream_tls: tls::UpstreamConfigs,
+    /// Open tunnels (upgraded connections) at most, across all sessions.
+    pub tunnels: Arc<tokio::sync::Semaphore>,
 }
+
+/// Tunnels open at once at most; an upgrade past that is refused (503).
+pub const MAX_TUNNELS: usize = 256;
 
 impl ProxyCtx {
     /// The proxy's context; caches start empty.
@@ -68,6 +73,7 @@ impl ProxyCtx {
             record_body_bytes,
             credentials: credential::Credentials::default(),
             upstream_tls: tls::UpstreamConfigs::default(),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS)),
         }
     }
 }

@@ -16,8 +16,10 @@ pub enum Outcome {
     Forwarded,
     /// Sent upstream, but the answer's body did not arrive whole.
     ForwardedIncomplete,
-    /// Upgraded (101) and tunnelled both ways until either side closed.
+    /// Upgraded (101): a tunnel opened (recorded as it opens).
     Tunnelled,
+    /// The tunnel closed (recorded with the bytes each way and its duration).
+    TunnelClosed,
     /// Refused by a block rule (or a host the route does not govern).
     Blocked,
     /// Refused before any rule: ambiguous, too large, not a valid target.
@@ -35,6 +37,7 @@ impl Outcome {
             Self::Forwarded => "forwarded",
             Self::ForwardedIncomplete => "forwarded-incomplete",
             Self::Tunnelled => "tunnelled",
+            Self::TunnelClosed => "tunnel-closed",
             Self::Blocked => "blocked",
             Self::Refused => "refused",
             Self::Denied => "denied",
@@ -45,7 +48,7 @@ impl Outcome {
     /// The record's verdict: only a whole answer counts as allowed.
     pub fn verdict(self) -> RecordVerdict {
         match self {
-            Self::Forwarded | Self::Tunnelled => RecordVerdict::ALLOW,
+            Self::Forwarded | Self::Tunnelled | Self::TunnelClosed => RecordVerdict::ALLOW,
             Self::Blocked => RecordVerdict::Block,
             Self::ForwardedIncomplete | Self::Refused | Self::Denied | Self::Error => RecordVerdict::DENY,
         }

@@ -145,6 +145,7 @@ async fn exchange(
     let upgrade = upgrade::asked(&request).map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
     let (mut parts, body) = request.into_parts();
     let head = parts.method == hyper::Method::HEAD;
+    let method = parts.method.clone();
     let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     // Requests whose meaning servers disagree on are refused outright, so a
@@ -183,10 +184,13 @@ async fn exchange(
         AdmittedBody::Buffered(bytes) => Some(bytes.len()),
         AdmittedBody::Streamed(_) => None,
     };
-    if let Some((protocol, _)) = &upgrade
-        && let Err(refusal) = upgrade::allowed(&governed.route.route, protocol, &mut record)
-    {
-        return refusal.answer(&ctx, governed, record);
+    let mut tunnel_slot = None;
+    if let Some((protocol, _)) = &upgrade {
+        let allowed = upgrade::allowed(&governed.route.route, protocol, &mut record).and_then(|()| upgrade::slot(&ctx));
+        match allowed {
+            Ok(permit) => tunnel_slot = Some(permit),
+            Err(refusal) => return refusal.answer(&ctx, governed, record),
+        }
     }
     let secret = match rewrite::rewrite(&ctx, governed, &mut parts, &path, buffered_len, &mut record).await {
         Ok(secret) => secret,
@@ -251,14 +255,7 @@ async fn exchange(
         });
     }
     let answer = match send(&ctx, upstream, governed, forwarded, replay).await {
-        Ok(answer) => {
-            // A final answer without `100 Continue`: the body is abandoned
-            // (and with it that upstream connection), never sent.
-            if let Some(open) = continue_gate.and_then(|gate| gate.lock().ok()?.take()) {
-                let _ = open.send(false);
-            }
-            answer
-        }
+        Ok(answer) => answer,
         Err(why) => {
             tracing::warn!(%why, "upstream failed");
             let refusal =
@@ -266,12 +263,23 @@ async fn exchange(
             return refusal.answer(&ctx, governed, record);
         }
     };
-    if let Some((_, client)) = upgrade
+    if let (Some((_, client)), Some(permit)) = (upgrade, tunnel_slot)
         && answer.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        return upgrade::tunnel(&ctx, governed, answer, client, record);
+        let closing = exchange_record(governed, method.as_str(), &path, &host);
+        return upgrade::tunnel(&ctx, governed, answer, client, record, closing, permit);
     }
-    match response::respond(&ctx, governed, answer, record, secret, &request_bytes, head).await {
+    // A final answer without `100 Continue`: the request's body is abandoned
+    // (and with it that upstream connection), but only once the answer has
+    // been read, so the client gets all of the upstream's refusal.
+    let unasked: Option<response::Held> = match &continue_gate {
+        Some(gate) => {
+            gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take().map(|open| Box::new(open) as _)
+        }
+        None => None,
+    };
+    let sent = response::Sent { secret, request_bytes: &request_bytes, head, held: unasked };
+    match response::respond(&ctx, governed, answer, record, sent).await {
         Ok(response) => response,
         Err((record, refusal)) => refusal.answer(&ctx, governed, record),
     }
@@ -304,10 +312,12 @@ impl Replay {
     }
 }
 
-/// Methods a client may send twice without changing what happens.
-fn idempotent(method: &hyper::Method) -> bool {
+/// Methods that change nothing, so sending one twice is harmless. (PUT and
+/// DELETE are idempotent in theory, but an approved DELETE that ran once
+/// must not run again with one record.)
+fn safe(method: &hyper::Method) -> bool {
     use hyper::Method;
-    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE].contains(method)
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(method)
 }
 
 /// Opens a connection to the upstream (TLS where the route originates it).
@@ -343,8 +353,8 @@ async fn connect(ctx: &ProxyCtx, governed: &Governed) -> Result<SendRequest<Prox
 /// Sends over this client connection's upstream connection, opening it
 /// (again) when needed. A kept-alive connection the server closed just as
 /// the request went out is replaced and the request sent once more, as
-/// HTTP clients do: an idempotent one (with `replay`) whenever it failed
-/// that way, any other only when it was not sent at all.
+/// HTTP clients do: a safe one (GET, HEAD, OPTIONS, TRACE, with `replay`)
+/// whenever it failed that way, any other only when it was not sent at all.
 async fn send(
     ctx: &ProxyCtx,
     upstream: &Upstream,
@@ -370,7 +380,7 @@ async fn send(
         Err(e) => e,
     };
     let stale = reused && (failed.is_canceled() || failed.is_incomplete_message());
-    let Some(replay) = replay.filter(|r| stale && (failed.is_canceled() || idempotent(&r.method))) else {
+    let Some(replay) = replay.filter(|r| stale && (failed.is_canceled() || safe(&r.method))) else {
         return Err(failed.to_string());
     };
     tracing::info!(error = %failed, "the kept-alive upstream connection was closed; sending again on a new one");

@@ -21,7 +21,7 @@ use crate::policy::route::Mask;
 use crate::proxy::{
     Governed, ProxyCtx,
     body::{BoxError, Counted, ProxyBody, full},
-    credential::{REMOVED, scrub},
+    credential::{REMOVED, Scrubbing, scrub},
     record::{Outcome, ProxyRecord},
     representation::{self, Unmaskable},
     rules::mask,
@@ -29,6 +29,16 @@ use crate::proxy::{
 
 /// How long a masked route waits for an answer to end before refusing it.
 const WHOLE_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Headers that identify or hash the upstream's body: for a masked body
+/// they would describe (and let a client test guesses of) the clear one.
+fn remove_validators(headers: &mut hyper::HeaderMap) {
+    headers.remove(header::ETAG);
+    headers.remove(header::LAST_MODIFIED);
+    for name in ["content-md5", "digest", "content-digest", "repr-digest"] {
+        headers.remove(HeaderName::from_static(name));
+    }
+}
 
 /// Replaces header values holding the injected credential; returns how many.
 fn scrub_headers(headers: &mut hyper::HeaderMap, secret: &str) -> usize {
@@ -76,6 +86,22 @@ fn strip_bom(body: &[u8]) -> &[u8] {
     body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
 }
 
+/// Something kept until the answer has been read (the sender whose drop
+/// abandons a request body the upstream never asked for).
+pub type Held = Box<dyn Send>;
+
+/// What the answer's handling needs to know of the request that was sent.
+pub struct Sent<'a> {
+    /// The injected credential, to scrub from the answer.
+    pub secret: Option<String>,
+    /// Bytes of the request body that went upstream.
+    pub request_bytes: &'a AtomicU64,
+    /// Whether it was a HEAD.
+    pub head: bool,
+    /// Kept until the answer has been read.
+    pub held: Option<Held>,
+}
+
 /// Turns the upstream's answer into the client's, and writes the record
 /// (for a streamed answer, once its body has gone through).
 pub async fn respond(
@@ -83,10 +109,9 @@ pub async fn respond(
     governed: &Governed,
     answer: Response<Incoming>,
     mut record: ProxyRecord,
-    secret: Option<String>,
-    request_bytes: &AtomicU64,
-    head: bool,
+    sent: Sent<'_>,
 ) -> Result<Response<ProxyBody>, (ProxyRecord, Refusal)> {
+    let Sent { secret, request_bytes, head, held } = sent;
     let route = &governed.route.route;
     let (mut parts, body) = answer.into_parts();
     for name in HOP_BY_HOP {
@@ -99,6 +124,8 @@ pub async fn respond(
         let body = Counted::new(
             body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
             Box::new(move |bytes, complete| {
+                // Let go of the request's held body only now the answer has gone through.
+                drop(held);
                 record.set("response_bytes", bytes);
                 let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
                 if !complete {
@@ -118,9 +145,8 @@ pub async fn respond(
     if head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED || status.is_informational() {
         let mut count = 0;
         if !route.mask.is_empty() {
-            for name in [header::CONTENT_LENGTH, header::ETAG, HeaderName::from_static("content-md5")] {
-                parts.headers.remove(name);
-            }
+            parts.headers.remove(header::CONTENT_LENGTH);
+            remove_validators(&mut parts.headers);
             count += mask_headers(&route.mask, &mut parts.headers);
         }
         if let Some(secret) = &secret {
@@ -130,6 +156,45 @@ pub async fn respond(
         record.set("response_bytes", 0);
         record.finish_exchange(&ctx.log, governed, Outcome::Forwarded, status);
         return Ok(Response::from_parts(parts, full(Bytes::new())));
+    }
+    // A credential-only route streams its answer with the credential
+    // scrubbed as it passes: nothing there needs the whole body, and
+    // streams (server-sent events from an API whose key is injected) flow.
+    if route.mask.is_empty()
+        && let Some(secret) = secret.as_deref()
+    {
+        let encoding = parts.headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("(not text)"));
+        if status == StatusCode::PARTIAL_CONTENT || encoding.is_some_and(|e| !e.eq_ignore_ascii_case("identity")) {
+            let refusal = Refusal::new(
+                Outcome::Error,
+                StatusCode::BAD_GATEWAY,
+                "the response could not be masked",
+                json!({"reason": "an encoded or partial answer cannot be scrubbed of the injected credential"}),
+            );
+            return Err((record, refusal));
+        }
+        let found_in_headers = scrub_headers(&mut parts.headers, secret);
+        // Scrubbing may change the length.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let found = Arc::new(std::sync::atomic::AtomicUsize::new(found_in_headers));
+        let scrubbing =
+            Scrubbing::new(body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(), secret, found.clone());
+        let (ctx, governed) = (ctx.clone(), governed.clone());
+        let body = Counted::new(
+            scrubbing.boxed_unsync(),
+            Box::new(move |bytes, complete| {
+                drop(held);
+                let masked = found.load(Ordering::Relaxed);
+                if masked > 0 {
+                    tracing::warn!(masked, "the upstream echoed the injected credential; removed");
+                }
+                record.set("masked", masked);
+                record.set("response_bytes", bytes);
+                let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
+                record.finish_exchange(&ctx.log, &governed, outcome, status);
+            }),
+        );
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
     // A stream that never ends cannot be read whole: refused at once.
     let streaming = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
@@ -216,8 +281,7 @@ pub async fn respond(
     }
     // A validator of the upstream's body does not describe a rewritten one.
     if masked.as_slice() != body.as_ref() {
-        parts.headers.remove(header::ETAG);
-        parts.headers.remove(HeaderName::from_static("content-md5"));
+        remove_validators(&mut parts.headers);
     }
     record.set("masked", count);
     let kept = masked.len().min(ctx.record_body_bytes);

@@ -44,6 +44,13 @@ pub async fn rewrite(
         parts.headers.remove(header::RANGE);
         parts.headers.remove(header::IF_RANGE);
     }
+    if !route.mask.is_empty() {
+        // A conditional request would let the client test a guess of the
+        // unmasked body against the upstream's validators (304 or 200).
+        for name in [header::IF_NONE_MATCH, header::IF_MATCH, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE] {
+            parts.headers.remove(name);
+        }
+    }
     let mut secret = None;
     if let Some(credential) = &route.credential {
         match ctx.credentials.header(credential).await {
