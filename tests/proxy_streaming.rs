@@ -27,6 +27,16 @@ fn pattern() -> Vec<u8> {
     (0..(1 << 20)).map(|i| (i % 251) as u8).collect()
 }
 
+/// Starts a Python server `script` (with `args`) that prints its port first.
+fn python_server(script: &str, args: &[&std::ffi::OsStr]) -> (Child, u16) {
+    let mut child =
+        Command::new("python3").arg("-c").arg(script).args(args).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
+    let port = line.trim().parse().unwrap_or_else(|_| panic!("the server said no port: {line:?}"));
+    (child, port)
+}
+
 /// A real HTTP/1.1 server (Python's) that sends `BIG` bytes of the pattern
 /// for GET and answers a PUT (declared or chunked) with the sha256 and
 /// length of what it received.
@@ -79,11 +89,7 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#
         );
-        let mut child =
-            Command::new("python3").args(["-c", &script]).stdout(Stdio::piped()).spawn().expect("python3 starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("the bulk server said no port: {line:?}"));
+        let (child, port) = python_server(&script, &[]);
         BulkServer { child, port }
     }
 }
@@ -281,10 +287,7 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
-    let mut child = Command::new("python3").args(["-c", script]).stdout(Stdio::piped()).spawn().expect("python3");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-    let port: u16 = line.trim().parse().expect("port");
+    let (mut child, port) = python_server(script, &[]);
     let daemon = Daemon::start(&policy(port));
     let token = daemon.mint("bulk-bot", &[]);
     let client = format!(
@@ -343,11 +346,7 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
-    let mut child =
-        Command::new("python3").args(["-c", script]).arg(&received).stdout(Stdio::piped()).spawn().expect("python3");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-    let port: u16 = line.trim().parse().expect("port");
+    let (mut child, port) = python_server(script, &[received.as_os_str()]);
     let daemon = Daemon::start(&policy(port));
     let token = daemon.mint("bulk-bot", &[]);
     let file = dir.path().join("body.bin");

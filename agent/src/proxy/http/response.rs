@@ -4,7 +4,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use bytes::Bytes;
@@ -86,6 +86,42 @@ fn strip_bom(body: &[u8]) -> &[u8] {
     body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
 }
 
+/// Passes an answer on as it arrives; the record is written once its body
+/// has gone through (with how many credentials were scrubbed, given `found`).
+fn streamed(
+    ctx: &Arc<ProxyCtx>,
+    governed: &Governed,
+    parts: hyper::http::response::Parts,
+    body: ProxyBody,
+    mut record: ProxyRecord,
+    held: Option<Held>,
+    found: Option<Arc<AtomicUsize>>,
+) -> Response<ProxyBody> {
+    let status = parts.status;
+    let (ctx, governed) = (ctx.clone(), governed.clone());
+    let body = Counted::new(
+        body,
+        Box::new(move |bytes, complete| {
+            // Let go of the request's held body only now the answer has gone through.
+            drop(held);
+            if let Some(found) = found {
+                let masked = found.load(Ordering::Relaxed);
+                if masked > 0 {
+                    tracing::warn!(masked, "the upstream echoed the injected credential; removed");
+                }
+                record.set("masked", masked);
+            }
+            record.set("response_bytes", bytes);
+            let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
+            if !complete {
+                tracing::warn!(bytes, "a streamed answer ended before its end (the upstream or the client went away)");
+            }
+            record.finish_exchange(&ctx.log, &governed, outcome, status);
+        }),
+    );
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
 /// Something kept until the answer has been read (the sender whose drop
 /// abandons a request body the upstream never asked for).
 pub type Held = Box<dyn Send>;
@@ -120,24 +156,8 @@ pub async fn respond(
     let status = parts.status;
     record.set("request_bytes", request_bytes.load(Ordering::Relaxed));
     if !scrubs_response(route) {
-        let (ctx, governed) = (ctx.clone(), governed.clone());
-        let body = Counted::new(
-            body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
-            Box::new(move |bytes, complete| {
-                // Let go of the request's held body only now the answer has gone through.
-                drop(held);
-                record.set("response_bytes", bytes);
-                let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
-                if !complete {
-                    tracing::warn!(
-                        bytes,
-                        "a streamed answer ended before its end (the upstream or the client went away)"
-                    );
-                }
-                record.finish_exchange(&ctx.log, &governed, outcome, status);
-            }),
-        );
-        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+        return Ok(streamed(ctx, governed, parts, body, record, held, None));
     }
     // An answer without a body (HEAD, 204, 304) has only headers to scrub.
     // What masking would change (length, validators) is not the upstream's
@@ -176,25 +196,10 @@ pub async fn respond(
         let found_in_headers = scrub_headers(&mut parts.headers, secret);
         // Scrubbing may change the length.
         parts.headers.remove(header::CONTENT_LENGTH);
-        let found = Arc::new(std::sync::atomic::AtomicUsize::new(found_in_headers));
-        let scrubbing =
-            Scrubbing::new(body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(), secret, found.clone());
-        let (ctx, governed) = (ctx.clone(), governed.clone());
-        let body = Counted::new(
-            scrubbing.boxed_unsync(),
-            Box::new(move |bytes, complete| {
-                drop(held);
-                let masked = found.load(Ordering::Relaxed);
-                if masked > 0 {
-                    tracing::warn!(masked, "the upstream echoed the injected credential; removed");
-                }
-                record.set("masked", masked);
-                record.set("response_bytes", bytes);
-                let outcome = if complete { Outcome::Forwarded } else { Outcome::ForwardedIncomplete };
-                record.finish_exchange(&ctx.log, &governed, outcome, status);
-            }),
-        );
-        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        let found = Arc::new(AtomicUsize::new(found_in_headers));
+        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+        let scrubbing = Scrubbing::new(body, secret, found.clone()).boxed_unsync();
+        return Ok(streamed(ctx, governed, parts, scrubbing, record, held, Some(found)));
     }
     // A stream that never ends cannot be read whole: refused at once.
     let streaming = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
