@@ -181,3 +181,35 @@ fn routes_that_forbid_upgrades_or_mask_refuse_them_before_the_upstream() {
     }
     assert_eq!(handshakes(&count), 0, "a refused upgrade reached the server");
 }
+
+/// A handshake an approve rule holds tells the reviewer it is an upgrade
+/// (approving it opens a tunnel); once approved, the tunnel works.
+#[test]
+fn a_held_handshake_says_it_is_an_upgrade() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let count = dir.path().join("handshakes");
+    let server = EchoServer::start(&count);
+    let route = format!(
+        "        - to: \"127.0.0.1/32:{}\"\n          protocol: http\n          approve:\n            - {{ path: \"^/ws\" }}\n",
+        server.port
+    );
+    let daemon = Daemon::builder()
+        .policy(&policy(&route, ""))
+        .config_line(harness::proxy::REVIEWERS)
+        .config_line(harness::proxy::LONG_APPROVAL_TIMEOUT)
+        .start();
+    let token = daemon.mint("ws-bot", BUILD_BOTS);
+    let port = server.port.to_string();
+    let out = std::thread::scope(|scope| {
+        let client = scope.spawn(|| daemon.run(&token, &["python3", "-c", CLIENT, port.as_str()]));
+        let pending = harness::proxy::wait_for_approvals(&daemon, 1);
+        assert_eq!(pending[0]["upgrade"], "websocket", "the reviewer is told: {}", pretty(&pending[0]));
+        let listed = daemon.tollgate(&["approvals"]);
+        assert!(listed.stdout.contains("UPGRADE to websocket"), "{listed}");
+        let id = harness::proxy::approval_id(&pending[0]);
+        assert!(daemon.tollgate(&["approve", id.as_str()]).success());
+        client.join().expect("client thread")
+    });
+    assert!(out.stdout.contains("status=HTTP/1.1 101"), "{out}");
+    assert!(out.has_stdout_line("got=echo:frame-2"), "{out}");
+}

@@ -39,6 +39,10 @@ pub struct Request {
     pub method: String,
     /// Path and query.
     pub path: String,
+    /// The protocol the request asks to upgrade to (a WebSocket handshake
+    /// opens a tunnel no rule sees into), if it asks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
 }
 
 /// A reviewer's answer.
@@ -222,6 +226,7 @@ mod tests {
             destination: "127.0.0.1:80".into(),
             method: "POST".into(),
             path: "/deploy".into(),
+            upgrade: None,
         }
     }
 

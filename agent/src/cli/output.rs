@@ -163,8 +163,10 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
     }
     println!("{:<8} {:<20} {:<14} {:<7} {:<30} EXPIRES", "ID", "SESSION", "IDENTITY", "METHOD", "PATH");
     for p in pending.as_array().into_iter().flatten() {
+        // Approving an upgrade opens a tunnel no rule sees into: say so.
+        let upgrade = p.get("upgrade").and_then(Value::as_str).map_or(String::new(), |u| format!("  UPGRADE to {u}"));
         println!(
-            "{:<8} {:<20} {:<14} {:<7} {:<30} {}",
+            "{:<8} {:<20} {:<14} {:<7} {:<30} {}{upgrade}",
             text(p, "id"),
             text(p, "session"),
             text(p, "identity"),

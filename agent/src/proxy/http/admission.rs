@@ -212,7 +212,9 @@ pub async fn admit(
     }
     if let Some(rule) = needs_approval(route, &view) {
         record.hit(&rule);
-        approve(ctx, governed, record, &rule, &parts.method, path).await?;
+        // The reviewer must see that approving opens a tunnel.
+        let upgrade = super::upgrade::asked_in(&parts.headers).and_then(|v| v.to_str().ok().map(str::to_owned));
+        approve(ctx, governed, record, &rule, &parts.method, path, upgrade).await?;
     }
     Ok(body)
 }
@@ -225,6 +227,7 @@ async fn approve(
     rule: &str,
     method: &Method,
     path: &str,
+    upgrade: Option<String>,
 ) -> Result<(), Refusal> {
     let request = approval::Request {
         session: governed.session.clone(),
@@ -236,6 +239,7 @@ async fn approve(
         destination: governed.destination.to_string(),
         method: method.as_str().to_owned(),
         path: path.to_owned(),
+        upgrade,
     };
     let denied = |extra| Refusal::new(Outcome::Denied, StatusCode::FORBIDDEN, "", extra);
     match ctx.reviews.ask(request).await {

@@ -36,14 +36,18 @@ use crate::{
 
 /// The protocol a request asks to upgrade to, if it asks.
 pub fn asked<B>(request: &Request<B>) -> Option<HeaderValue> {
-    let connection_upgrade = request
-        .headers()
+    asked_in(request.headers())
+}
+
+/// The protocol request headers ask to upgrade to, if they ask.
+pub fn asked_in(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    connection_upgrade.then(|| request.headers().get(header::UPGRADE).cloned()).flatten()
+    connection_upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten()
 }
 
 /// Whether the route lets this request upgrade.
