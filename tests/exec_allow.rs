@@ -54,14 +54,16 @@ fn only_listed_files_run_and_copies_memfds_and_the_loader_do_not() {
     )));
     let token = daemon.mint("listed-bot", &[]);
     let memfd = format!(
-        "import os\nfd = os.memfd_create('t', 0)\nos.write(fd, open('/usr/bin/touch', 'rb').read())\nos.execv('/proc/self/fd/%d' % fd, ['touch', '{d}/m-memfd'])\n"
+        "import os\nfd = os.memfd_create('t', 0)\nos.write(fd, open('/usr/bin/touch', 'rb').read())\nprint('memfd-attempt', flush=True)\nos.execv('/proc/self/fd/%d' % fd, ['touch', '{d}/m-memfd'])\n"
     );
     let script = format!(
         "/usr/bin/touch {d}/m-touch; {d}/tool {d}/m-tool; {d}/listed-dir/inner {d}/m-inner; {d}/user-owned {d}/m-user; \
-         {d}/copy-of-touch {d}/m-copy; {LOADER} /usr/bin/touch {d}/m-loader; python3 -c \"$0\"; echo done",
+         {d}/copy-of-touch {d}/m-copy; {LOADER} /usr/bin/touch {d}/m-loader; /usr/bin/python3 -c \"$0\"; echo done",
     );
     let out = daemon.run(&token, &["/usr/bin/bash", "-c", script.as_str(), memfd.as_str()]);
     assert!(out.stdout.contains("done"), "the session's shell did not run to the end: {out}");
+    // The memfd check means something only if the listed python got to its exec.
+    assert!(out.stdout.contains("memfd-attempt"), "python did not run to the memfd exec: {out}");
     for allowed in ["m-touch", "m-tool", "m-inner"] {
         assert!(files.path(allowed).exists(), "a listed program did not run ({allowed}): {out}");
     }
