@@ -137,14 +137,7 @@ impl SessionMaps {
     /// (maps an earlier daemon pinned may hold rules this one never compiled).
     pub fn purge(&mut self, cgroup_id: u64) {
         let _ = self.sessions.remove(&cgroup_id);
-        for map in [&mut self.exec_deny, &mut self.exec_allow] {
-            let keys: Vec<ExecKey> = map.keys().flatten().filter(|k| k.cgroup_id == cgroup_id).collect();
-            for key in keys {
-                let _ = map.remove(&key);
-            }
-        }
-        remove_from_trie(&mut self.net_any_port, cgroup_id, |_| true);
-        remove_from_trie(&mut self.net_port, cgroup_id, |_| true);
+        self.purge_stale(cgroup_id, &SessionRules::default());
     }
 
     /// Forgets a session. The session entry goes first so nothing is
@@ -154,11 +147,10 @@ impl SessionMaps {
         for (_, file) in &rules.exec_deny {
             let _ = self.exec_deny.remove(&ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 });
         }
-        // Allow entries grow after the start (replaced files): take all of the session's.
-        let allowed: Vec<ExecKey> = self.exec_allow.keys().flatten().filter(|k| k.cgroup_id == cgroup_id).collect();
-        for key in allowed {
-            let _ = self.exec_allow.remove(&key);
-        }
+        // The refresh keeps the listed files in step with the map.
+        let allowed: Vec<FileId> =
+            rules.exec_allow.iter().flat_map(|allow| allow.files.iter().map(|(_, file)| *file)).collect();
+        self.disallow_files(cgroup_id, &allowed);
         for entry in &rules.net {
             let _ = match net_key(cgroup_id, entry) {
                 NetKey::AnyPort(key) => self.net_any_port.remove(&key),

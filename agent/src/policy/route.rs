@@ -60,12 +60,20 @@ impl<'de> Deserialize<'de> for HostName {
         let text = String::deserialize(deserializer)?;
         let name = text.trim_end_matches('.').to_ascii_lowercase();
         let bare = name.strip_prefix("*.").unwrap_or(&name);
-        let valid = !bare.is_empty()
-            && bare.split('.').all(|label| {
-                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            });
-        if valid { Ok(Self(name)) } else { Err(de::Error::custom(format!("host '{text}' is not a host name"))) }
+        if is_host_name(bare) {
+            Ok(Self(name))
+        } else {
+            Err(de::Error::custom(format!("host '{text}' is not a host name")))
+        }
     }
+}
+
+/// Dot-separated labels of letters, digits and `-`, each 1 to 63 long.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 /// Does `pattern` (a name, or `*.suffix` for its subdomains) cover `name`?
@@ -127,11 +135,7 @@ impl FromStr for RouteTarget {
             .rsplit_once(':')
             .ok_or_else(|| format!("proxy destination '{text}' needs a port (HOST:PORT or ADDRESS/PREFIX:PORT)"))?;
         let port = port.parse::<u16>().map_err(|_| format!("proxy destination '{text}' has a bad port"))?;
-        let valid = !name.is_empty()
-            && name.split('.').all(|label| {
-                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            });
-        if !valid {
+        if !is_host_name(name) {
             return Err(format!("proxy destination '{text}' is neither an address nor a host name"));
         }
         Ok(Self::Host { name: name.to_ascii_lowercase(), port })

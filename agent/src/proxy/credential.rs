@@ -61,21 +61,28 @@ fn load_secret(path: &Path, meta: &std::fs::Metadata) -> Result<HeaderValue, Str
     Ok(value)
 }
 
-/// Replaces every occurrence of `secret` in `body`; returns the new body
-/// and how many were found.
-pub fn scrub(body: &[u8], secret: &str) -> (Vec<u8>, usize) {
-    let needle = secret.as_bytes();
-    let (mut out, mut found, mut i) = (Vec::with_capacity(body.len()), 0, 0);
-    while i < body.len() {
-        if body[i..].starts_with(needle) {
+/// Replaces every occurrence of `needle` that starts before `decided` in
+/// `bytes`. Returns the new bytes, how many were found, and where the
+/// undecided rest begins.
+fn replace_before(bytes: &[u8], needle: &[u8], decided: usize) -> (Vec<u8>, usize, usize) {
+    let (mut out, mut found, mut i) = (Vec::with_capacity(bytes.len()), 0, 0);
+    while i < decided {
+        if bytes[i..].starts_with(needle) {
             out.extend_from_slice(REMOVED.as_bytes());
             found += 1;
             i += needle.len();
         } else {
-            out.push(body[i]);
+            out.push(bytes[i]);
             i += 1;
         }
     }
+    (out, found, i.min(bytes.len()))
+}
+
+/// Replaces every occurrence of `secret` in `body`; returns the new body
+/// and how many were found.
+pub fn scrub(body: &[u8], secret: &str) -> (Vec<u8>, usize) {
+    let (out, found, _) = replace_before(body, secret.as_bytes(), body.len());
     (out, found)
 }
 
@@ -101,20 +108,9 @@ impl Scrubbing {
         let mut buffer = std::mem::take(&mut self.carry);
         buffer.extend_from_slice(chunk);
         let keep = if last { 0 } else { self.needle.len().saturating_sub(1) };
-        let decided = buffer.len().saturating_sub(keep);
-        let mut out = Vec::with_capacity(buffer.len());
-        let mut i = 0;
-        while i < decided {
-            if buffer[i..].starts_with(&self.needle) {
-                out.extend_from_slice(REMOVED.as_bytes());
-                self.found.fetch_add(1, Ordering::Relaxed);
-                i += self.needle.len();
-            } else {
-                out.push(buffer[i]);
-                i += 1;
-            }
-        }
-        self.carry = buffer[i.min(buffer.len())..].to_vec();
+        let (out, found, rest) = replace_before(&buffer, &self.needle, buffer.len().saturating_sub(keep));
+        self.found.fetch_add(found, Ordering::Relaxed);
+        self.carry = buffer[rest..].to_vec();
         Bytes::from(out)
     }
 }
