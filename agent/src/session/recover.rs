@@ -62,13 +62,13 @@ impl Sessions {
             self.state().maps.purge(cgroup_id);
             discard(path.clone()).await;
             if let Some(record) = record {
-                self.close_unobserved(record, cgroup_id, gap);
+                self.close_unobserved(record, Some(cgroup_id), gap);
             }
         }
         // Records of this tree still open with no cgroup: they ended unobserved.
         let ours = |r: &&SessionRecord| PathBuf::from(&r.cgroup).parent() == Some(tree.sessions.as_path());
         for record in running.iter().filter(ours).filter(|r| !seen.iter().any(|name| name == r.id.as_str())) {
-            self.close_unobserved(record, 0, gap);
+            self.close_unobserved(record, None, gap);
         }
     }
 
@@ -139,9 +139,9 @@ impl Sessions {
 
     /// Closes the record of a session that ended (or was ended) while no
     /// daemon watched it.
-    fn close_unobserved(&self, record: &SessionRecord, cgroup_id: u64, gap: &Gap) {
+    fn close_unobserved(&self, record: &SessionRecord, cgroup_id: Option<u64>, gap: &Gap) {
         let id: SessionId = record.id.clone();
-        if cgroup_id != 0 {
+        if let Some(cgroup_id) = cgroup_id {
             self.state().registry.remember_ended(cgroup_id, id.clone());
         }
         let outcome =
