@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
+pub mod review;
 pub mod session;
 pub mod store;
 pub mod yaml;

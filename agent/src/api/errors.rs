@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::protocol::{ErrorKind, Response};
 use crate::{
     approval::ReviewError,
-    session::{OpenError, RevokeError},
+    session::{GrantError, OpenError, RevokeError},
     store::StoreError,
 };
 
@@ -20,7 +20,15 @@ impl ToReply for OpenError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::Token(_) | Self::NoIdentity { .. } => ErrorKind::Token,
-            Self::Nested | Self::NotHeldChild(_) | Self::RootRefused(_) | Self::NotPlaced(_) => ErrorKind::Forbidden,
+            Self::UnknownGrant(_) | Self::ReasonRequired(_) | Self::GrantsOutside | Self::TooDeep(_) => {
+                ErrorKind::Refused
+            }
+            Self::UnknownParent
+            | Self::ChildElsewhere
+            | Self::ParentEnding
+            | Self::NotHeldChild(_)
+            | Self::RootRefused(_)
+            | Self::NotPlaced(_) => ErrorKind::Forbidden,
             Self::Closing | Self::Cgroup(_) | Self::Maps(_) | Self::NotRecorded | Self::Internal(_) => {
                 ErrorKind::Internal
             }
@@ -47,6 +55,24 @@ impl ToReply for RevokeError {
             Self::NotLive(_) => ErrorKind::NotFound,
             Self::AlreadyEnding(_) => ErrorKind::BadRequest,
             Self::NotKilled(..) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl ToReply for GrantError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Unknown(_) => ErrorKind::NotFound,
+            Self::AlreadyRevoked(_) => ErrorKind::BadRequest,
+        }
+    }
+}
+
+impl ToReply for crate::review::AccessReviewError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Store(e) => e.kind(),
+            Self::UnknownIdentity(_) | Self::UnknownResource(_) => ErrorKind::BadRequest,
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::review::ReviewQuery;
+
 /// Largest request accepted (a token plus a command line).
 pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
 
@@ -9,15 +11,47 @@ pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Open a session for the caller's held child `pid` under `token`.
+    /// Open a session for the caller's held child `pid` under `token`, or
+    /// (inside a session) a child session with some of the parent's `grants`.
     Run {
         /// The JWT.
-        token: String,
+        #[serde(default)]
+        token: Option<String>,
+        /// Inside a session, instead of a token: which of the parent's grants.
+        #[serde(default)]
+        grants: Vec<String>,
         /// The caller's child, not yet executed.
         pid: u32,
         /// The command it will execute, for the record.
         command: Vec<String>,
+        /// Why, for the record.
+        #[serde(default)]
+        reason: Option<String>,
+        /// The session ends after this many seconds.
+        #[serde(default)]
+        ttl_secs: Option<u64>,
     },
+    /// Every grant with its state and use (reviewers).
+    Grants {
+        /// The window's start (RFC 3339).
+        since: String,
+        /// The window's end (RFC 3339).
+        until: String,
+    },
+    /// Honour a grant again and restart its unused clock (reviewers).
+    RenewGrant {
+        /// The grant.
+        grant: String,
+    },
+    /// Stop honouring a grant, in live sessions at once (reviewers).
+    RevokeGrant {
+        /// The grant.
+        grant: String,
+        /// Why, for the record.
+        reason: Option<String>,
+    },
+    /// An access review (reviewers).
+    Review(ReviewQuery),
     /// List sessions.
     Sessions,
     /// One session in full.
@@ -64,6 +98,9 @@ pub enum ErrorKind {
     NotFound,
     /// The request was malformed.
     BadRequest,
+    /// The session was refused for what it asked (a grant the parent does
+    /// not hold, no reason where one is required, too deep a chain).
+    Refused,
     /// The daemon failed.
     Internal,
 }

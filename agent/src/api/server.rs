@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     approval::{Decision, Reviews},
-    session::{Caller, OpenRequest, Placement, Sessions},
+    session::{Authority, Caller, OpenRequest, Placement, Sessions},
     store::{Reader, SessionId, StoreError},
 };
 
@@ -27,6 +27,8 @@ pub struct Control {
     pub reviews: Arc<Reviews>,
     /// The session log, read-only.
     pub reader: Reader,
+    /// Chains with more levels than this are a review finding.
+    pub review_depth: u32,
     /// What `tollgate status` shows, made by the daemon.
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
@@ -117,8 +119,67 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
         }
     };
     match request {
-        Request::Run { token, pid, command } => {
-            reply(control.sessions.open(caller, OpenRequest { token, pid, command }).await)
+        Request::Run { token, grants, pid, command, reason, ttl_secs } => {
+            let authority = match (token, grants.is_empty()) {
+                (Some(token), true) => Authority::Token(token),
+                (None, false) => Authority::Grants(grants),
+                (Some(_), false) => {
+                    return Response::error(ErrorKind::BadRequest, "give either a token or grants, not both");
+                }
+                (None, true) => {
+                    return Response::error(
+                        ErrorKind::BadRequest,
+                        "a session needs a token (or, inside a session, grants)",
+                    );
+                }
+            };
+            let ttl = ttl_secs.map(Duration::from_secs);
+            reply(control.sessions.open(caller, OpenRequest { authority, pid, command, reason, ttl }).await)
+        }
+        Request::Grants { since, until } => {
+            let (reviews, sessions, reader) =
+                (control.reviews.clone(), control.sessions.clone(), control.reader.clone());
+            blocking(move || match reviews.reviewer(caller) {
+                Ok(_) => reply(sessions.grant_views(&reader, day(&since), day(&until))),
+                Err(e) => reply::<()>(Err(e)),
+            })
+            .await
+        }
+        Request::RenewGrant { grant } => {
+            let by = match reviewer(control, caller).await {
+                Ok(by) => by,
+                Err(response) => return response,
+            };
+            reply(
+                control
+                    .sessions
+                    .renew_grant(&grant, by)
+                    .await
+                    .map(|()| serde_json::json!({"grant": grant, "state": "active"})),
+            )
+        }
+        Request::RevokeGrant { grant, reason } => {
+            let by = match reviewer(control, caller).await {
+                Ok(by) => by,
+                Err(response) => return response,
+            };
+            reply(
+                control
+                    .sessions
+                    .revoke_grant(&grant, by, reason)
+                    .await
+                    .map(|()| serde_json::json!({"grant": grant, "state": "revoked"})),
+            )
+        }
+        Request::Review(query) => {
+            let (reviews, sessions, reader) =
+                (control.reviews.clone(), control.sessions.clone(), control.reader.clone());
+            let depth = control.review_depth;
+            blocking(move || match reviews.reviewer(caller) {
+                Ok(_) => reply(crate::review::run(&sessions, &reader, depth, &query)),
+                Err(e) => reply::<()>(Err(e)),
+            })
+            .await
         }
         Request::Status => Response::Ok((control.status)()),
         // Deciding who is a reviewer asks the user and group databases
@@ -178,6 +239,21 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             }
         }
     }
+}
+
+/// The reviewer's name, or the reply refusing a caller who is none.
+async fn reviewer(control: &Control, caller: Caller) -> Result<String, Response> {
+    let reviews = control.reviews.clone();
+    match tokio::task::spawn_blocking(move || reviews.reviewer(caller)).await {
+        Ok(Ok(by)) => Ok(by),
+        Ok(Err(e)) => Err(reply::<()>(Err(e))),
+        Err(e) => Err(Response::error(ErrorKind::Internal, e.to_string())),
+    }
+}
+
+/// The UTC day (`YYYY-MM-DD`) of an RFC 3339 time.
+fn day(at: &str) -> &str {
+    at.get(..10).unwrap_or(at)
 }
 
 /// Runs `work` on the blocking pool; a failed task is an internal error.

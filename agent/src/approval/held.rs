@@ -31,6 +31,12 @@ pub struct Request {
     pub subject: String,
     /// The grant whose route holds the request.
     pub grant: String,
+    /// For a child session: it and every session above it, innermost
+    /// first (who delegated to whom, under which identity, why).
+    pub chain: Vec<crate::session::ChainLink>,
+    /// The uids of every session of the chain: none of them may approve.
+    #[serde(skip)]
+    pub uids: Vec<u32>,
     /// The approve rule that matched.
     pub rule: String,
     /// Where the request was going.
@@ -222,6 +228,8 @@ mod tests {
             identity: "bots".into(),
             subject: "bot".into(),
             grant: "g".into(),
+            chain: Vec::new(),
+            uids: vec![1000],
             rule: "approve[0]: method POST".into(),
             destination: "127.0.0.1:80".into(),
             method: "POST".into(),

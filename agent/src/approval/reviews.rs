@@ -149,7 +149,7 @@ impl Reviews {
         let held = self.approvals.get(id).ok_or_else(|| ReviewError::NotPending(id.to_owned()))?;
         // The session's own user could be acting for it from outside the
         // session (another login, a user service): never let it decide.
-        if caller.uid != 0 && caller.uid == held.request.uid {
+        if caller.uid != 0 && (caller.uid == held.request.uid || held.request.uids.contains(&caller.uid)) {
             return Err(ReviewError::OwnSession(by));
         }
         let pending =

@@ -7,6 +7,8 @@ use tollgate_common::{
     ExecEvent, ExitEvent, ForkEvent, NO_RULE, SocketEvent, Verdict,
 };
 
+use crate::policy::compile::FileId;
+
 /// An event from the kernel, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -28,6 +30,8 @@ pub enum KernelEvent {
         argv: Vec<String>,
         /// Set when the arguments were cut or unreadable.
         argv_truncated: bool,
+        /// The file executed, as the kernel identifies it.
+        file: FileId,
     },
     /// A new process.
     Fork {
@@ -154,6 +158,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 filename_truncated: event.flags & EXEC_FILENAME_TRUNCATED != 0,
                 argv,
                 argv_truncated: event.flags & (EXEC_ARGV_TRUNCATED | EXEC_ARGV_UNREADABLE) != 0,
+                file: FileId { dev: event.dev, ino: event.ino },
             })
         }
         EventKind::Fork => {

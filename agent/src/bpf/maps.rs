@@ -83,7 +83,7 @@ impl SessionMaps {
             .exec_allow
             .iter()
             .flat_map(|allow| allow.files.iter())
-            .map(|(_, file)| ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 })
+            .map(|(_, file, _)| ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 })
             .collect();
         for (map, keep) in [(&mut self.exec_deny, &deny), (&mut self.exec_allow, &allow)] {
             let stale: Vec<ExecKey> =
@@ -113,7 +113,7 @@ impl SessionMaps {
         }
         let mut flags = 0;
         if let Some(allow) = &rules.exec_allow {
-            let files: Vec<FileId> = allow.files.iter().map(|(_, file)| *file).collect();
+            let files: Vec<FileId> = allow.ids();
             self.allow_files(cgroup_id, &files)?;
             flags |= SESSION_EXEC_ALLOW_LIST;
         }
@@ -148,8 +148,7 @@ impl SessionMaps {
             let _ = self.exec_deny.remove(&ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 });
         }
         // The refresh keeps the listed files in step with the map.
-        let allowed: Vec<FileId> =
-            rules.exec_allow.iter().flat_map(|allow| allow.files.iter().map(|(_, file)| *file)).collect();
+        let allowed: Vec<FileId> = rules.exec_allow.iter().flat_map(|allow| allow.ids()).collect();
         self.disallow_files(cgroup_id, &allowed);
         for entry in &rules.net {
             let _ = match net_key(cgroup_id, entry) {

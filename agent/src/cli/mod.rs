@@ -3,6 +3,7 @@
 
 mod output;
 mod run;
+mod window;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -16,6 +17,7 @@ use crate::{
     },
     config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET},
     identity::dev,
+    store::rfc3339,
 };
 
 /// Exit code when a token is refused (and the command was not started).
@@ -51,11 +53,21 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Run a command in a new governed session under a token.
+    /// Run a command in a new governed session under a token; inside a
+    /// session, in a child session with at most the parent's rights.
     Run {
         /// File holding the OIDC JWT.
-        #[arg(long, value_name = "FILE")]
-        token_file: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "grants")]
+        token_file: Option<PathBuf>,
+        /// Inside a session, instead of a token: only this grant of the parent (repeatable).
+        #[arg(long = "grant", value_name = "NAME", conflicts_with = "token_file")]
+        grants: Vec<String>,
+        /// Why the session runs (recorded; required by identities with require_reason).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// End the session after this long (e.g. 10m).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
@@ -106,6 +118,40 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Every grant: its identity, state, rules, last use and expiry (reviewers).
+    #[command(args_conflicts_with_subcommands = true)]
+    Grants {
+        #[command(subcommand)]
+        action: Option<GrantsCommand>,
+        /// Count uses from this long ago (30d) or this date (2026-01-31).
+        #[arg(long, value_name = "DURATION|DATE", default_value = "30d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Access review: stale and over-privileged delegations, idle identities, repeated denials (reviewers).
+    Review {
+        /// Window start: a duration back from now (90d) or a date (2026-01-31).
+        #[arg(long, value_name = "DURATION|DATE", default_value = "30d")]
+        since: String,
+        /// Window end: a duration back from now or a date [default: now]
+        #[arg(long, value_name = "DURATION|DATE")]
+        until: Option<String>,
+        /// Only this identity.
+        #[arg(long, value_name = "NAME")]
+        identity: Option<String>,
+        /// Only sessions whose token had this claim (e.g. groups=ci).
+        #[arg(long, value_name = "NAME=VALUE")]
+        claim: Option<String>,
+        /// Only findings about exec, network or http.
+        #[arg(long, value_name = "exec|network|http")]
+        resource: Option<String>,
+        /// Print a narrowed policy (YAML) from what was exercised instead of findings.
+        #[arg(long)]
+        suggest: bool,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
     /// Dev issuer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -133,6 +179,23 @@ enum TokenCommand {
         /// Take the state directory from this config file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantsCommand {
+    /// Honour an expired or revoked grant again, and restart its unused clock.
+    Renew {
+        /// The grant.
+        name: String,
+    },
+    /// Stop honouring a grant: new sessions lose it, live sessions at once.
+    Revoke {
+        /// The grant.
+        name: String,
+        /// Why, for the record.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -236,7 +299,63 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             runtime.block_on(crate::daemon::run(config))?;
             Ok(0)
         }
-        Command::Run { token_file, command } => run::run(&socket_path(cli.socket)?, &token_file, &command),
+        Command::Run { token_file, grants, reason, ttl, command } => {
+            let authority = match token_file {
+                Some(file) => run::Authority::TokenFile(file),
+                None => run::Authority::Grants(grants),
+            };
+            run::run(&socket_path(cli.socket)?, run::Asked { authority, reason, ttl }, &command)
+        }
+        Command::Grants { action: None, since, format } => {
+            let now = std::time::SystemTime::now();
+            let request = Request::Grants { since: window::bound(&since, now)?, until: rfc3339(now) };
+            let grants = call(&socket_path(cli.socket)?, &request)?;
+            output::grants(&grants, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Grants { action: Some(GrantsCommand::Renew { name }), .. } => {
+            let answer = call(&socket_path(cli.socket)?, &Request::RenewGrant { grant: name })?;
+            println!(
+                "grant {} is {}",
+                answer["grant"].as_str().unwrap_or("-"),
+                answer["state"].as_str().unwrap_or("-")
+            );
+            Ok(0)
+        }
+        Command::Grants { action: Some(GrantsCommand::Revoke { name, reason }), .. } => {
+            let answer = call(&socket_path(cli.socket)?, &Request::RevokeGrant { grant: name, reason })?;
+            println!(
+                "grant {} is {}",
+                answer["grant"].as_str().unwrap_or("-"),
+                answer["state"].as_str().unwrap_or("-")
+            );
+            Ok(0)
+        }
+        Command::Review { since, until, identity, claim, resource, suggest, format } => {
+            let now = std::time::SystemTime::now();
+            let claim = match claim {
+                Some(pair) => {
+                    let (name, value) =
+                        pair.split_once('=').with_context(|| format!("--claim '{pair}' must be NAME=VALUE"))?;
+                    Some((name.to_owned(), value.to_owned()))
+                }
+                None => None,
+            };
+            let query = crate::review::ReviewQuery {
+                since: window::bound(&since, now)?,
+                until: match until {
+                    Some(until) => window::bound(&until, now)?,
+                    None => rfc3339(now + std::time::Duration::from_secs(1)),
+                },
+                identity,
+                claim,
+                resource,
+                suggest,
+            };
+            let review = call(&socket_path(cli.socket)?, &Request::Review(query))?;
+            output::review(&review, suggest, matches!(format, Format::Json))?;
+            Ok(0)
+        }
         Command::Sessions { format } => {
             let sessions = call(&socket_path(cli.socket)?, &Request::Sessions)?;
             output::sessions(&sessions, matches!(format, Format::Json))?;
@@ -301,7 +420,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                 );
             }
-            let rules = crate::policy::compile::compile(set.grants_for(&identity));
+            let rules = crate::policy::compile::compile(set.grants_for(&identity), &Default::default());
             if let Some(path) = exec {
                 let decision = crate::policy::explain::explain_exec(&rules, &path)
                     .with_context(|| format!("cannot read {}", path.display()))?;

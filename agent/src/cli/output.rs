@@ -19,8 +19,8 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(sessions);
     }
-    println!("{:<20} {:<16} {:<20} {:>6} {:<32} ENDED", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED");
-    for s in sessions.as_array().into_iter().flatten() {
+    println!("{:<24} {:<16} {:<20} {:>6} {:<32} ENDED", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED");
+    for s in tree_order(sessions) {
         // A root session could have undone its own confinement: say so on its line.
         let uid = match s.get("uid").and_then(Value::as_u64) {
             Some(uid) if s["privileged"] == true => format!("{uid}!"),
@@ -28,9 +28,16 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
             None => "-".into(),
         };
         let ended = s.get("ended_at").and_then(Value::as_str).unwrap_or("running");
+        // Child sessions sit indented under their parent.
+        let depth = s.get("depth").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let id = if depth == 0 {
+            text(s, "id").to_owned()
+        } else {
+            format!("{}└ {}", "  ".repeat(depth - 1), text(s, "id"))
+        };
         println!(
-            "{:<20} {:<16} {:<20} {:>6} {:<32} {}",
-            text(s, "id"),
+            "{:<24} {:<16} {:<20} {:>6} {:<32} {}",
+            id,
             text(s, "identity"),
             text(s, "subject"),
             uid,
@@ -40,6 +47,80 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
     }
     if sessions.as_array().into_iter().flatten().any(|s| s["privileged"] == true) {
         println!("! PRIVILEGED: ran as root, and could have left its cgroup or unloaded the programs");
+    }
+    Ok(())
+}
+
+/// Sessions in tree order: each top session (newest first) followed by its
+/// child sessions, depth first. A child whose parent is not listed stands
+/// as a top.
+fn tree_order(sessions: &Value) -> Vec<&Value> {
+    let all: Vec<&Value> = sessions.as_array().into_iter().flatten().collect();
+    let listed = |id: &str| all.iter().any(|s| text(s, "id") == id);
+    let is_top = |s: &&Value| s.get("parent").and_then(Value::as_str).is_none_or(|p| !listed(p));
+    let mut out = Vec::new();
+    let mut stack: Vec<&Value> = all.iter().copied().filter(is_top).rev().collect();
+    while let Some(session) = stack.pop() {
+        out.push(session);
+        let id = text(session, "id");
+        let children = all.iter().copied().filter(|s| s.get("parent").and_then(Value::as_str) == Some(id));
+        stack.extend(children.collect::<Vec<_>>().into_iter().rev());
+    }
+    out
+}
+
+/// `tollgate grants`.
+pub fn grants(grants: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(grants);
+    }
+    println!("{:<24} {:<16} {:<8} {:>6} {:<32} EXPIRES", "GRANT", "IDENTITY", "STATE", "USES", "LAST EXERCISED");
+    for g in grants.as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<16} {:<8} {:>6} {:<32} {}",
+            text(g, "name"),
+            text(g, "identity"),
+            text(g, "state"),
+            g["count"],
+            g.get("last_exercised").and_then(Value::as_str).unwrap_or("never"),
+            g.get("expires_at").and_then(Value::as_str).unwrap_or("-"),
+        );
+        for rule in g["rules"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            println!("    {rule}");
+        }
+        if let Some(event) = g.get("last_event").filter(|e| !e.is_null()) {
+            let by = event.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"));
+            let why = event.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"));
+            println!("    {} at {}{by}{why}", text(event, "action"), text(event, "at"));
+        }
+    }
+    Ok(())
+}
+
+/// `tollgate review`.
+pub fn review(review: &Value, suggest: bool, json: bool) -> anyhow::Result<()> {
+    if suggest && !json {
+        print!("{}", review.get("suggested_policy").and_then(Value::as_str).unwrap_or_default());
+        return Ok(());
+    }
+    if json {
+        return print_json(review);
+    }
+    let findings = review["findings"].as_array().cloned().unwrap_or_default();
+    println!("review {} .. {}: {} finding(s)", text(review, "since"), text(review, "until"), findings.len());
+    for f in &findings {
+        let about: Vec<String> = ["identity", "grant", "rule"]
+            .iter()
+            .filter_map(|key| f.get(*key).and_then(Value::as_str).map(|v| format!("{key} {v}")))
+            .collect();
+        println!(
+            "
+{}  {}",
+            text(f, "kind"),
+            about.join(", ")
+        );
+        println!("  evidence  {}", f["evidence"]);
+        println!("  action    {}", text(f, "action"));
     }
     Ok(())
 }
@@ -64,6 +145,26 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
     };
     println!("uid       {}{privileged}", session["uid"]);
     println!("started   {}", text(session, "started_at"));
+    if let Some(reason) = session.get("reason").and_then(Value::as_str) {
+        println!("reason    {reason}");
+    }
+    if let Some(ttl) = session.get("ttl_secs").and_then(Value::as_u64) {
+        println!("ttl       {ttl}s");
+    }
+    let chain = detail["chain"].as_array().cloned().unwrap_or_default();
+    if !chain.is_empty() {
+        println!("delegated by (innermost first)");
+        for link in &chain {
+            println!(
+                "  {} depth {}: identity {} (subject {}){}",
+                text(link, "id"),
+                link["depth"],
+                text(link, "identity"),
+                text(link, "subject"),
+                link.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(", reason: {r}"))
+            );
+        }
+    }
     println!("ended     {}", session.get("ended_at").and_then(Value::as_str).unwrap_or("running"));
     println!("\nprocesses");
     for p in detail["processes"].as_array().into_iter().flatten() {

@@ -9,7 +9,7 @@ use std::{
     ffi::CString,
     io::{Read, Write},
     os::fd::OwnedFd,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::Context;
@@ -28,24 +28,35 @@ use crate::api::{
 };
 use crate::identity::MAX_TOKEN_BYTES;
 
-/// Runs `command` in a session opened with the token in `token_file`;
-/// returns the command's exit code (128 + signal when a signal ended it).
-pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Result<i32> {
-    let mut token = String::new();
-    std::fs::File::open(token_file)
-        .and_then(|file| file.take(MAX_TOKEN_BYTES as u64 * 2).read_to_string(&mut token))
-        .with_context(|| format!("cannot read token file {}", token_file.display()))?;
-    let token = token.trim().to_owned();
-    if token.is_empty() {
-        anyhow::bail!("token file {} is empty", token_file.display());
-    }
-    if token.len() > MAX_TOKEN_BYTES {
-        eprintln!(
-            "tollgate: token rejected: token file {} holds more than {MAX_TOKEN_BYTES} bytes; is it a token?",
-            token_file.display()
-        );
-        return Ok(EXIT_TOKEN_REFUSED);
-    }
+/// Whose rights the session carries, as the command line gave them.
+pub enum Authority {
+    /// `--token-file`.
+    TokenFile(PathBuf),
+    /// `--grant` (inside a session only).
+    Grants(Vec<String>),
+}
+
+/// What the caller asks of the session besides its command.
+pub struct Asked {
+    /// Token or grants.
+    pub authority: Authority,
+    /// `--reason`.
+    pub reason: Option<String>,
+    /// `--ttl`.
+    pub ttl: Option<std::time::Duration>,
+}
+
+/// Runs `command` in a session opened with the token in `token_file` (or,
+/// inside a session, with some of its grants); returns the command's exit
+/// code (128 + signal when a signal ended it).
+pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i32> {
+    let (token, grants) = match asked.authority {
+        Authority::TokenFile(token_file) => match read_token(&token_file)? {
+            Some(token) => (Some(token), Vec::new()),
+            None => return Ok(EXIT_TOKEN_REFUSED),
+        },
+        Authority::Grants(grants) => (None, grants),
+    };
     let argv: Vec<CString> = command
         .iter()
         .map(|arg| CString::new(arg.as_bytes()))
@@ -74,7 +85,14 @@ pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Resu
             // (same uid) must not ptrace it to act from outside.
             // SAFETY: prctl with constant arguments.
             unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-            let request = Request::Run { token, pid: child.as_raw() as u32, command: command.to_vec() };
+            let request = Request::Run {
+                token,
+                grants,
+                pid: child.as_raw() as u32,
+                command: command.to_vec(),
+                reason: asked.reason,
+                ttl_secs: asked.ttl.map(|ttl| ttl.as_secs().max(1)),
+            };
             let answer = client::call(socket, &request);
             let session = match answer {
                 Ok(Response::Ok(body)) => body.get("session").and_then(|s| s.as_str()).unwrap_or_default().to_owned(),
@@ -87,6 +105,10 @@ pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Resu
                             eprintln!("tollgate: token rejected: {message}");
                             Ok(EXIT_TOKEN_REFUSED)
                         }
+                        Ok(Response::Error { kind: ErrorKind::Refused, message }) => {
+                            eprintln!("tollgate: session refused: {message}");
+                            Ok(EXIT_TOKEN_REFUSED)
+                        }
                         Ok(Response::Error { message, .. }) => Err(anyhow::anyhow!("session refused: {message}")),
                         Ok(Response::Ok(_)) => unreachable!("handled above"),
                         Err(e) => Err(e),
@@ -97,6 +119,26 @@ pub fn run(socket: &Path, token_file: &Path, command: &[String]) -> anyhow::Resu
             wait(child)
         }
     }
+}
+
+/// The token in `token_file`; `None` (after saying why) when it cannot be one.
+fn read_token(token_file: &Path) -> anyhow::Result<Option<String>> {
+    let mut token = String::new();
+    std::fs::File::open(token_file)
+        .and_then(|file| file.take(MAX_TOKEN_BYTES as u64 * 2).read_to_string(&mut token))
+        .with_context(|| format!("cannot read token file {}", token_file.display()))?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        anyhow::bail!("token file {} is empty", token_file.display());
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        eprintln!(
+            "tollgate: token rejected: token file {} holds more than {MAX_TOKEN_BYTES} bytes; is it a token?",
+            token_file.display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(token))
 }
 
 fn release(hold_write: OwnedFd, session: &str) -> anyhow::Result<()> {

@@ -61,6 +61,34 @@ pub struct Config {
     /// Bytes of each (masked) response body kept in the session log.
     #[serde(default = "default_record_body_bytes")]
     pub record_body_bytes: usize,
+    /// Nested sessions (agents that start agents).
+    #[serde(default)]
+    pub delegation: Delegation,
+}
+
+/// Limits and review thresholds of delegation chains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delegation {
+    /// The most sessions a chain may hold, counting the top one.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: u32,
+    /// `tollgate review` reports chains with more levels below the top than this.
+    #[serde(default = "default_review_depth")]
+    pub review_depth: u32,
+}
+
+impl Default for Delegation {
+    fn default() -> Self {
+        Self { max_depth: default_max_depth(), review_depth: default_review_depth() }
+    }
+}
+
+fn default_max_depth() -> u32 {
+    8
+}
+fn default_review_depth() -> u32 {
+    2
 }
 
 /// Reviewers allowed over the control socket, by unix user or group.
@@ -158,6 +186,9 @@ impl Config {
                 &self.cgroup,
                 format!("cgroup '{}' must be a plain directory name", self.cgroup),
             ));
+        }
+        if self.delegation.max_depth == 0 {
+            return Err(error("max_depth", "0", "delegation.max_depth must be at least 1".into()));
         }
         if let Some(url) = &self.approval_webhook
             && let Err(why) = crate::identity::jwks::check_https_url(url, "approval_webhook")

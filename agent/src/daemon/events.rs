@@ -19,6 +19,7 @@ use crate::{
         ConsumedBytes, KernelLogger, LostCounters,
         events::{self, KernelEvent},
     },
+    policy::compile::Decided,
     session::Sessions,
     store::{RecordKind, RecordVerdict, SessionLog},
 };
@@ -89,6 +90,7 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
             detail.insert("filename_truncated".into(), (*filename_truncated).into());
             detail.insert("argv".into(), json!(argv));
             detail.insert("argv_truncated".into(), (*argv_truncated).into());
+            insert_rules(&mut detail, attribution.rule.as_ref());
             if *verdict != Verdict::Allow {
                 tracing::warn!(session = %session, pid = origin.pid, filename, "exec denied");
             }
@@ -104,7 +106,8 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
             (EventKind::Exit, None)
         }
         KernelEvent::Connect { verdict, addr, port, family, protocol, send, .. } => {
-            detail.insert("rule".into(), attribution.rule.map_or(Value::Null, Value::from));
+            detail.insert("rule".into(), attribution.rule.as_ref().map_or(Value::Null, |d| d.to_string().into()));
+            insert_rules(&mut detail, attribution.rule.as_ref());
             detail.insert("family".into(), (*family).into());
             detail.insert("addr".into(), addr.to_string().into());
             detail.insert("port".into(), (*port).into());
@@ -131,6 +134,17 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
         verdict.map(RecordVerdict::Kernel),
         detail,
     );
+}
+
+/// Names the grant rules that decided (`grant_rules`: grant and rule of each),
+/// which the session log counts as their use.
+fn insert_rules(detail: &mut Map<String, Value>, decided: Option<&Decided>) {
+    let Some(decided) = decided else { return };
+    if decided.0.is_empty() {
+        return;
+    }
+    detail.entry("rule").or_insert_with(|| decided.to_string().into());
+    detail.insert("grant_rules".into(), json!(decided.0));
 }
 
 /// Forwards what the programs log (through `aya-log`) into the daemon's log.

@@ -125,8 +125,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
     let policy_files = policies.files.len();
-    let parts = SessionsParts { policies, verifier, tree, mount, host, mode, log: log.clone() };
+    let max_depth = config.delegation.max_depth;
+    let parts = SessionsParts { policies, verifier, tree, mount, host, mode, log: log.clone(), max_depth };
     let sessions = Arc::new(Sessions::new(parts, session_maps));
+    {
+        let (sessions, reader) = (sessions.clone(), reader.clone());
+        tokio::task::spawn_blocking(move || sessions.load_grants(&reader))
+            .await
+            .context("reading grant state from the session log")?
+            .context("reading grant state from the session log")?;
+    }
     // What an earlier daemon left is adopted or closed before any event is
     // read, so events it left in the (pinned) ring buffer find their session.
     let gap = Gap { enforced: found == Found::Enforcing, last_alive: heartbeat::last(&config.state_dir) };
@@ -157,6 +165,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let control = Arc::new(Control {
         sessions: sessions.clone(),
         reviews,
+        review_depth: config.delegation.review_depth,
         reader,
         status: {
             let (config, sessions, log, lost_totals) =

@@ -1,7 +1,8 @@
 //! From the grants of one session to the entries the kernel maps hold.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    fmt,
     net::{IpAddr, ToSocketAddrs},
     os::unix::fs::MetadataExt,
     path::PathBuf,
@@ -34,6 +35,40 @@ impl FileId {
     }
 }
 
+/// A rule of a grant, as records, usage counts and reviews name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct RuleRef {
+    /// The grant that holds it.
+    pub grant: String,
+    /// The rule within the grant (`network.allow 10.0.0.0/8`).
+    pub rule: String,
+}
+
+impl RuleRef {
+    /// Rule `rule` of grant `grant`.
+    pub fn new(grant: &str, rule: impl Into<String>) -> Self {
+        Self { grant: grant.to_owned(), rule: rule.into() }
+    }
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.grant, self.rule)
+    }
+}
+
+/// The rules that made one kernel entry: one in a top session; in a child
+/// session, one per level of the chain that had a say (innermost first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decided(pub Vec<RuleRef>);
+
+impl fmt::Display for Decided {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.0.iter().map(RuleRef::to_string).collect();
+        f.write_str(&names.join(" & "))
+    }
+}
+
 /// One network rule in kernel form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetEntry {
@@ -54,8 +89,11 @@ pub struct NetEntry {
 /// What the kernel enforces for one session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionRules {
-    /// Names of the grants that apply.
+    /// Names of the grants that apply at this session's own level.
     pub grants: Vec<String>,
+    /// Grants of this level that are no longer honoured (expired or revoked):
+    /// what they allowed is gone, what they refused still is.
+    pub withdrawn: Vec<String>,
     /// Denied executables that exist now, with the path that named them.
     pub exec_deny: Vec<(PathBuf, FileId)>,
     /// Denied paths that do not exist (nothing to match; reported).
@@ -63,14 +101,14 @@ pub struct SessionRules {
     /// Denied paths that are `#!` scripts: only BPF LSM can stop those (by
     /// the time the exec tracepoint runs, the file is the interpreter).
     pub exec_deny_scripts: Vec<PathBuf>,
-    /// Names of the deny entries, by index into `exec_deny`, for explain.
-    pub exec_deny_rules: Vec<String>,
+    /// The deny rules, by index into `exec_deny`.
+    pub exec_deny_rules: Vec<RuleRef>,
     /// The allow list, when a grant has one: only these files may run.
     pub exec_allow: Option<ExecAllow>,
     /// Network rules, at most one per (prefix, port).
     pub net: Vec<NetEntry>,
-    /// Human-readable rule names, indexed by `NetEntry::rule_id`.
-    pub rules: Vec<String>,
+    /// The rules behind each entry, indexed by `NetEntry::rule_id`.
+    pub rules: Vec<Decided>,
     /// Governed destinations, by the rule id their redirect entries carry.
     pub routes: BTreeMap<u32, SessionRoute>,
     /// Host names of routes that did not resolve (nothing is redirected for them).
@@ -78,20 +116,45 @@ pub struct SessionRules {
 }
 
 /// An exec allow list: what the grants name, and the files that is now.
+/// A child session has one level per session up the chain that has a list:
+/// a file runs only if every level lists it.
 #[derive(Debug, Clone, Default)]
 pub struct ExecAllow {
-    /// Each grant's patterns, named for explain: (rule name, pattern).
-    pub patterns: Vec<(String, ExecPattern)>,
-    /// The files they stand for now.
-    pub files: Vec<(PathBuf, FileId)>,
+    /// Per level (outermost first), each grant's patterns with their rule.
+    pub levels: Vec<Vec<(RuleRef, ExecPattern)>>,
+    /// The files they stand for now, with the innermost rule that lists each.
+    pub files: Vec<(PathBuf, FileId, RuleRef)>,
 }
 
 impl ExecAllow {
-    /// Resolves `patterns` (rule name, pattern) to the files they are now.
-    pub fn resolve(patterns: Vec<(String, ExecPattern)>) -> Self {
-        let only: Vec<ExecPattern> = patterns.iter().map(|(_, p)| p.clone()).collect();
-        let files = resolve(&only).files;
-        Self { patterns, files }
+    /// Resolves `levels` to the files every level lists now.
+    pub fn resolve(levels: Vec<Vec<(RuleRef, ExecPattern)>>) -> Self {
+        let files = Self::files_of(&levels);
+        Self { levels, files }
+    }
+
+    /// The files every level of `levels` lists now (blocking: walks the patterns).
+    pub fn files_of(levels: &[Vec<(RuleRef, ExecPattern)>]) -> Vec<(PathBuf, FileId, RuleRef)> {
+        let mut common: Option<BTreeMap<FileId, (PathBuf, RuleRef)>> = None;
+        for level in levels {
+            let mut listed: BTreeMap<FileId, (PathBuf, RuleRef)> = BTreeMap::new();
+            for (rule, pattern) in level {
+                for (path, id) in resolve(std::slice::from_ref(pattern)).files {
+                    listed.entry(id).or_insert_with(|| (path, rule.clone()));
+                }
+            }
+            common = Some(match common {
+                None => listed,
+                // The innermost level names the rule; every level must list the file.
+                Some(outer) => listed.into_iter().filter(|(id, _)| outer.contains_key(id)).collect(),
+            });
+        }
+        common.unwrap_or_default().into_iter().map(|(id, (path, rule))| (path, id, rule)).collect()
+    }
+
+    /// The file ids on the list.
+    pub fn ids(&self) -> Vec<FileId> {
+        self.files.iter().map(|(_, id, _)| *id).collect()
     }
 }
 
@@ -114,13 +177,24 @@ fn rank(verdict: Verdict) -> u8 {
 }
 
 /// Turns grants into kernel entries. Where two rules have the same prefix
-/// and port, deny beats allow.
-pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules {
+/// and port, deny beats proxy beats allow. Grants named in `withdrawn`
+/// (expired or revoked) keep only what they refuse: their denies stay,
+/// their allows go, their governed destinations become refused (rather than
+/// reachable around the proxy through a wider allow), and their exec allow
+/// list still makes the session one with a list, only without their files.
+/// Withdrawing a grant therefore never widens what a session may do.
+pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTreeSet<String>) -> SessionRules {
     let mut out = SessionRules::default();
     let mut net: BTreeMap<(u8, [u8; 16], u32, Option<u16>), NetEntry> = BTreeMap::new();
     let mut allow_patterns = Vec::new();
+    let mut has_allow_list = false;
     for grant in grants {
-        out.grants.push(grant.name.clone());
+        let honoured = !withdrawn.contains(&grant.name);
+        if honoured {
+            out.grants.push(grant.name.clone());
+        } else {
+            out.withdrawn.push(grant.name.clone());
+        }
         for path in &grant.exec.deny {
             match FileId::of(&path.0) {
                 Ok(id) => {
@@ -128,18 +202,23 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
                         out.exec_deny_scripts.push(path.0.clone());
                     }
                     out.exec_deny.push((path.0.clone(), id));
-                    out.exec_deny_rules.push(format!("{}: exec.deny {}", grant.name, path.0.display()));
+                    out.exec_deny_rules.push(RuleRef::new(&grant.name, format!("exec.deny {}", path.0.display())));
                 }
                 Err(_) => out.exec_deny_missing.push(path.0.clone()),
             }
         }
-        allow_patterns.extend(
-            grant.exec.allow.iter().map(|pattern| (format!("{}: exec.allow {pattern}", grant.name), pattern.clone())),
-        );
-        let entries = grant
-            .network
-            .allow
-            .iter()
+        has_allow_list |= !grant.exec.allow.is_empty();
+        if honoured {
+            allow_patterns.extend(
+                grant
+                    .exec
+                    .allow
+                    .iter()
+                    .map(|pattern| (RuleRef::new(&grant.name, format!("exec.allow {pattern}")), pattern.clone())),
+            );
+        }
+        let allows = grant.network.allow.iter().filter(|_| honoured);
+        let entries = allows
             .map(|d| (d, Verdict::Allow, "allow"))
             .chain(grant.network.deny.iter().map(|d| (d, Verdict::Deny, "deny")));
         let mut add = |out: &mut SessionRules, destination: &Destination, verdict: Verdict, rule_id: u32| {
@@ -156,22 +235,29 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>) -> SessionRules 
         };
         for (destination, verdict, word) in entries {
             let rule_id = out.rules.len() as u32;
-            out.rules.push(format!("{}: network.{word} {destination}", grant.name));
+            out.rules.push(Decided(vec![RuleRef::new(&grant.name, format!("network.{word} {destination}"))]));
             add(&mut out, destination, verdict, rule_id);
         }
         for route in &grant.network.proxy {
             let rule_id = out.rules.len() as u32;
-            out.rules.push(format!("{}: network.proxy {}", grant.name, route.to));
-            out.routes.insert(rule_id, SessionRoute { grant: grant.name.clone(), route: route.clone() });
+            let rule = RuleRef::new(&grant.name, format!("network.proxy {}", route.to));
+            out.rules.push(Decided(vec![rule]));
+            let verdict = if honoured {
+                out.routes.insert(rule_id, SessionRoute { grant: grant.name.clone(), route: route.clone() });
+                Verdict::Redirect
+            } else {
+                Verdict::Deny
+            };
             for destination in route_destinations(&route.to, &mut out.unresolved) {
-                add(&mut out, &destination, Verdict::Redirect, rule_id);
+                add(&mut out, &destination, verdict, rule_id);
             }
         }
     }
     out.net = net.into_values().collect();
-    // One grant's allow list restricts the session: the most restrictive wins.
-    if !allow_patterns.is_empty() {
-        out.exec_allow = Some(ExecAllow::resolve(allow_patterns));
+    // Any grant's allow list restricts the session: the lists add up, and a
+    // withdrawn grant's list still counts (with none of its files).
+    if has_allow_list {
+        out.exec_allow = Some(ExecAllow::resolve(vec![allow_patterns]));
     }
     out
 }
@@ -232,6 +318,10 @@ mod tests {
     use super::*;
     use crate::policy::model::{ExecRules, NetworkRules};
 
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
     fn grant(allow: &[&str], deny: &[&str]) -> Grant {
         let parse = |list: &[&str]| list.iter().map(|d| d.parse().expect("destination")).collect();
         Grant {
@@ -239,12 +329,16 @@ mod tests {
             identity: "i".into(),
             exec: ExecRules::default(),
             network: NetworkRules { allow: parse(allow), deny: parse(deny), proxy: Vec::new() },
+            expire_unused_after: None,
         }
     }
 
     #[test]
     fn deny_beats_allow_for_the_same_prefix_and_port() {
-        let rules = compile([&grant(&["10.0.0.0/8"], &[]), &grant(&[], &["10.0.0.0/8"]), &grant(&["10.0.0.0/8"], &[])]);
+        let rules = compile(
+            [&grant(&["10.0.0.0/8"], &[]), &grant(&[], &["10.0.0.0/8"]), &grant(&["10.0.0.0/8"], &[])],
+            &none(),
+        );
         assert_eq!(rules.net.len(), 1);
         assert_eq!(rules.net[0].verdict, Verdict::Deny);
         assert_eq!(rules.net[0].addr_prefix, 104);
@@ -257,7 +351,7 @@ mod tests {
         let mut g = grant(&["127.0.0.1/32:80"], &[]);
         g.network.proxy = vec![route("127.0.0.1/32:80"), route("127.0.0.2/32:80")];
         let with_deny = grant(&[], &["127.0.0.2/32:80"]);
-        let rules = compile([&g, &with_deny]);
+        let rules = compile([&g, &with_deny], &none());
         let verdict_of = |last: u8| rules.net.iter().find(|e| e.addr[15] == last).map(|e| e.verdict);
         assert_eq!(verdict_of(1), Some(Verdict::Redirect));
         assert_eq!(verdict_of(2), Some(Verdict::Deny));
@@ -268,7 +362,7 @@ mod tests {
     fn loopback_routes_cover_all_of_loopback_and_mapped_prefixes_are_ipv4() {
         let mut g = grant(&[], &["::ffff:10.0.0.0/104"]);
         g.network.proxy = vec![serde_yaml_ng::from_str("to: \"127.0.0.1/32:80\"\nprotocol: http\n").expect("route")];
-        let rules = compile([&g]);
+        let rules = compile([&g], &none());
         let redirects: Vec<(u8, u32)> =
             rules.net.iter().filter(|e| e.verdict == Verdict::Redirect).map(|e| (e.family, e.addr_prefix)).collect();
         assert!(
@@ -281,19 +375,19 @@ mod tests {
 
     #[test]
     fn ipv6_rules_are_kept_apart_from_ipv4() {
-        let rules = compile([&grant(&["::/0"], &[])]);
+        let rules = compile([&grant(&["::/0"], &[])], &none());
         assert_eq!((rules.net[0].family, rules.net[0].addr_prefix), (6, 0));
-        let rules = compile([&grant(&["0.0.0.0/0"], &[])]);
+        let rules = compile([&grant(&["0.0.0.0/0"], &[])], &none());
         assert_eq!((rules.net[0].family, rules.net[0].addr_prefix), (4, 96));
     }
 
     #[test]
     fn port_rules_stay_apart_from_address_rules() {
-        let rules = compile([&grant(&["0.0.0.0/0", "::/0"], &["169.254.169.254/32:80"])]);
+        let rules = compile([&grant(&["0.0.0.0/0", "::/0"], &["169.254.169.254/32:80"])], &none());
         assert_eq!(rules.net.len(), 3);
         let port_rule = rules.net.iter().find(|e| e.port == Some(80)).expect("port rule");
         assert_eq!((port_rule.verdict, port_rule.addr_prefix), (Verdict::Deny, 128));
-        assert_eq!(rules.rules[port_rule.rule_id as usize], "g: network.deny 169.254.169.254/32:80");
+        assert_eq!(rules.rules[port_rule.rule_id as usize].to_string(), "g: network.deny 169.254.169.254/32:80");
     }
 
     #[test]
@@ -303,7 +397,7 @@ mod tests {
             crate::policy::AbsolutePath("/bin/sh".into()),
             crate::policy::AbsolutePath("/nonexistent/tool".into()),
         ];
-        let rules = compile([&g]);
+        let rules = compile([&g], &none());
         assert_eq!(rules.exec_deny.len(), 1);
         assert_eq!(rules.exec_deny_missing, vec![PathBuf::from("/nonexistent/tool")]);
     }

@@ -35,7 +35,10 @@ pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
         (any, port) => any.or(port),
     };
     match chosen {
-        Some(entry) => Decision { verdict: entry.verdict, rule: rules.rules.get(entry.rule_id as usize).cloned() },
+        Some(entry) => Decision {
+            verdict: entry.verdict,
+            rule: rules.rules.get(entry.rule_id as usize).filter(|d| !d.0.is_empty()).map(ToString::to_string),
+        },
         None => Decision { verdict: Verdict::Deny, rule: None },
     }
 }
@@ -46,22 +49,13 @@ pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
 pub fn explain_exec(rules: &SessionRules, path: &std::path::Path) -> Result<ExecDecision, std::io::Error> {
     let id = FileId::of(path)?;
     if let Some(index) = rules.exec_deny.iter().position(|(_, denied)| *denied == id) {
-        return Ok(ExecDecision { allowed: false, rule: rules.exec_deny_rules.get(index).cloned() });
+        return Ok(ExecDecision { allowed: false, rule: rules.exec_deny_rules.get(index).map(ToString::to_string) });
     }
     let Some(allow) = &rules.exec_allow else {
         return Ok(ExecDecision { allowed: true, rule: None });
     };
-    let listed = allow.files.iter().any(|(_, file)| *file == id);
-    // Name the pattern that lists it (a directory or glob may be the one).
-    let rule = listed
-        .then(|| {
-            allow.patterns.iter().find(|(_, pattern)| {
-                super::exec_files::resolve(std::slice::from_ref(pattern)).files.iter().any(|(_, f)| *f == id)
-            })
-        })
-        .flatten()
-        .map(|(rule, _)| rule.clone());
-    Ok(ExecDecision { allowed: listed, rule })
+    let rule = allow.files.iter().find(|(_, file, _)| *file == id).map(|(_, _, rule)| rule.to_string());
+    Ok(ExecDecision { allowed: rule.is_some(), rule })
 }
 
 /// An exec decision and why.
@@ -92,7 +86,7 @@ mod tests {
 
     fn rules(yaml: &str) -> SessionRules {
         let grant: crate::policy::Grant = serde_yaml_ng::from_str(yaml).expect("grant parses");
-        compile([&grant])
+        compile([&grant], &Default::default())
     }
 
     #[test]

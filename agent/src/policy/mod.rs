@@ -8,6 +8,7 @@ pub mod compile;
 pub mod destination;
 pub mod exec_files;
 pub mod explain;
+pub mod intersect;
 pub mod model;
 pub mod route;
 
@@ -31,6 +32,9 @@ pub struct PolicySet {
     pub grants: Vec<Grant>,
     /// The files that were read.
     pub files: Vec<PathBuf>,
+    /// Each identity and grant as written, by name (for `review --suggest`,
+    /// which prints narrowed copies of them).
+    pub written: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
 /// Why policies did not load.
@@ -73,6 +77,16 @@ impl PolicySet {
         let mut sources = Vec::new();
         for file in &files {
             let (policy, source): (PolicyFile, String) = yaml::load(file)?;
+            if let Ok(value) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&source) {
+                for section in ["identities", "grants"] {
+                    let entries = value.get(section).and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
+                    for entry in entries {
+                        if let Some(name) = entry.get("name").and_then(|n| n.as_str()) {
+                            set.written.insert(format!("{section}/{name}"), entry.clone());
+                        }
+                    }
+                }
+            }
             sources.push((file.clone(), source, policy.clone()));
             set.identities.extend(policy.identities);
             set.grants.extend(policy.grants);

@@ -39,6 +39,9 @@ pub struct Identity {
     /// session's processes are killed and the end is recorded.
     #[serde(default, deserialize_with = "crate::yaml::optional_duration")]
     pub max_session: Option<std::time::Duration>,
+    /// Must every session of this identity say why it runs (`--reason`)?
+    #[serde(default)]
+    pub require_reason: bool,
 }
 
 /// Rights given to one identity.
@@ -55,6 +58,10 @@ pub struct Grant {
     /// Network rules.
     #[serde(default)]
     pub network: NetworkRules,
+    /// Stop honouring this grant once it has gone this long without being
+    /// exercised (a reviewer can renew it); what it refuses stays refused.
+    #[serde(default, deserialize_with = "crate::yaml::optional_duration")]
+    pub expire_unused_after: Option<std::time::Duration>,
 }
 
 /// Exec rules of a grant.

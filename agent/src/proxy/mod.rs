@@ -95,6 +95,10 @@ pub struct Governed {
     pub route: Arc<SessionRoute>,
     /// The route's rule name.
     pub rule_name: String,
+    /// The session and every session above it, innermost first.
+    pub chain: Vec<crate::session::ChainLink>,
+    /// The uids of every session of the chain.
+    pub uids: Vec<u32>,
 }
 
 /// Binds the proxy on 127.0.0.1 and ::1 at `port`; port 0 means no proxy
@@ -197,7 +201,7 @@ async fn identify(ctx: &ProxyCtx, stream: &TcpStream, peer: SocketAddr) -> Optio
     let v6 = Ipv6Addr::from(original.addr);
     let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
     let destination = SocketAddr::new(ip, original.port as u16);
-    let GovernedRoute { session, uid, identity, subject, route, rule_name } =
+    let GovernedRoute { session, uid, identity, subject, route, rule_name, chain, uids } =
         ctx.sessions.route_of(original.cgroup_id, original.rule_id)?;
-    Some(Governed { session, uid, identity, subject, destination, route, rule_name })
+    Some(Governed { session, uid, identity, subject, destination, route, rule_name, chain, uids })
 }

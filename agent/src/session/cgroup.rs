@@ -87,26 +87,10 @@ impl CgroupTree {
         Ok(Self { root, sessions })
     }
 
-    /// Session cgroups an earlier daemon left: (directory name, path, cgroup id).
+    /// Top session cgroups an earlier daemon left: (directory name, path,
+    /// cgroup id). Child sessions are below them ([`children`]).
     pub fn leftovers(&self) -> Vec<(String, PathBuf, u64)> {
-        let entries = std::fs::read_dir(&self.sessions).into_iter().flatten().flatten();
-        entries
-            .filter(|entry| entry.path().is_dir())
-            .filter_map(|entry| {
-                let path = entry.path();
-                let ino = std::fs::metadata(&path).ok()?.ino();
-                Some((entry.file_name().to_string_lossy().into_owned(), path, ino))
-            })
-            .collect()
-    }
-
-    /// Creates a session's cgroup and returns it with its id (the id the
-    /// kernel's `bpf_get_current_cgroup_id()` returns: the directory's inode).
-    pub fn create_session(&self, name: &str) -> Result<(PathBuf, u64), CgroupError> {
-        let path = self.sessions.join(name);
-        std::fs::create_dir(&path).map_err(io_error("cannot create session cgroup", &path))?;
-        let ino = std::fs::metadata(&path).map_err(io_error("cannot stat", &path))?.ino();
-        Ok((path, ino))
+        children(&self.sessions)
     }
 
     /// Removes the subtree (when the daemon stops); fails quietly when busy.
@@ -114,6 +98,29 @@ impl CgroupTree {
         let _ = std::fs::remove_dir(&self.sessions);
         let _ = std::fs::remove_dir(&self.root);
     }
+}
+
+/// Creates a session's cgroup `name` under `parent` (the sessions cgroup,
+/// or the parent session's for a child) and returns it with its id (the id
+/// the kernel's `bpf_get_current_cgroup_id()` returns: the directory's inode).
+pub fn create_session(parent: &Path, name: &str) -> Result<(PathBuf, u64), CgroupError> {
+    let path = parent.join(name);
+    std::fs::create_dir(&path).map_err(io_error("cannot create session cgroup", &path))?;
+    let ino = std::fs::metadata(&path).map_err(io_error("cannot stat", &path))?.ino();
+    Ok((path, ino))
+}
+
+/// The child session cgroups directly under `path`: (name, path, cgroup id).
+pub fn children(path: &Path) -> Vec<(String, PathBuf, u64)> {
+    let entries = std::fs::read_dir(path).into_iter().flatten().flatten();
+    entries
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|entry| {
+            let path = entry.path();
+            let ino = std::fs::metadata(&path).ok()?.ino();
+            Some((entry.file_name().to_string_lossy().into_owned(), path, ino))
+        })
+        .collect()
 }
 
 /// Moves `pid` into the cgroup at `path`.
@@ -156,10 +163,14 @@ pub fn kill_all(path: &Path) -> Result<(), CgroupError> {
     })
 }
 
-/// Kills what is left in a session cgroup, waits for it to empty (a killed
-/// process leaves its cgroup only once it is reaped) and removes it.
-/// Failures are logged: there is nothing more the caller could do.
+/// Kills what is left in a session cgroup (and in child sessions below
+/// it), waits for it to empty (a killed process leaves its cgroup only once
+/// it is reaped) and removes it, children first. Failures are logged: there
+/// is nothing more the caller could do.
 pub fn discard(path: &Path) {
+    for (_, child, _) in children(path) {
+        discard(&child);
+    }
     if populated(path) {
         let _ = kill_all(path);
         for _ in 0..100 {

@@ -2,6 +2,7 @@
 //! for it, and its lifecycle from the first process to the last.
 
 pub mod cgroup;
+pub mod grants;
 pub mod peer;
 mod recover;
 mod registry;
@@ -9,9 +10,10 @@ mod sessions;
 
 /// Session ids are the session log's keys; the store defines them.
 pub use crate::store::SessionId;
+pub use grants::{GrantError, GrantState, GrantView};
 pub use recover::Gap;
 pub use registry::{ActiveSession, Registry};
 pub use sessions::{
-    Attribution, Caller, GovernedRoute, OpenError, OpenRequest, Opened, Placement, REAP_INTERVAL, RevokeError, Revoked,
-    Sessions, SessionsParts,
+    Attribution, Authority, Caller, ChainLink, GovernedRoute, Lifetime, OpenError, OpenRequest, Opened, Placement,
+    REAP_INTERVAL, RevokeError, Revoked, Sessions, SessionsParts,
 };

@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::{Map, Value};
 
-use super::{ActiveSession, Sessions, cgroup::populated, sessions::discard};
+use super::{ActiveSession, Lifetime, Sessions, cgroup::populated, sessions::discard};
 use crate::store::{RecordKind, RecordVerdict, SessionId, SessionRecord, rfc3339};
 
 /// What the starting daemon knows of the time no daemon ran.
@@ -46,13 +46,22 @@ impl Sessions {
     pub async fn recover(self: &Arc<Self>, running: Vec<SessionRecord>, gap: &Gap) {
         let tree = self.parts.tree.clone();
         let mut seen = Vec::new();
-        for (name, path, cgroup_id) in tree.leftovers() {
+        // Parents before their children: a child is adopted only under an
+        // adopted parent, whose rules cut its own down.
+        let mut queue: std::collections::VecDeque<(String, PathBuf, u64, Option<u64>, bool)> =
+            tree.leftovers().into_iter().map(|(name, path, id)| (name, path, id, None, true)).collect();
+        while let Some((name, path, cgroup_id, parent, parent_adopted)) = queue.pop_front() {
             let record = running.iter().find(|r| r.id.as_str() == name);
             seen.push(name.clone());
+            // Listed before anything is discarded: discarding takes the children along.
+            let children = super::cgroup::children(&path);
             let adopted = match record {
-                Some(record) if gap.enforced && populated(&path) => self.adopt(record, &path, cgroup_id, gap).await,
+                Some(record) if parent_adopted && gap.enforced && populated(&path) => {
+                    self.adopt(record, &path, cgroup_id, parent, gap).await
+                }
                 _ => false,
             };
+            queue.extend(children.into_iter().map(|(name, path, id)| (name, path, id, Some(cgroup_id), adopted)));
             if adopted {
                 continue;
             }
@@ -66,33 +75,46 @@ impl Sessions {
             }
         }
         // Records of this tree still open with no cgroup: they ended unobserved.
-        let ours = |r: &&SessionRecord| PathBuf::from(&r.cgroup).parent() == Some(tree.sessions.as_path());
+        let ours = |r: &&SessionRecord| PathBuf::from(&r.cgroup).starts_with(&tree.sessions);
         for record in running.iter().filter(ours).filter(|r| !seen.iter().any(|name| name == r.id.as_str())) {
             self.close_unobserved(record, None, gap);
         }
     }
 
-    /// Takes a running session back: its rules from the current policy, its
-    /// registry entry, and a record of the gap. False when it cannot be
-    /// adopted (its identity is gone from the policy, the maps refuse it).
+    /// Takes a running session back: its rules from the current policy (cut
+    /// down to its parent's, for a child), its registry entry, and a record
+    /// of the gap. False when it cannot be adopted (its identity is gone
+    /// from the policy, the maps refuse it).
     async fn adopt(
         self: &Arc<Self>,
         record: &SessionRecord,
         path: &std::path::Path,
         cgroup_id: u64,
+        parent: Option<u64>,
         gap: &Gap,
     ) -> bool {
         let this = self.clone();
         let identity_name = record.identity.clone();
+        let withdrawn = self.book().withdrawn();
+        let parent_rules = parent.and_then(|p| self.state().registry.get_mut(p).map(|s| s.rules.clone()));
+        if parent.is_some() && parent_rules.is_none() {
+            return false;
+        }
+        let recorded_grants = record.grants.clone();
         let compiled = tokio::task::spawn_blocking(move || {
             let identity = this.parts.policies.identities.iter().find(|i| i.name == identity_name).cloned()?;
-            let rules = crate::policy::compile::compile(this.parts.policies.grants_for(&identity.name));
-            Some((identity, rules))
+            // A top session holds its identity's grants; a child what it was opened with.
+            let own: Vec<String> = match &parent_rules {
+                None => this.parts.policies.grants_for(&identity.name).map(|g| g.name.clone()).collect(),
+                Some(_) => recorded_grants,
+            };
+            let rules = this.effective_rules(&own, &withdrawn, parent_rules.as_ref());
+            Some((identity, own, rules))
         })
         .await
         .ok()
         .flatten();
-        let Some((identity, rules)) = compiled else {
+        let Some((identity, own_grants, rules)) = compiled else {
             tracing::warn!(session = %record.id, identity = %record.identity, "cannot adopt: its identity is no longer in the policy");
             return false;
         };
@@ -100,11 +122,19 @@ impl Sessions {
             tracing::warn!(session = %record.id, identity = %identity.name, "cannot adopt: a root session of an identity that no longer allows root");
             return false;
         }
-        let deadline = identity.max_session.map(|limit| {
-            let started = humantime::parse_rfc3339(&record.started_at).unwrap_or_else(|_| SystemTime::now());
+        let started = humantime::parse_rfc3339(&record.started_at).unwrap_or_else(|_| SystemTime::now());
+        let left = |limit: Duration| {
             let left = (started + limit).duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-            (Instant::now() + left, limit)
-        });
+            Instant::now() + left
+        };
+        let deadline = [
+            identity.max_session.map(|limit| (limit, Lifetime::MaxSession)),
+            record.ttl_secs.map(|secs| (Duration::from_secs(secs), Lifetime::Ttl)),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(limit, _)| *limit)
+        .map(|(limit, why)| (left(limit), limit, why));
         // The new rules go in over the old ones, then what they do not make
         // comes out: at no moment is the session without rules.
         let added = {
@@ -124,6 +154,12 @@ impl Sessions {
             id: record.id.clone(),
             identity: identity.name.clone(),
             subject: record.subject.clone(),
+            issuer: record.issuer.clone(),
+            claims: record.claims.clone(),
+            parent,
+            depth: record.depth,
+            reason: record.reason.clone(),
+            own_grants,
             uid: record.uid,
             cgroup: path.to_owned(),
             cgroup_id,

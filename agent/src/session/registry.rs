@@ -21,6 +21,18 @@ pub struct ActiveSession {
     pub identity: String,
     /// The token's subject.
     pub subject: String,
+    /// The token's issuer.
+    pub issuer: String,
+    /// The token's claims.
+    pub claims: serde_json::Value,
+    /// The session it was opened from (its cgroup id), for a child session.
+    pub parent: Option<u64>,
+    /// 0 at the top of a chain, one more for each child below it.
+    pub depth: u32,
+    /// Why it was opened, as the caller said.
+    pub reason: Option<String>,
+    /// The grants of its own level (before the parent's rights cut them down).
+    pub own_grants: Vec<String>,
     /// The uid its processes run as.
     pub uid: u32,
     /// Its cgroup directory.
@@ -32,8 +44,8 @@ pub struct ActiveSession {
     /// Who forked whom (child -> creator), so an exec names the process
     /// that made it even after a double fork reparented it.
     pub creators: HashMap<u32, u32>,
-    /// When it must end, and the identity's `max_session` that set it.
-    pub deadline: Option<(Instant, Duration)>,
+    /// When it must end, the limit that set it, and which limit that was.
+    pub deadline: Option<(Instant, Duration, super::Lifetime)>,
     /// Set once it was revoked or expired: its processes are being killed.
     pub ending: bool,
 }
@@ -91,5 +103,35 @@ impl Registry {
     /// The number of live sessions.
     pub fn active_count(&self) -> usize {
         self.active.len()
+    }
+
+    /// The live session with id `id`.
+    pub fn by_id(&self, id: &SessionId) -> Option<&ActiveSession> {
+        self.active.values().find(|s| &s.id == id)
+    }
+
+    /// The live session and every live session above it, innermost first.
+    pub fn chain(&self, cgroup_id: u64) -> Vec<&ActiveSession> {
+        let mut chain = Vec::new();
+        let mut next = Some(cgroup_id);
+        while let Some(id) = next {
+            let Some(session) = self.active.get(&id) else { break };
+            chain.push(session);
+            next = session.parent;
+        }
+        chain
+    }
+
+    /// The live sessions below `cgroup_id` (children, their children, ...),
+    /// deepest first: the order in which they can be ended.
+    pub fn descendants(&self, cgroup_id: u64) -> Vec<u64> {
+        let mut found: Vec<(u32, u64)> = self
+            .active
+            .values()
+            .filter(|s| s.cgroup_id != cgroup_id && self.chain(s.cgroup_id).iter().any(|a| a.cgroup_id == cgroup_id))
+            .map(|s| (s.depth, s.cgroup_id))
+            .collect();
+        found.sort_by(|a, b| b.cmp(a));
+        found.into_iter().map(|(_, id)| id).collect()
     }
 }

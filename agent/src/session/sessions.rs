@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use super::{
     ActiveSession, Registry,
     cgroup::{self, CgroupError, CgroupTree},
+    grants::GrantBook,
     peer::{self, PeerError},
 };
 use crate::{
@@ -25,8 +26,9 @@ use crate::{
     identity::{TokenError, Verifier},
     policy::{
         PolicySet,
-        compile::{FileId, SessionRoute},
-        exec_files::{ExecPattern, resolve},
+        compile::{Decided, ExecAllow, FileId, RuleRef, SessionRoute, SessionRules, compile},
+        exec_files::ExecPattern,
+        intersect::intersect,
     },
     store::{RecordKind, RecordVerdict, SessionId, SessionLog, SessionRecord, rfc3339},
 };
@@ -57,12 +59,40 @@ pub enum Placement {
 /// What a caller asks to open.
 #[derive(Debug, Clone)]
 pub struct OpenRequest {
-    /// The JWT.
-    pub token: String,
+    /// Whose rights the session carries.
+    pub authority: Authority,
     /// The caller's held child, not yet executed.
     pub pid: u32,
     /// The command it will execute, for the record.
     pub command: Vec<String>,
+    /// Why, for the record (required by identities with `require_reason`).
+    pub reason: Option<String>,
+    /// The session ends once this has passed.
+    pub ttl: Option<Duration>,
+}
+
+/// Whose rights a new session carries.
+#[derive(Debug, Clone)]
+pub enum Authority {
+    /// The identity of a token (cut down to the parent's rights inside a session).
+    Token(String),
+    /// Inside a session only: the same identity, with only these of the parent's grants.
+    Grants(Vec<String>),
+}
+
+/// One session of a delegation chain, as reviewers see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainLink {
+    /// The session.
+    pub session: SessionId,
+    /// Its identity.
+    pub identity: String,
+    /// Its subject.
+    pub subject: String,
+    /// Why it was opened.
+    pub reason: Option<String>,
+    /// Its depth (0 at the top).
+    pub depth: u32,
 }
 
 /// A session that was opened, as the caller is told.
@@ -78,14 +108,36 @@ pub struct Opened {
     pub privileged: bool,
     /// How denied execs are stopped.
     pub exec_enforcement: &'static str,
+    /// The session it was opened from, for a child session.
+    pub parent: Option<SessionId>,
+    /// Its depth in the chain (0 at the top).
+    pub depth: u32,
 }
 
 /// Why no session was opened. Nothing of it is left behind.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// The caller or its child already runs in a session.
-    #[error("cannot open a session from inside a session (nested sessions are not supported yet)")]
-    Nested,
+    /// The caller runs in a cgroup below the sessions that is no live session.
+    #[error("the caller runs in no live session of this daemon; cannot open a child session")]
+    UnknownParent,
+    /// The held child does not run where its caller does.
+    #[error("the process to place does not run in the caller's session")]
+    ChildElsewhere,
+    /// `--grant` outside a session.
+    #[error("--grant opens a child session and works only inside a session; outside one, give --token-file")]
+    GrantsOutside,
+    /// `--grant` naming a grant the parent does not hold.
+    #[error("the parent session holds no grant '{0}'")]
+    UnknownGrant(String),
+    /// The identity requires a reason.
+    #[error("identity '{0}' requires a reason for every session (--reason TEXT)")]
+    ReasonRequired(String),
+    /// The chain would be deeper than allowed.
+    #[error("delegation chains may be at most {0} sessions deep")]
+    TooDeep(u32),
+    /// The parent is being revoked or has expired.
+    #[error("the parent session is ending; no child sessions")]
+    ParentEnding,
     /// The process to place is not the caller's held child.
     #[error(transparent)]
     NotHeldChild(#[from] PeerError),
@@ -161,6 +213,10 @@ pub struct GovernedRoute {
     pub route: Arc<SessionRoute>,
     /// The route's rule name.
     pub rule_name: String,
+    /// The session and every session above it, innermost first.
+    pub chain: Vec<ChainLink>,
+    /// The uids of every session of the chain (none of them may approve its requests).
+    pub uids: Vec<u32>,
 }
 
 /// What the registry knows about the process behind a kernel event.
@@ -170,8 +226,8 @@ pub struct Attribution {
     pub session: SessionId,
     /// For an exec: the process that forked it, if that fork was seen.
     pub creator: Option<u32>,
-    /// For a connect: the name of the rule that decided.
-    pub rule: Option<String>,
+    /// For a connect or exec: the rules that decided, if any did.
+    pub rule: Option<Decided>,
 }
 
 /// The sessions of this daemon: registry, kernel maps, cgroups, verifier
@@ -180,6 +236,8 @@ pub struct Attribution {
 pub struct Sessions {
     pub(super) parts: SessionsParts,
     state: Mutex<State>,
+    /// Which grants are honoured, and when each was last exercised.
+    pub(super) book: Mutex<GrantBook>,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: AtomicBool,
 }
@@ -187,6 +245,38 @@ pub struct Sessions {
 pub(super) struct State {
     pub(super) maps: SessionMaps,
     pub(super) registry: Registry,
+}
+
+/// Who a session speaks for: its token's subject, issuer and claims (a
+/// `--grant` child has its parent's).
+#[derive(Debug, Clone)]
+struct Who {
+    subject: String,
+    issuer: String,
+    claims: Value,
+}
+
+/// A live parent of a session being opened.
+#[derive(Debug, Clone)]
+struct Parent {
+    id: SessionId,
+    cgroup_id: u64,
+    cgroup: PathBuf,
+    depth: u32,
+    identity: String,
+    who: Who,
+    /// The grants of its own level.
+    grants: Vec<String>,
+    rules: SessionRules,
+}
+
+/// What set a session's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// The identity's `max_session`.
+    MaxSession,
+    /// The caller's `--ttl`.
+    Ttl,
 }
 
 /// What [`Sessions`] works with, besides the kernel maps.
@@ -205,18 +295,24 @@ pub struct SessionsParts {
     pub mode: ExecEnforcement,
     /// Where sessions are recorded.
     pub log: SessionLog,
+    /// The deepest a delegation chain may go (sessions, counting the top).
+    pub max_depth: u32,
 }
 
 impl Sessions {
     /// No sessions yet; their rules go into `maps`.
     pub fn new(parts: SessionsParts, maps: SessionMaps) -> Self {
         let state = Mutex::new(State { maps, registry: Registry::default() });
-        Self { parts, state, closing: AtomicBool::new(false) }
+        Self { parts, state, book: Mutex::default(), closing: AtomicBool::new(false) }
     }
 
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock must not stop enforcement bookkeeping.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn book(&self) -> MutexGuard<'_, GrantBook> {
+        self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The loaded policies.
@@ -246,8 +342,13 @@ impl Sessions {
         let Some(path) = cgroup::of_process(pid) else { return Placement::Inside(None) };
         let full = self.parts.mount.join(path.trim_start_matches('/'));
         match full.strip_prefix(&self.parts.tree.sessions) {
+            // The innermost session: child sessions nest in their parent's cgroup.
             Ok(relative) => Placement::Inside(
-                relative.components().next().and_then(|c| c.as_os_str().to_str()).and_then(|name| name.parse().ok()),
+                relative
+                    .components()
+                    .next_back()
+                    .and_then(|c| c.as_os_str().to_str())
+                    .and_then(|name| name.parse().ok()),
             ),
             Err(_) => Placement::Outside,
         }
@@ -258,29 +359,79 @@ impl Sessions {
         matches!(self.placement(pid), Placement::Inside(_))
     }
 
-    /// Verifies the token, then creates the session's cgroup, fills the
-    /// kernel maps, records the session and moves the caller's held child in.
-    /// On any failure before the move everything is undone and the child
-    /// stays outside (the client then ends it without running the command).
+    /// Verifies the token (or, for `--grant`, the parent's grants), then
+    /// creates the session's cgroup (inside its parent's, for a child), fills
+    /// the kernel maps, records the session and moves the caller's held
+    /// child in. On any failure before the move everything is undone and
+    /// the child stays where it was (the client then ends it without
+    /// running the command).
     pub async fn open(self: &Arc<Self>, caller: Caller, request: OpenRequest) -> Result<Opened, OpenError> {
-        let OpenRequest { token, pid, command } = request;
-        if self.is_governed(caller.pid) || self.is_governed(pid) {
-            return Err(OpenError::Nested);
+        let OpenRequest { authority, pid, command, reason, ttl } = request;
+        let reason = reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+        let parent = match self.placement(caller.pid) {
+            Placement::Outside => None,
+            Placement::Inside(None) => return Err(OpenError::UnknownParent),
+            Placement::Inside(Some(id)) => Some(id),
+        };
+        if self.placement(pid) != self.placement(caller.pid) {
+            return Err(OpenError::ChildElsewhere);
         }
         let checked = peer::check_child(caller.pid, caller.uid, pid, None)?;
+        let parent = match &parent {
+            None => None,
+            Some(id) => Some(self.parent_of(id)?),
+        };
+        if let Some(parent) = &parent
+            && parent.depth + 1 >= self.parts.max_depth
+        {
+            return Err(OpenError::TooDeep(self.parts.max_depth));
+        }
         let this = self.clone();
+        let withdrawn = self.book().withdrawn();
+        let parent_for_compile = parent.clone();
         // Token checks may fetch keys, and compiling may resolve host names
         // and stat files: off the runtime.
-        let (verified, identity, rules) = tokio::task::spawn_blocking(move || {
-            let verified = this.parts.verifier.verify(&token)?;
-            let Some(identity) = this.parts.policies.match_identity(&verified.issuer, &verified.claims).cloned() else {
-                return Err(OpenError::NoIdentity { issuer: verified.issuer, subject: verified.subject });
+        let (who, identity, own_grants, rules) = tokio::task::spawn_blocking(move || {
+            let policies = &this.parts.policies;
+            let (who, identity, own_grants) = match (authority, &parent_for_compile) {
+                (Authority::Token(token), _) => {
+                    let verified = this.parts.verifier.verify(&token)?;
+                    let Some(identity) = policies.match_identity(&verified.issuer, &verified.claims).cloned() else {
+                        return Err(OpenError::NoIdentity { issuer: verified.issuer, subject: verified.subject });
+                    };
+                    let grants = policies.grants_for(&identity.name).map(|g| g.name.clone()).collect();
+                    let who = Who {
+                        subject: verified.subject,
+                        issuer: verified.issuer,
+                        claims: serde_json::to_value(&verified.claims).unwrap_or_default(),
+                    };
+                    (who, identity, grants)
+                }
+                (Authority::Grants(_), None) => return Err(OpenError::GrantsOutside),
+                (Authority::Grants(names), Some(parent)) => {
+                    if let Some(unknown) = names.iter().find(|name| !parent.grants.contains(name)) {
+                        return Err(OpenError::UnknownGrant(unknown.clone()));
+                    }
+                    let identity = policies
+                        .identities
+                        .iter()
+                        .find(|i| i.name == parent.identity)
+                        .cloned()
+                        .ok_or(OpenError::UnknownParent)?;
+                    let mut names = names;
+                    names.sort();
+                    names.dedup();
+                    (parent.who.clone(), identity, names)
+                }
             };
-            let rules = crate::policy::compile::compile(this.parts.policies.grants_for(&identity.name));
-            Ok((verified, identity, rules))
+            let rules = this.effective_rules(&own_grants, &withdrawn, parent_for_compile.as_ref().map(|p| &p.rules));
+            Ok((who, identity, own_grants, rules))
         })
         .await
         .map_err(|e| OpenError::Internal(format!("token verification failed: {e}")))??;
+        if identity.require_reason && reason.is_none() {
+            return Err(OpenError::ReasonRequired(identity.name));
+        }
         if self.parts.mode == ExecEnforcement::KillOnExec {
             for script in &rules.exec_deny_scripts {
                 tracing::warn!(path = %script.display(), identity = %identity.name, "denied script cannot be stopped in kill-on-exec mode (it needs BPF LSM); deny its interpreter or use an allow list");
@@ -298,20 +449,31 @@ impl Sessions {
 
         let id = SessionId::generate();
         let privileged = caller.uid == 0;
-        let (cgroup_path, cgroup_id) = self.parts.tree.create_session(id.as_str())?;
-        let added = self.state().maps.add_session(cgroup_id, &rules);
+        let depth = parent.as_ref().map_or(0, |p| p.depth + 1);
+        let under = parent.as_ref().map_or(self.parts.tree.sessions.as_path(), |p| p.cgroup.as_path());
+        let (cgroup_path, cgroup_id) = cgroup::create_session(under, id.as_str())?;
+        let added = {
+            let mut state = self.state();
+            // The parent may have ended while its child's rules compiled.
+            match &parent {
+                Some(p) if state.registry.get_mut(p.cgroup_id).is_none_or(|live| live.ending) => {
+                    Err(OpenError::ParentEnding)
+                }
+                _ => state.maps.add_session(cgroup_id, &rules).map_err(OpenError::from),
+            }
+        };
         if let Err(e) = added {
             self.state().maps.remove_session(cgroup_id, &rules);
             discard(cgroup_path).await;
-            return Err(e.into());
+            return Err(e);
         }
         // Recorded before any process is in it, so every event has its session.
         let record = SessionRecord {
             id: id.clone(),
             identity: identity.name.clone(),
-            subject: verified.subject.clone(),
-            issuer: verified.issuer.clone(),
-            claims: serde_json::to_value(&verified.claims).unwrap_or_default(),
+            subject: who.subject.clone(),
+            issuer: who.issuer.clone(),
+            claims: who.claims.clone(),
             host: self.parts.host.clone(),
             uid: caller.uid,
             privileged,
@@ -320,6 +482,10 @@ impl Sessions {
             command,
             started_at: rfc3339(SystemTime::now()),
             ended_at: None,
+            parent: parent.as_ref().map(|p| p.id.clone()),
+            depth,
+            reason: reason.clone(),
+            ttl_secs: ttl.map(|t| t.as_secs()),
         };
         let log = self.parts.log.clone();
         let recorded = tokio::task::spawn_blocking(move || log.open_session(record)).await;
@@ -329,16 +495,28 @@ impl Sessions {
             return Err(OpenError::NotRecorded);
         }
         let grants = rules.grants.clone();
+        // The earliest of the identity's max_session and the caller's --ttl.
+        let deadline = [identity.max_session.map(|l| (l, Lifetime::MaxSession)), ttl.map(|t| (t, Lifetime::Ttl))]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(limit, _)| *limit)
+            .map(|(limit, why)| (Instant::now() + limit, limit, why));
         self.state().registry.insert(ActiveSession {
             id: id.clone(),
             identity: identity.name.clone(),
-            subject: verified.subject.clone(),
+            subject: who.subject.clone(),
+            issuer: who.issuer,
+            claims: who.claims,
+            parent: parent.as_ref().map(|p| p.cgroup_id),
+            depth,
+            reason,
+            own_grants,
             uid: caller.uid,
             cgroup: cgroup_path.clone(),
             cgroup_id,
             rules,
             creators: Default::default(),
-            deadline: identity.max_session.map(|limit| (Instant::now() + limit, limit)),
+            deadline,
             ending: false,
         });
         // Checked again right before the move: the token check may have taken
@@ -355,28 +533,69 @@ impl Sessions {
         if privileged {
             tracing::warn!(session = %id, uid = 0, "PRIVILEGED session: it runs as root and could leave its cgroup or unload programs");
         }
-        tracing::info!(session = %id, identity = %identity.name, subject = %verified.subject, pid, grants = ?grants, "session started");
+        let parent_id = parent.map(|p| p.id);
+        tracing::info!(session = %id, identity = %identity.name, subject = %who.subject, pid, grants = ?grants, parent = ?parent_id, depth, "session started");
         Ok(Opened {
             session: id,
             identity: identity.name,
             grants,
             privileged,
             exec_enforcement: self.parts.mode.as_str(),
+            parent: parent_id,
+            depth,
         })
+    }
+
+    /// What a child session needs of its live parent.
+    fn parent_of(&self, id: &SessionId) -> Result<Parent, OpenError> {
+        let state = self.state();
+        let parent = state.registry.by_id(id).ok_or(OpenError::UnknownParent)?;
+        if parent.ending {
+            return Err(OpenError::ParentEnding);
+        }
+        Ok(Parent {
+            id: parent.id.clone(),
+            cgroup_id: parent.cgroup_id,
+            cgroup: parent.cgroup.clone(),
+            depth: parent.depth,
+            identity: parent.identity.clone(),
+            who: Who { subject: parent.subject.clone(), issuer: parent.issuer.clone(), claims: parent.claims.clone() },
+            grants: parent.rules.grants.clone(),
+            rules: parent.rules.clone(),
+        })
+    }
+
+    /// A session's rules: its own grants (those still honoured), cut down
+    /// to its parent's effective rules when it has a parent. Blocking.
+    pub(super) fn effective_rules(
+        &self,
+        own_grants: &[String],
+        withdrawn: &std::collections::BTreeSet<String>,
+        parent: Option<&SessionRules>,
+    ) -> SessionRules {
+        let grants = self.parts.policies.grants.iter().filter(|g| own_grants.contains(&g.name));
+        let own = compile(grants, withdrawn);
+        match parent {
+            Some(parent) => intersect(parent, own),
+            None => own,
+        }
     }
 
     /// The session and route of a redirected connection.
     pub fn route_of(&self, cgroup_id: u64, rule_id: u32) -> Option<GovernedRoute> {
-        let mut state = self.state();
-        let session = state.registry.get_mut(cgroup_id)?;
+        let state = self.state();
+        let chain = state.registry.chain(cgroup_id);
+        let session = chain.first()?;
         let route = session.rules.routes.get(&rule_id)?.clone();
         Some(GovernedRoute {
             session: session.id.clone(),
             uid: session.uid,
             identity: session.identity.clone(),
             subject: session.subject.clone(),
-            rule_name: session.rules.rules.get(rule_id as usize).cloned().unwrap_or_default(),
+            rule_name: session.rules.rules.get(rule_id as usize).map(ToString::to_string).unwrap_or_default(),
             route: Arc::new(route),
+            chain: chain.iter().map(|s| link(s)).collect(),
+            uids: chain.iter().map(|s| s.uid).collect(),
         })
     }
 
@@ -385,8 +604,9 @@ impl Sessions {
         self.state().registry.session_of(cgroup_id)
     }
 
-    /// Attributes a kernel event to its session (live or recently ended)
-    /// and keeps the registry's view of who forked whom up to date.
+    /// Attributes a kernel event to its session (live or recently ended),
+    /// names the rules that decided it (and counts them as exercised), and
+    /// keeps the registry's view of who forked whom up to date.
     pub fn attribute(&self, event: &KernelEvent) -> Option<Attribution> {
         let origin = event.origin();
         let mut state = self.state();
@@ -394,9 +614,10 @@ impl Sessions {
         let active = state.registry.get_mut(origin.cgroup_id);
         let mut attribution = Attribution { session, creator: None, rule: None };
         match (event, active) {
-            (KernelEvent::Exec { .. }, Some(active)) => {
+            (KernelEvent::Exec { file, verdict, .. }, Some(active)) => {
                 // The creator, if we saw the fork, even when the process has since been reparented.
                 attribution.creator = active.creators.get(&origin.pid).copied();
+                attribution.rule = exec_rule(&active.rules, *file, *verdict);
             }
             (KernelEvent::Fork { child_pid, .. }, Some(active)) => {
                 active.creators.insert(*child_pid, origin.pid);
@@ -405,17 +626,25 @@ impl Sessions {
                 active.creators.remove(&origin.pid);
             }
             (KernelEvent::Connect { rule_id: Some(rule_id), .. }, Some(active)) => {
-                attribution.rule = active.rules.rules.get(*rule_id as usize).cloned();
+                attribution.rule = active.rules.rules.get(*rule_id as usize).filter(|d| !d.0.is_empty()).cloned();
             }
             _ => {}
+        }
+        drop(state);
+        if let Some(decided) = &attribution.rule {
+            let mut book = self.book();
+            for rule in &decided.0 {
+                book.exercised(&rule.grant, SystemTime::now());
+            }
         }
         Some(attribution)
     }
 
     /// Ends a live session now for a reviewer: recorded with who and why,
-    /// then every process in it is killed; the reaper records its end.
+    /// then every process in it (and in its child sessions) is killed; the
+    /// reaper records the ends.
     pub fn revoke(&self, id: &SessionId, by: String, reason: Option<String>) -> Result<Revoked, RevokeError> {
-        let cgroup = {
+        let (cgroup, children) = {
             let mut state = self.state();
             let session = state
                 .registry
@@ -426,11 +655,13 @@ impl Sessions {
                 return Err(RevokeError::AlreadyEnding(id.to_string()));
             }
             session.ending = true;
-            session.cgroup.clone()
+            let (cgroup, cgroup_id) = (session.cgroup.clone(), session.cgroup_id);
+            (cgroup, mark_ending(&mut state.registry, cgroup_id))
         };
         if let Err(e) = cgroup::kill_all(&cgroup) {
             tracing::error!(session = %id, error = %e, "cannot kill a revoked session's processes");
-            if let Some(session) = self.state().registry.active_mut().find(|s| &s.id == id) {
+            let mut state = self.state();
+            for session in state.registry.active_mut().filter(|s| &s.id == id || children.contains(&s.id)) {
                 session.ending = false;
             }
             return Err(RevokeError::NotKilled(id.to_string(), e.to_string()));
@@ -438,55 +669,93 @@ impl Sessions {
         let mut detail = Map::new();
         detail.insert("by".into(), by.clone().into());
         detail.insert("reason".into(), reason.clone().map_or(Value::Null, Value::from));
-        self.parts.log.decided(id, RecordKind::Session, RecordVerdict::Revoked, detail);
+        self.record_subtree(id, &children, RecordVerdict::Revoked, detail);
         tracing::warn!(session = %id, by, reason = reason.as_deref().unwrap_or(""), "session revoked; its processes were killed");
         Ok(Revoked { session: id.clone(), by })
     }
 
-    /// Ends the sessions that ran past their identity's `max_session`.
+    /// Records a session's end (revoked, expired) in it and in each of its
+    /// child sessions, which end with it.
+    fn record_subtree(
+        &self,
+        id: &SessionId,
+        children: &[SessionId],
+        verdict: RecordVerdict,
+        detail: Map<String, Value>,
+    ) {
+        self.parts.log.decided(id, RecordKind::Session, verdict, detail.clone());
+        for child in children {
+            let mut detail = detail.clone();
+            detail.insert("ended_with".into(), id.to_string().into());
+            self.parts.log.decided(child, RecordKind::Session, verdict, detail);
+        }
+    }
+
+    /// Ends the sessions that ran past their identity's `max_session` or their `--ttl`.
     fn expire(&self) {
         let now = Instant::now();
-        let expired: Vec<(SessionId, PathBuf, Duration)> = self
-            .state()
-            .registry
-            .active_mut()
-            .filter(|s| !s.ending)
-            .filter_map(|s| {
-                let (deadline, limit) = s.deadline?;
-                (deadline <= now).then(|| {
-                    s.ending = true;
-                    (s.id.clone(), s.cgroup.clone(), limit)
+        let expired: Vec<(SessionId, PathBuf, Duration, Lifetime, Vec<SessionId>)> = {
+            let mut state = self.state();
+            let due: Vec<(u64, SessionId, PathBuf, Duration, Lifetime)> = state
+                .registry
+                .active_mut()
+                .filter(|s| !s.ending)
+                .filter_map(|s| {
+                    let (deadline, limit, why) = s.deadline?;
+                    (deadline <= now).then(|| (s.cgroup_id, s.id.clone(), s.cgroup.clone(), limit, why))
                 })
-            })
-            .collect();
-        for (id, cgroup, limit) in expired {
+                .collect();
+            due.into_iter()
+                .filter_map(|(cgroup_id, id, cgroup, limit, why)| {
+                    // A parent expiring in the same tick already took this one.
+                    let session = state.registry.get_mut(cgroup_id)?;
+                    if session.ending {
+                        return None;
+                    }
+                    session.ending = true;
+                    let children = mark_ending(&mut state.registry, cgroup_id);
+                    Some((id, cgroup, limit, why, children))
+                })
+                .collect()
+        };
+        for (id, cgroup, limit, why, children) in expired {
             if let Err(e) = cgroup::kill_all(&cgroup) {
                 // Tried again at the next tick; recorded once it took.
                 tracing::error!(session = %id, error = %e, "cannot kill an expired session's processes");
-                if let Some(session) = self.state().registry.active_mut().find(|s| s.id == id) {
+                let mut state = self.state();
+                for session in state.registry.active_mut().filter(|s| s.id == id || children.contains(&s.id)) {
                     session.ending = false;
                 }
                 continue;
             }
             let mut detail = Map::new();
-            detail.insert("max_session_secs".into(), limit.as_secs().into());
-            self.parts.log.decided(&id, RecordKind::Session, RecordVerdict::Expired, detail);
-            tracing::warn!(session = %id, "session reached its identity's max_session; its processes were killed");
+            let field = match why {
+                Lifetime::MaxSession => "max_session_secs",
+                Lifetime::Ttl => "ttl_secs",
+            };
+            detail.insert(field.into(), limit.as_secs().into());
+            self.record_subtree(&id, &children, RecordVerdict::Expired, detail);
+            tracing::warn!(session = %id, limit = field, "session ran out of time; its processes were killed");
         }
     }
 
-    /// Ends a session: its kernel entries go first, then its cgroup (with
-    /// anything left in it), then its record is closed.
+    /// Ends a session and its child sessions (deepest first): each one's
+    /// kernel entries go first, then its cgroup (with anything left in it),
+    /// then its record is closed.
     pub async fn end(&self, cgroup_id: u64) {
-        let session = {
-            let mut state = self.state();
-            let Some(session) = state.registry.end(cgroup_id) else { return };
-            state.maps.remove_session(cgroup_id, &session.rules);
-            session
-        };
-        discard(session.cgroup.clone()).await;
-        self.parts.log.end_session(session.id.clone());
-        tracing::info!(session = %session.id, "session ended");
+        let mut order = self.state().registry.descendants(cgroup_id);
+        order.push(cgroup_id);
+        for cgroup_id in order {
+            let session = {
+                let mut state = self.state();
+                let Some(session) = state.registry.end(cgroup_id) else { continue };
+                state.maps.remove_session(cgroup_id, &session.rules);
+                session
+            };
+            discard(session.cgroup.clone()).await;
+            self.parts.log.end_session(session.id.clone());
+            tracing::info!(session = %session.id, "session ended");
+        }
     }
 
     /// Ends sessions past their `max_session`, and sessions as their last
@@ -500,6 +769,7 @@ impl Sessions {
             tick.tick().await;
             self.expire();
             if ticks % ALLOW_REFRESH_TICKS == 0 {
+                self.expire_grants().await;
                 self.refresh_allow_lists().await;
             }
             let empty: Vec<u64> = {
@@ -521,14 +791,14 @@ impl Sessions {
     /// one (rename over it), which must go on running, and the old file's
     /// inode must not stay allowed (a new file could take its number).
     async fn refresh_allow_lists(self: &Arc<Self>) {
-        let lists: Vec<(u64, Vec<ExecPattern>, Vec<FileId>)> = self
+        type Levels = Vec<Vec<(RuleRef, ExecPattern)>>;
+        let lists: Vec<(u64, Levels, Vec<FileId>)> = self
             .state()
             .registry
             .active()
             .filter_map(|s| {
                 let allow = s.rules.exec_allow.as_ref()?;
-                let patterns = allow.patterns.iter().map(|(_, pattern)| pattern.clone()).collect();
-                Some((s.cgroup_id, patterns, allow.files.iter().map(|(_, id)| *id).collect()))
+                Some((s.cgroup_id, allow.levels.clone(), allow.ids()))
             })
             .collect();
         if lists.is_empty() {
@@ -538,12 +808,15 @@ impl Sessions {
         let changes = tokio::task::spawn_blocking(move || {
             lists
                 .into_iter()
-                .filter_map(|(cgroup_id, patterns, known)| {
-                    let now = resolve(&patterns).files;
+                .filter_map(|(cgroup_id, levels, known)| {
+                    let now = ExecAllow::files_of(&levels);
                     let known: HashSet<FileId> = known.into_iter().collect();
-                    let current: HashSet<FileId> = now.iter().map(|(_, id)| *id).collect();
-                    let added: Vec<(PathBuf, FileId)> =
-                        now.iter().filter(|(_, id)| !known.contains(id)).cloned().collect();
+                    let current: HashSet<FileId> = now.iter().map(|(_, id, _)| *id).collect();
+                    let added: Vec<(PathBuf, FileId)> = now
+                        .iter()
+                        .filter(|(_, id, _)| !known.contains(id))
+                        .map(|(p, id, _)| (p.clone(), *id))
+                        .collect();
                     let removed: Vec<FileId> = known.difference(&current).copied().collect();
                     (!added.is_empty() || !removed.is_empty()).then_some((cgroup_id, now, added, removed))
                 })
@@ -589,6 +862,42 @@ impl Sessions {
             self.end(cgroup_id).await;
         }
     }
+}
+
+/// A session as a link of its chain.
+fn link(session: &ActiveSession) -> ChainLink {
+    ChainLink {
+        session: session.id.clone(),
+        identity: session.identity.clone(),
+        subject: session.subject.clone(),
+        reason: session.reason.clone(),
+        depth: session.depth,
+    }
+}
+
+/// Marks every live child session below `cgroup_id` as ending (they die
+/// with it) and returns their ids.
+fn mark_ending(registry: &mut Registry, cgroup_id: u64) -> Vec<SessionId> {
+    let below = registry.descendants(cgroup_id);
+    below
+        .into_iter()
+        .filter_map(|id| {
+            let session = registry.get_mut(id)?;
+            session.ending = true;
+            Some(session.id.clone())
+        })
+        .collect()
+}
+
+/// The rule that decided an exec: the deny entry that refused the file,
+/// or the allow-list entry that let it run (none when no list applies).
+fn exec_rule(rules: &SessionRules, file: FileId, verdict: tollgate_common::Verdict) -> Option<Decided> {
+    if verdict != tollgate_common::Verdict::Allow {
+        let index = rules.exec_deny.iter().position(|(_, denied)| *denied == file)?;
+        return rules.exec_deny_rules.get(index).map(|rule| Decided(vec![rule.clone()]));
+    }
+    let allow = rules.exec_allow.as_ref()?;
+    allow.files.iter().find(|(_, id, _)| *id == file).map(|(_, _, rule)| Decided(vec![rule.clone()]))
 }
 
 /// Removes a session cgroup off the runtime: emptying it may wait.

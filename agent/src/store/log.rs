@@ -72,6 +72,23 @@ impl SessionLog {
         self.writer.dropped()
     }
 
+    /// Records something that happened to a grant, now.
+    pub fn grant_event(&self, grant: &str, action: &str, by: Option<String>, reason: Option<String>) {
+        let at = rfc3339(SystemTime::now());
+        self.writer.grant_event(super::GrantEvent {
+            at,
+            grant: grant.to_owned(),
+            action: action.to_owned(),
+            by,
+            reason,
+        });
+    }
+
+    /// Records the grants the policy has now (the first sighting of each is kept).
+    pub fn grants_seen(&self, names: Vec<String>) {
+        self.writer.grants_seen(names, rfc3339(SystemTime::now()));
+    }
+
     /// Waits until everything recorded so far is committed.
     pub fn flush(&self) {
         self.writer.flush();

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use clock::BootClock;
 pub use log::SessionLog;
-pub use queries::{Reader, SessionDetail};
+pub use queries::{Reader, RecordedDecision, RuleUsage, SessionDetail};
 pub use record::{EventRecord, RecordKind, RecordVerdict};
 pub use writer::{Writer, WriterHandle};
 
@@ -110,6 +110,33 @@ pub struct SessionRecord {
     pub started_at: String,
     /// RFC 3339, once the last process has exited.
     pub ended_at: Option<String>,
+    /// The session it was opened from (a nested agent's), or `None` at the top.
+    #[serde(default)]
+    pub parent: Option<SessionId>,
+    /// 0 at the top of a chain, one more per level below.
+    #[serde(default)]
+    pub depth: u32,
+    /// Why it was opened, as the caller said.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The lifetime the caller gave it (`--ttl`), in seconds.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Something that happened to a grant (not to one session).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantEvent {
+    /// RFC 3339.
+    pub at: String,
+    /// The grant.
+    pub grant: String,
+    /// `expired`, `revoked` or `renewed`.
+    pub action: String,
+    /// Who (a reviewer), or `None` when the daemon decided.
+    pub by: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
 }
 
 /// RFC 3339 with nanoseconds, UTC.

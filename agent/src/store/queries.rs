@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use tollgate_common::EventKind;
 
-use super::{RecordKind, SessionId, SessionRecord, StoreError};
+use super::{GrantEvent, RecordKind, SessionId, SessionRecord, StoreError};
 
 /// Opens read-only connections to the session log.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct SessionDetail {
     pub processes: Vec<Value>,
     /// Every event, in order.
     pub events: Vec<Value>,
+    /// The sessions above it, its parent first, up to the top of its chain.
+    pub chain: Vec<SessionRecord>,
 }
 
 impl Reader {
@@ -78,7 +80,109 @@ impl Reader {
             })?
             .collect::<Result<_, _>>()?;
         let processes = process_tree(&events);
-        Ok(SessionDetail { session, processes, events })
+        let mut chain: Vec<SessionRecord> = Vec::new();
+        let mut next = session.parent.clone();
+        // Bounded: a chain is at most as long as the log has sessions.
+        while let Some(parent) = next.take() {
+            if chain.iter().any(|s| s.id == parent) {
+                break;
+            }
+            match conn.query_row(&format!("{SESSION_COLUMNS} WHERE id = ?1"), [parent.as_str()], session_from_row) {
+                Ok(record) => {
+                    next = record.parent.clone();
+                    chain.push(record);
+                }
+                Err(rusqlite::Error::QueryReturnedNoRows) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(SessionDetail { session, processes, events, chain })
+    }
+
+    /// Sessions started in `[since, until)` (RFC 3339 bounds), oldest first.
+    pub fn sessions_between(&self, since: &str, until: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement = conn.prepare(&format!(
+            "{SESSION_COLUMNS} WHERE started_at >= ?1 AND started_at < ?2 ORDER BY started_at, id"
+        ))?;
+        let rows = statement.query_map([since, until], session_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Use of each grant rule: the count over the UTC days from `since_day`
+    /// to `until_day` (inclusive, `YYYY-MM-DD`), and the last use ever.
+    pub fn rule_usage(&self, since_day: &str, until_day: &str) -> Result<Vec<RuleUsage>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement = conn.prepare(
+            "SELECT grant_name, rule,
+                    SUM(CASE WHEN day >= ?1 AND day <= ?2 THEN count ELSE 0 END),
+                    MAX(last_at),
+                    (SELECT u2.last_session FROM grant_usage u2 WHERE u2.grant_name = u.grant_name
+                       AND u2.rule = u.rule ORDER BY u2.last_at DESC LIMIT 1)
+             FROM grant_usage u GROUP BY grant_name, rule ORDER BY grant_name, rule",
+        )?;
+        let rows = statement.query_map([since_day, until_day], |row| {
+            Ok(RuleUsage {
+                grant: row.get(0)?,
+                rule: row.get(1)?,
+                count: row.get(2)?,
+                last_at: row.get(3)?,
+                last_session: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// When each grant was first in the policy.
+    pub fn grants_seen(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement = conn.prepare("SELECT grant_name, first_seen FROM grants_seen")?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What happened to grants (expired, revoked, renewed), oldest first.
+    pub fn grant_events(&self) -> Result<Vec<GrantEvent>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement =
+            conn.prepare("SELECT at, grant_name, action, by, reason FROM grant_events ORDER BY at, rowid")?;
+        let rows = statement.query_map([], |row| {
+            Ok(GrantEvent {
+                at: row.get(0)?,
+                grant: row.get(1)?,
+                action: row.get(2)?,
+                by: row.get(3)?,
+                reason: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Decisions recorded in `[since, until)` with one of `verdicts`, with
+    /// their session's identity.
+    pub fn decisions_between(
+        &self,
+        since: &str,
+        until: &str,
+        verdicts: &[&str],
+    ) -> Result<Vec<RecordedDecision>, StoreError> {
+        let conn = self.connect()?;
+        let list = verdicts.iter().map(|v| format!("'{}'", v.replace('\'', ""))).collect::<Vec<_>>().join(",");
+        let mut statement = conn.prepare(&format!(
+            "SELECT e.session_id, s.identity, e.kind, e.verdict, e.detail FROM events e JOIN sessions s ON s.id = e.session_id
+             WHERE e.verdict IN ({list}) AND e.at >= ?1 AND e.at < ?2 ORDER BY e.at"
+        ))?;
+        let rows = statement.query_map([since, until], |row| {
+            let detail: String = row.get(4)?;
+            Ok(RecordedDecision {
+                session: SessionId(row.get(0)?),
+                identity: row.get(1)?,
+                kind: row.get(2)?,
+                verdict: row.get(3)?,
+                detail: serde_json::from_str(&detail).unwrap_or(Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Counts of events the kernel could not deliver, by kind.
@@ -91,7 +195,7 @@ impl Reader {
 }
 
 const SESSION_COLUMNS: &str = "SELECT id, identity, subject, issuer, claims, host, uid, privileged, grants,
-    cgroup, command, started_at, ended_at FROM sessions";
+    cgroup, command, started_at, ended_at, parent, depth, reason, ttl_secs FROM sessions";
 
 fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     let json = |index: usize| -> rusqlite::Result<Value> {
@@ -112,7 +216,41 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
         command: strings(json(10)?),
         started_at: row.get(11)?,
         ended_at: row.get(12)?,
+        parent: row.get::<_, Option<String>>(13)?.map(SessionId),
+        depth: row.get(14)?,
+        reason: row.get(15)?,
+        ttl_secs: row.get(16)?,
     })
+}
+
+/// One recorded decision, with its session's identity.
+#[derive(Debug, Clone)]
+pub struct RecordedDecision {
+    /// The session.
+    pub session: SessionId,
+    /// The session's identity.
+    pub identity: String,
+    /// The record kind (exec, connect, http, ...).
+    pub kind: String,
+    /// The verdict's name.
+    pub verdict: String,
+    /// The record's detail.
+    pub detail: Value,
+}
+
+/// How much one grant rule was used.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleUsage {
+    /// The grant.
+    pub grant: String,
+    /// The rule.
+    pub rule: String,
+    /// Uses in the window asked for.
+    pub count: i64,
+    /// The last use ever (RFC 3339).
+    pub last_at: Option<String>,
+    /// The session of the last use.
+    pub last_session: Option<String>,
 }
 
 /// Processes from fork, exec and exit events: who made whom, what each ran

@@ -21,11 +21,13 @@ pub enum RecordKind {
     Session,
     /// Events of the session that were counted instead of delivered.
     Lost,
+    /// A grant the session held stopped being honoured (expired unused, or revoked).
+    Grant,
 }
 
 impl RecordKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Kernel(EventKind::Exec),
         Self::Kernel(EventKind::Fork),
         Self::Kernel(EventKind::Exit),
@@ -36,6 +38,7 @@ impl RecordKind {
         Self::Approval,
         Self::Session,
         Self::Lost,
+        Self::Grant,
     ];
 
     /// The kind a stored name stands for.
@@ -52,6 +55,7 @@ impl RecordKind {
             Self::Approval => "approval",
             Self::Session => "session",
             Self::Lost => "lost",
+            Self::Grant => "grant",
         }
     }
 }

@@ -48,6 +48,35 @@ const MIGRATIONS: &[&str] = &[
         kind        TEXT NOT NULL,
         count       INTEGER NOT NULL
      );",
+    // 2: delegation chains, usage per grant rule and grant lifecycle.
+    // `grant_usage` holds one row per rule and UTC day: a review over
+    // months reads it, not the events. `grant_events.action` is expired,
+    // revoked or renewed.
+    "ALTER TABLE sessions ADD COLUMN parent TEXT REFERENCES sessions(id);
+     ALTER TABLE sessions ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sessions ADD COLUMN reason TEXT;
+     ALTER TABLE sessions ADD COLUMN ttl_secs INTEGER;
+     CREATE INDEX sessions_by_parent ON sessions(parent) WHERE parent IS NOT NULL;
+     CREATE TABLE grant_usage (
+        grant_name  TEXT NOT NULL,
+        rule        TEXT NOT NULL,
+        day         TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        last_at     TEXT NOT NULL,
+        last_session TEXT NOT NULL,
+        PRIMARY KEY (grant_name, rule, day)
+     ) WITHOUT ROWID;
+     CREATE TABLE grants_seen (
+        grant_name  TEXT PRIMARY KEY,
+        first_seen  TEXT NOT NULL
+     );
+     CREATE TABLE grant_events (
+        at          TEXT NOT NULL,
+        grant_name  TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        by          TEXT,
+        reason      TEXT
+     );",
 ];
 
 /// The session log holds every session's commands and traffic: root only.

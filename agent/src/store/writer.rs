@@ -16,7 +16,7 @@ use std::{
 
 use rusqlite::{Connection, params};
 
-use super::{EventRecord, RecordVerdict, SessionId, SessionRecord, StoreError, schema};
+use super::{EventRecord, GrantEvent, RecordVerdict, SessionId, SessionRecord, StoreError, schema};
 
 const MAX_BATCH: usize = 2000;
 /// Events queued for the writer at most; past that they are dropped and
@@ -28,6 +28,8 @@ enum Op {
     Event(SessionId, EventRecord),
     End(SessionId, String),
     Lost(String, u64),
+    Grant(GrantEvent),
+    GrantsSeen(Vec<String>, String),
     Flush(mpsc::Sender<()>),
 }
 
@@ -97,6 +99,17 @@ impl WriterHandle {
         let _ = self.tx.send(Op::Lost(kind.to_owned(), count));
     }
 
+    /// Queues something that happened to a grant.
+    pub fn grant_event(&self, event: GrantEvent) {
+        let _ = self.tx.send(Op::Grant(event));
+    }
+
+    /// Queues the names of the grants the policy has now: the first time a
+    /// grant is seen starts the clock of its `expire_unused_after`.
+    pub fn grants_seen(&self, names: Vec<String>, at: String) {
+        let _ = self.tx.send(Op::GrantsSeen(names, at));
+    }
+
     /// Waits until everything queued so far is committed.
     pub fn flush(&self) {
         let (ack, done) = mpsc::channel();
@@ -150,6 +163,7 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
                         }
                     };
                     *seq += 1;
+                    count_usage(&tx, &session, &event)?;
                     let detail = serde_json::Value::Object(event.detail).to_string();
                     if let Err(e) = tx.execute(
                         "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
@@ -180,6 +194,20 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
                         params![super::rfc3339(std::time::SystemTime::now()), kind, count as i64],
                     )?;
                 }
+                Op::Grant(event) => {
+                    tx.execute(
+                        "INSERT INTO grant_events (at, grant_name, action, by, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![event.at, event.grant, event.action, event.by, event.reason],
+                    )?;
+                }
+                Op::GrantsSeen(names, at) => {
+                    for name in names {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO grants_seen (grant_name, first_seen) VALUES (?1, ?2)",
+                            params![name, at],
+                        )?;
+                    }
+                }
                 Op::Flush(ack) => flushes.push(ack),
             }
         }
@@ -200,11 +228,33 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
     }
 }
 
+/// Counts the grant rules a decision names (`grant_rules` in its detail) in the
+/// per-day usage table, so reviews over months need not scan events.
+fn count_usage(tx: &rusqlite::Transaction<'_>, session: &SessionId, event: &EventRecord) -> rusqlite::Result<()> {
+    let Some(serde_json::Value::Array(rules)) = event.detail.get("grant_rules") else { return Ok(()) };
+    let day = event.at.get(..10).unwrap_or_default();
+    for rule in rules {
+        let (Some(grant), Some(name)) =
+            (rule.get("grant").and_then(|g| g.as_str()), rule.get("rule").and_then(|r| r.as_str()))
+        else {
+            continue;
+        };
+        tx.execute(
+            "INSERT INTO grant_usage (grant_name, rule, day, count, last_at, last_session)
+             VALUES (?1, ?2, ?3, 1, ?4, ?5)
+             ON CONFLICT (grant_name, rule, day) DO UPDATE SET
+                count = count + 1, last_at = MAX(last_at, excluded.last_at), last_session = excluded.last_session",
+            params![grant, name, day, event.at, session.as_str()],
+        )?;
+    }
+    Ok(())
+}
+
 fn insert_session(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> rusqlite::Result<usize> {
     tx.execute(
         "INSERT INTO sessions (id, identity, subject, issuer, claims, host, uid, privileged, grants,
-                               cgroup, command, started_at, ended_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                               cgroup, command, started_at, ended_at, parent, depth, reason, ttl_secs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             r.id.as_str(),
             r.identity,
@@ -219,6 +269,10 @@ fn insert_session(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> rusqlite
             serde_json::to_string(&r.command).unwrap_or_else(|_| "[]".into()),
             r.started_at,
             r.ended_at,
+            r.parent.as_ref().map(SessionId::as_str),
+            r.depth,
+            r.reason,
+            r.ttl_secs,
         ],
     )
 }

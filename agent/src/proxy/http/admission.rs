@@ -235,6 +235,8 @@ async fn approve(
         identity: governed.identity.clone(),
         subject: governed.subject.clone(),
         grant: governed.route.grant.clone(),
+        chain: governed.chain.clone(),
+        uids: governed.uids.clone(),
         rule: rule.to_owned(),
         destination: governed.destination.to_string(),
         method: method.as_str().to_owned(),
