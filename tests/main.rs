@@ -5,6 +5,7 @@
 mod attribution;
 mod cli;
 mod daemon_lifecycle;
+mod delegation;
 mod enforcement;
 mod events;
 mod exec_allow;

@@ -1,0 +1,403 @@
+//! Delegation chains: `tollgate run` inside a session opens a child session whose rights are the
+//! intersection of its own grants and its parent's, nested in the parent's cgroup, recorded with
+//! its parent, reason, ttl and depth, and ended with its parent.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use harness::net::Listener;
+use harness::proxy::{REVIEWERS, curl_argv, http_events, path_str};
+use harness::session_log::{connects_to, events_of_kind, pretty, str_field};
+use harness::upstream::Upstream;
+use harness::{Daemon, RunOutput, tollgate_bin, unique_tag};
+use serde_json::Value;
+
+/// Claims of the `lead-agents` identity (the top of the chains here).
+const LEAD: &[(&str, &str)] = &[("role", "lead")];
+/// Claims of the `sub-agents` identity, whose tokens the lead hands to its sub-agents.
+const SUB: &[(&str, &str)] = &[("role", "sub")];
+
+/// A root-owned copy of `/usr/bin/touch` in `dir`: a binary that, if it runs, leaves a marker file.
+fn toucher(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::copy("/usr/bin/touch", &path).unwrap_or_else(|err| panic!("copying touch to {}: {err}", path.display()));
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod 755");
+    path
+}
+
+/// A script file each level of a chain runs: it reports the session it is in, tries each
+/// destination and each marker binary, then (for `token FILE` or `grant NAME`) opens the next
+/// level running the same script, which reports under the next level's name.
+fn chain_script(dir: &Path, daemon: &Daemon, tries: &[(&str, &str, u16)], markers: &[(&Path, &Path)]) -> PathBuf {
+    let mut body = String::from("level=$1; mode=$2; arg=$3; next=$4\necho \"$level session=$TOLLGATE_SESSION\"\n");
+    for (name, host, port) in tries {
+        body.push_str(&format!(
+            "if /bin/bash -c 'exec 3<>\"/dev/tcp/$0/$1\"' {host} {port} 2>/dev/null; then echo \"$level {name}=ok\"; else echo \"$level {name}=refused\"; fi\n"
+        ));
+    }
+    for (binary, marks) in markers {
+        let name = binary.file_name().and_then(|n| n.to_str()).expect("file name");
+        body.push_str(&format!("{} {}/{name}-$level 2>/dev/null; echo \"$level {name}_status=$?\"\n", binary.display(), marks.display()));
+    }
+    body.push_str(&format!(
+        r#"case "$mode" in
+  token) {bin} --socket {socket} run --token-file "$arg" --reason "sub-task for $level" -- /bin/sh "$0" "$next" grant sub-net L2 ;;
+  grant) {bin} --socket {socket} run --grant "$arg" --reason "narrow helper" -- /bin/sh "$0" "$next" none none none ;;
+  *) true ;;
+esac
+echo "$level next_status=$?"
+"#,
+        bin = tollgate_bin().display(),
+        socket = daemon.socket().display(),
+    ));
+    let path = dir.join(format!("chain-{}.sh", unique_tag()));
+    fs::write(&path, body).expect("writing the chain script");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod 755");
+    path
+}
+
+fn reported<'a>(out: &'a RunOutput, level: &str, key: &str) -> &'a str {
+    let prefix = format!("{level} {key}=");
+    out.stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("level {level} reported no {key}: {out}"))
+}
+
+fn chain_policy(touch_top: &Path, touch_child: &Path) -> String {
+    format!(
+        r#"identities:
+  - name: lead-agents
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ role: lead }}
+  - name: sub-agents
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ role: sub }}
+grants:
+  - name: lead-net
+    identity: lead-agents
+    exec: {{ deny: ["{top}"] }}
+    network:
+      allow: ["127.0.0.0/8", "::1/128"]
+      deny: ["127.0.0.3/32"]
+  - name: sub-net
+    identity: sub-agents
+    exec: {{ deny: ["{child}"] }}
+    network:
+      allow: ["0.0.0.0/0"]
+      deny: ["127.0.0.4/32"]
+  - name: sub-extra
+    identity: sub-agents
+    network:
+      allow: ["::1/128"]
+"#,
+        top = touch_top.display(),
+        child = touch_child.display(),
+    )
+}
+
+/// top session (lead token) -> child (a sub-agent token that allows all of IPv4) -> grandchild
+/// (`--grant sub-net` only). Each level is refused what any level above refuses, checked on the
+/// listeners and marker files; the chain is recorded and shown.
+#[test]
+fn a_three_level_chain_only_narrows_and_is_recorded() {
+    let bins = tempfile::Builder::new().prefix("tollgate-chain-").tempdir().expect("temp dir");
+    fs::set_permissions(bins.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let marks = bins.path().join("marks");
+    fs::create_dir(&marks).expect("marks dir");
+    let touch_top = toucher(bins.path(), "touch-top");
+    let touch_child = toucher(bins.path(), "touch-child");
+    let daemon = Daemon::start(&chain_policy(&touch_top, &touch_child));
+    let lead = daemon.mint("lead-agent", LEAD);
+    let sub = daemon.mint("sub-agent", SUB);
+
+    let (denied_by_top, denied_by_child, open, v6) =
+        (Listener::bind("127.0.0.3"), Listener::bind("127.0.0.4"), Listener::bind("127.0.0.5"), Listener::bind("::1"));
+    let script = chain_script(
+        bins.path(),
+        &daemon,
+        &[
+            ("top_denied", "127.0.0.3", denied_by_top.port()),
+            ("child_denied", "127.0.0.4", denied_by_child.port()),
+            ("open", "127.0.0.5", open.port()),
+            ("v6", "::1", v6.port()),
+        ],
+        &[(&touch_top, &marks), (&touch_child, &marks)],
+    );
+    let out = daemon.run(&lead, &["/bin/sh", path_str(&script), "L0", "token", path_str(&sub), "L1"]);
+    assert_eq!(out.code(), Some(0), "the chain should run to its end: {out}");
+    for level in ["L0", "L1", "L2"] {
+        assert_eq!(reported(&out, level, "next_status"), "0", "{level} should finish: {out}");
+        assert_eq!(reported(&out, level, "top_denied"), "refused", "{level}: the top's deny: {out}");
+        assert_eq!(reported(&out, level, "open"), "ok", "{level}: allowed at every level: {out}");
+    }
+    assert_eq!(reported(&out, "L0", "child_denied"), "ok", "{out}");
+    assert_eq!(reported(&out, "L1", "child_denied"), "refused", "{out}");
+    assert_eq!(reported(&out, "L2", "child_denied"), "refused", "{out}");
+    assert_eq!(reported(&out, "L0", "v6"), "ok", "{out}");
+    assert_eq!(reported(&out, "L1", "v6"), "ok", "the child holds sub-extra: {out}");
+    assert_eq!(reported(&out, "L2", "v6"), "refused", "--grant sub-net leaves sub-extra out: {out}");
+    // The receiving side: what each listener got.
+    assert_eq!(denied_by_top.take_connections(), 0, "a more permissive child token reached the top's denied address");
+    assert_eq!(denied_by_child.take_connections(), 1, "only the top may reach 127.0.0.4");
+    assert_eq!(open.take_connections(), 3, "every level reaches 127.0.0.5");
+    assert_eq!(v6.take_connections(), 2, "top and child reach ::1, the grandchild not");
+    // And the marker files the denied binaries would have written.
+    let marked = |name: &str| marks.join(name).exists();
+    for level in ["L0", "L1", "L2"] {
+        assert!(!marked(&format!("touch-top-{level}")), "the top's denied binary ran at {level}: {out}");
+    }
+    assert!(marked("touch-child-L0"), "the top may run what only the child denies: {out}");
+    assert!(!marked("touch-child-L1") && !marked("touch-child-L2"), "the child's denied binary ran: {out}");
+
+    let ids: Vec<String> = ["L0", "L1", "L2"].iter().map(|l| reported(&out, l, "session").to_owned()).collect();
+    let sessions = daemon.sessions();
+    let record = |id: &str| sessions.iter().find(|s| s["id"] == id).cloned().unwrap_or_else(|| panic!("no record {id}"));
+    let (top, child, grandchild) = (record(&ids[0]), record(&ids[1]), record(&ids[2]));
+    let all = pretty(&Value::Array(sessions.clone()));
+    assert_eq!((top["parent"].clone(), top["depth"].clone()), (Value::Null, 0.into()), "{all}");
+    assert_eq!((child["parent"].as_str(), child["depth"].as_u64()), (Some(ids[0].as_str()), Some(1)), "{all}");
+    assert_eq!((grandchild["parent"].as_str(), grandchild["depth"].as_u64()), (Some(ids[1].as_str()), Some(2)), "{all}");
+    assert_eq!((str_field(&top, "identity"), str_field(&child, "identity")), ("lead-agents", "sub-agents"), "{all}");
+    assert_eq!(str_field(&grandchild, "identity"), "sub-agents", "--grant keeps the identity: {all}");
+    assert_eq!(child["reason"], "sub-task for L0", "{all}");
+    assert_eq!(grandchild["grants"], serde_json::json!(["sub-net"]), "{all}");
+    assert_eq!(child["grants"], serde_json::json!(["sub-net", "sub-extra"]), "{all}");
+    // Nested cgroups: each child's cgroup is inside its parent's.
+    assert!(str_field(&child, "cgroup").starts_with(&format!("{}/", str_field(&top, "cgroup"))), "{all}");
+    assert!(str_field(&grandchild, "cgroup").starts_with(&format!("{}/", str_field(&child, "cgroup"))), "{all}");
+
+    // The refusal names the rule of the level that refused.
+    let show = daemon.show_until(&ids[2], "the grandchild's refused connect", |show| {
+        !connects_to(show, "127.0.0.3", denied_by_top.port()).is_empty()
+    });
+    let refused = connects_to(&show, "127.0.0.3", denied_by_top.port())[0];
+    assert_eq!(refused["verdict"], "deny", "{}", pretty(&show));
+    assert_eq!(refused["rule"], "lead-net: network.deny 127.0.0.3/32", "{}", pretty(&show));
+
+    // `show` prints the chain up to the top; `sessions` indents children under their parent.
+    let text = daemon.tollgate(&["show", &ids[2]]);
+    assert!(text.stdout.contains("delegated by"), "{text}");
+    let chain_line = |id: &str| text.stdout.lines().any(|l| l.trim_start().starts_with(id));
+    assert!(chain_line(&ids[1]) && chain_line(&ids[0]), "show names both ancestors: {text}");
+    assert!(text.stdout.contains("reason: sub-task for L0") && text.stdout.contains("identity lead-agents"), "{text}");
+    let list = daemon.tollgate(&["sessions"]);
+    let line_of = |id: &str| list.stdout.lines().find(|l| l.contains(id)).map(str::to_owned).unwrap_or_default();
+    assert!(line_of(&ids[0]).starts_with(&ids[0]), "{list}");
+    assert!(line_of(&ids[1]).starts_with(&format!("└ {}", ids[1])), "{list}");
+    assert!(line_of(&ids[2]).starts_with(&format!("  └ {}", ids[2])), "{list}");
+    let order: Vec<usize> = ids.iter().map(|id| list.stdout.find(id.as_str()).unwrap_or(usize::MAX)).collect();
+    assert!(order[0] < order[1] && order[1] < order[2], "the tree is in order: {list}");
+}
+
+/// Policy for the proxy tests: the lead proxies the upstream with a DELETE block; the sub-agent
+/// token allows everything directly, or proxies it with a POST block of its own.
+fn proxy_policy(port: u16, sub_proxies: bool) -> String {
+    let sub_network = if sub_proxies {
+        format!(
+            "      allow: [\"0.0.0.0/0\"]\n      proxy:\n        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          block: [{{ method: POST }}]\n"
+        )
+    } else {
+        "      allow: [\"0.0.0.0/0\", \"::/0\"]\n".to_owned()
+    };
+    format!(
+        r#"identities:
+  - name: lead-agents
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ role: lead }}
+  - name: sub-agents
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ role: sub }}
+grants:
+  - name: lead-net
+    identity: lead-agents
+    network:
+      allow: ["127.0.0.0/8"]
+      proxy:
+        - to: "127.0.0.1/32:{port}"
+          protocol: http
+          block: [{{ method: DELETE }}]
+  - name: sub-net
+    identity: sub-agents
+    network:
+{sub_network}"#
+    )
+}
+
+/// Runs curl in a child session (sub-agent token) opened from a lead session.
+fn curl_in_child(daemon: &Daemon, lead: &Path, sub: &Path, args: &[&str]) -> RunOutput {
+    let mut argv: Vec<String> = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        r#"bin=$1; socket=$2; token=$3; shift 3; exec "$bin" --socket "$socket" run --token-file "$token" -- "$@""#.into(),
+        "sh".into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+        sub.display().to_string(),
+    ];
+    argv.extend(curl_argv(args));
+    daemon.run(lead, &argv)
+}
+
+/// A child whose token allows the upstream directly still goes through the parent's proxy and
+/// its block rule; where both levels govern it, both levels' rules apply.
+#[test]
+fn a_child_cannot_skip_its_parents_proxy_rules() {
+    for sub_proxies in [false, true] {
+        let upstream = Upstream::start("127.0.0.1", 200, r#"{"ok":true}"#);
+        let daemon = Daemon::start(&proxy_policy(upstream.port(), sub_proxies));
+        let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
+        let url = format!("{}/items/1", upstream.base_url());
+
+        let out = curl_in_child(&daemon, &lead, &sub, &["-X", "DELETE", &url]);
+        assert!(out.stdout.trim_end().ends_with("403"), "the parent's block applies in the child ({sub_proxies}): {out}");
+        let out = curl_in_child(&daemon, &lead, &sub, &["-X", "POST", &url]);
+        let post_status = if sub_proxies { "403" } else { "200" };
+        assert!(out.stdout.trim_end().ends_with(post_status), "POST in the child ({sub_proxies}): {out}");
+        let out = curl_in_child(&daemon, &lead, &sub, &[&url]);
+        assert!(out.stdout.trim_end().ends_with("200"), "GET passes ({sub_proxies}): {out}");
+
+        let methods: Vec<String> =
+            upstream.request_lines().iter().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
+        let expected: Vec<&str> = if sub_proxies { vec!["GET"] } else { vec!["POST", "GET"] };
+        assert_eq!(methods, expected, "what reached the upstream ({sub_proxies}): {}", upstream.describe());
+
+        // The exchanges are recorded in the child session, which went through the proxy.
+        let child = daemon.sessions().into_iter().find(|s| s["depth"] == 1).expect("a child session");
+        let show = daemon.show_until(str_field(&child, "id"), "the child's exchange", |s| !http_events(s).is_empty());
+        assert!(!http_events(&show).is_empty(), "{}", pretty(&show));
+    }
+}
+
+/// `--reason` is required where the identity says so, `--grant` works only inside a session and
+/// only for grants the parent holds, the depth is bounded, and `--ttl` ends the session.
+#[test]
+fn reasons_ttls_grants_and_depth_are_enforced() {
+    let policy = r#"identities:
+  - name: lead-agents
+    issuer: tollgate-dev
+    allow_root: true
+    require_reason: true
+    claims: { role: lead }
+grants:
+  - name: lead-net
+    identity: lead-agents
+    network: { allow: ["127.0.0.0/8"] }
+"#;
+    let daemon = Daemon::builder().policy(policy).config_line("delegation: { max_depth: 2 }").start();
+    let lead = daemon.mint("lead", LEAD);
+    let marks = tempfile::Builder::new().prefix("tollgate-marks-").tempdir().expect("temp dir");
+    let marker = |name: &str| marks.path().join(name);
+    let touch = |name: &str| vec!["/usr/bin/touch".to_owned(), marker(name).display().to_string()];
+    let socket = daemon.socket().display().to_string();
+
+    // No reason: refused with exit 2, nothing ran, nothing recorded.
+    let out = daemon.run(&lead, &touch("no-reason"));
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("requires a reason") && out.stderr.contains("--reason"), "{out}");
+    assert!(!marker("no-reason").exists(), "the command ran without a reason");
+    assert!(daemon.sessions().is_empty(), "a refused session left a record: {:?}", daemon.sessions());
+
+    // --grant outside a session: refused with exit 2.
+    let out = daemon.tollgate(&["run", "--grant", "lead-net", "--reason", "x", "--", "/usr/bin/touch", &marker("outside").display().to_string()]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("only inside a session"), "{out}");
+    assert!(!marker("outside").exists());
+
+    // Inside: a grant the parent does not hold, and a chain deeper than max_depth, are refused.
+    let inner = format!(
+        r#"bin=$1; socket=$2
+"$bin" --socket "$socket" run --grant no-such-grant --reason r -- /usr/bin/touch {unknown}; echo "unknown_status=$?"
+"$bin" --socket "$socket" run --grant lead-net --reason "level 1" -- /bin/sh -c '"$0" --socket "$1" run --grant lead-net --reason "level 2" -- /usr/bin/touch {deep}; echo "deep_status=$?"' "$bin" "$socket"
+echo "child_status=$?""#,
+        unknown = marker("unknown").display(),
+        deep = marker("deep").display(),
+    );
+    let cmd = vec!["/bin/sh".to_owned(), "-c".to_owned(), inner, "sh".to_owned(), tollgate_bin().display().to_string(), socket.clone()];
+    let out = run_with_reason(&daemon, &lead, "top level", &cmd);
+    assert!(out.has_stdout_line("unknown_status=2"), "{out}");
+    assert!(out.stderr.contains("holds no grant 'no-such-grant'"), "{out}");
+    assert!(out.has_stdout_line("deep_status=2") && out.has_stdout_line("child_status=0"), "{out}");
+    assert!(out.stderr.contains("at most 2 sessions deep"), "{out}");
+    assert!(!marker("unknown").exists() && !marker("deep").exists(), "a refused child ran its command");
+    let sessions = daemon.sessions();
+    assert_eq!(sessions.len(), 2, "the top and one child: {}", pretty(&Value::Array(sessions.clone())));
+    assert!(sessions.iter().any(|s| s["reason"] == "top level" && s["depth"] == 0));
+
+    // --ttl: the session is killed once it passes, and the record says why.
+    let started = std::time::Instant::now();
+    let mut argv = vec!["run".to_owned(), "--socket".into(), socket, "--token-file".into(), lead.display().to_string()];
+    argv.extend(["--reason", "bounded", "--ttl", "2s", "--", "/bin/sh", "-c", "echo $TOLLGATE_SESSION; sleep 30; touch $0"].map(str::to_owned));
+    argv.push(marker("ttl").display().to_string());
+    let out = daemon.tollgate(&argv);
+    assert!(started.elapsed() < std::time::Duration::from_secs(25), "the ttl did not end the session: {out}");
+    assert_eq!(out.code(), Some(137), "killed by the ttl: {out}");
+    assert!(!marker("ttl").exists());
+    let id = out.first_line().to_owned();
+    let show = daemon.show_until(&id, "the ttl expiry", |s| {
+        events_of_kind(s, "session").iter().any(|e| e["verdict"] == "expired")
+    });
+    let expired = events_of_kind(&show, "session").into_iter().find(|e| e["verdict"] == "expired").cloned();
+    assert_eq!(expired.map(|e| e["ttl_secs"].clone()), Some(2.into()), "{}", pretty(&show));
+    assert_eq!(show["session"]["ttl_secs"], 2, "{}", pretty(&show));
+}
+
+fn run_with_reason(daemon: &Daemon, token: &Path, reason: &str, argv: &[String]) -> RunOutput {
+    let mut args = vec!["run".to_owned(), "--socket".into(), daemon.socket().display().to_string()];
+    args.extend(["--token-file".to_owned(), token.display().to_string(), "--reason".into(), reason.into(), "--".into()]);
+    args.extend(argv.iter().cloned());
+    daemon.tollgate(&args)
+}
+
+/// Revoking a session ends its children too, and each child's record says so.
+#[test]
+fn revoking_a_parent_ends_its_children() {
+    let daemon = Daemon::builder().policy(&proxy_policy(9, false)).config_line(REVIEWERS).start();
+    let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
+    let inner = r#"echo "top=$TOLLGATE_SESSION"; "$0" --socket "$1" run --token-file "$2" -- /bin/sh -c 'echo "child=$TOLLGATE_SESSION"; exec sleep 60'; echo "child_status=$?""#;
+    let argv = [
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        inner.into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+        sub.display().to_string(),
+    ];
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| daemon.run(&lead, &argv));
+        let child = wait_for_depth(&daemon, 1);
+        let top = child["parent"].as_str().expect("parent").to_owned();
+        let out = daemon.tollgate(&["revoke", &top, "--reason", "done with it"]);
+        assert!(out.success(), "{out}");
+        let out = running.join().expect("the session thread");
+        assert!(out.stdout.contains("child=") && !out.has_stdout_line("child_status=0"), "{out}");
+        let child_id = str_field(&child, "id").to_owned();
+        let show = daemon.show_until(&child_id, "the child's end", |s| !s["session"]["ended_at"].is_null());
+        let revoked = events_of_kind(&show, "session").into_iter().find(|e| e["verdict"] == "revoked").cloned();
+        let revoked = revoked.unwrap_or_else(|| panic!("the child has no revoked record:\n{}", pretty(&show)));
+        assert_eq!(
+            (revoked["ended_with"].as_str(), revoked["by"].as_str()),
+            (Some(top.as_str()), Some("root")),
+            "{}",
+            pretty(&show)
+        );
+        let top_record = daemon.session_until(&top, "the top's end", |s| !s["ended_at"].is_null());
+        assert!(!top_record["ended_at"].is_null());
+    });
+}
+
+fn wait_for_depth(daemon: &Daemon, depth: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some(s) = daemon.sessions().into_iter().find(|s| s["depth"] == depth && s["ended_at"].is_null()) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no live session at depth {depth}: {:?}", daemon.sessions());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
