@@ -38,7 +38,11 @@ fn chain_script(dir: &Path, daemon: &Daemon, tries: &[(&str, &str, u16)], marker
     }
     for (binary, marks) in markers {
         let name = binary.file_name().and_then(|n| n.to_str()).expect("file name");
-        body.push_str(&format!("{} {}/{name}-$level 2>/dev/null; echo \"$level {name}_status=$?\"\n", binary.display(), marks.display()));
+        body.push_str(&format!(
+            "{} {}/{name}-$level 2>/dev/null; echo \"$level {name}_status=$?\"\n",
+            binary.display(),
+            marks.display()
+        ));
     }
     body.push_str(&format!(
         r#"case "$mode" in
@@ -155,12 +159,17 @@ fn a_three_level_chain_only_narrows_and_is_recorded() {
 
     let ids: Vec<String> = ["L0", "L1", "L2"].iter().map(|l| reported(&out, l, "session").to_owned()).collect();
     let sessions = daemon.sessions();
-    let record = |id: &str| sessions.iter().find(|s| s["id"] == id).cloned().unwrap_or_else(|| panic!("no record {id}"));
+    let record =
+        |id: &str| sessions.iter().find(|s| s["id"] == id).cloned().unwrap_or_else(|| panic!("no record {id}"));
     let (top, child, grandchild) = (record(&ids[0]), record(&ids[1]), record(&ids[2]));
     let all = pretty(&Value::Array(sessions.clone()));
     assert_eq!((top["parent"].clone(), top["depth"].clone()), (Value::Null, 0.into()), "{all}");
     assert_eq!((child["parent"].as_str(), child["depth"].as_u64()), (Some(ids[0].as_str()), Some(1)), "{all}");
-    assert_eq!((grandchild["parent"].as_str(), grandchild["depth"].as_u64()), (Some(ids[1].as_str()), Some(2)), "{all}");
+    assert_eq!(
+        (grandchild["parent"].as_str(), grandchild["depth"].as_u64()),
+        (Some(ids[1].as_str()), Some(2)),
+        "{all}"
+    );
     assert_eq!((str_field(&top, "identity"), str_field(&child, "identity")), ("lead-agents", "sub-agents"), "{all}");
     assert_eq!(str_field(&grandchild, "identity"), "sub-agents", "--grant keeps the identity: {all}");
     assert_eq!(child["reason"], "sub-task for L0", "{all}");
@@ -234,7 +243,8 @@ fn curl_in_child(daemon: &Daemon, lead: &Path, sub: &Path, args: &[&str]) -> Run
     let mut argv: Vec<String> = vec![
         "/bin/sh".into(),
         "-c".into(),
-        r#"bin=$1; socket=$2; token=$3; shift 3; exec "$bin" --socket "$socket" run --token-file "$token" -- "$@""#.into(),
+        r#"bin=$1; socket=$2; token=$3; shift 3; exec "$bin" --socket "$socket" run --token-file "$token" -- "$@""#
+            .into(),
         "sh".into(),
         tollgate_bin().display().to_string(),
         daemon.socket().display().to_string(),
@@ -255,7 +265,10 @@ fn a_child_cannot_skip_its_parents_proxy_rules() {
         let url = format!("{}/items/1", upstream.base_url());
 
         let out = curl_in_child(&daemon, &lead, &sub, &["-X", "DELETE", &url]);
-        assert!(out.stdout.trim_end().ends_with("403"), "the parent's block applies in the child ({sub_proxies}): {out}");
+        assert!(
+            out.stdout.trim_end().ends_with("403"),
+            "the parent's block applies in the child ({sub_proxies}): {out}"
+        );
         let out = curl_in_child(&daemon, &lead, &sub, &["-X", "POST", &url]);
         let post_status = if sub_proxies { "403" } else { "200" };
         assert!(out.stdout.trim_end().ends_with(post_status), "POST in the child ({sub_proxies}): {out}");
@@ -304,7 +317,16 @@ grants:
     assert!(daemon.sessions().is_empty(), "a refused session left a record: {:?}", daemon.sessions());
 
     // --grant outside a session: refused with exit 2.
-    let out = daemon.tollgate(&["run", "--grant", "lead-net", "--reason", "x", "--", "/usr/bin/touch", &marker("outside").display().to_string()]);
+    let out = daemon.tollgate(&[
+        "run",
+        "--grant",
+        "lead-net",
+        "--reason",
+        "x",
+        "--",
+        "/usr/bin/touch",
+        &marker("outside").display().to_string(),
+    ]);
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("only inside a session"), "{out}");
     assert!(!marker("outside").exists());
@@ -318,7 +340,14 @@ echo "child_status=$?""#,
         unknown = marker("unknown").display(),
         deep = marker("deep").display(),
     );
-    let cmd = vec!["/bin/sh".to_owned(), "-c".to_owned(), inner, "sh".to_owned(), tollgate_bin().display().to_string(), socket.clone()];
+    let cmd = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        inner,
+        "sh".to_owned(),
+        tollgate_bin().display().to_string(),
+        socket.clone(),
+    ];
     let out = run_with_reason(&daemon, &lead, "top level", &cmd);
     assert!(out.has_stdout_line("unknown_status=2"), "{out}");
     assert!(out.stderr.contains("holds no grant 'no-such-grant'"), "{out}");
@@ -332,16 +361,18 @@ echo "child_status=$?""#,
     // --ttl: the session is killed once it passes, and the record says why.
     let started = std::time::Instant::now();
     let mut argv = vec!["run".to_owned(), "--socket".into(), socket, "--token-file".into(), lead.display().to_string()];
-    argv.extend(["--reason", "bounded", "--ttl", "2s", "--", "/bin/sh", "-c", "echo $TOLLGATE_SESSION; sleep 30; touch $0"].map(str::to_owned));
+    argv.extend(
+        ["--reason", "bounded", "--ttl", "2s", "--", "/bin/sh", "-c", "echo $TOLLGATE_SESSION; sleep 30; touch $0"]
+            .map(str::to_owned),
+    );
     argv.push(marker("ttl").display().to_string());
     let out = daemon.tollgate(&argv);
     assert!(started.elapsed() < std::time::Duration::from_secs(25), "the ttl did not end the session: {out}");
     assert_eq!(out.code(), Some(137), "killed by the ttl: {out}");
     assert!(!marker("ttl").exists());
     let id = out.first_line().to_owned();
-    let show = daemon.show_until(&id, "the ttl expiry", |s| {
-        events_of_kind(s, "session").iter().any(|e| e["verdict"] == "expired")
-    });
+    let show = daemon
+        .show_until(&id, "the ttl expiry", |s| events_of_kind(s, "session").iter().any(|e| e["verdict"] == "expired"));
     let expired = events_of_kind(&show, "session").into_iter().find(|e| e["verdict"] == "expired").cloned();
     assert_eq!(expired.map(|e| e["ttl_secs"].clone()), Some(2.into()), "{}", pretty(&show));
     assert_eq!(show["session"]["ttl_secs"], 2, "{}", pretty(&show));
@@ -349,7 +380,13 @@ echo "child_status=$?""#,
 
 fn run_with_reason(daemon: &Daemon, token: &Path, reason: &str, argv: &[String]) -> RunOutput {
     let mut args = vec!["run".to_owned(), "--socket".into(), daemon.socket().display().to_string()];
-    args.extend(["--token-file".to_owned(), token.display().to_string(), "--reason".into(), reason.into(), "--".into()]);
+    args.extend([
+        "--token-file".to_owned(),
+        token.display().to_string(),
+        "--reason".into(),
+        reason.into(),
+        "--".into(),
+    ]);
     args.extend(argv.iter().cloned());
     daemon.tollgate(&args)
 }

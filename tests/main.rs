@@ -2,6 +2,7 @@
 //! root, one module per concern. See `harness` for how each test gets a
 //! daemon of its own.
 
+mod access_review;
 mod attribution;
 mod cli;
 mod daemon_lifecycle;

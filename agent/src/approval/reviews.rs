@@ -24,7 +24,7 @@ const WEBHOOK_QUEUE: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReviewError {
     /// Governed processes never decide anything.
-    #[error("processes inside a session cannot review requests")]
+    #[error("processes inside a session cannot review requests or grants")]
     InsideSession,
     /// The caller's uid has no passwd entry.
     #[error("uid {0} has no user name")]

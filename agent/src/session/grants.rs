@@ -150,8 +150,8 @@ impl GrantBook {
     }
 
     /// Marks the active grants that have gone unused too long as expired
-    /// and returns them with their limit.
-    pub fn expire_due(&mut self, policies: &PolicySet, now: SystemTime) -> Vec<(String, Duration)> {
+    /// and returns the expiry of each.
+    pub fn expire_due(&mut self, policies: &PolicySet, now: SystemTime) -> Vec<GrantEvent> {
         let due: Vec<(String, Duration)> = policies
             .grants
             .iter()
@@ -162,12 +162,21 @@ impl GrantBook {
                 (active && at <= now).then(|| (grant.name.clone(), limit))
             })
             .collect();
-        for (name, _) in &due {
-            if let Some(entry) = self.entries.get_mut(name) {
+        due.into_iter()
+            .filter_map(|(name, limit)| {
+                let event = GrantEvent {
+                    at: crate::store::rfc3339(now),
+                    grant: name.clone(),
+                    action: "expired".into(),
+                    by: None,
+                    reason: Some(format!("not exercised for {}", humantime::format_duration(limit))),
+                };
+                let entry = self.entries.get_mut(&name)?;
                 entry.state = GrantState::Expired;
-            }
-        }
-        due
+                entry.last_event = Some(event.clone());
+                Some(event)
+            })
+            .collect()
     }
 
     /// Applies a recorded event (expired, revoked, renewed) to the book.
@@ -244,11 +253,10 @@ impl super::Sessions {
     /// Expires the grants that went unused past their `expire_unused_after`.
     pub(super) async fn expire_grants(self: &std::sync::Arc<Self>) {
         let due = self.book().expire_due(self.policies(), SystemTime::now());
-        for (grant, limit) in due {
-            let reason = format!("not exercised for {}", humantime::format_duration(limit));
-            tracing::warn!(grant, reason, "grant expired: it is no longer honoured");
-            self.parts.log.grant_event(&grant, "expired", None, Some(reason.clone()));
-            self.withdrawn_from_live(&grant, "expired", None, Some(reason)).await;
+        for event in due {
+            tracing::warn!(grant = event.grant, reason = event.reason, "grant expired: it is no longer honoured");
+            self.parts.log.grant_event(&event.grant, "expired", None, event.reason.clone());
+            self.withdrawn_from_live(&event.grant, "expired", None, event.reason).await;
         }
     }
 
