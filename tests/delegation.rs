@@ -5,9 +5,12 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::thread;
 
 use harness::net::Listener;
-use harness::proxy::{REVIEWERS, curl_argv, http_events, path_str};
+use harness::proxy::{
+    LONG_APPROVAL_TIMEOUT, REVIEWERS, approval_id, curl_argv, http_events, path_str, wait_for_approvals,
+};
 use harness::session_log::{connects_to, events_of_kind, pretty, str_field};
 use harness::upstream::Upstream;
 use harness::{Daemon, RunOutput, tollgate_bin, unique_tag};
@@ -125,6 +128,8 @@ fn a_three_level_chain_only_narrows_and_is_recorded() {
         &daemon,
         &[
             ("top_denied", "127.0.0.3", denied_by_top.port()),
+            // The same address as IPv4-mapped IPv6: another family, the same destination.
+            ("top_denied_mapped", "::ffff:127.0.0.3", denied_by_top.port()),
             ("child_denied", "127.0.0.4", denied_by_child.port()),
             ("open", "127.0.0.5", open.port()),
             ("v6", "::1", v6.port()),
@@ -136,6 +141,7 @@ fn a_three_level_chain_only_narrows_and_is_recorded() {
     for level in ["L0", "L1", "L2"] {
         assert_eq!(reported(&out, level, "next_status"), "0", "{level} should finish: {out}");
         assert_eq!(reported(&out, level, "top_denied"), "refused", "{level}: the top's deny: {out}");
+        assert_eq!(reported(&out, level, "top_denied_mapped"), "refused", "{level}: the top's deny, mapped: {out}");
         assert_eq!(reported(&out, level, "open"), "ok", "{level}: allowed at every level: {out}");
     }
     assert_eq!(reported(&out, "L0", "child_denied"), "ok", "{out}");
@@ -405,7 +411,7 @@ fn revoking_a_parent_ends_its_children() {
         daemon.socket().display().to_string(),
         sub.display().to_string(),
     ];
-    std::thread::scope(|scope| {
+    thread::scope(|scope| {
         let running = scope.spawn(|| daemon.run(&lead, &argv));
         let child = wait_for_depth(&daemon, 1);
         let top = child["parent"].as_str().expect("parent").to_owned();
@@ -437,4 +443,128 @@ fn wait_for_depth(daemon: &Daemon, depth: u64) -> Value {
         assert!(std::time::Instant::now() < deadline, "no live session at depth {depth}: {:?}", daemon.sessions());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// A child's held request shows the reviewer the whole chain (who delegated, under which
+/// identity, why), and nothing reaches the upstream until it is decided.
+#[test]
+fn held_requests_of_a_child_show_the_chain() {
+    let upstream = Upstream::start("127.0.0.1", 200, r#"{"ok":true}"#);
+    let policy =
+        proxy_policy(upstream.port(), false).replace("block: [{ method: DELETE }]", "approve: [{ method: POST }]");
+    let daemon = Daemon::builder().policy(&policy).config_line(REVIEWERS).config_line(LONG_APPROVAL_TIMEOUT).start();
+    let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
+    let url = format!("{}/deploy", upstream.base_url());
+    let mut argv: Vec<String> = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        r#"bin=$1; socket=$2; token=$3; shift 3; exec "$bin" --socket "$socket" run --token-file "$token" --reason "deploy step" -- "$@""#.into(),
+        "sh".into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+        sub.display().to_string(),
+    ];
+    argv.extend(curl_argv(&["-X", "POST", &url]));
+    thread::scope(|scope| {
+        let running = scope.spawn(|| run_with_reason(&daemon, &lead, "release train", &argv));
+        let held = wait_for_approvals(&daemon, 1);
+        let chain = held[0]["chain"].as_array().cloned().unwrap_or_default();
+        assert_eq!(chain.len(), 2, "{}", pretty(&held[0]));
+        assert_eq!(
+            (chain[0]["identity"].as_str(), chain[0]["reason"].as_str()),
+            (Some("sub-agents"), Some("deploy step"))
+        );
+        assert_eq!(
+            (chain[1]["identity"].as_str(), chain[1]["reason"].as_str()),
+            (Some("lead-agents"), Some("release train"))
+        );
+        assert_eq!((chain[0]["depth"].as_u64(), chain[1]["depth"].as_u64()), (Some(1), Some(0)));
+        assert!(upstream.requests().is_empty(), "a held request reached the upstream");
+        let text = daemon.tollgate(&["approvals"]);
+        assert!(text.stdout.contains("lead-agents") && text.stdout.contains("release train"), "{text}");
+        let id = approval_id(&held[0]);
+        assert!(daemon.tollgate(&["deny", &id, "--reason", "not today"]).success());
+        let out = running.join().expect("the session");
+        assert!(out.stdout.trim_end().ends_with("403"), "{out}");
+    });
+    assert!(upstream.requests().is_empty(), "a denied request reached the upstream");
+}
+
+/// Killing the daemon does not widen a child: while no daemon runs the kernel keeps the child's
+/// narrowed rules, and the next daemon adopts parent and child with the chain intact (a revoke
+/// of the parent still ends the child).
+#[test]
+fn a_chain_survives_a_killed_daemon_still_narrowed() {
+    let bins = tempfile::Builder::new().prefix("tollgate-chain-").tempdir().expect("temp dir");
+    fs::set_permissions(bins.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let touch_top = toucher(bins.path(), "touch-top");
+    let touch_child = toucher(bins.path(), "touch-child");
+    let mut daemon = Daemon::builder().policy(&chain_policy(&touch_top, &touch_child)).config_line(REVIEWERS).start();
+    let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
+    let (denied_by_top, open) = (Listener::bind("127.0.0.3"), Listener::bind("127.0.0.5"));
+    let rounds = bins.path().join("rounds");
+    fs::create_dir(&rounds).expect("rounds dir");
+    fs::set_permissions(&rounds, fs::Permissions::from_mode(0o777)).expect("chmod");
+    // The child: each round, once told to, try both destinations and write what happened.
+    let child = format!(
+        r#"echo "$TOLLGATE_SESSION" > {dir}/child-id
+for round in 1 2 3; do
+  i=0; while [ ! -e {dir}/go-$round ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+  r=""
+  if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.3/{a}"' 2>/dev/null; then r="$r denied=ok"; else r="$r denied=refused"; fi
+  if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.5/{b}"' 2>/dev/null; then r="$r open=ok"; else r="$r open=refused"; fi
+  echo "$r" > {dir}/result-$round
+done
+exec sleep 60"#,
+        dir = rounds.display(),
+        a = denied_by_top.port(),
+        b = open.port(),
+    );
+    let top = [
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        r#"echo "$TOLLGATE_SESSION"; "$0" --socket "$1" run --token-file "$2" -- /bin/sh -c "$3""#.into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+        sub.display().to_string(),
+        child,
+    ];
+    let mut command = std::process::Command::new(tollgate_bin());
+    command.arg("--socket").arg(daemon.socket()).arg("run").arg("--token-file").arg(&lead).arg("--").args(top);
+    let running = thread::spawn(move || harness::run_with_timeout(&mut command, std::time::Duration::from_secs(60)));
+    let round = |n: u32| -> String {
+        fs::write(rounds.join(format!("go-{n}")), "").expect("go");
+        let result = rounds.join(format!("result-{n}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while fs::read_to_string(&result).map_or(true, |r| !r.ends_with('\n')) {
+            assert!(std::time::Instant::now() < deadline, "round {n} did not report");
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+        fs::read_to_string(result).expect("result").trim().to_owned()
+    };
+    assert_eq!(round(1), "denied=refused open=ok");
+    daemon.kill_hard();
+    assert_eq!(round(2), "denied=refused open=ok", "with no daemon the child keeps its narrowed rules");
+    daemon.restart();
+    assert_eq!(daemon.status()["sessions_active"], 2, "parent and child adopted: {}", pretty(&daemon.status()));
+    assert_eq!(round(3), "denied=refused open=ok", "adopted, the child is still narrowed");
+    assert_eq!(denied_by_top.take_connections(), 0, "the parent's denied address was reached");
+    assert_eq!(open.take_connections(), 3);
+
+    let child_id = fs::read_to_string(rounds.join("child-id")).expect("child id").trim().to_owned();
+    let child = daemon.session(&child_id);
+    let parent = child["parent"].as_str().expect("the child's parent").to_owned();
+    let out = daemon.tollgate(&["revoke", &parent]);
+    assert!(out.success(), "{out}");
+    let out = running.join().expect("the session thread").expect("tollgate run");
+    assert_ne!(out.code(), Some(0), "{out}");
+    let show = daemon.show_until(&child_id, "the adopted child's end", |s| !s["session"]["ended_at"].is_null());
+    let kinds: Vec<(&str, &str)> = events_of_kind(&show, "session")
+        .iter()
+        .map(|e| {
+            (e["verdict"].as_str().unwrap_or(""), e["outcome"].as_str().or(e["ended_with"].as_str()).unwrap_or(""))
+        })
+        .collect();
+    assert!(kinds.contains(&("daemon-gap", "adopted")), "{}", pretty(&show));
+    assert!(kinds.contains(&("revoked", parent.as_str())), "the revoke reached the adopted child: {}", pretty(&show));
 }

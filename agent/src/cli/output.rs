@@ -275,6 +275,16 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
             text(p, "path"),
             text(p, "expires_at")
         );
+        // A child session's request: who delegated to it, under which identity, why.
+        for link in p["chain"].as_array().into_iter().flatten().skip(1) {
+            println!(
+                "         delegated by {} ({}, subject {}){}",
+                text(link, "session"),
+                text(link, "identity"),
+                text(link, "subject"),
+                link.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"))
+            );
+        }
     }
     Ok(())
 }
