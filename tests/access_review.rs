@@ -168,10 +168,8 @@ grants:
     nobody.arg("--socket").arg(daemon.socket()).args(["review"]);
     let out = run_with_timeout(&mut nobody, Duration::from_secs(30)).expect("setpriv runs");
     assert!(!out.success() && out.stderr.contains("is not a reviewer"), "{out}");
-    let inside = format!(
-        r#""$0" --socket "$1" grants revoke used-net; echo "revoke_status=$?"; "$0" --socket "$1" review; echo "review_status=$?""#
-    );
-    let out = daemon.run(&token, &["/bin/sh", "-c", &inside, path_str(&tollgate_bin()), path_str(daemon.socket())]);
+    let inside = r#""$0" --socket "$1" grants revoke used-net; echo "revoke_status=$?"; "$0" --socket "$1" review; echo "review_status=$?""#;
+    let out = daemon.run(&token, &["/bin/sh", "-c", inside, path_str(&tollgate_bin()), path_str(daemon.socket())]);
     assert!(out.has_stdout_line("revoke_status=1") && out.has_stdout_line("review_status=1"), "{out}");
     assert!(out.stderr.contains("inside a session cannot review"), "{out}");
     assert_eq!(grant(&grants(&daemon), "used-net")["state"], "active", "a session revoked a grant");

@@ -60,7 +60,19 @@ fn status(
         "pinning_unavailable": pinning.unavailable,
         "dev_issuer": config.dev_issuer,
         "state_dir": config.state_dir.display().to_string(),
+        "child_ptrace_confined": ptrace_confined(),
     })
+}
+
+/// Whether Yama stops a process from ptracing anything but its own
+/// descendants (`ptrace_scope` 1 or more). Without it, a child session's
+/// processes can ptrace their parent session's (same uid) and act with the
+/// parent's wider rights.
+fn ptrace_confined() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|scope| scope.trim().parse::<u32>().ok())
+        .is_some_and(|scope| scope >= 1)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -126,6 +138,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
     let policy_files = policies.files.len();
     let max_depth = config.delegation.max_depth;
+    if !ptrace_confined() {
+        tracing::warn!(
+            "Yama ptrace_scope is 0 or absent: a child session's processes could ptrace their parent session's (same uid) and use its wider rights; set kernel.yama.ptrace_scope=1 where child sessions must stay narrow"
+        );
+    }
     let parts = SessionsParts { policies, verifier, tree, mount, host, mode, log: log.clone(), max_depth };
     let sessions = Arc::new(Sessions::new(parts, session_maps));
     {
