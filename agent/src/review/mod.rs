@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 
 use crate::{
     policy::{Grant, PolicySet},
-    session::{GrantState, Sessions},
+    session::{
+        GrantState, Sessions,
+        grants::{gives, rule_names},
+    },
     store::{Reader, RecordedDecision, RuleUsage, SessionRecord, StoreError},
 };
 
@@ -104,11 +107,6 @@ fn resource_of_rule(rule: &str) -> &'static str {
     }
 }
 
-/// Rules that give something (as opposed to refusing something).
-fn gives(rule: &str) -> bool {
-    rule.starts_with("exec.allow") || rule.starts_with("network.allow") || rule.starts_with("network.proxy")
-}
-
 /// Runs a review (blocking: reads the session log).
 pub fn run(
     sessions: &Sessions,
@@ -164,7 +162,10 @@ pub fn run(
             }),
             GrantState::Active => {}
         }
-        if view.state == GrantState::Active && usage.iter().all(|u| u.count == 0) {
+        // A grant that only refuses is never stale: it gives nothing.
+        let gives_something = rule_names(grant).iter().any(|r| gives(r));
+        let used = usage.iter().any(|u| gives(&u.rule) && u.count > 0);
+        if view.state == GrantState::Active && gives_something && !used {
             findings.push(Finding {
                 kind: "unused_grant",
                 identity: Some(grant.identity.clone()),
@@ -215,10 +216,10 @@ pub fn run(
         findings.retain(|f| match f.kind {
             "unused_rule" | "denied_attempts" => f.evidence.get("resource").and_then(Value::as_str) == Some(resource),
             "unused_grant" | "expired_grant" | "revoked_grant" => f.grant.as_ref().is_some_and(|name| {
-                policies.grants.iter().any(|g| {
-                    &g.name == name
-                        && crate::session::grants::rule_names(g).iter().any(|r| resource_of_rule(r) == resource)
-                })
+                policies
+                    .grants
+                    .iter()
+                    .any(|g| &g.name == name && rule_names(g).iter().any(|r| resource_of_rule(r) == resource))
             }),
             _ => false,
         });
@@ -229,7 +230,7 @@ pub fn run(
 /// The rules of a used grant that gave more than was used: never exercised
 /// in the window, or (a wide network allow) exercised for only a few destinations.
 fn unused_rules(grant: &Grant, usage: &[&RuleUsage], window: &Window, findings: &mut Vec<Finding>) {
-    for rule in crate::session::grants::rule_names(grant).into_iter().filter(|r| gives(r)) {
+    for rule in rule_names(grant).into_iter().filter(|r| gives(r)) {
         let used = usage.iter().find(|u| u.rule == rule);
         let count = used.map_or(0, |u| u.count);
         if count == 0 {

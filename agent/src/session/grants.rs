@@ -77,9 +77,9 @@ pub struct GrantView {
     pub state: GrantState,
     /// Its rules, as records name them.
     pub rules: Vec<String>,
-    /// The last time any of its rules decided something (RFC 3339).
+    /// The last time one of its rules let something through (RFC 3339).
     pub last_exercised: Option<String>,
-    /// Uses of it in the window asked for.
+    /// Decisions its rules made in the window asked for (allowed and refused).
     pub count: i64,
     /// When it expires if still unused (RFC 3339), for grants with `expire_unused_after`.
     pub expires_at: Option<String>,
@@ -98,6 +98,9 @@ impl GrantBook {
         let seen = reader.grants_seen()?;
         let mut last_use: BTreeMap<String, SystemTime> = BTreeMap::new();
         for usage in reader.rule_usage("0000-00-00", "9999-99-99")? {
+            if !gives(&usage.rule) {
+                continue;
+            }
             if let Some(at) = usage.last_at.as_deref().and_then(parse) {
                 let slot = last_use.entry(usage.grant).or_insert(at);
                 *slot = (*slot).max(at);
@@ -218,6 +221,13 @@ impl GrantBook {
             })
             .collect()
     }
+}
+
+/// Does a rule give something (rather than refuse it)? Only those count as
+/// a grant being exercised: a grant whose allows go unused is stale however
+/// often its denies are hit.
+pub fn gives(rule: &str) -> bool {
+    rule.starts_with("exec.allow") || rule.starts_with("network.allow") || rule.starts_with("network.proxy")
 }
 
 /// The rules of a grant, spelled as records and usage counts name them.

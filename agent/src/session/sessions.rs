@@ -388,6 +388,7 @@ impl Sessions {
         }
         let this = self.clone();
         let withdrawn = self.book().withdrawn();
+        let withdrawn_when_compiled = withdrawn.clone();
         let parent_for_compile = parent.clone();
         // Token checks may fetch keys, and compiling may resolve host names
         // and stat files: off the runtime.
@@ -519,6 +520,11 @@ impl Sessions {
             deadline,
             ending: false,
         });
+        // A grant withdrawn while this session's rules compiled (here or in
+        // its parent) must not stay in them.
+        if self.book().withdrawn() != withdrawn_when_compiled {
+            self.recompile_live().await;
+        }
         // Checked again right before the move: the token check may have taken
         // seconds, in which the held child could have gone and its pid been reused.
         let moved = peer::check_child(caller.pid, caller.uid, pid, Some(checked))
@@ -631,7 +637,13 @@ impl Sessions {
             _ => {}
         }
         drop(state);
-        if let Some(decided) = &attribution.rule {
+        let let_through = match event {
+            KernelEvent::Exec { verdict, .. } | KernelEvent::Connect { verdict, .. } => {
+                matches!(verdict, tollgate_common::Verdict::Allow | tollgate_common::Verdict::Redirect)
+            }
+            _ => false,
+        };
+        if let_through && let Some(decided) = &attribution.rule {
             let mut book = self.book();
             for rule in &decided.0 {
                 book.exercised(&rule.grant, SystemTime::now());
