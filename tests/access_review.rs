@@ -135,6 +135,10 @@ grants:
         (Some("build-bots"), Some(3))
     );
     assert_eq!(denials[0]["evidence"]["example_sessions"].as_array().map(Vec::len), Some(3));
+    // The sessions ran as root: each is a privileged_session finding.
+    let privileged = findings(&all, "privileged_session");
+    assert_eq!(privileged.len(), 4, "{}", pretty(&all));
+    assert!(privileged.iter().all(|f| f["evidence"]["uid"] == 0 && f["identity"] == "build-bots"), "{}", pretty(&all));
 
     // Filters: by identity, by claim, by resource.
     let only_idle = review(&daemon, &["--identity", "idle-bots"]);

@@ -72,18 +72,21 @@ fn reported<'a>(out: &'a RunOutput, level: &str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("level {level} reported no {key}: {out}"))
 }
 
-fn chain_policy(touch_top: &Path, touch_child: &Path) -> String {
-    format!(
-        r#"identities:
+/// The two identities every policy here has: the lead agents and the sub-agents they start.
+const IDENTITIES: &str = "identities:
   - name: lead-agents
     issuer: tollgate-dev
     allow_root: true
-    claims: {{ role: lead }}
+    claims: { role: lead }
   - name: sub-agents
     issuer: tollgate-dev
     allow_root: true
-    claims: {{ role: sub }}
-grants:
+    claims: { role: sub }
+";
+
+fn chain_policy(touch_top: &Path, touch_child: &Path) -> String {
+    format!(
+        r#"{IDENTITIES}grants:
   - name: lead-net
     identity: lead-agents
     exec: {{ deny: ["{top}"] }}
@@ -117,7 +120,11 @@ fn a_three_level_chain_only_narrows_and_is_recorded() {
     fs::create_dir(&marks).expect("marks dir");
     let touch_top = toucher(bins.path(), "touch-top");
     let touch_child = toucher(bins.path(), "touch-child");
-    let daemon = Daemon::start(&chain_policy(&touch_top, &touch_child));
+    let daemon = Daemon::builder()
+        .policy(&chain_policy(&touch_top, &touch_child))
+        .config_line(REVIEWERS)
+        .config_line("delegation: { review_depth: 1 }")
+        .start();
     let lead = daemon.mint("lead-agent", LEAD);
     let sub = daemon.mint("sub-agent", SUB);
 
@@ -206,6 +213,18 @@ fn a_three_level_chain_only_narrows_and_is_recorded() {
     assert!(line_of(&ids[2]).starts_with(&format!("  └ {}", ids[2])), "{list}");
     let order: Vec<usize> = ids.iter().map(|id| list.stdout.find(id.as_str()).unwrap_or(usize::MAX)).collect();
     assert!(order[0] < order[1] && order[1] < order[2], "the tree is in order: {list}");
+
+    // A chain deeper than the review threshold (1 here) is a finding, about the deep session only.
+    let out = daemon.tollgate(&["review", "--format", "json"]);
+    let review: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let deep: Vec<&Value> =
+        review["findings"].as_array().into_iter().flatten().filter(|f| f["kind"] == "deep_delegation").collect();
+    assert_eq!(deep.len(), 1, "{}", pretty(&review));
+    assert_eq!(
+        (deep[0]["evidence"]["session"].as_str(), deep[0]["evidence"]["depth"].as_u64()),
+        (Some(ids[2].as_str()), Some(2))
+    );
+    assert_eq!(deep[0]["evidence"]["parent"].as_str(), Some(ids[1].as_str()));
 }
 
 /// Policy for the proxy tests: the lead proxies the upstream with a DELETE block; the sub-agent
@@ -219,16 +238,7 @@ fn proxy_policy(port: u16, sub_proxies: bool) -> String {
         "      allow: [\"0.0.0.0/0\", \"::/0\"]\n".to_owned()
     };
     format!(
-        r#"identities:
-  - name: lead-agents
-    issuer: tollgate-dev
-    allow_root: true
-    claims: {{ role: lead }}
-  - name: sub-agents
-    issuer: tollgate-dev
-    allow_root: true
-    claims: {{ role: sub }}
-grants:
+        r#"{IDENTITIES}grants:
   - name: lead-net
     identity: lead-agents
     network:

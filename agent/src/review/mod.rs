@@ -191,25 +191,27 @@ pub fn run(
     findings.extend(window.idle_identities(policies, &in_scope));
     findings.extend(window.denied_attempts(&in_scope));
     for session in window.sessions.iter().filter(|s| in_scope.contains(&s.identity)) {
+        let about = |kind, evidence, action| Finding {
+            kind,
+            identity: Some(session.identity.clone()),
+            grant: None,
+            rule: None,
+            evidence,
+            action,
+        };
         if session.privileged {
-            findings.push(Finding {
-                kind: "privileged_session",
-                identity: Some(session.identity.clone()),
-                grant: None,
-                rule: None,
-                evidence: json!({"session": session.id, "uid": session.uid, "command": session.command, "started_at": session.started_at}),
-                action: "it ran as root and could have undone its confinement: check why, or set allow_root: false".into(),
-            });
+            findings.push(about(
+                "privileged_session",
+                json!({"session": session.id, "uid": session.uid, "command": session.command, "started_at": session.started_at}),
+                "it ran as root and could have undone its confinement: check why, or set allow_root: false".into(),
+            ));
         }
         if session.depth > review_depth {
-            findings.push(Finding {
-                kind: "deep_delegation",
-                identity: Some(session.identity.clone()),
-                grant: None,
-                rule: None,
-                evidence: json!({"session": session.id, "depth": session.depth, "parent": session.parent, "reason": session.reason}),
-                action: format!("a chain {} levels below its top (review threshold {review_depth}): check each delegation is needed", session.depth),
-            });
+            findings.push(about(
+                "deep_delegation",
+                json!({"session": session.id, "depth": session.depth, "parent": session.parent, "reason": session.reason}),
+                format!("a chain {} levels below its top (review threshold {review_depth}): check each delegation is needed", session.depth),
+            ));
         }
     }
     if let Some(resource) = &query.resource {
