@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
+pub mod report;
 pub mod review;
 pub mod session;
 pub mod store;

@@ -77,6 +77,15 @@ impl ToReply for crate::review::AccessReviewError {
     }
 }
 
+impl ToReply for crate::report::ReportError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Store(e) => e.kind(),
+            Self::Review(e) => e.kind(),
+        }
+    }
+}
+
 impl ToReply for StoreError {
     fn kind(&self) -> ErrorKind {
         match self {

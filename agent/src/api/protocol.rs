@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::review::ReviewQuery;
+pub use crate::{report::ReportQuery, review::ReviewQuery};
 
 /// Largest request accepted (a token plus a command line).
 pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
@@ -52,6 +52,22 @@ pub enum Request {
     },
     /// An access review (reviewers).
     Review(ReviewQuery),
+    /// A session and its child sessions as one timeline.
+    Replay {
+        /// The session id.
+        session: String,
+    },
+    /// Recompute the session log's hash chain (reviewers).
+    Verify {
+        /// Only this session's records.
+        #[serde(default)]
+        session: Option<String>,
+        /// Only records from this time on (RFC 3339).
+        #[serde(default)]
+        since: Option<String>,
+    },
+    /// This host's signed report for a period (reviewers).
+    Report(ReportQuery),
     /// List sessions.
     Sessions,
     /// One session in full.

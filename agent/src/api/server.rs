@@ -29,6 +29,8 @@ pub struct Control {
     pub reader: Reader,
     /// Chains with more levels than this are a review finding.
     pub review_depth: u32,
+    /// Signs reports (the session log's chain key).
+    pub ledger_key: Option<Arc<crate::store::ledger::LedgerKey>>,
     /// What `tollgate status` shows, made by the daemon.
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
@@ -176,7 +178,13 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
                 (control.reviews.clone(), control.sessions.clone(), control.reader.clone());
             let depth = control.review_depth;
             blocking(move || match reviews.reviewer(caller) {
-                Ok(_) => reply(crate::review::run(&sessions, &reader, depth, &query)),
+                Ok(_) => reply(crate::review::run(
+                    sessions.policies(),
+                    |since, until| sessions.grant_views(&reader, since, until),
+                    &reader,
+                    depth,
+                    &query,
+                )),
                 Err(e) => reply::<()>(Err(e)),
             })
             .await
@@ -206,6 +214,50 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             let (reviews, sessions) = (control.reviews.clone(), control.sessions.clone());
             blocking(move || match reviews.reviewer(caller) {
                 Ok(by) => reply(sessions.revoke(&id, by, reason)),
+                Err(e) => reply::<()>(Err(e)),
+            })
+            .await
+        }
+        Request::Replay { session } => {
+            let id: SessionId = match session.parse() {
+                Ok(id) => id,
+                Err(e) => return Response::error(ErrorKind::BadRequest, e),
+            };
+            let reader = control.reader.clone();
+            match tokio::task::spawn_blocking(move || reader.timeline(&id)).await {
+                Ok(Ok((sessions, events))) if may_read(&placement(), sessions[0].uid, &sessions[0].id) => {
+                    Response::Ok(serde_json::json!({"sessions": sessions, "events": events}))
+                }
+                Ok(Ok((sessions, _))) => reply::<()>(Err(StoreError::NoSuchSession(sessions[0].id.to_string()))),
+                Ok(Err(e)) => reply::<()>(Err(e)),
+                Err(e) => Response::error(ErrorKind::Internal, e.to_string()),
+            }
+        }
+        Request::Verify { session, since } => {
+            let session: Option<SessionId> = match session.map(|s| s.parse()).transpose() {
+                Ok(id) => id,
+                Err(e) => return Response::error(ErrorKind::BadRequest, e),
+            };
+            let (reviews, reader) = (control.reviews.clone(), control.reader.clone());
+            blocking(move || match reviews.reviewer(caller) {
+                Ok(_) => reply(reader.verify(session.as_ref(), since.as_deref(), None)),
+                Err(e) => reply::<()>(Err(e)),
+            })
+            .await
+        }
+        Request::Report(query) => {
+            let (reviews, sessions, reader) =
+                (control.reviews.clone(), control.sessions.clone(), control.reader.clone());
+            let (depth, key) = (control.review_depth, control.ledger_key.clone());
+            blocking(move || match reviews.reviewer(caller) {
+                Ok(_) => reply(crate::report::build(
+                    sessions.policies(),
+                    |since, until| sessions.grant_views(&reader, since, until),
+                    &reader,
+                    depth,
+                    &query,
+                    key.as_deref(),
+                )),
                 Err(e) => reply::<()>(Err(e)),
             })
             .await

@@ -1,9 +1,13 @@
 //! Command-line interface: argument definitions and dispatch. Each command's
 //! work lives in the module for its concern; this file only wires them.
 
+mod local;
 mod output;
+mod replay;
 mod run;
 mod window;
+
+use local::Source;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -76,6 +80,9 @@ enum Command {
     Sessions {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// With no daemon running: the config naming the session log [default: /etc/tollgate/config.yaml]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show one session: its process tree and its events in order.
     Show {
@@ -83,6 +90,67 @@ enum Command {
         session: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// With no daemon running: the config naming the session log.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Replay a session (and its child sessions) as it happened.
+    Replay {
+        /// The session id.
+        session: String,
+        /// Play N times as fast as it happened.
+        #[arg(long, value_name = "N", conflicts_with = "instant", default_value_t = 1.0)]
+        speed: f64,
+        /// Print everything at once.
+        #[arg(long)]
+        instant: bool,
+        /// Only these kinds of records: exec, network, http, approval, output (comma-separated).
+        #[arg(long, value_name = "KINDS", value_delimiter = ',')]
+        only: Vec<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: ReplayFormat,
+        /// With no daemon running: the config naming the session log.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check that the session log was not edited: recompute its hash chain and signatures.
+    Verify {
+        /// Only this session's records.
+        session: Option<String>,
+        /// Only records from this long ago (30d) or this date on.
+        #[arg(long, value_name = "DURATION|DATE")]
+        since: Option<String>,
+        /// A report (JSON) to check offline instead, with --key.
+        #[arg(long, value_name = "FILE", requires = "key")]
+        report: Option<PathBuf>,
+        /// The host's public key (a file holding `ed25519:...`, as `status` shows it).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// With no daemon running: the config naming the session log.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// This host's report for a period: sessions, chains, use, denials, held requests, findings (reviewers).
+    Report {
+        /// Period start: a duration back from now (7d) or a date.
+        #[arg(long, value_name = "DURATION|DATE", default_value = "7d")]
+        since: String,
+        /// Period end [default: now]
+        #[arg(long, value_name = "DURATION|DATE")]
+        until: Option<String>,
+        /// Only this identity.
+        #[arg(long, value_name = "NAME")]
+        identity: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: ReportFormat,
+        /// Write it here instead of standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// With no daemon running: the config naming the session log.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show the daemon's state.
     Status {
@@ -151,6 +219,9 @@ enum Command {
         suggest: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// With no daemon running: the config naming the session log and the policies.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Dev issuer tokens.
     #[command(subcommand)]
@@ -180,6 +251,28 @@ enum TokenCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum ReplayFormat {
+    /// Lines for people, paced like the session.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// asciicast v2 of the terminal output (asciinema plays it).
+    Asciicast,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum ReportFormat {
+    /// Markdown.
+    #[default]
+    Md,
+    /// JSON (signed; `tollgate verify --report` checks it).
+    Json,
+    /// One self-contained HTML page.
+    Html,
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,7 +424,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Review { since, until, identity, claim, resource, suggest, format } => {
+        Command::Review { since, until, identity, claim, resource, suggest, format, config } => {
             let now = std::time::SystemTime::now();
             let claim = match claim {
                 Some(pair) => {
@@ -352,18 +445,139 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 resource,
                 suggest,
             };
-            let review = call(&socket_path(cli.socket)?, &Request::Review(query))?;
+            let review = match local::source(cli.socket, config)? {
+                Source::Daemon(socket) => call(&socket, &Request::Review(query))?,
+                Source::Local(local) => {
+                    let policies = local.policies()?;
+                    let review = crate::review::run(
+                        &policies,
+                        |a, b| crate::session::grants::views_from_log(&policies, &local.reader, a, b),
+                        &local.reader,
+                        local.config.delegation.review_depth,
+                        &query,
+                    )?;
+                    serde_json::to_value(review)?
+                }
+            };
             output::review(&review, suggest, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Sessions { format } => {
-            let sessions = call(&socket_path(cli.socket)?, &Request::Sessions)?;
+        Command::Sessions { format, config } => {
+            let sessions = match local::source(cli.socket, config)? {
+                Source::Daemon(socket) => call(&socket, &Request::Sessions)?,
+                Source::Local(local) => serde_json::to_value(local.reader.sessions()?)?,
+            };
             output::sessions(&sessions, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Show { session, format } => {
-            let detail = call(&socket_path(cli.socket)?, &Request::Show { session })?;
+        Command::Show { session, format, config } => {
+            let detail = match local::source(cli.socket, config)? {
+                Source::Daemon(socket) => call(&socket, &Request::Show { session })?,
+                Source::Local(local) => {
+                    serde_json::to_value(local.reader.show(&session.parse().map_err(anyhow::Error::msg)?)?)?
+                }
+            };
             output::show(&detail, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Replay { session, speed, instant, only, format, config } => {
+            if let Some(bad) = only.iter().find(|o| !replay::CATEGORIES.contains(&o.as_str())) {
+                anyhow::bail!("--only '{bad}' is not one of {}", replay::CATEGORIES.join(", "));
+            }
+            if !(speed > 0.0 && speed.is_finite()) {
+                anyhow::bail!("--speed must be a positive number");
+            }
+            let timeline = match local::source(cli.socket, config)? {
+                Source::Daemon(socket) => call(&socket, &Request::Replay { session })?,
+                Source::Local(local) => {
+                    let (sessions, events) = local.reader.timeline(&session.parse().map_err(anyhow::Error::msg)?)?;
+                    serde_json::json!({"sessions": sessions, "events": events})
+                }
+            };
+            match format {
+                ReplayFormat::Text => replay::text(
+                    &timeline,
+                    &only,
+                    if instant { replay::Pace::Instant } else { replay::Pace::Speed(speed) },
+                )?,
+                ReplayFormat::Json => replay::json_lines(&timeline, &only)?,
+                ReplayFormat::Asciicast => replay::asciicast(&timeline)?,
+            }
+            Ok(0)
+        }
+        Command::Verify { session, since, report, key, format, config } => {
+            let key_text = match &key {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read key file {}", path.display()))?,
+                ),
+                None => None,
+            };
+            if let Some(report) = report {
+                let text = std::fs::read_to_string(&report)
+                    .with_context(|| format!("cannot read report {}", report.display()))?;
+                return match crate::report::verify_report(&text, key_text.as_deref().unwrap_or_default()) {
+                    Ok(checked) => {
+                        output::report_verified(&checked, matches!(format, Format::Json))?;
+                        Ok(0)
+                    }
+                    Err(why) => {
+                        eprintln!("tollgate: {}: {why}", report.display());
+                        Ok(1)
+                    }
+                };
+            }
+            let since = since.map(|s| window::bound(&s, std::time::SystemTime::now())).transpose()?;
+            let verification = match local::source(cli.socket, config)? {
+                Source::Daemon(socket) if key_text.is_none() => call(&socket, &Request::Verify { session, since })?,
+                Source::Daemon(_) => {
+                    anyhow::bail!("--key without --report checks a stopped host's log: give --config, or use --report")
+                }
+                Source::Local(local) => {
+                    let session = session.map(|s| s.parse()).transpose().map_err(anyhow::Error::msg)?;
+                    serde_json::to_value(local.reader.verify(
+                        session.as_ref(),
+                        since.as_deref(),
+                        key_text.as_deref(),
+                    )?)?
+                }
+            };
+            Ok(output::verification(&verification, matches!(format, Format::Json))?)
+        }
+        Command::Report { since, until, identity, format, output: path, config } => {
+            let now = std::time::SystemTime::now();
+            let query = crate::report::ReportQuery {
+                since: window::bound(&since, now)?,
+                until: match until {
+                    Some(until) => window::bound(&until, now)?,
+                    None => rfc3339(now + std::time::Duration::from_secs(1)),
+                },
+                identity,
+            };
+            let report = match local::source(cli.socket, config)? {
+                Source::Daemon(socket) => call(&socket, &Request::Report(query))?,
+                Source::Local(local) => {
+                    let policies = local.policies()?;
+                    let key =
+                        crate::store::ledger::LedgerKey::load(&Config::ledger_key_path(&local.config.state_dir)).ok();
+                    let report = crate::report::build(
+                        &policies,
+                        |a, b| crate::session::grants::views_from_log(&policies, &local.reader, a, b),
+                        &local.reader,
+                        local.config.delegation.review_depth,
+                        &query,
+                        key.as_ref(),
+                    )?;
+                    serde_json::to_value(report)?
+                }
+            };
+            let text = output::report(report, format_name(format))?;
+            match path {
+                Some(path) => {
+                    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?
+                }
+                None => print!("{text}"),
+            }
             Ok(0)
         }
         Command::Status { format } => {
@@ -457,6 +671,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Ok(1)
             }
         }
+    }
+}
+
+fn format_name(format: ReportFormat) -> &'static str {
+    match format {
+        ReportFormat::Md => "md",
+        ReportFormat::Json => "json",
+        ReportFormat::Html => "html",
     }
 }
 

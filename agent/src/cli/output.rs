@@ -177,59 +177,77 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
     }
     println!("\nevents");
     for e in detail["events"].as_array().into_iter().flatten() {
-        let what = match RecordKind::from_name(text(e, "kind")) {
-            Some(RecordKind::Kernel(EventKind::Exec)) => {
-                let argv: Vec<&str> = e["argv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                let cut = if e["argv_truncated"] == true { " [arguments cut]" } else { "" };
-                format!("{} {}{cut}", text(e, "filename"), argv.join(" "))
-            }
-            Some(RecordKind::Kernel(EventKind::Fork)) => format!("-> {}", e["child_pid"]),
-            Some(RecordKind::Kernel(EventKind::Exit)) => match e["signal"].as_u64() {
-                Some(sig) => format!("signal {sig}"),
-                None => format!("code {}", e["exit_code"]),
-            },
-            Some(RecordKind::Kernel(EventKind::Connect)) => match e.get("rule").and_then(Value::as_str) {
-                Some(rule) => format!("{} {}:{} ({rule})", text(e, "protocol"), text(e, "addr"), e["port"]),
-                None => format!("{} {}:{} (no rule)", text(e, "protocol"), text(e, "addr"), e["port"]),
-            },
-            Some(RecordKind::Kernel(EventKind::Socket)) => {
-                format!("family {} type {} protocol {}", e["family"], e["type"], e["protocol"])
-            }
-            Some(RecordKind::Http) => format!(
-                "{} {}{} -> {} ({}){}",
-                text(e, "method"),
-                text(e, "host"),
-                text(e, "path"),
-                e["status"],
-                text(e, "destination"),
-                e["rules"].as_array().filter(|r| !r.is_empty()).map_or(String::new(), |r| format!(
-                    " rules: {}",
-                    r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")
-                ))
-            ),
-            Some(RecordKind::Approval) => format!(
-                "{} {} {} ({}){}",
-                text(e, "id"),
-                text(e, "method"),
-                text(e, "path"),
-                text(e, "rule"),
-                e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"))
-            ),
-            Some(RecordKind::Lost) => {
-                format!("{} {} event(s) not delivered ({})", e["count"], text(e, "lost_kind"), text(e, "reason"))
-            }
-            Some(RecordKind::Session) => {
-                let by = e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!("by {by}"));
-                let reason = e.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(" ({r})"));
-                let limit = e.get("max_session_secs").map_or(String::new(), |s| format!("max_session {s}s"));
-                format!("{by}{reason}{limit}")
-            }
-            _ => String::new(),
-        };
+        let what = event_text(e);
         let verdict = e.get("verdict").and_then(Value::as_str).map_or(String::new(), |v| format!(" [{v}]"));
         println!("  {:>5} {} {:<7} {:>7} {what}{verdict}", e["seq"], text(e, "at"), text(e, "kind"), e["pid"]);
     }
     Ok(())
+}
+
+/// One record in words: what happened, without its time, kind and verdict.
+pub fn event_text(e: &Value) -> String {
+    match RecordKind::from_name(text(e, "kind")) {
+        Some(RecordKind::Kernel(EventKind::Exec)) => {
+            let argv: Vec<&str> = e["argv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let cut = if e["argv_truncated"] == true { " [arguments cut]" } else { "" };
+            format!("{} {}{cut}", text(e, "filename"), argv.join(" "))
+        }
+        Some(RecordKind::Kernel(EventKind::Fork)) => format!("-> {}", e["child_pid"]),
+        Some(RecordKind::Kernel(EventKind::Exit)) => match e["signal"].as_u64() {
+            Some(sig) => format!("signal {sig}"),
+            None => format!("code {}", e["exit_code"]),
+        },
+        Some(RecordKind::Kernel(EventKind::Connect)) => match e.get("rule").and_then(Value::as_str) {
+            Some(rule) => format!("{} {}:{} ({rule})", text(e, "protocol"), text(e, "addr"), e["port"]),
+            None => format!("{} {}:{} (no rule)", text(e, "protocol"), text(e, "addr"), e["port"]),
+        },
+        Some(RecordKind::Kernel(EventKind::Socket)) => {
+            format!("family {} type {} protocol {}", e["family"], e["type"], e["protocol"])
+        }
+        Some(RecordKind::Http) => format!(
+            "{} {}{} -> {} ({}){}",
+            text(e, "method"),
+            text(e, "host"),
+            text(e, "path"),
+            e["status"],
+            text(e, "destination"),
+            e["rules"].as_array().filter(|r| !r.is_empty()).map_or(String::new(), |r| format!(
+                " rules: {}",
+                r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")
+            ))
+        ),
+        Some(RecordKind::Approval) => format!(
+            "{} {} {} ({}){}",
+            text(e, "id"),
+            text(e, "method"),
+            text(e, "path"),
+            text(e, "rule"),
+            e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"))
+        ),
+        Some(RecordKind::Lost) => {
+            format!("{} {} event(s) not delivered ({})", e["count"], text(e, "lost_kind"), text(e, "reason"))
+        }
+        Some(RecordKind::Grant) => format!(
+            "grant {}{}{}",
+            text(e, "grant"),
+            e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}")),
+            e.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"))
+        ),
+        Some(RecordKind::Output) => format!("{:?}", text(e, "data")),
+        Some(RecordKind::Session) => {
+            let by = e.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!("by {by}"));
+            let reason = e.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(" ({r})"));
+            let limit = e.get("max_session_secs").map_or(String::new(), |s| format!("max_session {s}s"));
+            let ttl = e.get("ttl_secs").map_or(String::new(), |s| format!("ttl {s}s"));
+            let with = e
+                .get("ended_with")
+                .and_then(Value::as_str)
+                .map_or(String::new(), |p| format!(" (with its parent {p})"));
+            let gap = e.get("outcome").and_then(Value::as_str).map_or(String::new(), |o| format!("no daemon: {o}"));
+            format!("{by}{reason}{limit}{ttl}{with}{gap}")
+        }
+        _ => String::new(),
+    }
 }
 
 /// `tollgate status`.
@@ -297,4 +315,64 @@ pub fn decision(answer: &Value) {
 /// `tollgate revoke`.
 pub fn revoked(answer: &Value) {
     println!("revoked {} (by {}); its processes are being killed", text(answer, "session"), text(answer, "by"));
+}
+
+/// `tollgate verify`: what was checked, or the first thing that does not
+/// fit. Returns the exit code: 0 when everything fits, 1 when not.
+pub fn verification(result: &Value, json: bool) -> anyhow::Result<i32> {
+    let problem = result.get("problem").and_then(Value::as_str);
+    if json {
+        print_json(result)?;
+    } else if let Some(problem) = problem {
+        println!("NOT VERIFIED: {problem}");
+    } else {
+        println!("verified {} record(s) in {} session(s)", result["records"], result["sessions"]);
+        if let Some(head) = result.get("head").filter(|h| !h.is_null()) {
+            println!(
+                "chain head: record {} {}, signed {} by {}",
+                head["n"],
+                text(head, "hash"),
+                text(head, "signed_at"),
+                text(head, "public_key")
+            );
+        }
+        for checkpoint in result["checkpoints"].as_array().into_iter().flatten() {
+            println!(
+                "checkpoint: {} session(s) and {} record(s) pruned until {} (record {})",
+                checkpoint["pruned_sessions"],
+                checkpoint["pruned_records"],
+                text(checkpoint, "pruned_until"),
+                checkpoint["n"]
+            );
+        }
+    }
+    Ok(if problem.is_some() { 1 } else { 0 })
+}
+
+/// `tollgate verify --report`: what the report covers, once its signatures hold.
+pub fn report_verified(checked: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(checked);
+    }
+    println!(
+        "report verified: host {}, {} to {}, {} session(s), signed by the key given",
+        text(checked, "host"),
+        text(checked, "since"),
+        text(checked, "until"),
+        checked["sessions"]
+    );
+    Ok(())
+}
+
+/// A report in `format` (md, json, html).
+pub fn report(report: Value, format: &str) -> anyhow::Result<String> {
+    if format == "json" {
+        // As the host signed it: a reviewer checks this text offline.
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&report)?));
+    }
+    let report: crate::report::Report = serde_json::from_value(report)?;
+    Ok(match format {
+        "html" => crate::report::render::html(&report),
+        _ => crate::report::render::markdown(&report),
+    })
 }

@@ -232,6 +232,11 @@ impl Config {
         state_dir.join("dev-issuer.pk8")
     }
 
+    /// The key that signs the session log's chain (its public half is `<path>.pub`).
+    pub fn ledger_key_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("ledger-key.pk8")
+    }
+
     /// The session log database.
     pub fn database_path(&self) -> PathBuf {
         self.state_dir.join("sessions.db")

@@ -27,7 +27,7 @@ use crate::{
     policy::PolicySet,
     proxy::ProxyCtx,
     session::{Gap, REAP_INTERVAL, Sessions, SessionsParts, cgroup},
-    store::{Reader, SessionLog, Writer},
+    store::{Reader, SessionLog, Writer, ledger::LedgerKey},
 };
 
 /// What `tollgate status` shows.
@@ -61,6 +61,9 @@ fn status(
         "dev_issuer": config.dev_issuer,
         "state_dir": config.state_dir.display().to_string(),
         "child_ptrace_confined": ptrace_confined(),
+        "ledger_public_key": std::fs::read_to_string(crate::store::ledger::public_path(&Config::ledger_key_path(&config.state_dir)))
+            .map(|key| key.trim().to_owned())
+            .ok(),
     })
 }
 
@@ -130,7 +133,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let writer = Writer::start(&config.database_path(), config.flush_interval())?;
+    let ledger_key = LedgerKey::ensure(&Config::ledger_key_path(&config.state_dir))?;
+    let writer = Writer::start(&config.database_path(), config.flush_interval(), Some(ledger_key))?;
     let log = SessionLog::new(writer.handle());
     let reader = Reader::new(&config.database_path());
     let proxy_listeners = crate::proxy::bind(config.proxy_port).await?;
@@ -183,6 +187,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sessions: sessions.clone(),
         reviews,
         review_depth: config.delegation.review_depth,
+        ledger_key: LedgerKey::load(&Config::ledger_key_path(&config.state_dir)).ok().map(Arc::new),
         reader,
         status: {
             let (config, sessions, log, lost_totals) =

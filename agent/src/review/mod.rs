@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::{
     policy::{Grant, PolicySet},
     session::{
-        GrantState, Sessions,
+        GrantState, GrantView,
         grants::{gives, rule_names},
     },
     store::{Reader, RecordedDecision, RuleUsage, SessionRecord, StoreError},
@@ -65,11 +65,11 @@ pub enum AccessReviewError {
 }
 
 /// One thing a reviewer should look at.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Finding {
     /// unused_grant, unused_rule, idle_identity, denied_attempts,
     /// privileged_session, deep_delegation, expired_grant, revoked_grant.
-    pub kind: &'static str,
+    pub kind: String,
     /// The identity it is about.
     pub identity: Option<String>,
     /// The grant it is about.
@@ -107,14 +107,16 @@ fn resource_of_rule(rule: &str) -> &'static str {
     }
 }
 
-/// Runs a review (blocking: reads the session log).
+/// Runs a review (blocking: reads the session log). `grant_views` gives
+/// every grant's state and its use between two UTC days: the live daemon's
+/// grant book, or one loaded from the log when no daemon runs.
 pub fn run(
-    sessions: &Sessions,
+    policies: &PolicySet,
+    grant_views: impl FnOnce(&str, &str) -> Result<Vec<GrantView>, StoreError>,
     reader: &Reader,
     review_depth: u32,
     query: &ReviewQuery,
 ) -> Result<Review, AccessReviewError> {
-    let policies = sessions.policies();
     if let Some(identity) = &query.identity
         && !policies.identities.iter().any(|i| &i.name == identity)
     {
@@ -138,14 +140,14 @@ pub fn run(
     }
     let since_day = query.since.get(..10).unwrap_or_default();
     let until_day = query.until.get(..10).unwrap_or_default();
-    let views = sessions.grant_views(reader, since_day, until_day)?;
+    let views = grant_views(since_day, until_day)?;
     let mut findings = Vec::new();
     for grant in policies.grants.iter().filter(|g| in_scope.contains(&g.identity)) {
         let Some(view) = views.iter().find(|v| v.name == grant.name) else { continue };
         let usage: Vec<&RuleUsage> = window.usage.iter().filter(|u| u.grant == grant.name).collect();
         match view.state {
             GrantState::Expired => findings.push(Finding {
-                kind: "expired_grant",
+                kind: "expired_grant".into(),
                 identity: Some(grant.identity.clone()),
                 grant: Some(grant.name.clone()),
                 rule: None,
@@ -153,7 +155,7 @@ pub fn run(
                 action: format!("let it go, or renew it if still needed: tollgate grants renew {}", grant.name),
             }),
             GrantState::Revoked => findings.push(Finding {
-                kind: "revoked_grant",
+                kind: "revoked_grant".into(),
                 identity: Some(grant.identity.clone()),
                 grant: Some(grant.name.clone()),
                 rule: None,
@@ -167,7 +169,7 @@ pub fn run(
         let used = usage.iter().any(|u| gives(&u.rule) && u.count > 0);
         if view.state == GrantState::Active && gives_something && !used {
             findings.push(Finding {
-                kind: "unused_grant",
+                kind: "unused_grant".into(),
                 identity: Some(grant.identity.clone()),
                 grant: Some(grant.name.clone()),
                 rule: None,
@@ -191,8 +193,8 @@ pub fn run(
     findings.extend(window.idle_identities(policies, &in_scope));
     findings.extend(window.denied_attempts(&in_scope));
     for session in window.sessions.iter().filter(|s| in_scope.contains(&s.identity)) {
-        let about = |kind, evidence, action| Finding {
-            kind,
+        let about = |kind: &str, evidence, action| Finding {
+            kind: kind.into(),
             identity: Some(session.identity.clone()),
             grant: None,
             rule: None,
@@ -215,7 +217,7 @@ pub fn run(
         }
     }
     if let Some(resource) = &query.resource {
-        findings.retain(|f| match f.kind {
+        findings.retain(|f| match f.kind.as_str() {
             "unused_rule" | "denied_attempts" => f.evidence.get("resource").and_then(Value::as_str) == Some(resource),
             "unused_grant" | "expired_grant" | "revoked_grant" => f.grant.as_ref().is_some_and(|name| {
                 policies
@@ -237,7 +239,7 @@ fn unused_rules(grant: &Grant, usage: &[&RuleUsage], window: &Window, findings: 
         let count = used.map_or(0, |u| u.count);
         if count == 0 {
             findings.push(Finding {
-                kind: "unused_rule",
+                kind: "unused_rule".into(),
                 identity: Some(grant.identity.clone()),
                 grant: Some(grant.name.clone()),
                 rule: Some(rule.clone()),
@@ -260,7 +262,7 @@ fn unused_rules(grant: &Grant, usage: &[&RuleUsage], window: &Window, findings: 
         });
         if wide && !reached.is_empty() && reached.len() <= FEW_DESTINATIONS {
             findings.push(Finding {
-                kind: "unused_rule",
+                kind: "unused_rule".into(),
                 identity: Some(grant.identity.clone()),
                 grant: Some(grant.name.clone()),
                 rule: Some(rule.clone()),
@@ -369,7 +371,7 @@ impl Window {
             .map(|identity| {
                 let last = self.all_sessions.iter().filter(|s| s.identity == identity.name).map(|s| s.started_at.clone()).max();
                 Finding {
-                    kind: "idle_identity",
+                    kind: "idle_identity".into(),
                     identity: Some(identity.name.clone()),
                     grant: None,
                     rule: None,
@@ -414,7 +416,7 @@ impl Window {
             .into_iter()
             .filter(|(_, (_, count, _))| *count >= DENIALS_WORTH_A_FINDING)
             .map(|((identity, what), (resource, count, examples))| Finding {
-                kind: "denied_attempts",
+                kind: "denied_attempts".into(),
                 identity: Some(identity),
                 grant: None,
                 rule: Some(what),

@@ -223,6 +223,26 @@ impl GrantBook {
     }
 }
 
+/// Uses per grant between two UTC days.
+fn use_counts(reader: &Reader, since_day: &str, until_day: &str) -> Result<BTreeMap<String, i64>, StoreError> {
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for usage in reader.rule_usage(since_day, until_day)? {
+        *counts.entry(usage.grant).or_default() += usage.count;
+    }
+    Ok(counts)
+}
+
+/// Every grant with its state and use, from the session log alone (no daemon running).
+pub fn views_from_log(
+    policies: &PolicySet,
+    reader: &Reader,
+    since_day: &str,
+    until_day: &str,
+) -> Result<Vec<GrantView>, StoreError> {
+    let book = GrantBook::load(policies, reader, SystemTime::now())?;
+    Ok(book.views(policies, &use_counts(reader, since_day, until_day)?))
+}
+
 /// Does a rule give something (rather than refuse it)? Only those count as
 /// a grant being exercised: a grant whose allows go unused is stale however
 /// often its denies are hit.
@@ -253,11 +273,7 @@ impl super::Sessions {
 
     /// Every grant with its state and its use in `[since_day, until_day]`.
     pub fn grant_views(&self, reader: &Reader, since_day: &str, until_day: &str) -> Result<Vec<GrantView>, StoreError> {
-        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
-        for usage in reader.rule_usage(since_day, until_day)? {
-            *counts.entry(usage.grant).or_default() += usage.count;
-        }
-        Ok(self.book().views(self.policies(), &counts))
+        Ok(self.book().views(self.policies(), &use_counts(reader, since_day, until_day)?))
     }
 
     /// Expires the grants that went unused past their `expire_unused_after`.

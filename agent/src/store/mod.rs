@@ -2,6 +2,7 @@
 //! batching writer thread, read by the control API.
 
 mod clock;
+pub mod ledger;
 mod log;
 mod queries;
 mod record;

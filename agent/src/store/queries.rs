@@ -158,6 +158,32 @@ impl Reader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every record in `[since, until)` (RFC 3339), in time order, with its
+    /// session's identity; records with no verdict have an empty one.
+    pub fn records_between(&self, since: &str, until: &str) -> Result<Vec<RecordedDecision>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement = conn.prepare(
+            "SELECT e.session_id, s.identity, e.kind, COALESCE(e.verdict, ''), e.detail, e.at, e.pid
+             FROM events e JOIN sessions s ON s.id = e.session_id
+             WHERE e.at >= ?1 AND e.at < ?2 ORDER BY e.at",
+        )?;
+        let rows = statement.query_map([since, until], |row| {
+            let mut detail: Value = serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or(Value::Null);
+            if let Value::Object(map) = &mut detail {
+                map.insert("at".into(), row.get::<_, String>(5)?.into());
+                map.insert("pid".into(), row.get::<_, i64>(6)?.into());
+            }
+            Ok(RecordedDecision {
+                session: SessionId(row.get(0)?),
+                identity: row.get(1)?,
+                kind: row.get(2)?,
+                verdict: row.get(3)?,
+                detail,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Decisions recorded in `[since, until)` with one of `verdicts`, with
     /// their session's identity.
     pub fn decisions_between(
@@ -183,6 +209,75 @@ impl Reader {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Recomputes the log's hash chain (see [`super::ledger::verify`]).
+    pub fn verify(
+        &self,
+        session: Option<&SessionId>,
+        since: Option<&str>,
+        public_key: Option<&str>,
+    ) -> Result<super::ledger::Verification, StoreError> {
+        let conn = self.connect()?;
+        Ok(super::ledger::verify(&conn, session.map(SessionId::as_str), since, public_key)?)
+    }
+
+    /// The signed head of the log's chain.
+    pub fn signed_head(&self) -> Result<Option<super::ledger::SignedHead>, StoreError> {
+        Ok(super::ledger::signed_head(&self.connect()?)?)
+    }
+
+    /// A session and its child sessions (all the way down) as one timeline:
+    /// every event in time order, each with its `session` and `depth`, and
+    /// the sessions themselves.
+    pub fn timeline(&self, id: &SessionId) -> Result<(Vec<SessionRecord>, Vec<Value>), StoreError> {
+        let conn = self.connect()?;
+        let top = conn
+            .query_row(&format!("{SESSION_COLUMNS} WHERE id = ?1"), [id.as_str()], session_from_row)
+            .map_err(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => StoreError::NoSuchSession(id.to_string()),
+                other => other.into(),
+            })?;
+        let mut sessions = vec![top];
+        let mut index = 0;
+        while index < sessions.len() {
+            let parent = sessions[index].id.clone();
+            let mut statement =
+                conn.prepare(&format!("{SESSION_COLUMNS} WHERE parent = ?1 ORDER BY started_at, id"))?;
+            let children: Vec<SessionRecord> =
+                statement.query_map([parent.as_str()], session_from_row)?.collect::<Result<_, _>>()?;
+            sessions.extend(children);
+            index += 1;
+        }
+        let mut events = Vec::new();
+        for session in &sessions {
+            let mut statement = conn
+                .prepare("SELECT seq, at, kind, pid, verdict, detail FROM events WHERE session_id = ?1 ORDER BY seq")?;
+            let rows = statement.query_map([session.id.as_str()], |row| {
+                let mut event = Map::new();
+                event.insert("session".into(), session.id.to_string().into());
+                event.insert("depth".into(), session.depth.into());
+                event.insert("seq".into(), row.get::<_, i64>(0)?.into());
+                event.insert("at".into(), row.get::<_, String>(1)?.into());
+                event.insert("kind".into(), row.get::<_, String>(2)?.into());
+                event.insert("pid".into(), row.get::<_, i64>(3)?.into());
+                if let Some(verdict) = row.get::<_, Option<String>>(4)? {
+                    event.insert("verdict".into(), verdict.into());
+                }
+                if let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(&row.get::<_, String>(5)?) {
+                    for (key, value) in detail {
+                        event.entry(key).or_insert(value);
+                    }
+                }
+                Ok(Value::Object(event))
+            })?;
+            for row in rows {
+                events.push(row?);
+            }
+        }
+        // RFC 3339 with fixed nanoseconds and Z sorts as text; equal times keep their order.
+        events.sort_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()));
+        Ok((sessions, events))
     }
 
     /// Counts of events the kernel could not deliver, by kind.

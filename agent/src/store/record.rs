@@ -23,11 +23,13 @@ pub enum RecordKind {
     Lost,
     /// A grant the session held stopped being honoured (expired unused, or revoked).
     Grant,
+    /// Terminal output of the session's command, as its terminal showed it.
+    Output,
 }
 
 impl RecordKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Kernel(EventKind::Exec),
         Self::Kernel(EventKind::Fork),
         Self::Kernel(EventKind::Exit),
@@ -39,6 +41,7 @@ impl RecordKind {
         Self::Session,
         Self::Lost,
         Self::Grant,
+        Self::Output,
     ];
 
     /// The kind a stored name stands for.
@@ -56,6 +59,7 @@ impl RecordKind {
             Self::Session => "session",
             Self::Lost => "lost",
             Self::Grant => "grant",
+            Self::Output => "output",
         }
     }
 }

@@ -77,6 +77,35 @@ const MIGRATIONS: &[&str] = &[
         by          TEXT,
         reason      TEXT
      );",
+    // 3: the ledger (see ledger.rs): one host-wide hash chain over every
+    // session opening, event and session end; the signed head; and the
+    // signed checkpoints pruning leaves.
+    "CREATE TABLE ledger (
+        n           INTEGER PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        seq         INTEGER,
+        at          TEXT NOT NULL,
+        hash        BLOB NOT NULL
+     );
+     CREATE INDEX ledger_by_session ON ledger(session_id, kind, seq);
+     CREATE TABLE chain_head (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        n           INTEGER NOT NULL,
+        hash        BLOB NOT NULL,
+        signed_at   TEXT NOT NULL,
+        signature   BLOB NOT NULL,
+        public_key  TEXT NOT NULL
+     );
+     CREATE TABLE checkpoints (
+        n               INTEGER PRIMARY KEY,
+        hash            BLOB NOT NULL,
+        pruned_sessions INTEGER NOT NULL,
+        pruned_records  INTEGER NOT NULL,
+        at              TEXT NOT NULL,
+        until           TEXT NOT NULL,
+        signature       BLOB NOT NULL
+     );",
 ];
 
 /// The session log holds every session's commands and traffic: root only.

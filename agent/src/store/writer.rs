@@ -16,7 +16,11 @@ use std::{
 
 use rusqlite::{Connection, params};
 
-use super::{EventRecord, GrantEvent, RecordVerdict, SessionId, SessionRecord, StoreError, schema};
+use super::{
+    EventRecord, GrantEvent, RecordVerdict, SessionId, SessionRecord, StoreError,
+    ledger::{Chain, Entry, LedgerKey},
+    schema,
+};
 
 const MAX_BATCH: usize = 2000;
 /// Events queued for the writer at most; past that they are dropped and
@@ -48,13 +52,15 @@ pub struct WriterHandle {
 }
 
 impl Writer {
-    /// Opens (creating and migrating) the database and starts the thread.
-    pub fn start(path: &Path, flush_interval: Duration) -> Result<Self, StoreError> {
-        let conn = schema::open(path)?;
+    /// Opens (creating and migrating) the database and starts the thread,
+    /// which chains every record and signs the chain's head with `key`.
+    pub fn start(path: &Path, flush_interval: Duration, key: Option<LedgerKey>) -> Result<Self, StoreError> {
+        let mut conn = schema::open(path)?;
+        let chain = Chain::open(&mut conn, key)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_LIMIT);
         let thread = std::thread::Builder::new()
             .name("session-log".into())
-            .spawn(move || run(conn, rx, flush_interval))
+            .spawn(move || run(conn, chain, rx, flush_interval))
             .map_err(|_| StoreError::WriterGone)?;
         Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default() } })
     }
@@ -119,7 +125,7 @@ impl WriterHandle {
     }
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, flush_interval: Duration) {
+fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_interval: Duration) {
     let mut seqs: HashMap<SessionId, i64> = HashMap::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -132,19 +138,23 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, flush_interval: Duration) {
                 Err(_) => break,
             }
         }
-        commit(&mut conn, &mut seqs, batch);
+        commit(&mut conn, &mut chain, &mut seqs, batch);
     }
 }
 
-fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<Op>) {
+fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId, i64>, batch: Vec<Op>) {
     let mut acks = Vec::new();
     let mut flushes = Vec::new();
+    // A batch that fails leaves the chain where it was.
+    let (chain_n, chain_hash) = (chain.n, chain.hash);
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
         for op in batch {
             match op {
                 Op::Open(record, ack) => {
-                    let outcome = insert_session(&tx, &record).map(|_| ()).map_err(|e| e.to_string());
+                    let outcome = insert_session(&tx, &record)
+                        .and_then(|_| chain.append(&tx, Entry::Session, record.id.as_str(), None, &record.started_at))
+                        .map_err(|e| e.to_string());
                     if outcome.is_ok() {
                         seqs.insert(record.id.clone(), 0);
                     }
@@ -165,7 +175,7 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
                     *seq += 1;
                     count_usage(&tx, &session, &event)?;
                     let detail = serde_json::Value::Object(event.detail).to_string();
-                    if let Err(e) = tx.execute(
+                    let inserted = tx.execute(
                         "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                         params![
@@ -177,15 +187,20 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
                             event.verdict.map(RecordVerdict::as_str),
                             detail
                         ],
-                    ) {
-                        tracing::error!(session = %session, error = %e, "cannot record event");
+                    );
+                    match inserted {
+                        Ok(_) => chain.append(&tx, Entry::Event, session.as_str(), Some(*seq), &event.at)?,
+                        Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
                     }
                 }
                 Op::End(session, ended_at) => {
-                    tx.execute(
+                    let ended = tx.execute(
                         "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
                         params![session.as_str(), ended_at],
                     )?;
+                    if ended > 0 {
+                        chain.append(&tx, Entry::End, session.as_str(), None, &ended_at)?;
+                    }
                     seqs.remove(&session);
                 }
                 Op::Lost(kind, count) => {
@@ -211,10 +226,13 @@ fn commit(conn: &mut Connection, seqs: &mut HashMap<SessionId, i64>, batch: Vec<
                 Op::Flush(ack) => flushes.push(ack),
             }
         }
+        chain.sign(&tx)?;
         tx.commit()
     })();
     if let Err(e) = &result {
         tracing::error!(error = %e, "session log batch failed");
+        chain.n = chain_n;
+        chain.hash = chain_hash;
     }
     for (ack, outcome) in acks {
         let outcome = match (&result, outcome) {

@@ -1,0 +1,497 @@
+//! Tamper evidence: every record of the session log (a session opening, an
+//! event, a session's end) takes a place in one host-wide chain, the
+//! ledger. Each place holds SHA-256 over the previous place's hash and the
+//! record's content as stored, so an edited, deleted or inserted row, or a
+//! deleted session, no longer fits. The writer signs the chain's head
+//! (Ed25519, a key in the state directory) after every batch, so cutting
+//! off the end shows too; pruning leaves a signed checkpoint.
+
+use std::{
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::StoreError;
+
+/// A SHA-256 hash.
+pub type Hash = [u8; 32];
+
+/// The hash the chain starts from.
+pub const GENESIS: Hash = [0; 32];
+
+/// What a place in the chain holds a record of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A session's opening (its row, without its end).
+    Session,
+    /// One event of a session.
+    Event,
+    /// A session's end.
+    End,
+}
+
+impl Entry {
+    /// The name stored in `ledger.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Event => "event",
+            Self::End => "end",
+        }
+    }
+}
+
+/// `SHA-256(prev || content)`.
+pub fn link(prev: &Hash, content: &str) -> Hash {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(prev);
+    context.update(content.as_bytes());
+    let digest = context.finish();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// What a signature over the chain's head covers.
+pub fn head_message(n: i64, hash: &Hash) -> Vec<u8> {
+    let mut message = b"tollgate ledger head\0".to_vec();
+    message.extend_from_slice(&n.to_be_bytes());
+    message.extend_from_slice(hash);
+    message
+}
+
+/// What a checkpoint's signature covers: where pruning stopped and what it took.
+pub fn checkpoint_message(n: i64, hash: &Hash, sessions: i64, records: i64) -> Vec<u8> {
+    let mut message = b"tollgate ledger checkpoint\0".to_vec();
+    message.extend_from_slice(&n.to_be_bytes());
+    message.extend_from_slice(hash);
+    message.extend_from_slice(&sessions.to_be_bytes());
+    message.extend_from_slice(&records.to_be_bytes());
+    message
+}
+
+/// The host's signing key.
+pub struct LedgerKey {
+    pair: Ed25519KeyPair,
+}
+
+impl LedgerKey {
+    /// Loads the key at `path`, creating it (root-only) if absent, and
+    /// writes its public half next to it (`<path>.pub`, world-readable).
+    pub fn ensure(path: &Path) -> Result<Self, StoreError> {
+        let fail = |source| StoreError::File { path: path.display().to_string(), source };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let rng = ring::rand::SystemRandom::new();
+                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
+                    .map_err(|_| fail(std::io::Error::other("cannot generate a key")))?;
+                let mut file =
+                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(fail)?;
+                file.write_all(pkcs8.as_ref()).map_err(fail)?;
+                pkcs8.as_ref().to_vec()
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        let pair =
+            Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| fail(std::io::Error::other("not an Ed25519 PKCS#8 key")))?;
+        let key = Self { pair };
+        std::fs::write(public_path(path), format!("{}\n", key.public_text())).map_err(fail)?;
+        Ok(key)
+    }
+
+    /// Loads the key at `path` (it must exist).
+    pub fn load(path: &Path) -> Result<Self, StoreError> {
+        let fail = |source| StoreError::File { path: path.display().to_string(), source };
+        let bytes = std::fs::read(path).map_err(fail)?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| fail(std::io::Error::other("not an Ed25519 PKCS#8 key")))?;
+        Ok(Self { pair })
+    }
+
+    /// The public key as `ed25519:BASE64`.
+    pub fn public_text(&self) -> String {
+        format!("ed25519:{}", STANDARD.encode(self.pair.public_key().as_ref()))
+    }
+
+    /// Signs `message`.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+}
+
+/// Where the public half of the key at `path` is written.
+pub fn public_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+/// Checks `signature` over `message` with a public key in `ed25519:BASE64` form.
+pub fn signature_holds(public: &str, message: &[u8], signature: &[u8]) -> bool {
+    let Some(encoded) = public.trim().strip_prefix("ed25519:") else { return false };
+    let Ok(bytes) = STANDARD.decode(encoded) else { return false };
+    UnparsedPublicKey::new(&ED25519, bytes).verify(message, signature).is_ok()
+}
+
+/// The stored content of a session's opening: every column but its end.
+pub fn session_content(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT json_array(id, identity, subject, issuer, claims, host, uid, privileged, grants, cgroup, command,
+                started_at, parent, depth, reason, ttl_secs) FROM sessions WHERE id = ?1",
+        [id],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+/// The stored content of one event.
+pub fn event_content(conn: &Connection, session: &str, seq: i64) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT json_array(session_id, seq, at, kind, pid, verdict, detail) FROM events
+         WHERE session_id = ?1 AND seq = ?2",
+        params![session, seq],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+/// The stored content of a session's end.
+pub fn end_content(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT json_array(id, ended_at) FROM sessions WHERE id = ?1 AND ended_at IS NOT NULL",
+        [id],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+/// The content a ledger place stands for, as stored now (`None`: gone).
+pub fn content_of(conn: &Connection, kind: &str, session: &str, seq: Option<i64>) -> rusqlite::Result<Option<String>> {
+    match (kind, seq) {
+        ("session", _) => session_content(conn, session),
+        ("event", Some(seq)) => event_content(conn, session, seq),
+        ("end", _) => end_content(conn, session),
+        _ => Ok(None),
+    }
+}
+
+/// The writer's end of the chain: appends places and signs the head.
+pub struct Chain {
+    /// The last place.
+    pub n: i64,
+    /// Its hash.
+    pub hash: Hash,
+    key: Option<LedgerKey>,
+    dirty: bool,
+}
+
+impl Chain {
+    /// The chain as `conn` holds it, signing with `key`. Rows written before
+    /// the ledger existed (an older tollgate) are taken into it first, in
+    /// the order they were recorded.
+    pub fn open(conn: &mut Connection, key: Option<LedgerKey>) -> rusqlite::Result<Self> {
+        let last: Option<(i64, Vec<u8>)> = conn
+            .query_row("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let checkpoint: Option<(i64, Vec<u8>)> = conn
+            .query_row("SELECT n, hash FROM checkpoints ORDER BY n DESC LIMIT 1", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let (n, hash) = last.or(checkpoint).map_or((0, GENESIS), |(n, hash)| (n, to_hash(&hash)));
+        let mut chain = Self { n, hash, key, dirty: false };
+        let tx = conn.transaction()?;
+        chain.backfill(&tx)?;
+        chain.sign(&tx)?;
+        tx.commit()?;
+        Ok(chain)
+    }
+
+    fn backfill(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let sessions: Vec<(String, bool)> = {
+            let mut statement = tx.prepare(
+                "SELECT id, ended_at IS NOT NULL FROM sessions s
+                 WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.kind = 'session' AND l.session_id = s.id)
+                 ORDER BY started_at, id",
+            )?;
+            statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?
+        };
+        for (id, ended) in sessions {
+            self.append(tx, Entry::Session, &id, None, "")?;
+            let seqs: Vec<(i64, String)> = {
+                let mut statement = tx.prepare("SELECT seq, at FROM events WHERE session_id = ?1 ORDER BY seq")?;
+                statement.query_map([&id], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?
+            };
+            for (seq, at) in seqs {
+                self.append(tx, Entry::Event, &id, Some(seq), &at)?;
+            }
+            if ended {
+                self.append(tx, Entry::End, &id, None, "")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the record (already written in `tx`) to the chain.
+    pub fn append(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        kind: Entry,
+        session: &str,
+        seq: Option<i64>,
+        at: &str,
+    ) -> rusqlite::Result<()> {
+        let Some(content) = content_of(tx, kind.as_str(), session, seq)? else { return Ok(()) };
+        let hash = link(&self.hash, &content);
+        let n = self.n + 1;
+        let at = if at.is_empty() { super::rfc3339(std::time::SystemTime::now()) } else { at.to_owned() };
+        tx.execute(
+            "INSERT INTO ledger (n, kind, session_id, seq, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![n, kind.as_str(), session, seq, at, hash.as_slice()],
+        )?;
+        self.n = n;
+        self.hash = hash;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Signs the head if anything was appended since the last signature.
+    pub fn sign(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let Some(key) = &self.key else { return Ok(()) };
+        if !self.dirty && self.n > 0 {
+            return Ok(());
+        }
+        let signature = key.sign(&head_message(self.n, &self.hash));
+        tx.execute(
+            "INSERT INTO chain_head (id, n, hash, signed_at, signature, public_key) VALUES (1, ?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET n = excluded.n, hash = excluded.hash, signed_at = excluded.signed_at,
+                 signature = excluded.signature, public_key = excluded.public_key",
+            params![
+                self.n,
+                self.hash.as_slice(),
+                super::rfc3339(std::time::SystemTime::now()),
+                signature,
+                key.public_text()
+            ],
+        )?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The key, for checkpoints.
+    pub fn key(&self) -> Option<&LedgerKey> {
+        self.key.as_ref()
+    }
+}
+
+/// Bytes from the database as a hash (short or long values never match a real one).
+pub fn to_hash(bytes: &[u8]) -> Hash {
+    let mut out = [0u8; 32];
+    let len = bytes.len().min(32);
+    out[..len].copy_from_slice(&bytes[..len]);
+    out
+}
+
+/// The signed head of the chain.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SignedHead {
+    /// The number of the last place.
+    pub n: i64,
+    /// Its hash, hex.
+    pub hash: String,
+    /// When it was signed.
+    pub signed_at: String,
+    /// The signature, base64.
+    pub signature: String,
+    /// The host's public key, `ed25519:BASE64`.
+    pub public_key: String,
+}
+
+impl SignedHead {
+    /// Does the signature hold under `public` (the key a reviewer trusts)?
+    pub fn holds_under(&self, public: &str) -> bool {
+        let (Ok(hash), Ok(signature)) = (hex_decode(&self.hash), STANDARD.decode(&self.signature)) else {
+            return false;
+        };
+        hash.len() == 32 && signature_holds(public, &head_message(self.n, &to_hash(&hash)), &signature)
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(text: &str) -> Result<Vec<u8>, ()> {
+    if !text.len().is_multiple_of(2) {
+        return Err(());
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| ())).collect()
+}
+
+/// Reads the signed head.
+pub fn signed_head(conn: &Connection) -> rusqlite::Result<Option<SignedHead>> {
+    conn.query_row("SELECT n, hash, signed_at, signature, public_key FROM chain_head WHERE id = 1", [], |row| {
+        Ok(SignedHead {
+            n: row.get(0)?,
+            hash: hex(&row.get::<_, Vec<u8>>(1)?),
+            signed_at: row.get(2)?,
+            signature: STANDARD.encode(row.get::<_, Vec<u8>>(3)?),
+            public_key: row.get(4)?,
+        })
+    })
+    .optional()
+}
+
+/// What `verify` found: everything fits, or the first place that does not.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// Places checked.
+    pub records: i64,
+    /// Sessions checked.
+    pub sessions: i64,
+    /// The signed head, if the log has one.
+    pub head: Option<SignedHead>,
+    /// Checkpoints left by pruning, oldest first.
+    pub checkpoints: Vec<serde_json::Value>,
+    /// The first thing that does not fit, if any.
+    pub problem: Option<String>,
+}
+
+/// Recomputes the chain (all of it, or the places of `session`, or those
+/// from `since` on) and checks the head's and checkpoints' signatures
+/// against `public` (default: the key stored with the head).
+pub fn verify(
+    conn: &Connection,
+    session: Option<&str>,
+    since: Option<&str>,
+    public: Option<&str>,
+) -> rusqlite::Result<Verification> {
+    let head = signed_head(conn)?;
+    let public = public.map(str::to_owned).or_else(|| head.as_ref().map(|h| h.public_key.clone())).unwrap_or_default();
+    let mut result =
+        Verification { records: 0, sessions: 0, head: head.clone(), checkpoints: Vec::new(), problem: None };
+    // Checkpoints: where pruning stopped, signed.
+    let mut start: (i64, Hash) = (0, GENESIS);
+    {
+        let mut statement = conn.prepare(
+            "SELECT n, hash, pruned_sessions, pruned_records, at, until, signature FROM checkpoints ORDER BY n",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, String>(5)?,
+                row.get::<_, Vec<u8>>(6)?,
+            ))
+        })?;
+        for row in rows {
+            let (n, hash, sessions, records, at, until, signature) = row?;
+            let hash = to_hash(&hash);
+            if !signature_holds(&public, &checkpoint_message(n, &hash, sessions, records), &signature) {
+                result
+                    .problem
+                    .get_or_insert(format!("the checkpoint at record {n} ({at}) is not signed by the host's key"));
+            }
+            result.checkpoints.push(serde_json::json!({
+                "n": n, "hash": hex(&hash), "pruned_sessions": sessions, "pruned_records": records,
+                "at": at, "pruned_until": until,
+            }));
+            start = (n, hash);
+        }
+    }
+    // The chain, place by place.
+    let mut statement = conn.prepare("SELECT n, kind, session_id, seq, at, hash FROM ledger ORDER BY n")?;
+    let mut rows = statement.query([])?;
+    let (mut expected_n, mut prev) = (start.0 + 1, start.1);
+    let mut seen_sessions = std::collections::BTreeSet::new();
+    while let Some(row) = rows.next()? {
+        let (n, kind, id, seq, at, stored): (i64, String, String, Option<i64>, String, Vec<u8>) =
+            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?);
+        let stored = to_hash(&stored);
+        let name = describe(n, &kind, &id, seq);
+        let in_scope = session.is_none_or(|s| s == id) && since.is_none_or(|since| at.as_str() >= since);
+        if result.problem.is_none() {
+            if n != expected_n {
+                result.problem = Some(format!("record {expected_n} is missing from the chain (the next is {name})"));
+            } else if in_scope {
+                match content_of(conn, &kind, &id, seq)? {
+                    None => result.problem = Some(format!("{name} is gone (deleted)")),
+                    Some(content) if link(&prev, &content) != stored => {
+                        result.problem =
+                            Some(format!("{name} does not match its hash (edited, or the chain before it was)"));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if in_scope {
+            result.records += 1;
+            seen_sessions.insert(id);
+        }
+        expected_n = n + 1;
+        prev = stored;
+    }
+    result.sessions = seen_sessions.len() as i64;
+    if result.problem.is_none() {
+        result.problem = unchained_rows(conn, session)?;
+    }
+    if result.problem.is_none() && session.is_none() {
+        let last = (expected_n - 1, prev);
+        result.problem = match &head {
+            None if last.0 > start.0 => Some("the log has records but no signed head".into()),
+            None => None,
+            Some(head) if !head.holds_under(&public) => Some("the chain's head is not signed by the host's key".into()),
+            Some(head) if head.n != last.0 || head.hash != hex(&last.1) => Some(format!(
+                "the chain ends at record {} but its signed head is record {} (records cut off or added after signing)",
+                last.0, head.n
+            )),
+            Some(_) => None,
+        };
+    }
+    Ok(result)
+}
+
+/// A row the chain does not account for: inserted behind the writer's back.
+fn unchained_rows(conn: &Connection, session: Option<&str>) -> rusqlite::Result<Option<String>> {
+    let filter = session.unwrap_or("%");
+    let event: Option<(String, i64)> = conn
+        .query_row(
+            "SELECT e.session_id, e.seq FROM events e WHERE e.session_id LIKE ?1 AND NOT EXISTS
+               (SELECT 1 FROM ledger l WHERE l.kind = 'event' AND l.session_id = e.session_id AND l.seq = e.seq)
+             ORDER BY e.session_id, e.seq LIMIT 1",
+            [filter],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    if let Some((id, seq)) = event {
+        return Ok(Some(format!("event {seq} of session {id} is not in the chain (inserted)")));
+    }
+    let session_row: Option<String> = conn
+        .query_row(
+            "SELECT s.id FROM sessions s WHERE s.id LIKE ?1 AND NOT EXISTS
+               (SELECT 1 FROM ledger l WHERE l.kind = 'session' AND l.session_id = s.id) LIMIT 1",
+            [filter],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(session_row.map(|id| format!("session {id} is not in the chain (inserted)")))
+}
+
+fn describe(n: i64, kind: &str, id: &str, seq: Option<i64>) -> String {
+    match (kind, seq) {
+        ("event", Some(seq)) => format!("record {n} (event {seq} of session {id})"),
+        ("end", _) => format!("record {n} (the end of session {id})"),
+        _ => format!("record {n} (session {id})"),
+    }
+}
