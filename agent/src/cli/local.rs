@@ -17,7 +17,7 @@ pub enum Source {
     /// A daemon answers here.
     Daemon(PathBuf),
     /// No daemon: read the store directly.
-    Local(Local),
+    Local(Box<Local>),
 }
 
 /// A stopped host's configuration and its session log.
@@ -55,5 +55,5 @@ pub fn source(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Resul
     })?;
     eprintln!("tollgate: no daemon at {}; reading {} read-only", socket.display(), database.display());
     let reader = Reader::new(&database);
-    Ok(Source::Local(Local { config, reader }))
+    Ok(Source::Local(Box::new(Local { config, reader })))
 }

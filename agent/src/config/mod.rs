@@ -64,6 +64,10 @@ pub struct Config {
     /// Nested sessions (agents that start agents).
     #[serde(default)]
     pub delegation: Delegation,
+    /// Sessions that ended longer ago than this are pruned from the log
+    /// (a signed checkpoint marks the pruned range). Kept forever when absent.
+    #[serde(default, deserialize_with = "crate::yaml::optional_duration")]
+    pub retention: Option<Duration>,
 }
 
 /// Limits and review thresholds of delegation chains.

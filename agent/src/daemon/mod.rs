@@ -67,6 +67,19 @@ fn status(
     })
 }
 
+/// Prunes sessions past `retention` now and then on a schedule (every hour,
+/// or half the retention when that is shorter).
+async fn prune(log: SessionLog, retention: std::time::Duration) -> anyhow::Result<()> {
+    let every = (retention / 2).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if let Some(cutoff) = std::time::SystemTime::now().checked_sub(retention) {
+            log.prune(cutoff);
+        }
+    }
+}
+
 /// Whether Yama stops a process from ptracing anything but its own
 /// descendants (`ptrace_scope` 1 or more). Without it, a child session's
 /// processes can ptrace their parent session's (same uid) and act with the
@@ -212,6 +225,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed));
     tasks.spawn(sessions.clone().reap());
     tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));
+    if let Some(retention) = config.retention {
+        tasks.spawn(prune(log.clone(), retention));
+    }
     tasks.spawn(crate::api::server::serve(control, listener));
     tasks.spawn(crate::proxy::serve(proxy, proxy_listeners));
     if let Some(logger) = logger {
@@ -249,6 +265,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&config.socket);
+    log.checkpoint();
     log.flush();
     drop(sessions);
     drop(log);

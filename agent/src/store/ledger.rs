@@ -291,6 +291,81 @@ impl Chain {
     }
 }
 
+/// What one pruning removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Sessions removed.
+    pub sessions: i64,
+    /// Chain places removed.
+    pub records: i64,
+}
+
+/// Removes the sessions that ended before `cutoff` (RFC 3339), as far as
+/// the chain allows: the longest prefix of it whose places all belong to
+/// such sessions, and no session in part. The place the prefix ends at is
+/// kept as a checkpoint signed with the host's key, so pruning shows.
+pub fn prune(tx: &rusqlite::Transaction<'_>, chain: &Chain, cutoff: &str) -> rusqlite::Result<Pruned> {
+    let Some(key) = chain.key() else { return Ok(Pruned::default()) };
+    let first_kept: Option<i64> = tx.query_row(
+        "SELECT MIN(l.n) FROM ledger l JOIN sessions s ON s.id = l.session_id
+         WHERE s.ended_at IS NULL OR s.ended_at >= ?1",
+        [cutoff],
+        |row| row.get(0),
+    )?;
+    let mut through = match first_kept {
+        Some(n) => n - 1,
+        None => chain.n,
+    };
+    // A session with places on both sides of the cut stays whole: move the cut before it.
+    loop {
+        let split: Option<i64> = tx.query_row(
+            "SELECT MIN(l.n) FROM ledger l WHERE l.n <= ?1 AND l.session_id IN
+               (SELECT session_id FROM ledger WHERE n > ?1)",
+            [through],
+            |row| row.get(0),
+        )?;
+        match split {
+            Some(n) => through = n - 1,
+            None => break,
+        }
+    }
+    let floor: i64 = tx.query_row("SELECT COALESCE(MIN(n), 1) - 1 FROM ledger", [], |row| row.get(0))?;
+    if through <= floor {
+        return Ok(Pruned::default());
+    }
+    let hash: Vec<u8> = tx.query_row("SELECT hash FROM ledger WHERE n = ?1", [through], |row| row.get(0))?;
+    let hash = to_hash(&hash);
+    let sessions: Vec<String> = {
+        let mut statement = tx.prepare(
+            "SELECT DISTINCT l.session_id FROM ledger l JOIN sessions s ON s.id = l.session_id
+             WHERE l.n <= ?1 ORDER BY s.depth DESC",
+        )?;
+        statement.query_map([through], |row| row.get(0))?.collect::<Result<_, _>>()?
+    };
+    let records: i64 = tx.query_row("SELECT COUNT(*) FROM ledger WHERE n <= ?1", [through], |row| row.get(0))?;
+    for id in &sessions {
+        tx.execute("DELETE FROM events WHERE session_id = ?1", [id])?;
+        tx.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+    }
+    tx.execute("DELETE FROM ledger WHERE n <= ?1", [through])?;
+    let count = sessions.len() as i64;
+    let signature = key.sign(&checkpoint_message(through, &hash, count, records));
+    tx.execute(
+        "INSERT INTO checkpoints (n, hash, pruned_sessions, pruned_records, at, until, signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            through,
+            hash.as_slice(),
+            count,
+            records,
+            super::rfc3339(std::time::SystemTime::now()),
+            cutoff,
+            signature
+        ],
+    )?;
+    Ok(Pruned { sessions: count, records })
+}
+
 /// Bytes from the database as a hash (short or long values never match a real one).
 pub fn to_hash(bytes: &[u8]) -> Hash {
     let mut out = [0u8; 32];

@@ -89,6 +89,16 @@ impl SessionLog {
         self.writer.grants_seen(names, rfc3339(SystemTime::now()));
     }
 
+    /// Prunes sessions that ended before `cutoff`, leaving a signed checkpoint.
+    pub fn prune(&self, cutoff: SystemTime) {
+        self.writer.prune(rfc3339(cutoff));
+    }
+
+    /// Folds the WAL into the database file (at a clean stop).
+    pub fn checkpoint(&self) {
+        self.writer.checkpoint();
+    }
+
     /// Waits until everything recorded so far is committed.
     pub fn flush(&self) {
         self.writer.flush();

@@ -34,6 +34,8 @@ enum Op {
     Lost(String, u64),
     Grant(GrantEvent),
     GrantsSeen(Vec<String>, String),
+    Prune(String),
+    Checkpoint,
     Flush(mpsc::Sender<()>),
 }
 
@@ -116,6 +118,16 @@ impl WriterHandle {
         let _ = self.tx.send(Op::GrantsSeen(names, at));
     }
 
+    /// Queues the pruning of sessions that ended before `cutoff` (RFC 3339).
+    pub fn prune(&self, cutoff: String) {
+        let _ = self.tx.send(Op::Prune(cutoff));
+    }
+
+    /// Queues a WAL checkpoint: the database file alone then holds everything.
+    pub fn checkpoint(&self) {
+        let _ = self.tx.send(Op::Checkpoint);
+    }
+
     /// Waits until everything queued so far is committed.
     pub fn flush(&self) {
         let (ack, done) = mpsc::channel();
@@ -147,6 +159,7 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
     let mut flushes = Vec::new();
     // A batch that fails leaves the chain where it was.
     let (chain_n, chain_hash) = (chain.n, chain.hash);
+    let mut checkpoint = false;
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
         for op in batch {
@@ -223,6 +236,19 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                         )?;
                     }
                 }
+                Op::Prune(cutoff) => {
+                    let pruned = super::ledger::prune(&tx, chain, &cutoff)?;
+                    if pruned.sessions > 0 {
+                        tracing::info!(
+                            sessions = pruned.sessions,
+                            records = pruned.records,
+                            until = cutoff,
+                            "pruned the session log past its retention; a signed checkpoint marks it"
+                        );
+                        seqs.clear();
+                    }
+                }
+                Op::Checkpoint => checkpoint = true,
                 Op::Flush(ack) => flushes.push(ack),
             }
         }
@@ -233,6 +259,9 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
         tracing::error!(error = %e, "session log batch failed");
         chain.n = chain_n;
         chain.hash = chain_hash;
+    }
+    if checkpoint && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        tracing::warn!(error = %e, "cannot checkpoint the session log's WAL");
     }
     for (ack, outcome) in acks {
         let outcome = match (&result, outcome) {
