@@ -4,6 +4,7 @@
 
 mod access_review;
 mod attribution;
+mod audit;
 mod cli;
 mod daemon_lifecycle;
 mod delegation;

@@ -223,6 +223,22 @@ impl Daemon {
         child.wait().expect("reaping the killed daemon");
     }
 
+    /// Stops the daemon cleanly (SIGTERM) but keeps its directory, state and
+    /// configuration: for reading a stopped host's log, or [`Daemon::restart`].
+    pub fn halt(&mut self) {
+        let child = self.child.take().expect("the daemon is running");
+        match terminate(child) {
+            Ok(Stopped::Exited(_)) => {}
+            Ok(Stopped::Killed) => panic!("tollgate daemon did not exit within {STOP_GRACE:?} of SIGTERM"),
+            Err(err) => panic!("stopping tollgate daemon: {err:#}"),
+        }
+    }
+
+    /// The daemon's configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
     /// Asks the daemon to stop for a handover (SIGUSR2) and waits for it to exit.
     pub fn handover(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the daemon is running");

@@ -239,7 +239,9 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
                 Err(e) => return Response::error(ErrorKind::BadRequest, e),
             };
             let (reviews, reader) = (control.reviews.clone(), control.reader.clone());
-            blocking(move || match reviews.reviewer(caller) {
+            // Root outside sessions may read the log file anyway; others must be reviewers.
+            let root = caller.uid == 0 && placement() == Placement::Outside;
+            blocking(move || match if root { Ok(String::new()) } else { reviews.reviewer(caller) } {
                 Ok(_) => reply(reader.verify(session.as_ref(), since.as_deref(), None)),
                 Err(e) => reply::<()>(Err(e)),
             })
