@@ -4,4 +4,5 @@
 pub mod client;
 mod errors;
 pub mod protocol;
+pub mod pull;
 pub mod server;

@@ -133,6 +133,11 @@ impl Reviews {
         if member { Ok(user.name) } else { Err(ReviewError::NotReviewer(user.name)) }
     }
 
+    /// How many requests wait for a reviewer now.
+    pub fn waiting(&self) -> usize {
+        self.approvals.pending().len()
+    }
+
     /// Every held request, for a reviewer.
     pub fn pending(&self, caller: Caller) -> Result<Vec<Pending>, ReviewError> {
         self.reviewer(caller)?;

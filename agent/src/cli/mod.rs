@@ -5,9 +5,10 @@ mod local;
 mod output;
 mod replay;
 mod run;
-mod window;
 
 use local::Source;
+
+use crate::report::window;
 
 use std::{collections::BTreeMap, path::PathBuf};
 

@@ -68,6 +68,33 @@ pub struct Config {
     /// (a signed checkpoint marks the pruned range). Kept forever when absent.
     #[serde(default, deserialize_with = "crate::yaml::optional_duration")]
     pub retention: Option<Duration>,
+    /// Where reviewers pull reports over HTTPS (`/v1/...`, `/metrics`); off when absent.
+    #[serde(default)]
+    pub report_listen: Option<std::net::SocketAddr>,
+    /// The certificate and key the report listener serves.
+    #[serde(default)]
+    pub report_tls: Option<ReportTls>,
+}
+
+/// `report_tls:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportTls {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
+/// A token that may pull reports: from this issuer, carrying these claims.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtReviewer {
+    /// The token's `iss` (an issuer of `issuers`, or the dev issuer).
+    pub issuer: String,
+    /// Each must equal the token's claim, or be in it when that is an array.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Limits and review thresholds of delegation chains.
@@ -105,6 +132,9 @@ pub struct Reviewers {
     /// Group names; members (primary or supplementary) may review.
     #[serde(default)]
     pub unix_groups: Vec<String>,
+    /// Tokens that may pull reports from the report listener.
+    #[serde(default)]
+    pub jwt: Vec<JwtReviewer>,
 }
 
 fn default_proxy_port() -> u16 {
@@ -191,6 +221,13 @@ impl Config {
                 format!("cgroup '{}' must be a plain directory name", self.cgroup),
             ));
         }
+        if let (Some(listen), None) = (&self.report_listen, &self.report_tls) {
+            return Err(error(
+                "report_listen",
+                &listen.to_string(),
+                "report_listen needs report_tls (cert_file and key_file): reports are served over HTTPS only".into(),
+            ));
+        }
         if self.delegation.max_depth == 0 {
             return Err(error("max_depth", "0", "delegation.max_depth must be at least 1".into()));
         }
@@ -239,6 +276,11 @@ impl Config {
     /// The key that signs the session log's chain (its public half is `<path>.pub`).
     pub fn ledger_key_path(state_dir: &Path) -> PathBuf {
         state_dir.join("ledger-key.pk8")
+    }
+
+    /// Where the OTLP exporter keeps how far it got.
+    pub fn otlp_cursor_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("otlp-cursor")
     }
 
     /// The session log database.

@@ -209,6 +209,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Box::new(move || status(&config, &sessions, &log, &lost_totals, lsm_unavailable.as_deref(), &pinning))
         },
     });
+    // The report listener is bound before the daemon says it is ready: a
+    // port or certificate problem stops the start with a clear error.
+    let report_listener = match (&config.report_listen, &config.report_tls) {
+        (Some(addr), Some(tls)) => {
+            let acceptor = crate::api::pull::acceptor(tls)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for report pulls on {addr}"))?;
+            let pull = crate::api::pull::Pull {
+                control: control.clone(),
+                reviewers: config.reviewers.jwt.clone(),
+                log: log.clone(),
+            };
+            tracing::info!(listen = %addr, "report listener ready (HTTPS)");
+            Some((Arc::new(pull), listener, acceptor))
+        }
+        _ => None,
+    };
     tracing::info!(
         socket = %config.socket.display(),
         cgroup = %sessions.tree().sessions.display(),
@@ -222,6 +240,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(heartbeat::beat(config.state_dir.clone()));
+    if let Some((pull, listener, acceptor)) = report_listener {
+        tasks.spawn(crate::api::pull::serve(pull, listener, acceptor));
+    }
     tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed));
     tasks.spawn(sessions.clone().reap());
     tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));

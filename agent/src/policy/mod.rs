@@ -132,20 +132,25 @@ impl PolicySet {
 
     /// The first identity (in load order) that `issuer` and `claims` satisfy.
     pub fn match_identity(&self, issuer: &str, claims: &BTreeMap<String, serde_json::Value>) -> Option<&Identity> {
-        self.identities.iter().find(|identity| {
-            identity.issuer == issuer
-                && identity.claims.iter().all(|(name, wanted)| match claims.get(name) {
-                    Some(serde_json::Value::Array(items)) => items.iter().any(|item| claim_equals(item, wanted)),
-                    Some(value) => claim_equals(value, wanted),
-                    None => false,
-                })
-        })
+        self.identities.iter().find(|identity| identity.issuer == issuer && claims_match(&identity.claims, claims))
     }
 
     /// The grants of one identity.
     pub fn grants_for<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a Grant> + 'a {
         self.grants.iter().filter(move |grant| grant.identity == identity)
     }
+}
+
+/// Does every claim of `wanted` hold in `claims` (equal, or a member of an array claim)?
+pub fn claims_match(
+    wanted: &BTreeMap<String, serde_json::Value>,
+    claims: &BTreeMap<String, serde_json::Value>,
+) -> bool {
+    wanted.iter().all(|(name, wanted)| match claims.get(name) {
+        Some(serde_json::Value::Array(items)) => items.iter().any(|item| claim_equals(item, wanted)),
+        Some(value) => claim_equals(value, wanted),
+        None => false,
+    })
 }
 
 /// Claims compare as written: a policy's `42` matches a token's `42` or `"42"`,

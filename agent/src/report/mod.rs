@@ -6,6 +6,7 @@
 //! copy offline (`tollgate verify --report FILE --key PUB`).
 
 pub mod render;
+pub mod window;
 
 use std::collections::BTreeMap;
 

@@ -131,3 +131,66 @@ mod tests {
         let _ = sleeper.wait();
     }
 }
+
+/// The inode of the TCP socket whose local end is `local_end` and whose
+/// remote end is `remote_end`, from /proc/net/tcp{,6}.
+pub fn tcp_socket_inode(local_end: std::net::SocketAddr, remote_end: std::net::SocketAddr) -> Option<u64> {
+    use std::net::{IpAddr, SocketAddr};
+    // A v4 client of a dual-stack listener shows as v4-mapped there, as v4 here.
+    let plain = |addr: SocketAddr| match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, |v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
+        IpAddr::V4(_) => addr,
+    };
+    let encode = |addr: SocketAddr| -> String {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => format!("{:08X}", u32::from_le_bytes(v4.octets())),
+            IpAddr::V6(v6) => v6
+                .octets()
+                .chunks(4)
+                .map(|word| format!("{:08X}", u32::from_le_bytes([word[0], word[1], word[2], word[3]])))
+                .collect(),
+        };
+        format!("{ip}:{:04X}", addr.port())
+    };
+    let (local, remote) = (plain(local_end), plain(remote_end));
+    let table = if local.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let (want_local, want_remote) = (encode(local), encode(remote));
+    let text = std::fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&want_local.as_str()) && fields.get(2) == Some(&want_remote.as_str()))
+            .then(|| fields.get(9).and_then(|inode| inode.parse().ok()))
+            .flatten()
+    })
+}
+
+/// Does a process in the cgroup at `path` (or below it) hold socket `inode`?
+pub fn cgroup_holds_socket(path: &std::path::Path, inode: u64) -> bool {
+    let wanted = format!("socket:[{inode}]");
+    let pids = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+    let here = pids.lines().any(|pid| {
+        std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str()))
+    });
+    here || super::cgroup::children(path).iter().any(|(_, child, _)| cgroup_holds_socket(child, inode))
+}
+
+/// Is `ip` one of this host's addresses (loopback, or an interface's)?
+pub fn is_local_address(ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback()
+        || nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+            addrs.any(|a| {
+                a.address.is_some_and(|s| {
+                    s.as_sockaddr_in().map(|v4| std::net::IpAddr::V4(v4.ip())) == Some(ip)
+                        || s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())) == Some(ip)
+                })
+            })
+        })
+}

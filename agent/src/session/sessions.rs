@@ -354,6 +354,24 @@ impl Sessions {
         }
     }
 
+    /// Checks a token against the trusted issuers (blocking: may fetch keys).
+    pub fn verify_token(&self, token: &str) -> Result<crate::identity::VerifiedToken, TokenError> {
+        self.parts.verifier.verify(token)
+    }
+
+    /// Does a process of a live session hold the local end of the TCP
+    /// connection from `peer` to `local`? (Blocking: reads /proc.) A peer on
+    /// another host is no session; a local one whose socket cannot be found
+    /// counts as governed: fail closed.
+    pub fn holds_connection(&self, peer: std::net::SocketAddr, local: std::net::SocketAddr) -> bool {
+        if !peer::is_local_address(peer.ip()) {
+            return false;
+        }
+        let Some(inode) = peer::tcp_socket_inode(peer, local) else { return true };
+        let cgroups: Vec<PathBuf> = self.state().registry.active().map(|s| s.cgroup.clone()).collect();
+        cgroups.iter().any(|cgroup| peer::cgroup_holds_socket(cgroup, inode))
+    }
+
     /// True when `pid` runs inside one of this daemon's sessions.
     pub fn is_governed(&self, pid: u32) -> bool {
         matches!(self.placement(pid), Placement::Inside(_))

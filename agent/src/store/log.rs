@@ -15,12 +15,13 @@ use super::{
 pub struct SessionLog {
     writer: WriterHandle,
     clock: BootClock,
+    stats: std::sync::Arc<super::stats::Stats>,
 }
 
 impl SessionLog {
     /// Records through `writer`; kernel times are converted with a clock read now.
     pub fn new(writer: WriterHandle) -> Self {
-        Self { writer, clock: BootClock::now() }
+        Self { writer, clock: BootClock::now(), stats: Default::default() }
     }
 
     /// Records a new session and waits until it is committed (blocking).
@@ -39,6 +40,7 @@ impl SessionLog {
         detail: Map<String, Value>,
     ) {
         let at = rfc3339(self.clock.wall(boot_ns));
+        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str), &detail);
         self.writer.event(session, EventRecord { at, kind, pid, verdict, detail });
     }
 
@@ -46,6 +48,7 @@ impl SessionLog {
     /// reviewer, the session's lifecycle) rather than by the kernel.
     pub fn decided(&self, session: &SessionId, kind: RecordKind, verdict: RecordVerdict, detail: Map<String, Value>) {
         let at = rfc3339(SystemTime::now());
+        self.stats.record(kind.as_str(), Some(verdict.as_str()), &detail);
         // A decision about a request or a session, not about one process.
         self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail });
     }
@@ -65,6 +68,11 @@ impl SessionLog {
     /// Records a count of events the kernel could not deliver.
     pub fn lost(&self, kind: &str, count: u64) {
         self.writer.lost(kind, count);
+    }
+
+    /// What was recorded since the daemon started, counted.
+    pub fn stats(&self) -> &super::stats::Stats {
+        &self.stats
     }
 
     /// Events dropped because the writer's queue was full.

@@ -7,6 +7,7 @@ mod log;
 mod queries;
 mod record;
 mod schema;
+pub mod stats;
 mod writer;
 
 use std::{fmt, str::FromStr};

@@ -3,21 +3,22 @@
 
 use std::time::SystemTime;
 
-use anyhow::Context;
-
 use crate::store::rfc3339;
 
 /// The RFC 3339 time `text` names, relative to `now`.
-pub fn bound(text: &str, now: SystemTime) -> anyhow::Result<String> {
+pub fn bound(text: &str, now: SystemTime) -> Result<String, WindowError> {
     if let Ok(back) = humantime::parse_duration(text) {
         return Ok(rfc3339(now.checked_sub(back).unwrap_or(SystemTime::UNIX_EPOCH)));
     }
     let full = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_owned() };
-    let at = humantime::parse_rfc3339_weak(&full).with_context(|| {
-        format!("'{text}' is neither a duration (30d) nor a date (2026-01-31) nor an RFC 3339 time")
-    })?;
+    let at = humantime::parse_rfc3339_weak(&full).map_err(|_| WindowError(text.to_owned()))?;
     Ok(rfc3339(at))
 }
+
+/// A time bound that is neither a duration, a date nor a time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is neither a duration (30d) nor a date (2026-01-31) nor an RFC 3339 time")]
+pub struct WindowError(pub String);
 
 #[cfg(test)]
 mod tests {
