@@ -98,6 +98,19 @@ fn json_reply(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
     reply(status, "application/json", format!("{value}\n"))
 }
 
+/// Why a request is not answered: a status and a message.
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self(status, message.into())
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        refuse(self.0, &self.1)
+    }
+}
+
 fn refuse(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let mut response = json_reply(status, &json!({"error": message}));
     if status == StatusCode::UNAUTHORIZED
@@ -133,7 +146,7 @@ async fn handle(
     let admitted = tokio::task::spawn_blocking(move || admit(&pull_for_auth, peer, local, token.as_deref())).await;
     match admitted {
         Ok(Ok(())) => {}
-        Ok(Err(refusal)) => return refusal,
+        Ok(Err(refusal)) => return refusal.into_response(),
         Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
     tokio::task::spawn_blocking(move || route(&pull, &path, &query))
@@ -142,25 +155,25 @@ async fn handle(
 }
 
 /// Lets the request through, or says why not (blocking: reads /proc, may fetch keys).
-fn admit(pull: &Pull, peer: SocketAddr, local: SocketAddr, token: Option<&str>) -> Result<(), Response<Full<Bytes>>> {
+fn admit(pull: &Pull, peer: SocketAddr, local: SocketAddr, token: Option<&str>) -> Result<(), Refusal> {
     if pull.control.sessions.holds_connection(peer, local) {
-        return Err(refuse(StatusCode::FORBIDDEN, "requests from inside a session are refused"));
+        return Err(Refusal::new(StatusCode::FORBIDDEN, "requests from inside a session are refused"));
     }
     let Some(token) = token else {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "a bearer token is required"));
+        return Err(Refusal::new(StatusCode::UNAUTHORIZED, "a bearer token is required"));
     };
     let verified = pull
         .control
         .sessions
         .verify_token(token)
-        .map_err(|e| refuse(StatusCode::FORBIDDEN, &format!("token refused: {e}")))?;
+        .map_err(|e| Refusal::new(StatusCode::FORBIDDEN, format!("token refused: {e}")))?;
     let admitted = pull.reviewers.iter().any(|reviewer| {
         reviewer.issuer == verified.issuer && crate::policy::claims_match(&reviewer.claims, &verified.claims)
     });
     if admitted {
         Ok(())
     } else {
-        Err(refuse(StatusCode::FORBIDDEN, "this token's issuer and claims are not among reviewers.jwt"))
+        Err(Refusal::new(StatusCode::FORBIDDEN, "this token's issuer and claims are not among reviewers.jwt"))
     }
 }
 
@@ -169,12 +182,12 @@ fn route(pull: &Pull, path: &str, query: &BTreeMap<String, String>) -> Response<
     let reader = &control.reader;
     let sessions = &control.sessions;
     let now = std::time::SystemTime::now();
-    let bound = |key: &str, default: &str| -> Result<String, Response<Full<Bytes>>> {
+    let bound = |key: &str, default: &str| -> Result<String, Refusal> {
         let text = query.get(key).map_or(default, String::as_str);
         if text == "now" {
             return Ok(crate::store::rfc3339(now + std::time::Duration::from_secs(1)));
         }
-        window::bound(text, now).map_err(|e| refuse(StatusCode::BAD_REQUEST, &e.to_string()))
+        window::bound(text, now).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))
     };
     let failed = |e: &dyn std::fmt::Display| refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -182,7 +195,7 @@ fn route(pull: &Pull, path: &str, query: &BTreeMap<String, String>) -> Response<
         ["v1", "report"] => {
             let (since, until) = match (bound("since", "7d"), bound("until", "now")) {
                 (Ok(since), Ok(until)) => (since, until),
-                (Err(e), _) | (_, Err(e)) => return e,
+                (Err(e), _) | (_, Err(e)) => return e.into_response(),
             };
             let query_ = ReportQuery { since, until, identity: query.get("identity").cloned() };
             let built = report::build(
@@ -229,7 +242,7 @@ fn route(pull: &Pull, path: &str, query: &BTreeMap<String, String>) -> Response<
         ["v1", "review"] => {
             let (since, until) = match (bound("since", "30d"), bound("until", "now")) {
                 (Ok(since), Ok(until)) => (since, until),
-                (Err(e), _) | (_, Err(e)) => return e,
+                (Err(e), _) | (_, Err(e)) => return e.into_response(),
             };
             let claim = query.get("claim").and_then(|c| c.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned()));
             let review_query = ReviewQuery {
