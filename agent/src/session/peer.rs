@@ -112,26 +112,6 @@ pub fn check_child(caller_pid: u32, caller_uid: u32, child: u32, first: Option<C
     Ok(Checked { pid: child, start_time })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_unexecuted_child_of_the_caller_passes() {
-        let me = std::process::id();
-        let uid = nix::unistd::getuid().as_raw();
-        // A child that has executed another program (sleep) is refused.
-        let mut sleeper = std::process::Command::new("sleep").arg("5").spawn().expect("spawn sleep");
-        assert_eq!(check_child(me, uid, sleeper.id(), None), Err(PeerError::AlreadyExecuted(sleeper.id())));
-        // Our parent is not our child.
-        let parent = nix::unistd::getppid().as_raw() as u32;
-        assert!(matches!(check_child(me, uid, parent, None), Err(PeerError::NotChild { .. })));
-        assert_eq!(check_child(me, uid, u32::MAX - 1, None), Err(PeerError::NoSuchProcess(u32::MAX - 1)));
-        let _ = sleeper.kill();
-        let _ = sleeper.wait();
-    }
-}
-
 /// The inode of the TCP socket whose local end is `local_end` and whose
 /// remote end is `remote_end`, from /proc/net/tcp{,6}.
 pub fn tcp_socket_inode(local_end: std::net::SocketAddr, remote_end: std::net::SocketAddr) -> Option<u64> {
@@ -193,4 +173,24 @@ pub fn is_local_address(ip: std::net::IpAddr) -> bool {
                 })
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unexecuted_child_of_the_caller_passes() {
+        let me = std::process::id();
+        let uid = nix::unistd::getuid().as_raw();
+        // A child that has executed another program (sleep) is refused.
+        let mut sleeper = std::process::Command::new("sleep").arg("5").spawn().expect("spawn sleep");
+        assert_eq!(check_child(me, uid, sleeper.id(), None), Err(PeerError::AlreadyExecuted(sleeper.id())));
+        // Our parent is not our child.
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        assert!(matches!(check_child(me, uid, parent, None), Err(PeerError::NotChild { .. })));
+        assert_eq!(check_child(me, uid, u32::MAX - 1, None), Err(PeerError::NoSuchProcess(u32::MAX - 1)));
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
 }
