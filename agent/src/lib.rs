@@ -14,6 +14,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod export;
 pub mod identity;
 pub mod policy;
 pub mod proxy;

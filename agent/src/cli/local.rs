@@ -35,16 +35,28 @@ impl Local {
     }
 }
 
-/// The daemon if one answers at the socket, else the store of `config`
-/// (default `/etc/tollgate/config.yaml`, else the built-in defaults).
-pub fn source(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<Source> {
-    let config = match config {
+/// `config`, else `/etc/tollgate/config.yaml`, else the built-in defaults.
+pub fn config(config: Option<PathBuf>) -> anyhow::Result<Config> {
+    Ok(match config {
         Some(path) => Config::load(&path)?,
         None => {
             let default = PathBuf::from(DEFAULT_CONFIG_PATH);
             if default.exists() { Config::load(&default)? } else { Config::embedded() }
         }
-    };
+    })
+}
+
+/// The session log itself, read-only (whether or not a daemon runs).
+pub fn store(config: &Config) -> anyhow::Result<Reader> {
+    let database = config.database_path();
+    std::fs::metadata(&database).with_context(|| format!("no session log at {}", database.display()))?;
+    Ok(Reader::new(&database))
+}
+
+/// The daemon if one answers at the socket, else the store of `config`
+/// (default `/etc/tollgate/config.yaml`, else the built-in defaults).
+pub fn source(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<Source> {
+    let config = self::config(config)?;
     let socket = socket.unwrap_or_else(|| config.socket.clone());
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         return Ok(Source::Daemon(socket));

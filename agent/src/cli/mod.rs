@@ -149,6 +149,18 @@ enum Command {
         /// Write it here instead of standard output.
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Pull from these hosts' report listeners (https://HOST:PORT) and merge, instead of this host.
+        #[arg(long = "from", value_name = "URL")]
+        from: Vec<String>,
+        /// With --from: the bearer token (a JWT that reviewers.jwt admits on each host).
+        #[arg(long, value_name = "FILE", requires = "from")]
+        token_file: Option<PathBuf>,
+        /// With --from: trust this CA (PEM) for the hosts' certificates.
+        #[arg(long, value_name = "FILE", requires = "from")]
+        ca: Option<PathBuf>,
+        /// With --from: accept only reports signed by these host keys (files with `ed25519:...`).
+        #[arg(long = "key", value_name = "FILE", requires = "from")]
+        keys: Vec<PathBuf>,
         /// With no daemon running: the config naming the session log.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -186,6 +198,20 @@ enum Command {
         /// Why, for the record.
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Every record of the session log as JSON lines, in the order written (for log shippers; root).
+    Export {
+        /// Only records from this long ago (7d) or this date on.
+        #[arg(long, value_name = "DURATION|DATE")]
+        since: Option<String>,
+        /// Keep going: print records as they are written.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, value_enum, default_value_t)]
+        format: ExportFormat,
+        /// The config naming the session log [default: /etc/tollgate/config.yaml]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Every grant: its identity, state, rules, last use and expiry (reviewers).
     #[command(args_conflicts_with_subcommands = true)]
@@ -263,6 +289,13 @@ enum ReplayFormat {
     Json,
     /// asciicast v2 of the terminal output (asciinema plays it).
     Asciicast,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line: the ledger place (n, hash) and its record.
+    #[default]
+    Jsonl,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -399,6 +432,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 None => run::Authority::Grants(grants),
             };
             run::run(&socket_path(cli.socket)?, run::Asked { authority, reason, ttl }, &command)
+        }
+        Command::Export { since, follow, format: ExportFormat::Jsonl, config } => {
+            let reader = local::store(&local::config(config)?)?;
+            let since = since.map(|s| window::bound(&s, std::time::SystemTime::now())).transpose()?;
+            let mut after = 0;
+            let mut stdout = std::io::stdout().lock();
+            loop {
+                let batch = reader.ledger_after(after, since.as_deref(), 1000)?;
+                for entry in &batch {
+                    use std::io::Write;
+                    writeln!(stdout, "{entry}")?;
+                    after = entry["n"].as_i64().unwrap_or(after);
+                }
+                if batch.is_empty() {
+                    if !follow {
+                        return Ok(0);
+                    }
+                    use std::io::Write;
+                    stdout.flush()?;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
         }
         Command::Grants { action: None, since, format } => {
             let now = std::time::SystemTime::now();
@@ -545,7 +600,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             Ok(output::verification(&verification, matches!(format, Format::Json))?)
         }
-        Command::Report { since, until, identity, format, output: path, config } => {
+        Command::Report { since, until, identity, format, output: path, config, from, token_file, ca, keys } => {
             let now = std::time::SystemTime::now();
             let query = crate::report::ReportQuery {
                 since: window::bound(&since, now)?,
@@ -555,6 +610,40 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 },
                 identity,
             };
+            if !from.is_empty() {
+                let token_file = token_file.context("--from needs --token-file")?;
+                let token = std::fs::read_to_string(&token_file)
+                    .with_context(|| format!("cannot read token file {}", token_file.display()))?;
+                let trusted: Vec<String> = keys
+                    .iter()
+                    .map(|k| {
+                        std::fs::read_to_string(k).with_context(|| format!("cannot read key file {}", k.display()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mut params =
+                    vec![("since", query.since.as_str()), ("until", query.until.as_str()), ("format", "json")];
+                if let Some(identity) = &query.identity {
+                    params.push(("identity", identity));
+                }
+                let mut pulled = Vec::new();
+                for base in &from {
+                    let text = crate::report::fleet::pull(base, token.trim(), ca.as_deref(), &params)
+                        .map_err(anyhow::Error::msg)?;
+                    pulled.push((
+                        base.clone(),
+                        crate::report::fleet::check(base, &text, &trusted).map_err(anyhow::Error::msg)?,
+                    ));
+                }
+                let merged = crate::report::fleet::merge(pulled);
+                let text = crate::report::fleet::render(&merged, format_name(format)).map_err(anyhow::Error::msg)?;
+                match path {
+                    Some(path) => {
+                        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?
+                    }
+                    None => print!("{text}"),
+                }
+                return Ok(0);
+            }
             let report = match local::source(cli.socket, config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Report(query))?,
                 Source::Local(local) => {

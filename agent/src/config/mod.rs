@@ -74,6 +74,17 @@ pub struct Config {
     /// The certificate and key the report listener serves.
     #[serde(default)]
     pub report_tls: Option<ReportTls>,
+    /// An OpenTelemetry collector (OTLP/HTTP, e.g. `http://127.0.0.1:4318`)
+    /// that gets every record as a log; off when absent.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Pruning waits for the OTLP exporter unless it is this many records behind.
+    #[serde(default = "default_otlp_backlog_max")]
+    pub otlp_backlog_max: u64,
+}
+
+fn default_otlp_backlog_max() -> u64 {
+    1_000_000
 }
 
 /// `report_tls:`.
@@ -226,6 +237,15 @@ impl Config {
                 "report_listen",
                 &listen.to_string(),
                 "report_listen needs report_tls (cert_file and key_file): reports are served over HTTPS only".into(),
+            ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        {
+            return Err(error(
+                "otlp_endpoint",
+                endpoint,
+                format!("otlp_endpoint '{endpoint}' must be an http or https URL"),
             ));
         }
         if self.delegation.max_depth == 0 {

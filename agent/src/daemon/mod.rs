@@ -38,6 +38,7 @@ fn status(
     lost: &events::LostTotals,
     lsm_unavailable: Option<&str>,
     pinning: &Pinning,
+    otlp: Option<&crate::export::otlp::Progress>,
 ) -> serde_json::Value {
     let lost_now = |slot: usize| lost[slot].load(Ordering::Relaxed);
     let policies = sessions.policies();
@@ -61,6 +62,12 @@ fn status(
         "dev_issuer": config.dev_issuer,
         "state_dir": config.state_dir.display().to_string(),
         "child_ptrace_confined": ptrace_confined(),
+        "otlp": otlp.map(|progress| serde_json::json!({
+            "endpoint": config.otlp_endpoint,
+            "exported_through": progress.exported_through.load(Ordering::Relaxed),
+            "backlog": progress.backlog.load(Ordering::Relaxed),
+            "skipped": progress.skipped.load(Ordering::Relaxed),
+        })),
         "ledger_public_key": std::fs::read_to_string(crate::store::ledger::public_path(&Config::ledger_key_path(&config.state_dir)))
             .map(|key| key.trim().to_owned())
             .ok(),
@@ -69,13 +76,24 @@ fn status(
 
 /// Prunes sessions past `retention` now and then on a schedule (every hour,
 /// or half the retention when that is shorter).
-async fn prune(log: SessionLog, retention: std::time::Duration) -> anyhow::Result<()> {
+/// Records the OTLP exporter has not sent yet are kept, unless it is more
+/// than `backlog_max` behind.
+async fn prune(
+    log: SessionLog,
+    retention: std::time::Duration,
+    otlp: Option<Arc<crate::export::otlp::Progress>>,
+    backlog_max: u64,
+) -> anyhow::Result<()> {
     let every = (retention / 2).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        let not_after = otlp.as_ref().and_then(|progress| {
+            let behind = u64::try_from(progress.backlog.load(Ordering::Relaxed)).unwrap_or(0);
+            (behind <= backlog_max).then(|| progress.exported_through.load(Ordering::Relaxed))
+        });
         if let Some(cutoff) = std::time::SystemTime::now().checked_sub(retention) {
-            log.prune(cutoff);
+            log.prune(cutoff, not_after);
         }
     }
 }
@@ -153,6 +171,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let proxy_listeners = crate::proxy::bind(config.proxy_port).await?;
 
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
+    let host_name = host.clone();
     let policy_files = policies.files.len();
     let max_depth = config.delegation.max_depth;
     if !ptrace_confined() {
@@ -195,18 +214,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let proxy =
         Arc::new(ProxyCtx::new(sessions.clone(), reviews.clone(), log.clone(), originals, config.record_body_bytes));
     let lost_totals: Arc<events::LostTotals> = Arc::default();
+    let otlp = config.otlp_endpoint.as_ref().map(|_| Arc::new(crate::export::otlp::Progress::default()));
     let config = Arc::new(config);
     let control = Arc::new(Control {
         sessions: sessions.clone(),
         reviews,
         review_depth: config.delegation.review_depth,
         ledger_key: LedgerKey::load(&Config::ledger_key_path(&config.state_dir)).ok().map(Arc::new),
-        reader,
+        reader: reader.clone(),
         status: {
-            let (config, sessions, log, lost_totals) =
-                (config.clone(), sessions.clone(), log.clone(), lost_totals.clone());
+            let (config, sessions, log, lost_totals, otlp) =
+                (config.clone(), sessions.clone(), log.clone(), lost_totals.clone(), otlp.clone());
             let pinning = Pinning { survives, unavailable: pinning_unavailable };
-            Box::new(move || status(&config, &sessions, &log, &lost_totals, lsm_unavailable.as_deref(), &pinning))
+            Box::new(move || {
+                status(&config, &sessions, &log, &lost_totals, lsm_unavailable.as_deref(), &pinning, otlp.as_deref())
+            })
         },
     });
     // The report listener is bound before the daemon says it is ready: a
@@ -247,7 +269,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(sessions.clone().reap());
     tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));
     if let Some(retention) = config.retention {
-        tasks.spawn(prune(log.clone(), retention));
+        tasks.spawn(prune(log.clone(), retention, otlp.clone(), config.otlp_backlog_max));
+    }
+    if let (Some(endpoint), Some(progress)) = (&config.otlp_endpoint, &otlp) {
+        let cursor = Config::otlp_cursor_path(&config.state_dir);
+        tasks.spawn(crate::export::otlp::run(
+            reader.clone(),
+            endpoint.clone(),
+            cursor,
+            host_name.clone(),
+            progress.clone(),
+        ));
     }
     tasks.spawn(crate::api::server::serve(control, listener));
     tasks.spawn(crate::proxy::serve(proxy, proxy_listeners));

@@ -5,6 +5,7 @@
 //! signed as a whole with the host's ledger key, so a reviewer can check a
 //! copy offline (`tollgate verify --report FILE --key PUB`).
 
+pub mod fleet;
 pub mod render;
 pub mod window;
 

@@ -304,7 +304,12 @@ pub struct Pruned {
 /// the chain allows: the longest prefix of it whose places all belong to
 /// such sessions, and no session in part. The place the prefix ends at is
 /// kept as a checkpoint signed with the host's key, so pruning shows.
-pub fn prune(tx: &rusqlite::Transaction<'_>, chain: &Chain, cutoff: &str) -> rusqlite::Result<Pruned> {
+pub fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    chain: &Chain,
+    cutoff: &str,
+    not_after: Option<i64>,
+) -> rusqlite::Result<Pruned> {
     let Some(key) = chain.key() else { return Ok(Pruned::default()) };
     let first_kept: Option<i64> = tx.query_row(
         "SELECT MIN(l.n) FROM ledger l JOIN sessions s ON s.id = l.session_id
@@ -316,6 +321,10 @@ pub fn prune(tx: &rusqlite::Transaction<'_>, chain: &Chain, cutoff: &str) -> rus
         Some(n) => n - 1,
         None => chain.n,
     };
+    // An exporter that has not sent these yet holds them back.
+    if let Some(limit) = not_after {
+        through = through.min(limit);
+    }
     // A session with places on both sides of the cut stays whole: move the cut before it.
     loop {
         let split: Option<i64> = tx.query_row(

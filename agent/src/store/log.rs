@@ -97,9 +97,10 @@ impl SessionLog {
         self.writer.grants_seen(names, rfc3339(SystemTime::now()));
     }
 
-    /// Prunes sessions that ended before `cutoff`, leaving a signed checkpoint.
-    pub fn prune(&self, cutoff: SystemTime) {
-        self.writer.prune(rfc3339(cutoff));
+    /// Prunes sessions that ended before `cutoff`, leaving a signed
+    /// checkpoint, not past ledger place `not_after` (an exporter's position).
+    pub fn prune(&self, cutoff: SystemTime, not_after: Option<i64>) {
+        self.writer.prune(rfc3339(cutoff), not_after);
     }
 
     /// Folds the WAL into the database file (at a clean stop).

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rusqlite::{Connection, OpenFlags, Row};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -278,6 +278,74 @@ impl Reader {
         // RFC 3339 with fixed nanoseconds and Z sorts as text; equal times keep their order.
         events.sort_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()));
         Ok((sessions, events))
+    }
+
+    /// The chain's places after `after` (at most `limit`, from `since` on if
+    /// given), each with the record it stands for: for exporters, in the
+    /// order they were written.
+    pub fn ledger_after(&self, after: i64, since: Option<&str>, limit: usize) -> Result<Vec<Value>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement = conn.prepare(
+            "SELECT l.n, l.kind, l.session_id, l.seq, l.at, l.hash, s.identity, s.host FROM ledger l
+             LEFT JOIN sessions s ON s.id = l.session_id
+             WHERE l.n > ?1 AND l.at >= ?2 ORDER BY l.n LIMIT ?3",
+        )?;
+        let rows: Vec<(i64, String, String, Option<i64>, String, Vec<u8>, Option<String>, Option<String>)> = statement
+            .query_map(params![after, since.unwrap_or(""), limit as i64], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                    row.get(6)?,
+                    row.get(7)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (n, kind, session, seq, at, hash, identity, host) in rows {
+            let record = match (kind.as_str(), seq) {
+                ("event", Some(seq)) => conn
+                    .query_row(
+                        "SELECT kind, pid, verdict, detail FROM events WHERE session_id = ?1 AND seq = ?2",
+                        params![session, seq],
+                        |row| {
+                            let detail: String = row.get(3)?;
+                            Ok(serde_json::json!({
+                                "seq": seq,
+                                "kind": row.get::<_, String>(0)?,
+                                "pid": row.get::<_, i64>(1)?,
+                                "verdict": row.get::<_, Option<String>>(2)?,
+                                "detail": serde_json::from_str::<Value>(&detail).unwrap_or(Value::Null),
+                            }))
+                        },
+                    )
+                    .optional()?,
+                ("session", _) => conn
+                    .query_row(&format!("{SESSION_COLUMNS} WHERE id = ?1"), [&session], session_from_row)
+                    .optional()?
+                    .map(|record| serde_json::to_value(record).unwrap_or_default()),
+                _ => conn
+                    .query_row("SELECT ended_at FROM sessions WHERE id = ?1", [&session], |row| {
+                        row.get::<_, Option<String>>(0)
+                    })
+                    .optional()?
+                    .map(|ended| serde_json::json!({"ended_at": ended})),
+            };
+            out.push(serde_json::json!({
+                "n": n,
+                "entry": kind,
+                "session": session,
+                "identity": identity,
+                "host": host,
+                "at": at,
+                "hash": super::ledger::hex(&hash),
+                "record": record,
+            }));
+        }
+        Ok(out)
     }
 
     /// Counts of events the kernel could not deliver, by kind.

@@ -34,7 +34,7 @@ enum Op {
     Lost(String, u64),
     Grant(GrantEvent),
     GrantsSeen(Vec<String>, String),
-    Prune(String),
+    Prune(String, Option<i64>),
     Checkpoint,
     Flush(mpsc::Sender<()>),
 }
@@ -118,9 +118,10 @@ impl WriterHandle {
         let _ = self.tx.send(Op::GrantsSeen(names, at));
     }
 
-    /// Queues the pruning of sessions that ended before `cutoff` (RFC 3339).
-    pub fn prune(&self, cutoff: String) {
-        let _ = self.tx.send(Op::Prune(cutoff));
+    /// Queues the pruning of sessions that ended before `cutoff` (RFC 3339),
+    /// not past ledger place `not_after`.
+    pub fn prune(&self, cutoff: String, not_after: Option<i64>) {
+        let _ = self.tx.send(Op::Prune(cutoff, not_after));
     }
 
     /// Queues a WAL checkpoint: the database file alone then holds everything.
@@ -236,8 +237,8 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                         )?;
                     }
                 }
-                Op::Prune(cutoff) => {
-                    let pruned = super::ledger::prune(&tx, chain, &cutoff)?;
+                Op::Prune(cutoff, not_after) => {
+                    let pruned = super::ledger::prune(&tx, chain, &cutoff, not_after)?;
                     if pruned.sessions > 0 {
                         tracing::info!(
                             sessions = pruned.sessions,
