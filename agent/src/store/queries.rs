@@ -290,22 +290,33 @@ impl Reader {
              LEFT JOIN sessions s ON s.id = l.session_id
              WHERE l.n > ?1 AND l.at >= ?2 ORDER BY l.n LIMIT ?3",
         )?;
-        let rows: Vec<(i64, String, String, Option<i64>, String, Vec<u8>, Option<String>, Option<String>)> = statement
+        /// One ledger place and the session it belongs to.
+        struct Place {
+            n: i64,
+            kind: String,
+            session: String,
+            seq: Option<i64>,
+            at: String,
+            hash: Vec<u8>,
+            identity: Option<String>,
+            host: Option<String>,
+        }
+        let rows: Vec<Place> = statement
             .query_map(params![after, since.unwrap_or(""), limit as i64], |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                    row.get(5)?,
-                    row.get(6)?,
-                    row.get(7)?,
-                ))
+                Ok(Place {
+                    n: row.get(0)?,
+                    kind: row.get(1)?,
+                    session: row.get(2)?,
+                    seq: row.get(3)?,
+                    at: row.get(4)?,
+                    hash: row.get(5)?,
+                    identity: row.get(6)?,
+                    host: row.get(7)?,
+                })
             })?
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(rows.len());
-        for (n, kind, session, seq, at, hash, identity, host) in rows {
+        for Place { n, kind, session, seq, at, hash, identity, host } in rows {
             let record = match (kind.as_str(), seq) {
                 ("event", Some(seq)) => conn
                     .query_row(
