@@ -30,6 +30,9 @@ pub enum Request {
         /// The session ends after this many seconds.
         #[serde(default)]
         ttl_secs: Option<u64>,
+        /// The caller's terminal size (rows, columns), for a recorded terminal.
+        #[serde(default)]
+        terminal_size: Option<(u16, u16)>,
     },
     /// Every grant with its state and use (reviewers).
     Grants {

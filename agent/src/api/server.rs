@@ -31,6 +31,10 @@ pub struct Control {
     pub review_depth: u32,
     /// Signs reports (the session log's chain key).
     pub ledger_key: Option<Arc<crate::store::ledger::LedgerKey>>,
+    /// Records recorded sessions' terminal output.
+    pub log: crate::store::SessionLog,
+    /// Terminal output recorded per session at most.
+    pub output_cap_bytes: usize,
     /// What `tollgate status` shows, made by the daemon.
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
@@ -93,20 +97,136 @@ async fn handle(control: Arc<Control>, stream: UnixStream) -> anyhow::Result<()>
     let caller = Caller { pid: pid as u32, uid };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    tokio::time::timeout(REQUEST_TIMEOUT, BufReader::new(read.take(MAX_REQUEST_BYTES)).read_line(&mut line))
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .context("no request within the time limit")??;
-    let response = if line.len() as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') {
-        Response::error(ErrorKind::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes"))
+    let reply = if line.len() as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') {
+        Reply::Plain(Response::error(ErrorKind::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes")))
     } else {
         match serde_json::from_str::<Request>(&line) {
-            Ok(request) => dispatch(&control, caller, request).await,
-            Err(e) => Response::error(ErrorKind::BadRequest, format!("malformed request: {e}")),
+            Ok(Request::Run { token, grants, pid, command, reason, ttl_secs, terminal_size }) => {
+                let request = RunRequest { token, grants, pid, command, reason, ttl_secs, terminal_size };
+                run(&control, caller, request).await
+            }
+            Ok(request) => Reply::Plain(dispatch(&control, caller, request).await),
+            Err(e) => Reply::Plain(Response::error(ErrorKind::BadRequest, format!("malformed request: {e}"))),
         }
+    };
+    let (response, terminal) = match reply {
+        Reply::Plain(response) => (response, None),
+        Reply::Terminal(response, terminal, recorder) => (response, Some((terminal, recorder))),
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
+    let Some((terminal, recorder)) = terminal else {
+        write.write_all(out.as_bytes()).await?;
+        return Ok(());
+    };
+    // The answer carries the terminal's slave; the connection then carries
+    // the terminal's traffic both ways.
+    send_with_fd(write.as_ref(), out.as_bytes(), &terminal.slave).await?;
+    drop(terminal.slave);
+    let read = reader.into_inner().into_inner();
+    let stream = read.reunite(write).map_err(|_| anyhow::anyhow!("cannot rejoin the connection"))?;
+    crate::session::terminal::relay(terminal.master, stream, recorder).await;
+    Ok(())
+}
+
+/// What a `run` asks, as received.
+struct RunRequest {
+    token: Option<String>,
+    grants: Vec<String>,
+    pid: u32,
+    command: Vec<String>,
+    reason: Option<String>,
+    ttl_secs: Option<u64>,
+    terminal_size: Option<(u16, u16)>,
+}
+
+/// An answer, and for a session with a recorded terminal, that terminal.
+enum Reply {
+    Plain(Response),
+    Terminal(Response, crate::session::terminal::Terminal, crate::session::terminal::OutputRecorder),
+}
+
+/// Opens a session; for a recorded one, also its terminal.
+async fn run(control: &Control, caller: Caller, request: RunRequest) -> Reply {
+    let RunRequest { token, grants, pid, command, reason, ttl_secs, terminal_size } = request;
+    let authority = match (token, grants.is_empty()) {
+        (Some(token), true) => Authority::Token(token),
+        (None, false) => Authority::Grants(grants),
+        (Some(_), false) => {
+            return Reply::Plain(Response::error(ErrorKind::BadRequest, "give either a token or grants, not both"));
+        }
+        (None, true) => {
+            return Reply::Plain(Response::error(
+                ErrorKind::BadRequest,
+                "a session needs a token (or, inside a session, grants)",
+            ));
+        }
+    };
+    let ttl = ttl_secs.map(Duration::from_secs);
+    let opened = match control.sessions.open(caller, OpenRequest { authority, pid, command, reason, ttl }).await {
+        Ok(opened) => opened,
+        Err(e) => return Reply::Plain(reply::<()>(Err(e))),
+    };
+    if !opened.record_output {
+        return Reply::Plain(Response::Ok(serde_json::to_value(&opened).unwrap_or_default()));
+    }
+    let (rows, cols) = terminal_size.unwrap_or((24, 80));
+    match crate::session::terminal::open(rows, cols) {
+        Ok(terminal) => {
+            let masks = control.sessions.output_masks(&opened.session);
+            let recorder = crate::session::terminal::OutputRecorder::new(
+                control.log.clone(),
+                opened.session.clone(),
+                masks,
+                control.output_cap_bytes,
+            );
+            Reply::Terminal(Response::Ok(serde_json::to_value(&opened).unwrap_or_default()), terminal, recorder)
+        }
+        Err(e) => {
+            // The held child is never released: it exits and the session ends empty.
+            tracing::error!(session = %opened.session, error = %e, "cannot open a recorded session's terminal");
+            Reply::Plain(Response::error(ErrorKind::Internal, format!("cannot open the session's terminal: {e}")))
+        }
+    }
+}
+
+/// Writes `bytes` with `fd` attached (SCM_RIGHTS) to the first of them.
+async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: &std::os::fd::OwnedFd) -> anyhow::Result<()> {
+    use std::os::fd::{AsRawFd, RawFd};
+    let fds: [RawFd; 1] = [fd.as_raw_fd()];
+    let mut sent = 0;
+    while sent == 0 {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let slices = [std::io::IoSlice::new(bytes)];
+            let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+            nix::sys::socket::sendmsg::<()>(
+                stream.as_raw_fd(),
+                &slices,
+                &cmsg,
+                nix::sys::socket::MsgFlags::empty(),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        }) {
+            Ok(n) => sent = n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut rest = &bytes[sent..];
+    while !rest.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
@@ -121,23 +241,8 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
         }
     };
     match request {
-        Request::Run { token, grants, pid, command, reason, ttl_secs } => {
-            let authority = match (token, grants.is_empty()) {
-                (Some(token), true) => Authority::Token(token),
-                (None, false) => Authority::Grants(grants),
-                (Some(_), false) => {
-                    return Response::error(ErrorKind::BadRequest, "give either a token or grants, not both");
-                }
-                (None, true) => {
-                    return Response::error(
-                        ErrorKind::BadRequest,
-                        "a session needs a token (or, inside a session, grants)",
-                    );
-                }
-            };
-            let ttl = ttl_secs.map(Duration::from_secs);
-            reply(control.sessions.open(caller, OpenRequest { authority, pid, command, reason, ttl }).await)
-        }
+        // Handled before dispatch: its answer may carry a terminal.
+        Request::Run { .. } => Response::error(ErrorKind::Internal, "run is answered apart"),
         Request::Grants { since, until } => {
             let (reviews, sessions, reader) =
                 (control.reviews.clone(), control.sessions.clone(), control.reader.clone());

@@ -70,17 +70,22 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
         anyhow::bail!("cannot set no_new_privs: {}", std::io::Error::last_os_error());
     }
     let (hold_read, hold_write) = pipe().context("cannot create pipe")?;
+    // Where the parent hands the child a recorded session's terminal.
+    let (link_parent, link_child) = std::os::unix::net::UnixStream::pair().context("cannot create socket pair")?;
+    let terminal_size = terminal_size();
     // SAFETY: this process is single-threaded (the CLI starts no runtime), so
     // the child may allocate and use std before it executes.
     match unsafe { fork() }.context("cannot fork")? {
         ForkResult::Child => {
             drop(hold_write);
-            let code = held_child(hold_read, &argv);
+            drop(link_parent);
+            let code = held_child(hold_read, link_child, &argv);
             // SAFETY: leave without running the parent's exit handlers.
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => {
             drop(hold_read);
+            drop(link_child);
             // This process stays outside the session: the session's processes
             // (same uid) must not ptrace it to act from outside.
             // SAFETY: prctl with constant arguments.
@@ -92,8 +97,13 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
                 command: command.to_vec(),
                 reason: asked.reason,
                 ttl_secs: asked.ttl.map(|ttl| ttl.as_secs().max(1)),
+                terminal_size,
             };
-            let answer = client::call(socket, &request);
+            let answer = client::call_with_fd(socket, &request);
+            let (answer, terminal) = match answer {
+                Ok((response, fd, stream)) => (Ok(response), fd.map(|fd| (fd, stream))),
+                Err(e) => (Err(e), None),
+            };
             let session = match answer {
                 Ok(Response::Ok(body)) => body.get("session").and_then(|s| s.as_str()).unwrap_or_default().to_owned(),
                 other => {
@@ -115,8 +125,93 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
                     };
                 }
             };
+            let Some((slave, stream)) = terminal else {
+                release(hold_write, &session)?;
+                return wait(child);
+            };
+            // The child gets the terminal before it is released.
+            send_fd(&link_parent, &slave).context("cannot hand the session's terminal to the command")?;
+            drop(slave);
             release(hold_write, &session)?;
+            relay(stream);
             wait(child)
+        }
+    }
+}
+
+/// The caller's terminal size (rows, columns), when standard output is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes a winsize into the one we pass.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+}
+
+fn send_fd(link: &std::os::unix::net::UnixStream, fd: &OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<()>(
+        link.as_raw_fd(),
+        &[std::io::IoSlice::new(b"t")],
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map(|_| ())
+    .map_err(std::io::Error::from)
+}
+
+/// A recorded session's terminal, relayed: the daemon's side of it comes
+/// over `stream`; our standard input goes to it (raw, when a terminal), its
+/// output comes to our standard output.
+fn relay(stream: std::os::unix::net::UnixStream) {
+    let raw = RawMode::enter();
+    if let Ok(mut to_daemon) = stream.try_clone() {
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let _ = std::io::copy(&mut stdin, &mut to_daemon);
+            let _ = to_daemon.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    let mut from_daemon = stream;
+    let mut stdout = std::io::stdout().lock();
+    let mut buffer = [0u8; 8192];
+    loop {
+        match from_daemon.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stdout.write_all(&buffer[..n]).and_then(|()| stdout.flush()).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(raw);
+}
+
+/// The caller's terminal in raw mode while a recorded session runs (its
+/// keys go to the session's terminal as typed); restored when dropped.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enter() -> Self {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else { return Self(None) };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+            return Self(None);
+        }
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, saved);
         }
     }
 }
@@ -139,6 +234,46 @@ fn read_token(token_file: &Path) -> anyhow::Result<Option<String>> {
         return Ok(None);
     }
     Ok(Some(token))
+}
+
+/// The terminal the parent handed over, if it did (it is queued by now).
+fn receive_fd(link: &std::os::unix::net::UnixStream) -> Option<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut slices = [std::io::IoSliceMut::new(&mut byte)];
+    let message = nix::sys::socket::recvmsg::<()>(
+        link.as_raw_fd(),
+        &mut slices,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    let fd = message.cmsgs().ok()?.find_map(|cmsg| match cmsg {
+        nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+        _ => None,
+    })?;
+    // SAFETY: SCM_RIGHTS gave this process a new descriptor that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes `terminal` the controlling terminal and standard streams of a new session.
+fn take_terminal(terminal: OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    if nix::unistd::setsid().is_err() {
+        return false;
+    }
+    // SAFETY: TIOCSCTTY on a terminal descriptor we own; no pointers.
+    if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSCTTY, 0) } != 0 {
+        return false;
+    }
+    for target in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        if unsafe { libc::dup2(terminal.as_raw_fd(), target) } < 0 {
+            return false;
+        }
+    }
+    true
 }
 
 fn release(hold_write: OwnedFd, session: &str) -> anyhow::Result<()> {
@@ -166,12 +301,19 @@ fn wait(child: Pid) -> anyhow::Result<i32> {
 
 /// The child: wait for the session id, then execute. Exit codes follow the
 /// shell's: 126 not released or not allowed to run, 127 no such command.
-fn held_child(hold_read: OwnedFd, argv: &[CString]) -> i32 {
+fn held_child(hold_read: OwnedFd, link: std::os::unix::net::UnixStream, argv: &[CString]) -> i32 {
     let mut session = String::new();
     let mut pipe = std::fs::File::from(hold_read);
     if pipe.read_to_string(&mut session).is_err() || !session.ends_with('\n') {
         return 126;
     }
+    // A recorded session: its terminal was handed over before the release.
+    if let Some(terminal) = receive_fd(&link)
+        && !take_terminal(terminal)
+    {
+        return 126;
+    }
+    drop(link);
     // SAFETY: single-threaded child; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("TOLLGATE_SESSION", session.trim()) };
     drop(pipe);

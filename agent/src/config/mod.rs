@@ -78,9 +78,16 @@ pub struct Config {
     /// that gets every record as a log; off when absent.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// Terminal output recorded per session at most (identities with `record_output`).
+    #[serde(default = "default_output_cap_bytes")]
+    pub output_cap_bytes: usize,
     /// Pruning waits for the OTLP exporter unless it is this many records behind.
     #[serde(default = "default_otlp_backlog_max")]
     pub otlp_backlog_max: u64,
+}
+
+fn default_output_cap_bytes() -> usize {
+    1024 * 1024
 }
 
 fn default_otlp_backlog_max() -> u64 {

@@ -220,6 +220,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sessions: sessions.clone(),
         reviews,
         review_depth: config.delegation.review_depth,
+        log: log.clone(),
+        output_cap_bytes: config.output_cap_bytes,
         ledger_key: LedgerKey::load(&Config::ledger_key_path(&config.state_dir)).ok().map(Arc::new),
         reader: reader.clone(),
         status: {

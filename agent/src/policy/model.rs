@@ -42,6 +42,10 @@ pub struct Identity {
     /// Must every session of this identity say why it runs (`--reason`)?
     #[serde(default)]
     pub require_reason: bool,
+    /// Record the session's terminal output (through a pseudo-terminal the
+    /// daemon holds), masked by its routes' regex masks, up to `output_cap_bytes`.
+    #[serde(default)]
+    pub record_output: bool,
 }
 
 /// Rights given to one identity.

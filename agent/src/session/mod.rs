@@ -7,6 +7,7 @@ pub mod peer;
 mod recover;
 mod registry;
 mod sessions;
+pub mod terminal;
 
 /// Session ids are the session log's keys; the store defines them.
 pub use crate::store::SessionId;

@@ -112,6 +112,8 @@ pub struct Opened {
     pub parent: Option<SessionId>,
     /// Its depth in the chain (0 at the top).
     pub depth: u32,
+    /// Its terminal output is recorded: the command gets a terminal the daemon holds.
+    pub record_output: bool,
 }
 
 /// Why no session was opened. Nothing of it is left behind.
@@ -567,7 +569,24 @@ impl Sessions {
             exec_enforcement: self.parts.mode.as_str(),
             parent: parent_id,
             depth,
+            record_output: identity.record_output,
         })
+    }
+
+    /// The regex masks of a session's routes, for its terminal output.
+    pub fn output_masks(&self, id: &SessionId) -> Vec<(regex::Regex, String)> {
+        let state = self.state();
+        let Some(session) = state.registry.by_id(id) else { return Vec::new() };
+        session
+            .rules
+            .routes
+            .values()
+            .flat_map(|route| route.route.mask.iter())
+            .filter_map(|mask| match mask {
+                crate::policy::route::Mask::Regex { regex, replace } => Some((regex.0.clone(), replace.clone())),
+                crate::policy::route::Mask::JsonPath { .. } => None,
+            })
+            .collect()
     }
 
     /// What a child session needs of its live parent.
