@@ -274,7 +274,8 @@ fn reports_agree_verify_offline_and_read_a_stopped_host() {
     assert_eq!(from_json[0], 3, "{}", pretty(&json));
     assert_eq!(from_json[2], 2, "two refused connects: {}", pretty(&json));
     assert_eq!(totals_row(&md), from_json, "md and json disagree:\n{md}");
-    assert!(html.contains(&format!("<td id=\"session-count\">{}</td>", from_json[0])), "{html}");
+    assert!(html.contains(&format!("<span id=\"session-count\">{}</span> sessions", from_json[0])), "{html}");
+    assert!(html.contains(&format!("<span id=\"denial-count\">{}</span> denials", from_json[2])), "{html}");
     assert_eq!(html.matches("<tr class=\"session\">").count(), 3);
     assert!(
         !html.contains("http://") && !html.contains("https://") && !html.contains("<script"),

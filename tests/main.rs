@@ -24,6 +24,7 @@ mod proxy_reviewers;
 mod proxy_rules;
 mod proxy_streaming;
 mod proxy_upgrade;
+mod reporting;
 mod survival;
 mod tls;
 mod tokens;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use harness::{
-    Daemon, run_with_timeout,
+    Daemon,
     session_log::{events_of_kind, pretty},
 };
 use tempfile::TempDir;
@@ -28,55 +28,7 @@ impl Nginx {
         let dir = tempfile::Builder::new().prefix("tollgate-nginx-").tempdir().expect("temp dir");
         let path = |name: &str| dir.path().join(name);
         let p = |name: &str| path(name).display().to_string();
-        // A CA and a leaf it signed: TLS libraries refuse a CA certificate
-        // used as a server's own.
-        fs::write(path("leaf.ext"), "subjectAltName=DNS:allowed.test,DNS:denied.test\nbasicConstraints=CA:FALSE\n")
-            .expect("extension file");
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        let steps: [Vec<String>; 3] = [
-            ["req", "-x509"]
-                .iter()
-                .chain(&ec)
-                .map(|s| (*s).to_owned())
-                .chain(
-                    ["-days", "2", "-subj", "/CN=tollgate test CA", "-keyout", &p("ca.key"), "-out", &p("ca.pem")]
-                        .map(String::from),
-                )
-                .collect(),
-            ["req"]
-                .iter()
-                .chain(&ec)
-                .map(|s| (*s).to_owned())
-                .chain(
-                    ["-subj", "/CN=allowed.test", "-keyout", &p("key.pem"), "-out", &p("leaf.csr")].map(String::from),
-                )
-                .collect(),
-            [
-                "x509",
-                "-req",
-                "-in",
-                &p("leaf.csr"),
-                "-CA",
-                &p("ca.pem"),
-                "-CAkey",
-                &p("ca.key"),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &p("leaf.ext"),
-                "-out",
-                &p("cert.pem"),
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
-        for step in steps {
-            let mut openssl = Command::new("openssl");
-            openssl.args(&step);
-            let out = run_with_timeout(&mut openssl, Duration::from_secs(30)).expect("openssl runs");
-            assert!(out.success(), "openssl {step:?} failed: {out}");
-        }
+        let pki = harness::pki::Pki::new(dir.path(), "DNS:allowed.test,DNS:denied.test");
         fs::create_dir(path("tmp")).expect("nginx temp dir");
 
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port").local_addr().expect("addr").port();
@@ -86,8 +38,8 @@ impl Nginx {
             pid = p("nginx.pid"),
             access = p("access.log"),
             tmp = p("tmp"),
-            cert = p("cert.pem"),
-            key = p("key.pem"),
+            cert = pki.cert.display(),
+            key = pki.key.display(),
         );
         fs::write(path("nginx.conf"), config).expect("nginx config");
         let child = Command::new("nginx")

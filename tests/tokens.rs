@@ -11,11 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use harness::jwt::{KID, SigningKey};
 use harness::session_log::pretty;
 use harness::{Daemon, Issuer, Jwks, unique_tag};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::{Value, json};
 
 /// Issuer whose keys the daemon reads from a JWKS file.
@@ -23,7 +22,6 @@ const FILE_ISSUER: &str = "https://idp.test.example";
 /// Issuer whose keys the daemon fetches from a JWKS URL.
 const URL_ISSUER: &str = "https://idp-url.test.example";
 const AUDIENCE: &str = "tollgate";
-const KID: &str = "k1";
 /// How `tollgate run` starts its one line of stderr for a refused token.
 const REJECTED_PREFIX: &str = "tollgate: token rejected: ";
 
@@ -49,40 +47,6 @@ grants:
     network:
       allow: ["127.0.0.0/8"]
 "#;
-
-/// An Ed25519 signing key with its JWKS.
-struct SigningKey {
-    pkcs8: Vec<u8>,
-    public: Vec<u8>,
-}
-
-impl SigningKey {
-    fn generate() -> SigningKey {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("generating an Ed25519 key");
-        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("parsing the generated key");
-        SigningKey { pkcs8: pkcs8.as_ref().to_vec(), public: pair.public_key().as_ref().to_vec() }
-    }
-
-    /// A JWKS holding the public key under [`KID`].
-    fn jwks(&self) -> String {
-        json!({"keys": [{
-            "kty": "OKP",
-            "crv": "Ed25519",
-            "x": URL_SAFE_NO_PAD.encode(&self.public),
-            "kid": KID,
-            "alg": "EdDSA",
-            "use": "sig",
-        }]})
-        .to_string()
-    }
-
-    /// An EdDSA JWT with `kid` [`KID`].
-    fn sign(&self, claims: &Value) -> String {
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(KID.to_owned());
-        jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(&self.pkcs8)).expect("signing a test token")
-    }
-}
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970").as_secs()

@@ -561,7 +561,7 @@ fn yaml_path(path: &Path) -> anyhow::Result<String> {
 }
 
 /// A TCP port free on both 127.0.0.1 and ::1 right now.
-fn free_loopback_port() -> anyhow::Result<u16> {
+pub fn free_loopback_port() -> anyhow::Result<u16> {
     // Below the kernel's ephemeral range: upstreams and clients that bind
     // port 0 can never be handed a proxy port between our probe and the
     // daemon's bind. A counter keeps the tests of one process apart.

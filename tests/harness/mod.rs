@@ -11,7 +11,9 @@
 mod daemon;
 pub mod enforcement;
 pub mod host;
+pub mod jwt;
 pub mod net;
+pub mod pki;
 mod process;
 pub mod proxy;
 pub mod session_log;
@@ -20,7 +22,7 @@ pub mod upstream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub use daemon::{Daemon, DaemonBuilder, Issuer, Jwks, StopReport};
+pub use daemon::{Daemon, DaemonBuilder, Issuer, Jwks, StopReport, free_loopback_port};
 pub use process::{RunOutput, run_with_timeout};
 
 /// Environment variable naming the `tollgate` binary under test.

@@ -31,6 +31,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("command -v cpio", "cpio"),
     // The audit tests edit the session log behind the daemon's back.
     ("command -v sqlite3", "sqlite3"),
+    // Reports: the HTML report is opened in headless Chromium and its
+    // screenshot read back with OCR; /metrics is parsed by the Prometheus client.
+    ("command -v chromium", "chromium"),
+    ("command -v tesseract", "tesseract-ocr"),
+    ("python3 -c 'import prometheus_client'", "python3-prometheus-client"),
 ];
 /// Keeps package scripts from starting services (nginx would take port 80).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

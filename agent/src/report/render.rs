@@ -112,11 +112,13 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 .bar {{ position: absolute; height: 14px; top: 2px; background: #37a; border-radius: 3px; min-width: 2px; }}
 .bar.child {{ background: #7ab; }}
 .label {{ position: absolute; left: 4px; font-size: 11px; color: #333; }}
+.summary {{ font-size: 28px; font-weight: bold; margin: 0.3em 0; }}
 </style></head><body>
 <h1>tollgate report: {host}</h1>
 <p>Period {since} to {until}, generated {generated}.</p>
+<p class="summary"><span id="session-count">{sessions}</span> sessions, <span id="denial-count">{denials}</span> denials, <span id="finding-count">{findings}</span> findings</p>
 <table><tr><th>sessions</th><th>records</th><th>denials</th><th>blocked</th><th>held</th><th>masked</th><th>lost events</th></tr>
-<tr><td id="session-count">{sessions}</td><td>{records}</td><td>{denials}</td><td>{blocked}</td><td>{held}</td><td>{masked}</td><td>{lost}</td></tr></table>
+<tr><td>{sessions}</td><td>{records}</td><td>{denials}</td><td>{blocked}</td><td>{held}</td><td>{masked}</td><td>{lost}</td></tr></table>
 <h2>Findings ({findings})</h2>
 "#,
         host = escape(&report.host),
