@@ -83,6 +83,10 @@ fn verify_catches_edits_deletions_insertions_and_a_cut_end() {
     let first = first["id"].as_str().expect("id").to_owned();
     let out = daemon.tollgate(&["verify", &first]);
     assert!(out.success() && out.stdout.contains("in 1 session(s)"), "{out}");
+    let out = daemon.tollgate(&["verify", "--since", "2000-01-01"]);
+    assert!(out.success() && out.stdout.contains("in 2 session(s)"), "{out}");
+    let out = daemon.tollgate(&["verify", "--since", "2100-01-01"]);
+    assert!(out.success() && out.stdout.contains("verified 0 record(s)"), "{out}");
     let pub_key = daemon.status()["ledger_public_key"].as_str().expect("the host's public key").to_owned();
 
     daemon.halt();
@@ -229,6 +233,19 @@ fn replay_gives_back_the_session_and_its_child() {
     );
     let out = daemon.tollgate(&["replay", &top_id, "--only", "files"]);
     assert!(!out.success() && out.stderr.contains("--only 'files'"), "{out}");
+
+    // The report names the held request: who asked, who decided, how long it waited.
+    let report = daemon.tollgate(&["report", "--since", "1h", "--format", "json"]);
+    let report: Value = serde_json::from_str(&report.stdout).unwrap_or_else(|e| panic!("{e}: {report}"));
+    let held = &report["held_requests"];
+    assert_eq!(held.as_array().map(Vec::len), Some(1), "{}", pretty(&report));
+    assert_eq!((held[0]["decision"].as_str(), held[0]["by"].as_str()), (Some("approved"), Some("root")));
+    assert_eq!(
+        (held[0]["session"].as_str(), held[0]["request"].as_str()),
+        (Some(child_id.as_str()), Some("POST /deploy"))
+    );
+    assert!(held[0]["waited_secs"].as_f64().is_some_and(|w| w > 0.0), "{}", pretty(&report));
+    assert_eq!(report["totals"]["held"], 1);
 }
 
 fn totals_row(md: &str) -> Vec<u64> {

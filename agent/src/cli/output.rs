@@ -272,6 +272,19 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
         "policies          {} file(s), {} identities, {} grants",
         status["policy_files"], status["identities"], status["grants"]
     );
+    println!("ledger key        {}", text(status, "ledger_public_key"));
+    if let Some(otlp) = status.get("otlp").filter(|o| !o.is_null()) {
+        println!(
+            "otlp              {} (sent through record {}, {} waiting, {} skipped)",
+            text(otlp, "endpoint"),
+            otlp["exported_through"],
+            otlp["backlog"],
+            otlp["skipped"]
+        );
+    }
+    if status["child_ptrace_confined"] != true {
+        println!("child sessions    could ptrace their parents (Yama ptrace_scope is 0 or absent)");
+    }
     Ok(())
 }
 
