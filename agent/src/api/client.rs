@@ -8,8 +8,8 @@ use std::{
 
 use super::protocol::{Request, Response};
 
-/// Sends one request and reads the response.
-pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+/// Connects and sends one request.
+fn send(socket: &Path, request: &Request) -> anyhow::Result<UnixStream> {
     use anyhow::Context;
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
@@ -20,6 +20,13 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).context("cannot send request to the daemon")?;
+    Ok(stream)
+}
+
+/// Sends one request and reads the response.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    use anyhow::Context;
+    let stream = send(socket, request)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).context("cannot read the daemon's answer")?;
     if answer.is_empty() {
@@ -38,15 +45,7 @@ pub fn call_with_fd(
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     use anyhow::Context;
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the tollgate daemon at {} (is it running? set --socket or TOLLGATE_SOCKET)",
-            socket.display()
-        )
-    })?;
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).context("cannot send request to the daemon")?;
+    let stream = send(socket, request)?;
     // Read byte-wise up to the newline: what follows belongs to the terminal.
     let mut answer = Vec::new();
     let mut fd = None;

@@ -61,24 +61,7 @@ impl Reader {
                 rusqlite::Error::QueryReturnedNoRows => StoreError::NoSuchSession(id.to_string()),
                 other => other.into(),
             })?;
-        let mut statement =
-            conn.prepare("SELECT seq, at, kind, pid, verdict, detail FROM events WHERE session_id = ?1 ORDER BY seq")?;
-        let events: Vec<Value> = statement
-            .query_map([id.as_str()], |row| {
-                let mut event = Map::new();
-                event.insert("seq".into(), row.get::<_, i64>(0)?.into());
-                event.insert("at".into(), row.get::<_, String>(1)?.into());
-                event.insert("kind".into(), row.get::<_, String>(2)?.into());
-                event.insert("pid".into(), row.get::<_, i64>(3)?.into());
-                if let Some(verdict) = row.get::<_, Option<String>>(4)? {
-                    event.insert("verdict".into(), verdict.into());
-                }
-                if let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(&row.get::<_, String>(5)?) {
-                    event.extend(detail);
-                }
-                Ok(Value::Object(event))
-            })?
-            .collect::<Result<_, _>>()?;
+        let events: Vec<Value> = events_of(&conn, id)?.into_iter().map(Value::Object).collect();
         let processes = process_tree(&events);
         let mut chain: Vec<SessionRecord> = Vec::new();
         let mut next = session.parent.clone();
@@ -251,28 +234,10 @@ impl Reader {
         }
         let mut events = Vec::new();
         for session in &sessions {
-            let mut statement = conn
-                .prepare("SELECT seq, at, kind, pid, verdict, detail FROM events WHERE session_id = ?1 ORDER BY seq")?;
-            let rows = statement.query_map([session.id.as_str()], |row| {
-                let mut event = Map::new();
+            for mut event in events_of(&conn, &session.id)? {
                 event.insert("session".into(), session.id.to_string().into());
                 event.insert("depth".into(), session.depth.into());
-                event.insert("seq".into(), row.get::<_, i64>(0)?.into());
-                event.insert("at".into(), row.get::<_, String>(1)?.into());
-                event.insert("kind".into(), row.get::<_, String>(2)?.into());
-                event.insert("pid".into(), row.get::<_, i64>(3)?.into());
-                if let Some(verdict) = row.get::<_, Option<String>>(4)? {
-                    event.insert("verdict".into(), verdict.into());
-                }
-                if let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(&row.get::<_, String>(5)?) {
-                    for (key, value) in detail {
-                        event.entry(key).or_insert(value);
-                    }
-                }
-                Ok(Value::Object(event))
-            })?;
-            for row in rows {
-                events.push(row?);
+                events.push(Value::Object(event));
             }
         }
         // RFC 3339 with fixed nanoseconds and Z sorts as text; equal times keep their order.
@@ -366,6 +331,29 @@ impl Reader {
         let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// A session's events in order, each its stored fields and its detail.
+fn events_of(conn: &Connection, id: &SessionId) -> Result<Vec<Map<String, Value>>, StoreError> {
+    let mut statement =
+        conn.prepare("SELECT seq, at, kind, pid, verdict, detail FROM events WHERE session_id = ?1 ORDER BY seq")?;
+    let rows = statement.query_map([id.as_str()], |row| {
+        let mut event = Map::new();
+        event.insert("seq".into(), row.get::<_, i64>(0)?.into());
+        event.insert("at".into(), row.get::<_, String>(1)?.into());
+        event.insert("kind".into(), row.get::<_, String>(2)?.into());
+        event.insert("pid".into(), row.get::<_, i64>(3)?.into());
+        if let Some(verdict) = row.get::<_, Option<String>>(4)? {
+            event.insert("verdict".into(), verdict.into());
+        }
+        if let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(&row.get::<_, String>(5)?) {
+            for (key, value) in detail {
+                event.entry(key).or_insert(value);
+            }
+        }
+        Ok(event)
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 const SESSION_COLUMNS: &str = "SELECT id, identity, subject, issuer, claims, host, uid, privileged, grants,
