@@ -247,7 +247,8 @@ fn denied_exec_is_stopped_and_other_binaries_still_run() {
         !out.stdout.contains(&link_marker) && out.has_stdout_line(&format!("link_status={denied_status}")),
         "a symlink to the denied binary ran ({mode}): {out}"
     );
-    // The programs' own log (aya-log) reaches the daemon's log.
+    // The programs' own log (aya-log, debug-level: the daemon's own line is the
+    // one at info) reaches the daemon's log.
     assert!(
         daemon.log().contains("denied exec: pid "),
         "the kernel side's log line about the denied exec is missing:\n{}",

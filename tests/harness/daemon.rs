@@ -527,9 +527,10 @@ fn launch(bin: &Path, config: &Path, log_path: &Path, umask: Option<u32>) -> any
     let log_for_stdout = log.try_clone().context("duplicating the daemon log handle")?;
     let mut cmd = Command::new(bin);
     cmd.arg("daemon").arg("--config").arg(config).stdin(Stdio::null()).stdout(log_for_stdout).stderr(log);
-    // An informative log is what makes a failing test diagnosable; respect an explicit choice.
+    // An informative log is what makes a failing test diagnosable (the
+    // programs' own lines are debug-level); respect an explicit choice.
     if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
+        cmd.env("RUST_LOG", "info,tollgate_ebpf=debug");
     }
     if let Some(mask) = umask {
         use std::os::unix::process::CommandExt;

@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::server::Control;
 use crate::{
-    config::{JwtReviewer, ReportTls},
+    config::ReportTls,
     report::{self, ReportQuery, window},
     review::{self, ReviewQuery},
     store::{SessionId, SessionLog},
@@ -29,10 +29,8 @@ use crate::{
 
 /// What the report listener serves from.
 pub struct Pull {
-    /// The control socket's handles.
+    /// The control socket's handles (who may pull is `control.reviews`'s `jwt`).
     pub control: Arc<Control>,
-    /// Who may pull.
-    pub reviewers: Vec<JwtReviewer>,
     /// For the counters `/metrics` shows.
     pub log: SessionLog,
 }
@@ -167,7 +165,7 @@ fn admit(pull: &Pull, peer: SocketAddr, local: SocketAddr, token: Option<&str>) 
         .sessions
         .verify_token(token)
         .map_err(|e| Refusal::new(StatusCode::FORBIDDEN, format!("token refused: {e}")))?;
-    let admitted = pull.reviewers.iter().any(|reviewer| {
+    let admitted = pull.control.reviews.jwt_reviewers().iter().any(|reviewer| {
         reviewer.issuer == verified.issuer && crate::policy::claims_match(&reviewer.claims, &verified.claims)
     });
     if admitted {
@@ -199,7 +197,7 @@ fn route(pull: &Pull, path: &str, query: &BTreeMap<String, String>) -> Response<
             };
             let query_ = ReportQuery { since, until, identity: query.get("identity").cloned() };
             let built = report::build(
-                sessions.policies(),
+                &sessions.policies(),
                 |a, b| sessions.grant_views(reader, a, b),
                 reader,
                 control.review_depth,
@@ -254,7 +252,7 @@ fn route(pull: &Pull, path: &str, query: &BTreeMap<String, String>) -> Response<
                 suggest: query.get("suggest").is_some_and(|v| v == "true"),
             };
             match review::run(
-                sessions.policies(),
+                &sessions.policies(),
                 |a, b| sessions.grant_views(reader, a, b),
                 reader,
                 control.review_depth,

@@ -284,7 +284,7 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             let depth = control.review_depth;
             blocking(move || match reviews.reviewer(caller) {
                 Ok(_) => reply(crate::review::run(
-                    sessions.policies(),
+                    &sessions.policies(),
                     |since, until| sessions.grant_views(&reader, since, until),
                     &reader,
                     depth,
@@ -358,7 +358,7 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             let (depth, key) = (control.review_depth, control.ledger_key.clone());
             blocking(move || match reviews.reviewer(caller) {
                 Ok(_) => reply(crate::report::build(
-                    sessions.policies(),
+                    &sessions.policies(),
                     |since, until| sessions.grant_views(&reader, since, until),
                     &reader,
                     depth,

@@ -91,7 +91,7 @@ pub enum Answer {
 /// Held requests and the people who decide them.
 pub struct Reviews {
     approvals: Approvals,
-    reviewers: Reviewers,
+    reviewers: std::sync::RwLock<Reviewers>,
     webhook: Option<String>,
     /// One worker thread posts notices, started with the first one.
     webhook_queue: OnceLock<mpsc::SyncSender<Value>>,
@@ -109,6 +109,7 @@ impl Reviews {
         sessions: Arc<Sessions>,
         log: SessionLog,
     ) -> Self {
+        let reviewers = std::sync::RwLock::new(reviewers);
         Self { approvals: Approvals::new(timeout), reviewers, webhook, webhook_queue: OnceLock::new(), sessions, log }
     }
 
@@ -120,17 +121,27 @@ impl Reviews {
             return Err(ReviewError::InsideSession);
         }
         let user = User::from_uid(caller.uid.into()).ok().flatten().ok_or(ReviewError::NoUserName(caller.uid))?;
-        if self.reviewers.unix_users.contains(&user.name) {
+        let reviewers = self.reviewers.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if reviewers.unix_users.contains(&user.name) {
             return Ok(user.name);
         }
         let name = std::ffi::CString::new(user.name.clone()).map_err(|_| ReviewError::BadUserName)?;
         let groups = getgrouplist(&name, user.gid).unwrap_or_default();
-        let member = self
-            .reviewers
+        let member = reviewers
             .unix_groups
             .iter()
             .any(|group| Group::from_name(group).ok().flatten().is_some_and(|g| groups.contains(&g.gid)));
         if member { Ok(user.name) } else { Err(ReviewError::NotReviewer(user.name)) }
+    }
+
+    /// Puts reloaded reviewers in force.
+    pub fn set_reviewers(&self, reviewers: Reviewers) {
+        *self.reviewers.write().unwrap_or_else(|p| p.into_inner()) = reviewers;
+    }
+
+    /// The tokens that may pull reports now (`reviewers.jwt`).
+    pub fn jwt_reviewers(&self) -> Vec<crate::config::JwtReviewer> {
+        self.reviewers.read().unwrap_or_else(|p| p.into_inner()).jwt.clone()
     }
 
     /// How many requests wait for a reviewer now.

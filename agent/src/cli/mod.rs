@@ -388,6 +388,13 @@ fn describe(error: &anyhow::Error) -> String {
     text
 }
 
+/// What to say when there is no configuration to go by.
+fn no_config() -> String {
+    format!(
+        "no configuration: pass --config FILE (packaging/dev/config.yaml to try tollgate out) or create {DEFAULT_CONFIG_PATH}"
+    )
+}
+
 /// The config at the default path, if there is one.
 fn default_config() -> anyhow::Result<Option<Config>> {
     let path = PathBuf::from(DEFAULT_CONFIG_PATH);
@@ -407,23 +414,26 @@ fn socket_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Daemon { config, state_dir } => {
-            let mut config = match config {
-                Some(path) => Config::load(&path)?,
-                None => default_config()?.unwrap_or_else(Config::embedded),
+            // Never a guess: no key, no policy, no state made up on the spot.
+            let path = match config {
+                Some(path) => path,
+                None if PathBuf::from(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+                None => anyhow::bail!(no_config()),
             };
+            let mut config = Config::load(&path)?;
             if let Some(dir) = state_dir {
                 config.state_dir = dir;
             }
             if let Some(socket) = cli.socket {
                 config.socket = socket;
             }
-            init_logging();
+            init_logging(config.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(crate::daemon::run(config))?;
+            runtime.block_on(crate::daemon::run(config, path))?;
             Ok(0)
         }
         Command::Run { token_file, grants, reason, ttl, command } => {
@@ -679,7 +689,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let state_dir = match (state_dir, config) {
                 (Some(dir), _) => dir,
                 (None, Some(path)) => Config::load(&path)?.state_dir,
-                (None, None) => default_config()?.unwrap_or_else(Config::embedded).state_dir,
+                (None, None) => default_config()?.with_context(no_config)?.state_dir,
             };
             let key = dev::ensure_key(&Config::dev_key_path(&state_dir))?;
             let token = dev::mint(&key, &sub, &parse_claims(&claims)?, expires_in)?;
@@ -798,11 +808,51 @@ fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<serde_jso
     }
 }
 
-fn init_logging() {
+/// The daemon's log on stderr: colour only on a terminal; under systemd
+/// (JOURNAL_STREAM) each line starts with its syslog priority (`<3>`),
+/// which journald reads as the entry's priority; or JSON lines.
+fn init_logging(format: crate::config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Json => builder.json().init(),
+        crate::config::LogFormat::Text if journal => {
+            // The journal stamps entries itself.
+            let inner = tracing_subscriber::fmt::format().with_ansi(false).without_time();
+            builder.with_ansi(false).event_format(JournalPriority(inner)).init();
+        }
+        crate::config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Puts the syslog priority of each event's level before its line.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,10 @@ pub struct Config {
     /// Bytes of each (masked) response body kept in the session log.
     #[serde(default = "default_record_body_bytes")]
     pub record_body_bytes: usize,
+    /// `text` (plain, coloured only on a terminal; journal priorities under
+    /// systemd) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// Nested sessions (agents that start agents).
     #[serde(default)]
     pub delegation: Delegation,
@@ -92,6 +96,17 @@ fn default_output_cap_bytes() -> usize {
 
 fn default_otlp_backlog_max() -> u64 {
     1_000_000
+}
+
+/// How the daemon writes its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Plain lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `report_tls:`.

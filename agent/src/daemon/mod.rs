@@ -6,9 +6,12 @@
 mod events;
 mod heartbeat;
 mod mounts;
+mod notify;
+mod reload;
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     sync::{Arc, atomic::Ordering},
 };
 
@@ -55,6 +58,8 @@ fn status(
         "cgroup": sessions.tree().root.display().to_string(),
         "sessions_cgroup": sessions.tree().sessions.display().to_string(),
         "policy_files": policies.files.len(),
+        "policy_file_paths": policies.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "policies_loaded_at": crate::store::rfc3339(sessions.loaded().at),
         "identities": policies.identities.len(),
         "grants": policies.grants.len(),
         "enforcement_survives_daemon": pinning.survives,
@@ -109,8 +114,9 @@ fn ptrace_confined() -> bool {
         .is_some_and(|scope| scope >= 1)
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the
+/// configuration at `config_path` and its policies.
+pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("the daemon must run as root (it loads eBPF programs and manages cgroups)");
     }
@@ -179,7 +185,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "Yama ptrace_scope is 0 or absent: a child session's processes could ptrace their parent session's (same uid) and use its wider rights; set kernel.yama.ptrace_scope=1 where child sessions must stay narrow"
         );
     }
-    let parts = SessionsParts { policies, verifier, tree, mount, host, mode, log: log.clone(), max_depth };
+    let loaded = crate::session::Loaded::new(policies, verifier);
+    let parts = SessionsParts { loaded, tree, mount, host, mode, log: log.clone(), max_depth };
     let sessions = Arc::new(Sessions::new(parts, session_maps));
     {
         let (sessions, reader) = (sessions.clone(), reader.clone());
@@ -216,6 +223,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let lost_totals: Arc<events::LostTotals> = Arc::default();
     let otlp = config.otlp_endpoint.as_ref().map(|_| Arc::new(crate::export::otlp::Progress::default()));
     let config = Arc::new(config);
+    let reviews_handle = reviews.clone();
     let control = Arc::new(Control {
         sessions: sessions.clone(),
         reviews,
@@ -241,11 +249,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen for report pulls on {addr}"))?;
-            let pull = crate::api::pull::Pull {
-                control: control.clone(),
-                reviewers: config.reviewers.jwt.clone(),
-                log: log.clone(),
-            };
+            let pull = crate::api::pull::Pull { control: control.clone(), log: log.clone() };
             tracing::info!(listen = %addr, "report listener ready (HTTPS)");
             Some((Arc::new(pull), listener, acceptor))
         }
@@ -294,16 +298,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut handover = tokio::signal::unix::signal(SignalKind::user_defined2())?;
-    let (outcome, keep_sessions) = tokio::select! {
-        _ = term.recv() => (Ok(()), false),
-        _ = int.recv() => (Ok(()), false),
-        _ = handover.recv() => (Ok(()), true),
-        Some(done) = tasks.join_next() => (match done {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task stopped unexpectedly")),
-            Err(e) => Err(anyhow::anyhow!("a daemon task panicked: {e}")),
-        }, false),
+    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    notify::ready();
+    let (outcome, keep_sessions) = loop {
+        tokio::select! {
+            _ = term.recv() => break (Ok(()), false),
+            _ = int.recv() => break (Ok(()), false),
+            _ = handover.recv() => break (Ok(()), true),
+            _ = hangup.recv() => {
+                notify::reloading();
+                reload::reload(&config, &config_path, &sessions, &reviews_handle).await;
+                notify::ready();
+            }
+            Some(done) = tasks.join_next() => break (match done {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task stopped unexpectedly")),
+                Err(e) => Err(anyhow::anyhow!("a daemon task panicked: {e}")),
+            }, false),
+        }
     };
+    notify::stopping();
     // A handover leaves the sessions to the pinned programs and the next
     // daemon; without pins nothing would govern them, so they end instead.
     let keep_sessions = keep_sessions && survives;

@@ -41,7 +41,7 @@ pub struct PolicySet {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// A file had a syntax, type or consistency error.
-    #[error("{0}")]
+    #[error(transparent)]
     Yaml(#[from] YamlError),
     /// A configured policy path could not be listed.
     #[error("{path}: cannot read policy directory: {source}")]

@@ -94,7 +94,29 @@ impl ProxyRecord {
     }
 
     /// Writes an HTTP exchange's record: its outcome, status and duration.
+    /// A refused exchange also gets one line in the daemon's log.
     pub fn finish_exchange(mut self, log: &SessionLog, governed: &Governed, outcome: Outcome, status: StatusCode) {
+        if matches!(outcome, Outcome::Blocked | Outcome::Denied | Outcome::Refused) {
+            let text = |key: &str| self.detail.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
+            let rules: Vec<&str> = self
+                .detail
+                .get("rules")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            tracing::warn!(
+                session = %governed.session,
+                outcome = outcome.as_str(),
+                method = text("method"),
+                path = text("path"),
+                destination = %governed.destination,
+                rules = rules.join("; "),
+                status = status.as_u16(),
+                "request refused"
+            );
+        }
         self.set("outcome", outcome.as_str());
         self.set("status", status.as_u16());
         self.set("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0);

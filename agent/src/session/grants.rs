@@ -200,6 +200,19 @@ impl GrantBook {
         Ok(())
     }
 
+    /// Starts keeping the grants of reloaded `policies` that are new (their
+    /// unused clock starts now).
+    pub fn add_grants(&mut self, policies: &PolicySet, now: SystemTime) {
+        for grant in &policies.grants {
+            self.entries.entry(grant.name.clone()).or_insert(Entry {
+                state: GrantState::Active,
+                since: now,
+                last_exercised: None,
+                last_event: None,
+            });
+        }
+    }
+
     /// Every grant of the policy with its state, for `tollgate grants`;
     /// `counts` are uses per grant in the window asked for.
     pub fn views(&self, policies: &PolicySet, counts: &BTreeMap<String, i64>) -> Vec<GrantView> {
@@ -267,18 +280,40 @@ impl super::Sessions {
     pub fn load_grants(&self, reader: &Reader) -> Result<(), StoreError> {
         let policies = self.policies();
         self.parts.log.grants_seen(policies.grants.iter().map(|g| g.name.clone()).collect());
-        *self.book() = GrantBook::load(policies, reader, SystemTime::now())?;
+        *self.book() = GrantBook::load(&policies, reader, SystemTime::now())?;
         Ok(())
+    }
+
+    /// Puts reloaded policies and issuers in force: new sessions get them;
+    /// live sessions keep theirs, except that a grant the new policies no
+    /// longer have is taken from them at once (and recorded in each).
+    pub async fn reload(self: &std::sync::Arc<Self>, policies: PolicySet, verifier: crate::identity::Verifier) {
+        let old = self.policies();
+        let removed: Vec<String> = old
+            .grants
+            .iter()
+            .filter(|g| !policies.grants.iter().any(|n| n.name == g.name))
+            .map(|g| g.name.clone())
+            .collect();
+        self.parts.log.grants_seen(policies.grants.iter().map(|g| g.name.clone()).collect());
+        self.book().add_grants(&policies, SystemTime::now());
+        self.replace_loaded(super::sessions::Loaded::new(policies, verifier));
+        if removed.is_empty() {
+            return;
+        }
+        for grant in &removed {
+            self.withdrawn_from_live(grant, "removed", None, Some("removed from the policy on reload".into())).await;
+        }
     }
 
     /// Every grant with its state and its use in `[since_day, until_day]`.
     pub fn grant_views(&self, reader: &Reader, since_day: &str, until_day: &str) -> Result<Vec<GrantView>, StoreError> {
-        Ok(self.book().views(self.policies(), &use_counts(reader, since_day, until_day)?))
+        Ok(self.book().views(&self.policies(), &use_counts(reader, since_day, until_day)?))
     }
 
     /// Expires the grants that went unused past their `expire_unused_after`.
     pub(super) async fn expire_grants(self: &std::sync::Arc<Self>) {
-        let due = self.book().expire_due(self.policies(), SystemTime::now());
+        let due = self.book().expire_due(&self.policies(), SystemTime::now());
         for event in due {
             tracing::warn!(grant = event.grant, reason = event.reason, "grant expired: it is no longer honoured");
             self.parts.log.grant_event(&event.grant, "expired", None, event.reason.clone());
@@ -347,7 +382,7 @@ impl super::Sessions {
             detail.insert("grant".into(), grant.into());
             detail.insert("by".into(), by.clone().into());
             detail.insert("reason".into(), reason.clone().into());
-            let verdict = if action == "revoked" {
+            let verdict = if action == "revoked" || action == "removed" {
                 crate::store::RecordVerdict::Revoked
             } else {
                 crate::store::RecordVerdict::Expired
@@ -359,18 +394,28 @@ impl super::Sessions {
 
     /// Compiles every live session's rules again with the grants honoured
     /// now (parents before children, each child cut down to its parent's new
-    /// rules) and swaps them into the maps without a moment with none.
+    /// rules) and swaps them into the maps without a moment with none. Each
+    /// session keeps the policies it was opened under, except that a grant
+    /// the policies in force no longer have counts as withdrawn.
     pub(super) async fn recompile_live(self: &std::sync::Arc<Self>) {
-        let mut live: Vec<(u32, u64, Option<u64>, Vec<String>)> =
-            self.state().registry.active().map(|s| (s.depth, s.cgroup_id, s.parent, s.own_grants.clone())).collect();
-        live.sort();
-        let withdrawn = self.book().withdrawn();
-        let this = self.clone();
+        type Live = (u32, u64, Option<u64>, Vec<String>, std::sync::Arc<PolicySet>);
+        let mut live: Vec<Live> = self
+            .state()
+            .registry
+            .active()
+            .map(|s| (s.depth, s.cgroup_id, s.parent, s.own_grants.clone(), s.policies.clone()))
+            .collect();
+        live.sort_by_key(|(depth, cgroup_id, ..)| (*depth, *cgroup_id));
+        let mut withdrawn = self.book().withdrawn();
+        let current = self.policies();
+        for (.., own, _) in &live {
+            withdrawn.extend(own.iter().filter(|g| !current.grants.iter().any(|c| &c.name == *g)).cloned());
+        }
         let compiled = tokio::task::spawn_blocking(move || {
             let mut done: BTreeMap<u64, crate::policy::compile::SessionRules> = BTreeMap::new();
-            for (_, cgroup_id, parent, own) in live {
+            for (_, cgroup_id, parent, own, policies) in live {
                 let parent_rules = parent.and_then(|p| done.get(&p));
-                let rules = this.effective_rules(&own, &withdrawn, parent_rules);
+                let rules = super::sessions::effective_rules(&policies, &own, &withdrawn, parent_rules);
                 done.insert(cgroup_id, rules);
             }
             done

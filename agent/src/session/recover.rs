@@ -93,7 +93,6 @@ impl Sessions {
         parent: Option<u64>,
         gap: &Gap,
     ) -> bool {
-        let this = self.clone();
         let identity_name = record.identity.clone();
         let withdrawn = self.book().withdrawn();
         let parent_rules = parent.and_then(|p| self.state().registry.get_mut(p).map(|s| s.rules.clone()));
@@ -101,14 +100,16 @@ impl Sessions {
             return false;
         }
         let recorded_grants = record.grants.clone();
+        let policies = self.policies();
+        let snapshot = policies.clone();
         let compiled = tokio::task::spawn_blocking(move || {
-            let identity = this.parts.policies.identities.iter().find(|i| i.name == identity_name).cloned()?;
+            let identity = policies.identities.iter().find(|i| i.name == identity_name).cloned()?;
             // A top session holds its identity's grants; a child what it was opened with.
             let own: Vec<String> = match &parent_rules {
-                None => this.parts.policies.grants_for(&identity.name).map(|g| g.name.clone()).collect(),
+                None => policies.grants_for(&identity.name).map(|g| g.name.clone()).collect(),
                 Some(_) => recorded_grants,
             };
-            let rules = this.effective_rules(&own, &withdrawn, parent_rules.as_ref());
+            let rules = super::sessions::effective_rules(&policies, &own, &withdrawn, parent_rules.as_ref());
             Some((identity, own, rules))
         })
         .await
@@ -160,6 +161,7 @@ impl Sessions {
             depth: record.depth,
             reason: record.reason.clone(),
             own_grants,
+            policies: snapshot,
             uid: record.uid,
             cgroup: path.to_owned(),
             cgroup_id,

@@ -33,6 +33,9 @@ pub struct ActiveSession {
     pub reason: Option<String>,
     /// The grants of its own level (before the parent's rights cut them down).
     pub own_grants: Vec<String>,
+    /// The policies it was opened under: it keeps them across reloads,
+    /// except for grants a reload removed.
+    pub policies: std::sync::Arc<crate::policy::PolicySet>,
     /// The uid its processes run as.
     pub uid: u32,
     /// Its cgroup directory.

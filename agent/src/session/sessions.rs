@@ -237,6 +237,8 @@ pub struct Attribution {
 /// the kernel and the registry never disagree about a session.
 pub struct Sessions {
     pub(super) parts: SessionsParts,
+    /// The policies and issuers in force now (a reload replaces them).
+    current: Mutex<Arc<Loaded>>,
     state: Mutex<State>,
     /// Which grants are honoured, and when each was last exercised.
     pub(super) book: Mutex<GrantBook>,
@@ -281,12 +283,28 @@ pub enum Lifetime {
     Ttl,
 }
 
+/// The policies and issuers in force: replaced whole on a reload, so a
+/// session opens under one consistent pair.
+pub struct Loaded {
+    /// The policies.
+    pub policies: Arc<PolicySet>,
+    /// Checks tokens against the configured issuers.
+    pub verifier: Arc<Verifier>,
+    /// When they were loaded.
+    pub at: SystemTime,
+}
+
+impl Loaded {
+    /// Loaded now.
+    pub fn new(policies: PolicySet, verifier: Verifier) -> Self {
+        Self { policies: Arc::new(policies), verifier: Arc::new(verifier), at: SystemTime::now() }
+    }
+}
+
 /// What [`Sessions`] works with, besides the kernel maps.
 pub struct SessionsParts {
-    /// Loaded policies.
-    pub policies: PolicySet,
-    /// Checks tokens.
-    pub verifier: Verifier,
+    /// The policies and issuers at start.
+    pub loaded: Loaded,
     /// The daemon's cgroup subtree.
     pub tree: CgroupTree,
     /// The cgroup v2 mount.
@@ -305,7 +323,12 @@ impl Sessions {
     /// No sessions yet; their rules go into `maps`.
     pub fn new(parts: SessionsParts, maps: SessionMaps) -> Self {
         let state = Mutex::new(State { maps, registry: Registry::default() });
-        Self { parts, state, book: Mutex::default(), closing: AtomicBool::new(false) }
+        let current = Mutex::new(Arc::new(Loaded {
+            policies: parts.loaded.policies.clone(),
+            verifier: parts.loaded.verifier.clone(),
+            at: parts.loaded.at,
+        }));
+        Self { parts, current, state, book: Mutex::default(), closing: AtomicBool::new(false) }
     }
 
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
@@ -317,9 +340,19 @@ impl Sessions {
         self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The loaded policies.
-    pub fn policies(&self) -> &PolicySet {
-        &self.parts.policies
+    /// The policies and issuers in force now.
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The policies in force now.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.loaded().policies.clone()
+    }
+
+    /// Puts new policies and issuers in force (after they loaded whole).
+    pub(super) fn replace_loaded(&self, loaded: Loaded) {
+        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(loaded);
     }
 
     /// The daemon's cgroup subtree.
@@ -358,7 +391,7 @@ impl Sessions {
 
     /// Checks a token against the trusted issuers (blocking: may fetch keys).
     pub fn verify_token(&self, token: &str) -> Result<crate::identity::VerifiedToken, TokenError> {
-        self.parts.verifier.verify(token)
+        self.loaded().verifier.verify(token)
     }
 
     /// Does a process of a live session hold the local end of the TCP
@@ -412,11 +445,12 @@ impl Sessions {
         let parent_for_compile = parent.clone();
         // Token checks may fetch keys, and compiling may resolve host names
         // and stat files: off the runtime.
-        let (who, identity, own_grants, rules) = tokio::task::spawn_blocking(move || {
-            let policies = &this.parts.policies;
+        let (who, identity, own_grants, rules, policies) = tokio::task::spawn_blocking(move || {
+            let loaded = this.loaded();
+            let policies = &loaded.policies;
             let (who, identity, own_grants) = match (authority, &parent_for_compile) {
                 (Authority::Token(token), _) => {
-                    let verified = this.parts.verifier.verify(&token)?;
+                    let verified = loaded.verifier.verify(&token)?;
                     let Some(identity) = policies.match_identity(&verified.issuer, &verified.claims).cloned() else {
                         return Err(OpenError::NoIdentity { issuer: verified.issuer, subject: verified.subject });
                     };
@@ -445,8 +479,9 @@ impl Sessions {
                     (parent.who.clone(), identity, names)
                 }
             };
-            let rules = this.effective_rules(&own_grants, &withdrawn, parent_for_compile.as_ref().map(|p| &p.rules));
-            Ok((who, identity, own_grants, rules))
+            let rules =
+                effective_rules(policies, &own_grants, &withdrawn, parent_for_compile.as_ref().map(|p| &p.rules));
+            Ok((who, identity, own_grants, rules, loaded.policies.clone()))
         })
         .await
         .map_err(|e| OpenError::Internal(format!("token verification failed: {e}")))??;
@@ -532,6 +567,7 @@ impl Sessions {
             depth,
             reason,
             own_grants,
+            policies,
             uid: caller.uid,
             cgroup: cgroup_path.clone(),
             cgroup_id,
@@ -606,22 +642,6 @@ impl Sessions {
             grants: parent.rules.grants.clone(),
             rules: parent.rules.clone(),
         })
-    }
-
-    /// A session's rules: its own grants (those still honoured), cut down
-    /// to its parent's effective rules when it has a parent. Blocking.
-    pub(super) fn effective_rules(
-        &self,
-        own_grants: &[String],
-        withdrawn: &std::collections::BTreeSet<String>,
-        parent: Option<&SessionRules>,
-    ) -> SessionRules {
-        let grants = self.parts.policies.grants.iter().filter(|g| own_grants.contains(&g.name));
-        let own = compile(grants, withdrawn);
-        match parent {
-            Some(parent) => intersect(parent, own),
-            None => own,
-        }
     }
 
     /// The session and route of a redirected connection.
@@ -910,6 +930,23 @@ impl Sessions {
         for (cgroup_id, _) in live {
             self.end(cgroup_id).await;
         }
+    }
+}
+
+/// A session's rules: its own grants as `policies` define them (those still
+/// honoured), cut down to its parent's effective rules when it has a parent.
+/// Blocking.
+pub(super) fn effective_rules(
+    policies: &PolicySet,
+    own_grants: &[String],
+    withdrawn: &std::collections::BTreeSet<String>,
+    parent: Option<&SessionRules>,
+) -> SessionRules {
+    let grants = policies.grants.iter().filter(|g| own_grants.contains(&g.name));
+    let own = compile(grants, withdrawn);
+    match parent {
+        Some(parent) => intersect(parent, own),
+        None => own,
     }
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{lsm, raw_tracepoint},
     programs::{LsmContext, RawTracePointContext},
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::debug;
 use tollgate_common::{
     ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExecInProgress,
     ExecKey, ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_BUFFER_FULL, SESSION_EXEC_ALLOW_LIST, Verdict,
@@ -165,7 +165,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     let verdict = if refused {
         // SAFETY: signals the current task; delivered before it returns to user mode.
         unsafe { bpf_send_signal(SIGKILL) };
-        warn!(&ctx, "killed denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
+        debug!(&ctx, "killed denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
         Verdict::Killed
     } else {
         Verdict::Allow
@@ -232,7 +232,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     if !refused {
         return 0;
     }
-    warn!(&ctx, "refused denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
+    debug!(&ctx, "refused denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
     // SAFETY: bprm is the hook's argument.
     unsafe { emit_exec(cgroup_id, bprm, Verdict::Deny, dev, ino, false) };
     -EPERM
