@@ -384,7 +384,8 @@ echo "child_status=$?""#,
     argv.push(marker("ttl").display().to_string());
     let out = daemon.tollgate(&argv);
     assert!(started.elapsed() < std::time::Duration::from_secs(25), "the ttl did not end the session: {out}");
-    assert_eq!(out.code(), Some(137), "killed by the ttl: {out}");
+    assert_eq!(out.code(), Some(77), "ended by policy (the ttl): {out}");
+    assert!(out.stderr.contains("session reached its --ttl"), "{out}");
     assert!(!marker("ttl").exists());
     let id = out.first_line().to_owned();
     let show = daemon

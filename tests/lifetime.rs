@@ -44,7 +44,8 @@ fn a_session_ends_at_its_identitys_max_session() {
     let started = Instant::now();
     let out = daemon.run(&token, &long_command(&marker));
     assert!(started.elapsed() < Duration::from_secs(25), "the session outlived its max_session: {out}");
-    assert_eq!(out.code(), Some(128 + 9), "the command should end by SIGKILL: {out}");
+    assert_eq!(out.code(), Some(77), "run exits with the ended-by-policy code: {out}");
+    assert!(out.stderr.contains("max_session"), "and says why: {out}");
     thread::sleep(Duration::from_secs(1));
     assert!(!marker.exists(), "the command went on after its session expired");
     let id = out.first_line().to_owned();
@@ -127,7 +128,8 @@ fn a_reviewer_revokes_a_live_session_and_nobody_else_can() {
         assert_eq!(again.code(), Some(1), "revoking twice is refused: {again}");
         session.join().expect("the session thread")
     });
-    assert_eq!(out.code(), Some(128 + 9), "the command should end by SIGKILL: {out}");
+    assert_eq!(out.code(), Some(77), "run exits with the ended-by-policy code: {out}");
+    assert!(out.stderr.contains("session revoked by root: job cancelled"), "and says why: {out}");
     thread::sleep(Duration::from_secs(1));
     assert!(!marker.exists(), "the command went on after its session was revoked");
     let id = std::fs::read_to_string(&id_file).expect("id").trim().to_owned();

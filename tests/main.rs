@@ -25,6 +25,7 @@ mod proxy_rules;
 mod proxy_streaming;
 mod proxy_upgrade;
 mod reporting;
+mod service;
 mod survival;
 mod tls;
 mod tokens;

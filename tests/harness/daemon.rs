@@ -49,6 +49,7 @@ pub struct DaemonBuilder {
     dev_issuer: bool,
     extra_config: String,
     umask: Option<u32>,
+    env: Vec<(String, String)>,
 }
 
 impl DaemonBuilder {
@@ -73,6 +74,12 @@ impl DaemonBuilder {
     /// Starts the daemon with this umask (the test process's otherwise).
     pub fn umask(mut self, mask: u32) -> Self {
         self.umask = Some(mask);
+        self
+    }
+
+    /// Starts the daemon with this environment variable set.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -155,7 +162,7 @@ impl DaemonBuilder {
         fs::write(&config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
 
         let log_path = dir.path().join("daemon.log");
-        let child = launch(&bin, &config_path, &log_path, self.umask)?;
+        let child = launch(&bin, &config_path, &log_path, self.umask, &self.env)?;
 
         Ok(Daemon {
             bin,
@@ -203,6 +210,7 @@ impl Daemon {
             dev_issuer: true,
             extra_config: String::new(),
             umask: None,
+            env: Vec::new(),
         }
     }
 
@@ -259,7 +267,7 @@ impl Daemon {
     /// [`Daemon::kill_hard`] or [`Daemon::handover`].
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon is still running");
-        let child = launch(&self.bin, &self.config_path, &self.log_path, None).expect("restarting the daemon");
+        let child = launch(&self.bin, &self.config_path, &self.log_path, None, &[]).expect("restarting the daemon");
         self.child = Some(child);
         if let Err(err) = self.wait_ready() {
             panic!("the restarted daemon did not become ready: {err:#}");
@@ -518,7 +526,13 @@ fn terminate(mut child: Child) -> anyhow::Result<Stopped> {
 }
 
 /// Spawns `tollgate daemon` on `config`, appending to the log at `log_path`.
-fn launch(bin: &Path, config: &Path, log_path: &Path, umask: Option<u32>) -> anyhow::Result<Child> {
+fn launch(
+    bin: &Path,
+    config: &Path,
+    log_path: &Path,
+    umask: Option<u32>,
+    env: &[(String, String)],
+) -> anyhow::Result<Child> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -532,6 +546,7 @@ fn launch(bin: &Path, config: &Path, log_path: &Path, umask: Option<u32>) -> any
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info,tollgate_ebpf=debug");
     }
+    cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     if let Some(mask) = umask {
         use std::os::unix::process::CommandExt;
         // SAFETY: umask(2) is async-signal-safe and cannot fail.

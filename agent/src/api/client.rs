@@ -8,15 +8,21 @@ use std::{
 
 use super::protocol::{Request, Response};
 
+/// No daemon answers on the control socket.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the tollgate daemon at {path} (is it running? set --socket or TOLLGATE_SOCKET): {source}")]
+pub struct Unreachable {
+    /// The socket.
+    pub path: String,
+    /// Why.
+    pub source: std::io::Error,
+}
+
 /// Connects and sends one request.
 fn send(socket: &Path, request: &Request) -> anyhow::Result<UnixStream> {
     use anyhow::Context;
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the tollgate daemon at {} (is it running? set --socket or TOLLGATE_SOCKET)",
-            socket.display()
-        )
-    })?;
+    let mut stream =
+        UnixStream::connect(socket).map_err(|source| Unreachable { path: socket.display().to_string(), source })?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).context("cannot send request to the daemon")?;

@@ -81,15 +81,21 @@ pub async fn serve(control: Arc<Control>, listener: UnixListener) -> anyhow::Res
         };
         let control = control.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(control, stream).await {
+            if let Err(e) = handle(control, stream, permit).await {
                 tracing::debug!(error = %e, "control connection failed");
             }
-            drop(permit);
         });
     }
 }
 
-async fn handle(control: Arc<Control>, stream: UnixStream) -> anyhow::Result<()> {
+/// Serves one connection. The `permit` (one of the connections served at
+/// once) is given back as soon as the request is answered: a `run`
+/// connection that stays open to carry notices or a terminal does not hold one.
+async fn handle(
+    control: Arc<Control>,
+    stream: UnixStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
     let cred = stream.peer_cred()?;
     let (Some(pid), uid) = (cred.pid(), cred.uid()) else {
         anyhow::bail!("peer has no pid");
@@ -113,24 +119,60 @@ async fn handle(control: Arc<Control>, stream: UnixStream) -> anyhow::Result<()>
             Err(e) => Reply::Plain(Response::error(ErrorKind::BadRequest, format!("malformed request: {e}"))),
         }
     };
-    let (response, terminal) = match reply {
-        Reply::Plain(response) => (response, None),
-        Reply::Terminal(response, terminal, recorder) => (response, Some((terminal, recorder))),
+    let line = |response: &Response| -> anyhow::Result<String> {
+        let mut out = serde_json::to_string(response)?;
+        out.push('\n');
+        Ok(out)
     };
-    let mut out = serde_json::to_string(&response)?;
-    out.push('\n');
-    let Some((terminal, recorder)) = terminal else {
-        write.write_all(out.as_bytes()).await?;
-        return Ok(());
-    };
-    // The answer carries the terminal's slave; the connection then carries
-    // the terminal's traffic both ways.
-    send_with_fd(write.as_ref(), out.as_bytes(), &terminal.slave).await?;
-    drop(terminal.slave);
-    let read = reader.into_inner().into_inner();
-    let stream = read.reunite(write).map_err(|_| anyhow::anyhow!("cannot rejoin the connection"))?;
-    crate::session::terminal::relay(terminal.master, stream, recorder).await;
-    Ok(())
+    match reply {
+        Reply::Plain(response) => {
+            write.write_all(line(&response)?.as_bytes()).await?;
+            Ok(())
+        }
+        Reply::Watched(response, notices) => {
+            write.write_all(line(&response)?.as_bytes()).await?;
+            drop(permit);
+            let read = reader.into_inner().into_inner();
+            let stream = read.reunite(write).map_err(|_| anyhow::anyhow!("cannot rejoin the connection"))?;
+            tell(stream, notices).await;
+            Ok(())
+        }
+        Reply::Terminal(response, terminal, recorder, notices) => {
+            // The answer carries the terminal's slave; the connection then
+            // carries the terminal's traffic both ways.
+            send_with_fd(write.as_ref(), line(&response)?.as_bytes(), &terminal.slave).await?;
+            drop(terminal.slave);
+            drop(permit);
+            let read = reader.into_inner().into_inner();
+            let stream = read.reunite(write).map_err(|_| anyhow::anyhow!("cannot rejoin the connection"))?;
+            crate::session::terminal::relay(terminal.master, stream, recorder, notices).await;
+            Ok(())
+        }
+    }
+}
+
+/// Passes a session's notices to its `tollgate run`, one JSON line each,
+/// until the session ends or the client goes.
+async fn tell(mut stream: UnixStream, mut notices: tokio::sync::mpsc::Receiver<crate::session::Notice>) {
+    let mut probe = [0u8; 64];
+    loop {
+        tokio::select! {
+            notice = notices.recv() => {
+                let Some(notice) = notice else { break };
+                let ended = notice == crate::session::Notice::Ended;
+                let Ok(mut text) = serde_json::to_string(&notice) else { break };
+                text.push('\n');
+                if stream.write_all(text.as_bytes()).await.is_err() || ended {
+                    break;
+                }
+            }
+            read = stream.read(&mut probe) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// What a `run` asks, as received.
@@ -144,10 +186,17 @@ struct RunRequest {
     terminal_size: Option<(u16, u16)>,
 }
 
-/// An answer, and for a session with a recorded terminal, that terminal.
+/// An answer; for an opened session, its notices to pass on; for a session
+/// with a recorded terminal, that terminal too.
 enum Reply {
     Plain(Response),
-    Terminal(Response, crate::session::terminal::Terminal, crate::session::terminal::OutputRecorder),
+    Watched(Response, tokio::sync::mpsc::Receiver<crate::session::Notice>),
+    Terminal(
+        Response,
+        crate::session::terminal::Terminal,
+        crate::session::terminal::OutputRecorder,
+        tokio::sync::mpsc::Receiver<crate::session::Notice>,
+    ),
 }
 
 /// Opens a session; for a recorded one, also its terminal.
@@ -171,8 +220,9 @@ async fn run(control: &Control, caller: Caller, request: RunRequest) -> Reply {
         Ok(opened) => opened,
         Err(e) => return Reply::Plain(reply::<()>(Err(e))),
     };
+    let notices = control.sessions.watch(&opened.session);
     if !opened.record_output {
-        return Reply::Plain(Response::Ok(serde_json::to_value(&opened).unwrap_or_default()));
+        return Reply::Watched(Response::Ok(serde_json::to_value(&opened).unwrap_or_default()), notices);
     }
     let (rows, cols) = terminal_size.unwrap_or((24, 80));
     match crate::session::terminal::open(rows, cols) {
@@ -184,7 +234,12 @@ async fn run(control: &Control, caller: Caller, request: RunRequest) -> Reply {
                 masks,
                 control.output_cap_bytes,
             );
-            Reply::Terminal(Response::Ok(serde_json::to_value(&opened).unwrap_or_default()), terminal, recorder)
+            Reply::Terminal(
+                Response::Ok(serde_json::to_value(&opened).unwrap_or_default()),
+                terminal,
+                recorder,
+                notices,
+            )
         }
         Err(e) => {
             // The held child is never released: it exits and the session ends empty.

@@ -62,9 +62,11 @@ pub fn source(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Resul
         return Ok(Source::Daemon(socket));
     }
     let database = config.database_path();
-    std::fs::metadata(&database).with_context(|| {
-        format!("no daemon answers at {} and there is no session log at {}", socket.display(), database.display())
-    })?;
+    if let Err(e) = std::fs::metadata(&database) {
+        let unreachable = crate::api::client::Unreachable { path: socket.display().to_string(), source: e };
+        return Err(anyhow::Error::new(unreachable)
+            .context(format!("and there is no session log at {} to read instead", database.display())));
+    }
     eprintln!("tollgate: no daemon at {}; reading {} read-only", socket.display(), database.display());
     let reader = Reader::new(&database);
     Ok(Source::Local(Box::new(Local { config, reader })))

@@ -27,6 +27,12 @@ use crate::{
 
 /// Exit code when a token is refused (and the command was not started).
 pub const EXIT_TOKEN_REFUSED: i32 = 2;
+/// Exit code for a command line tollgate cannot parse.
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code when no daemon answers on the control socket.
+pub const EXIT_DAEMON_UNREACHABLE: i32 = 69;
+/// Exit code of `tollgate run` when policy ended the session (revoked, expired, --ttl).
+pub const EXIT_ENDED_BY_POLICY: i32 = 77;
 
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about = "Verified identities and kernel enforcement for nested agents")]
@@ -356,7 +362,13 @@ enum PolicyCommand {
 
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
     if !matches!(cli.command, Command::Daemon { .. }) {
         // Commands end quietly when their reader goes away (`tollgate sessions
         // | head -1`), and `tollgate run` hands the command the default
@@ -369,7 +381,7 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tollgate: {}", describe(&e));
-            1
+            if e.chain().any(|cause| cause.is::<client::Unreachable>()) { EXIT_DAEMON_UNREACHABLE } else { 1 }
         }
     }
 }

@@ -21,7 +21,7 @@ use nix::{
     unistd::{ForkResult, Pid, fork, pipe},
 };
 
-use super::EXIT_TOKEN_REFUSED;
+use super::{EXIT_ENDED_BY_POLICY, EXIT_TOKEN_REFUSED};
 use crate::api::{
     client,
     protocol::{ErrorKind, Request, Response},
@@ -100,9 +100,10 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
                 terminal_size,
             };
             let answer = client::call_with_fd(socket, &request);
-            let (answer, terminal) = match answer {
-                Ok((response, fd, stream)) => (Ok(response), fd.map(|fd| (fd, stream))),
-                Err(e) => (Err(e), None),
+            let (answer, terminal, stream_for_notices) = match answer {
+                Ok((response, Some(fd), stream)) => (Ok(response), Some((fd, stream)), None),
+                Ok((response, None, stream)) => (Ok(response), None, Some(stream)),
+                Err(e) => (Err(e), None, None),
             };
             let session = match answer {
                 Ok(Response::Ok(body)) => body.get("session").and_then(|s| s.as_str()).unwrap_or_default().to_owned(),
@@ -127,7 +128,9 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
             };
             let Some((slave, stream)) = terminal else {
                 release(hold_write, &session)?;
-                return wait(child);
+                let notices = stream_of_notices(stream_for_notices);
+                let code = wait(child)?;
+                return Ok(notices.finish(code));
             };
             // The child gets the terminal before it is released.
             send_fd(&link_parent, &slave).context("cannot hand the session's terminal to the command")?;
@@ -135,6 +138,65 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
             release(hold_write, &session)?;
             relay(stream);
             wait(child)
+        }
+    }
+}
+
+/// What the daemon tells `run` about its session while the command runs:
+/// denials are printed as they come; how the session ended decides the
+/// exit code.
+struct Notices {
+    ended_by_policy: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    done: Option<std::sync::mpsc::Receiver<bool>>,
+}
+
+fn stream_of_notices(stream: Option<std::os::unix::net::UnixStream>) -> Notices {
+    let ended_by_policy = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let Some(stream) = stream else { return Notices { ended_by_policy, done: None } };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let policy = ended_by_policy.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut ended = false;
+        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+            let Ok(notice) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let text = notice["text"].as_str().unwrap_or_default().to_owned();
+            match notice["notice"].as_str() {
+                Some("denied") => eprintln!("tollgate: {text}"),
+                Some("ending") => {
+                    if let Ok(mut slot) = policy.lock() {
+                        slot.get_or_insert(text);
+                    }
+                }
+                Some("ended") => {
+                    ended = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let _ = tx.send(ended);
+    });
+    Notices { ended_by_policy, done: Some(rx) }
+}
+
+impl Notices {
+    /// The exit code once the command exited with `code`: after the daemon
+    /// says the session ended (briefly waited for, so `sessions` shows it
+    /// ended once `run` returns), or that the daemon went away.
+    fn finish(self, code: i32) -> i32 {
+        let ended = self.done.as_ref().map(|done| done.recv_timeout(std::time::Duration::from_secs(2)));
+        if let Some(Ok(false)) = ended {
+            eprintln!(
+                "tollgate: the daemon went away while the session ran (its programs keep governing sessions until it is back)"
+            );
+        }
+        match self.ended_by_policy.lock().ok().and_then(|slot| slot.clone()) {
+            Some(why) => {
+                eprintln!("tollgate: {why}");
+                EXIT_ENDED_BY_POLICY
+            }
+            None => code,
         }
     }
 }

@@ -242,6 +242,8 @@ pub struct Sessions {
     state: Mutex<State>,
     /// Which grants are honoured, and when each was last exercised.
     pub(super) book: Mutex<GrantBook>,
+    /// The `tollgate run` clients waiting to hear of their session's denials and end.
+    watchers: Mutex<std::collections::HashMap<SessionId, Vec<tokio::sync::mpsc::Sender<Notice>>>>,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: AtomicBool,
 }
@@ -273,6 +275,28 @@ struct Parent {
     grants: Vec<String>,
     rules: SessionRules,
 }
+
+/// What a session's `tollgate run` is told while its command runs.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    /// Something a process of the session did was refused.
+    Denied {
+        /// One line: what, and the grant and rule that decided.
+        text: String,
+    },
+    /// The session is being ended by policy (revoked, expired).
+    Ending {
+        /// One line: why.
+        text: String,
+    },
+    /// The session ended (its last process is gone).
+    Ended,
+}
+
+/// Notices a slow client has not read yet, at most; more are dropped
+/// (the session log has them all).
+const NOTICE_QUEUE: usize = 64;
 
 /// What set a session's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,7 +352,14 @@ impl Sessions {
             verifier: parts.loaded.verifier.clone(),
             at: parts.loaded.at,
         }));
-        Self { parts, current, state, book: Mutex::default(), closing: AtomicBool::new(false) }
+        Self {
+            parts,
+            current,
+            state,
+            book: Mutex::default(),
+            watchers: Mutex::default(),
+            closing: AtomicBool::new(false),
+        }
     }
 
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
@@ -662,6 +693,33 @@ impl Sessions {
         })
     }
 
+    /// Subscribes to a session's notices (for the `tollgate run` that opened it).
+    pub fn watch(&self, id: &SessionId) -> tokio::sync::mpsc::Receiver<Notice> {
+        let (tx, rx) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        watchers.entry(id.clone()).or_default().push(tx);
+        rx
+    }
+
+    fn has_watchers(&self, id: &SessionId) -> bool {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner()).get(id).is_some_and(|list| !list.is_empty())
+    }
+
+    /// Tells a session's watchers; an ended session's watchers are let go.
+    fn notify(&self, id: &SessionId, notice: Notice) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        let ended = notice == Notice::Ended;
+        if let Some(list) = watchers.get_mut(id) {
+            list.retain(|tx| !tx.is_closed());
+            for tx in list.iter() {
+                let _ = tx.try_send(notice.clone());
+            }
+        }
+        if ended {
+            watchers.remove(id);
+        }
+    }
+
     /// The session of a cgroup, live or recently ended.
     pub fn session_of(&self, cgroup_id: u64) -> Option<SessionId> {
         self.state().registry.session_of(cgroup_id)
@@ -694,6 +752,9 @@ impl Sessions {
             _ => {}
         }
         drop(state);
+        if let Some(text) = denial_text(event, attribution.rule.as_ref()) {
+            self.notify(&attribution.session, Notice::Denied { text });
+        }
         let let_through = match event {
             KernelEvent::Exec { verdict, .. } | KernelEvent::Connect { verdict, .. } => {
                 matches!(verdict, tollgate_common::Verdict::Allow | tollgate_common::Verdict::Redirect)
@@ -753,7 +814,18 @@ impl Sessions {
         detail: Map<String, Value>,
     ) {
         self.parts.log.decided(id, RecordKind::Session, verdict, detail.clone());
+        let why = match (verdict, detail.get("by").and_then(Value::as_str)) {
+            (RecordVerdict::Revoked, Some(by)) => format!(
+                "session revoked by {by}{}",
+                detail.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"))
+            ),
+            (RecordVerdict::Expired, _) if detail.contains_key("ttl_secs") => "session reached its --ttl".to_owned(),
+            (RecordVerdict::Expired, _) => "session reached its identity's max_session".to_owned(),
+            _ => "session ended by policy".to_owned(),
+        };
+        self.notify(id, Notice::Ending { text: why.clone() });
         for child in children {
+            self.notify(child, Notice::Ending { text: format!("{why} (its parent {id} ended)") });
             let mut detail = detail.clone();
             detail.insert("ended_with".into(), id.to_string().into());
             self.parts.log.decided(child, RecordKind::Session, verdict, detail);
@@ -823,6 +895,12 @@ impl Sessions {
             };
             discard(session.cgroup.clone()).await;
             self.parts.log.end_session(session.id.clone());
+            // Its `run` hears of the end once the record says so.
+            if self.has_watchers(&session.id) {
+                let log = self.parts.log.clone();
+                let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+            }
+            self.notify(&session.id, Notice::Ended);
             tracing::info!(session = %session.id, "session ended");
         }
     }
@@ -973,6 +1051,29 @@ fn mark_ending(registry: &mut Registry, cgroup_id: u64) -> Vec<SessionId> {
             Some(session.id.clone())
         })
         .collect()
+}
+
+/// One line for the caller about a refused exec, connect or socket.
+fn denial_text(event: &KernelEvent, decided: Option<&Decided>) -> Option<String> {
+    use tollgate_common::Verdict;
+    let by = |fallback: &str| match decided.and_then(|d| d.0.first()) {
+        Some(rule) => format!("denied by grant {} ({})", rule.grant, rule.rule),
+        None => format!("denied: {fallback}"),
+    };
+    match event {
+        KernelEvent::Exec { verdict, filename, .. } if *verdict != Verdict::Allow => {
+            Some(format!("exec {filename} {}", by("not on the session's allow list")))
+        }
+        KernelEvent::Connect { verdict: Verdict::Deny, addr, port, send, .. } => {
+            let what = if *send { "send to" } else { "connect" };
+            let target = if addr.is_ipv6() { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") };
+            Some(format!("{what} {target} {}", by("no rule allows it")))
+        }
+        KernelEvent::Socket { family, sock_type, .. } => Some(format!(
+            "socket (family {family}, type {sock_type}) denied: raw and ICMP sockets are not allowed in sessions"
+        )),
+        _ => None,
+    }
 }
 
 /// The rule that decided an exec: the deny entry that refused the file,

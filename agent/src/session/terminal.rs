@@ -99,7 +99,14 @@ impl OutputRecorder {
 /// Relays between the terminal's master and the caller's connection until
 /// the command and everything else holding the terminal is gone, recording
 /// the output. A caller that goes away does not stop the recording.
-pub async fn relay(master: OwnedFd, mut client: UnixStream, mut recorder: OutputRecorder) {
+/// Notices for the session (denials, its end by policy) are shown to the
+/// caller between the output, and not recorded as output.
+pub async fn relay(
+    master: OwnedFd,
+    mut client: UnixStream,
+    mut recorder: OutputRecorder,
+    mut notices: tokio::sync::mpsc::Receiver<super::Notice>,
+) {
     if nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).is_err() {
         return;
     }
@@ -134,6 +141,15 @@ pub async fn relay(master: OwnedFd, mut client: UnixStream, mut recorder: Output
                     Ok(n) => {
                         let _ = write_all(&master, &from_client[..n]).await;
                     }
+                }
+            }
+            Some(notice) = notices.recv() => {
+                let text = match notice {
+                    super::Notice::Denied { text } | super::Notice::Ending { text } => text,
+                    super::Notice::Ended => continue,
+                };
+                if output_open && client.write_all(format!("\r\ntollgate: {text}\r\n").as_bytes()).await.is_err() {
+                    output_open = false;
                 }
             }
             () = tokio::time::sleep(LINE_WAIT) => recorder.flush(),

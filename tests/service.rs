@@ -1,0 +1,229 @@
+//! The daemon as an SRE runs it and the CLI as a governed job meets it: SIGHUP reloads (all or
+//! nothing), logs without colour in files, JSON or journal priorities on request, one log line per
+//! refusal, no guessing without a configuration, denials explained by `tollgate run` where they
+//! happen, and distinct exit codes.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use harness::net::Listener;
+use harness::proxy::path_str;
+use harness::session_log::{events_of_kind, pretty};
+use harness::{Daemon, run_with_timeout, tollgate_bin, unique_tag};
+use serde_json::Value;
+
+const BUILD_BOTS: &[(&str, &str)] = &[("repository_owner", "acme")];
+
+fn policy(extra_grants: &str) -> String {
+    format!(
+        r#"identities:
+  - name: build-bots
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ repository_owner: acme }}
+grants:
+  - name: base
+    identity: build-bots
+    exec: {{ deny: ["/usr/bin/wget"] }}
+    network:
+      allow: ["127.0.0.5/32"]
+      deny: ["127.0.0.3/32"]
+{extra_grants}"#
+    )
+}
+
+const SIX: &str = "  - name: six\n    identity: build-bots\n    network: { allow: [\"127.0.0.6/32\"] }\n";
+
+fn hup(daemon: &Daemon) {
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGHUP) }, 0);
+}
+
+fn connect(daemon: &Daemon, token: &Path, host: &str, port: u16) -> bool {
+    let argv = ["/bin/bash".to_owned(), "-c".into(), format!("exec 3<>/dev/tcp/{host}/{port}")];
+    daemon.run(token, &argv).success()
+}
+
+fn loaded_at(daemon: &Daemon) -> String {
+    daemon.status()["policies_loaded_at"].as_str().expect("policies_loaded_at").to_owned()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A reload that fails keeps everything and says so once; one that loads gives new sessions the
+/// new policy, and takes a removed grant from a live session at once (recorded).
+#[test]
+fn sighup_reloads_policies_all_or_nothing() {
+    let daemon = Daemon::start(&policy(SIX));
+    let token = daemon.mint("reload-bot", BUILD_BOTS);
+    let (five, six, seven) = (Listener::bind("127.0.0.5"), Listener::bind("127.0.0.6"), Listener::bind("127.0.0.7"));
+    let policy_file = daemon.dir().join("policies").join("policy-0.yaml");
+    let first = loaded_at(&daemon);
+
+    // A broken file: the reload fails, nothing changes, one line says why.
+    fs::write(daemon.dir().join("policies").join("broken.yaml"), "grants: [\n").expect("broken policy");
+    hup(&daemon);
+    wait_for("the failed reload's log line", || daemon.log().contains("reload failed"));
+    assert_eq!(daemon.log().matches("reload failed").count(), 1, "{}", daemon.log());
+    assert!(daemon.log().contains("broken.yaml:2"), "the error names the file and line: {}", daemon.log());
+    assert_eq!(loaded_at(&daemon), first, "a failed reload changed the loaded policies");
+    assert!(connect(&daemon, &token, "127.0.0.6", six.port()), "the old policy still holds");
+    fs::remove_file(daemon.dir().join("policies").join("broken.yaml")).expect("remove");
+
+    // A live session, then a reload that drops grant `six` and adds `seven`.
+    let dir = daemon.dir().join(format!("live-{}", unique_tag()));
+    fs::create_dir(&dir).expect("dir");
+    let script = format!(
+        r#"for round in 1 2; do
+  i=0; while [ ! -e {d}/go-$round ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+  if /bin/bash -c 'exec 3<>/dev/tcp/127.0.0.6/{p}' 2>/dev/null; then echo ok > {d}/r-$round; else echo refused > {d}/r-$round; fi
+done"#,
+        d = dir.display(),
+        p = six.port()
+    );
+    thread::scope(|scope| {
+        let running = scope.spawn(|| daemon.run(&token, &["/bin/sh", "-c", &script]));
+        let round = |n: u32| -> String {
+            fs::write(dir.join(format!("go-{n}")), "").expect("go");
+            let result = dir.join(format!("r-{n}"));
+            wait_for("the live session's round", || fs::read_to_string(&result).is_ok_and(|r| r.ends_with('\n')));
+            fs::read_to_string(&result).expect("result").trim().to_owned()
+        };
+        assert_eq!(round(1), "ok");
+        let seven_grant = "  - name: seven\n    identity: build-bots\n    network: { allow: [\"127.0.0.7/32\"] }\n";
+        fs::write(&policy_file, policy(seven_grant)).expect("new policy");
+        hup(&daemon);
+        wait_for("the reload", || loaded_at(&daemon) != first);
+        assert_eq!(round(2), "refused", "the live session kept a grant the reload removed");
+        assert!(running.join().expect("session").success());
+    });
+    assert!(!connect(&daemon, &token, "127.0.0.6", six.port()), "a new session got a removed grant");
+    assert!(connect(&daemon, &token, "127.0.0.7", seven.port()), "a new session lacks the new grant");
+    assert!(connect(&daemon, &token, "127.0.0.5", five.port()));
+    let status = daemon.status();
+    assert_eq!(status["policy_file_paths"].as_array().map(Vec::len), Some(1), "{}", pretty(&status));
+    let live = daemon
+        .sessions()
+        .into_iter()
+        .find(|s| s["command"][2].as_str().is_some_and(|c| c.contains("for round")))
+        .expect("the live session");
+    let show = daemon.show(live["id"].as_str().expect("id"));
+    let removed = events_of_kind(&show, "grant");
+    assert!(removed.iter().any(|e| e["grant"] == "six" && e["verdict"] == "revoked"), "{}", pretty(&show));
+}
+
+/// The log file has no colour codes, and each refusal is one line at info or above; `log_format:
+/// json` gives JSON lines; under systemd (JOURNAL_STREAM) each line carries its priority.
+#[test]
+fn logs_are_plain_json_or_journal_with_one_line_per_refusal() {
+    let daemon = Daemon::start(&policy(""));
+    let token = daemon.mint("log-bot", BUILD_BOTS);
+    let listener = Listener::bind("127.0.0.3");
+    assert!(!connect(&daemon, &token, "127.0.0.3", listener.port()));
+    assert!(!daemon.run(&token, &["/usr/bin/wget", "-q", "http://127.0.0.1/"]).success());
+    wait_for("the refusals in the log", || {
+        daemon.log().contains("exec denied") && daemon.log().contains("connect denied")
+    });
+    let log = daemon.log();
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file:\n{log}");
+    let at_info = |needle: &str| log.lines().filter(|l| l.contains(needle) && !l.contains("DEBUG")).count();
+    assert_eq!(at_info("/usr/bin/wget"), 1, "one line for the denied exec:\n{log}");
+    assert_eq!(at_info("connect denied"), 1, "one line for the denied connect:\n{log}");
+
+    let json = Daemon::builder().policy(&policy("")).config_line("log_format: json").start();
+    let lines: Vec<Value> = json.log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"] == "tollgate daemon ready" && l["level"] == "INFO"),
+        "{}",
+        json.log()
+    );
+
+    let journal = Daemon::builder().policy(&policy("")).env("JOURNAL_STREAM", "8:12345").start();
+    let log = journal.log();
+    let ready = log.lines().find(|l| l.contains("tollgate daemon ready")).expect("the ready line");
+    assert!(ready.starts_with("<6>"), "journal priority for info: {ready}");
+    assert!(log.lines().any(|l| l.starts_with("<4>")), "warnings carry priority 4:\n{log}");
+    assert!(!log.contains('\u{1b}'));
+}
+
+/// `tollgate run` says what was refused and by which grant and rule, on stderr, as it happens;
+/// the session shows as ended as soon as `run` returns.
+#[test]
+fn run_explains_denials_where_they_happen() {
+    let daemon = Daemon::start(&policy(""));
+    let token = daemon.mint("told-bot", BUILD_BOTS);
+    let listener = Listener::bind("127.0.0.3");
+    let script = format!("exec 3<>/dev/tcp/127.0.0.3/{}; /usr/bin/wget -q http://127.0.0.1/; exit 5", listener.port());
+    let out = daemon.run(&token, &["/bin/bash", "-c", &script]);
+    assert_eq!(out.code(), Some(5), "the command's own exit code: {out}");
+    let connect_line =
+        format!("tollgate: connect 127.0.0.3:{} denied by grant base (network.deny 127.0.0.3/32)", listener.port());
+    assert!(out.stderr.lines().any(|l| l == connect_line), "{out}");
+    assert!(
+        out.stderr.lines().any(|l| l == "tollgate: exec /usr/bin/wget denied by grant base (exec.deny /usr/bin/wget)"),
+        "{out}"
+    );
+    let id = daemon.last_session_id();
+    let session = daemon.session(&id);
+    assert!(
+        !session["ended_at"].is_null(),
+        "the session still shows as running after run returned: {}",
+        pretty(&session)
+    );
+}
+
+/// Exit codes: the command's own, 2 for a refused token, 64 for a usage error, 69 when no daemon
+/// answers, 77 when policy ended the session.
+#[test]
+fn exit_codes_are_distinct() {
+    let daemon = Daemon::start(&policy(""));
+    let token = daemon.mint("exit-bot", BUILD_BOTS);
+    assert_eq!(daemon.run(&token, &["/bin/sh", "-c", "exit 3"]).code(), Some(3));
+    let bad = daemon.write_token("not.a.token");
+    let out = daemon.run(&bad, &["/usr/bin/true"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    let out = daemon.tollgate(&["sessoins"]);
+    assert_eq!(out.code(), Some(64), "{out}");
+    let out = daemon.tollgate(&["run", "--ttl", "1s", "--token-file", path_str(&token), "--", "sleep", "20"]);
+    assert_eq!(out.code(), Some(77), "{out}");
+    let empty = daemon.dir().join("empty-config.yaml");
+    fs::write(&empty, format!("state_dir: {}\n", daemon.dir().join("nowhere").display())).expect("config");
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["--socket", "/nonexistent/control.sock", "sessions", "--config", path_str(&empty)]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("tollgate runs");
+    assert_eq!(out.code(), Some(69), "{out}");
+    assert!(out.stderr.contains("cannot reach the tollgate daemon"), "{out}");
+}
+
+/// With no --config and no /etc/tollgate/config.yaml, `daemon` and `token mint` refuse and say what
+/// to pass, and make nothing (no key, no state).
+#[test]
+fn nothing_is_guessed_without_a_configuration() {
+    let scratch = tempfile::Builder::new().prefix("tollgate-noconfig-").tempdir().expect("temp dir");
+    let empty = scratch.path().join("empty");
+    fs::create_dir(&empty).expect("empty dir");
+    // Hide any real /etc/tollgate in a private mount namespace.
+    let hide = if Path::new("/etc/tollgate").exists() {
+        format!("mount --bind {} /etc/tollgate && ", empty.display())
+    } else {
+        String::new()
+    };
+    for args in ["daemon", "token mint --sub someone"] {
+        let script = format!("{hide}exec {} {args}", tollgate_bin().display());
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]).env("HOME", scratch.path());
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("tollgate runs");
+        assert_eq!(out.code(), Some(1), "`tollgate {args}` with no configuration: {out}");
+        assert!(out.stderr.contains("no configuration: pass --config FILE"), "{out}");
+    }
+    assert!(!Path::new("/var/lib/tollgate/dev-issuer.pk8").exists(), "a throwaway key was made");
+}
