@@ -1,5 +1,5 @@
 //! `tollgate policy check`: the shipped policies load, and broken ones are reported with the
-//! file and line of the mistake.
+//! file and line of each mistake, the files given checked together.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -115,8 +115,10 @@ fn bad_cidr_is_reported_at_its_line() {
 #[test]
 fn only_the_broken_file_is_blamed() {
     let dir = tempfile::tempdir().expect("creating a temp dir");
+    // Checked together, so the valid file defines other names than the broken one.
     let valid = dir.path().join("valid.yaml");
-    fs::write(&valid, VALID).unwrap_or_else(|err| panic!("writing {}: {err}", valid.display()));
+    let other = VALID.replace("build-bots", "other-bots");
+    fs::write(&valid, other).unwrap_or_else(|err| panic!("writing {}: {err}", valid.display()));
     let (broken, line) = write_variant(&dir, "bad-port.yaml", "169.254.169.254/32:80", "169.254.169.254/32:99999");
 
     let out = policy_check(&[&valid, &broken]);
@@ -143,4 +145,40 @@ fn unknown_field_is_rejected_at_its_line() {
     let dir = tempfile::tempdir().expect("creating a temp dir");
     let (path, line) = write_variant(&dir, "typo.yaml", "    network:", "    netwrok:");
     assert_rejected(&path, Some(line), "netwrok");
+}
+
+/// `policy check` takes files together (identities in one, grants in another), reports every
+/// error it finds, each as FILE:LINE:COLUMN on one line, and warns about exec paths that do not
+/// exist.
+#[test]
+fn check_reports_every_error_across_files_and_warns_about_missing_paths() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let identities = dir.path().join("identities.yaml");
+    fs::write(&identities, "identities:\n  - name: bots\n    issuer: https://idp.example\n").expect("write");
+    let grants = dir.path().join("grants.yaml");
+    fs::write(
+        &grants,
+        "grants:\n  - name: one\n    identity: bots\n    network: { allow: [\"10.0.0.0/33\"] }\n  - name: two\n    identity: bots\n    netwrok: {}\n  - name: three\n    identity: ghost\n",
+    )
+    .expect("write");
+    let out = policy_check(&[&identities, &grants]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    let g = grants.display().to_string();
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{g}:4:")) && l.contains("10.0.0.0/33")), "{out}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{g}:5:")) && l.contains("netwrok")), "{out}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{g}:9:")) && l.contains("ghost")), "{out}");
+
+    // Split across files, a sound policy passes; a missing exec path is a warning, not an error.
+    let sound = dir.path().join("sound.yaml");
+    fs::write(&sound, "grants:\n  - name: four\n    identity: bots\n    exec: { deny: [/nonexistent/tool] }\n")
+        .expect("write");
+    let out = policy_check(&[&identities, &sound]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with(&format!("{}:2:", sound.display()))
+            && l.contains("warning")
+            && l.contains("/nonexistent/tool")),
+        "{out}"
+    );
 }

@@ -227,3 +227,31 @@ fn nothing_is_guessed_without_a_configuration() {
     }
     assert!(!Path::new("/var/lib/tollgate/dev-issuer.pk8").exists(), "a throwaway key was made");
 }
+
+/// `policy explain` asks the running daemon (its loaded policy, reloads included), answers for
+/// each address a host name has, and explains execs.
+#[test]
+fn explain_asks_the_running_daemon() {
+    let daemon = Daemon::start(&policy(""));
+    let explain = |args: &[&str]| {
+        let mut all = vec!["policy", "explain", "--identity", "build-bots"];
+        all.extend(args);
+        daemon.tollgate(&all)
+    };
+    let out = explain(&["--to", "127.0.0.3:80"]);
+    assert_eq!(out.stdout.trim(), "deny (base: network.deny 127.0.0.3/32)", "{out}");
+    let out = explain(&["--to", "localhost:80"]);
+    assert!(out.stdout.lines().any(|l| l == "127.0.0.1:80: deny (no entry matches: the default)"), "{out}");
+    let out = explain(&["--exec", "/usr/bin/wget"]);
+    assert_eq!(out.stdout.trim(), "deny (base: exec.deny /usr/bin/wget)", "{out}");
+    // After a reload, the daemon's answer follows the new policy.
+    let file = daemon.dir().join("policies").join("policy-0.yaml");
+    fs::write(&file, policy(SIX)).expect("policy");
+    let before = loaded_at(&daemon);
+    hup(&daemon);
+    wait_for("the reload", || loaded_at(&daemon) != before);
+    let out = explain(&["--to", "127.0.0.6:80"]);
+    assert_eq!(out.stdout.trim(), "allow (six: network.allow 127.0.0.6/32)", "{out}");
+    let out = explain(&["--to", "no-such-host.invalid:80"]);
+    assert!(!out.success() && out.stderr.contains("no-such-host.invalid:80"), "{out}");
+}

@@ -71,6 +71,17 @@ pub enum Request {
     },
     /// This host's signed report for a period (reviewers).
     Report(ReportQuery),
+    /// What the loaded policy decides for an identity (`policy explain`).
+    Explain {
+        /// The identity.
+        identity: String,
+        /// `ADDR:PORT` or `HOST:PORT`.
+        #[serde(default)]
+        to: Option<String>,
+        /// An executable's path.
+        #[serde(default)]
+        exec: Option<String>,
+    },
     /// List sessions.
     Sessions,
     /// One session in full.

@@ -424,6 +424,24 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             })
             .await
         }
+        Request::Explain { identity, to, exec } => {
+            let sessions = control.sessions.clone();
+            blocking(move || {
+                let withdrawn = sessions.withdrawn_grants();
+                let exec = exec.map(std::path::PathBuf::from);
+                match crate::policy::explain::explain_lines(
+                    &sessions.policies(),
+                    &withdrawn,
+                    &identity,
+                    to.as_deref(),
+                    exec.as_deref(),
+                ) {
+                    Ok(lines) => Response::Ok(serde_json::json!({"lines": lines})),
+                    Err(why) => Response::error(ErrorKind::BadRequest, why),
+                }
+            })
+            .await
+        }
         Request::Sessions => {
             let reader = control.reader.clone();
             match tokio::task::spawn_blocking(move || reader.sessions()).await {

@@ -345,16 +345,16 @@ enum PolicyCommand {
         /// The policy identity.
         #[arg(long)]
         identity: String,
-        /// The destination, e.g. 10.1.2.3:443 or [::1]:80.
-        #[arg(long, value_name = "ADDR:PORT", required_unless_present = "exec", conflicts_with = "exec")]
-        to: Option<std::net::SocketAddr>,
+        /// The destination: 10.1.2.3:443, [::1]:80, or a name (github.com:443, answered for each address it has now).
+        #[arg(long, value_name = "ADDR:PORT|HOST:PORT", required_unless_present = "exec", conflicts_with = "exec")]
+        to: Option<String>,
         /// An executable instead: may the identity's sessions run it?
         #[arg(long, value_name = "PATH")]
         exec: Option<PathBuf>,
-        /// Policy files or directories [default: the config's policies]
+        /// Policy files or directories to ask instead of the running daemon.
         #[arg(long = "policy", value_name = "PATH")]
         policies: Vec<PathBuf>,
-        /// Take the policies from this config file.
+        /// With no daemon running: take the policies from this config file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -730,52 +730,56 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Policy(PolicyCommand::Explain { identity, to, exec, policies, config }) => {
-            let paths = if policies.is_empty() {
-                let config = match config {
-                    Some(path) => Config::load(&path)?,
-                    None => default_config()?.unwrap_or_else(Config::embedded),
-                };
-                config.policies
-            } else {
-                policies
-            };
-            let set = crate::policy::PolicySet::load(&paths)?;
-            if !set.identities.iter().any(|i| i.name == identity) {
-                anyhow::bail!(
-                    "no identity '{identity}' in {}",
-                    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                );
-            }
-            let rules = crate::policy::compile::compile(set.grants_for(&identity), &Default::default());
-            if let Some(path) = exec {
-                let decision = crate::policy::explain::explain_exec(&rules, &path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let verdict = if decision.allowed { "allow" } else { "deny" };
-                match (decision.rule, &rules.exec_allow) {
-                    (Some(rule), _) => println!("{verdict} ({rule})"),
-                    (None, Some(_)) => println!("{verdict} (not on any allow list: the default with one)"),
-                    (None, None) => println!("{verdict} (no exec rule matches: the default)"),
+            // The running daemon's loaded policy by default; files when given.
+            let lines = if policies.is_empty() {
+                let config = local::config(config)?;
+                let socket = cli.socket.unwrap_or_else(|| config.socket.clone());
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    let exec = exec.map(|p| p.display().to_string());
+                    let answer = call(&socket, &Request::Explain { identity, to, exec })?;
+                    answer["lines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|l| l.as_str().map(str::to_owned))
+                        .collect()
+                } else {
+                    eprintln!(
+                        "tollgate: no daemon at {}; explaining the policies of the configuration",
+                        socket.display()
+                    );
+                    let set = crate::policy::PolicySet::load(&config.policies)?;
+                    crate::policy::explain::explain_lines(
+                        &set,
+                        &Default::default(),
+                        &identity,
+                        to.as_deref(),
+                        exec.as_deref(),
+                    )
+                    .map_err(anyhow::Error::msg)?
                 }
-                return Ok(0);
-            }
-            let Some(to) = to else { anyhow::bail!("give --to ADDR:PORT or --exec PATH") };
-            let decision = crate::policy::explain::explain(&rules, to);
-            let verdict = match decision.verdict {
-                tollgate_common::Verdict::Allow => "allow",
-                tollgate_common::Verdict::Redirect => "proxy",
-                _ => "deny",
+            } else {
+                let set = crate::policy::PolicySet::load(&policies)?;
+                crate::policy::explain::explain_lines(
+                    &set,
+                    &Default::default(),
+                    &identity,
+                    to.as_deref(),
+                    exec.as_deref(),
+                )
+                .map_err(anyhow::Error::msg)?
             };
-            match decision.rule {
-                Some(rule) => println!("{verdict} ({rule})"),
-                None => println!("{verdict} (no entry matches: the default)"),
+            for line in lines {
+                println!("{line}");
             }
             Ok(0)
         }
         Command::Policy(PolicyCommand::Check { files }) => {
-            let errors = crate::policy::check(&files);
-            for error in &errors {
-                eprintln!("{error}");
+            let report = crate::policy::check(&files);
+            for line in report.errors.iter().chain(&report.warnings) {
+                eprintln!("{line}");
             }
+            let errors = report.errors;
             if errors.is_empty() {
                 println!("ok: {} policy file(s)", files.len());
                 Ok(0)

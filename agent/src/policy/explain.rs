@@ -9,6 +9,56 @@ use tollgate_common::{Verdict, family_of, loopback_for_unspecified, v4_mapped};
 
 use super::compile::{FileId, NetEntry, SessionRules};
 
+/// One line per answer of `policy explain` for `identity` under `set`:
+/// an exec (`exec`), or a destination (`to`: `ADDR:PORT` or `HOST:PORT`, a
+/// name answered for each address it resolves to now). Grants in
+/// `withdrawn` count as a session would see them. Blocking (resolves, stats).
+pub fn explain_lines(
+    set: &super::PolicySet,
+    withdrawn: &std::collections::BTreeSet<String>,
+    identity: &str,
+    to: Option<&str>,
+    exec: Option<&std::path::Path>,
+) -> Result<Vec<String>, String> {
+    if !set.identities.iter().any(|i| i.name == identity) {
+        return Err(format!("no identity '{identity}' in the policies"));
+    }
+    let rules = super::compile::compile(set.grants_for(identity), withdrawn);
+    if let Some(path) = exec {
+        let decision = explain_exec(&rules, path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let verdict = if decision.allowed { "allow" } else { "deny" };
+        return Ok(vec![match (decision.rule, &rules.exec_allow) {
+            (Some(rule), _) => format!("{verdict} ({rule})"),
+            (None, Some(_)) => format!("{verdict} (not on any allow list: the default with one)"),
+            (None, None) => format!("{verdict} (no exec rule matches: the default)"),
+        }]);
+    }
+    let to = to.ok_or("give --to ADDR:PORT or --exec PATH")?;
+    let line = |decision: Decision| {
+        let verdict = match decision.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Redirect => "proxy",
+            _ => "deny",
+        };
+        match decision.rule {
+            Some(rule) => format!("{verdict} ({rule})"),
+            None => format!("{verdict} (no entry matches: the default)"),
+        }
+    };
+    if let Ok(address) = to.parse::<SocketAddr>() {
+        return Ok(vec![line(explain(&rules, address))]);
+    }
+    use std::net::ToSocketAddrs;
+    let addresses: Vec<SocketAddr> = to
+        .to_socket_addrs()
+        .map_err(|e| format!("'{to}' is neither ADDR:PORT nor a HOST:PORT that resolves: {e}"))?
+        .collect();
+    if addresses.is_empty() {
+        return Err(format!("'{to}' resolves to no address"));
+    }
+    Ok(addresses.into_iter().map(|address| format!("{address}: {}", line(explain(&rules, address)))).collect())
+}
+
 /// A decision and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {

@@ -58,21 +58,7 @@ impl PolicySet {
     /// (`*.yaml`, `*.yml`, sorted by name). Identity and grant names must be
     /// unique across all of them, and grants must name known identities.
     pub fn load(paths: &[PathBuf]) -> Result<Self, PolicyError> {
-        let mut files = Vec::new();
-        for path in paths {
-            if path.is_dir() {
-                let entries =
-                    std::fs::read_dir(path).map_err(|source| PolicyError::Directory { path: path.clone(), source })?;
-                let mut found: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-                    .collect();
-                found.sort();
-                files.extend(found);
-            } else {
-                files.push(path.clone());
-            }
-        }
+        let files = expand(paths)?;
         let mut set = PolicySet::default();
         let mut sources = Vec::new();
         for file in &files {
@@ -97,6 +83,16 @@ impl PolicySet {
     }
 
     fn validate(&self, sources: &[(PathBuf, String, PolicyFile)]) -> Result<(), YamlError> {
+        match self.problems(sources).into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(()),
+        }
+    }
+
+    /// Every consistency problem across the files: names defined twice,
+    /// grants of unknown identities, empty issuers.
+    fn problems(&self, sources: &[(PathBuf, String, PolicyFile)]) -> Vec<YamlError> {
+        let mut found = Vec::new();
         let error = |key: &str, value: &str, message: String| {
             // Name the file that holds the offending entry.
             let (path, position) = sources
@@ -108,26 +104,26 @@ impl PolicySet {
         let mut identities = HashSet::new();
         for identity in &self.identities {
             if !identities.insert(identity.name.as_str()) {
-                return Err(error("name", &identity.name, format!("identity '{}' is defined twice", identity.name)));
+                found.push(error("name", &identity.name, format!("identity '{}' is defined twice", identity.name)));
             }
             if identity.issuer.is_empty() {
-                return Err(error("name", &identity.name, format!("identity '{}' has an empty issuer", identity.name)));
+                found.push(error("name", &identity.name, format!("identity '{}' has an empty issuer", identity.name)));
             }
         }
         let mut grants = HashSet::new();
         for grant in &self.grants {
             if !grants.insert(grant.name.as_str()) {
-                return Err(error("name", &grant.name, format!("grant '{}' is defined twice", grant.name)));
+                found.push(error("name", &grant.name, format!("grant '{}' is defined twice", grant.name)));
             }
             if !identities.contains(grant.identity.as_str()) {
-                return Err(error(
+                found.push(error(
                     "identity",
                     &grant.identity,
                     format!("grant '{}' names unknown identity '{}'", grant.name, grant.identity),
                 ));
             }
         }
-        Ok(())
+        found
     }
 
     /// The first identity (in load order) that `issuer` and `claims` satisfy.
@@ -165,21 +161,146 @@ fn claim_equals(token: &serde_json::Value, policy: &serde_json::Value) -> bool {
     }
 }
 
-/// Loads the files for `tollgate policy check`, one error per bad file.
-pub fn check(paths: &[PathBuf]) -> Vec<String> {
-    let mut errors = Vec::new();
+/// The policy files `paths` name: files as given, directories' `*.yaml`
+/// and `*.yml` sorted by name.
+fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
+    let mut files = Vec::new();
     for path in paths {
-        if let Err(e) = PolicySet::load(std::slice::from_ref(path)) {
-            errors.push(e.to_string());
+        if path.is_dir() {
+            let entries =
+                std::fs::read_dir(path).map_err(|source| PolicyError::Directory { path: path.clone(), source })?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
         }
     }
-    if errors.is_empty() {
-        // Each file alone is fine; cross-file rules (unique names) need all of them.
-        if let Err(e) = PolicySet::load(paths) {
-            errors.push(e.to_string());
+    Ok(files)
+}
+
+/// What `tollgate policy check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Every error, `FILE:LINE:COLUMN: message`.
+    pub errors: Vec<String>,
+    /// Things that load but will not do what they seem to (`FILE:LINE:COLUMN: warning: ...`).
+    pub warnings: Vec<String>,
+}
+
+/// Checks the files together (identities in one file, grants in another)
+/// and reports every error found, not only the first: each file's first
+/// error where the YAML parser stopped, then each other entry that does not
+/// load on its own, then every problem across the files.
+pub fn check(paths: &[PathBuf]) -> CheckReport {
+    let mut report = CheckReport::default();
+    let files = match expand(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            report.errors.push(e.to_string());
+            return report;
+        }
+    };
+    let mut set = PolicySet::default();
+    let mut sources = Vec::new();
+    for file in &files {
+        let source = match std::fs::read_to_string(file) {
+            Ok(source) => source,
+            Err(e) => {
+                report.errors.push(format!("{}: cannot read: {e}", file.display()));
+                continue;
+            }
+        };
+        match yaml::parse::<PolicyFile>(file, &source) {
+            Ok(policy) => {
+                set.identities.extend(policy.identities.iter().cloned());
+                set.grants.extend(policy.grants.iter().cloned());
+                sources.push((file.clone(), source, policy));
+            }
+            Err(first) => {
+                let first_line = first.position.map(|(line, _)| line);
+                report.errors.push(first.to_string());
+                let (errors, sound) = entry_errors(file, &source, first_line);
+                report.errors.extend(errors);
+                // The entries that do load still take part in the checks across files.
+                set.identities.extend(sound.identities.iter().cloned());
+                set.grants.extend(sound.grants.iter().cloned());
+                sources.push((file.clone(), source, sound));
+            }
         }
     }
-    errors
+    report.errors.extend(set.problems(&sources).into_iter().map(|e| e.to_string()));
+    for grant in &set.grants {
+        let located = |key: &str, value: &str| {
+            sources
+                .iter()
+                .find_map(|(path, source, _)| {
+                    yaml::locate(source, key, value).map(|(l, c)| format!("{}:{l}:{c}", path.display()))
+                })
+                .unwrap_or_default()
+        };
+        for path in &grant.exec.deny {
+            if !path.0.exists() {
+                report.warnings.push(format!(
+                    "{}: warning: grant '{}' denies {}, which does not exist (nothing to match)",
+                    located("name", &grant.name),
+                    grant.name,
+                    path.0.display()
+                ));
+            }
+        }
+        for pattern in &grant.exec.allow {
+            if exec_files::resolve(std::slice::from_ref(pattern)).files.is_empty() {
+                report.warnings.push(format!(
+                    "{}: warning: grant '{}' allows {pattern}, which names no executable file owned by root",
+                    located("name", &grant.name),
+                    grant.name
+                ));
+            }
+        }
+    }
+    report
+}
+
+/// Errors of each identity or grant of a file that does not load on its
+/// own, but for the one holding `first_line` (already reported); and the
+/// entries that do load.
+fn entry_errors(file: &std::path::Path, source: &str, first_line: Option<usize>) -> (Vec<String>, PolicyFile) {
+    let mut sound = PolicyFile::default();
+    let Ok(value) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(source) else { return (Vec::new(), sound) };
+    let mut errors = Vec::new();
+    for section in ["identities", "grants"] {
+        let entries = value.get(section).and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
+        let starts: Vec<Option<usize>> = entries
+            .iter()
+            .map(|e| {
+                e.get("name").and_then(|n| n.as_str()).and_then(|n| yaml::locate(source, "name", n)).map(|(l, _)| l)
+            })
+            .collect();
+        for (index, entry) in entries.iter().enumerate() {
+            let loaded = if section == "identities" {
+                serde_yaml_ng::from_value::<Identity>(entry.clone()).map(|i| sound.identities.push(i)).err()
+            } else {
+                serde_yaml_ng::from_value::<Grant>(entry.clone()).map(|g| sound.grants.push(g)).err()
+            };
+            let Some(error) = loaded else { continue };
+            let start = starts[index];
+            let end = starts.get(index + 1).copied().flatten();
+            let holds_first = match (start, first_line) {
+                (Some(start), Some(first)) => first >= start && end.is_none_or(|end| first < end),
+                _ => false,
+            };
+            if holds_first {
+                continue;
+            }
+            let position = start.map_or(String::new(), |line| format!("{line}:1:"));
+            errors.push(format!("{}:{position} {section}[{index}]: {error}", file.display()));
+        }
+    }
+    (errors, sound)
 }
 
 #[cfg(test)]

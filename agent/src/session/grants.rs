@@ -306,6 +306,11 @@ impl super::Sessions {
         }
     }
 
+    /// The grants no longer honoured (expired or revoked).
+    pub fn withdrawn_grants(&self) -> std::collections::BTreeSet<String> {
+        self.book().withdrawn()
+    }
+
     /// Every grant with its state and its use in `[since_day, until_day]`.
     pub fn grant_views(&self, reader: &Reader, since_day: &str, until_day: &str) -> Result<Vec<GrantView>, StoreError> {
         Ok(self.book().views(&self.policies(), &use_counts(reader, since_day, until_day)?))
