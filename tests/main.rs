@@ -13,6 +13,7 @@ mod events;
 mod exec_allow;
 mod isolation;
 mod lifetime;
+mod packaging;
 mod policies;
 mod proxy_approvals;
 mod proxy_credentials;

@@ -31,6 +31,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("command -v cpio", "cpio"),
     // The audit tests edit the session log behind the daemon's back.
     ("command -v sqlite3", "sqlite3"),
+    // The unit's sandboxing is scored by systemd-analyze security.
+    ("command -v systemd-analyze", "systemd"),
     // Reports: the HTML report is opened in headless Chromium and its
     // screenshot read back with OCR; /metrics is parsed by the Prometheus client.
     ("command -v chromium", "chromium"),
