@@ -41,3 +41,139 @@ fn the_unit_is_hardened_and_explains_what_it_cannot_use() {
         assert!(text.contains(needed), "the unit lacks {needed}");
     }
 }
+
+fn package(extension: &str) -> std::path::PathBuf {
+    let dir = workspace_root().join("target/package");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| {
+            panic!("{}: {e} (cargo xtask package builds the packages; cargo xtask test runs it)", dir.display())
+        })
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == extension))
+        .unwrap_or_else(|| panic!("no .{extension} in {} (cargo xtask package builds it)", dir.display()))
+}
+
+fn run(program: &str, args: &[&str]) -> harness::RunOutput {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    run_with_timeout(&mut command, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+/// The .deb holds the binary, the unit, the config kept on upgrade, completions and man pages;
+/// its scripts hand sessions over on upgrade and stop cleanly on removal; lintian finds nothing
+/// but what the package's overrides explain.
+#[test]
+fn the_deb_holds_what_an_sre_expects_and_lints_clean() {
+    let deb = package("deb");
+    let deb = deb.to_str().expect("UTF-8 path");
+    let contents = run("dpkg-deb", &["-c", deb]);
+    for path in [
+        "./usr/bin/tollgate",
+        "./lib/systemd/system/tollgate.service",
+        "./etc/tollgate/config.yaml",
+        "./etc/tollgate/policies/README",
+        "./usr/share/bash-completion/completions/tollgate",
+        "./usr/share/zsh/vendor-completions/_tollgate",
+        "./usr/share/fish/vendor_completions.d/tollgate.fish",
+        "./usr/share/man/man1/tollgate.1.gz",
+        "./usr/share/man/man1/tollgate-run.1.gz",
+        "./usr/share/doc/tollgate/copyright",
+    ] {
+        assert!(contents.stdout.lines().any(|l| l.ends_with(path)), "{path} is not in the package:\n{contents}");
+    }
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let control = scratch.path().join("control");
+    assert!(run("dpkg-deb", &["-e", deb, control.to_str().expect("path")]).success());
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).expect("conffiles");
+    assert!(conffiles.lines().any(|l| l == "/etc/tollgate/config.yaml"), "{conffiles}");
+    let prerm = std::fs::read_to_string(control.join("prerm")).expect("prerm");
+    assert!(prerm.contains("upgrade)") && prerm.contains("SIGUSR2"), "upgrades hand sessions over:\n{prerm}");
+    let postrm = std::fs::read_to_string(control.join("postrm")).expect("postrm");
+    assert!(postrm.contains("purge)") && postrm.contains("/var/lib/tollgate"), "{postrm}");
+    let lint = run("lintian", &[deb]);
+    let findings: Vec<&str> = lint.stdout.lines().filter(|l| l.starts_with("E:") || l.starts_with("W:")).collect();
+    assert!(lint.success() && findings.is_empty(), "lintian: {lint}");
+
+    // The packaged binary starts cleanly on the packaged config (paths moved into a scratch
+    // directory) and trusts no issuer until one is added.
+    let root = scratch.path().join("root");
+    assert!(run("dpkg-deb", &["-x", deb, root.to_str().expect("path")]).success());
+    let config = std::fs::read_to_string(root.join("etc/tollgate/config.yaml")).expect("config");
+    assert!(config.contains("issuers: []") && config.contains("dev_issuer: false"), "{config}");
+    let state = scratch.path().join("state");
+    let socket = scratch.path().join("control.sock");
+    let moved = config
+        .replace("/var/lib/tollgate", state.to_str().expect("path"))
+        .replace("/run/tollgate/control.sock", socket.to_str().expect("path"))
+        .replace("/etc/tollgate/policies", root.join("etc/tollgate/policies").to_str().expect("path"))
+        + &format!(
+            "cgroup: tollgate-package-{}\nproxy_port: {}\n",
+            std::process::id(),
+            harness::free_loopback_port().expect("port")
+        );
+    let moved_config = scratch.path().join("config.yaml");
+    std::fs::write(&moved_config, moved).expect("config");
+    let binary = root.join("usr/bin/tollgate");
+    let mut daemon = std::process::Command::new(&binary)
+        .args(["daemon", "--config"])
+        .arg(&moved_config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the packaged daemon starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let out = run(
+            binary.to_str().expect("path"),
+            &["--socket", socket.to_str().expect("path"), "status", "--format", "json"],
+        );
+        if out.success() {
+            break out;
+        }
+        assert!(std::time::Instant::now() < deadline, "the packaged daemon did not answer: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // SAFETY: SIGTERM to the daemon this test started.
+    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
+    let exited = daemon.wait().expect("the daemon stops");
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    assert_eq!(status["dev_issuer"], false);
+    assert!(exited.success(), "the packaged daemon did not stop cleanly: {exited}");
+}
+
+/// The .rpm lists the same files and its scripts, marks the config as a config file, and
+/// installs into a scratch root.
+#[test]
+fn the_rpm_lists_its_files_and_scripts_and_installs_into_a_scratch_root() {
+    let rpm = package("rpm");
+    let rpm = rpm.to_str().expect("UTF-8 path");
+    let files = run("rpm", &["-qlp", rpm]);
+    for path in [
+        "/usr/bin/tollgate",
+        "/usr/lib/systemd/system/tollgate.service",
+        "/etc/tollgate/config.yaml",
+        "/usr/share/man/man1/tollgate.1.gz",
+    ] {
+        assert!(files.stdout.lines().any(|l| l == path), "{path} is not in the rpm: {files}");
+    }
+    let configs = run("rpm", &["-qp", "--configfiles", rpm]);
+    assert!(configs.stdout.lines().any(|l| l == "/etc/tollgate/config.yaml"), "{configs}");
+    let scripts = run("rpm", &["-qp", "--scripts", rpm]);
+    assert!(
+        scripts.stdout.contains("postinstall scriptlet") && scripts.stdout.contains("preuninstall scriptlet"),
+        "{scripts}"
+    );
+    assert!(scripts.stdout.contains("SIGUSR2"), "upgrades hand sessions over: {scripts}");
+    let root = tempfile::tempdir().expect("temp dir");
+    let root_arg = root.path().to_str().expect("path");
+    assert!(run("rpm", &["--root", root_arg, "--initdb"]).success());
+    let install = run("rpm", &["--root", root_arg, "-i", "--nodeps", "--noscripts", rpm]);
+    assert!(install.success(), "{install}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.path().join("usr/bin/tollgate")).expect("installed binary").permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert!(root.path().join("etc/tollgate/config.yaml").exists());
+    let query = run("rpm", &["--root", root_arg, "-q", "tollgate"]);
+    assert!(query.success() && query.stdout.starts_with("tollgate-0.1.0"), "{query}");
+}

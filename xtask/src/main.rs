@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
 
 mod vm;
 
+/// The packaging tools, pinned so packages do not change under us.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+const CARGO_GENERATE_RPM_VERSION: &str = "0.21.1";
+
 /// The bpf-linker release that loads the nightly toolchain's own LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the test suite drives (setpriv runs sessions as another user).
@@ -33,6 +37,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("command -v sqlite3", "sqlite3"),
     // The unit's sandboxing is scored by systemd-analyze security.
     ("command -v systemd-analyze", "systemd"),
+    // The packages are linted and inspected.
+    ("command -v lintian", "lintian"),
+    ("command -v rpm", "rpm"),
     // Reports: the HTML report is opened in headless Chromium and its
     // screenshot read back with OCR; /metrics is parsed by the Prometheus client.
     ("command -v chromium", "chromium"),
@@ -64,6 +71,9 @@ enum Task {
     Run,
     /// Build release, then measure: the proxy's latency against the direct path (needs root).
     Bench,
+    /// Build release, then the .deb and .rpm into target/package/ (with
+    /// shell completions and man pages generated from the CLI).
+    Package,
     /// Build, then run every test: unit tests and the integration suite
     /// against the real kernel, then the kernel matrix in QEMU (needs root).
     Test {
@@ -111,11 +121,17 @@ fn main() -> anyhow::Result<()> {
             cargo.env("TOLLGATE_BIN", root.join("target/release/tollgate"));
             run(&mut cargo)
         }
+        Task::Package => {
+            setup()?;
+            package(&root)
+        }
         Task::Test { vm, no_vm, args } => {
             require_root("cargo xtask test")?;
             setup()?;
             build(&root, false)?;
             if !vm {
+                // The packaging tests look at what `package` built.
+                package(&root)?;
                 let mut cargo = cargo();
                 cargo.current_dir(&root).arg("test").args(&args);
                 cargo.env("TOLLGATE_BIN", root.join("target/debug/tollgate"));
@@ -124,6 +140,37 @@ fn main() -> anyhow::Result<()> {
             if no_vm { Ok(()) } else { vm::run(&root) }
         }
     }
+}
+
+/// Builds the release binary, generates completions and man pages, and
+/// packs the .deb (cargo-deb) and the .rpm (cargo-generate-rpm).
+fn package(root: &Path) -> anyhow::Result<()> {
+    for (tool, version) in [("cargo-deb", CARGO_DEB_VERSION), ("cargo-generate-rpm", CARGO_GENERATE_RPM_VERSION)] {
+        let installed = output(cargo().args(["install", "--list"]));
+        if !installed.contains(&format!("{tool} v{version}")) {
+            eprintln!("xtask: installing {tool} {version}");
+            run(cargo().args(["install", tool, "--version", version, "--locked", "--force"]))?;
+        }
+    }
+    build(root, true)?;
+    let out = root.join("target/package");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let assets = root.join("target/release/package-assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    run(Command::new(root.join("target/release/tollgate")).arg("generate").arg(&assets))?;
+    // Debian ships man pages and changelogs compressed (-n: no name or time, reproducible).
+    std::fs::copy(root.join("packaging/debian/changelog"), assets.join("changelog.Debian"))?;
+    let mut gzip = Command::new("gzip");
+    gzip.args(["-9", "-n", "-f"]).arg(assets.join("changelog.Debian"));
+    for page in std::fs::read_dir(assets.join("man"))? {
+        gzip.arg(page?.path());
+    }
+    run(&mut gzip)?;
+    run(cargo().current_dir(root).args(["deb", "-p", "tollgate", "--no-build", "--output"]).arg(&out))?;
+    run(cargo().current_dir(root).args(["generate-rpm", "-p", "agent", "--output"]).arg(&out))?;
+    println!("xtask: packages in {}", out.display());
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

@@ -259,6 +259,12 @@ enum Command {
     /// Dev issuer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Shell completions and man pages, for packages.
+    #[command(hide = true)]
+    Generate {
+        /// Where to write `completions/` and `man/`.
+        dir: PathBuf,
+    },
     /// Policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -454,6 +460,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 None => run::Authority::Grants(grants),
             };
             run::run(&socket_path(cli.socket)?, run::Asked { authority, reason, ttl }, &command)
+        }
+        Command::Generate { dir } => {
+            generate(&dir)?;
+            Ok(0)
         }
         Command::Export { since, follow, format: ExportFormat::Jsonl, config } => {
             let reader = local::store(&local::config(config)?)?;
@@ -788,6 +798,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+/// Writes shell completions (bash, zsh, fish) and a man page per command,
+/// made from the same definitions that parse the command line.
+fn generate(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let completions = dir.join("completions");
+    let man = dir.join("man");
+    for path in [&completions, &man] {
+        std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
+    }
+    let mut command = Cli::command();
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "tollgate.bash"),
+        (clap_complete::Shell::Zsh, "_tollgate"),
+        (clap_complete::Shell::Fish, "tollgate.fish"),
+    ] {
+        let mut out = std::fs::File::create(completions.join(file))?;
+        clap_complete::generate(shell, &mut command, "tollgate", &mut out);
+    }
+    clap_mangen::generate_to(Cli::command(), &man).context("cannot write the man pages")?;
+    Ok(())
 }
 
 fn format_name(format: ReportFormat) -> &'static str {
