@@ -40,6 +40,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The packages are linted and inspected.
     ("command -v lintian", "lintian"),
     ("command -v rpm", "rpm"),
+    // The systemd VM's root file system.
+    ("command -v mmdebstrap", "mmdebstrap"),
+    ("command -v mkfs.ext4", "e2fsprogs"),
     // Reports: the HTML report is opened in headless Chromium and its
     // screenshot read back with OCR; /metrics is parsed by the Prometheus client.
     ("command -v chromium", "chromium"),
@@ -137,7 +140,14 @@ fn main() -> anyhow::Result<()> {
                 cargo.env("TOLLGATE_BIN", root.join("target/debug/tollgate"));
                 run(&mut cargo)?;
             }
-            if no_vm { Ok(()) } else { vm::run(&root) }
+            if no_vm {
+                return Ok(());
+            }
+            if vm {
+                // The systemd VM installs the package.
+                package(&root)?;
+            }
+            vm::run(&root)
         }
     }
 }

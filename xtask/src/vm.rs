@@ -12,8 +12,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// A boot that has not powered off by then is killed and reported as hung.
+/// A boot that has not powered off by then is killed and reported as hung
+/// (the systemd VM boots a whole distribution under emulation: it gets more).
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
+const SYSTEMD_BOOT_LIMIT: Duration = Duration::from_secs(600);
 /// The LSM order Debian kernels boot with, plus BPF.
 const LSM_WITH_BPF: &str = "lockdown,capability,landlock,yama,apparmor,bpf";
 const LSM_WITHOUT_BPF: &str = "lockdown,capability,landlock,yama,apparmor";
@@ -57,7 +59,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             kernel(&work, entry.package).with_context(|| format!("cannot get the kernel for {}", entry.label))?;
         eprintln!("xtask: booting {} ({})", entry.label, kernel.display());
         let started = Instant::now();
-        let outcome = boot(&kernel, &initramfs, entry)?;
+        let append = format!("console=ttyS0 panic=-1 quiet lsm={} tollgate.expect={}", entry.lsm, entry.expect);
+        let outcome =
+            boot(&Machine { label: entry.label, kernel: &kernel, initrd: &initramfs, append, disk: None, smp: 1 })?;
         let seconds = started.elapsed().as_secs();
         for (check, result) in &outcome.checks {
             report.push(format!("{:<28} {:<36} {}", entry.label, check, result));
@@ -76,6 +80,22 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             eprintln!("--- {} console ---\n{}", entry.label, outcome.console_tail);
         }
     }
+    // The package on a real systemd host: install, start, reload, upgrade, stop, purge.
+    eprintln!("xtask: booting debian-12-systemd (the .deb under systemd)");
+    let started = Instant::now();
+    let outcome = systemd(root, &work)?;
+    for (check, result) in &outcome.checks {
+        report.push(format!("{:<28} {:<36} {}", "debian-12-systemd", check, result));
+        if result != "PASS" {
+            failures.push(format!("debian-12-systemd {check}: {result}"));
+        }
+    }
+    if outcome.hung || !outcome.done {
+        failures
+            .push(format!("debian-12-systemd: {}", if outcome.hung { "hung" } else { "the checks did not finish" }));
+        eprintln!("--- debian-12-systemd console ---\n{}", outcome.console_tail);
+    }
+    report.push(format!("{:<28} {:<36} {} s", "debian-12-systemd", "(boot)", started.elapsed().as_secs()));
     println!("kernel matrix:");
     for line in &report {
         println!("  {line}");
@@ -172,28 +192,115 @@ struct Outcome {
     console_tail: String,
 }
 
-fn boot(kernel: &Path, initramfs: &Path, entry: &Entry) -> anyhow::Result<Outcome> {
-    let append = format!("console=ttyS0 panic=-1 quiet lsm={} tollgate.expect={}", entry.lsm, entry.expect);
-    let mut qemu = Command::new("qemu-system-x86_64")
+/// What to boot: a kernel, its initrd and command line, and a root disk if any.
+struct Machine<'a> {
+    label: &'a str,
+    kernel: &'a Path,
+    initrd: &'a Path,
+    append: String,
+    disk: Option<&'a Path>,
+    smp: u32,
+}
+
+/// Packages of the systemd VM's root file system, besides minbase.
+const SYSTEMD_ROOT_PACKAGES: &str =
+    "systemd,systemd-sysv,linux-image-amd64,initramfs-tools,bpftool,kmod,udev,procps,iproute2";
+
+/// Boots Debian 12 with systemd as init from a disk made with mmdebstrap
+/// (cached per package list), with the .deb and the checks of
+/// `tests/vm/systemd.sh` in it.
+fn systemd(root: &Path, work: &Path) -> anyhow::Result<Outcome> {
+    let deb = std::fs::read_dir(root.join("target/package"))
+        .context("no target/package: cargo xtask package builds the .deb")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb in target/package")?;
+    let tag: u64 = SYSTEMD_ROOT_PACKAGES
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let tarball = work.join(format!("debian-12-systemd-{tag:016x}.tar"));
+    if !tarball.exists() {
+        eprintln!("xtask: making the systemd VM's root file system with mmdebstrap (about a minute)");
+        let partial = tarball.with_extension("partial.tar");
+        crate::run(
+            Command::new("mmdebstrap")
+                .args(["--quiet", "--variant=minbase", &format!("--include={SYSTEMD_ROOT_PACKAGES}"), "bookworm"])
+                .arg(&partial)
+                .arg("http://deb.debian.org/debian"),
+        )?;
+        std::fs::rename(&partial, &tarball)?;
+    }
+    let tree = work.join("systemd-root");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree)?;
+    crate::run(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(&tree))?;
+    std::fs::copy(&deb, tree.join("root/tollgate.deb"))?;
+    std::fs::copy(root.join("tests/vm/systemd.sh"), tree.join("root/vm-checks.sh"))?;
+    std::fs::write(tree.join("etc/hostname"), "tollgate-vm\n")?;
+    std::fs::write(
+        tree.join("etc/systemd/system/tollgate-vm-test.service"),
+        "[Unit]\nDescription=tollgate package checks\nAfter=multi-user.target\n[Service]\nType=oneshot\nExecStart=/bin/sh /root/vm-checks.sh\n[Install]\nWantedBy=multi-user.target\n",
+    )?;
+    // The checks write to the serial console; a getty there would hang it up under them.
+    std::os::unix::fs::symlink("/dev/null", tree.join("etc/systemd/system/serial-getty@ttyS0.service"))?;
+    let wants = tree.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants)?;
+    let _ = std::fs::remove_file(wants.join("tollgate-vm-test.service"));
+    std::os::unix::fs::symlink("/etc/systemd/system/tollgate-vm-test.service", wants.join("tollgate-vm-test.service"))?;
+    let boot_file = |prefix: &str| -> anyhow::Result<PathBuf> {
+        std::fs::read_dir(tree.join("boot"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+            .with_context(|| format!("the root file system has no /boot/{prefix}*"))
+    };
+    let (kernel, initrd) = (boot_file("vmlinuz-")?, boot_file("initrd.img-")?);
+    let kernel_copy = work.join("systemd-vmlinuz");
+    let initrd_copy = work.join("systemd-initrd.img");
+    std::fs::copy(&kernel, &kernel_copy)?;
+    std::fs::copy(&initrd, &initrd_copy)?;
+    let disk = work.join("systemd-root.ext4");
+    let _ = std::fs::remove_file(&disk);
+    crate::run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&tree).arg(&disk).arg("3G"))?;
+    let _ = std::fs::remove_dir_all(&tree);
+    let append = format!("root=/dev/vda rw console=ttyS0 panic=-1 quiet lsm={LSM_WITH_BPF}");
+    boot(&Machine {
+        label: "debian-12-systemd",
+        kernel: &kernel_copy,
+        initrd: &initrd_copy,
+        append,
+        disk: Some(&disk),
+        smp: 2,
+    })
+}
+
+fn boot(machine: &Machine<'_>) -> anyhow::Result<Outcome> {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
         .args([
             "-accel",
             "tcg",
+            "-cpu",
+            "max",
             "-m",
             "2048",
-            "-smp",
-            "1",
             "-nographic",
             "-no-reboot",
             "-nodefaults",
             "-serial",
             "stdio",
         ])
+        .arg("-smp")
+        .arg(machine.smp.to_string())
         .arg("-kernel")
-        .arg(kernel)
+        .arg(machine.kernel)
         .arg("-initrd")
-        .arg(initramfs)
+        .arg(machine.initrd)
         .arg("-append")
-        .arg(append)
+        .arg(&machine.append);
+    if let Some(disk) = machine.disk {
+        command.arg("-drive").arg(format!("file={},if=virtio,format=raw", disk.display()));
+    }
+    let mut qemu = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .stdin(Stdio::null())
@@ -208,7 +315,8 @@ fn boot(kernel: &Path, initramfs: &Path, entry: &Entry) -> anyhow::Result<Outcom
             }
         }
     });
-    let deadline = Instant::now() + BOOT_LIMIT;
+    let limit = if machine.disk.is_some() { SYSTEMD_BOOT_LIMIT } else { BOOT_LIMIT };
+    let deadline = Instant::now() + limit;
     let mut outcome =
         Outcome { checks: Vec::new(), done: false, hung: false, mode: "?".into(), console_tail: String::new() };
     let mut tail: Vec<String> = Vec::new();
@@ -218,7 +326,7 @@ fn boot(kernel: &Path, initramfs: &Path, entry: &Entry) -> anyhow::Result<Outcom
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_owned();
                 if let Some(rest) = line.split("TOLLGATE-VM: ").nth(1) {
-                    eprintln!("  {} | {rest}", entry.label);
+                    eprintln!("  {} | {rest}", machine.label);
                     if let Some(name) = rest.strip_prefix("PASS ") {
                         outcome.checks.push((name.to_owned(), "PASS".into()));
                     } else if let Some(failure) = rest.strip_prefix("FAIL ") {
