@@ -282,3 +282,65 @@ echo "held_status=$(cat "$dir/held.code")""#,
         fx.upstream.describe()
     );
 }
+
+/// Reviewers see what is asked (the start of the body), ids look random (they stay unique across
+/// restarts), a window longer than the cap is refused with the cap named, and open windows are
+/// listed and can be closed: then matching requests are held again.
+#[test]
+fn windows_are_capped_listed_and_revocable() {
+    let fx = Fixture::start(&[REVIEWERS, LONG_APPROVAL_TIMEOUT]);
+    let url = fx.url("/deploy/1");
+    let payload = r#"{"release":"v2","note":"reviewers see this"}"#;
+    let script = format!(
+        r#"echo "$TOLLGATE_SESSION"
+s() {{ curl -sS --max-time 45 -o /dev/null -w '%{{http_code}}' -X POST --data '{payload}' "$1"; }}
+echo "first=$(s {url})"
+i=0; while [ ! -e "$0/go" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+echo "second=$(s {url})"
+i=0; while [ ! -e "$0/go2" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+echo "third=$(s {url})""#
+    );
+    let dir = fx.daemon.dir().join("windows");
+    std::fs::create_dir(&dir).expect("dir");
+    let out = thread::scope(|scope| {
+        let running =
+            scope.spawn(|| fx.daemon.run(&fx.token, &["/bin/sh", "-c", &script, dir.to_str().expect("path")]));
+        let held = wait_for_approvals(&fx.daemon, 1);
+        let id = approval_id(&held[0]);
+        assert!(id.len() == 10 && id.starts_with("a-") && id[2..].chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        assert_eq!(held[0]["body_start"], payload, "{}", pretty(&held[0]));
+        let text = fx.daemon.tollgate(&["approvals"]);
+        assert!(text.stdout.contains("reviewers see this"), "{text}");
+
+        let too_long = fx.daemon.tollgate(&["approve", &id, "--for", "8days"]);
+        assert!(!too_long.success() && too_long.stderr.contains("at most 7days"), "{too_long}");
+        assert_eq!(approvals(&fx.daemon).len(), 1, "a refused approval decided nothing");
+        assert!(fx.daemon.tollgate(&["approve", &id, "--for", "10m"]).success());
+
+        let windows: serde_json::Value =
+            serde_json::from_str(&fx.daemon.tollgate(&["windows", "--format", "json"]).stdout).expect("json");
+        assert_eq!(windows.as_array().map(Vec::len), Some(1), "{}", pretty(&windows));
+        let window = windows[0]["id"].as_str().expect("window id").to_owned();
+        assert_eq!(windows[0]["by"], "root");
+        // Inside the window the second request passes without being held.
+        std::fs::write(dir.join("go"), "").expect("go");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fx.upstream.requests().len() < 2 {
+            assert!(Instant::now() < deadline, "the second request did not pass: {}", fx.upstream.describe());
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(fx.daemon.tollgate(&["windows", "revoke", &window]).success());
+        assert!(fx.daemon.tollgate(&["windows", "--format", "json"]).stdout.trim() == "[]");
+        // Closed: the third request is held again.
+        std::fs::write(dir.join("go2"), "").expect("go2");
+        let held = wait_for_approvals(&fx.daemon, 1);
+        assert!(fx.daemon.tollgate(&["deny", &approval_id(&held[0])]).success());
+        running.join().expect("session")
+    });
+    assert!(
+        out.has_stdout_line("first=200") && out.has_stdout_line("second=200") && out.has_stdout_line("third=403"),
+        "{out}"
+    );
+    let again = fx.daemon.tollgate(&["windows", "revoke", "w-00000000"]);
+    assert!(!again.success() && again.stderr.contains("no open window"), "{again}");
+}

@@ -255,3 +255,26 @@ fn explain_asks_the_running_daemon() {
     let out = explain(&["--to", "no-such-host.invalid:80"]);
     assert!(!out.success() && out.stderr.contains("no-such-host.invalid:80"), "{out}");
 }
+
+/// `sessions` filters by identity, state and start, and shows local times with ages.
+#[test]
+fn sessions_filter_and_show_local_times() {
+    let daemon = Daemon::start(&policy(""));
+    let token = daemon.mint("list-bot", BUILD_BOTS);
+    assert!(daemon.run(&token, &["/usr/bin/true"]).success());
+    let list = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["sessions", "--format", "json"];
+        all.extend(args);
+        serde_json::from_str(&daemon.tollgate(&all).stdout).expect("json")
+    };
+    assert_eq!(list(&["--identity", "build-bots"]).len(), 1);
+    assert_eq!(list(&["--identity", "other"]).len(), 0);
+    assert_eq!(list(&["--state", "ended"]).len(), 1, "run returned: the session shows ended");
+    assert_eq!(list(&["--state", "running"]).len(), 0);
+    assert_eq!(list(&["--since", "1h"]).len(), 1);
+    assert_eq!(list(&["--since", "2100-01-01"]).len(), 0);
+    let text = daemon.tollgate(&["sessions"]);
+    let line = text.stdout.lines().nth(1).expect("a session line");
+    let has_local_time = line.split_whitespace().any(|w| w.len() == 8 && w.chars().filter(|c| *c == ':').count() == 2);
+    assert!(has_local_time && line.contains("s ago)"), "{text}");
+}

@@ -39,7 +39,8 @@ impl ToReply for OpenError {
 impl ToReply for ReviewError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::NotPending(_) => ErrorKind::NotFound,
+            Self::NotPending(_) | Self::NoWindow(_) => ErrorKind::NotFound,
+            Self::WindowTooLong(_) => ErrorKind::BadRequest,
             Self::InsideSession
             | Self::NoUserName(_)
             | Self::BadUserName

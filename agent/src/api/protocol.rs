@@ -107,6 +107,13 @@ pub enum Request {
         /// Why, for the requester.
         reason: Option<String>,
     },
+    /// The JIT windows open now (reviewers).
+    Windows,
+    /// Close a JIT window now (reviewers).
+    CloseWindow {
+        /// The window's id.
+        id: String,
+    },
     /// End a live session now (reviewers).
     Revoke {
         /// The session id.

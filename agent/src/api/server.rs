@@ -361,6 +361,14 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             let decision = Decision::Approved { by: String::new(), window: window_secs.map(Duration::from_secs) };
             blocking(move || reply(reviews.decide(caller, &id, decision))).await
         }
+        Request::Windows => {
+            let reviews = control.reviews.clone();
+            blocking(move || reply(reviews.windows(caller))).await
+        }
+        Request::CloseWindow { id } => {
+            let reviews = control.reviews.clone();
+            blocking(move || reply(reviews.close_window(caller, &id))).await
+        }
         Request::Deny { id, reason } => {
             let reviews = control.reviews.clone();
             let decision = Decision::Denied { by: String::new(), reason };

@@ -45,6 +45,9 @@ pub struct Request {
     pub method: String,
     /// Path and query.
     pub path: String,
+    /// The start of the request's body (lossy UTF-8), so the reviewer sees what is asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_start: Option<String>,
     /// The protocol the request asks to upgrade to (a WebSocket handshake
     /// opens a tunnel no rule sees into), if it asks.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,6 +94,12 @@ pub enum ApprovalError {
     /// No such pending request (decided, timed out, or never was).
     #[error("no pending request '{0}' (it may have been decided or timed out)")]
     NotPending(String),
+    /// `approve --for` longer than the cap.
+    #[error("an approval window may be at most {0}")]
+    WindowTooLong(String),
+    /// No such open window.
+    #[error("no open window '{0}' (it may have closed)")]
+    NoWindow(String),
 }
 
 struct Held {
@@ -99,16 +108,43 @@ struct Held {
 }
 
 struct Window {
+    id: String,
     session: SessionId,
     rule_key: String,
     until: Instant,
+    /// As listed.
+    listed: OpenWindow,
+}
+
+/// An open JIT window, as `tollgate windows` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenWindow {
+    /// Its id, for `tollgate windows revoke`.
+    pub id: String,
+    /// The session it lets through.
+    pub session: SessionId,
+    /// The approve rule it covers.
+    pub rule: String,
+    /// Who opened it.
+    pub by: String,
+    /// RFC 3339: it closes then.
+    pub until: String,
 }
 
 #[derive(Default)]
 struct Inner {
-    next: u64,
     held: BTreeMap<String, Held>,
     windows: Vec<Window>,
+}
+
+/// A new id with `prefix`, random so ids stay unique across restarts.
+fn fresh_id(prefix: &str, taken: impl Fn(&str) -> bool) -> String {
+    loop {
+        let id = format!("{prefix}-{:08x}", rand::random::<u32>());
+        if !taken(&id) {
+            return id;
+        }
+    }
 }
 
 /// Every held request of the daemon.
@@ -149,8 +185,7 @@ impl Approvals {
         if waiting >= MAX_HELD_PER_SESSION {
             return None;
         }
-        inner.next += 1;
-        let id = format!("a-{}", inner.next);
+        let id = fresh_id("a", |id| inner.held.contains_key(id));
         let now = SystemTime::now();
         let pending =
             Pending { id: id.clone(), request, requested_at: rfc3339(now), expires_at: rfc3339(now + self.timeout) };
@@ -171,20 +206,52 @@ impl Approvals {
     }
 
     /// Decides a held request. An approval with a window opens it for the
-    /// request's session and rule.
+    /// request's session and rule; a window longer than [`MAX_WINDOW`] is
+    /// refused (and nothing is decided).
     pub fn decide(&self, id: &str, decision: Decision) -> Result<Pending, ApprovalError> {
+        if let Decision::Approved { window: Some(window), .. } = &decision
+            && *window > MAX_WINDOW
+        {
+            return Err(ApprovalError::WindowTooLong(humantime::format_duration(MAX_WINDOW).to_string()));
+        }
         let mut inner = self.lock();
         let held = inner.held.remove(id).ok_or_else(|| ApprovalError::NotPending(id.to_owned()))?;
-        if let Decision::Approved { window: Some(window), .. } = &decision {
+        if let Decision::Approved { window: Some(window), by } = &decision {
+            let window_id = fresh_id("w", |id| inner.windows.iter().any(|w| w.id == id));
+            let listed = OpenWindow {
+                id: window_id.clone(),
+                session: held.pending.request.session.clone(),
+                rule: held.pending.request.rule.clone(),
+                by: by.clone(),
+                until: rfc3339(SystemTime::now() + *window),
+            };
             inner.windows.push(Window {
+                id: window_id,
                 session: held.pending.request.session.clone(),
                 rule_key: key_of(&held.pending.request),
-                until: Instant::now() + (*window).min(MAX_WINDOW),
+                until: Instant::now() + *window,
+                listed,
             });
         }
         // The waiting request may have just timed out; then nobody listens.
         let _ = held.answer.send(decision);
         Ok(held.pending)
+    }
+
+    /// The JIT windows open now.
+    pub fn windows(&self) -> Vec<OpenWindow> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.windows.retain(|w| w.until > now);
+        inner.windows.iter().map(|w| w.listed.clone()).collect()
+    }
+
+    /// Closes a JIT window now; returns it.
+    pub fn close_window(&self, id: &str) -> Result<OpenWindow, ApprovalError> {
+        let mut inner = self.lock();
+        let index =
+            inner.windows.iter().position(|w| w.id == id).ok_or_else(|| ApprovalError::NoWindow(id.to_owned()))?;
+        Ok(inner.windows.remove(index).listed)
     }
 
     /// A held request, as listed.
@@ -234,6 +301,7 @@ mod tests {
             destination: "127.0.0.1:80".into(),
             method: "POST".into(),
             path: "/deploy".into(),
+            body_start: None,
             upgrade: None,
         }
     }

@@ -9,6 +9,6 @@ mod held;
 mod reviews;
 
 pub use held::{
-    Abandon, ApprovalError, Approvals, Decision, MAX_HELD_PER_SESSION, MAX_WINDOW, Pending, Request, key_of,
+    Abandon, ApprovalError, Approvals, Decision, MAX_HELD_PER_SESSION, MAX_WINDOW, OpenWindow, Pending, Request, key_of,
 };
 pub use reviews::{Answer, Decided, ReviewError, Reviews};

@@ -41,6 +41,12 @@ pub enum ReviewError {
     /// The session's own user may not decide its requests.
     #[error("user '{0}' runs the requesting session and cannot decide its requests")]
     OwnSession(String),
+    /// `approve --for` longer than the cap.
+    #[error("an approval window may be at most {0}")]
+    WindowTooLong(String),
+    /// No such open window.
+    #[error("no open window '{0}' (it may have closed)")]
+    NoWindow(String),
 }
 
 /// A decision as the reviewer is told.
@@ -144,6 +150,24 @@ impl Reviews {
         self.reviewers.read().unwrap_or_else(|p| p.into_inner()).jwt.clone()
     }
 
+    /// The JIT windows open now (reviewers).
+    pub fn windows(&self, caller: Caller) -> Result<Vec<super::OpenWindow>, ReviewError> {
+        self.reviewer(caller)?;
+        Ok(self.approvals.windows())
+    }
+
+    /// Closes a JIT window now (reviewers), recorded in its session.
+    pub fn close_window(&self, caller: Caller, id: &str) -> Result<super::OpenWindow, ReviewError> {
+        let by = self.reviewer(caller)?;
+        let window = self.approvals.close_window(id).map_err(|_| ReviewError::NoWindow(id.to_owned()))?;
+        let mut detail = Map::new();
+        detail.insert("window".into(), window.id.clone().into());
+        detail.insert("rule".into(), window.rule.clone().into());
+        detail.insert("by".into(), by.into());
+        self.log.decided(&window.session, RecordKind::Approval, RecordVerdict::Revoked, detail);
+        Ok(window)
+    }
+
     /// How many requests wait for a reviewer now.
     pub fn waiting(&self) -> usize {
         self.approvals.pending().len()
@@ -168,8 +192,10 @@ impl Reviews {
         if caller.uid != 0 && (caller.uid == held.request.uid || held.request.uids.contains(&caller.uid)) {
             return Err(ReviewError::OwnSession(by));
         }
-        let pending =
-            self.approvals.decide(id, decision.clone()).map_err(|_| ReviewError::NotPending(id.to_owned()))?;
+        let pending = self.approvals.decide(id, decision.clone()).map_err(|e| match e {
+            super::ApprovalError::WindowTooLong(cap) => ReviewError::WindowTooLong(cap),
+            _ => ReviewError::NotPending(id.to_owned()),
+        })?;
         let mut detail = describe(&pending);
         let verdict = match &decision {
             Decision::Approved { window, .. } => {

@@ -87,6 +87,15 @@ enum Command {
     Sessions {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Only sessions started this long ago (2h) or since this date.
+        #[arg(long, value_name = "DURATION|DATE")]
+        since: Option<String>,
+        /// Only this identity's sessions.
+        #[arg(long, value_name = "NAME")]
+        identity: Option<String>,
+        /// Only running or only ended sessions.
+        #[arg(long, value_enum)]
+        state: Option<SessionState>,
         /// With no daemon running: the config naming the session log [default: /etc/tollgate/config.yaml]
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -178,6 +187,17 @@ enum Command {
     },
     /// Requests held for approval (reviewers only).
     Approvals {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// Keep watching: print each new held request as it comes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Open approval windows (`approve --for`), and closing them (reviewers).
+    #[command(args_conflicts_with_subcommands = true)]
+    Windows {
+        #[command(subcommand)]
+        action: Option<WindowsCommand>,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
@@ -292,6 +312,14 @@ enum TokenCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SessionState {
+    /// Still running.
+    Running,
+    /// Ended.
+    Ended,
+}
+
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 enum ReplayFormat {
     /// Lines for people, paced like the session.
@@ -319,6 +347,15 @@ enum ReportFormat {
     Json,
     /// One self-contained HTML page.
     Html,
+}
+
+#[derive(Debug, Subcommand)]
+enum WindowsCommand {
+    /// Close a window now: matching requests are held again.
+    Revoke {
+        /// The window's id (from `tollgate windows`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -550,11 +587,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output::review(&review, suggest, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Sessions { format, config } => {
+        Command::Sessions { format, since, identity, state, config } => {
             let sessions = match local::source(cli.socket, config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Sessions)?,
                 Source::Local(local) => serde_json::to_value(local.reader.sessions()?)?,
             };
+            let since = since.map(|s| window::bound(&s, std::time::SystemTime::now())).transpose()?;
+            let keep = |s: &serde_json::Value| {
+                let started = s["started_at"].as_str().unwrap_or_default();
+                since.as_deref().is_none_or(|since| started >= since)
+                    && identity.as_deref().is_none_or(|i| s["identity"] == i)
+                    && match state {
+                        Some(SessionState::Running) => s["ended_at"].is_null(),
+                        Some(SessionState::Ended) => !s["ended_at"].is_null(),
+                        None => true,
+                    }
+            };
+            let sessions = serde_json::Value::Array(
+                sessions.as_array().into_iter().flatten().filter(|s| keep(s)).cloned().collect(),
+            );
             output::sessions(&sessions, matches!(format, Format::Json))?;
             Ok(0)
         }
@@ -718,9 +769,43 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("{token}");
             Ok(0)
         }
-        Command::Approvals { format } => {
+        Command::Approvals { format, watch: false } => {
             let pending = call(&socket_path(cli.socket)?, &Request::Approvals)?;
             output::approvals(&pending, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Approvals { format, watch: true } => {
+            // Each new held request once, as it comes, until interrupted.
+            let socket = socket_path(cli.socket)?;
+            let mut seen = std::collections::BTreeSet::new();
+            loop {
+                let pending = call(&socket, &Request::Approvals)?;
+                let new: Vec<serde_json::Value> = pending
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| seen.insert(p["id"].as_str().unwrap_or_default().to_owned()))
+                    .cloned()
+                    .collect();
+                if !new.is_empty() {
+                    output::approvals(&serde_json::Value::Array(new), matches!(format, Format::Json))?;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+        Command::Windows { action: None, format } => {
+            let windows = call(&socket_path(cli.socket)?, &Request::Windows)?;
+            output::windows(&windows, matches!(format, Format::Json))?;
+            Ok(0)
+        }
+        Command::Windows { action: Some(WindowsCommand::Revoke { id }), .. } => {
+            let closed = call(&socket_path(cli.socket)?, &Request::CloseWindow { id })?;
+            println!(
+                "closed {} (session {}, {})",
+                closed["id"].as_str().unwrap_or("-"),
+                closed["session"].as_str().unwrap_or("-"),
+                closed["rule"].as_str().unwrap_or("-")
+            );
             Ok(0)
         }
         Command::Approve { id, window } => {

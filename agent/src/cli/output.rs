@@ -14,12 +14,52 @@ fn text<'a>(value: &'a Value, key: &str) -> &'a str {
     value.get(key).and_then(Value::as_str).unwrap_or("-")
 }
 
+/// An RFC 3339 time as local time, to the second (JSON keeps RFC 3339).
+pub fn local_time(at: &str) -> String {
+    let Ok(time) = humantime::parse_rfc3339(at) else { return at.to_owned() };
+    let Ok(since_epoch) = time.duration_since(std::time::UNIX_EPOCH) else { return at.to_owned() };
+    let seconds = since_epoch.as_secs() as libc::time_t;
+    // SAFETY: localtime_r fills the tm we pass; the time is ours.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&seconds, &mut tm) }.is_null() {
+        return at.to_owned();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// How long ago an RFC 3339 time was, roughly (`2m ago`).
+pub fn age(at: &str) -> String {
+    let Ok(time) = humantime::parse_rfc3339(at) else { return String::new() };
+    let Ok(ago) = std::time::SystemTime::now().duration_since(time) else { return "just now".into() };
+    let seconds = ago.as_secs();
+    match seconds {
+        0..60 => format!("{seconds}s ago"),
+        60..3600 => format!("{}m ago", seconds / 60),
+        3600..86400 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86400),
+    }
+}
+
+/// An argument as a shell would need it written (quoted when it has to be).
+pub fn quoted(arg: &str) -> String {
+    let plain = !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c));
+    if plain { arg.to_owned() } else { format!("'{}'", arg.replace('\'', r"'\''")) }
+}
+
 /// `tollgate sessions`.
 pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(sessions);
     }
-    println!("{:<24} {:<16} {:<20} {:>6} {:<32} ENDED", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED");
+    println!("{:<24} {:<16} {:<20} {:>6} {:<30} ENDED", "SESSION", "IDENTITY", "SUBJECT", "UID", "STARTED");
     for s in tree_order(sessions) {
         // A root session could have undone its own confinement: say so on its line.
         let uid = match s.get("uid").and_then(Value::as_u64) {
@@ -27,7 +67,9 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
             Some(uid) => uid.to_string(),
             None => "-".into(),
         };
-        let ended = s.get("ended_at").and_then(Value::as_str).unwrap_or("running");
+        let ended = s.get("ended_at").and_then(Value::as_str).map_or_else(|| "running".to_owned(), local_time);
+        let started = text(s, "started_at");
+        let started = format!("{} ({})", local_time(started), age(started));
         // Child sessions sit indented under their parent.
         let depth = s.get("depth").and_then(Value::as_u64).unwrap_or(0) as usize;
         let id = if depth == 0 {
@@ -36,12 +78,12 @@ pub fn sessions(sessions: &Value, json: bool) -> anyhow::Result<()> {
             format!("{}└ {}", "  ".repeat(depth - 1), text(s, "id"))
         };
         println!(
-            "{:<24} {:<16} {:<20} {:>6} {:<32} {}",
+            "{:<24} {:<16} {:<20} {:>6} {:<30} {}",
             id,
             text(s, "identity"),
             text(s, "subject"),
             uid,
-            text(s, "started_at"),
+            started,
             ended
         );
     }
@@ -144,7 +186,7 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
         ""
     };
     println!("uid       {}{privileged}", session["uid"]);
-    println!("started   {}", text(session, "started_at"));
+    println!("started   {}", local_time(text(session, "started_at")));
     if let Some(reason) = session.get("reason").and_then(Value::as_str) {
         println!("reason    {reason}");
     }
@@ -165,7 +207,10 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
             );
         }
     }
-    println!("ended     {}", session.get("ended_at").and_then(Value::as_str).unwrap_or("running"));
+    println!(
+        "ended     {}",
+        session.get("ended_at").and_then(Value::as_str).map_or_else(|| "running".to_owned(), local_time)
+    );
     println!("\nprocesses");
     for p in detail["processes"].as_array().into_iter().flatten() {
         let end = match (p["exit_code"].as_u64(), p.get("signal").and_then(Value::as_u64)) {
@@ -179,7 +224,13 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
     for e in detail["events"].as_array().into_iter().flatten() {
         let what = event_text(e);
         let verdict = e.get("verdict").and_then(Value::as_str).map_or(String::new(), |v| format!(" [{v}]"));
-        println!("  {:>5} {} {:<7} {:>7} {what}{verdict}", e["seq"], text(e, "at"), text(e, "kind"), e["pid"]);
+        println!(
+            "  {:>5} {} {:<7} {:>7} {what}{verdict}",
+            e["seq"],
+            local_time(text(e, "at")),
+            text(e, "kind"),
+            e["pid"]
+        );
     }
     Ok(())
 }
@@ -188,7 +239,8 @@ pub fn show(detail: &Value, json: bool) -> anyhow::Result<()> {
 pub fn event_text(e: &Value) -> String {
     match RecordKind::from_name(text(e, "kind")) {
         Some(RecordKind::Kernel(EventKind::Exec)) => {
-            let argv: Vec<&str> = e["argv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let argv: Vec<String> =
+                e["argv"].as_array().into_iter().flatten().filter_map(Value::as_str).map(quoted).collect();
             let cut = if e["argv_truncated"] == true { " [arguments cut]" } else { "" };
             format!("{} {}{cut}", text(e, "filename"), argv.join(" "))
         }
@@ -304,8 +356,11 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
             text(p, "identity"),
             text(p, "method"),
             text(p, "path"),
-            text(p, "expires_at")
+            local_time(text(p, "expires_at"))
         );
+        if let Some(body) = p.get("body_start").and_then(Value::as_str) {
+            println!("         body: {body:?}");
+        }
         // A child session's request: who delegated to it, under which identity, why.
         for link in p["chain"].as_array().into_iter().flatten().skip(1) {
             println!(
@@ -316,6 +371,25 @@ pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
                 link.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"))
             );
         }
+    }
+    Ok(())
+}
+
+/// `tollgate windows`.
+pub fn windows(windows: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(windows);
+    }
+    println!("{:<12} {:<20} {:<12} {:<19} RULE", "WINDOW", "SESSION", "BY", "UNTIL");
+    for w in windows.as_array().into_iter().flatten() {
+        println!(
+            "{:<12} {:<20} {:<12} {:<19} {}",
+            text(w, "id"),
+            text(w, "session"),
+            text(w, "by"),
+            local_time(text(w, "until")),
+            text(w, "rule")
+        );
     }
     Ok(())
 }

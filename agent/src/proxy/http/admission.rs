@@ -141,7 +141,9 @@ pub async fn admit(
     }
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     // Only a body a rule must read whole is bounded; others stream through.
-    let needs_body = has_body_rules(route);
+    // On a route with approve rules the body is read first too, so that a
+    // reviewer sees what a held request asks.
+    let needs_body = has_body_rules(route) || !route.approve.is_empty();
     if needs_body && declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Err(Refusal::new(
             Outcome::Refused,
@@ -214,9 +216,24 @@ pub async fn admit(
         record.hit(&rule);
         // The reviewer must see that approving opens a tunnel.
         let upgrade = super::upgrade::asked_in(&parts.headers).and_then(|v| v.to_str().ok().map(str::to_owned));
-        approve(ctx, governed, record, &rule, &parts.method, path, upgrade).await?;
+        // The reviewer sees what is asked: the start of the body (a streamed one is not at hand).
+        let body_start = (!view.body.is_empty())
+            .then(|| String::from_utf8_lossy(&view.body[..view.body.len().min(BODY_SHOWN)]).into_owned());
+        let asked = Asked { method: &parts.method, path, upgrade, body_start };
+        approve(ctx, governed, record, &rule, asked).await?;
     }
     Ok(body)
+}
+
+/// Bytes of a held request's body a reviewer is shown.
+const BODY_SHOWN: usize = 256;
+
+/// What a held request asks, for the reviewer.
+struct Asked<'a> {
+    method: &'a Method,
+    path: &'a str,
+    upgrade: Option<String>,
+    body_start: Option<String>,
 }
 
 /// Holds the request for a reviewer, unless a JIT window covers it.
@@ -225,10 +242,9 @@ async fn approve(
     governed: &Governed,
     record: &mut ProxyRecord,
     rule: &str,
-    method: &Method,
-    path: &str,
-    upgrade: Option<String>,
+    asked: Asked<'_>,
 ) -> Result<(), Refusal> {
+    let Asked { method, path, upgrade, body_start } = asked;
     let request = approval::Request {
         session: governed.session.clone(),
         uid: governed.uid,
@@ -241,6 +257,7 @@ async fn approve(
         destination: governed.destination.to_string(),
         method: method.as_str().to_owned(),
         path: path.to_owned(),
+        body_start,
         upgrade,
     };
     let denied = |extra| Refusal::new(Outcome::Denied, StatusCode::FORBIDDEN, "", extra);
