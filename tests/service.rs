@@ -193,6 +193,11 @@ fn exit_codes_are_distinct() {
     assert_eq!(out.code(), Some(2), "{out}");
     let out = daemon.tollgate(&["sessoins"]);
     assert_eq!(out.code(), Some(64), "{out}");
+    // Options appear only on the commands that use them: policy check never talks to a daemon.
+    let out = daemon.tollgate(&["policy", "check", "--socket", "/x", "/dev/null"]);
+    assert_eq!(out.code(), Some(64), "{out}");
+    let out = daemon.tollgate(&["status", "--socket", path_str(daemon.socket())]);
+    assert!(out.success(), "{out}");
     let out = daemon.tollgate(&["run", "--ttl", "1s", "--token-file", path_str(&token), "--", "sleep", "20"]);
     assert_eq!(out.code(), Some(77), "{out}");
     let empty = daemon.dir().join("empty-config.yaml");

@@ -37,11 +37,19 @@ pub const EXIT_ENDED_BY_POLICY: i32 = 77;
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about = "Verified identities and kernel enforcement for nested agents")]
 struct Cli {
-    /// The daemon's control socket [default: $TOLLGATE_SOCKET, else the socket of /etc/tollgate/config.yaml, else /run/tollgate/control.sock]
-    #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH")]
+    /// The daemon's control socket (also accepted after the commands that talk to the daemon)
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How commands that talk to the daemon find it.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct Connection {
+    /// The daemon's control socket [default: $TOLLGATE_SOCKET, else the socket of /etc/tollgate/config.yaml, else /run/tollgate/control.sock]
+    #[arg(long, env = "TOLLGATE_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -57,6 +65,8 @@ enum Format {
 enum Command {
     /// Run the daemon in the foreground (as root).
     Daemon {
+        #[command(flatten)]
+        conn: Connection,
         /// Configuration file [default: /etc/tollgate/config.yaml if it exists, else built-in defaults]
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -67,6 +77,8 @@ enum Command {
     /// Run a command in a new governed session under a token; inside a
     /// session, in a child session with at most the parent's rights.
     Run {
+        #[command(flatten)]
+        conn: Connection,
         /// File holding the OIDC JWT.
         #[arg(long, value_name = "FILE", required_unless_present = "grants")]
         token_file: Option<PathBuf>,
@@ -85,6 +97,8 @@ enum Command {
     },
     /// List sessions.
     Sessions {
+        #[command(flatten)]
+        conn: Connection,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
         /// Only sessions started this long ago (2h) or since this date.
@@ -102,6 +116,8 @@ enum Command {
     },
     /// Show one session: its process tree and its events in order.
     Show {
+        #[command(flatten)]
+        conn: Connection,
         /// The session id.
         session: String,
         #[arg(long, value_enum, default_value_t)]
@@ -112,6 +128,8 @@ enum Command {
     },
     /// Replay a session (and its child sessions) as it happened.
     Replay {
+        #[command(flatten)]
+        conn: Connection,
         /// The session id.
         session: String,
         /// Play N times as fast as it happened.
@@ -131,6 +149,8 @@ enum Command {
     },
     /// Check that the session log was not edited: recompute its hash chain and signatures.
     Verify {
+        #[command(flatten)]
+        conn: Connection,
         /// Only this session's records.
         session: Option<String>,
         /// Only records from this long ago (30d) or this date on.
@@ -150,6 +170,8 @@ enum Command {
     },
     /// This host's report for a period: sessions, chains, use, denials, held requests, findings (reviewers).
     Report {
+        #[command(flatten)]
+        conn: Connection,
         /// Period start: a duration back from now (7d) or a date.
         #[arg(long, value_name = "DURATION|DATE", default_value = "7d")]
         since: String,
@@ -182,11 +204,15 @@ enum Command {
     },
     /// Show the daemon's state.
     Status {
+        #[command(flatten)]
+        conn: Connection,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
     /// Requests held for approval (reviewers only).
     Approvals {
+        #[command(flatten)]
+        conn: Connection,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
         /// Keep watching: print each new held request as it comes.
@@ -196,6 +222,8 @@ enum Command {
     /// Open approval windows (`approve --for`), and closing them (reviewers).
     #[command(args_conflicts_with_subcommands = true)]
     Windows {
+        #[command(flatten)]
+        conn: Connection,
         #[command(subcommand)]
         action: Option<WindowsCommand>,
         #[arg(long, value_enum, default_value_t)]
@@ -203,6 +231,8 @@ enum Command {
     },
     /// Approve a held request.
     Approve {
+        #[command(flatten)]
+        conn: Connection,
         /// The approval id (from `tollgate approvals`).
         id: String,
         /// Also let matching requests of that session through for this long (e.g. 10m).
@@ -211,6 +241,8 @@ enum Command {
     },
     /// Deny a held request.
     Deny {
+        #[command(flatten)]
+        conn: Connection,
         /// The approval id.
         id: String,
         /// Why; the requester sees it.
@@ -219,6 +251,8 @@ enum Command {
     },
     /// End a live session now: its processes are killed, and who and why are recorded (reviewers).
     Revoke {
+        #[command(flatten)]
+        conn: Connection,
         /// The session id.
         session: String,
         /// Why, for the record.
@@ -242,6 +276,8 @@ enum Command {
     /// Every grant: its identity, state, rules, last use and expiry (reviewers).
     #[command(args_conflicts_with_subcommands = true)]
     Grants {
+        #[command(flatten)]
+        conn: Connection,
         #[command(subcommand)]
         action: Option<GrantsCommand>,
         /// Count uses from this long ago (30d) or this date (2026-01-31).
@@ -252,6 +288,8 @@ enum Command {
     },
     /// Access review: stale and over-privileged delegations, idle identities, repeated denials (reviewers).
     Review {
+        #[command(flatten)]
+        conn: Connection,
         /// Window start: a duration back from now (90d) or a date (2026-01-31).
         #[arg(long, value_name = "DURATION|DATE", default_value = "30d")]
         since: String,
@@ -353,6 +391,8 @@ enum ReportFormat {
 enum WindowsCommand {
     /// Close a window now: matching requests are held again.
     Revoke {
+        #[command(flatten)]
+        conn: Connection,
         /// The window's id (from `tollgate windows`).
         id: String,
     },
@@ -362,11 +402,15 @@ enum WindowsCommand {
 enum GrantsCommand {
     /// Honour an expired or revoked grant again, and restart its unused clock.
     Renew {
+        #[command(flatten)]
+        conn: Connection,
         /// The grant.
         name: String,
     },
     /// Stop honouring a grant: new sessions lose it, live sessions at once.
     Revoke {
+        #[command(flatten)]
+        conn: Connection,
         /// The grant.
         name: String,
         /// Why, for the record.
@@ -385,6 +429,8 @@ enum PolicyCommand {
     },
     /// What the kernel would decide for an identity connecting to ADDR:PORT, and the entry that decides.
     Explain {
+        #[command(flatten)]
+        conn: Connection,
         /// The policy identity.
         #[arg(long)]
         identity: String,
@@ -401,6 +447,42 @@ enum PolicyCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+}
+
+impl Command {
+    /// The control socket given after the command, if it takes one.
+    fn socket(&self) -> Option<PathBuf> {
+        let conn = match self {
+            Self::Daemon { conn, .. }
+            | Self::Run { conn, .. }
+            | Self::Sessions { conn, .. }
+            | Self::Show { conn, .. }
+            | Self::Replay { conn, .. }
+            | Self::Verify { conn, .. }
+            | Self::Report { conn, .. }
+            | Self::Status { conn, .. }
+            | Self::Approvals { conn, .. }
+            | Self::Approve { conn, .. }
+            | Self::Deny { conn, .. }
+            | Self::Revoke { conn, .. }
+            | Self::Review { conn, .. }
+            | Self::Grants { action: None, conn, .. }
+            | Self::Windows { action: None, conn, .. }
+            | Self::Grants {
+                action: Some(GrantsCommand::Renew { conn, .. } | GrantsCommand::Revoke { conn, .. }),
+                ..
+            }
+            | Self::Windows { action: Some(WindowsCommand::Revoke { conn, .. }), .. }
+            | Self::Policy(PolicyCommand::Explain { conn, .. }) => conn,
+            Self::Generate { .. }
+            | Self::Export { .. }
+            | Self::Token(_)
+            | Self::Policy(PolicyCommand::Check { .. }) => {
+                return None;
+            }
+        };
+        conn.socket.clone()
+    }
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -467,8 +549,9 @@ fn socket_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let socket = cli.socket.clone().or_else(|| cli.command.socket());
     match cli.command {
-        Command::Daemon { config, state_dir } => {
+        Command::Daemon { config, state_dir, .. } => {
             // Never a guess: no key, no policy, no state made up on the spot.
             let path = match config {
                 Some(path) => path,
@@ -479,7 +562,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if let Some(dir) = state_dir {
                 config.state_dir = dir;
             }
-            if let Some(socket) = cli.socket {
+            if let Some(socket) = socket.clone() {
                 config.socket = socket;
             }
             init_logging(config.log_format);
@@ -491,18 +574,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             runtime.block_on(crate::daemon::run(config, path))?;
             Ok(0)
         }
-        Command::Run { token_file, grants, reason, ttl, command } => {
+        Command::Run { token_file, grants, reason, ttl, command, .. } => {
             let authority = match token_file {
                 Some(file) => run::Authority::TokenFile(file),
                 None => run::Authority::Grants(grants),
             };
-            run::run(&socket_path(cli.socket)?, run::Asked { authority, reason, ttl }, &command)
+            run::run(&socket_path(socket.clone())?, run::Asked { authority, reason, ttl }, &command)
         }
-        Command::Generate { dir } => {
+        Command::Generate { dir, .. } => {
             generate(&dir)?;
             Ok(0)
         }
-        Command::Export { since, follow, format: ExportFormat::Jsonl, config } => {
+        Command::Export { since, follow, format: ExportFormat::Jsonl, config, .. } => {
             let reader = local::store(&local::config(config)?)?;
             let since = since.map(|s| window::bound(&s, std::time::SystemTime::now())).transpose()?;
             let mut after = 0;
@@ -524,15 +607,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
         }
-        Command::Grants { action: None, since, format } => {
+        Command::Grants { action: None, since, format, .. } => {
             let now = std::time::SystemTime::now();
             let request = Request::Grants { since: window::bound(&since, now)?, until: rfc3339(now) };
-            let grants = call(&socket_path(cli.socket)?, &request)?;
+            let grants = call(&socket_path(socket.clone())?, &request)?;
             output::grants(&grants, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Grants { action: Some(GrantsCommand::Renew { name }), .. } => {
-            let answer = call(&socket_path(cli.socket)?, &Request::RenewGrant { grant: name })?;
+        Command::Grants { action: Some(GrantsCommand::Renew { name, .. }), .. } => {
+            let answer = call(&socket_path(socket.clone())?, &Request::RenewGrant { grant: name })?;
             println!(
                 "grant {} is {}",
                 answer["grant"].as_str().unwrap_or("-"),
@@ -540,8 +623,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Grants { action: Some(GrantsCommand::Revoke { name, reason }), .. } => {
-            let answer = call(&socket_path(cli.socket)?, &Request::RevokeGrant { grant: name, reason })?;
+        Command::Grants { action: Some(GrantsCommand::Revoke { name, reason, .. }), .. } => {
+            let answer = call(&socket_path(socket.clone())?, &Request::RevokeGrant { grant: name, reason })?;
             println!(
                 "grant {} is {}",
                 answer["grant"].as_str().unwrap_or("-"),
@@ -549,7 +632,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Review { since, until, identity, claim, resource, suggest, format, config } => {
+        Command::Review { since, until, identity, claim, resource, suggest, format, config, .. } => {
             let now = std::time::SystemTime::now();
             let claim = match claim {
                 Some(pair) => {
@@ -570,7 +653,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 resource,
                 suggest,
             };
-            let review = match local::source(cli.socket, config)? {
+            let review = match local::source(socket.clone(), config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Review(query))?,
                 Source::Local(local) => {
                     let policies = local.policies()?;
@@ -587,8 +670,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output::review(&review, suggest, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Sessions { format, since, identity, state, config } => {
-            let sessions = match local::source(cli.socket, config)? {
+        Command::Sessions { format, since, identity, state, config, .. } => {
+            let sessions = match local::source(socket.clone(), config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Sessions)?,
                 Source::Local(local) => serde_json::to_value(local.reader.sessions()?)?,
             };
@@ -609,8 +692,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output::sessions(&sessions, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Show { session, format, config } => {
-            let detail = match local::source(cli.socket, config)? {
+        Command::Show { session, format, config, .. } => {
+            let detail = match local::source(socket.clone(), config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Show { session })?,
                 Source::Local(local) => {
                     serde_json::to_value(local.reader.show(&session.parse().map_err(anyhow::Error::msg)?)?)?
@@ -619,14 +702,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output::show(&detail, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Replay { session, speed, instant, only, format, config } => {
+        Command::Replay { session, speed, instant, only, format, config, .. } => {
             if let Some(bad) = only.iter().find(|o| !replay::CATEGORIES.contains(&o.as_str())) {
                 anyhow::bail!("--only '{bad}' is not one of {}", replay::CATEGORIES.join(", "));
             }
             if !(speed > 0.0 && speed.is_finite()) {
                 anyhow::bail!("--speed must be a positive number");
             }
-            let timeline = match local::source(cli.socket, config)? {
+            let timeline = match local::source(socket.clone(), config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Replay { session })?,
                 Source::Local(local) => {
                     let (sessions, events) = local.reader.timeline(&session.parse().map_err(anyhow::Error::msg)?)?;
@@ -644,7 +727,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Verify { session, since, report, key, format, config } => {
+        Command::Verify { session, since, report, key, format, config, .. } => {
             let key_text = match &key {
                 Some(path) => Some(
                     std::fs::read_to_string(path)
@@ -667,7 +750,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 };
             }
             let since = since.map(|s| window::bound(&s, std::time::SystemTime::now())).transpose()?;
-            let verification = match local::source(cli.socket, config)? {
+            let verification = match local::source(socket.clone(), config)? {
                 Source::Daemon(socket) if key_text.is_none() => call(&socket, &Request::Verify { session, since })?,
                 Source::Daemon(_) => {
                     anyhow::bail!("--key without --report checks a stopped host's log: give --config, or use --report")
@@ -683,7 +766,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             Ok(output::verification(&verification, matches!(format, Format::Json))?)
         }
-        Command::Report { since, until, identity, format, output: path, config, from, token_file, ca, keys } => {
+        Command::Report {
+            since, until, identity, format, output: path, config, from, token_file, ca, keys, ..
+        } => {
             let now = std::time::SystemTime::now();
             let query = crate::report::ReportQuery {
                 since: window::bound(&since, now)?,
@@ -727,7 +812,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 return Ok(0);
             }
-            let report = match local::source(cli.socket, config)? {
+            let report = match local::source(socket.clone(), config)? {
                 Source::Daemon(socket) => call(&socket, &Request::Report(query))?,
                 Source::Local(local) => {
                     let policies = local.policies()?;
@@ -753,12 +838,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Status { format } => {
-            let status = call(&socket_path(cli.socket)?, &Request::Status)?;
+        Command::Status { format, .. } => {
+            let status = call(&socket_path(socket.clone())?, &Request::Status)?;
             output::status(&status, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Token(TokenCommand::Mint { sub, claims, expires_in, state_dir, config }) => {
+        Command::Token(TokenCommand::Mint { sub, claims, expires_in, state_dir, config, .. }) => {
             let state_dir = match (state_dir, config) {
                 (Some(dir), _) => dir,
                 (None, Some(path)) => Config::load(&path)?.state_dir,
@@ -769,14 +854,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("{token}");
             Ok(0)
         }
-        Command::Approvals { format, watch: false } => {
-            let pending = call(&socket_path(cli.socket)?, &Request::Approvals)?;
+        Command::Approvals { format, watch: false, .. } => {
+            let pending = call(&socket_path(socket.clone())?, &Request::Approvals)?;
             output::approvals(&pending, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Approvals { format, watch: true } => {
+        Command::Approvals { format, watch: true, .. } => {
             // Each new held request once, as it comes, until interrupted.
-            let socket = socket_path(cli.socket)?;
+            let socket = socket_path(socket.clone())?;
             let mut seen = std::collections::BTreeSet::new();
             loop {
                 let pending = call(&socket, &Request::Approvals)?;
@@ -793,13 +878,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
-        Command::Windows { action: None, format } => {
-            let windows = call(&socket_path(cli.socket)?, &Request::Windows)?;
+        Command::Windows { action: None, format, .. } => {
+            let windows = call(&socket_path(socket.clone())?, &Request::Windows)?;
             output::windows(&windows, matches!(format, Format::Json))?;
             Ok(0)
         }
-        Command::Windows { action: Some(WindowsCommand::Revoke { id }), .. } => {
-            let closed = call(&socket_path(cli.socket)?, &Request::CloseWindow { id })?;
+        Command::Windows { action: Some(WindowsCommand::Revoke { id, .. }), .. } => {
+            let closed = call(&socket_path(socket.clone())?, &Request::CloseWindow { id })?;
             println!(
                 "closed {} (session {}, {})",
                 closed["id"].as_str().unwrap_or("-"),
@@ -808,27 +893,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Approve { id, window } => {
+        Command::Approve { id, window, .. } => {
             let request = Request::Approve { id, window_secs: window.map(|w| w.as_secs()) };
-            let answer = call(&socket_path(cli.socket)?, &request)?;
+            let answer = call(&socket_path(socket.clone())?, &request)?;
             output::decision(&answer);
             Ok(0)
         }
-        Command::Deny { id, reason } => {
-            let answer = call(&socket_path(cli.socket)?, &Request::Deny { id, reason })?;
+        Command::Deny { id, reason, .. } => {
+            let answer = call(&socket_path(socket.clone())?, &Request::Deny { id, reason })?;
             output::decision(&answer);
             Ok(0)
         }
-        Command::Revoke { session, reason } => {
-            let answer = call(&socket_path(cli.socket)?, &Request::Revoke { session, reason })?;
+        Command::Revoke { session, reason, .. } => {
+            let answer = call(&socket_path(socket.clone())?, &Request::Revoke { session, reason })?;
             output::revoked(&answer);
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Explain { identity, to, exec, policies, config }) => {
+        Command::Policy(PolicyCommand::Explain { identity, to, exec, policies, config, .. }) => {
             // The running daemon's loaded policy by default; files when given.
             let lines = if policies.is_empty() {
                 let config = local::config(config)?;
-                let socket = cli.socket.unwrap_or_else(|| config.socket.clone());
+                let socket = socket.clone().unwrap_or_else(|| config.socket.clone());
                 if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                     let exec = exec.map(|p| p.display().to_string());
                     let answer = call(&socket, &Request::Explain { identity, to, exec })?;
@@ -869,7 +954,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Check { files }) => {
+        Command::Policy(PolicyCommand::Check { files, .. }) => {
             let report = crate::policy::check(&files);
             for line in report.errors.iter().chain(&report.warnings) {
                 eprintln!("{line}");
