@@ -196,3 +196,20 @@ fn block_rules_match_headers_and_bodies() {
     let forwarded = &upstream.requests()[1];
     assert_eq!(forwarded.body_text(), "SELECT 1", "the request body reaches the upstream intact:\n{forwarded}");
 }
+
+/// A proxy record names the process that made the request: the pid the kernel saw at connect,
+/// the same as the client's exec event.
+#[test]
+fn proxy_records_carry_the_clients_pid() {
+    let fx = harness::proxy::Fixture::start(&[]);
+    let exchange = fx.curl(&[&fx.url("/items")]);
+    exchange.assert_status(200, "a plain GET");
+    let show = fx.daemon.show_until(&exchange.session, "the exchange", |s| !harness::proxy::http_events(s).is_empty());
+    let http = harness::proxy::http_events(&show)[0];
+    let curl = harness::session_log::events_of_kind(&show, "exec")
+        .into_iter()
+        .find(|e| e["filename"].as_str().is_some_and(|f| f.ends_with("/curl")) || e["argv"][0] == "curl")
+        .unwrap_or_else(|| panic!("no curl exec: {}", harness::session_log::pretty(&show)));
+    assert_eq!(http["client_pid"], curl["pid"], "{}", harness::session_log::pretty(&show));
+    assert_eq!(http["pid"], curl["pid"], "the record's pid is the client's");
+}

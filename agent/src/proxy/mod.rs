@@ -99,6 +99,8 @@ pub struct Governed {
     pub chain: Vec<crate::session::ChainLink>,
     /// The uids of every session of the chain.
     pub uids: Vec<u32>,
+    /// The process that connected, as the kernel saw it at connect.
+    pub client_pid: u32,
 }
 
 /// Binds the proxy on 127.0.0.1 and ::1 at `port`; port 0 means no proxy
@@ -203,5 +205,6 @@ async fn identify(ctx: &ProxyCtx, stream: &TcpStream, peer: SocketAddr) -> Optio
     let destination = SocketAddr::new(ip, original.port as u16);
     let GovernedRoute { session, uid, identity, subject, route, rule_name, chain, uids } =
         ctx.sessions.route_of(original.cgroup_id, original.rule_id)?;
-    Some(Governed { session, uid, identity, subject, destination, route, rule_name, chain, uids })
+    let client_pid = original.pid;
+    Some(Governed { session, uid, identity, subject, destination, route, rule_name, chain, uids, client_pid })
 }

@@ -68,6 +68,7 @@ impl ProxyRecord {
     pub fn new(kind: RecordKind, governed: &Governed, leading: Map<String, Value>) -> Self {
         let mut detail = leading;
         detail.insert("destination".into(), governed.destination.to_string().into());
+        detail.insert("client_pid".into(), governed.client_pid.into());
         detail.insert("grant".into(), governed.route.grant.clone().into());
         detail.insert("route".into(), governed.rule_name.clone().into());
         Self { kind, detail, started: Instant::now() }
@@ -90,7 +91,7 @@ impl ProxyRecord {
 
     /// Writes the record with `verdict`.
     pub fn finish(self, log: &SessionLog, governed: &Governed, verdict: RecordVerdict) {
-        log.decided(&governed.session, self.kind, verdict, self.detail);
+        log.decided_for(&governed.session, governed.client_pid, self.kind, verdict, self.detail);
     }
 
     /// Writes an HTTP exchange's record: its outcome, status and duration.

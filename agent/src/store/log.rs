@@ -53,6 +53,21 @@ impl SessionLog {
         self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail });
     }
 
+    /// Records a decision made now about what process `pid` of a session asked
+    /// (a request through the proxy).
+    pub fn decided_for(
+        &self,
+        session: &SessionId,
+        pid: u32,
+        kind: RecordKind,
+        verdict: RecordVerdict,
+        detail: Map<String, Value>,
+    ) {
+        let at = rfc3339(SystemTime::now());
+        self.stats.record(kind.as_str(), Some(verdict.as_str()), &detail);
+        self.writer.event(session.clone(), EventRecord { at, kind, pid, verdict: Some(verdict), detail });
+    }
+
     /// Records a fact about a session, now, that is no decision (events
     /// counted instead of delivered, say).
     pub fn noted(&self, session: &SessionId, kind: RecordKind, detail: Map<String, Value>) {

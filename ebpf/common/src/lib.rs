@@ -8,7 +8,7 @@
 
 /// The layout of the maps the daemon pins. Bumped whenever a pinned map's
 /// key, value or size changes, so a daemon never adopts maps it would misread.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Bytes of the executed file's name kept in an exec event.
 pub const FILENAME_LEN: usize = 256;
@@ -379,6 +379,10 @@ pub struct OriginalDst {
     pub port: u32,
     /// The session rule (a proxy route) that redirected it.
     pub rule_id: u32,
+    /// The process that connected (thread group id), for the record.
+    pub pid: u32,
+    /// Always zero.
+    pub reserved: u32,
 }
 
 /// An established connection to the proxy as the proxy sees it: the client's
@@ -551,7 +555,7 @@ const _: () = {
     assert!(core::mem::size_of::<NetRule>() == 16);
     assert!(core::mem::size_of::<KernelOffsets>() == 72);
     assert!(core::mem::size_of::<SessionSlot>() == 16);
-    assert!(core::mem::size_of::<OriginalDst>() == 32);
+    assert!(core::mem::size_of::<OriginalDst>() == 40);
     assert!(core::mem::size_of::<ConnectionKey>() == 40);
     assert!(core::mem::size_of::<ProxyAddr>() == 8);
     assert!(core::mem::size_of::<LostKey>() == 16);

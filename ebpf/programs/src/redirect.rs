@@ -27,7 +27,8 @@ pub(crate) fn redirect(
 ) -> bool {
     // SAFETY: the context is a socket address context, as the helper requires.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let original = OriginalDst { addr: *addr, cgroup_id, port: port as u32, rule_id };
+    let pid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    let original = OriginalDst { addr: *addr, cgroup_id, port: port as u32, rule_id, pid, reserved: 0 };
     if ORIGINAL_BY_COOKIE.insert(&cookie, &original, 0).is_err() {
         return false;
     }
