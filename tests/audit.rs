@@ -16,16 +16,11 @@ use harness::upstream::Upstream;
 use harness::{Daemon, RunOutput, run_with_timeout, tollgate_bin, unique_tag};
 use serde_json::Value;
 
-const BUILD_BOTS: &[(&str, &str)] = &[("repository_owner", "acme")];
+use harness::enforcement::{BUILD_BOTS, BUILD_BOTS_IDENTITY};
 
 fn policy(extra_network: &str) -> String {
     format!(
-        r#"identities:
-  - name: build-bots
-    issuer: tollgate-dev
-    allow_root: true
-    claims: {{ repository_owner: acme }}
-grants:
+        r#"{BUILD_BOTS_IDENTITY}grants:
   - name: net
     identity: build-bots
     exec:

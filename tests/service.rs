@@ -15,16 +15,11 @@ use harness::session_log::{events_of_kind, pretty};
 use harness::{Daemon, run_with_timeout, tollgate_bin, unique_tag};
 use serde_json::Value;
 
-const BUILD_BOTS: &[(&str, &str)] = &[("repository_owner", "acme")];
+use harness::enforcement::{BUILD_BOTS, BUILD_BOTS_IDENTITY};
 
 fn policy(extra_grants: &str) -> String {
     format!(
-        r#"identities:
-  - name: build-bots
-    issuer: tollgate-dev
-    allow_root: true
-    claims: {{ repository_owner: acme }}
-grants:
+        r#"{BUILD_BOTS_IDENTITY}grants:
   - name: base
     identity: build-bots
     exec: {{ deny: ["/usr/bin/wget"] }}

@@ -8,6 +8,15 @@ pub const BUILD_BOTS: &[(&str, &str)] = &[("repository_owner", "acme")];
 
 pub const ALLOW_ALL: [&str; 2] = ["0.0.0.0/0", "::/0"];
 
+/// The `build-bots` identity (dev issuer, root allowed, claims [`BUILD_BOTS`]) as a policy's
+/// `identities:` section, for tests that write their own grants after it.
+pub const BUILD_BOTS_IDENTITY: &str = "identities:
+  - name: build-bots
+    issuer: tollgate-dev
+    allow_root: true
+    claims: { repository_owner: acme }
+";
+
 /// A policy with two identities: `build-bots`, granted `allow`/`deny` egress and forbidden to exec
 /// `exec_deny`, and `no-grant-bots`, which has no grant at all.
 pub fn policy(allow: &[String], deny: &[String], exec_deny: &[&Path]) -> String {

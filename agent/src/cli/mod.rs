@@ -911,44 +911,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Policy(PolicyCommand::Explain { identity, to, exec, policies, config, .. }) => {
             // The running daemon's loaded policy by default; files when given.
-            let lines = if policies.is_empty() {
+            let paths = if policies.is_empty() {
                 let config = local::config(config)?;
                 let socket = socket.clone().unwrap_or_else(|| config.socket.clone());
                 if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                     let exec = exec.map(|p| p.display().to_string());
                     let answer = call(&socket, &Request::Explain { identity, to, exec })?;
-                    answer["lines"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|l| l.as_str().map(str::to_owned))
-                        .collect()
-                } else {
-                    eprintln!(
-                        "tollgate: no daemon at {}; explaining the policies of the configuration",
-                        socket.display()
-                    );
-                    let set = crate::policy::PolicySet::load(&config.policies)?;
-                    crate::policy::explain::explain_lines(
-                        &set,
-                        &Default::default(),
-                        &identity,
-                        to.as_deref(),
-                        exec.as_deref(),
-                    )
-                    .map_err(anyhow::Error::msg)?
+                    for line in answer["lines"].as_array().into_iter().flatten().filter_map(|l| l.as_str()) {
+                        println!("{line}");
+                    }
+                    return Ok(0);
                 }
+                eprintln!("tollgate: no daemon at {}; explaining the policies of the configuration", socket.display());
+                config.policies
             } else {
-                let set = crate::policy::PolicySet::load(&policies)?;
-                crate::policy::explain::explain_lines(
-                    &set,
-                    &Default::default(),
-                    &identity,
-                    to.as_deref(),
-                    exec.as_deref(),
-                )
-                .map_err(anyhow::Error::msg)?
+                policies
             };
+            let set = crate::policy::PolicySet::load(&paths)?;
+            let lines = crate::policy::explain::explain_lines(
+                &set,
+                &Default::default(),
+                &identity,
+                to.as_deref(),
+                exec.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?;
             for line in lines {
                 println!("{line}");
             }
