@@ -278,3 +278,24 @@ fn sessions_filter_and_show_local_times() {
     let has_local_time = line.split_whitespace().any(|w| w.len() == 8 && w.chars().filter(|c| *c == ':').count() == 2);
     assert!(has_local_time && line.contains("s ago)"), "{text}");
 }
+
+/// When the daemon goes away while a session runs, `run` says so (the pinned programs keep
+/// governing the session) and still returns the command's own exit code.
+#[test]
+fn run_says_when_the_daemon_went_away() {
+    let mut daemon = Daemon::start(&policy(""));
+    let token = daemon.mint("orphan-bot", BUILD_BOTS);
+    let mut command = Command::new(tollgate_bin());
+    command.args(["run", "--socket", path_str(daemon.socket()), "--token-file", path_str(&token), "--"]).args([
+        "/bin/sh",
+        "-c",
+        "sleep 2; exit 4",
+    ]);
+    let running = thread::spawn(move || run_with_timeout(&mut command, Duration::from_secs(60)).expect("tollgate run"));
+    wait_for("the session to start", || daemon.status()["sessions_active"] == 1);
+    daemon.kill_hard();
+    let out = running.join().expect("the run thread");
+    assert_eq!(out.code(), Some(4), "{out}");
+    assert!(out.stderr.contains("the daemon went away while the session ran"), "{out}");
+    daemon.restart();
+}

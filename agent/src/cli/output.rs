@@ -124,8 +124,10 @@ pub fn grants(grants: &Value, json: bool) -> anyhow::Result<()> {
             text(g, "identity"),
             text(g, "state"),
             g["count"],
-            g.get("last_exercised").and_then(Value::as_str).unwrap_or("never"),
-            g.get("expires_at").and_then(Value::as_str).unwrap_or("-"),
+            g.get("last_exercised")
+                .and_then(Value::as_str)
+                .map_or_else(|| "never".to_owned(), |at| format!("{} ({})", local_time(at), age(at))),
+            g.get("expires_at").and_then(Value::as_str).map_or_else(|| "-".to_owned(), local_time),
         );
         for rule in g["rules"].as_array().into_iter().flatten().filter_map(Value::as_str) {
             println!("    {rule}");
@@ -133,7 +135,7 @@ pub fn grants(grants: &Value, json: bool) -> anyhow::Result<()> {
         if let Some(event) = g.get("last_event").filter(|e| !e.is_null()) {
             let by = event.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"));
             let why = event.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"));
-            println!("    {} at {}{by}{why}", text(event, "action"), text(event, "at"));
+            println!("    {} at {}{by}{why}", text(event, "action"), local_time(text(event, "at")));
         }
     }
     Ok(())
