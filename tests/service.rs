@@ -72,6 +72,7 @@ fn sighup_reloads_policies_all_or_nothing() {
     assert!(daemon.log().contains("broken.yaml:2"), "the error names the file and line: {}", daemon.log());
     assert_eq!(loaded_at(&daemon), first, "a failed reload changed the loaded policies");
     assert!(connect(&daemon, &token, "127.0.0.6", six.port()), "the old policy still holds");
+    assert_eq!(six.take_connections(), 1, "the listener got the connect the old policy allows");
     fs::remove_file(daemon.dir().join("policies").join("broken.yaml")).expect("remove");
 
     // A live session, then a reload that drops grant `six` and adds `seven`.
@@ -101,9 +102,15 @@ done"#,
         assert_eq!(round(2), "refused", "the live session kept a grant the reload removed");
         assert!(running.join().expect("session").success());
     });
+    assert_eq!(six.take_connections(), 1, "only the first round reached 127.0.0.6");
     assert!(!connect(&daemon, &token, "127.0.0.6", six.port()), "a new session got a removed grant");
     assert!(connect(&daemon, &token, "127.0.0.7", seven.port()), "a new session lacks the new grant");
     assert!(connect(&daemon, &token, "127.0.0.5", five.port()));
+    assert_eq!(
+        (six.take_connections(), seven.take_connections(), five.take_connections()),
+        (0, 1, 1),
+        "what the listeners got after the reload"
+    );
     let status = daemon.status();
     assert_eq!(status["policy_file_paths"].as_array().map(Vec::len), Some(1), "{}", pretty(&status));
     let live = daemon
@@ -167,6 +174,7 @@ fn run_explains_denials_where_they_happen() {
         out.stderr.lines().any(|l| l == "tollgate: exec /usr/bin/wget denied by grant base (exec.deny /usr/bin/wget)"),
         "{out}"
     );
+    assert_eq!(listener.take_connections(), 0, "the denied connect reached the listener");
     let id = daemon.last_session_id();
     let session = daemon.session(&id);
     assert!(

@@ -186,8 +186,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         );
     }
     let loaded = crate::session::Loaded::new(policies, verifier);
-    let parts = SessionsParts { loaded, tree, mount, host, mode, log: log.clone(), max_depth };
-    let sessions = Arc::new(Sessions::new(parts, session_maps));
+    let parts = SessionsParts { tree, mount, host, mode, log: log.clone(), max_depth };
+    let sessions = Arc::new(Sessions::new(parts, loaded, session_maps));
     {
         let (sessions, reader) = (sessions.clone(), reader.clone());
         tokio::task::spawn_blocking(move || sessions.load_grants(&reader))

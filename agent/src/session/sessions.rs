@@ -325,10 +325,9 @@ impl Loaded {
     }
 }
 
-/// What [`Sessions`] works with, besides the kernel maps.
+/// What [`Sessions`] works with, besides the kernel maps and the policies
+/// and issuers in force (which a reload replaces).
 pub struct SessionsParts {
-    /// The policies and issuers at start.
-    pub loaded: Loaded,
     /// The daemon's cgroup subtree.
     pub tree: CgroupTree,
     /// The cgroup v2 mount.
@@ -344,14 +343,10 @@ pub struct SessionsParts {
 }
 
 impl Sessions {
-    /// No sessions yet; their rules go into `maps`.
-    pub fn new(parts: SessionsParts, maps: SessionMaps) -> Self {
+    /// No sessions yet; `loaded` is in force, their rules go into `maps`.
+    pub fn new(parts: SessionsParts, loaded: Loaded, maps: SessionMaps) -> Self {
         let state = Mutex::new(State { maps, registry: Registry::default() });
-        let current = Mutex::new(Arc::new(Loaded {
-            policies: parts.loaded.policies.clone(),
-            verifier: parts.loaded.verifier.clone(),
-            at: parts.loaded.at,
-        }));
+        let current = Mutex::new(Arc::new(loaded));
         Self {
             parts,
             current,

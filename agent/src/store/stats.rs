@@ -11,7 +11,7 @@ const BUCKETS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.
 
 #[derive(Default)]
 struct Inner {
-    decisions: BTreeMap<(String, String), u64>,
+    decisions: BTreeMap<(&'static str, &'static str), u64>,
     proxy: BTreeMap<String, u64>,
     buckets: [u64; BUCKETS.len()],
     sum: f64,
@@ -26,10 +26,10 @@ pub struct Stats {
 
 impl Stats {
     /// Counts one record.
-    pub fn record(&self, kind: &str, verdict: Option<&str>, detail: &Map<String, Value>) {
+    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>, detail: &Map<String, Value>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(verdict) = verdict {
-            *inner.decisions.entry((kind.to_owned(), verdict.to_owned())).or_default() += 1;
+            *inner.decisions.entry((kind, verdict)).or_default() += 1;
         }
         if kind == "http" {
             let outcome = detail.get("outcome").and_then(Value::as_str).unwrap_or("unknown").to_owned();

@@ -163,6 +163,7 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
     let mut checkpoint = false;
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
+        let mut usage = Usage::default();
         for op in batch {
             match op {
                 Op::Open(record, ack) => {
@@ -187,7 +188,7 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                         }
                     };
                     *seq += 1;
-                    count_usage(&tx, &session, &event)?;
+                    usage.count(&session, &event);
                     let detail = serde_json::Value::Object(event.detail).to_string();
                     let inserted = tx.execute(
                         "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
@@ -253,6 +254,7 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                 Op::Flush(ack) => flushes.push(ack),
             }
         }
+        usage.write(&tx)?;
         chain.sign(&tx)?;
         tx.commit()
     })();
@@ -276,26 +278,50 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
     }
 }
 
-/// Counts the grant rules a decision names (`grant_rules` in its detail) in the
-/// per-day usage table, so reviews over months need not scan events.
-fn count_usage(tx: &rusqlite::Transaction<'_>, session: &SessionId, event: &EventRecord) -> rusqlite::Result<()> {
-    let Some(serde_json::Value::Array(rules)) = event.detail.get("grant_rules") else { return Ok(()) };
-    let day = event.at.get(..10).unwrap_or_default();
-    for rule in rules {
-        let (Some(grant), Some(name)) =
-            (rule.get("grant").and_then(|g| g.as_str()), rule.get("rule").and_then(|r| r.as_str()))
-        else {
-            continue;
-        };
-        tx.execute(
-            "INSERT INTO grant_usage (grant_name, rule, day, count, last_at, last_session)
-             VALUES (?1, ?2, ?3, 1, ?4, ?5)
-             ON CONFLICT (grant_name, rule, day) DO UPDATE SET
-                count = count + 1, last_at = MAX(last_at, excluded.last_at), last_session = excluded.last_session",
-            params![grant, name, day, event.at, session.as_str()],
-        )?;
+/// The grant rules a batch's decisions name (`grant_rules` in their
+/// detail), added up per rule and UTC day and written once per batch into
+/// the usage table, so reviews over months need not scan events.
+#[derive(Default)]
+struct Usage {
+    /// (grant, rule, day) -> (count, last at, last session).
+    counts: HashMap<(String, String, String), (i64, String, String)>,
+}
+
+impl Usage {
+    fn count(&mut self, session: &SessionId, event: &EventRecord) {
+        let Some(serde_json::Value::Array(rules)) = event.detail.get("grant_rules") else { return };
+        let day = event.at.get(..10).unwrap_or_default();
+        for rule in rules {
+            let (Some(grant), Some(name)) =
+                (rule.get("grant").and_then(|g| g.as_str()), rule.get("rule").and_then(|r| r.as_str()))
+            else {
+                continue;
+            };
+            let entry = self
+                .counts
+                .entry((grant.to_owned(), name.to_owned(), day.to_owned()))
+                .or_insert_with(|| (0, String::new(), String::new()));
+            entry.0 += 1;
+            if event.at > entry.1 {
+                entry.1 = event.at.clone();
+                entry.2 = session.as_str().to_owned();
+            }
+        }
     }
-    Ok(())
+
+    fn write(self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        for ((grant, rule, day), (count, last_at, last_session)) in self.counts {
+            tx.execute(
+                "INSERT INTO grant_usage (grant_name, rule, day, count, last_at, last_session)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (grant_name, rule, day) DO UPDATE SET
+                    count = count + excluded.count, last_at = MAX(last_at, excluded.last_at),
+                    last_session = CASE WHEN excluded.last_at >= last_at THEN excluded.last_session ELSE last_session END",
+                params![grant, rule, day, count, last_at, last_session],
+            )?;
+        }
+        Ok(())
+    }
 }
 
 fn insert_session(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> rusqlite::Result<usize> {

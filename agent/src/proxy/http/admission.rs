@@ -141,9 +141,13 @@ pub async fn admit(
     }
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     // Only a body a rule must read whole is bounded; others stream through.
-    // On a route with approve rules the body is read first too, so that a
-    // reviewer sees what a held request asks.
-    let needs_body = has_body_rules(route) || !route.approve.is_empty();
+    // A request an approve rule holds is read first too, so that the
+    // reviewer sees what it asks (rules on bodies buffer anyway).
+    let held_without_body = {
+        let view = RequestView { method: &parts.method, path, headers: &parts.headers, body: &[] };
+        needs_approval(route, &view).is_some()
+    };
+    let needs_body = has_body_rules(route) || held_without_body;
     if needs_body && declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Err(Refusal::new(
             Outcome::Refused,
