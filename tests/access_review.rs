@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use harness::net::Listener;
 use harness::proxy::{REVIEWERS, path_str};
+use harness::rounds::Rounds;
 use harness::session_log::{events_of_kind, pretty};
 use harness::upstream::Upstream;
 use harness::{Daemon, RunOutput, run_with_timeout, tollgate_bin, unique_tag};
@@ -258,43 +259,6 @@ grants:
     assert_eq!(upstream.requests().len(), before + 1, "the DELETE never reached the upstream");
 }
 
-/// Each round, a live session tries both destinations when told to and reports.
-struct LiveSession {
-    dir: std::path::PathBuf,
-    round: std::cell::Cell<u32>,
-}
-
-impl LiveSession {
-    const SCRIPT: &str = r#"dir=$0; a=$1; b=$2
-for round in 1 2 3 4 5; do
-  i=0; while [ ! -e "$dir/go-$round" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
-  r=""
-  if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.5/$0"' "$a" 2>/dev/null; then r="$r five=ok"; else r="$r five=refused"; fi
-  if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.6/$0"' "$b" 2>/dev/null; then r="$r six=ok"; else r="$r six=refused"; fi
-  echo "$r" > "$dir/result-$round.tmp"; mv "$dir/result-$round.tmp" "$dir/result-$round"
-done"#;
-
-    fn new(daemon: &Daemon) -> LiveSession {
-        let dir = daemon.dir().join(format!("live-{}", unique_tag()));
-        fs::create_dir(&dir).expect("live dir");
-        LiveSession { dir, round: std::cell::Cell::new(0) }
-    }
-
-    /// Lets the session try once more and returns what it got (" five=ok six=refused").
-    fn try_now(&self) -> String {
-        let round = self.round.get() + 1;
-        self.round.set(round);
-        fs::write(self.dir.join(format!("go-{round}")), "").expect("go");
-        let result = self.dir.join(format!("result-{round}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !result.exists() {
-            assert!(Instant::now() < deadline, "the live session did not report round {round}");
-            thread::sleep(Duration::from_millis(20));
-        }
-        fs::read_to_string(result).expect("result")
-    }
-}
-
 /// A grant with a few seconds of `expire_unused_after` stops working for new and live sessions
 /// once it goes unused, is recorded and reviewed as expired, and `renew` brings it back;
 /// `revoke` takes a grant from live sessions at once, recorded with who and why.
@@ -317,25 +281,27 @@ grants:
     let daemon = Daemon::builder().policy(policy).config_line(REVIEWERS).start();
     let token = daemon.mint("expiry-bot", BUILD_BOTS);
     let (five, six) = (Listener::bind("127.0.0.5"), Listener::bind("127.0.0.6"));
-    let live = LiveSession::new(&daemon);
-    let argv = [
-        "/bin/sh".to_owned(),
-        "-c".into(),
-        LiveSession::SCRIPT.into(),
-        path_str(&live.dir).into(),
-        five.port().to_string(),
-        six.port().to_string(),
-    ];
+    let live = Rounds::new(daemon.dir());
+    let body = format!(
+        r#"r=""
+  if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.5/{five}"' 2>/dev/null; then r="$r five=ok"; else r="$r five=refused"; fi
+  if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.6/{six}"' 2>/dev/null; then r="$r six=ok"; else r="$r six=refused"; fi
+  echo "$r""#,
+        five = five.port(),
+        six = six.port()
+    );
+    let script = live.script(5, &body);
+    let argv = ["/bin/sh", "-c", script.as_str()];
     thread::scope(|scope| {
         let running = scope.spawn(|| daemon.run(&token, &argv));
-        assert_eq!(live.try_now().trim(), "five=ok six=ok", "both grants hold at first");
+        assert_eq!(live.next(), "five=ok six=ok", "both grants hold at first");
         let expired = grants_until(&daemon, "short-lived to expire", Duration::from_secs(20), |g| {
             grant(g, "short-lived")["state"] == "expired"
         });
         let event = &grant(&expired, "short-lived")["last_event"];
         assert_eq!((event["action"].as_str(), event["by"].is_null()), (Some("expired"), true), "{}", pretty(event));
         assert_eq!(grant(&expired, "base")["state"], "active");
-        assert_eq!(live.try_now().trim(), "five=refused six=ok", "the live session lost the expired grant");
+        assert_eq!(live.next(), "five=refused six=ok", "the live session lost the expired grant");
         let out = daemon.run(&token, &connect_argv("127.0.0.5", five.port()));
         assert!(!out.success(), "a new session does not get an expired grant: {out}");
         assert_eq!(five.take_connections(), 1, "only the first round reached 127.0.0.5");
@@ -349,13 +315,13 @@ grants:
 
         let out = daemon.tollgate(&["grants", "renew", "short-lived"]);
         assert!(out.success() && out.stdout.contains("active"), "{out}");
-        assert_eq!(live.try_now().trim(), "five=ok six=ok", "renew gives the live session the grant back");
+        assert_eq!(live.next(), "five=ok six=ok", "renew gives the live session the grant back");
         let out = daemon.run(&token, &connect_argv("127.0.0.5", five.port()));
         assert!(out.success(), "a new session gets the renewed grant: {out}");
 
         let out = daemon.tollgate(&["grants", "revoke", "base", "--reason", "no longer needed"]);
         assert!(out.success(), "{out}");
-        assert!(live.try_now().ends_with("six=refused\n"), "revoke applies to the live session at once");
+        assert!(live.next().ends_with("six=refused"), "revoke applies to the live session at once");
         let now = grants(&daemon);
         let event = &grant(&now, "base")["last_event"];
         assert_eq!(grant(&now, "base")["state"], "revoked");
@@ -371,7 +337,7 @@ grants:
         assert!(!out.success() && out.stderr.contains("no grant 'no-such-grant'"), "{out}");
         assert_eq!(six.take_connections(), 3, "127.0.0.6 reached in the three rounds before the revoke");
 
-        live.try_now();
+        live.next();
         let out = running.join().expect("the live session");
         assert!(out.success(), "{out}");
     });

@@ -11,6 +11,7 @@ use harness::net::Listener;
 use harness::proxy::{
     LONG_APPROVAL_TIMEOUT, REVIEWERS, approval_id, curl_argv, http_events, path_str, wait_for_approvals,
 };
+use harness::rounds::Rounds;
 use harness::session_log::{connects_to, events_of_kind, pretty, str_field};
 use harness::upstream::Upstream;
 use harness::{Daemon, RunOutput, tollgate_bin, unique_tag};
@@ -513,23 +514,21 @@ fn a_chain_survives_a_killed_daemon_still_narrowed() {
     let mut daemon = Daemon::builder().policy(&chain_policy(&touch_top, &touch_child)).config_line(REVIEWERS).start();
     let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
     let (denied_by_top, open) = (Listener::bind("127.0.0.3"), Listener::bind("127.0.0.5"));
-    let rounds = bins.path().join("rounds");
-    fs::create_dir(&rounds).expect("rounds dir");
-    fs::set_permissions(&rounds, fs::Permissions::from_mode(0o777)).expect("chmod");
-    // The child: each round, once told to, try both destinations and write what happened.
-    let child = format!(
-        r#"echo "$TOLLGATE_SESSION" > {dir}/child-id
-for round in 1 2 3; do
-  i=0; while [ ! -e {dir}/go-$round ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
-  r=""
+    let rounds = Rounds::new(bins.path());
+    fs::set_permissions(rounds.dir(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    // The child: each round, once told to, try both destinations and say what happened.
+    let body = format!(
+        r#"r=""
   if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.3/{a}"' 2>/dev/null; then r="$r denied=ok"; else r="$r denied=refused"; fi
   if /bin/bash -c 'exec 3<>"/dev/tcp/127.0.0.5/{b}"' 2>/dev/null; then r="$r open=ok"; else r="$r open=refused"; fi
-  echo "$r" > {dir}/result-$round
-done
-exec sleep 60"#,
-        dir = rounds.display(),
+  echo "$r""#,
         a = denied_by_top.port(),
         b = open.port(),
+    );
+    let child = format!(
+        "echo \"$TOLLGATE_SESSION\" > {dir}/child-id\n{rounds}\nexec sleep 60",
+        dir = rounds.dir().display(),
+        rounds = rounds.script(3, &body)
     );
     let top = [
         "/bin/sh".to_owned(),
@@ -543,26 +542,16 @@ exec sleep 60"#,
     let mut command = std::process::Command::new(tollgate_bin());
     command.arg("--socket").arg(daemon.socket()).arg("run").arg("--token-file").arg(&lead).arg("--").args(top);
     let running = thread::spawn(move || harness::run_with_timeout(&mut command, std::time::Duration::from_secs(60)));
-    let round = |n: u32| -> String {
-        fs::write(rounds.join(format!("go-{n}")), "").expect("go");
-        let result = rounds.join(format!("result-{n}"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while fs::read_to_string(&result).map_or(true, |r| !r.ends_with('\n')) {
-            assert!(std::time::Instant::now() < deadline, "round {n} did not report");
-            thread::sleep(std::time::Duration::from_millis(20));
-        }
-        fs::read_to_string(result).expect("result").trim().to_owned()
-    };
-    assert_eq!(round(1), "denied=refused open=ok");
+    assert_eq!(rounds.next(), "denied=refused open=ok");
     daemon.kill_hard();
-    assert_eq!(round(2), "denied=refused open=ok", "with no daemon the child keeps its narrowed rules");
+    assert_eq!(rounds.next(), "denied=refused open=ok", "with no daemon the child keeps its narrowed rules");
     daemon.restart();
     assert_eq!(daemon.status()["sessions_active"], 2, "parent and child adopted: {}", pretty(&daemon.status()));
-    assert_eq!(round(3), "denied=refused open=ok", "adopted, the child is still narrowed");
+    assert_eq!(rounds.next(), "denied=refused open=ok", "adopted, the child is still narrowed");
     assert_eq!(denied_by_top.take_connections(), 0, "the parent's denied address was reached");
     assert_eq!(open.take_connections(), 3);
 
-    let child_id = fs::read_to_string(rounds.join("child-id")).expect("child id").trim().to_owned();
+    let child_id = fs::read_to_string(rounds.dir().join("child-id")).expect("child id").trim().to_owned();
     let child = daemon.session(&child_id);
     let parent = child["parent"].as_str().expect("the child's parent").to_owned();
     let out = daemon.tollgate(&["revoke", &parent]);

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use harness::net::Listener;
 use harness::proxy::path_str;
+use harness::rounds::Rounds;
 use harness::session_log::{events_of_kind, pretty};
-use harness::{Daemon, run_with_timeout, tollgate_bin, unique_tag};
+use harness::{Daemon, run_with_timeout, tollgate_bin};
 use serde_json::Value;
 
 use harness::enforcement::{BUILD_BOTS, BUILD_BOTS_IDENTITY};
@@ -76,30 +77,20 @@ fn sighup_reloads_policies_all_or_nothing() {
     fs::remove_file(daemon.dir().join("policies").join("broken.yaml")).expect("remove");
 
     // A live session, then a reload that drops grant `six` and adds `seven`.
-    let dir = daemon.dir().join(format!("live-{}", unique_tag()));
-    fs::create_dir(&dir).expect("dir");
-    let script = format!(
-        r#"for round in 1 2; do
-  i=0; while [ ! -e {d}/go-$round ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
-  if /bin/bash -c 'exec 3<>/dev/tcp/127.0.0.6/{p}' 2>/dev/null; then echo ok > {d}/r-$round; else echo refused > {d}/r-$round; fi
-done"#,
-        d = dir.display(),
+    let rounds = Rounds::new(daemon.dir());
+    let body = format!(
+        "if /bin/bash -c 'exec 3<>/dev/tcp/127.0.0.6/{p}' 2>/dev/null; then echo ok; else echo refused; fi",
         p = six.port()
     );
+    let script = rounds.script(2, &body);
     thread::scope(|scope| {
         let running = scope.spawn(|| daemon.run(&token, &["/bin/sh", "-c", &script]));
-        let round = |n: u32| -> String {
-            fs::write(dir.join(format!("go-{n}")), "").expect("go");
-            let result = dir.join(format!("r-{n}"));
-            wait_for("the live session's round", || fs::read_to_string(&result).is_ok_and(|r| r.ends_with('\n')));
-            fs::read_to_string(&result).expect("result").trim().to_owned()
-        };
-        assert_eq!(round(1), "ok");
+        assert_eq!(rounds.next(), "ok");
         let seven_grant = "  - name: seven\n    identity: build-bots\n    network: { allow: [\"127.0.0.7/32\"] }\n";
         fs::write(&policy_file, policy(seven_grant)).expect("new policy");
         hup(&daemon);
         wait_for("the reload", || loaded_at(&daemon) != first);
-        assert_eq!(round(2), "refused", "the live session kept a grant the reload removed");
+        assert_eq!(rounds.next(), "refused", "the live session kept a grant the reload removed");
         assert!(running.join().expect("session").success());
     });
     assert_eq!(six.take_connections(), 1, "only the first round reached 127.0.0.6");
@@ -116,7 +107,7 @@ done"#,
     let live = daemon
         .sessions()
         .into_iter()
-        .find(|s| s["command"][2].as_str().is_some_and(|c| c.contains("for round")))
+        .find(|s| s["command"][2].as_str().is_some_and(|c| c.contains("go-$round")))
         .expect("the live session");
     let show = daemon.show(live["id"].as_str().expect("id"));
     let removed = events_of_kind(&show, "grant");

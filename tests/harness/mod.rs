@@ -16,6 +16,7 @@ pub mod net;
 pub mod pki;
 mod process;
 pub mod proxy;
+pub mod rounds;
 pub mod session_log;
 pub mod upstream;
 
