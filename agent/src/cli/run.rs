@@ -162,7 +162,7 @@ fn stream_of_notices(stream: Option<std::os::unix::net::UnixStream>) -> Notices 
             let Ok(notice) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             let text = notice["text"].as_str().unwrap_or_default().to_owned();
             match notice["notice"].as_str() {
-                Some("denied") => eprintln!("tollgate: {text}"),
+                Some("denied") => tell(&text),
                 Some("ending") => {
                     if let Ok(mut slot) = policy.lock() {
                         slot.get_or_insert(text);
@@ -180,6 +180,13 @@ fn stream_of_notices(stream: Option<std::os::unix::net::UnixStream>) -> Notices 
     Notices { ended_by_policy, done: Some(rx) }
 }
 
+/// Says one line on stderr in a single write: the session's processes share
+/// that stderr, and `eprintln!` writes a line in pieces they could land between.
+fn tell(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("tollgate: {text}\n").as_bytes());
+}
+
 impl Notices {
     /// The exit code once the command exited with `code`: after the daemon
     /// says the session ended (briefly waited for, so `sessions` shows it
@@ -187,13 +194,11 @@ impl Notices {
     fn finish(self, code: i32) -> i32 {
         let ended = self.done.as_ref().map(|done| done.recv_timeout(std::time::Duration::from_secs(2)));
         if let Some(Ok(false)) = ended {
-            eprintln!(
-                "tollgate: the daemon went away while the session ran (its programs keep governing sessions until it is back)"
-            );
+            tell("the daemon went away while the session ran (its programs keep governing sessions until it is back)");
         }
         match self.ended_by_policy.lock().ok().and_then(|slot| slot.clone()) {
             Some(why) => {
-                eprintln!("tollgate: {why}");
+                tell(&why);
                 EXIT_ENDED_BY_POLICY
             }
             None => code,
