@@ -82,6 +82,20 @@ pub struct Finding {
     pub action: String,
 }
 
+impl Finding {
+    /// A finding about one grant (and, for rule findings, one of its rules).
+    fn about_grant(kind: &str, grant: &Grant, rule: Option<&str>, evidence: Value, action: String) -> Self {
+        Finding {
+            kind: kind.into(),
+            identity: Some(grant.identity.clone()),
+            grant: Some(grant.name.clone()),
+            rule: rule.map(str::to_owned),
+            evidence,
+            action,
+        }
+    }
+}
+
 /// A review's answer: findings, or a suggested policy.
 #[derive(Debug, Clone, Serialize)]
 pub struct Review {
@@ -146,44 +160,41 @@ pub fn run(
         let Some(view) = views.iter().find(|v| v.name == grant.name) else { continue };
         let usage: Vec<&RuleUsage> = window.usage.iter().filter(|u| u.grant == grant.name).collect();
         match view.state {
-            GrantState::Expired => findings.push(Finding {
-                kind: "expired_grant".into(),
-                identity: Some(grant.identity.clone()),
-                grant: Some(grant.name.clone()),
-                rule: None,
-                evidence: json!({"last_exercised": view.last_exercised, "event": view.last_event}),
-                action: format!("let it go, or renew it if still needed: tollgate grants renew {}", grant.name),
-            }),
-            GrantState::Revoked => findings.push(Finding {
-                kind: "revoked_grant".into(),
-                identity: Some(grant.identity.clone()),
-                grant: Some(grant.name.clone()),
-                rule: None,
-                evidence: json!({"event": view.last_event}),
-                action: "remove it from the policy".into(),
-            }),
+            GrantState::Expired => findings.push(Finding::about_grant(
+                "expired_grant",
+                grant,
+                None,
+                json!({"last_exercised": view.last_exercised, "event": view.last_event}),
+                format!("let it go, or renew it if still needed: tollgate grants renew {}", grant.name),
+            )),
+            GrantState::Revoked => findings.push(Finding::about_grant(
+                "revoked_grant",
+                grant,
+                None,
+                json!({"event": view.last_event}),
+                "remove it from the policy".into(),
+            )),
             GrantState::Active => {}
         }
         // A grant that only refuses is never stale: it gives nothing.
         let gives_something = rule_names(grant).iter().any(|r| gives(r));
         let used = usage.iter().any(|u| gives(&u.rule) && u.count > 0);
         if view.state == GrantState::Active && gives_something && !used {
-            findings.push(Finding {
-                kind: "unused_grant".into(),
-                identity: Some(grant.identity.clone()),
-                grant: Some(grant.name.clone()),
-                rule: None,
-                evidence: json!({
+            findings.push(Finding::about_grant(
+                "unused_grant",
+                grant,
+                None,
+                json!({
                     "uses_in_window": 0,
                     "last_exercised": view.last_exercised,
                     "expires_at": view.expires_at,
                     "rules": view.rules,
                 }),
-                action: format!(
+                format!(
                     "stale delegation: revoke it (tollgate grants revoke {}) or give it expire_unused_after",
                     grant.name
                 ),
-            });
+            ));
             continue;
         }
         if view.state == GrantState::Active {
@@ -238,18 +249,17 @@ fn unused_rules(grant: &Grant, usage: &[&RuleUsage], window: &Window, findings: 
         let used = usage.iter().find(|u| u.rule == rule);
         let count = used.map_or(0, |u| u.count);
         if count == 0 {
-            findings.push(Finding {
-                kind: "unused_rule".into(),
-                identity: Some(grant.identity.clone()),
-                grant: Some(grant.name.clone()),
-                rule: Some(rule.clone()),
-                evidence: json!({
+            findings.push(Finding::about_grant(
+                "unused_rule",
+                grant,
+                Some(&rule),
+                json!({
                     "resource": resource_of_rule(&rule),
                     "uses_in_window": 0,
                     "last_exercised": used.and_then(|u| u.last_at.clone()),
                 }),
-                action: "over-privileged: remove the rule".into(),
-            });
+                "over-privileged: remove the rule".into(),
+            ));
             continue;
         }
         if !rule.starts_with("network.allow") {
@@ -261,22 +271,21 @@ fn unused_rules(grant: &Grant, usage: &[&RuleUsage], window: &Window, findings: 
                 .is_ok_and(|d| d.port.is_none() || d.net.prefix_len() < d.net.max_prefix_len())
         });
         if wide && !reached.is_empty() && reached.len() <= FEW_DESTINATIONS {
-            findings.push(Finding {
-                kind: "unused_rule".into(),
-                identity: Some(grant.identity.clone()),
-                grant: Some(grant.name.clone()),
-                rule: Some(rule.clone()),
-                evidence: json!({
+            findings.push(Finding::about_grant(
+                "unused_rule",
+                grant,
+                Some(&rule),
+                json!({
                     "resource": "network",
                     "uses_in_window": count,
                     "only_reached": reached,
                     "example_sessions": used.and_then(|u| u.last_session.clone()).into_iter().collect::<Vec<_>>(),
                 }),
-                action: format!(
+                format!(
                     "over-privileged: only {} destination(s) of it were used; narrow it to them (see review --suggest)",
                     reached.len()
                 ),
-            });
+            ));
         }
     }
 }
