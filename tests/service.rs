@@ -284,14 +284,17 @@ fn sessions_filter_and_show_local_times() {
 fn run_says_when_the_daemon_went_away() {
     let mut daemon = Daemon::start(&policy(""));
     let token = daemon.mint("orphan-bot", BUILD_BOTS);
+    // The command itself says it runs: a session the daemon counts may not
+    // have had its answer sent yet, and without one `run` (rightly) never
+    // starts the command.
+    let started = daemon.dir().join("command-started");
+    let script = format!("touch {}; sleep 2; exit 4", started.display());
     let mut command = Command::new(tollgate_bin());
-    command.args(["run", "--socket", path_str(daemon.socket()), "--token-file", path_str(&token), "--"]).args([
-        "/bin/sh",
-        "-c",
-        "sleep 2; exit 4",
-    ]);
+    command
+        .args(["run", "--socket", path_str(daemon.socket()), "--token-file", path_str(&token), "--"])
+        .args(["/bin/sh", "-c", &script]);
     let running = thread::spawn(move || run_with_timeout(&mut command, Duration::from_secs(60)).expect("tollgate run"));
-    wait_for("the session to start", || daemon.status()["sessions_active"] == 1);
+    wait_for("the command to start in its session", || started.exists());
     daemon.kill_hard();
     let out = running.join().expect("the run thread");
     assert_eq!(out.code(), Some(4), "{out}");

@@ -122,7 +122,7 @@ pub fn run(socket: &Path, asked: Asked, command: &[String]) -> anyhow::Result<i3
                         }
                         Ok(Response::Error { message, .. }) => Err(anyhow::anyhow!("session refused: {message}")),
                         Ok(Response::Ok(_)) => unreachable!("handled above"),
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.context("the command was not started")),
                     };
                 }
             };
