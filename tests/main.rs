@@ -15,6 +15,7 @@ mod isolation;
 mod lifetime;
 mod packaging;
 mod policies;
+mod postgres;
 mod proxy_approvals;
 mod proxy_credentials;
 mod proxy_hardening;

@@ -14,6 +14,7 @@ pub mod host;
 pub mod jwt;
 pub mod net;
 pub mod pki;
+pub mod postgres;
 mod process;
 pub mod proxy;
 pub mod rounds;

@@ -35,6 +35,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("command -v cpio", "cpio"),
     // The audit tests edit the session log behind the daemon's back.
     ("command -v sqlite3", "sqlite3"),
+    // pg_query builds PostgreSQL's parser with bindgen, which needs libclang.
+    ("test -e /usr/lib/llvm-14/lib/libclang.so || ls /usr/lib/llvm-*/lib/libclang.so", "libclang-dev"),
+    // The PostgreSQL tests start a server of their own (psql, pgbench and initdb come with it).
+    ("ls /usr/lib/postgresql/*/bin/postgres /usr/lib/postgresql/*/bin/pgbench", "postgresql"),
     // The unit's sandboxing is scored by systemd-analyze security.
     ("command -v systemd-analyze", "systemd"),
     // The packages are linted and inspected.

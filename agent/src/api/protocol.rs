@@ -75,6 +75,9 @@ pub enum Request {
     Explain {
         /// The identity.
         identity: String,
+        /// A SQL statement to judge by the postgres route of `to`.
+        #[serde(default)]
+        sql: Option<String>,
         /// `ADDR:PORT` or `HOST:PORT`.
         #[serde(default)]
         to: Option<String>,

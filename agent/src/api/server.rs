@@ -432,7 +432,7 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
             })
             .await
         }
-        Request::Explain { identity, to, exec } => {
+        Request::Explain { identity, to, exec, sql } => {
             let sessions = control.sessions.clone();
             blocking(move || {
                 let withdrawn = sessions.withdrawn_grants();
@@ -443,6 +443,7 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
                     &identity,
                     to.as_deref(),
                     exec.as_deref(),
+                    sql.as_deref(),
                 ) {
                     Ok(lines) => Response::Ok(serde_json::json!({"lines": lines})),
                     Err(why) => Response::error(ErrorKind::BadRequest, why),

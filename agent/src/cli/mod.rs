@@ -440,6 +440,9 @@ enum PolicyCommand {
         /// An executable instead: may the identity's sessions run it?
         #[arg(long, value_name = "PATH")]
         exec: Option<PathBuf>,
+        /// A SQL statement: what the postgres route of --to does with it.
+        #[arg(long, value_name = "STATEMENT", requires = "to")]
+        sql: Option<String>,
         /// Policy files or directories to ask instead of the running daemon.
         #[arg(long = "policy", value_name = "PATH")]
         policies: Vec<PathBuf>,
@@ -909,14 +912,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output::revoked(&answer);
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Explain { identity, to, exec, policies, config, .. }) => {
+        Command::Policy(PolicyCommand::Explain { identity, to, exec, sql, policies, config, .. }) => {
             // The running daemon's loaded policy by default; files when given.
             let paths = if policies.is_empty() {
                 let config = local::config(config)?;
                 let socket = socket.clone().unwrap_or_else(|| config.socket.clone());
                 if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                     let exec = exec.map(|p| p.display().to_string());
-                    let answer = call(&socket, &Request::Explain { identity, to, exec })?;
+                    let answer = call(&socket, &Request::Explain { identity, to, exec, sql })?;
                     for line in answer["lines"].as_array().into_iter().flatten().filter_map(|l| l.as_str()) {
                         println!("{line}");
                     }
@@ -934,6 +937,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 &identity,
                 to.as_deref(),
                 exec.as_deref(),
+                sql.as_deref(),
             )
             .map_err(anyhow::Error::msg)?;
             for line in lines {

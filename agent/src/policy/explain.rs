@@ -19,6 +19,7 @@ pub fn explain_lines(
     identity: &str,
     to: Option<&str>,
     exec: Option<&std::path::Path>,
+    sql: Option<&str>,
 ) -> Result<Vec<String>, String> {
     if !set.identities.iter().any(|i| i.name == identity) {
         return Err(format!("no identity '{identity}' in the policies"));
@@ -45,6 +46,15 @@ pub fn explain_lines(
             None => format!("{verdict} (no entry matches: the default)"),
         }
     };
+    if let Some(sql) = sql {
+        let address = to.parse::<SocketAddr>().map_err(|_| "--sql needs --to ADDR:PORT".to_owned())?;
+        let decision = explain(&rules, address);
+        let route = decision.route.and_then(|id| rules.routes.get(&id));
+        let Some(route) = route.filter(|r| r.route.protocol == super::route::Protocol::Postgres) else {
+            return Err(format!("{to} is not governed by a postgres route for '{identity}' ({})", line(decision)));
+        };
+        return Ok(vec![line(decision.clone()), explain_statement(&route.route, sql)]);
+    }
     if let Ok(address) = to.parse::<SocketAddr>() {
         return Ok(vec![line(explain(&rules, address))]);
     }
@@ -66,6 +76,27 @@ pub struct Decision {
     pub verdict: Verdict,
     /// The rule that decided, or `None` for the default deny.
     pub rule: Option<String>,
+    /// For a redirect: the route's id in the rules.
+    pub route: Option<u32>,
+}
+
+/// What a postgres route's rules say about `sql`, with unqualified names
+/// resolved as PostgreSQL's default search path does (a connection's own
+/// path can differ; the proxy reads it when the connection opens).
+fn explain_statement(route: &super::route::Route, sql: &str) -> String {
+    use super::sql::{SearchPath, Verdict, analyze, judge};
+    let analysis = match analyze(sql) {
+        Ok(analysis) => analysis,
+        Err(e) => return format!("statement: refused (it does not parse: {e})"),
+    };
+    let kinds: Vec<&str> = analysis.kinds.iter().map(String::as_str).collect();
+    let what = format!("{} statement(s): {}", analysis.statements, kinds.join(", "));
+    let default_path = SearchPath(Some(vec!["pg_catalog".to_owned(), "public".to_owned()]));
+    match judge(route, &analysis, &default_path) {
+        Verdict::Pass => format!("statement: passes ({what})"),
+        Verdict::Hold(rule) => format!("statement: held for approval ({rule}; {what})"),
+        Verdict::Refuse(rule) => format!("statement: refused ({rule}; {what})"),
+    }
 }
 
 /// What `rules` decide for a connect to `to`.
@@ -88,8 +119,9 @@ pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
         Some(entry) => Decision {
             verdict: entry.verdict,
             rule: rules.rules.get(entry.rule_id as usize).filter(|d| !d.0.is_empty()).map(ToString::to_string),
+            route: (entry.verdict == Verdict::Redirect).then_some(entry.rule_id),
         },
-        None => Decision { verdict: Verdict::Deny, rule: None },
+        None => Decision { verdict: Verdict::Deny, rule: None, route: None },
     }
 }
 
@@ -147,7 +179,11 @@ mod tests {
         let at = |text: &str| explain(&rules, text.parse().expect("socket address"));
         assert_eq!(
             at("169.254.169.254:80"),
-            Decision { verdict: Verdict::Deny, rule: Some("g: network.deny 169.254.169.254/32:80".into()) }
+            Decision {
+                verdict: Verdict::Deny,
+                rule: Some("g: network.deny 169.254.169.254/32:80".into()),
+                route: None
+            }
         );
         assert_eq!(at("169.254.169.254:443").verdict, Verdict::Allow);
         assert_eq!(at("10.1.2.3:22").rule.as_deref(), Some("g: network.deny 10.0.0.0/8"));
@@ -164,7 +200,7 @@ mod tests {
         let rules = rules("name: g\nidentity: i\nnetwork:\n  allow: [\"::/0\"]\n");
         assert_eq!(
             explain(&rules, "192.0.2.1:80".parse().expect("addr")),
-            Decision { verdict: Verdict::Deny, rule: None }
+            Decision { verdict: Verdict::Deny, rule: None, route: None }
         );
     }
 }

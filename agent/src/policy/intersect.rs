@@ -191,12 +191,21 @@ pub fn merge(outer: &Route, inner: &Route) -> Option<Route> {
         credential: inner.credential.clone().or_else(|| outer.credential.clone()),
         block: outer.block.iter().chain(&inner.block).cloned().collect(),
         approve: outer.approve.iter().chain(&inner.approve).cloned().collect(),
+        // What runs unseen must be allowed by both levels; lists that differ
+        // allow nothing (comparing what two lists of patterns both admit is
+        // not decidable in general).
+        allow: if same_rules(&outer.allow, &inner.allow) { inner.allow.clone() } else { Vec::new() },
         mask: outer.mask.iter().chain(&inner.mask).cloned().collect(),
         upstream_tls: inner.upstream_tls.clone().or_else(|| outer.upstream_tls.clone()),
         sni,
         upgrade: outer.upgrade && inner.upgrade,
         hosts,
     })
+}
+
+/// Do two rule lists say the same, rule for rule?
+fn same_rules(a: &[super::route::Matcher], b: &[super::route::Matcher]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_string() == y.to_string())
 }
 
 /// Names both lists accept (an empty list accepts any name). `None` when

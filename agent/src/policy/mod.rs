@@ -11,6 +11,7 @@ pub mod explain;
 pub mod intersect;
 pub mod model;
 pub mod route;
+pub mod sql;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -114,6 +115,15 @@ impl PolicySet {
         for grant in &self.grants {
             if !grants.insert(grant.name.as_str()) {
                 found.push(error("name", &grant.name, format!("grant '{}' is defined twice", grant.name)));
+            }
+            for route in &grant.network.proxy {
+                for problem in route.protocol_problems() {
+                    found.push(error(
+                        "to",
+                        &route.to.to_string(),
+                        format!("grant '{}', route to {}: {problem}", grant.name, route.to),
+                    ));
+                }
             }
             if !identities.contains(grant.identity.as_str()) {
                 found.push(error(

@@ -41,10 +41,18 @@ impl Default for Credentials {
 impl Credentials {
     /// The header to inject for `credential`.
     pub async fn header(&self, credential: &Credential) -> Result<(HeaderName, HeaderValue), String> {
-        let name = HeaderName::from_bytes(credential.header.as_bytes())
-            .map_err(|_| format!("'{}' is not a header name", credential.header))?;
-        let value = self.secrets.get(&credential.secret_file.0).await?;
+        let Credential::Header { header, secret_file } = credential else {
+            return Err("the route's credential is a database login, not a header".to_owned());
+        };
+        let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| format!("'{header}' is not a header name"))?;
+        let value = self.secrets.get(&secret_file.0).await?;
         Ok((name, HeaderValue::clone(&value)))
+    }
+
+    /// The password of a database login, from its root-only file.
+    pub async fn password(&self, password_file: &Path) -> Result<String, String> {
+        let value = self.secrets.get(password_file).await?;
+        value.to_str().map(str::to_owned).map_err(|_| format!("{} does not hold a password", password_file.display()))
     }
 }
 

@@ -9,6 +9,7 @@ mod body;
 mod credential;
 mod file_cache;
 mod http;
+pub mod postgres;
 mod record;
 mod representation;
 pub mod rules;
@@ -51,6 +52,8 @@ pub struct ProxyCtx {
     pub upstream_tls: tls::UpstreamConfigs,
     /// Open tunnels (upgraded connections) at most, across all sessions.
     pub tunnels: Arc<tokio::sync::Semaphore>,
+    /// Cancel keys and the client-side certificate of PostgreSQL routes.
+    pub postgres: postgres::Shared,
 }
 
 /// Tunnels open at once at most; an upgrade past that is refused (503).
@@ -74,6 +77,7 @@ impl ProxyCtx {
             credentials: credential::Credentials::default(),
             upstream_tls: tls::UpstreamConfigs::default(),
             tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS)),
+            postgres: postgres::Shared::default(),
         }
     }
 }
@@ -165,6 +169,7 @@ async fn accept(ctx: Arc<ProxyCtx>, listener: TcpListener) -> anyhow::Result<()>
                     match protocol {
                         Protocol::Http => http::serve(ctx, governed, stream).instrument(span).await,
                         Protocol::Tls => tls::passthrough(ctx, governed, stream).instrument(span).await,
+                        Protocol::Postgres => postgres::serve(ctx, governed, stream).instrument(span).await,
                     }
                 }
                 None => tracing::warn!(%peer, "connection to the proxy that the kernel did not redirect; closing"),

@@ -95,7 +95,7 @@ pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>
         .iter()
         .filter_map(|m| match m {
             Mask::JsonPath { json_path, replace } => Some((json_path, replace)),
-            Mask::Regex { .. } => None,
+            Mask::Regex { .. } | Mask::Column { .. } => None,
         })
         .collect();
     if !json_masks.is_empty() {

@@ -646,7 +646,7 @@ impl Sessions {
             .flat_map(|route| route.route.mask.iter())
             .filter_map(|mask| match mask {
                 crate::policy::route::Mask::Regex { regex, replace } => Some((regex.0.clone(), replace.clone())),
-                crate::policy::route::Mask::JsonPath { .. } => None,
+                crate::policy::route::Mask::JsonPath { .. } | crate::policy::route::Mask::Column { .. } => None,
             })
             .collect()
     }

@@ -25,11 +25,13 @@ pub enum RecordKind {
     Grant,
     /// Terminal output of the session's command, as its terminal showed it.
     Output,
+    /// One SQL statement (or connection) through the PostgreSQL proxy.
+    Sql,
 }
 
 impl RecordKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Kernel(EventKind::Exec),
         Self::Kernel(EventKind::Fork),
         Self::Kernel(EventKind::Exit),
@@ -42,6 +44,7 @@ impl RecordKind {
         Self::Lost,
         Self::Grant,
         Self::Output,
+        Self::Sql,
     ];
 
     /// The kind a stored name stands for.
@@ -60,6 +63,7 @@ impl RecordKind {
             Self::Lost => "lost",
             Self::Grant => "grant",
             Self::Output => "output",
+            Self::Sql => "sql",
         }
     }
 }

@@ -58,7 +58,9 @@ pub async fn rewrite(
                 secret = value.to_str().ok().map(str::to_owned).filter(|v| !v.is_empty());
                 parts.headers.remove(&name);
                 parts.headers.insert(name, value);
-                record.set("credential", credential.header.clone());
+                if let crate::policy::route::Credential::Header { header, .. } = credential {
+                    record.set("credential", header.clone());
+                }
             }
             Err(why) => {
                 tracing::error!(%why, "credential unavailable");

@@ -1,0 +1,512 @@
+//! What a SQL string does, read from PostgreSQL's own parse tree
+//! (libpg_query), and what a route's rules say about it.
+//!
+//! The whole tree is walked, every node, rather than through pg_query's
+//! summary helpers: those visit a subset of node types (they miss a
+//! function called inside `ARRAY[...]` and the statement inside `PREPARE`).
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::policy::route::{Mask, Matcher, NameGlob, Route, StatementKind};
+
+/// A table or function as a statement names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Name {
+    /// The schema, when the statement gives one.
+    pub schema: Option<String>,
+    /// The name.
+    pub name: String,
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "{schema}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// What one SQL string (one or more statements) does.
+#[derive(Debug, Clone, Default)]
+pub struct Analysis {
+    /// Every statement kind in it, nested ones included (a `DELETE` in a
+    /// `WITH`, under `EXPLAIN ANALYZE` or `PREPARE`).
+    pub kinds: BTreeSet<String>,
+    /// `delete`/`update` without a condition on any column.
+    pub unbounded: BTreeSet<String>,
+    /// Tables (and views, sequences) named.
+    pub tables: BTreeSet<Name>,
+    /// Functions called.
+    pub functions: BTreeSet<Name>,
+    /// Why its effect cannot be known before it runs, if it cannot.
+    pub opaque: Vec<String>,
+    /// It changes how unqualified names resolve (`search_path`, the role).
+    pub changes_resolution: bool,
+    /// It copies table data out to the client (`COPY ... TO STDOUT`).
+    pub copies_out: bool,
+    /// Column names it references (lower case).
+    pub columns: BTreeSet<String>,
+    /// It may put whole rows into a computed value (`row_to_json(u)`,
+    /// `f(t.*)`), so a computed column may carry any column.
+    pub whole_rows: bool,
+    /// SQL-level prepared statements it creates, executes and drops
+    /// (`None`: `DEALLOCATE ALL`).
+    pub prepares: Vec<String>,
+    /// Names `EXECUTE` runs.
+    pub executes: Vec<String>,
+    /// Names `DEALLOCATE` drops.
+    pub deallocates: Vec<Option<String>>,
+    /// How many statements the string holds.
+    pub statements: usize,
+}
+
+impl Analysis {
+    /// Adds what `other` does (a prepared statement an `EXECUTE` runs).
+    pub fn absorb(&mut self, other: &Analysis) {
+        self.kinds.extend(other.kinds.iter().cloned());
+        self.unbounded.extend(other.unbounded.iter().cloned());
+        self.tables.extend(other.tables.iter().cloned());
+        self.functions.extend(other.functions.iter().cloned());
+        self.opaque.extend(other.opaque.iter().cloned());
+        self.columns.extend(other.columns.iter().cloned());
+        self.changes_resolution |= other.changes_resolution;
+        self.copies_out |= other.copies_out;
+        self.whole_rows |= other.whole_rows;
+    }
+}
+
+/// Functions that run SQL (or read a table) given to them as text: what
+/// they do is in a string the parse tree does not open.
+const RUNS_TEXT_AS_SQL: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink",
+    "dblink_exec",
+    "dblink_open",
+    "dblink_send_query",
+];
+
+/// Functions that change how names resolve.
+const CHANGES_RESOLUTION: &[&str] = &["set_config"];
+
+/// Settings that change how names resolve.
+const RESOLUTION_SETTINGS: &[&str] = &["search_path", "role", "session_authorization"];
+
+/// Parses `sql` with PostgreSQL's parser and reads what it does. A string
+/// the parser rejects is an error (the caller refuses it).
+pub fn analyze(sql: &str) -> Result<Analysis, String> {
+    let parsed = pg_query::parse(sql).map_err(|e| e.to_string())?;
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| format!("cannot read the parse tree: {e}"))?;
+    let mut analysis = Analysis { statements: parsed.protobuf.stmts.len(), ..Analysis::default() };
+    let mut walk = Walk { analysis: &mut analysis, single_names: BTreeSet::new(), relations: BTreeSet::new() };
+    walk.value(&tree, "", "");
+    let Walk { single_names, relations, .. } = walk;
+    // A bare name that is also a relation (or its alias) is a whole-row reference.
+    if single_names.iter().any(|name| relations.contains(name)) {
+        analysis.whole_rows = true;
+    }
+    Ok(analysis)
+}
+
+struct Walk<'a> {
+    analysis: &'a mut Analysis,
+    /// One-part column references (`u` in `SELECT u FROM users u`).
+    single_names: BTreeSet<String>,
+    /// Relation names and aliases.
+    relations: BTreeSet<String>,
+}
+
+fn text<'v>(value: &'v Value, key: &str) -> &'v str {
+    value.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The `sval`s of a list of `String` nodes (`funcname`, `fields`).
+fn strings(list: &Value) -> Vec<Option<String>> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| item.pointer("/node/String/sval").and_then(Value::as_str).map(str::to_owned))
+        .collect()
+}
+
+fn qualified(parts: Vec<String>) -> Option<Name> {
+    let mut parts = parts;
+    let name = parts.pop()?;
+    Some(Name { schema: parts.pop(), name })
+}
+
+/// Does an expression refer to a column at all (`WHERE true` does not)?
+fn references_a_column(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(key, v)| key == "ColumnRef" || references_a_column(v)),
+        Value::Array(items) => items.iter().any(references_a_column),
+        _ => false,
+    }
+}
+
+impl Walk<'_> {
+    /// Walks `value`, found under `key` of a node of type `parent`.
+    fn value(&mut self, value: &Value, parent: &str, key: &str) {
+        match value {
+            Value::Object(map) => {
+                // Struct-typed fields hold nodes without their type's name:
+                // recognise range variables and calls by their fields.
+                if map.contains_key("relname") && map.contains_key("schemaname") {
+                    self.range_var(value);
+                }
+                if map.contains_key("funcname") && map.contains_key("funcformat") {
+                    self.call(value);
+                }
+                for (field, inner) in map {
+                    if field.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                        self.node(field, inner, parent, key);
+                        self.value(inner, field, "");
+                    } else if field == "node" {
+                        // A node wrapper: what it holds sits in the same slot.
+                        self.value(inner, parent, key);
+                    } else {
+                        let slot_parent = if key.is_empty() { parent } else { "" };
+                        self.value(inner, slot_parent, field);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.value(item, parent, key);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A typed node `kind` with fields `node`, found under `key` of `parent`.
+    fn node(&mut self, kind: &str, node: &Value, parent: &str, key: &str) {
+        let analysis = &mut *self.analysis;
+        if let Some(mut statement) = StatementKind::of_node(kind) {
+            if statement == "grant" && node.get("is_grant").and_then(Value::as_bool) == Some(false) {
+                statement = "revoke";
+            }
+            analysis.kinds.insert(statement.to_owned());
+        }
+        match kind {
+            "DeleteStmt" | "UpdateStmt" => {
+                let condition = node.get("where_clause").filter(|w| !w.is_null());
+                if !condition.is_some_and(references_a_column) {
+                    let statement = if kind == "DeleteStmt" { "delete" } else { "update" };
+                    analysis.unbounded.insert(statement.to_owned());
+                }
+            }
+            "SelectStmt" => {
+                if node.get("into_clause").is_some_and(|into| !into.is_null()) {
+                    analysis.kinds.insert("create".to_owned());
+                }
+            }
+            "DoStmt" => analysis.opaque.push("a DO block runs code the proxy cannot see before it runs".to_owned()),
+            "CallStmt" => {
+                analysis.opaque.push("CALL runs a procedure whose statements the proxy cannot see".to_owned())
+            }
+            "CopyStmt" => {
+                let file = !text(node, "filename").is_empty() || node.get("is_program") == Some(&Value::Bool(true));
+                if file {
+                    analysis.opaque.push("COPY to or from a server file or program".to_owned());
+                } else if node.get("is_from") != Some(&Value::Bool(true)) {
+                    analysis.copies_out = true;
+                }
+            }
+            "VariableSetStmt" => {
+                let name = text(node, "name").to_ascii_lowercase();
+                // RESET ALL has no name.
+                if name.is_empty() || RESOLUTION_SETTINGS.contains(&name.as_str()) {
+                    analysis.changes_resolution = true;
+                }
+            }
+            "PrepareStmt" => analysis.prepares.push(text(node, "name").to_owned()),
+            "ExecuteStmt" => analysis.executes.push(text(node, "name").to_owned()),
+            "DeallocateStmt" => {
+                let name = text(node, "name");
+                analysis.deallocates.push((!name.is_empty()).then(|| name.to_owned()));
+            }
+            "ColumnRef" => {
+                let fields = node.get("fields").and_then(Value::as_array).cloned().unwrap_or_default();
+                let star = fields.last().is_some_and(|f| f.pointer("/node/AStar").is_some());
+                let names: Vec<Option<String>> = strings(&Value::Array(fields.clone()));
+                if star {
+                    // `SELECT *` and `SELECT t.*` give table columns as they
+                    // are; a star anywhere else (`f(t.*)`) folds rows into a value.
+                    if !(parent == "ResTarget" && key == "val") {
+                        analysis.whole_rows = true;
+                    }
+                } else if let Some(Some(last)) = names.last() {
+                    analysis.columns.insert(last.to_ascii_lowercase());
+                    if names.len() == 1 {
+                        self.single_names.insert(last.to_ascii_lowercase());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn range_var(&mut self, node: &Value) {
+        let name = text(node, "relname");
+        if name.is_empty() {
+            return;
+        }
+        let schema = Some(text(node, "schemaname")).filter(|s| !s.is_empty()).map(str::to_owned);
+        self.relations.insert(name.to_ascii_lowercase());
+        if let Some(alias) = node.pointer("/alias/aliasname").and_then(Value::as_str) {
+            self.relations.insert(alias.to_ascii_lowercase());
+            // Column aliases rename table columns in the result.
+            if node.pointer("/alias/colnames").and_then(Value::as_array).is_some_and(|c| !c.is_empty()) {
+                self.analysis.whole_rows = true;
+            }
+        }
+        self.analysis.tables.insert(Name { schema, name: name.to_owned() });
+    }
+
+    fn call(&mut self, node: &Value) {
+        let parts: Vec<String> = strings(node.get("funcname").unwrap_or(&Value::Null)).into_iter().flatten().collect();
+        let Some(function) = qualified(parts) else { return };
+        let bare = function.name.to_ascii_lowercase();
+        if RUNS_TEXT_AS_SQL.contains(&bare.as_str()) {
+            self.analysis.opaque.push(format!("{bare}() runs SQL given to it as text"));
+        }
+        if CHANGES_RESOLUTION.contains(&bare.as_str()) {
+            self.analysis.changes_resolution = true;
+        }
+        self.analysis.functions.insert(function);
+    }
+}
+
+/// The normalized form of a statement (constants replaced by `$n`), for
+/// records and reviewers; the text itself when the normalizer fails.
+pub fn normalize(sql: &str) -> String {
+    pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned())
+}
+
+/// What a route's rules say about a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// It may run.
+    Pass,
+    /// It waits for a reviewer; the rule that holds it.
+    Hold(String),
+    /// It is refused; the rule (or reason) that refuses it.
+    Refuse(String),
+}
+
+/// Where unqualified names resolve: the connection's schemas in search
+/// order, or unknown (then a rule on `schema.table` covers the table in
+/// any schema: wider, so it refuses more, never less).
+#[derive(Debug, Clone, Default)]
+pub struct SearchPath(pub Option<Vec<String>>);
+
+impl SearchPath {
+    /// Does `glob` cover `name`, as this path resolves it?
+    fn covers(&self, glob: &NameGlob, name: &Name) -> bool {
+        if !glob.qualified() {
+            return glob.matches(&name.name);
+        }
+        match (&name.schema, &self.0) {
+            (Some(schema), _) => glob.matches(&format!("{schema}.{}", name.name)),
+            (None, Some(schemas)) => schemas.iter().any(|schema| glob.matches(&format!("{schema}.{}", name.name))),
+            (None, None) => {
+                let table_part = glob.as_str().rsplit('.').next().unwrap_or_default();
+                NameGlob::new(table_part).is_ok_and(|part| part.matches(&name.name))
+            }
+        }
+    }
+}
+
+/// Does `matcher` cover the statement? Every field given must.
+fn covers(matcher: &Matcher, analysis: &Analysis, path: &SearchPath) -> bool {
+    let kinds: Vec<&str> = matcher.statement.iter().map(|k| k.0.as_str()).collect();
+    if matcher.without_where {
+        let unbounded = analysis.unbounded.iter().any(|k| kinds.is_empty() || kinds.contains(&k.as_str()));
+        if !unbounded {
+            return false;
+        }
+    } else if !kinds.is_empty() && !analysis.kinds.iter().any(|k| kinds.contains(&k.as_str())) {
+        return false;
+    }
+    if !matcher.table.is_empty()
+        && !analysis.tables.iter().any(|table| matcher.table.iter().any(|glob| path.covers(glob, table)))
+    {
+        return false;
+    }
+    if !matcher.function.is_empty()
+        && !analysis.functions.iter().any(|function| matcher.function.iter().any(|glob| path.covers(glob, function)))
+    {
+        return false;
+    }
+    true
+}
+
+/// Judges a statement by the route's rules: block rules first, then what
+/// cannot be judged (refused unless an allow rule names it), then approvals.
+pub fn judge(route: &Route, analysis: &Analysis, path: &SearchPath) -> Verdict {
+    if let Some((index, rule)) = route.block.iter().enumerate().find(|(_, m)| covers(m, analysis, path)) {
+        return Verdict::Refuse(format!("block[{index}]: {rule}"));
+    }
+    let allowed = || route.allow.iter().any(|m| covers(m, analysis, path));
+    if let Some(why) = analysis.opaque.first()
+        && !allowed()
+    {
+        return Verdict::Refuse(format!("{why}; only an allow rule that names it lets it run"));
+    }
+    let table_rules = route.block.iter().chain(&route.approve).any(|m| !m.table.is_empty());
+    if analysis.changes_resolution && table_rules {
+        return Verdict::Refuse(
+            "changing search_path or the role would change which tables unqualified names mean, and this route has table rules"
+                .to_owned(),
+        );
+    }
+    if analysis.copies_out && !route.mask.is_empty() {
+        return Verdict::Refuse("COPY ... TO STDOUT sends rows the route's masks cannot rewrite".to_owned());
+    }
+    if let Some((index, rule)) = route.approve.iter().enumerate().find(|(_, m)| covers(m, analysis, path)) {
+        return Verdict::Hold(format!("approve[{index}]: {rule}"));
+    }
+    Verdict::Pass
+}
+
+/// Do the route's column masks apply to a result column? `source` is the
+/// table column it reads, when it reads one directly.
+pub fn column_masked<'r>(route: &'r Route, name: &str, source: Option<&str>) -> Option<&'r str> {
+    route.mask.iter().find_map(|mask| match mask {
+        Mask::Column { column, replace }
+            if column.0.is_match(name) || source.is_some_and(|source| column.0.is_match(source)) =>
+        {
+            Some(replace.as_str())
+        }
+        _ => None,
+    })
+}
+
+/// May a computed result column (one that reads no table column directly)
+/// carry a masked column's values? When the statement references a masked
+/// column or folds whole rows into values, it may.
+pub fn computed_may_carry_masked(route: &Route, analysis: &Analysis) -> Option<String> {
+    route.mask.iter().find_map(|mask| match mask {
+        Mask::Column { column, replace } => {
+            (analysis.whole_rows || analysis.columns.iter().any(|c| column.0.is_match(c))).then(|| replace.clone())
+        }
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(rules: &str) -> Route {
+        serde_yaml_ng::from_str(&format!("to: \"127.0.0.1/32:5432\"\nprotocol: postgres\n{rules}")).expect("route")
+    }
+
+    /// The route of the issue, without its credential.
+    fn documented() -> Route {
+        route(
+            "block:\n  - { statement: [drop, truncate, alter, grant, revoke] }\n  - { statement: [delete, update], without_where: true }\n  - { table: \"audit.*\" }\n  - { function: [pg_read_file, lo_import, dblink] }\napprove:\n  - { statement: [delete, update, insert] }\n",
+        )
+    }
+
+    fn verdict(sql: &str) -> Verdict {
+        let analysis = analyze(sql).expect("parses");
+        judge(&documented(), &analysis, &SearchPath(Some(vec!["pg_catalog".into(), "public".into()])))
+    }
+
+    fn refused(sql: &str) -> String {
+        match verdict(sql) {
+            Verdict::Refuse(rule) => rule,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_pass_and_writes_wait() {
+        assert_eq!(verdict("SELECT id, email FROM orders WHERE id = 1"), Verdict::Pass);
+        assert!(
+            matches!(verdict("DELETE FROM orders WHERE id = 1"), Verdict::Hold(rule) if rule.starts_with("approve[0]"))
+        );
+        assert!(matches!(verdict("insert into orders values (1)"), Verdict::Hold(_)));
+    }
+
+    #[test]
+    fn every_statement_of_a_string_and_nested_writes_count() {
+        assert!(refused("SELECT 1; DROP TABLE orders").starts_with("block[0]"));
+        assert!(refused("WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d").starts_with("block[1]"));
+        assert!(refused("EXPLAIN ANALYZE DELETE FROM orders").starts_with("block[1]"));
+        assert!(refused("PREPARE p AS DELETE FROM orders").starts_with("block[1]"));
+        assert!(refused("DELETE FROM orders WHERE true").starts_with("block[1]"), "a condition on no column");
+        assert!(refused("REVOKE ALL ON orders FROM public").starts_with("block[0]"));
+        assert!(refused("alter table orders add column x int").starts_with("block[0]"));
+    }
+
+    #[test]
+    fn tables_and_functions_are_found_wherever_they_are() {
+        assert!(refused("SELECT * FROM audit.log").starts_with("block[2]"));
+        assert!(refused("SELECT * FROM \"audit\".\"log\"").starts_with("block[2]"));
+        assert!(refused("SELECT (SELECT count(*) FROM audit.log)").starts_with("block[2]"));
+        assert!(refused("SELECT ARRAY[pg_read_file('/etc/passwd')]").starts_with("block[3]"));
+        assert!(refused("SELECT pg_catalog.pg_read_file('/etc/passwd')::text").starts_with("block[3]"));
+        assert!(refused("SELECT * FROM lo_import('/etc/passwd')").starts_with("block[3]"));
+    }
+
+    #[test]
+    fn what_cannot_be_judged_is_refused_unless_allowed() {
+        assert!(refused("DO $$ BEGIN DELETE FROM orders; END $$").contains("DO block"));
+        assert!(refused("CALL cleanup()").contains("CALL"));
+        assert!(refused("SELECT query_to_xml('select * from audit.log', true, true, '')").contains("as text"));
+        assert!(refused("COPY orders FROM PROGRAM 'id'").contains("program"));
+        let allowing = route("allow:\n  - { statement: do }\n");
+        let analysis = analyze("DO $$ BEGIN NULL; END $$").expect("parses");
+        assert_eq!(judge(&allowing, &analysis, &SearchPath::default()), Verdict::Pass);
+        assert!(analyze("SELEC 1").is_err(), "the parser's refusal is an error");
+    }
+
+    #[test]
+    fn unqualified_names_resolve_through_the_search_path() {
+        let analysis = analyze("SELECT * FROM log").expect("parses");
+        let rules = documented();
+        let on_path = SearchPath(Some(vec!["audit".into(), "public".into()]));
+        assert!(matches!(judge(&rules, &analysis, &on_path), Verdict::Refuse(_)));
+        let off_path = SearchPath(Some(vec!["public".into()]));
+        assert_eq!(judge(&rules, &analysis, &off_path), Verdict::Pass);
+        assert!(matches!(judge(&rules, &analysis, &SearchPath(None)), Verdict::Refuse(_)), "unknown path: fail closed");
+        assert!(refused("SET search_path = audit").contains("search_path"));
+        assert!(refused("SELECT set_config('search_path', 'audit', false)").contains("search_path"));
+        assert!(refused("SET ROLE postgres").contains("role"));
+    }
+
+    #[test]
+    fn masks_follow_columns_into_computed_values() {
+        let masked = route("mask:\n  - { column: \"email|phone\" }\n");
+        assert_eq!(column_masked(&masked, "EMAIL", None), Some("****"));
+        assert_eq!(column_masked(&masked, "e", Some("email")), Some("****"));
+        assert_eq!(column_masked(&masked, "email_verified", None), None, "the pattern covers whole names");
+        let computed = |sql: &str| computed_may_carry_masked(&masked, &analyze(sql).expect("parses")).is_some();
+        assert!(computed("SELECT lower(email) FROM users"));
+        assert!(computed("SELECT row_to_json(u) FROM users u"));
+        assert!(computed("SELECT to_json(u.*) FROM users u"));
+        assert!(computed("SELECT x FROM users AS u(x, y)"));
+        assert!(!computed("SELECT count(*) FROM users"));
+        assert!(!computed("SELECT * FROM users"));
+    }
+}

@@ -1,0 +1,1144 @@
+//! PostgreSQL through the proxy (`protocol: postgres`): the client's
+//! startup ends at the proxy, which logs in upstream with the route's
+//! credential; then every statement, simple or extended protocol, is judged
+//! with PostgreSQL's own parser before the server sees it, and results are
+//! masked on the way back.
+//!
+//! A refused statement never reaches the server: in its place the proxy
+//! sends a fixed text that fails to parse, and turns the server's error for
+//! it into its own (SQLSTATE 42501, naming the rule). The server thereby
+//! keeps the protocol's state exactly as after any failed statement: it
+//! skips to the next Sync, aborts a transaction block, and says so in its
+//! ReadyForQuery, so clients go on as after any error.
+//!
+//! Responses are matched to what caused them by order: every message sent
+//! upstream that the server answers leaves an [`Expect`] in a queue the
+//! response side reads from.
+
+mod catalog;
+mod startup;
+mod wire;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokio::{
+    io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf},
+    net::TcpStream,
+    sync::mpsc,
+};
+
+use self::{
+    startup::{Opening, Startup, Stream},
+    wire::{Fields, Message},
+};
+use super::{Governed, ProxyCtx, record::ProxyRecord};
+use crate::{
+    approval::{self, Answer},
+    policy::{
+        route::{Mask, Route},
+        sql::{self as statement, Analysis, SearchPath, Verdict},
+    },
+    store::{RecordKind, RecordVerdict, SessionId},
+};
+
+/// Sent upstream in place of a refused statement: it never parses, so the
+/// server fails it the way it fails any statement, and runs nothing.
+const REFUSED_MARKER: &str = "tollgate_refused_this_statement";
+
+/// SQLSTATE of a refusal by policy: insufficient_privilege.
+const REFUSED_CODE: &str = "42501";
+
+/// What the PostgreSQL path shares across connections.
+#[derive(Default)]
+pub struct Shared {
+    client_tls: startup::ClientTls,
+    cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+}
+
+/// Where a cancel key the proxy gave out leads.
+struct CancelTarget {
+    session: SessionId,
+    upstream: SocketAddr,
+    key: (i32, i32),
+}
+
+/// Serves one governed PostgreSQL connection.
+pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut client: Stream = Box::new(stream);
+    let opening = match startup::open_client(&ctx.postgres.client_tls, &mut client).await {
+        Ok(opening) => opening,
+        Err(why) => {
+            refuse_connection(&ctx, &governed, &mut client, "08P01", &why.to_string(), None).await;
+            return;
+        }
+    };
+    match opening {
+        Opening::Cancel { pid, secret } => cancel(&ctx, &governed, pid, secret).await,
+        Opening::Session(startup) => session(ctx, governed, client, startup).await,
+    }
+}
+
+/// Ends a connection before its session started: a FATAL error for the
+/// client, a record and a log line for the host.
+async fn refuse_connection(
+    ctx: &ProxyCtx,
+    governed: &Governed,
+    client: &mut Stream,
+    code: &str,
+    why: &str,
+    startup: Option<&Startup>,
+) {
+    tracing::warn!(session = %governed.session, destination = %governed.destination, %why, "PostgreSQL connection refused");
+    let _ = client.write_all(&wire::fatal(code, &format!("tollgate: {why}"))).await;
+    let _ = client.shutdown().await;
+    let mut record = ProxyRecord::new(RecordKind::Sql, governed, connection_fields(startup));
+    record.set("outcome", "refused");
+    record.set("error", why);
+    record.finish(&ctx.log, governed, RecordVerdict::DENY);
+}
+
+fn connection_fields(startup: Option<&Startup>) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("event".into(), "connect".into());
+    if let Some(startup) = startup {
+        fields.insert("user".into(), startup.user.clone().into());
+        fields.insert("database".into(), startup.database.clone().into());
+    }
+    fields
+}
+
+/// A cancel request: passed to the server behind the key, if the key is
+/// one this proxy gave to the same session.
+async fn cancel(ctx: &ProxyCtx, governed: &Governed, pid: i32, secret: i32) {
+    let target = ctx.postgres.cancels.lock().ok().and_then(|cancels| {
+        cancels
+            .get(&(pid, secret))
+            .filter(|target| target.session == governed.session)
+            .map(|target| (target.upstream, target.key))
+    });
+    let mut record = ProxyRecord::new(RecordKind::Sql, governed, Map::new());
+    record.set("event", "cancel");
+    match target {
+        Some((upstream, (pid, secret))) => {
+            if let Err(e) = startup::cancel(upstream, pid, secret).await {
+                record.set("error", e.to_string());
+            }
+            record.set("outcome", "forwarded");
+            record.finish(&ctx.log, governed, RecordVerdict::ALLOW);
+        }
+        None => {
+            record.set("outcome", "refused");
+            record.set("error", "no connection of this session has that cancel key");
+            record.finish(&ctx.log, governed, RecordVerdict::DENY);
+        }
+    }
+}
+
+/// Removes a connection's cancel key when it ends.
+struct CancelKey<'a> {
+    shared: &'a Shared,
+    key: (i32, i32),
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut cancels) = self.shared.cancels.lock() {
+            cancels.remove(&self.key);
+        }
+    }
+}
+
+async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, startup: Startup) {
+    let route = governed.route.route.clone();
+    let upstream = match startup::login(&ctx, &governed, &startup, Some(&mut client)).await {
+        Ok(upstream) => upstream,
+        Err(startup::LoginError::Server(message, body)) => {
+            tracing::warn!(session = %governed.session, %message, "the PostgreSQL server refused the proxy's login");
+            let _ = client.write_all(&wire::frame(b'E', &body)).await;
+            let mut record = ProxyRecord::new(RecordKind::Sql, &governed, connection_fields(Some(&startup)));
+            record.set("outcome", "error");
+            record.set("error", format!("the server refused the login: {message}"));
+            record.finish(&ctx.log, &governed, RecordVerdict::DENY);
+            return;
+        }
+        Err(startup::LoginError::Other(why)) => {
+            refuse_connection(&ctx, &governed, &mut client, "08006", &why, Some(&startup)).await;
+            return;
+        }
+    };
+    let startup::Upstream { stream: mut server, key, greeting, status, role } = upstream;
+
+    // Unqualified table names resolve through the search path: table rules
+    // need the connection's, and the proxy refuses statements that change it.
+    let table_rules = route.block.iter().chain(&route.approve).chain(&route.allow).any(|m| !m.table.is_empty());
+    let search_path = if table_rules {
+        match catalog::search_path(&mut server).await {
+            Ok(path) => SearchPath(Some(path)),
+            Err(why) => {
+                refuse_connection(&ctx, &governed, &mut client, "08006", &why, Some(&startup)).await;
+                return;
+            }
+        }
+    } else {
+        SearchPath::default()
+    };
+
+    let proxy_key = (rand::random::<i32>() & i32::MAX, rand::random::<i32>());
+    if let (Some(server_key), Ok(mut cancels)) = (key, ctx.postgres.cancels.lock()) {
+        cancels.insert(
+            proxy_key,
+            CancelTarget { session: governed.session.clone(), upstream: governed.destination, key: server_key },
+        );
+    }
+    let _cancel_key = CancelKey { shared: &ctx.postgres, key: proxy_key };
+
+    let mut hello = wire::authentication_ok();
+    for message in &greeting {
+        hello.extend_from_slice(&message.encode());
+    }
+    hello.extend_from_slice(&wire::backend_key(proxy_key.0, proxy_key.1));
+    hello.extend_from_slice(&wire::ready(status));
+    if client.write_all(&hello).await.is_err() {
+        return;
+    }
+    let mut opened = ProxyRecord::new(RecordKind::Sql, &governed, connection_fields(Some(&startup)));
+    opened.set("role", role);
+    opened.set("outcome", "connected");
+    opened.finish(&ctx.log, &governed, RecordVerdict::ALLOW);
+
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = tokio::io::split(server);
+    let (expect_tx, expect_rx) = mpsc::unbounded_channel();
+    let mut front = Front {
+        ctx: &ctx,
+        governed: &governed,
+        route: &route,
+        reader: BufReader::new(client_read),
+        server: server_write,
+        outgoing: Vec::new(),
+        expect: expect_tx,
+        search_path,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        sql_prepared: HashMap::new(),
+        described: None,
+    };
+    let mut back = Back {
+        ctx: &ctx,
+        governed: &governed,
+        route: &route,
+        reader: BufReader::new(server_read),
+        client: client_write,
+        outgoing: Vec::new(),
+        expect: expect_rx,
+        queue: VecDeque::new(),
+        plan: None,
+        catalog: catalog::Catalog::new(&startup),
+        skipping: false,
+    };
+    let mut backward = Box::pin(back.run());
+    let ended = tokio::select! {
+        ended = front.run() => Some(ended),
+        _ = &mut backward => None,
+    };
+    if let Some(ended) = &ended {
+        // The client is done (or broke the protocol): end the server's side
+        // and let the answers already on their way finish their records.
+        front.outgoing.extend_from_slice(&wire::frame(b'X', &[]));
+        let _ = front.flush().await;
+        let _ = front.server.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut backward).await;
+        drop(backward);
+        if let Err(why) = ended {
+            tracing::warn!(session = %governed.session, %why, "PostgreSQL client broke the protocol; connection closed");
+            back.outgoing.extend_from_slice(&wire::fatal("08P01", &format!("tollgate: {why}")));
+            let _ = back.flush().await;
+        }
+    } else {
+        drop(backward);
+    }
+    drop(front);
+    back.finish_all("the connection ended before the server answered");
+}
+
+/// A statement the client prepared (protocol level), as judged.
+struct Prepared {
+    sql: String,
+    analysis: Result<Arc<Analysis>, String>,
+}
+
+/// A bound portal.
+struct Portal {
+    statement: String,
+    parameters: Vec<String>,
+}
+
+/// What the server will answer to something sent upstream, in order.
+enum Expect {
+    /// `ParseComplete`, `BindComplete` or `CloseComplete`.
+    Done,
+    /// A statement's description: `ParameterDescription`, then `RowDescription` or `NoData`.
+    DescribeStatement(Option<Arc<Analysis>>),
+    /// A portal's description (`swallow`: the proxy asked, not the client).
+    DescribePortal { analysis: Option<Arc<Analysis>>, swallow: bool },
+    /// An execution: rows, then its completion.
+    Execute(Box<Running>),
+    /// A simple query: results until `ReadyForQuery`.
+    Query(Box<Running>),
+    /// `ReadyForQuery` after a Sync.
+    Sync,
+    /// The marker sent for a refused statement: its error is replaced.
+    Refused(Box<Refusal>),
+}
+
+/// A statement on its way, with its record.
+struct Running {
+    record: ProxyRecord,
+    analysis: Option<Arc<Analysis>>,
+    rows: u64,
+    masked: u64,
+    commands: Vec<String>,
+    error: Option<String>,
+    /// Set when its rows were withheld: the error the client gets instead.
+    withheld: Option<String>,
+}
+
+/// What the client is told instead of a refused statement.
+struct Refusal {
+    record: ProxyRecord,
+    code: &'static str,
+    message: String,
+    verdict: RecordVerdict,
+    outcome: &'static str,
+}
+
+impl Refusal {
+    fn finish(self, ctx: &ProxyCtx, governed: &Governed) {
+        let Self { mut record, code, message, verdict, outcome } = self;
+        tracing::warn!(session = %governed.session, destination = %governed.destination, code, %message, "statement refused");
+        record.set("outcome", outcome);
+        record.set("error", message);
+        record.finish(&ctx.log, governed, verdict);
+    }
+}
+
+impl Running {
+    fn new(record: ProxyRecord, analysis: Option<Arc<Analysis>>) -> Self {
+        Self { record, analysis, rows: 0, masked: 0, commands: Vec::new(), error: None, withheld: None }
+    }
+
+    /// Writes the record: forwarded (with the server's error, if it failed)
+    /// or withheld, or cut short by `ended`.
+    fn finish(self, ctx: &ProxyCtx, governed: &Governed, ended: Option<&str>) {
+        let Self { mut record, rows, masked, commands, error, withheld, .. } = self;
+        record.set("rows", rows);
+        if masked > 0 {
+            record.set("masked", masked);
+        }
+        if !commands.is_empty() {
+            let affected: u64 = commands.iter().filter_map(|c| c.rsplit(' ').next()?.parse::<u64>().ok()).sum();
+            record.set("affected", affected);
+            record.set("commands", commands);
+        }
+        let (outcome, verdict) = match (&withheld, &error, ended) {
+            (Some(why), _, _) => {
+                record.set("error", why.clone());
+                ("withheld", RecordVerdict::DENY)
+            }
+            (None, Some(error), _) => {
+                record.set("error", error.clone());
+                ("error", RecordVerdict::ALLOW)
+            }
+            (None, None, Some(ended)) => {
+                record.set("error", ended);
+                ("incomplete", RecordVerdict::ALLOW)
+            }
+            (None, None, None) => ("forwarded", RecordVerdict::ALLOW),
+        };
+        record.set("outcome", outcome);
+        record.finish(&ctx.log, governed, verdict);
+    }
+}
+
+impl Expect {
+    /// Writes the record an answer will never complete.
+    fn abandon(self, ctx: &ProxyCtx, governed: &Governed, why: &str) {
+        match self {
+            Self::Execute(running) | Self::Query(running) => running.finish(ctx, governed, Some(why)),
+            Self::Refused(refusal) => refusal.finish(ctx, governed),
+            _ => {}
+        }
+    }
+}
+
+/// The client-to-server side: reads each message, judges statements, and
+/// sends on what may go (or the marker in place of what may not).
+struct Front<'a> {
+    ctx: &'a ProxyCtx,
+    governed: &'a Governed,
+    route: &'a Route,
+    reader: BufReader<ReadHalf<Stream>>,
+    server: WriteHalf<Stream>,
+    /// Written upstream when the client has nothing more buffered.
+    outgoing: Vec<u8>,
+    expect: mpsc::UnboundedSender<Expect>,
+    search_path: SearchPath,
+    statements: HashMap<String, Prepared>,
+    portals: HashMap<String, Portal>,
+    /// SQL-level `PREPARE`d statements, so `EXECUTE` is judged by what it runs.
+    sql_prepared: HashMap<String, Arc<Analysis>>,
+    /// The portal the client's previous message described.
+    described: Option<String>,
+}
+
+impl Front<'_> {
+    /// Until the client ends; an error is a protocol violation, for the client.
+    async fn run(&mut self) -> Result<(), String> {
+        loop {
+            let message = match wire::read(&mut self.reader, wire::MAX_CLIENT_MESSAGE).await {
+                Ok(Some(message)) => message,
+                Ok(None) | Err(wire::ReadError::Io(_)) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            };
+            let described = self.described.take();
+            match message.tag {
+                b'Q' => self.query(&message).await.map_err(|e| e.to_string())?,
+                b'P' => self.parse(&message).map_err(|e| e.to_string())?,
+                b'B' => self.bind(&message).map_err(|e| e.to_string())?,
+                b'E' => self.execute(&message, described).await.map_err(|e| e.to_string())?,
+                b'D' => self.describe(&message).map_err(|e| e.to_string())?,
+                b'C' => self.close(&message).map_err(|e| e.to_string())?,
+                b'S' => self.send(Expect::Sync, &message.encode()),
+                // Flush, and the data of a COPY FROM STDIN the rules let start.
+                b'H' | b'd' | b'c' | b'f' => self.outgoing.extend_from_slice(&message.encode()),
+                b'X' => return Ok(()),
+                b'F' => {
+                    let record = self.record(None, None);
+                    let refusal = refused(
+                        record,
+                        REFUSED_CODE,
+                        "the fast-path function call names a function by number, which no rule can judge".to_owned(),
+                    );
+                    self.send(refusal, &wire::query(REFUSED_MARKER));
+                    self.send(Expect::Sync, &[]);
+                }
+                other => return Err(format!("unexpected message type '{}' from the client", char::from(other))),
+            }
+            if self.reader.buffer().is_empty() {
+                self.flush().await.map_err(|e| format!("the server connection failed: {e}"))?;
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.outgoing.is_empty() {
+            self.server.write_all(&self.outgoing).await?;
+            self.outgoing.clear();
+        }
+        self.server.flush().await
+    }
+
+    /// Queues what the server will answer to `bytes`, then `bytes`.
+    fn send(&mut self, expect: Expect, bytes: &[u8]) {
+        // The response side ends only with the connection; then nothing waits.
+        let _ = self.expect.send(expect);
+        self.outgoing.extend_from_slice(bytes);
+    }
+
+    /// Judges SQL text: parsed, with what `EXECUTE` runs, by the route's rules.
+    fn judge(&self, sql: &str) -> (Result<Arc<Analysis>, String>, Verdict) {
+        let mut analysis = match statement::analyze(sql) {
+            Ok(analysis) => analysis,
+            Err(e) => {
+                let verdict = Verdict::Refuse(format!("the statement does not parse: {e}"));
+                return (Err(e), verdict);
+            }
+        };
+        for name in analysis.executes.clone() {
+            match self.sql_prepared.get(&name) {
+                Some(prepared) => analysis.absorb(prepared),
+                None => {
+                    let why = format!("EXECUTE {name}: no statement of that name was prepared through the proxy");
+                    return (Ok(Arc::new(analysis)), Verdict::Refuse(why));
+                }
+            }
+        }
+        let verdict = statement::judge(self.route, &analysis, &self.search_path);
+        (Ok(Arc::new(analysis)), verdict)
+    }
+
+    /// Notes the SQL-level prepared statements a statement on its way creates and drops.
+    fn note_prepared(&mut self, analysis: &Arc<Analysis>) {
+        for name in &analysis.deallocates {
+            match name {
+                Some(name) => self.sql_prepared.remove(name),
+                None => {
+                    self.sql_prepared.clear();
+                    None
+                }
+            };
+        }
+        for name in &analysis.prepares {
+            self.sql_prepared.insert(name.clone(), analysis.clone());
+        }
+    }
+
+    fn record(&self, sql: Option<&str>, analysis: Option<&Analysis>) -> ProxyRecord {
+        let mut fields = Map::new();
+        fields.insert("event".into(), "statement".into());
+        if let Some(sql) = sql {
+            // Constants become $n: the record keeps what was asked, not the data in it.
+            fields.insert("sql".into(), statement::normalize(sql).into());
+        }
+        if let Some(analysis) = analysis {
+            fields.insert("statements".into(), json!(analysis.kinds));
+        }
+        ProxyRecord::new(RecordKind::Sql, self.governed, fields)
+    }
+
+    async fn query(&mut self, message: &Message) -> Result<(), wire::Malformed> {
+        let sql = Fields::new(&message.body).cstr("Query")?;
+        let (analysis, verdict) = self.judge(&sql);
+        let mut record = self.record(Some(&sql), analysis.as_deref().ok());
+        let analysis = match (analysis, verdict) {
+            (Err(_), Verdict::Refuse(why)) => {
+                self.refuse(record, "42601", why, b'Q');
+                return Ok(());
+            }
+            (_, Verdict::Refuse(rule)) => {
+                record.hit(&rule);
+                self.refuse(record, REFUSED_CODE, format!("statement refused by policy ({rule})"), b'Q');
+                return Ok(());
+            }
+            (Ok(analysis), Verdict::Hold(rule)) => {
+                record.hit(&rule);
+                let shown = mask_text(self.route, &sql).0;
+                if let Err(refusal) = self.approve(&mut record, &rule, &sql, Some(format!("sql: {shown}"))).await {
+                    let (code, message, verdict, outcome) = refusal;
+                    self.send_refusal(Refusal { record, code, message, verdict, outcome }, b'Q');
+                    return Ok(());
+                }
+                analysis
+            }
+            (Ok(analysis), _) => analysis,
+            (Err(_), _) => return Ok(()),
+        };
+        self.note_prepared(&analysis);
+        self.send(Expect::Query(Box::new(Running::new(record, Some(analysis)))), &message.encode());
+        Ok(())
+    }
+
+    /// Refuses a statement: the marker goes upstream in its place.
+    fn refuse(&mut self, record: ProxyRecord, code: &'static str, message: String, form: u8) {
+        let outcome = if code == REFUSED_CODE { "blocked" } else { "refused" };
+        let verdict = if code == REFUSED_CODE { RecordVerdict::Block } else { RecordVerdict::DENY };
+        self.send_refusal(Refusal { record, code, message, verdict, outcome }, form);
+    }
+
+    /// Sends the marker in the form of the refused message: a Query (then
+    /// the server's ReadyForQuery ends it) or a Parse.
+    fn send_refusal(&mut self, refusal: Refusal, form: u8) {
+        if form == b'Q' {
+            self.send(Expect::Refused(Box::new(refusal)), &wire::query(REFUSED_MARKER));
+            self.send(Expect::Sync, &[]);
+        } else {
+            // A name no client uses: the Parse fails, so it creates nothing.
+            self.send(Expect::Refused(Box::new(refusal)), &wire::parse("tollgate_refused", REFUSED_MARKER));
+        }
+    }
+
+    fn parse(&mut self, message: &Message) -> Result<(), wire::Malformed> {
+        let mut fields = Fields::new(&message.body);
+        let name = fields.cstr("Parse")?;
+        let sql = fields.cstr("Parse")?;
+        let (analysis, verdict) = self.judge(&sql);
+        match verdict {
+            Verdict::Refuse(why) => {
+                let mut record = self.record(Some(&sql), analysis.as_deref().ok());
+                let code = if analysis.is_err() { "42601" } else { REFUSED_CODE };
+                let message = if analysis.is_err() { why } else { format!("statement refused by policy ({why})") };
+                if code == REFUSED_CODE {
+                    record.hit(message.trim_start_matches("statement refused by policy (").trim_end_matches(')'));
+                }
+                self.statements.remove(&name);
+                let outcome = if code == REFUSED_CODE { "blocked" } else { "refused" };
+                let verdict = if code == REFUSED_CODE { RecordVerdict::Block } else { RecordVerdict::DENY };
+                // Under the client's own name, so the statement it replaces is gone as it would be.
+                let refusal = Refusal { record, code, message, verdict, outcome };
+                self.send(Expect::Refused(Box::new(refusal)), &wire::parse(&name, REFUSED_MARKER));
+            }
+            // Parsing runs nothing: a held statement waits at its Execute,
+            // where its parameters are known.
+            _ => {
+                self.statements.insert(name, Prepared { sql, analysis });
+                self.send(Expect::Done, &message.encode());
+            }
+        }
+        Ok(())
+    }
+
+    fn bind(&mut self, message: &Message) -> Result<(), wire::Malformed> {
+        let mut fields = Fields::new(&message.body);
+        let portal = fields.cstr("Bind")?;
+        let statement = fields.cstr("Bind")?;
+        let format_count = fields.i16("Bind")?.max(0) as usize;
+        let formats = (0..format_count).map(|_| fields.i16("Bind")).collect::<Result<Vec<_>, _>>()?;
+        let value_count = fields.i16("Bind")?.max(0) as usize;
+        let mut parameters = Vec::with_capacity(value_count);
+        for index in 0..value_count {
+            let format = match formats.len() {
+                0 => 0,
+                1 => formats[0],
+                _ => formats.get(index).copied().unwrap_or(0),
+            };
+            let shown = match fields.value("Bind")? {
+                None => "NULL".to_owned(),
+                Some(value) if format == 0 => mask_text(self.route, &String::from_utf8_lossy(&value)).0,
+                Some(value) => format!("\\x{}", value.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            };
+            parameters.push(shown);
+        }
+        self.portals.insert(portal, Portal { statement, parameters });
+        self.send(Expect::Done, &message.encode());
+        Ok(())
+    }
+
+    /// What a portal runs: its SQL and how it was judged.
+    fn portal_statement(&self, portal: &str) -> Option<(String, Arc<Analysis>, Vec<String>)> {
+        let bound = self.portals.get(portal)?;
+        if let Some(prepared) = self.statements.get(&bound.statement) {
+            let analysis = prepared.analysis.as_ref().ok()?.clone();
+            return Some((prepared.sql.clone(), analysis, bound.parameters.clone()));
+        }
+        // A statement prepared with SQL's PREPARE shares the protocol's names.
+        let analysis = self.sql_prepared.get(&bound.statement)?.clone();
+        Some((format!("EXECUTE {}", bound.statement), analysis, bound.parameters.clone()))
+    }
+
+    async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
+        let portal = Fields::new(&message.body).cstr("Execute")?;
+        let Some((sql, analysis, parameters)) = self.portal_statement(&portal) else {
+            // No such portal: the server says so itself.
+            let record = self.record(None, None);
+            self.send(Expect::Execute(Box::new(Running::new(record, None))), &message.encode());
+            return Ok(());
+        };
+        let mut record = self.record(Some(&sql), Some(&analysis));
+        if !parameters.is_empty() {
+            record.set("parameters", parameters.clone());
+        }
+        match statement::judge(self.route, &analysis, &self.search_path) {
+            Verdict::Refuse(rule) => {
+                record.hit(&rule);
+                self.refuse(record, REFUSED_CODE, format!("statement refused by policy ({rule})"), b'P');
+                return Ok(());
+            }
+            Verdict::Hold(rule) => {
+                record.hit(&rule);
+                let shown = format!("parameters: [{}]", parameters.join(", "));
+                if let Err((code, message, verdict, outcome)) =
+                    self.approve(&mut record, &rule, &sql, Some(shown)).await
+                {
+                    self.send_refusal(Refusal { record, code, message, verdict, outcome }, b'P');
+                    return Ok(());
+                }
+            }
+            Verdict::Pass => {}
+        }
+        // Masks need the result's columns: ask for them unless the client just did.
+        if !self.route.mask.is_empty() && described.as_deref() != Some(portal.as_str()) {
+            let expect = Expect::DescribePortal { analysis: Some(analysis.clone()), swallow: true };
+            self.send(expect, &wire::describe_portal(&portal));
+        }
+        self.note_prepared(&analysis);
+        self.send(Expect::Execute(Box::new(Running::new(record, Some(analysis)))), &message.encode());
+        Ok(())
+    }
+
+    fn describe(&mut self, message: &Message) -> Result<(), wire::Malformed> {
+        let mut fields = Fields::new(&message.body);
+        let what = fields.u8("Describe")?;
+        let name = fields.cstr("Describe")?;
+        let expect = if what == b'S' {
+            let analysis = self.statements.get(&name).and_then(|p| p.analysis.as_ref().ok().cloned());
+            Expect::DescribeStatement(analysis)
+        } else {
+            let analysis = self.portal_statement(&name).map(|(_, analysis, _)| analysis);
+            self.described = Some(name);
+            Expect::DescribePortal { analysis, swallow: false }
+        };
+        self.send(expect, &message.encode());
+        Ok(())
+    }
+
+    fn close(&mut self, message: &Message) -> Result<(), wire::Malformed> {
+        let mut fields = Fields::new(&message.body);
+        let what = fields.u8("Close")?;
+        let name = fields.cstr("Close")?;
+        if what == b'S' {
+            self.statements.remove(&name);
+        } else {
+            self.portals.remove(&name);
+        }
+        self.send(Expect::Done, &message.encode());
+        Ok(())
+    }
+
+    /// Holds a statement for a reviewer (unless a JIT window covers it).
+    /// On refusal: the SQLSTATE, message, verdict and outcome.
+    async fn approve(
+        &mut self,
+        record: &mut ProxyRecord,
+        rule: &str,
+        sql: &str,
+        shown: Option<String>,
+    ) -> Result<(), (&'static str, String, RecordVerdict, &'static str)> {
+        // What the client sent before this reaches the server while it waits.
+        let _ = self.flush().await;
+        let governed = self.governed;
+        let request = approval::Request {
+            session: governed.session.clone(),
+            uid: governed.uid,
+            identity: governed.identity.clone(),
+            subject: governed.subject.clone(),
+            grant: governed.route.grant.clone(),
+            chain: governed.chain.clone(),
+            uids: governed.uids.clone(),
+            rule: rule.to_owned(),
+            destination: governed.destination.to_string(),
+            method: "SQL".to_owned(),
+            path: statement::normalize(sql),
+            body_start: shown,
+            upgrade: None,
+        };
+        match self.ctx.reviews.ask(request).await {
+            Answer::Window => {
+                record.set("approval", "jit-window");
+                Ok(())
+            }
+            Answer::Approved { id, by, window } => {
+                record.set("approval_id", id);
+                record.set("approved_by", by);
+                if let Some(window) = window {
+                    record.set("jit_window_secs", window.as_secs());
+                }
+                Ok(())
+            }
+            Answer::Denied { id, by, reason } => {
+                record.set("approval_id", id.clone());
+                record.set("denied_by", by.clone());
+                let why = reason.map_or(String::new(), |r| format!(": {r}"));
+                Err((
+                    REFUSED_CODE,
+                    format!("statement denied by {by} (approval {id}){why}"),
+                    RecordVerdict::DENY,
+                    "denied",
+                ))
+            }
+            Answer::TimedOut { id, timeout } => {
+                record.set("approval_id", id.clone());
+                record.set("denied_by", "timeout");
+                let message = format!("nobody approved the statement within {}s (approval {id})", timeout.as_secs());
+                Err((REFUSED_CODE, message, RecordVerdict::DENY, "denied"))
+            }
+            Answer::TooMany => Err((
+                REFUSED_CODE,
+                format!(
+                    "too many statements of this session wait for approval (at most {})",
+                    approval::MAX_HELD_PER_SESSION
+                ),
+                RecordVerdict::DENY,
+                "denied",
+            )),
+        }
+    }
+}
+
+fn refused(record: ProxyRecord, code: &'static str, message: String) -> Expect {
+    Expect::Refused(Box::new(Refusal { record, code, message, verdict: RecordVerdict::Block, outcome: "blocked" }))
+}
+
+/// Applies the route's regex masks to text; returns it and how many matched.
+fn mask_text(route: &Route, text: &str) -> (String, u64) {
+    let mut current = std::borrow::Cow::Borrowed(text);
+    let mut count = 0;
+    for mask in &route.mask {
+        if let Mask::Regex { regex, replace } = mask {
+            let found = regex.0.find_iter(&current).count();
+            if found > 0 {
+                count += found as u64;
+                current = regex.0.replace_all(&current, replace.as_str()).into_owned().into();
+            }
+        }
+    }
+    (current.into_owned(), count)
+}
+
+/// Type OIDs whose binary form is their text (so a mask can rewrite it).
+const TEXTUAL_TYPES: &[i32] = &[25, 1043, 1042, 19, 18, 114, 142, 705, 3802];
+const JSON: i32 = 114;
+const JSONB: i32 = 3802;
+
+/// What the masks do to each column of a result.
+struct Plan {
+    columns: Vec<Column>,
+}
+
+struct Column {
+    name: String,
+    /// Replaced whole with these bytes.
+    replace: Option<Vec<u8>>,
+    /// A masked column in a binary form the proxy cannot rewrite.
+    refuse: bool,
+    /// Regex masks apply (text format, or a textual binary form).
+    textual: bool,
+    /// jsonb's binary form: a version byte before the text.
+    jsonb_binary: bool,
+}
+
+impl Plan {
+    /// Masks one row; `None` when nothing changed.
+    fn mask(&self, route: &Route, body: &Bytes) -> Option<(Vec<u8>, u64)> {
+        let mut fields = Fields::new(body);
+        let count = fields.i16("DataRow").ok()?.max(0) as usize;
+        let mut values = Vec::with_capacity(count);
+        let mut masked = 0;
+        for index in 0..count {
+            let value = fields.value("DataRow").ok()?;
+            let column = self.columns.get(index);
+            let value = match (value, column) {
+                (Some(_), Some(Column { replace: Some(with), .. })) => {
+                    masked += 1;
+                    Some(with.clone())
+                }
+                (Some(value), Some(column)) if column.textual => {
+                    let (head, text) = if column.jsonb_binary && !value.is_empty() {
+                        (&value[..1], &value[1..])
+                    } else {
+                        (&value[..0], &value[..])
+                    };
+                    let (replaced, found) = mask_text(route, &String::from_utf8_lossy(text));
+                    if found > 0 {
+                        masked += found;
+                        let mut out = head.to_vec();
+                        out.extend_from_slice(replaced.as_bytes());
+                        Some(out)
+                    } else {
+                        Some(value.to_vec())
+                    }
+                }
+                (value, _) => value.map(|v| v.to_vec()),
+            };
+            values.push(value);
+        }
+        (masked > 0).then(|| (wire::data_row(&values), masked))
+    }
+
+    fn refused_column(&self) -> Option<&str> {
+        self.columns.iter().find(|c| c.refuse).map(|c| c.name.as_str())
+    }
+}
+
+/// The server-to-client side: masks rows, turns the marker's errors into
+/// refusals, and writes each statement's record when its answer is complete.
+struct Back<'a> {
+    ctx: &'a ProxyCtx,
+    governed: &'a Governed,
+    route: &'a Route,
+    reader: BufReader<ReadHalf<Stream>>,
+    client: WriteHalf<Stream>,
+    outgoing: Vec<u8>,
+    expect: mpsc::UnboundedReceiver<Expect>,
+    queue: VecDeque<Expect>,
+    plan: Option<Plan>,
+    catalog: catalog::Catalog,
+    /// After an error in an extended-protocol batch the server skips to Sync.
+    skipping: bool,
+}
+
+impl Back<'_> {
+    async fn run(&mut self) {
+        loop {
+            let message = match wire::read(&mut self.reader, wire::MAX_SERVER_MESSAGE).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(session = %self.governed.session, error = %e, "the PostgreSQL server connection failed");
+                    return;
+                }
+            };
+            while let Ok(expect) = self.expect.try_recv() {
+                self.queue.push_back(expect);
+            }
+            self.handle(message).await;
+            if self.reader.buffer().is_empty() && self.flush().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.outgoing.is_empty() {
+            self.client.write_all(&self.outgoing).await?;
+            self.outgoing.clear();
+        }
+        self.client.flush().await
+    }
+
+    fn pass(&mut self, message: &Message) {
+        self.outgoing.extend_from_slice(&message.encode());
+    }
+
+    fn running(&mut self) -> Option<&mut Running> {
+        match self.queue.front_mut() {
+            Some(Expect::Execute(running) | Expect::Query(running)) => Some(running),
+            _ => None,
+        }
+    }
+
+    async fn handle(&mut self, message: Message) {
+        let (ctx, governed) = (self.ctx, self.governed);
+        match message.tag {
+            b'1' | b'2' | b'3' => {
+                if matches!(self.queue.front(), Some(Expect::Done)) {
+                    self.queue.pop_front();
+                }
+                self.pass(&message);
+            }
+            b'T' => {
+                let (analysis, swallow) = match self.queue.front() {
+                    Some(Expect::DescribeStatement(analysis)) => (analysis.clone(), false),
+                    Some(Expect::DescribePortal { analysis, swallow }) => (analysis.clone(), *swallow),
+                    Some(Expect::Query(running)) => (running.analysis.clone(), false),
+                    _ => (None, false),
+                };
+                if matches!(self.queue.front(), Some(Expect::DescribeStatement(_) | Expect::DescribePortal { .. })) {
+                    self.queue.pop_front();
+                }
+                self.plan = self.plan(&message.body, analysis.as_deref()).await;
+                if !swallow {
+                    self.pass(&message);
+                }
+            }
+            b'n' => {
+                let swallow = matches!(self.queue.front(), Some(Expect::DescribePortal { swallow: true, .. }));
+                if matches!(self.queue.front(), Some(Expect::DescribeStatement(_) | Expect::DescribePortal { .. })) {
+                    self.queue.pop_front();
+                }
+                self.plan = None;
+                if !swallow {
+                    self.pass(&message);
+                }
+            }
+            b'D' => {
+                let refused = self.plan.as_ref().and_then(Plan::refused_column).map(str::to_owned);
+                let masked = match (&self.plan, &refused) {
+                    (Some(plan), None) => plan.mask(self.route, &message.body),
+                    _ => None,
+                };
+                let withheld = refused.map(|column| {
+                    format!("column \"{column}\" is masked, and its binary form is one the proxy cannot rewrite; ask for it as text")
+                });
+                let mut pass = true;
+                if let Some(running) = self.running() {
+                    running.rows += 1;
+                    if let Some((_, count)) = &masked {
+                        running.masked += count;
+                    }
+                    if withheld.is_some() {
+                        running.withheld = withheld.clone();
+                        pass = false;
+                    }
+                } else if withheld.is_some() {
+                    pass = false;
+                }
+                match masked {
+                    _ if !pass => {}
+                    Some((body, _)) => self.outgoing.extend_from_slice(&wire::frame(b'D', &body)),
+                    None => self.pass(&message),
+                }
+            }
+            b'C' | b'I' | b's' => {
+                let command =
+                    String::from_utf8_lossy(message.body.strip_suffix(b"\0").unwrap_or(&message.body)).into_owned();
+                let withheld = self.running().and_then(|r| r.withheld.clone());
+                match withheld {
+                    Some(why) => {
+                        self.outgoing.extend_from_slice(&wire::error(REFUSED_CODE, &format!("tollgate: {why}"), None))
+                    }
+                    None => self.pass(&message),
+                }
+                if let Some(running) = self.running()
+                    && message.tag == b'C'
+                {
+                    running.commands.push(command);
+                }
+                if matches!(self.queue.front(), Some(Expect::Execute(_)))
+                    && let Some(Expect::Execute(running)) = self.queue.pop_front()
+                {
+                    running.finish(ctx, governed, None);
+                }
+                // The next result of a simple query starts afresh.
+                if let Some(Expect::Query(running)) = self.queue.front_mut()
+                    && let Some(why) = running.withheld.take()
+                {
+                    running.error.get_or_insert(why);
+                }
+            }
+            b'E' => self.error(message),
+            b'Z' => {
+                match self.queue.pop_front() {
+                    Some(Expect::Query(running)) => running.finish(ctx, governed, None),
+                    Some(Expect::Sync) | None => {}
+                    Some(other) => other.abandon(ctx, governed, "the server ended the batch before answering"),
+                }
+                self.skipping = false;
+                self.plan = None;
+                self.pass(&message);
+            }
+            b'N' => {
+                let masked = self.masked_fields(&message);
+                self.outgoing.extend_from_slice(&wire::frame(b'N', &masked));
+            }
+            _ => self.pass(&message),
+        }
+    }
+
+    /// An error or notice with the regex masks applied to its texts (a
+    /// duplicate-key error quotes the row's values).
+    fn masked_fields(&self, message: &Message) -> Vec<u8> {
+        let fields: Vec<(u8, String)> = wire::error_fields(&message.body)
+            .into_iter()
+            .map(|(code, text)| if code == b'C' { (code, text) } else { (code, mask_text(self.route, &text).0) })
+            .collect();
+        wire::error_body(&fields)
+    }
+
+    fn error(&mut self, message: Message) {
+        let (ctx, governed) = (self.ctx, self.governed);
+        let fields = wire::error_fields(&message.body);
+        let text = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|(_, t)| t.clone()).unwrap_or_default();
+        let summary = format!("{}: {}", text(b'C'), mask_text(self.route, &text(b'M')).0);
+        let masked = self.masked_fields(&message);
+        match self.queue.pop_front() {
+            Some(Expect::Refused(refusal)) => {
+                self.outgoing.extend_from_slice(&wire::error(
+                    refusal.code,
+                    &format!("tollgate: {}", refusal.message),
+                    None,
+                ));
+                refusal.finish(ctx, governed);
+            }
+            Some(Expect::Query(mut running)) => {
+                // A simple query goes on to its ReadyForQuery.
+                running.error = Some(summary);
+                self.queue.push_front(Expect::Query(running));
+                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
+                return;
+            }
+            Some(Expect::Execute(mut running)) => {
+                running.error = Some(summary);
+                running.finish(ctx, governed, None);
+                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
+            }
+            Some(Expect::Sync) => {
+                // An error outside any statement (a FATAL before the server closes).
+                self.queue.push_front(Expect::Sync);
+                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
+                return;
+            }
+            _ => self.outgoing.extend_from_slice(&wire::frame(b'E', &masked)),
+        }
+        // The server skips the rest of the batch: nothing after this answers until Sync.
+        self.skipping = true;
+        while let Some(next) = self.queue.front() {
+            if matches!(next, Expect::Sync) {
+                break;
+            }
+            if let Some(skipped) = self.queue.pop_front() {
+                skipped.abandon(ctx, governed, "skipped: an earlier message of the batch failed");
+            }
+        }
+    }
+
+    /// The masking plan for a result's columns (`RowDescription`).
+    async fn plan(&mut self, body: &Bytes, analysis: Option<&Analysis>) -> Option<Plan> {
+        let route = self.route;
+        if route.mask.is_empty() {
+            return None;
+        }
+        let column_masks = route.mask.iter().any(|m| matches!(m, Mask::Column { .. }));
+        // A computed column may carry a masked one; unknown statement: assume it does.
+        let computed = match analysis {
+            Some(analysis) => statement::computed_may_carry_masked(route, analysis),
+            None => route.mask.iter().find_map(|m| match m {
+                Mask::Column { replace, .. } => Some(replace.clone()),
+                _ => None,
+            }),
+        };
+        let mut fields = Fields::new(body);
+        let count = fields.i16("RowDescription").ok()?.max(0) as usize;
+        let mut columns = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name = fields.cstr("RowDescription").ok()?;
+            let table = fields.i32("RowDescription").ok()? as u32;
+            let attribute = fields.i16("RowDescription").ok()?;
+            let type_oid = fields.i32("RowDescription").ok()?;
+            let _size = fields.i16("RowDescription").ok()?;
+            let _modifier = fields.i32("RowDescription").ok()?;
+            let format = fields.i16("RowDescription").ok()?;
+            let direct = table != 0 && attribute > 0;
+            let replace = if direct && column_masks {
+                match self.catalog.column(self.ctx, self.governed, table, attribute).await {
+                    Ok(source) => statement::column_masked(route, &name, source.as_deref()).map(str::to_owned),
+                    Err(why) => {
+                        // Which table column it is cannot be known: mask it (fail closed).
+                        tracing::warn!(%why, column = %name, "cannot look up a result column's table column; masking it");
+                        route.mask.iter().find_map(|m| match m {
+                            Mask::Column { replace, .. } => Some(replace.clone()),
+                            _ => None,
+                        })
+                    }
+                }
+            } else if direct {
+                None
+            } else {
+                statement::column_masked(route, &name, None).map(str::to_owned).or_else(|| computed.clone())
+            };
+            let textual = format == 0 || TEXTUAL_TYPES.contains(&type_oid);
+            let jsonb_binary = format == 1 && type_oid == JSONB;
+            let (replace, refuse) = match replace {
+                Some(_) if !textual => (None, true),
+                Some(with) => {
+                    let mut bytes = if jsonb_binary { vec![1] } else { Vec::new() };
+                    if type_oid == JSON || type_oid == JSONB {
+                        bytes.extend_from_slice(Value::String(with).to_string().as_bytes());
+                    } else {
+                        bytes.extend_from_slice(with.as_bytes());
+                    }
+                    (Some(bytes), false)
+                }
+                None => (None, false),
+            };
+            columns.push(Column { name, replace, refuse, textual, jsonb_binary });
+        }
+        Some(Plan { columns })
+    }
+
+    /// Writes the records of everything still waiting for an answer.
+    fn finish_all(&mut self, why: &str) {
+        while let Ok(expect) = self.expect.try_recv() {
+            self.queue.push_back(expect);
+        }
+        while let Some(expect) = self.queue.pop_front() {
+            expect.abandon(self.ctx, self.governed, why);
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! PostgreSQL routes: a real server (Debian's, on loopback), real clients (psql, pgbench, and
+//! tokio-postgres on the extended protocol) inside sessions. Each test checks what the server
+//! holds and logged, not only what the client printed.
+
+use std::path::PathBuf;
+use std::thread;
+
+use serde_json::Value;
+
+use harness::postgres::{Database, Postgres, server};
+use harness::proxy::{BUILD_BOTS, LONG_APPROVAL_TIMEOUT, REVIEWERS, Secret, approval_id, policy, wait_for_approvals};
+use harness::session_log::{events_of_kind, pretty};
+use harness::{Daemon, RunOutput};
+
+/// The route of the issue that asked for PostgreSQL governance, with masks for the test tables.
+const DOCUMENTED_RULES: &str = r#"          block:
+            - { statement: [drop, truncate, alter, grant, revoke] }
+            - { statement: [delete, update], without_where: true }
+            - { table: "audit.*" }
+            - { function: [pg_read_file, lo_import, dblink] }
+          approve:
+            - { statement: [delete, update, insert] }
+          mask:
+            - { column: "email|phone|score" }
+            - { regex: "\\b\\d{4}-\\d{4}-\\d{4}-\\d{4}\\b", replace: "****" }
+"#;
+
+/// Tables of every test database, created by the superuser outside any session.
+const TABLES: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text); \
+    INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum'); \
+    CREATE SCHEMA audit; CREATE TABLE audit.log (id int, what text); INSERT INTO audit.log VALUES (1, 'created'); \
+    CREATE TABLE users (id int, email text, phone text, note text, score int); \
+    INSERT INTO users VALUES (1, 'ann@example.com', '555-0100', 'card 4111-1111-1111-1111', 7);";
+
+struct Pg {
+    daemon: Daemon,
+    _secret: Secret,
+    db: Database,
+    token: PathBuf,
+    pg: &'static Postgres,
+}
+
+impl Pg {
+    /// A database with the test tables, a daemon whose route to the server (both loopbacks)
+    /// has `rules` and logs in as the database's role (`role_prefix`), and a token.
+    fn start(rules: &str, role_prefix: &str, config: &[&str]) -> Pg {
+        let pg = server();
+        let secret = Secret::private();
+        let db = pg.database(role_prefix, &secret.value);
+        pg.sql(&db.name, TABLES);
+        pg.sql(
+            &db.name,
+            &format!(
+                "GRANT USAGE ON SCHEMA audit TO {role}; GRANT ALL ON ALL TABLES IN SCHEMA public, audit TO {role}",
+                role = db.role
+            ),
+        );
+        let mut routes = String::new();
+        for to in [format!("127.0.0.1/32:{}", pg.port), format!("[::1]/128:{}", pg.port)] {
+            routes.push_str(&format!(
+                "        - to: \"{to}\"\n          protocol: postgres\n          credential: {{ user: {}, password_file: {} }}\n{rules}",
+                db.role,
+                secret.path.display()
+            ));
+        }
+        let mut builder = Daemon::builder().policy(&policy(&routes, ""));
+        for line in config {
+            builder = builder.config_line(line);
+        }
+        let daemon = builder.start();
+        let token = daemon.mint("db-bot", BUILD_BOTS);
+        Pg { daemon, _secret: secret, db, token, pg }
+    }
+
+    fn conninfo(&self, host: &str, extra: &str) -> String {
+        format!("host={host} port={} dbname={} user=whoever {extra}", self.pg.port, self.db.name)
+    }
+
+    /// psql in a session, each statement its own Query, going on after errors, SQLSTATEs shown.
+    fn psql_on(&self, conninfo: &str, statements: &[&str]) -> RunOutput {
+        let mut argv: Vec<String> = vec![
+            self.pg.binary("psql").to_string_lossy().into_owned(),
+            conninfo.to_owned(),
+            "-X".into(),
+            "-A".into(),
+            "-t".into(),
+            "-v".into(),
+            "VERBOSITY=verbose".into(),
+        ];
+        for statement in statements {
+            argv.push("-c".into());
+            argv.push((*statement).to_owned());
+        }
+        self.daemon.run(&self.token, &argv)
+    }
+
+    fn psql(&self, statements: &[&str]) -> RunOutput {
+        self.psql_on(&self.conninfo("127.0.0.1", "sslmode=disable"), statements)
+    }
+
+    /// tokio-postgres in a session: one JSON line per statement.
+    fn extended(&self, args: &[&str]) -> (RunOutput, Vec<Value>) {
+        let mut argv = vec![env!("CARGO_BIN_EXE_pg-client").to_owned(), self.conninfo("127.0.0.1", "")];
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        let out = self.daemon.run(&self.token, &argv);
+        let lines = out.stdout.lines().map(|l| serde_json::from_str(l).unwrap_or(Value::Null)).collect();
+        (out, lines)
+    }
+
+    /// What the server holds, asked outside any session.
+    fn outside(&self, sql: &str) -> String {
+        self.pg.sql(&self.db.name, sql)
+    }
+
+    /// The sql records of the latest session, once `count` statements are recorded.
+    fn statements(&self, count: usize) -> (Value, Vec<Value>) {
+        let id = self.daemon.last_session_id();
+        let show = self.daemon.show_until(&id, "the statements' records", |show| {
+            events_of_kind(show, "sql").iter().filter(|e| e["event"] == "statement").count() >= count
+        });
+        let events = events_of_kind(&show, "sql").into_iter().filter(|e| e["event"] == "statement").cloned().collect();
+        (show, events)
+    }
+}
+
+fn count_of(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+#[test]
+fn guardrails_refuse_with_42501_and_nothing_of_a_refused_statement_reaches_the_server() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let refused = [
+        "DROP TABLE orders",
+        "DELETE FROM orders",
+        "DELETE FROM orders WHERE true",
+        "SELECT * FROM audit.log",
+        "SELECT ARRAY[pg_read_file('/etc/hostname')]",
+        "SELECT 1; DROP TABLE orders",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+        "EXPLAIN ANALYZE DELETE FROM orders",
+        "DO $$ BEGIN DELETE FROM orders; END $$",
+        "SET search_path = audit, public",
+    ];
+    let mut statements = vec!["SELECT item FROM orders ORDER BY id"];
+    statements.extend(refused);
+    statements.extend(["SELEC 1", "SELECT count(*) FROM orders"]);
+    let log_start = fx.pg.log_len();
+    let out = fx.psql(&statements);
+    assert!(out.stdout.starts_with("apple\npear\nplum\n"), "reads pass:\n{out}");
+    assert!(out.stdout.trim_end().ends_with('3'), "the connection serves after every refusal:\n{out}");
+    assert_eq!(count_of(&out.stderr, "ERROR:  42501: tollgate: "), refused.len(), "{out}");
+    assert!(out.stderr.contains("block[0]: statement drop|truncate|alter|grant|revoke"), "{out}");
+    assert!(out.stderr.contains("ERROR:  42601: tollgate: the statement does not parse"), "{out}");
+
+    // The server holds what it held, and never saw a refused statement's text.
+    assert_eq!(fx.outside("SELECT count(*) FROM orders"), "3");
+    assert_eq!(fx.outside("SELECT what FROM audit.log"), "created");
+    // The server is shared: only the lines of this test's role.
+    let log: String = fx
+        .pg
+        .log_since(log_start)
+        .lines()
+        .filter(|line| line.contains(&format!("user={} ", fx.db.role)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    for text in ["DROP TABLE orders", "pg_read_file", "audit.log", "DELETE FROM orders", "SELEC 1"] {
+        assert!(!log.contains(text), "the server saw '{text}':\n{log}");
+    }
+    assert!(log.contains(&format!("connection authorized: user={}", fx.db.role)), "the route's role logs in:\n{log}");
+
+    let (show, events) = fx.statements(statements.len());
+    let blocked: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "blocked").collect();
+    assert_eq!(blocked.len(), refused.len(), "{}", pretty(&show));
+    assert!(blocked.iter().all(|e| e["verdict"] == "block"), "{}", pretty(&show));
+    let drop = events.iter().find(|e| e["sql"] == "DROP TABLE orders").expect("the DROP's record");
+    assert!(drop["rules"][0].as_str().is_some_and(|r| r.starts_with("block[0]")), "{}", pretty(drop));
+    let read = events.iter().find(|e| e["sql"] == "SELECT item FROM orders ORDER BY id").expect("the read's record");
+    assert_eq!((read["outcome"].as_str(), read["rows"].as_u64()), (Some("forwarded"), Some(3)), "{}", pretty(read));
+}
+
+#[test]
+fn a_refusal_inside_a_transaction_aborts_it_as_any_error_would() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let out = fx.psql(&["BEGIN", "SELECT 1", "DROP TABLE orders", "SELECT 2", "COMMIT", "SELECT count(*) FROM orders"]);
+    assert!(out.stderr.contains("ERROR:  42501: tollgate: statement refused by policy"), "{out}");
+    assert!(out.stderr.contains("ERROR:  25P02"), "the server knows the transaction failed:\n{out}");
+    assert!(out.stdout.contains("ROLLBACK"), "COMMIT of a failed transaction rolls back:\n{out}");
+    assert!(out.stdout.trim_end().ends_with('3'), "{out}");
+    assert_eq!(fx.outside("SELECT count(*) FROM orders"), "3");
+}
+
+#[test]
+fn the_other_address_family_and_tls_from_the_client_are_governed_alike() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let out = fx.psql_on(&fx.conninfo("::1", "sslmode=require"), &["SELECT current_user", "DROP TABLE orders"]);
+    assert_eq!(out.stdout.trim(), fx.db.role, "the route's role, over TLS to the proxy:\n{out}");
+    assert!(out.stderr.contains("ERROR:  42501"), "{out}");
+    assert_eq!(fx.outside("SELECT count(*) FROM orders"), "3");
+}
+
+#[test]
+fn the_credential_logs_in_with_scram_or_md5_and_the_session_never_holds_it() {
+    for prefix in ["agent", "md5_agent"] {
+        let fx = Pg::start("", prefix, &[]);
+        let out = fx.psql(&["SELECT current_user, session_user"]);
+        assert_eq!(out.stdout.trim(), format!("{role}|{role}", role = fx.db.role), "{out}");
+        assert!(!out.stdout.contains(&fx._secret.value) && !out.stderr.contains(&fx._secret.value), "{out}");
+        let log = fx.pg.log_text();
+        assert!(log.contains(&format!("connection authorized: user={}", fx.db.role)), "{log}");
+    }
+}
+
+#[test]
+fn the_extended_protocol_is_judged_at_parse_and_its_binary_results_masked() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let (out, lines) = fx.extended(&[
+        "SELECT id, email, phone, note FROM users",
+        "SELECT email AS e FROM users",
+        "SELECT lower(email) FROM users",
+        "SELECT row_to_json(u) FROM users u",
+        "SELECT score FROM users",
+        "DROP TABLE users",
+        "SELECT * FROM audit.log",
+        "SELECT count(*) FROM users",
+    ]);
+    let context = format!("{out}");
+    assert_eq!(lines.len(), 8, "{context}");
+    assert_eq!(lines[0]["rows"][0], serde_json::json!(["1", "****", "****", "card ****"]), "{context}");
+    assert_eq!(lines[1]["rows"][0][0], "****", "an alias reads the same column: {context}");
+    assert_eq!(lines[2]["rows"][0][0], "****", "a computed value of it: {context}");
+    assert_eq!(lines[3]["rows"][0][0], "\"****\"", "a whole row folded into JSON: {context}");
+    assert_eq!(lines[4]["error"]["code"], "42501", "a masked int in binary is refused: {context}");
+    assert_eq!(lines[5]["error"]["code"], "42501", "{context}");
+    assert_eq!(lines[6]["error"]["code"], "42501", "{context}");
+    assert_eq!(lines[7]["rows"][0][0], "1", "the connection still serves: {context}");
+    assert_eq!(fx.outside("SELECT email FROM users"), "ann@example.com", "masking changes what the client sees only");
+
+    let (show, events) = fx.statements(8);
+    let masked: u64 = events.iter().filter_map(|e| e["masked"].as_u64()).sum();
+    assert!(masked >= 6, "masked values are counted:\n{}", pretty(&show));
+}
+
+#[test]
+fn held_statements_wait_for_a_reviewer_who_approves_denies_or_lets_them_time_out() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, LONG_APPROVAL_TIMEOUT]);
+    for (id, decision) in [(1, "approve"), (2, "deny")] {
+        let statement = format!("DELETE FROM orders WHERE id = {id}");
+        let before = fx.outside("SELECT count(*) FROM orders");
+        thread::scope(|scope| {
+            let held = scope.spawn(|| fx.psql(&[statement.as_str()]));
+            let pending = wait_for_approvals(&fx.daemon, 1);
+            assert_eq!(pending[0]["method"], "SQL", "{}", pretty(&pending[0]));
+            assert_eq!(pending[0]["path"], "DELETE FROM orders WHERE id = $1", "{}", pretty(&pending[0]));
+            assert!(
+                pending[0]["body_start"].as_str().is_some_and(|b| b.contains(&statement)),
+                "{}",
+                pretty(&pending[0])
+            );
+            assert_eq!(fx.outside("SELECT count(*) FROM orders"), before, "nothing runs while it is held");
+            let answer = fx.daemon.tollgate(&[decision, approval_id(&pending[0]).as_str()]);
+            assert!(answer.success(), "{answer}");
+            let out = held.join().expect("the held client");
+            match decision {
+                "approve" => assert!(out.stdout.contains("DELETE 1"), "{out}"),
+                _ => assert!(out.stderr.contains("ERROR:  42501: tollgate: statement denied by"), "{out}"),
+            }
+        });
+    }
+    assert_eq!(fx.outside("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders"), "2,3");
+}
+
+#[test]
+fn a_held_statement_nobody_decides_is_refused_when_its_time_is_up() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    let out = fx.psql(&["UPDATE orders SET item = 'x' WHERE id = 1", "SELECT item FROM orders WHERE id = 1"]);
+    assert!(out.stderr.contains("nobody approved the statement within 2s"), "{out}");
+    assert_eq!(out.stdout.trim(), "apple", "{out}");
+    assert_eq!(fx.outside("SELECT item FROM orders WHERE id = 1"), "apple");
+}
+
+/// Sends `packets` (hex) on a new connection and prints what came back, for a session to run.
+const RAW_CLIENT: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+for packet in sys.argv[2:]:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(bytes.fromhex(packet))
+    s.settimeout(10)
+    got = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except socket.timeout:
+        pass
+    print(repr(got))
+"#;
+
+#[test]
+fn malformed_startups_and_messages_get_an_error_and_the_proxy_keeps_serving() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let startup = |params: &str| {
+        let mut body = vec![0, 3, 0, 0];
+        for part in params.split(' ') {
+            body.extend_from_slice(part.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend(body);
+        packet.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let packets = [
+        "0000000800090000".to_owned(), // protocol 9.0
+        "7fffffff00030000".to_owned(), // a 2 GB startup
+        startup("user"),               // no value for user
+        startup(&format!("user x database {} options -csearch_path=audit", fx.db.name)), // settings outside SQL
+        format!("{}{}", startup(&format!("user x database {}", fx.db.name)), "5100000002"), // a Query of length 2
+    ];
+    let mut argv = vec!["python3".to_owned(), "-c".into(), RAW_CLIENT.into(), fx.pg.port.to_string()];
+    argv.extend(packets);
+    let out = fx.daemon.run(&fx.token, &argv);
+    let answers: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(answers.len(), 5, "{out}");
+    assert!(answers[0].contains("unsupported frontend protocol 9.0"), "{out}");
+    assert!(answers[1].contains("SFATAL"), "{out}");
+    assert!(answers[2].contains("SFATAL"), "{out}");
+    assert!(answers[3].contains("startup parameter 'options'"), "{out}");
+    assert!(answers[4].contains("08P01"), "a message shorter than its length field: {out}");
+    let after = fx.psql(&["SELECT count(*) FROM orders"]);
+    assert_eq!(after.stdout.trim(), "3", "the proxy still serves:\n{after}");
+}
+
+#[test]
+fn pgbench_runs_through_the_proxy_with_every_statement_recorded() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let pgbench = fx.pg.binary("pgbench").to_string_lossy().into_owned();
+    let init = std::process::Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", "-h"])
+        .arg(fx.pg.socket_dir())
+        .args(["-p", &fx.pg.port.to_string(), "-U", "postgres", &fx.db.name])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    fx.outside(&format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}", fx.db.role));
+    let port = fx.pg.port.to_string();
+    let out = fx.daemon.run(
+        &fx.token,
+        &[
+            &pgbench,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "whoever",
+            "-n",
+            "-S",
+            "-M",
+            "prepared",
+            "-c",
+            "2",
+            "-t",
+            "50",
+            &fx.db.name,
+        ],
+    );
+    assert!(out.success() && out.stdout.contains("number of transactions actually processed: 100/100"), "{out}");
+    let (show, events) = fx.statements(100);
+    let selects = events
+        .iter()
+        .filter(|e| e["sql"].as_str().is_some_and(|s| s.contains("pgbench_accounts")) && e["outcome"] == "forwarded")
+        .count();
+    assert_eq!(selects, 100, "{}", pretty(&show));
+}
+
+#[test]
+fn cancel_requests_reach_the_backend_behind_the_proxy() {
+    let fx = Pg::start("", "agent", &[]);
+    let (out, lines) = fx.extended(&["--cancel-after-ms", "1000", "SELECT pg_sleep(60)", "SELECT 1"]);
+    assert_eq!(lines.first().map(|l| &l["error"]["code"]), Some(&Value::from("57014")), "{out}");
+    assert_eq!(lines.get(1).map(|l| &l["rows"][0][0]), Some(&Value::from("1")), "{out}");
+}
+
+#[test]
+fn explain_judges_a_statement_and_policies_refuse_fields_of_another_protocol() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let to = format!("127.0.0.1:{}", fx.pg.port);
+    let explain =
+        |sql: &str| fx.daemon.tollgate(&["policy", "explain", "--identity", "build-bots", "--to", &to, "--sql", sql]);
+    let drop = explain("DROP TABLE orders");
+    assert!(drop.stdout.contains("refused") && drop.stdout.contains("block[0]"), "{drop}");
+    let delete = explain("DELETE FROM orders WHERE id = 1");
+    assert!(delete.stdout.contains("held for approval") && delete.stdout.contains("approve[0]"), "{delete}");
+    let read = explain("SELECT * FROM orders");
+    assert!(read.stdout.contains("passes"), "{read}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bad.yaml");
+    let bad = policy(
+        "        - to: \"127.0.0.1/32:5432\"\n          protocol: postgres\n          block: [{ method: DELETE }]\n        - to: \"127.0.0.1/32:80\"\n          protocol: http\n          block: [{ statement: drop }]\n",
+        "",
+    );
+    std::fs::write(&file, bad).expect("writing the policy");
+    let check = fx.daemon.tollgate(&["policy", "check", file.to_str().expect("utf-8")]);
+    assert!(!check.success(), "{check}");
+    let said = format!("{}{}", check.stdout, check.stderr);
+    assert!(said.contains("method applies to HTTP routes, not postgres"), "{check}");
+    assert!(said.contains("statement applies to postgres routes, not http"), "{check}");
+}
