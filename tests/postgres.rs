@@ -175,6 +175,8 @@ fn guardrails_refuse_with_42501_and_nothing_of_a_refused_statement_reaches_the_s
     assert!(blocked.iter().all(|e| e["verdict"] == "block"), "{}", pretty(&show));
     let drop = events.iter().find(|e| e["sql"] == "DROP TABLE orders").expect("the DROP's record");
     assert!(drop["rules"][0].as_str().is_some_and(|r| r.starts_with("block[0]")), "{}", pretty(drop));
+    let replay = fx.daemon.tollgate(&["replay", &fx.daemon.last_session_id(), "--instant", "--only", "sql"]);
+    assert!(replay.stdout.contains("DROP TABLE orders -> blocked"), "{replay}");
     let read = events.iter().find(|e| e["sql"] == "SELECT item FROM orders ORDER BY id").expect("the read's record");
     assert_eq!((read["outcome"].as_str(), read["rows"].as_u64()), (Some("forwarded"), Some(3)), "{}", pretty(read));
 }

@@ -270,6 +270,19 @@ pub fn event_text(e: &Value) -> String {
                 r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")
             ))
         ),
+        Some(RecordKind::Sql) => {
+            let what = match text(e, "event") {
+                "statement" => text(e, "sql").to_owned(),
+                "connect" => format!("connect as {} to {}", text(e, "user"), text(e, "database")),
+                other => other.to_owned(),
+            };
+            let rows = e["rows"].as_u64().map_or(String::new(), |rows| format!(", {rows} row(s)"));
+            let error = e.get("error").and_then(Value::as_str).map_or(String::new(), |why| format!(": {why}"));
+            let rules = e["rules"].as_array().filter(|r| !r.is_empty()).map_or(String::new(), |r| {
+                format!(" rules: {}", r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
+            });
+            format!("{what} -> {} ({}){rows}{error}{rules}", text(e, "outcome"), text(e, "destination"))
+        }
         Some(RecordKind::Approval) => format!(
             "{} {} {} ({}){}",
             text(e, "id"),

@@ -17,6 +17,7 @@ pub fn category_of(kind: &str) -> &'static str {
         "exec" | "fork" | "exit" => "exec",
         "connect" | "socket" => "network",
         "http" | "tls" => "http",
+        "sql" => "sql",
         "approval" => "approval",
         "output" => "output",
         _ => "session",
@@ -24,7 +25,7 @@ pub fn category_of(kind: &str) -> &'static str {
 }
 
 /// The categories `--only` accepts.
-pub const CATEGORIES: [&str; 5] = ["exec", "network", "http", "approval", "output"];
+pub const CATEGORIES: [&str; 6] = ["exec", "network", "http", "sql", "approval", "output"];
 
 /// How to pace a text replay.
 #[derive(Debug, Clone, Copy)]

@@ -213,10 +213,8 @@ impl Walk<'_> {
                     analysis.unbounded.insert(statement.to_owned());
                 }
             }
-            "SelectStmt" => {
-                if node.get("into_clause").is_some_and(|into| !into.is_null()) {
-                    analysis.kinds.insert("create".to_owned());
-                }
+            "SelectStmt" if node.get("into_clause").is_some_and(|into| !into.is_null()) => {
+                analysis.kinds.insert("create".to_owned());
             }
             "DoStmt" => analysis.opaque.push("a DO block runs code the proxy cannot see before it runs".to_owned()),
             "CallStmt" => {

@@ -214,7 +214,7 @@ pub fn build(
                     });
                 *entry.denials.entry(what).or_default() += 1;
             }
-            ("http" | "tls", "block") => {
+            ("http" | "tls" | "sql", "block") => {
                 totals.blocked += 1;
                 let rules: Vec<String> = detail
                     .get("rules")
