@@ -413,3 +413,48 @@ fn explain_judges_a_statement_and_policies_refuse_fields_of_another_protocol() {
     assert!(said.contains("method applies to HTTP routes, not postgres"), "{check}");
     assert!(said.contains("statement applies to postgres routes, not http"), "{check}");
 }
+
+#[test]
+fn copy_is_judged_as_the_insert_or_the_read_it_is() {
+    let rows = tempfile::NamedTempFile::new().expect("a CSV file");
+    std::fs::write(rows.path(), "4,fig\n5,kiwi\n").expect("writing the rows");
+    let copy_in = format!("\\copy orders FROM '{}' CSV", rows.path().display());
+
+    let governed = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    let out = governed.psql(&[copy_in.as_str(), "COPY orders TO STDOUT", "SELECT count(*) FROM orders"]);
+    assert!(out.stderr.contains("nobody approved the statement"), "COPY FROM waits as an insert does:\n{out}");
+    assert!(out.stderr.contains("COPY ... TO STDOUT sends rows the route's masks cannot rewrite"), "{out}");
+    assert_eq!(out.stdout.trim(), "3", "{out}");
+    assert_eq!(governed.outside("SELECT count(*) FROM orders"), "3");
+
+    let open = Pg::start("", "agent", &[]);
+    let out = open.psql(&[copy_in.as_str(), "COPY orders TO STDOUT"]);
+    assert!(out.stdout.contains("4\tfig") && out.stdout.contains("1\tapple"), "{out}");
+    assert_eq!(open.outside("SELECT count(*) FROM orders"), "5");
+}
+
+#[test]
+fn the_proxy_speaks_verified_tls_to_the_server_when_the_route_says_so() {
+    let pg = server();
+    let verified = Pg::start(
+        &format!("          upstream_tls: {{ mode: require, ca_file: {} }}\n", pg.ca.display()),
+        "agent",
+        &[],
+    );
+    let out = verified.psql(&["SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"]);
+    assert_eq!(out.stdout.trim(), "t", "the proxy's connection to the server is TLS:\n{out}");
+
+    // A CA that did not sign the server's certificate: no login, so no credential is sent.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let other = harness::pki::Pki::new(dir.path(), "IP:127.0.0.1");
+    let unverified = Pg::start(
+        &format!("          upstream_tls: {{ mode: require, ca_file: {} }}\n", other.ca.display()),
+        "agent",
+        &[],
+    );
+    let log_start = pg.log_len();
+    let out = unverified.psql(&["SELECT 1"]);
+    assert!(out.stderr.contains("TLS to the upstream failed"), "{out}");
+    let log = pg.log_since(log_start);
+    assert!(!log.contains(&format!("connection authorized: user={}", unverified.db.role)), "{log}");
+}

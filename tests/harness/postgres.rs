@@ -21,6 +21,8 @@ pub struct Postgres {
     socket_dir: PathBuf,
     /// The server's log: connections and every statement it ran.
     pub log: PathBuf,
+    /// The CA that signed the server's certificate (it speaks TLS to clients that ask).
+    pub ca: PathBuf,
 }
 
 /// A test's database with a login role the proxy uses.
@@ -80,6 +82,11 @@ impl Postgres {
         // for SCRAM where it is stored as SCRAM: both of the proxy's methods meet a real server.
         let hba = "local all all trust\nhost all all 127.0.0.1/32 md5\nhost all all ::1/128 md5\n";
         fs::write(data.join("pg_hba.conf"), hba).expect("writing pg_hba.conf");
+        let pki = crate::pki::Pki::new(&root, "IP:127.0.0.1,IP:::1,DNS:localhost");
+        for file in [&pki.cert, &pki.key] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown the server's certificate");
+        }
+        fs::set_permissions(&pki.key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod the key");
         let port = free_loopback_port().expect("a free port");
         let log_file = fs::File::create(&log).expect("creating the server log");
         std::os::unix::fs::chown(&log, Some(uid), Some(gid)).expect("chown the log");
@@ -88,6 +95,8 @@ impl Postgres {
             .args(["-D", &data.to_string_lossy(), "-p", &port.to_string(), "-k", &socket_dir.to_string_lossy()])
             .args(["-c", "listen_addresses=127.0.0.1,::1", "-c", "log_connections=on", "-c", "log_statement=all"])
             .args(["-c", "log_line_prefix=%m [%p] user=%u db=%d ", "-c", "fsync=off", "-c", "max_connections=200"])
+            .args(["-c", "ssl=on", "-c", &format!("ssl_cert_file={}", pki.cert.display())])
+            .args(["-c", &format!("ssl_key_file={}", pki.key.display())])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -115,7 +124,7 @@ impl Postgres {
             }
         });
         spawned.recv().expect("the server thread").expect("starting postgres");
-        let server = Postgres { bin, port, socket_dir, log };
+        let server = Postgres { bin, port, socket_dir, log, ca: pki.ca };
         let deadline = Instant::now() + Duration::from_secs(60);
         while server.try_sql("postgres", "SELECT 1").is_err() {
             assert!(Instant::now() < deadline, "PostgreSQL did not start:\n{}", server.log_text());

@@ -221,6 +221,10 @@ impl Walk<'_> {
                 analysis.opaque.push("CALL runs a procedure whose statements the proxy cannot see".to_owned())
             }
             "CopyStmt" => {
+                // COPY FROM writes rows as INSERT does, COPY TO reads them:
+                // rules on those kinds cover it too.
+                let from = node.get("is_from") == Some(&Value::Bool(true));
+                analysis.kinds.insert(if from { "insert" } else { "select" }.to_owned());
                 let file = !text(node, "filename").is_empty() || node.get("is_program") == Some(&Value::Bool(true));
                 if file {
                     analysis.opaque.push("COPY to or from a server file or program".to_owned());
@@ -473,6 +477,7 @@ mod tests {
         assert!(refused("CALL cleanup()").contains("CALL"));
         assert!(refused("SELECT query_to_xml('select * from audit.log', true, true, '')").contains("as text"));
         assert!(refused("COPY orders FROM PROGRAM 'id'").contains("program"));
+        assert!(matches!(verdict("COPY orders FROM STDIN"), Verdict::Hold(rule) if rule.starts_with("approve[0]")));
         let allowing = route("allow:\n  - { statement: do }\n");
         let analysis = analyze("DO $$ BEGIN NULL; END $$").expect("parses");
         assert_eq!(judge(&allowing, &analysis, &SearchPath::default()), Verdict::Pass);
