@@ -8,6 +8,7 @@ mod audit;
 mod cli;
 mod daemon_lifecycle;
 mod delegation;
+mod dns;
 mod enforcement;
 mod events;
 mod exec_allow;

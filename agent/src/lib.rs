@@ -4,7 +4,7 @@
 //! Data flows one way: kernel events -> [`store`]; [`policy`] -> kernel maps
 //! and proxy rules. Imports point down: [`cli`] -> [`api`] -> the domain
 //! modules ([`session`], [`approval`], [`store`], [`policy`], [`identity`]);
-//! [`proxy`] -> the domain modules; [`daemon`] only wires them. The binary
+//! [`proxy`] and [`dns`] -> the domain modules; [`daemon`] only wires them. The binary
 //! (`main.rs`) only parses arguments and calls into [`cli`].
 #![deny(missing_docs)]
 
@@ -14,6 +14,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod export;
 pub mod identity;
 pub mod policy;

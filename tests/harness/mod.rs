@@ -9,6 +9,7 @@
 //! (or set `TOLLGATE_BIN` to test another build). A failing test prints the daemon's log.
 
 mod daemon;
+pub mod dnsmasq;
 pub mod enforcement;
 pub mod host;
 pub mod jwt;

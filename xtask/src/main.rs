@@ -39,6 +39,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("test -e /usr/lib/llvm-14/lib/libclang.so || ls /usr/lib/llvm-*/lib/libclang.so", "libclang-dev"),
     // The PostgreSQL tests start a server of their own (psql, pgbench and initdb come with it).
     ("ls /usr/lib/postgresql/*/bin/postgres /usr/lib/postgresql/*/bin/pgbench", "postgresql"),
+    // The DNS tests' upstream: a real server with fixed answers and a query log.
+    ("command -v dnsmasq", "dnsmasq-base"),
     // The unit's sandboxing is scored by systemd-analyze security.
     ("command -v systemd-analyze", "systemd"),
     // The packages are linted and inspected.

@@ -37,6 +37,8 @@ pub struct Control {
     pub output_cap_bytes: usize,
     /// What `tollgate status` shows, made by the daemon.
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The servers the sessions' resolver asks (`policy explain` asks them too).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 /// Binds the control socket. Anyone may connect (mode 0666): every request
@@ -434,6 +436,7 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
         }
         Request::Explain { identity, to, exec, sql } => {
             let sessions = control.sessions.clone();
+            let upstreams = control.dns_upstreams.clone();
             blocking(move || {
                 let withdrawn = sessions.withdrawn_grants();
                 let exec = exec.map(std::path::PathBuf::from);
@@ -444,6 +447,11 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
                     to.as_deref(),
                     exec.as_deref(),
                     sql.as_deref(),
+                    // The resolver's servers, else the host's own view (/etc/hosts included).
+                    &|name, port| match crate::dns::lookup(&upstreams, name, port) {
+                        Ok(found) if !found.is_empty() => Ok(found),
+                        _ => crate::policy::explain::resolve_with_libc(name, port),
+                    },
                 ) {
                     Ok(lines) => Response::Ok(serde_json::json!({"lines": lines})),
                     Err(why) => Response::error(ErrorKind::BadRequest, why),

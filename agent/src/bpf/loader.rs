@@ -23,7 +23,8 @@ use super::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate.bpf.o"));
 
 const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sched_process_fork", "sched_process_exit"];
-const SOCK_ADDR: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "getpeername4", "getpeername6"];
+const SOCK_ADDR: [&str; 8] =
+    ["connect4", "connect6", "sendmsg4", "sendmsg6", "getpeername4", "getpeername6", "recvmsg4", "recvmsg6"];
 
 /// Forwards `aya-log-ebpf` records from the programs to the daemon's log.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;

@@ -105,7 +105,12 @@ impl SessionMaps {
 
     /// Makes `cgroup_id` a governed session with `rules`. Rules go in before
     /// the session entry, so the kernel never sees the session without them.
-    pub fn add_session(&mut self, cgroup_id: u64, rules: &SessionRules) -> Result<(), BpfError> {
+    /// `dns_port`: the session's resolver, or `None` to keep the one it has.
+    pub fn add_session(&mut self, cgroup_id: u64, rules: &SessionRules, dns_port: Option<u16>) -> Result<(), BpfError> {
+        let dns_port = match dns_port {
+            Some(port) => u32::from(port),
+            None => self.sessions.get(&cgroup_id, 0).map_or(0, |slot| slot.dns_port),
+        };
         let fail = |name| move |source| BpfError::Map { name, source };
         for (_, file) in &rules.exec_deny {
             let key = ExecKey { cgroup_id, ino: file.ino, dev: file.dev, reserved: 0 };
@@ -129,8 +134,40 @@ impl SessionMaps {
                 NetKey::Port(key) => self.net_port.insert(&key, value, 0).map_err(fail("NET_PORT"))?,
             }
         }
-        let slot = SessionSlot { session_id: cgroup_id, flags, reserved: 0 };
+        let slot = SessionSlot { session_id: cgroup_id, flags, dns_port };
         self.sessions.insert(cgroup_id, slot, 0).map_err(fail("SESSIONS"))
+    }
+
+    /// Points the session's DNS traffic at its resolver on `port` (0: none).
+    pub fn set_dns_port(&mut self, cgroup_id: u64, port: u16) -> Result<(), BpfError> {
+        let fail = |source| BpfError::Map { name: "SESSIONS", source };
+        let mut slot = self.sessions.get(&cgroup_id, 0).map_err(fail)?;
+        slot.dns_port = u32::from(port);
+        self.sessions.insert(cgroup_id, slot, 0).map_err(fail)
+    }
+
+    /// Adds (or replaces) one entry of a session, outside its compiled rules
+    /// (an address its resolver answered).
+    pub fn put_entry(&mut self, cgroup_id: u64, entry: &NetEntry) -> Result<(), BpfError> {
+        let fail = |name| move |source| BpfError::Map { name, source };
+        let value = NetRule {
+            verdict: entry.verdict as u32,
+            addr_prefix: entry.addr_prefix,
+            rule_id: entry.rule_id,
+            reserved: 0,
+        };
+        match net_key(cgroup_id, entry) {
+            NetKey::AnyPort(key) => self.net_any_port.insert(&key, value, 0).map_err(fail("NET_ANY_PORT")),
+            NetKey::Port(key) => self.net_port.insert(&key, value, 0).map_err(fail("NET_PORT")),
+        }
+    }
+
+    /// Removes one entry [`SessionMaps::put_entry`] added.
+    pub fn remove_entry(&mut self, cgroup_id: u64, entry: &NetEntry) {
+        let _ = match net_key(cgroup_id, entry) {
+            NetKey::AnyPort(key) => self.net_any_port.remove(&key),
+            NetKey::Port(key) => self.net_port.remove(&key),
+        };
     }
 
     /// Removes every entry of `cgroup_id`, whatever rules put them there

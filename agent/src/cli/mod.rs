@@ -938,6 +938,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 to.as_deref(),
                 exec.as_deref(),
                 sql.as_deref(),
+                &crate::policy::explain::resolve_with_libc,
             )
             .map_err(anyhow::Error::msg)?;
             for line in lines {

@@ -270,6 +270,11 @@ pub fn event_text(e: &Value) -> String {
                 r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")
             ))
         ),
+        Some(RecordKind::Dns) => {
+            let answers: Vec<&str> = e["answers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let rule = e.get("rule").and_then(Value::as_str).map_or(String::new(), |rule| format!(" ({rule})"));
+            format!("{} {} -> {} [{}]{rule}", text(e, "type"), text(e, "name"), text(e, "outcome"), answers.join(" "))
+        }
         Some(RecordKind::Sql) => {
             let what = match text(e, "event") {
                 "statement" => text(e, "sql").to_owned(),

@@ -15,7 +15,7 @@ use super::output::event_text;
 pub fn category_of(kind: &str) -> &'static str {
     match kind {
         "exec" | "fork" | "exit" => "exec",
-        "connect" | "socket" => "network",
+        "connect" | "socket" | "dns" => "network",
         "http" | "tls" => "http",
         "sql" => "sql",
         "approval" => "approval",

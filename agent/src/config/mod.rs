@@ -68,6 +68,9 @@ pub struct Config {
     /// Nested sessions (agents that start agents).
     #[serde(default)]
     pub delegation: Delegation,
+    /// The sessions' resolver.
+    #[serde(default)]
+    pub dns: Dns,
     /// Sessions that ended longer ago than this are pruned from the log
     /// (a signed checkpoint marks the pruned range). Kept forever when absent.
     #[serde(default, deserialize_with = "crate::yaml::optional_duration")]
@@ -128,6 +131,36 @@ pub struct JwtReviewer {
     /// Each must equal the token's claim, or be in it when that is an array.
     #[serde(default)]
     pub claims: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// The resolver each session's DNS traffic goes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Off: DNS follows each session's rules like any other traffic, and
+    /// names in `allow`/`deny` never resolve into entries.
+    #[serde(default = "default_dns_enabled")]
+    pub enabled: bool,
+    /// Servers queries go to (`ADDR:PORT`); the host's `/etc/resolv.conf` when empty.
+    #[serde(default)]
+    pub upstream: Vec<std::net::SocketAddr>,
+    /// The shortest time an answered address stays allowed, whatever the answer's TTL.
+    #[serde(default = "default_dns_min_ttl", deserialize_with = "humantime_serde_compat::deserialize")]
+    pub min_ttl: Duration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self { enabled: default_dns_enabled(), upstream: Vec::new(), min_ttl: default_dns_min_ttl() }
+    }
+}
+
+fn default_dns_enabled() -> bool {
+    true
+}
+
+fn default_dns_min_ttl() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Limits and review thresholds of delegation chains.

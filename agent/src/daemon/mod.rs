@@ -188,6 +188,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let loaded = crate::session::Loaded::new(policies, verifier);
     let parts = SessionsParts { tree, mount, host, mode, log: log.clone(), max_depth };
     let sessions = Arc::new(Sessions::new(parts, loaded, session_maps));
+    // Before adoption: adopted sessions get resolvers of their own too.
+    if config.dns.enabled {
+        let dns =
+            crate::dns::Dns::start(sessions.clone(), log.clone(), config.dns.upstream.clone(), config.dns.min_ttl);
+        sessions.set_resolvers(dns);
+    }
     {
         let (sessions, reader) = (sessions.clone(), reader.clone());
         tokio::task::spawn_blocking(move || sessions.load_grants(&reader))
@@ -230,6 +236,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         review_depth: config.delegation.review_depth,
         log: log.clone(),
         output_cap_bytes: config.output_cap_bytes,
+        dns_upstreams: if config.dns.upstream.is_empty() {
+            crate::dns::host_resolvers()
+        } else {
+            config.dns.upstream.clone()
+        },
         ledger_key: LedgerKey::load(&Config::ledger_key_path(&config.state_dir)).ok().map(Arc::new),
         reader: reader.clone(),
         status: {

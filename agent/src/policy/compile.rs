@@ -11,7 +11,7 @@ use std::{
 use tollgate_common::{FAMILY_V4, FAMILY_V6, Verdict, v4_mapped};
 
 use super::{
-    Destination, Grant,
+    Destination, Grant, NetTarget,
     exec_files::{ExecPattern, resolve},
     route::{Route, RouteTarget},
 };
@@ -113,6 +113,30 @@ pub struct SessionRules {
     pub routes: BTreeMap<u32, SessionRoute>,
     /// Host names of routes that did not resolve (nothing is redirected for them).
     pub unresolved: Vec<String>,
+    /// Name rules, one level per session of the chain (outermost first):
+    /// what the session's resolver judges queries by.
+    pub names: Vec<NameLevel>,
+}
+
+/// One level's name rules.
+#[derive(Debug, Clone, Default)]
+pub struct NameLevel {
+    /// `network.allow` and `network.deny` entries that are names.
+    pub rules: Vec<NameRule>,
+    /// The level allows every address (`0.0.0.0/0` or `::/0` on every port):
+    /// any name may resolve, and only denied names are judged.
+    pub allows_everything: bool,
+}
+
+/// A name in `allow` or `deny`.
+#[derive(Debug, Clone)]
+pub struct NameRule {
+    /// The name and port.
+    pub target: super::NameDestination,
+    /// Allow or deny.
+    pub verdict: Verdict,
+    /// Index into [`SessionRules::rules`].
+    pub rule_id: u32,
 }
 
 /// An exec allow list: what the grants name, and the files that is now.
@@ -188,6 +212,7 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
     let mut net: BTreeMap<(u8, [u8; 16], u32, Option<u16>), NetEntry> = BTreeMap::new();
     let mut allow_patterns = Vec::new();
     let mut has_allow_list = false;
+    let mut names = NameLevel::default();
     for grant in grants {
         let honoured = !withdrawn.contains(&grant.name);
         if honoured {
@@ -218,9 +243,20 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
             );
         }
         let allows = grant.network.allow.iter().filter(|_| honoured);
-        let entries = allows
+        let targets = allows
             .map(|d| (d, Verdict::Allow, "allow"))
             .chain(grant.network.deny.iter().map(|d| (d, Verdict::Deny, "deny")));
+        let mut entries = Vec::new();
+        for (target, verdict, word) in targets {
+            match target {
+                NetTarget::Address(destination) => entries.push((destination, verdict, word)),
+                NetTarget::Name(name) => {
+                    let rule_id = out.rules.len() as u32;
+                    out.rules.push(Decided(vec![RuleRef::new(&grant.name, format!("network.{word} {name}"))]));
+                    names.rules.push(NameRule { target: name.clone(), verdict, rule_id });
+                }
+            }
+        }
         let mut add = |out: &mut SessionRules, destination: &Destination, verdict: Verdict, rule_id: u32| {
             let (family, addr, addr_prefix) = mapped(destination);
             let key = (family, addr, addr_prefix, destination.port);
@@ -254,6 +290,13 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
         }
     }
     out.net = net.into_values().collect();
+    names.allows_everything = out.net.iter().any(|entry| {
+        entry.verdict == Verdict::Allow
+            && entry.port.is_none()
+            && ((entry.family == FAMILY_V4 && entry.addr_prefix == 96)
+                || (entry.family == FAMILY_V6 && entry.addr_prefix == 0))
+    });
+    out.names = vec![names];
     // Any grant's allow list restricts the session: the lists add up, and a
     // withdrawn grant's list still counts (with none of its files).
     if has_allow_list {
@@ -301,6 +344,12 @@ fn route_destinations(target: &RouteTarget, unresolved: &mut Vec<String>) -> Vec
 }
 
 /// A destination's family and prefix in the IPv6 space the kernel programs use.
+/// The kernel entry for one resolved address of a name rule.
+pub fn resolved_entry(address: IpAddr, port: Option<u16>, verdict: Verdict, rule_id: u32) -> NetEntry {
+    let (family, addr, addr_prefix) = mapped(&Destination { net: ipnet::IpNet::from(address), port });
+    NetEntry { family, addr, addr_prefix, port, verdict, rule_id }
+}
+
 fn mapped(destination: &Destination) -> (u8, [u8; 16], u32) {
     match destination.net.network() {
         IpAddr::V4(v4) => (FAMILY_V4, v4_mapped(v4.octets()), 96 + u32::from(destination.net.prefix_len())),
@@ -323,7 +372,8 @@ mod tests {
     }
 
     fn grant(allow: &[&str], deny: &[&str]) -> Grant {
-        let parse = |list: &[&str]| list.iter().map(|d| d.parse().expect("destination")).collect();
+        let parse =
+            |list: &[&str]| -> Vec<NetTarget> { list.iter().map(|d| d.parse().expect("destination")).collect() };
         Grant {
             name: "g".into(),
             identity: "i".into(),

@@ -1,4 +1,5 @@
-//! Network destinations in policy files: a CIDR prefix and optionally a port.
+//! Network destinations in policy files: a CIDR prefix or a host name, and
+//! optionally a port.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
@@ -122,5 +123,103 @@ mod tests {
             let error = text.parse::<Destination>().expect_err(text);
             assert!(error.contains(why) && error.contains(text), "{text}: {error}");
         }
+    }
+}
+
+/// A destination by name: `github.com` or `*.githubusercontent.com` (its
+/// subdomains), with an optional port. The session's resolver turns the
+/// addresses a name resolves to into entries while their answers live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NameDestination {
+    /// The name, lower case, without the root's dot; `*.` for subdomains.
+    pub name: String,
+    /// `None` means every port.
+    pub port: Option<u16>,
+}
+
+impl NameDestination {
+    /// Does this rule cover a query for `name`?
+    pub fn covers(&self, name: &str) -> bool {
+        super::route::name_matches(&self.name, name)
+    }
+}
+
+impl fmt::Display for NameDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// What `network.allow` and `network.deny` hold: addresses or names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NetTarget {
+    /// An address prefix.
+    Address(Destination),
+    /// A host name.
+    Name(NameDestination),
+}
+
+impl fmt::Display for NetTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Address(destination) => destination.fmt(f),
+            Self::Name(name) => name.fmt(f),
+        }
+    }
+}
+
+impl FromStr for NetTarget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let address = match text.parse::<Destination>() {
+            Ok(destination) => return Ok(Self::Address(destination)),
+            Err(why) => why,
+        };
+        let (name, port) = match text.rsplit_once(':') {
+            Some((name, port)) => {
+                let port = port.parse::<u16>().map_err(|_| format!("destination '{text}' has a bad port"))?;
+                (name, Some(port))
+            }
+            None => (text, None),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let bare = name.strip_prefix("*.").unwrap_or(&name);
+        // A name has a letter somewhere: `10.0.0.300` is a bad address, not a name.
+        if super::route::is_host_name(bare) && bare.chars().any(|c| c.is_ascii_alphabetic()) {
+            Ok(Self::Name(NameDestination { name, port }))
+        } else {
+            Err(format!("{address}, and not a host name either"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NetTarget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn names_stand_where_addresses_do() {
+        let parse = |text: &str| text.parse::<NetTarget>();
+        assert!(matches!(parse("10.20.0.0/16"), Ok(NetTarget::Address(_))));
+        assert_eq!(
+            parse("*.GitHubUserContent.com:443"),
+            Ok(NetTarget::Name(NameDestination { name: "*.githubusercontent.com".into(), port: Some(443) }))
+        );
+        assert!(matches!(parse("metadata.google.internal"), Ok(NetTarget::Name(NameDestination { port: None, .. }))));
+        assert!(parse("10.0.0.300").is_err());
+        assert!(parse("bad name:80").is_err());
+        assert!(parse("github.com:99999").is_err());
+        let rule = NameDestination { name: "*.example.com".into(), port: None };
+        assert!(rule.covers("a.example.com") && !rule.covers("example.com") && !rule.covers("evilexample.com"));
     }
 }

@@ -20,6 +20,7 @@ pub fn explain_lines(
     to: Option<&str>,
     exec: Option<&std::path::Path>,
     sql: Option<&str>,
+    resolve: &Resolve<'_>,
 ) -> Result<Vec<String>, String> {
     if !set.identities.iter().any(|i| i.name == identity) {
         return Err(format!("no identity '{identity}' in the policies"));
@@ -58,15 +59,57 @@ pub fn explain_lines(
     if let Ok(address) = to.parse::<SocketAddr>() {
         return Ok(vec![line(explain(&rules, address))]);
     }
-    use std::net::ToSocketAddrs;
-    let addresses: Vec<SocketAddr> = to
-        .to_socket_addrs()
-        .map_err(|e| format!("'{to}' is neither ADDR:PORT nor a HOST:PORT that resolves: {e}"))?
-        .collect();
+    let (name, port) = to
+        .rsplit_once(':')
+        .and_then(|(name, port)| Some((name.trim_end_matches('.').to_ascii_lowercase(), port.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("'{to}' is neither ADDR:PORT nor HOST:PORT"))?;
+    // What the session's resolver does with a query for the name.
+    let rule_text = |rule_id: u32| rules.rules.get(rule_id as usize).map(ToString::to_string).unwrap_or_default();
+    let verdict = super::names::judge_name(&rules.names, &name);
+    let name_denies = matches!(verdict, super::names::NameVerdict::Deny { .. });
+    let refused = verdict == super::names::NameVerdict::Refuse;
+    let by_name = match verdict {
+        super::names::NameVerdict::Allow(ports) => match ports.iter().find(|(p, _)| p.is_none() || *p == Some(port)) {
+            Some((_, rule_id)) => Some(format!("allow ({}), while its answers live", rule_text(*rule_id))),
+            None => Some(format!("deny (a name rule allows {name} on other ports only)")),
+        },
+        super::names::NameVerdict::Deny { rule_id, .. } => Some(format!("deny ({})", rule_text(rule_id))),
+        super::names::NameVerdict::Open => None,
+        super::names::NameVerdict::Refuse => None,
+    };
+    let mut lines = Vec::new();
+    match (&by_name, refused) {
+        (Some(by_name), _) => lines.push(format!("{name}: {by_name}")),
+        (None, true) => lines.push(format!(
+            "{name}: refused (no rule could allow the name: its sessions' DNS queries for it are answered REFUSED)"
+        )),
+        (None, false) => {}
+    }
+    let addresses = resolve(&name, port).map_err(|e| format!("'{to}' does not resolve now: {e}"))?;
     if addresses.is_empty() {
         return Err(format!("'{to}' resolves to no address"));
     }
-    Ok(addresses.into_iter().map(|address| format!("{address}: {}", line(explain(&rules, address)))).collect())
+    for address in addresses {
+        let decided = explain(&rules, address);
+        // An address rule decides alone; otherwise the name's rule does.
+        // A denied name's addresses are refused even under an address allow.
+        let text = match (&by_name, decided.rule.is_some()) {
+            (Some(by_name), false) => by_name.clone(),
+            (Some(by_name), true) if name_denies => by_name.clone(),
+            _ => line(decided),
+        };
+        lines.push(format!("{address}: {text}"));
+    }
+    Ok(lines)
+}
+
+/// How `explain` resolves a name: a name and port to the addresses it has now.
+pub type Resolve<'a> = dyn Fn(&str, u16) -> Result<Vec<SocketAddr>, String> + 'a;
+
+/// Resolves a name with the host's resolver (libc), for `explain` without a daemon.
+pub fn resolve_with_libc(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    (name, port).to_socket_addrs().map(Iterator::collect).map_err(|e| e.to_string())
 }
 
 /// A decision and why.

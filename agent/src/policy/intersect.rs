@@ -38,6 +38,17 @@ pub fn intersect(outer: &SessionRules, inner: SessionRules) -> SessionRules {
         }
     }
     intersect_net(outer, &inner, &mut out);
+    // Every level's name rules stay, each under a rule id of the new list.
+    for level in outer.names.iter().map(|l| (l, outer)).chain(inner.names.iter().map(|l| (l, &inner))) {
+        let (level, from) = level;
+        let mut kept = level.clone();
+        for rule in &mut kept.rules {
+            let decided = from.rules.get(rule.rule_id as usize).cloned().unwrap_or_default();
+            rule.rule_id = out.rules.len() as u32;
+            out.rules.push(decided);
+        }
+        out.names.push(kept);
+    }
     out.exec_deny_missing.extend(inner.exec_deny_missing.iter().cloned());
     out.exec_deny_scripts.extend(inner.exec_deny_scripts.iter().cloned());
     out.unresolved.extend(inner.unresolved.iter().cloned());

@@ -10,6 +10,7 @@ pub mod exec_files;
 pub mod explain;
 pub mod intersect;
 pub mod model;
+pub mod names;
 pub mod route;
 pub mod sql;
 
@@ -19,7 +20,7 @@ use std::{
 };
 
 pub use absolute_path::AbsolutePath;
-pub use destination::Destination;
+pub use destination::{Destination, NameDestination, NetTarget};
 pub use model::{Grant, Identity, PolicyFile};
 
 use crate::yaml::{self, YamlError};

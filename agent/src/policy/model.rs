@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{absolute_path::AbsolutePath, destination::Destination, exec_files::ExecPattern, route::Route};
+use super::{absolute_path::AbsolutePath, destination::NetTarget, exec_files::ExecPattern, route::Route};
 
 /// One policy file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -87,12 +87,13 @@ pub struct ExecRules {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkRules {
-    /// Destinations the session may connect to.
+    /// Destinations (addresses or names) the session may connect to.
     #[serde(default)]
-    pub allow: Vec<Destination>,
-    /// Destinations refused even when an allow rule covers them.
+    pub allow: Vec<NetTarget>,
+    /// Destinations refused even when an allow rule covers them; a denied
+    /// name's addresses are refused even under a wider address allow.
     #[serde(default)]
-    pub deny: Vec<Destination>,
+    pub deny: Vec<NetTarget>,
     /// Governed destinations: sent to the L7 proxy.
     #[serde(default)]
     pub proxy: Vec<Route>,

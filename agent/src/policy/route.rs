@@ -75,7 +75,7 @@ impl<'de> Deserialize<'de> for HostName {
 }
 
 /// Dot-separated labels of letters, digits and `-`, each 1 to 63 long.
-fn is_host_name(name: &str) -> bool {
+pub(crate) fn is_host_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|label| {
             !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')

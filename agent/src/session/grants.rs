@@ -434,7 +434,7 @@ impl super::Sessions {
         let super::sessions::State { maps, registry } = &mut *state;
         for (cgroup_id, rules) in compiled {
             let Some(session) = registry.get_mut(cgroup_id) else { continue };
-            if let Err(e) = maps.add_session(cgroup_id, &rules) {
+            if let Err(e) = maps.add_session(cgroup_id, &rules, None) {
                 // Fail closed: a session whose rules cannot be written is ended.
                 tracing::error!(session = %session.id, error = %e, "cannot update a session's rules; killing it");
                 let _ = super::cgroup::kill_all(&session.cgroup);

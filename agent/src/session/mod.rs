@@ -15,6 +15,6 @@ pub use grants::{GrantError, GrantState, GrantView};
 pub use recover::Gap;
 pub use registry::{ActiveSession, Registry};
 pub use sessions::{
-    Attribution, Authority, Caller, ChainLink, GovernedRoute, Lifetime, Loaded, Notice, OpenError, OpenRequest, Opened,
-    Placement, REAP_INTERVAL, RevokeError, Revoked, Sessions, SessionsParts,
+    Attribution, Authority, Caller, ChainLink, GovernedRoute, Lifetime, Loaded, NamesView, Notice, OpenError,
+    OpenRequest, Opened, Placement, REAP_INTERVAL, Resolvers, RevokeError, Revoked, Sessions, SessionsParts,
 };

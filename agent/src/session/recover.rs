@@ -138,9 +138,17 @@ impl Sessions {
         .map(|(limit, why)| (left(limit), limit, why));
         // The new rules go in over the old ones, then what they do not make
         // comes out: at no moment is the session without rules.
+        let dns_port = match self.open_resolver(cgroup_id) {
+            Ok(port) => port,
+            Err(why) => {
+                tracing::error!(session = %record.id, %why, "cannot adopt: its resolver does not start");
+                self.state().maps.purge(cgroup_id);
+                return false;
+            }
+        };
         let added = {
             let mut state = self.state();
-            let added = state.maps.add_session(cgroup_id, &rules);
+            let added = state.maps.add_session(cgroup_id, &rules, Some(dns_port));
             if added.is_ok() {
                 state.maps.purge_stale(cgroup_id, &rules);
             }

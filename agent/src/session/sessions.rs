@@ -246,11 +246,34 @@ pub struct Sessions {
     watchers: Mutex<std::collections::HashMap<SessionId, Vec<tokio::sync::mpsc::Sender<Notice>>>>,
     /// Set when the daemon begins to stop: no new sessions after that.
     closing: AtomicBool,
+    /// The sessions' resolvers, once the daemon has started them.
+    resolvers: std::sync::OnceLock<Arc<dyn Resolvers>>,
+}
+
+/// Each session's resolver: where the kernel sends its DNS traffic.
+pub trait Resolvers: Send + Sync {
+    /// Starts the resolver of the session in `cgroup_id`; returns its port
+    /// (on 127.0.0.1 and ::1, UDP and TCP).
+    fn open(&self, cgroup_id: u64) -> Result<u16, String>;
+    /// Stops it and forgets what it added.
+    fn close(&self, cgroup_id: u64);
 }
 
 pub(super) struct State {
     pub(super) maps: SessionMaps,
     pub(super) registry: Registry,
+}
+
+/// What a session's resolver judges queries by.
+pub struct NamesView {
+    /// The session.
+    pub session: SessionId,
+    /// Its name rules, a level per session of its chain (outermost first).
+    pub levels: Vec<crate::policy::compile::NameLevel>,
+    /// Each rule's description, by rule id.
+    pub rules: Vec<String>,
+    /// Its compiled entries.
+    pub net: Vec<crate::policy::compile::NetEntry>,
 }
 
 /// Who a session speaks for: its token's subject, issuer and claims (a
@@ -354,6 +377,7 @@ impl Sessions {
             book: Mutex::default(),
             watchers: Mutex::default(),
             closing: AtomicBool::new(false),
+            resolvers: std::sync::OnceLock::new(),
         }
     }
 
@@ -534,6 +558,14 @@ impl Sessions {
         let depth = parent.as_ref().map_or(0, |p| p.depth + 1);
         let under = parent.as_ref().map_or(self.parts.tree.sessions.as_path(), |p| p.cgroup.as_path());
         let (cgroup_path, cgroup_id) = cgroup::create_session(under, id.as_str())?;
+        // DNS goes to the session's resolver from its first process on.
+        let dns_port = match self.open_resolver(cgroup_id) {
+            Ok(port) => port,
+            Err(why) => {
+                discard(cgroup_path).await;
+                return Err(OpenError::Internal(format!("cannot start the session's resolver: {why}")));
+            }
+        };
         let added = {
             let mut state = self.state();
             // The parent may have ended while its child's rules compiled.
@@ -541,11 +573,12 @@ impl Sessions {
                 Some(p) if state.registry.get_mut(p.cgroup_id).is_none_or(|live| live.ending) => {
                     Err(OpenError::ParentEnding)
                 }
-                _ => state.maps.add_session(cgroup_id, &rules).map_err(OpenError::from),
+                _ => state.maps.add_session(cgroup_id, &rules, Some(dns_port)).map_err(OpenError::from),
             }
         };
         if let Err(e) = added {
             self.state().maps.remove_session(cgroup_id, &rules);
+            self.close_resolver(cgroup_id);
             discard(cgroup_path).await;
             return Err(e);
         }
@@ -573,6 +606,7 @@ impl Sessions {
         let recorded = tokio::task::spawn_blocking(move || log.open_session(record)).await;
         if !matches!(recorded, Ok(Ok(()))) {
             self.state().maps.remove_session(cgroup_id, &rules);
+            self.close_resolver(cgroup_id);
             discard(cgroup_path).await;
             return Err(OpenError::NotRecorded);
         }
@@ -686,6 +720,55 @@ impl Sessions {
             chain: chain.iter().map(|s| link(s)).collect(),
             uids: chain.iter().map(|s| s.uid).collect(),
         })
+    }
+
+    /// Hands the sessions their resolvers (once, when the daemon starts them).
+    pub fn set_resolvers(&self, resolvers: Arc<dyn Resolvers>) {
+        let _ = self.resolvers.set(resolvers);
+    }
+
+    /// Starts a session's resolver; 0 when the daemon runs none.
+    pub(super) fn open_resolver(&self, cgroup_id: u64) -> Result<u16, String> {
+        match self.resolvers.get() {
+            Some(resolvers) => resolvers.open(cgroup_id),
+            None => Ok(0),
+        }
+    }
+
+    pub(super) fn close_resolver(&self, cgroup_id: u64) {
+        if let Some(resolvers) = self.resolvers.get() {
+            resolvers.close(cgroup_id);
+        }
+    }
+
+    /// What a session's resolver judges by: the session, its name rules
+    /// (a level per session of the chain), the descriptions of its rules
+    /// and its compiled entries.
+    pub fn names_of(&self, cgroup_id: u64) -> Option<NamesView> {
+        let state = self.state();
+        let chain = state.registry.chain(cgroup_id);
+        let session = chain.first()?;
+        Some(NamesView {
+            session: session.id.clone(),
+            levels: session.rules.names.clone(),
+            rules: session.rules.rules.iter().map(ToString::to_string).collect(),
+            net: session.rules.net.clone(),
+        })
+    }
+
+    /// Adds an entry for an address a session's resolver answered.
+    pub fn put_resolved(&self, cgroup_id: u64, entry: &crate::policy::compile::NetEntry) -> Result<(), String> {
+        let mut state = self.state();
+        // A session that ended meanwhile keeps nothing.
+        if state.registry.get_mut(cgroup_id).is_none() {
+            return Err("the session ended".to_owned());
+        }
+        state.maps.put_entry(cgroup_id, entry).map_err(|e| e.to_string())
+    }
+
+    /// Removes an entry [`Sessions::put_resolved`] added.
+    pub fn remove_resolved(&self, cgroup_id: u64, entry: &crate::policy::compile::NetEntry) {
+        self.state().maps.remove_entry(cgroup_id, entry);
     }
 
     /// Subscribes to a session's notices (for the `tollgate run` that opened it).
@@ -888,6 +971,7 @@ impl Sessions {
                 state.maps.remove_session(cgroup_id, &session.rules);
                 session
             };
+            self.close_resolver(cgroup_id);
             discard(session.cgroup.clone()).await;
             self.parts.log.end_session(session.id.clone());
             // Its `run` hears of the end once the record says so.

@@ -27,11 +27,13 @@ pub enum RecordKind {
     Output,
     /// One SQL statement (or connection) through the PostgreSQL proxy.
     Sql,
+    /// One DNS query a session's resolver answered (or refused).
+    Dns,
 }
 
 impl RecordKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Kernel(EventKind::Exec),
         Self::Kernel(EventKind::Fork),
         Self::Kernel(EventKind::Exit),
@@ -45,6 +47,7 @@ impl RecordKind {
         Self::Grant,
         Self::Output,
         Self::Sql,
+        Self::Dns,
     ];
 
     /// The kind a stored name stands for.
@@ -64,6 +67,7 @@ impl RecordKind {
             Self::Grant => "grant",
             Self::Output => "output",
             Self::Sql => "sql",
+            Self::Dns => "dns",
         }
     }
 }

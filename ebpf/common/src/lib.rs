@@ -8,7 +8,7 @@
 
 /// The layout of the maps the daemon pins. Bumped whenever a pinned map's
 /// key, value or size changes, so a daemon never adopts maps it would misread.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Bytes of the executed file's name kept in an exec event.
 pub const FILENAME_LEN: usize = 256;
@@ -196,6 +196,10 @@ pub struct ConnectEvent {
 
 /// `ConnectEvent::rule_id` when no rule matched (the default is deny).
 pub const NO_RULE: u32 = u32::MAX;
+/// The rule id of DNS traffic sent to the session's resolver.
+pub const DNS_RULE: u32 = u32::MAX - 1;
+/// DNS's port: what a session sends there goes to its resolver.
+pub const DNS_PORT: u16 = 53;
 
 /// A socket a session may not create (raw, packet, ICMP "ping" sockets...).
 #[repr(C)]
@@ -229,8 +233,10 @@ pub struct SessionSlot {
     pub session_id: u64,
     /// `SESSION_*` flags.
     pub flags: u32,
-    /// Always zero.
-    pub reserved: u32,
+    /// The port of the session's resolver on 127.0.0.1 and ::1, where its
+    /// DNS traffic (UDP and TCP to port 53) goes; 0: none (DNS then follows
+    /// the session's rules like any other traffic).
+    pub dns_port: u32,
 }
 
 /// Key of the exec deny map: an executable file of one session.

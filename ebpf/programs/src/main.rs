@@ -132,6 +132,13 @@ pub(crate) fn is_governed(cgroup_id: u64) -> bool {
     unsafe { SESSIONS.get(cgroup_id) }.is_some()
 }
 
+/// The port of the session's resolver (0 outside sessions, or with none).
+#[inline(always)]
+pub(crate) fn session_dns_port(cgroup_id: u64) -> u32 {
+    // SAFETY: a map lookup; the value is copied out at once.
+    unsafe { SESSIONS.get(cgroup_id) }.map_or(0, |slot| slot.dns_port)
+}
+
 /// The session's `SESSION_*` flags (0 outside sessions).
 #[inline(always)]
 pub(crate) fn session_flags(cgroup_id: u64) -> u32 {

@@ -9,12 +9,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use tollgate_common::{
-    ConnectEvent, EventKind, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, SocketEvent, Verdict, family_of,
-    loopback_for_unspecified, net_any_port_key, net_port_key, v4_mapped,
+    ConnectEvent, DNS_PORT, DNS_RULE, EventKind, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NO_RULE, SocketEvent,
+    Verdict, family_of, loopback_for_unspecified, net_any_port_key, net_port_key, v4_mapped,
 };
 
 use crate::{
-    AF_INET, AF_INET6, NET_ANY_PORT, NET_PORT, PROXY, emit, header, is_governed, redirect::redirect, words_to_bytes,
+    AF_INET, AF_INET6, NET_ANY_PORT, NET_PORT, PROXY, emit, header, is_governed, redirect::redirect, session_dns_port,
+    words_to_bytes,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -61,12 +62,25 @@ fn decide(ctx: &SockAddrContext, ipv6: bool, send: bool) -> i32 {
     // user_port holds the port in network order in its low 16 bits.
     let port = u16::from_be(port_be);
 
-    let (rule_verdict, rule_id) =
+    let (mut rule_verdict, mut rule_id) =
         if is_governed(cgroup_id) { lookup_rule(cgroup_id, port, &addr) } else { (Verdict::Deny as u32, NO_RULE) };
     let mut verdict = if rule_verdict == Verdict::Allow as u32 { Verdict::Allow } else { Verdict::Deny };
+    // DNS, whatever server it names, goes to the session's resolver (UDP
+    // and TCP alike): names are judged there, and nothing leaves unjudged.
+    let dns_port = if port == DNS_PORT { session_dns_port(cgroup_id) } else { 0 };
+    if dns_port != 0 {
+        rule_id = DNS_RULE;
+        rule_verdict = Verdict::Deny as u32;
+        verdict = Verdict::Deny;
+        if (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)
+            && redirect(ctx, ipv6, &addr, port, cgroup_id, DNS_RULE, dns_port)
+        {
+            verdict = Verdict::Redirect;
+        }
+    }
     // Only TCP connects go to the proxy; a UDP send or connect to a governed
     // destination has nowhere safe to go, so it is refused.
-    if rule_verdict == Verdict::Redirect as u32 && !send && protocol == IPPROTO_TCP {
+    if rule_verdict == Verdict::Redirect as u32 && !send && protocol == IPPROTO_TCP && dns_port == 0 {
         // SAFETY: read-only global.
         let proxy = unsafe { core::ptr::read_volatile(&PROXY) };
         if proxy.port != 0 && redirect(ctx, ipv6, &addr, port, cgroup_id, rule_id, proxy.port) {

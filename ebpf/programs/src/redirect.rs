@@ -5,13 +5,13 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::{bpf_get_current_cgroup_id, generated::bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
-use tollgate_common::{ConnectionKey, OriginalDst, is_v4_mapped, v4_mapped};
+use tollgate_common::{ConnectionKey, DNS_RULE, OriginalDst, is_v4_mapped, v4_mapped};
 
-use crate::{AF_INET6, ORIGINAL_BY_CONNECTION, ORIGINAL_BY_COOKIE, words_to_bytes};
+use crate::{AF_INET6, ORIGINAL_BY_CONNECTION, ORIGINAL_BY_COOKIE, session_dns_port, words_to_bytes};
 
 /// Saves where the socket was going and points it at the proxy instead.
 /// Returns false (and the connect is refused) if the socket has no cookie slot.
@@ -126,6 +126,40 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// DNS answers from the session's resolver read as coming from the server
+/// the query was sent to (resolvers ignore answers from anyone else).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn restore_dns_source(ctx: &SockAddrContext, ipv6: bool) {
+    // SAFETY: a socket address context, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(original) = (unsafe { ORIGINAL_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    if original.rule_id != DNS_RULE {
+        return;
+    }
+    // SAFETY: no arguments; a 4-byte read of the context.
+    let (cgroup_id, port_be) = unsafe { (bpf_get_current_cgroup_id(), (*ctx.sock_addr).user_port as u16) };
+    // Only what the resolver sent: its port is the session's.
+    if u32::from(u16::from_be(port_be)) != session_dns_port(cgroup_id) {
+        return;
+    }
+    write_original(ctx, ipv6, &original);
+}
+
 #[inline(always)]
 fn restore_peer(ctx: &SockAddrContext, ipv6: bool) {
     // SAFETY: a socket address context, as the helper requires.
@@ -134,6 +168,12 @@ fn restore_peer(ctx: &SockAddrContext, ipv6: bool) {
     let Some(original) = (unsafe { ORIGINAL_BY_COOKIE.get(&cookie) }).copied() else {
         return;
     };
+    write_original(ctx, ipv6, &original);
+}
+
+/// Writes `original` as the context's address and port.
+#[inline(always)]
+fn write_original(ctx: &SockAddrContext, ipv6: bool, original: &OriginalDst) {
     let a = original.addr;
     let sa = ctx.sock_addr;
     // SAFETY: writes to the fields this attach type may write.
