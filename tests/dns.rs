@@ -230,3 +230,29 @@ fn explain_names_the_rule_a_name_meets() {
     let other = w.daemon.tollgate(&["policy", "explain", "--identity", "build-bots", "--to", "other.test:80"]);
     assert!(other.stdout.contains("refused"), "{other}");
 }
+
+/// Floods the resolver from one session (many queries sent, none awaited), then resolves.
+const FLOOD: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[1])):
+    query = struct.pack(">HHHHHH", i & 0xFFFF, 0x0100, 1, 0, 0, 0)
+    for label in ("flood%d" % i, "exfil", "example"):
+        query += bytes([len(label)]) + label.encode()
+    query += b"\0" + struct.pack(">HH", 1, 1)
+    s.sendto(query, ("127.0.0.1", 53))
+print(socket.gethostbyname("allowed.test"))
+"#;
+
+#[test]
+fn a_session_flooding_its_resolver_does_not_stop_others_resolving() {
+    let w = World::start(60, &[]);
+    let flood = w.daemon.run(&w.token, &["python3", "-c", FLOOD, "20000"]);
+    assert_eq!(flood.stdout.trim(), "127.0.0.2", "the flooding session itself still resolves: {flood}");
+    let a = w.allowed.port();
+    let (out, lines) = w.client(&steps(&format!("resolve allowed.test connect 127.0.0.2 {a}")));
+    assert_eq!(lines, ["127.0.0.2", "ok"], "{out}");
+    assert!(!w.dns.queries().contains("flood"), "no flooded name was forwarded");
+    let status = w.daemon.status();
+    assert_eq!(status["sessions_active"], 0, "{status}");
+}

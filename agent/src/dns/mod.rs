@@ -22,6 +22,7 @@ use serde_json::{Map, Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, UdpSocket},
+    sync::Semaphore,
     task::JoinHandle,
 };
 use tollgate_common::Verdict;
@@ -40,6 +41,9 @@ use crate::{
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest DNS message over UDP the resolver reads.
 const MAX_UDP: usize = 4096;
+/// Queries of one session answered at once; a UDP query past that is
+/// dropped (the client asks again), a TCP one waits.
+const IN_FLIGHT_PER_SESSION: usize = 64;
 
 /// The resolver service: a resolver per session, and the entries their answers added.
 pub struct Dns {
@@ -126,14 +130,17 @@ impl Dns {
     }
 
     /// Serves one session's UDP socket.
-    async fn serve_udp(self: Arc<Self>, cgroup_id: u64, socket: UdpSocket) {
+    async fn serve_udp(self: Arc<Self>, cgroup_id: u64, socket: UdpSocket, in_flight: Arc<Semaphore>) {
         let socket = Arc::new(socket);
         let mut buffer = vec![0u8; MAX_UDP];
         loop {
             let Ok((length, from)) = socket.recv_from(&mut buffer).await else { return };
+            // A session that floods its resolver loses queries, not the daemon's memory.
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
             let query = buffer[..length].to_vec();
             let (dns, socket) = (self.clone(), socket.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Some(answer) = dns.answer(cgroup_id, &query, false).await {
                     let _ = socket.send_to(&answer, from).await;
                 }
@@ -142,11 +149,13 @@ impl Dns {
     }
 
     /// Serves one session's TCP listener (two-byte length before each message).
-    async fn serve_tcp(self: Arc<Self>, cgroup_id: u64, listener: TcpListener) {
+    async fn serve_tcp(self: Arc<Self>, cgroup_id: u64, listener: TcpListener, in_flight: Arc<Semaphore>) {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
             let dns = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 loop {
                     let Ok(length) = stream.read_u16().await else { return };
                     let mut query = vec![0u8; usize::from(length)];
@@ -341,6 +350,7 @@ impl Resolvers for Dns {
                 Some((udp6, tcp6))
             })();
             let mut tasks = Vec::new();
+            let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_PER_SESSION));
             let mut udps = vec![udp4];
             let mut tcps = vec![tcp4];
             if let Some((udp6, tcp6)) = v6 {
@@ -350,12 +360,12 @@ impl Resolvers for Dns {
             for udp in udps {
                 udp.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let socket = UdpSocket::from_std(udp).map_err(|e| e.to_string())?;
-                tasks.push(self.runtime.spawn(me.clone().serve_udp(cgroup_id, socket)));
+                tasks.push(self.runtime.spawn(me.clone().serve_udp(cgroup_id, socket, in_flight.clone())));
             }
             for tcp in tcps {
                 tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let listener = TcpListener::from_std(tcp).map_err(|e| e.to_string())?;
-                tasks.push(self.runtime.spawn(me.clone().serve_tcp(cgroup_id, listener)));
+                tasks.push(self.runtime.spawn(me.clone().serve_tcp(cgroup_id, listener, in_flight.clone())));
             }
             self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(cgroup_id, tasks);
             return Ok(port);
