@@ -5,6 +5,7 @@
 mod access_review;
 mod attribution;
 mod audit;
+mod benchmark;
 mod cli;
 mod daemon_lifecycle;
 mod delegation;

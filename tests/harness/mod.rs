@@ -8,6 +8,7 @@
 //! Run them after building the binary: `cargo build -p tollgate && cargo test -p tollgate-tests`
 //! (or set `TOLLGATE_BIN` to test another build). A failing test prints the daemon's log.
 
+pub mod bench;
 mod daemon;
 pub mod dnsmasq;
 pub mod enforcement;

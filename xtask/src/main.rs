@@ -41,6 +41,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ls /usr/lib/postgresql/*/bin/postgres /usr/lib/postgresql/*/bin/pgbench", "postgresql"),
     // The DNS tests' upstream: a real server with fixed answers and a query log.
     ("command -v dnsmasq", "dnsmasq-base"),
+    // The benchmark's load generator and peers.
+    ("command -v wrk", "wrk"),
+    ("command -v pgbouncer", "pgbouncer"),
     // The unit's sandboxing is scored by systemd-analyze security.
     ("command -v systemd-analyze", "systemd"),
     // The packages are linted and inspected.
@@ -78,8 +81,14 @@ enum Task {
     /// Build, then run the daemon in the foreground with the repo's dev config
     /// and policies (state in target/tollgate-dev). Needs root.
     Run,
-    /// Build release, then measure: the proxy's latency against the direct path (needs root).
-    Bench,
+    /// Build release, then measure tollgate against the direct path and its
+    /// peers (nginx, pgbouncer) in one run; the table goes to stdout and
+    /// target/bench/ (needs root).
+    Bench {
+        /// One short round of every row (a minute, not several).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build release, then the .deb and .rpm into target/package/ (with
     /// shell completions and man pages generated from the CLI).
     Package,
@@ -121,12 +130,15 @@ fn main() -> anyhow::Result<()> {
             println!("  target/debug/tollgate sessions; target/debug/tollgate show <SESSION>");
             run(Command::new(root.join("target/debug/tollgate")).arg("daemon").arg("--config").arg(config))
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup()?;
             build(&root, true)?;
             let mut cargo = cargo();
-            cargo.current_dir(&root).args(["bench", "-p", "tollgate-tests", "--bench", "latency"]);
+            cargo.current_dir(&root).args(["bench", "-p", "tollgate-tests", "--bench", "bench"]);
+            if quick {
+                cargo.args(["--", "--quick"]);
+            }
             cargo.env("TOLLGATE_BIN", root.join("target/release/tollgate"));
             run(&mut cargo)
         }

@@ -1,0 +1,728 @@
+//! `cargo xtask bench`: tollgate against the direct path and against the
+//! peers users already run, every pair in one run on one machine, several
+//! rounds each. Load generators and peers are Debian's (wrk, nginx,
+//! pgbouncer, pgbench), started here on loopback; a peer that cannot start
+//! fails the run. Speed is measured here and never asserted in the tests
+//! (their smoke run only checks that the numbers are sane).
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::postgres::server;
+use crate::proxy::{BUILD_BOTS, Secret};
+use crate::{Daemon, RunOutput, free_loopback_port};
+
+/// How long and how often.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Rounds of each measurement.
+    pub rounds: usize,
+    /// Seconds of each load run.
+    pub seconds: u32,
+    /// Execs in the exec row.
+    pub execs: usize,
+    /// Connects in the connect row.
+    pub connects: usize,
+    /// Live sessions in the resource row.
+    pub sessions: usize,
+}
+
+impl Plan {
+    /// The full run.
+    pub const FULL: Plan = Plan { rounds: 3, seconds: 5, execs: 10_000, connects: 100_000, sessions: 50 };
+    /// `--quick`: one short round of everything.
+    pub const QUICK: Plan = Plan { rounds: 1, seconds: 1, execs: 500, connects: 2_000, sessions: 5 };
+}
+
+/// One measured series.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// What ran (`direct`, `nginx`, `tollgate`...).
+    pub name: String,
+    /// One value per round.
+    pub samples: Vec<f64>,
+}
+
+impl Series {
+    /// The median of the rounds.
+    pub fn median(&self) -> f64 {
+        let mut sorted = self.samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        match sorted.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        }
+    }
+
+    fn spread(&self) -> (f64, f64) {
+        let min = self.samples.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (min, max)
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What is measured.
+    pub what: String,
+    /// The workload, so anyone can rerun it.
+    pub workload: String,
+    /// The unit of the values.
+    pub unit: String,
+    /// The series, the reference first.
+    pub series: Vec<Series>,
+    /// Ratios that the targets speak of: (name, value, target).
+    pub ratios: Vec<(String, f64, String)>,
+}
+
+impl Row {
+    fn get(&self, name: &str) -> f64 {
+        self.series.iter().find(|s| s.name == name).map_or(0.0, Series::median)
+    }
+
+    fn ratio(&mut self, name: &str, of: &str, over: &str, target: &str) {
+        let (a, b) = (self.get(of), self.get(over));
+        let value = if b > 0.0 { a / b } else { 0.0 };
+        self.ratios.push((name.to_owned(), value, target.to_owned()));
+    }
+}
+
+/// The whole run.
+pub struct Report {
+    /// Every row.
+    pub rows: Vec<Row>,
+    /// The machine it ran on.
+    pub machine: String,
+    /// Records lost by the daemon during the run (should be 0).
+    pub lost: u64,
+}
+
+impl Report {
+    /// The table, as printed and as the README carries it.
+    pub fn table(&self) -> String {
+        let mut out = format!("machine: {}\n\n", self.machine);
+        out.push_str("| what | workload | series (median, min-max) | ratios (target) |\n| --- | --- | --- | --- |\n");
+        for row in &self.rows {
+            let series: Vec<String> = row
+                .series
+                .iter()
+                .map(|s| {
+                    let (min, max) = s.spread();
+                    format!("{}: {} {} ({}-{})", s.name, fmt(s.median()), row.unit, fmt(min), fmt(max))
+                })
+                .collect();
+            let ratios: Vec<String> =
+                row.ratios.iter().map(|(name, value, target)| format!("{name}: {} ({target})", fmt(*value))).collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                row.what,
+                row.workload,
+                series.join("<br>"),
+                ratios.join("<br>")
+            ));
+        }
+        out.push_str(&format!("\nrecords lost during the run: {}\n", self.lost));
+        out
+    }
+
+    /// The run as JSON.
+    pub fn json(&self) -> Value {
+        json!({
+            "machine": self.machine,
+            "lost": self.lost,
+            "rows": self.rows.iter().map(|row| json!({
+                "what": row.what,
+                "workload": row.workload,
+                "unit": row.unit,
+                "series": row.series.iter().map(|s| json!({
+                    "name": s.name, "median": s.median(), "samples": s.samples,
+                })).collect::<Vec<_>>(),
+                "ratios": row.ratios.iter().map(|(name, value, target)| json!({
+                    "name": name, "value": value, "target": target,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn fmt(value: f64) -> String {
+    if value >= 100.0 { format!("{value:.0}") } else { format!("{value:.2}") }
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
+}
+
+/// nginx as the trivial upstream (ports `upstream`) and as the peer
+/// reverse proxy (port `proxy`, one worker, upstream keepalive).
+struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// A 1 MB JSON body with values the masks match.
+fn big_body() -> String {
+    let mut items = Vec::new();
+    let mut size = 0;
+    let mut i = 0;
+    while size < 1 << 20 {
+        let item = format!(
+            r#"{{"id":{i},"email":"user{i}@example.com","card":"4111-1111-1111-{:04}","note":"order {i} shipped"}}"#,
+            i % 10000
+        );
+        size += item.len() + 1;
+        items.push(item);
+        i += 1;
+    }
+    format!("[{}]", items.join(","))
+}
+
+impl Nginx {
+    fn start(upstream: &[u16], proxy: u16) -> Nginx {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = |name: &str| dir.path().join(name).display().to_string();
+        fs::create_dir(dir.path().join("tmp")).expect("tmp");
+        fs::create_dir(dir.path().join("www")).expect("www");
+        fs::write(dir.path().join("www/big.json"), big_body()).expect("big body");
+        let listens: String = upstream.iter().map(|port| format!("    listen 127.0.0.1:{port};\n")).collect();
+        let config = format!(
+            "daemon off;\nworker_processes 1;\nerror_log {err};\npid {pid};\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  keepalive_requests 1000000;\n\
+             upstream backend {{ server 127.0.0.1:{first}; keepalive 64; }}\n\
+             server {{\n{listens}    location = /big.json {{ root {www}; default_type application/json; }}\n    location / {{ default_type application/json; return 200 '{{\"ok\":true,\"user\":\"ann@example.com\"}}'; }}\n  }}\n\
+             server {{\n    listen 127.0.0.1:{proxy};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            err = p("error.log"),
+            pid = p("nginx.pid"),
+            tmp = p("tmp"),
+            www = p("www"),
+            first = upstream[0],
+        );
+        fs::write(dir.path().join("nginx.conf"), config).expect("config");
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx starts (cargo xtask setup installs it)");
+        wait_for_port(proxy, "nginx");
+        Nginx { child, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to the master stops its workers too.
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What wrk measured.
+struct Wrk {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn wrk_argv(url: &str, connections: u32, seconds: u32, close: bool) -> Vec<String> {
+    let mut argv =
+        vec!["wrk".to_owned(), "-t1".into(), format!("-c{connections}"), format!("-d{seconds}s"), "--latency".into()];
+    if close {
+        argv.extend(["-H".to_owned(), "Connection: close".to_owned()]);
+    }
+    argv.push(url.to_owned());
+    argv
+}
+
+fn parse_wrk(out: &str) -> Wrk {
+    let requests_per_sec = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:").map(|v| v.trim().parse().unwrap_or(0.0)))
+        .unwrap_or_else(|| panic!("wrk printed no Requests/sec:\n{out}"));
+    let percentile = |p: &str| {
+        out.lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(p)).then(|| words.next().map(duration_ms)).flatten()
+            })
+            .unwrap_or(0.0)
+    };
+    Wrk { requests_per_sec, p50_ms: percentile("50%"), p99_ms: percentile("99%") }
+}
+
+fn duration_ms(text: &str) -> f64 {
+    let (number, factor) = if let Some(v) = text.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = text.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = text.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().unwrap_or(0.0) * factor
+}
+
+fn run_direct(argv: &[String]) -> RunOutput {
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    crate::run_with_timeout(&mut command, Duration::from_secs(120)).expect("a direct run")
+}
+
+fn must(out: RunOutput, what: &str) -> String {
+    assert!(out.success(), "{what} failed: {out}");
+    out.stdout
+}
+
+/// The daemon's resident memory (kB) and CPU time (clock ticks).
+fn usage(pid: u32) -> (f64, f64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0.0)))
+        .unwrap_or(0.0);
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
+    let cpu = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (rss, cpu)
+}
+
+/// Runs every row with `plan`.
+pub fn run(plan: Plan) -> Report {
+    let (plain, masked, masked10, peer) = (port(), port(), port(), port());
+    let nginx = Nginx::start(&[plain, masked, masked10], peer);
+    let pg = server();
+    let secret = Secret::private();
+    let db = pg.database("bench", &secret.value);
+    let pgbench = pg.binary("pgbench").to_string_lossy().into_owned();
+    let init = Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port.to_string(), "-U", "postgres", &db.name])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    pg.sql(&db.name, &format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}", db.role));
+    let bouncer = Pgbouncer::start(pg.port, &db.name, &db.role, &secret.value);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener for connect loops");
+    let listen_port = listener.local_addr().expect("its port").port();
+    let accepting = std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let _ = accepting;
+
+    let mask = |regex: &str| format!("            - {{ regex: \"{regex}\" }}\n");
+    let five: String = [
+        "ann@example\\\\.com",
+        "\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}",
+        "secret-[a-z]+",
+        "token=[A-Za-z0-9]+",
+        "ssn:[0-9-]+",
+    ]
+    .iter()
+    .map(|r| mask(r))
+    .collect();
+    let ten: String = [
+        "user[0-9]+@example\\\\.com",
+        "\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}",
+        "secret-[a-z]+",
+        "token=[A-Za-z0-9]+",
+        "ssn:[0-9-]+",
+        "password=[^&]+",
+        "AKIA[0-9A-Z]{16}",
+        "ghp_[A-Za-z0-9]{36}",
+        "xox[bp]-[A-Za-z0-9-]+",
+        "-----BEGIN [A-Z ]+-----",
+    ]
+    .iter()
+    .map(|r| mask(r))
+    .collect();
+    let routes = format!(
+        "        - to: \"127.0.0.1/32:{plain}\"\n          protocol: http\n\
+         \x20       - to: \"127.0.0.1/32:{masked}\"\n          protocol: http\n          mask:\n{five}\
+         \x20       - to: \"127.0.0.1/32:{masked10}\"\n          protocol: http\n          mask:\n{ten}\
+         \x20       - to: \"127.0.0.1/32:{pgport}\"\n          protocol: postgres\n          credential: {{ user: {role}, password_file: {secret} }}\n\
+         \x20         block:\n            - {{ statement: [drop, truncate, alter, grant, revoke] }}\n            - {{ statement: [delete, update], without_where: true }}\n            - {{ table: \"audit.*\" }}\n            - {{ function: [pg_read_file, lo_import, dblink] }}\n\
+         \x20         mask:\n            - {{ column: \"email|phone\" }}\n            - {{ regex: \"\\\\b\\\\d{{4}}-\\\\d{{4}}-\\\\d{{4}}-\\\\d{{4}}\\\\b\", replace: \"****\" }}\n",
+        pgport = pg.port,
+        role = db.role,
+        secret = secret.path.display(),
+    );
+    let policy = crate::proxy::policy(&routes, "");
+    let daemon = Daemon::builder().policy(&policy).start();
+    let token = daemon.mint("bench-bot", BUILD_BOTS);
+    // At rest: started, nothing run yet.
+    let pid = daemon.pid();
+    let sample = |seconds: f64| {
+        let (_, before) = usage(pid);
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        let (rss, after) = usage(pid);
+        let ticks = 100.0;
+        (rss / 1024.0, (after - before) / ticks / seconds * 100.0)
+    };
+    let (rest_rss, rest_cpu) = sample(2.0);
+    let governed = |argv: &[String]| daemon.run(&token, argv);
+    let mut rows = Vec::new();
+
+    // HTTP keep-alive throughput.
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let mut row = Row {
+        what: "HTTP keep-alive requests, recording on".into(),
+        workload: format!(
+            "wrk -t1 -c32 -d{}s to a trivial nginx upstream; nginx peer: 1 worker, upstream keepalive",
+            plan.seconds
+        ),
+        unit: "req/s".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    row.series.push(series(&plan, "direct", &|| {
+        parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
+    }));
+    row.series.push(series(&plan, "nginx", &|| {
+        parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
+    }));
+    row.series.push(series(&plan, "tollgate", &|| {
+        parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
+    }));
+    row.series.push(series(&plan, "tollgate, 5 masks", &|| {
+        parse_wrk(&must(governed(&wrk_argv(&url(masked, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
+    }));
+    row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
+    row.ratio("5 masks / nginx", "tollgate, 5 masks", "nginx", ">= 0.9");
+    row.ratio("tollgate / direct", "tollgate", "direct", "-");
+    rows.push(row);
+
+    // Latency added, at a lighter load.
+    let mut row = Row {
+        what: "HTTP latency (p50 / p99)".into(),
+        workload: format!("wrk -t1 -c4 -d{}s --latency (about half of peak)", plan.seconds),
+        unit: "ms".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    let latency = |out: String| {
+        let w = parse_wrk(&out);
+        (w.p50_ms, w.p99_ms)
+    };
+    let mut direct = (Vec::new(), Vec::new());
+    let mut proxied = (Vec::new(), Vec::new());
+    let mut nginx_latency = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds {
+        let (p50, p99) = latency(must(run_direct(&wrk_argv(&url(plain, "/"), 4, plan.seconds, false)), "wrk"));
+        direct.0.push(p50);
+        direct.1.push(p99);
+        let (p50, p99) = latency(must(run_direct(&wrk_argv(&url(peer, "/"), 4, plan.seconds, false)), "wrk"));
+        nginx_latency.0.push(p50);
+        nginx_latency.1.push(p99);
+        let (p50, p99) = latency(must(governed(&wrk_argv(&url(plain, "/"), 4, plan.seconds, false)), "wrk"));
+        proxied.0.push(p50);
+        proxied.1.push(p99);
+    }
+    for (name, (p50, p99)) in [("direct", direct), ("nginx", nginx_latency), ("tollgate", proxied)] {
+        row.series.push(Series { name: format!("{name} p50"), samples: p50 });
+        row.series.push(Series { name: format!("{name} p99"), samples: p99 });
+    }
+    let added = row.get("tollgate p99") - row.get("direct p99");
+    row.ratios.push(("p99 added (ms)".into(), added, "<= 1 ms".into()));
+    rows.push(row);
+
+    // New connections.
+    let mut row = Row {
+        what: "new connections per second".into(),
+        workload: format!("wrk -t1 -c32 -d{}s -H 'Connection: close'", plan.seconds),
+        unit: "conn/s".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    row.series.push(series(&plan, "direct", &|| {
+        parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
+    }));
+    row.series.push(series(&plan, "nginx", &|| {
+        parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
+    }));
+    row.series.push(series(&plan, "tollgate", &|| {
+        parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
+    }));
+    row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
+    rows.push(row);
+
+    // PostgreSQL.
+    let pgbench_argv = |port: u16| -> Vec<String> {
+        [
+            &pgbench,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            &db.role,
+            "-n",
+            "-S",
+            "-c8",
+            "-j2",
+            "-T",
+            &plan.seconds.to_string(),
+            &db.name,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let tps = |out: String| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("tps = ").and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("pgbench printed no tps:\n{out}"))
+    };
+    let with_password = |argv: Vec<String>| {
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]).env("PGPASSWORD", &secret.value);
+        crate::run_with_timeout(&mut command, Duration::from_secs(120)).expect("pgbench")
+    };
+    let mut row = Row {
+        what: "PostgreSQL pgbench -S".into(),
+        workload: format!(
+            "pgbench -S -c8 -j2 -T{}, scale 1; tollgate with guardrails and masks; pgbouncer in session mode",
+            plan.seconds
+        ),
+        unit: "tps".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    row.series.push(series(&plan, "direct", &|| tps(must(with_password(pgbench_argv(pg.port)), "pgbench"))));
+    row.series.push(series(&plan, "pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port)), "pgbench"))));
+    row.series.push(series(&plan, "tollgate", &|| tps(must(governed(&pgbench_argv(pg.port)), "pgbench"))));
+    row.ratio("tollgate / direct", "tollgate", "direct", ">= pgbouncer's");
+    row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
+    rows.push(row);
+
+    // Exec and connect in a governed session.
+    let loop_script = format!("i=0; while [ $i -lt {} ]; do /bin/true; i=$((i+1)); done", plan.execs);
+    let timed = |argv: Vec<String>, inside: bool| {
+        let started = Instant::now();
+        let out = if inside { governed(&argv) } else { run_direct(&argv) };
+        assert!(out.success(), "{out}");
+        started.elapsed().as_secs_f64()
+    };
+    let sh = |script: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    let mut row = Row {
+        what: "exec in a governed session".into(),
+        workload: format!("{} x /bin/true from sh, governed vs not (session start included)", plan.execs),
+        unit: "s".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    row.series.push(series(&plan, "outside", &|| timed(sh(&loop_script), false)));
+    row.series.push(series(&plan, "governed", &|| timed(sh(&loop_script), true)));
+    row.ratio("governed / outside", "governed", "outside", "<= 1.05");
+    rows.push(row);
+    // Every exec of the last governed round is recorded.
+    let last = daemon.last_session_id();
+    let show = daemon.show_until(&last, "every exec recorded", |show| {
+        crate::session_log::events_of_kind(show, "exec").len() > plan.execs
+    });
+    let recorded = crate::session_log::events_of_kind(&show, "exec").len();
+
+    let connect_script = format!(
+        "import socket\nfor _ in range({}):\n    s = socket.create_connection(('127.0.0.1', {listen_port}))\n    s.close()\n",
+        plan.connects
+    );
+    let python = |script: &str| vec!["python3".to_owned(), "-c".to_owned(), script.to_owned()];
+    let mut row = Row {
+        what: "connect in a governed session (allowed destination)".into(),
+        workload: format!("{} connect/close loops from Python to a loopback listener", plan.connects),
+        unit: "s".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    row.series.push(series(&plan, "outside", &|| timed(python(&connect_script), false)));
+    row.series.push(series(&plan, "governed", &|| timed(python(&connect_script), true)));
+    row.ratio("governed / outside", "governed", "outside", "<= 1.05");
+    rows.push(row);
+
+    // Ingestion: the exec row's records per second of the governed run.
+    let exec_secs = rows.iter().find(|r| r.what.starts_with("exec")).map_or(1.0, |r| r.get("governed"));
+    rows.push(Row {
+        what: "session log ingestion".into(),
+        workload: format!(
+            "the exec row's events (exec, fork, exit) recorded per second of its governed run, so bounded by the exec rate; {recorded} execs recorded of {}",
+            plan.execs
+        ),
+        unit: "events/s".into(),
+        series: vec![Series { name: "tollgate".into(), samples: vec![(recorded * 3) as f64 / exec_secs] }],
+        ratios: vec![("events/s".into(), (recorded * 3) as f64 / exec_secs, ">= 100,000/s".into())],
+    });
+
+    // Masking.
+    let body_mb = big_body().len() as f64 / 1e6;
+    let mut row = Row {
+        what: "masking".into(),
+        workload: format!(
+            "wrk -t1 -c1 -d{}s GET of a {body_mb:.1} MB JSON body with 10 regex masks, through the proxy",
+            plan.seconds
+        ),
+        unit: "MB/s".into(),
+        series: Vec::new(),
+        ratios: Vec::new(),
+    };
+    row.series.push(series(&plan, "direct", &|| {
+        parse_wrk(&must(run_direct(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
+            .requests_per_sec
+            * body_mb
+    }));
+    row.series.push(series(&plan, "tollgate, 10 masks", &|| {
+        parse_wrk(&must(governed(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
+            .requests_per_sec
+            * body_mb
+    }));
+    let masked_rate = row.get("tollgate, 10 masks");
+    row.ratios.push(("MB/s".into(), masked_rate, ">= 200 MB/s per core".into()));
+    rows.push(row);
+
+    // The daemon with live sessions (after every other row).
+    let mut sleepers = Vec::new();
+    for _ in 0..plan.sessions {
+        let mut command = Command::new(crate::tollgate_bin());
+        command
+            .args(["run", "--socket"])
+            .arg(daemon.socket())
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--", "sleep", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        sleepers.push(command.spawn().expect("a live session"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.status()["sessions_active"].as_u64().unwrap_or(0) < plan.sessions as u64 {
+        assert!(Instant::now() < deadline, "the live sessions did not all start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (busy_rss, busy_cpu) = sample(2.0);
+    for mut sleeper in sleepers {
+        // SAFETY: signalling the process group of a child we started.
+        unsafe { libc::kill(-(sleeper.id() as i32), libc::SIGKILL) };
+        let _ = sleeper.wait();
+    }
+    rows.push(Row {
+        what: "the daemon at rest and with live sessions".into(),
+        workload: format!(
+            "RSS and CPU of the daemon over 2 s: at rest right after it started, and with {} live sessions after every other row",
+            plan.sessions
+        ),
+        unit: "MB / %CPU".into(),
+        series: vec![
+            Series { name: "RSS at rest".into(), samples: vec![rest_rss] },
+            Series { name: "CPU at rest".into(), samples: vec![rest_cpu] },
+            Series { name: format!("RSS, {} sessions", plan.sessions), samples: vec![busy_rss] },
+            Series { name: format!("CPU, {} sessions", plan.sessions), samples: vec![busy_cpu] },
+        ],
+        ratios: vec![("RSS at rest (MB)".into(), rest_rss, "<= 50 MB".into())],
+    });
+
+    let status = daemon.status();
+    let lost = status["events_lost"].as_u64().unwrap_or(0);
+    drop(bouncer);
+    drop(nginx);
+    Report { rows, machine: machine(), lost }
+}
+
+/// `plan.rounds` measurements of `measure`.
+fn series(plan: &Plan, name: &str, measure: &dyn Fn() -> f64) -> Series {
+    Series { name: name.to_owned(), samples: (0..plan.rounds).map(|_| measure()).collect() }
+}
+
+fn port() -> u16 {
+    free_loopback_port().expect("a free port")
+}
+
+/// pgbouncer in session mode in front of the test server, as postgres.
+struct Pgbouncer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Pgbouncer {
+    fn start(pg_port: u16, database: &str, role: &str, password: &str) -> Pgbouncer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = port();
+        let p = |name: &str| dir.path().join(name);
+        fs::write(p("users.txt"), format!("\"{role}\" \"{password}\"\n")).expect("userlist");
+        fs::write(
+            p("pgbouncer.ini"),
+            format!(
+                "[databases]\n{database} = host=127.0.0.1 port={pg_port} dbname={database}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\nauth_file = {users}\n\
+                 pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {log}\n",
+                users = p("users.txt").display(),
+                log = p("pgbouncer.log").display(),
+            ),
+        )
+        .expect("pgbouncer.ini");
+        let (uid, gid) = owner_of(Path::new("/var/lib/postgresql"));
+        for file in ["users.txt", "pgbouncer.ini"] {
+            std::os::unix::fs::chown(p(file), Some(uid), Some(gid)).expect("chown");
+        }
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+        let child = Command::new("pgbouncer")
+            .arg(p("pgbouncer.ini"))
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pgbouncer starts (cargo xtask setup installs it)");
+        wait_for_port(port, "pgbouncer");
+        Pgbouncer { child, port, _dir: dir }
+    }
+}
+
+fn owner_of(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).expect("the postgres user's home");
+    (meta.uid(), meta.gid())
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Where a run's JSON goes: `target/bench/bench-UNIXTIME.json`.
+pub fn json_path(root: &Path) -> PathBuf {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    root.join("target/bench").join(format!("bench-{now}.json"))
+}
