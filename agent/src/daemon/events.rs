@@ -42,34 +42,59 @@ pub async fn read(
     mut consumed: ConsumedBytes,
 ) -> anyhow::Result<()> {
     let mut touched = Vec::new();
+    // The programs wake this reader only once the buffer fills past a level;
+    // below it, the reader drains on its own, often.
+    let mut drain = tokio::time::interval(std::time::Duration::from_millis(tollgate_common::DRAIN_INTERVAL_MS));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        let mut guard = ring.readable_mut().await?;
-        let buffer = guard.get_inner_mut();
-        let mut handled = 0;
-        while handled < EVENTS_PER_TURN {
-            let Some(item) = buffer.next() else { break };
-            match events::decode(&item) {
-                Ok(event) => {
-                    let cgroup_id = event.origin().cgroup_id;
-                    consumed.add(cgroup_id, item.len() as u64);
-                    if !touched.contains(&cgroup_id) {
-                        touched.push(cgroup_id);
-                    }
-                    record(&sessions, &log, &event);
+        let woken = tokio::select! {
+            guard = ring.readable_mut() => Some(guard?),
+            _ = drain.tick() => None,
+        };
+        match woken {
+            Some(mut guard) => {
+                let handled = read_some(guard.get_inner_mut(), &sessions, &log, &mut consumed, &mut touched);
+                if handled < EVENTS_PER_TURN {
+                    // Drained: wait for the kernel (or the next tick).
+                    guard.clear_ready();
                 }
-                Err(e) => tracing::error!(error = %e, "undecodable kernel event"),
             }
-            handled += 1;
+            None => {
+                while read_some(ring.get_mut(), &sessions, &log, &mut consumed, &mut touched) == EVENTS_PER_TURN {
+                    tokio::task::yield_now().await;
+                }
+            }
         }
-        consumed.publish(touched.drain(..));
-        if handled < EVENTS_PER_TURN {
-            // Drained: wait for the kernel to say there is more.
-            guard.clear_ready();
-        } else {
-            drop(guard);
-            tokio::task::yield_now().await;
-        }
+        tokio::task::yield_now().await;
     }
+}
+
+/// Reads up to [`EVENTS_PER_TURN`] events; returns how many.
+fn read_some(
+    buffer: &mut RingBuf<MapData>,
+    sessions: &Sessions,
+    log: &SessionLog,
+    consumed: &mut ConsumedBytes,
+    touched: &mut Vec<u64>,
+) -> usize {
+    let mut handled = 0;
+    while handled < EVENTS_PER_TURN {
+        let Some(item) = buffer.next() else { break };
+        match events::decode(&item) {
+            Ok(event) => {
+                let cgroup_id = event.origin().cgroup_id;
+                consumed.add(cgroup_id, item.len() as u64);
+                if !touched.contains(&cgroup_id) {
+                    touched.push(cgroup_id);
+                }
+                record(sessions, log, &event);
+            }
+            Err(e) => tracing::error!(error = %e, "undecodable kernel event"),
+        }
+        handled += 1;
+    }
+    consumed.publish(touched.drain(..));
+    handled
 }
 
 fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {

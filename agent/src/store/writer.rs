@@ -138,18 +138,31 @@ impl WriterHandle {
     }
 }
 
+/// How long the writer naps between looks at the queue while a batch is open
+/// (what waits on it, such as a session's opening, waits at most this long more).
+const BATCH_NAP: Duration = Duration::from_millis(5);
+
 fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_interval: Duration) {
     let mut seqs: HashMap<SessionId, i64> = HashMap::new();
+    // Opening a session and flushing are waited on: commit at once.
+    let urgent = |batch: &[Op]| matches!(batch.last(), Some(Op::Open(..) | Op::Flush(_)));
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         let deadline = Instant::now() + flush_interval;
-        // Opening a session and flushing are waited on: commit at once.
-        while !matches!(batch.last(), Some(Op::Open(..) | Op::Flush(_))) && batch.len() < MAX_BATCH {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        'collect: loop {
+            while !urgent(&batch) && batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
+            let now = Instant::now();
+            if urgent(&batch) || batch.len() >= MAX_BATCH || now >= deadline {
+                break 'collect;
+            }
+            // Nap rather than wait on the channel: a wakeup per record would
+            // preempt, on a small machine, the very processes recorded.
+            std::thread::sleep(BATCH_NAP.min(deadline - now));
         }
         commit(&mut conn, &mut chain, &mut seqs, batch);
     }

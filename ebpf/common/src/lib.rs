@@ -477,6 +477,15 @@ pub const LOST_THROTTLED: u32 = 2;
 /// the rest of the buffer stays for the sessions that write little.
 pub const FAIR_SHARE_DIVISOR: u64 = 4;
 
+/// The programs wake the daemon only once the unread events fill this
+/// fraction of the ring buffer (1/16); below it the daemon drains on its
+/// own every [`DRAIN_INTERVAL_MS`]. A wakeup per event costs a context
+/// switch per exec or connect, which on two cores slows the session itself.
+pub const WAKEUP_DIVISOR: u64 = 16;
+
+/// How often the daemon drains the ring buffer without being woken.
+pub const DRAIN_INTERVAL_MS: u64 = 10;
+
 /// Key of the map of execs whose first file an allow list admitted: the exec
 /// (its `linux_binprm`) and the thread doing it.
 #[repr(C)]

@@ -30,6 +30,7 @@ use aya_ebpf::{
 use tollgate_common::{
     ConnectionKey, EventHeader, EventKind, ExecInProgress, ExecKey, FAIR_SHARE_DIVISOR, KernelOffsets,
     LOST_BUFFER_FULL, LOST_THROTTLED, LostKey, NetAnyPortKey, NetPortKey, NetRule, OriginalDst, ProxyAddr, SessionSlot,
+    WAKEUP_DIVISOR,
 };
 
 const AF_INET: u32 = 2;
@@ -118,6 +119,9 @@ pub(crate) static CONSUMED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(
 /// `bpf_ringbuf_query` flags.
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_RING_SIZE: u64 = 1;
+/// `bpf_ringbuf_output` flags.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 #[inline(always)]
 pub(crate) fn offsets() -> KernelOffsets {
@@ -164,23 +168,25 @@ pub(crate) fn count_lost(cgroup_id: u64, kind: EventKind, reason: u32) {
 /// is less than half full, yes; past that, only while the session's events
 /// the daemon has not read yet take less than its share of the buffer, so a
 /// flooding session cannot push out the events of quiet ones. A refused
-/// event is counted for its session as throttled.
+/// event is counted for its session as throttled. Returns the output flags
+/// (wake the daemon only past a fill level), or `None` when refused.
 #[inline(always)]
-pub(crate) fn admit(cgroup_id: u64, kind: EventKind, size: u64) -> bool {
+pub(crate) fn admit(cgroup_id: u64, kind: EventKind, size: u64) -> Option<u64> {
     let filled = EVENTS.query(BPF_RB_AVAIL_DATA);
     let ring = EVENTS.query(BPF_RB_RING_SIZE);
+    let wake = if filled.saturating_mul(WAKEUP_DIVISOR) >= ring { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     if filled.saturating_mul(2) < ring {
-        return true;
+        return Some(wake);
     }
     // SAFETY: plain reads of map values; a racing update only makes the estimate stale.
     let submitted = unsafe { SUBMITTED.get(&cgroup_id) }.copied().unwrap_or(0);
     // SAFETY: as above.
     let consumed = unsafe { CONSUMED.get(&cgroup_id) }.copied().unwrap_or(0);
     if submitted.saturating_sub(consumed) + size <= ring / FAIR_SHARE_DIVISOR {
-        return true;
+        return Some(wake);
     }
     count_lost(cgroup_id, kind, LOST_THROTTLED);
-    false
+    None
 }
 
 /// Notes `size` bytes of `cgroup_id`'s events put into the ring buffer.
@@ -204,10 +210,10 @@ pub(crate) fn submitted(cgroup_id: u64, size: u64) {
 #[inline(always)]
 pub(crate) fn emit<T: 'static>(cgroup_id: u64, kind: EventKind, event: &T) {
     let size = core::mem::size_of::<T>() as u64;
-    if !admit(cgroup_id, kind, size) {
+    let Some(flags) = admit(cgroup_id, kind, size) else {
         return;
-    }
-    if EVENTS.output::<T>(event, 0).is_ok() {
+    };
+    if EVENTS.output::<T>(event, flags).is_ok() {
         submitted(cgroup_id, size);
     } else {
         count_lost(cgroup_id, kind, LOST_BUFFER_FULL);

@@ -60,9 +60,9 @@ fn not_allowed(cgroup_id: u64, dev: u32, ino: u64) -> bool {
 #[inline(always)]
 unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64, read_argv: bool) {
     let off = offsets();
-    if !admit(cgroup_id, EventKind::Exec, core::mem::size_of::<ExecEvent>() as u64) {
+    let Some(flags) = admit(cgroup_id, EventKind::Exec, core::mem::size_of::<ExecEvent>() as u64) else {
         return;
-    }
+    };
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_lost(cgroup_id, EventKind::Exec, LOST_BUFFER_FULL);
         return;
@@ -100,7 +100,7 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
             read_args(task, &off, event);
         }
     }
-    entry.submit(0);
+    entry.submit(flags);
     submitted(cgroup_id, core::mem::size_of::<ExecEvent>() as u64);
 }
 
