@@ -256,3 +256,21 @@ fn a_session_flooding_its_resolver_does_not_stop_others_resolving() {
     let status = w.daemon.status();
     assert_eq!(status["sessions_active"], 0, "{status}");
 }
+
+#[test]
+fn suggest_keeps_the_name_that_let_a_connect_through() {
+    let w = World::start(60, &[harness::proxy::REVIEWERS]);
+    let a = w.allowed.port();
+    let (out, lines) = w.client(&steps(&format!("resolve allowed.test connect 127.0.0.2 {a}")));
+    assert_eq!(lines, ["127.0.0.2", "ok"], "{out}");
+    let id = w.daemon.last_session_id();
+    w.daemon.show_until(&id, "the session's end", |s| !s["session"]["ended_at"].is_null());
+    let suggest = w.daemon.tollgate(&["review", "--suggest", "--identity", "build-bots"]);
+    assert!(suggest.success(), "{suggest}");
+    assert!(suggest.stdout.contains(&format!("allowed.test:{a}")), "the name, not its address:\n{suggest}");
+    assert!(!suggest.stdout.contains("127.0.0.2/32"), "{suggest}");
+    let file = w.daemon.dir().join("suggested.yaml");
+    std::fs::write(&file, &suggest.stdout).expect("writing the suggestion");
+    let check = w.daemon.tollgate(&["policy", "check", file.to_str().expect("utf-8")]);
+    assert!(check.success(), "the suggestion loads as printed:\n{}\n{check}", suggest.stdout);
+}

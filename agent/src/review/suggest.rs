@@ -55,7 +55,11 @@ fn observed_grant(policies: &PolicySet, window: &Window, identity: &str) -> Yaml
                 }
             }
             ("connect", "allow") => {
-                if let Some(target) = connect_target(detail) {
+                // Where a name rule let the connect through, the name is what
+                // the workload needs, not the address it had that day.
+                if let Some(name) = allowed_by_name(detail) {
+                    reached.insert(name);
+                } else if let Some(target) = connect_target(detail) {
                     reached.insert(as_destination(&target));
                 }
             }
@@ -119,6 +123,16 @@ fn observed_grant(policies: &PolicySet, window: &Window, identity: &str) -> Yaml
     grant.insert("exec".into(), Yaml::Mapping(exec));
     grant.insert("network".into(), Yaml::Mapping(network));
     Yaml::Mapping(grant)
+}
+
+/// The name rule (`network.allow github.com:443`) that let a connect through, if one did.
+fn allowed_by_name(detail: &Value) -> Option<String> {
+    let rules = detail.get("grant_rules").and_then(Value::as_array)?;
+    rules.iter().find_map(|rule| {
+        let target = rule.get("rule").and_then(Value::as_str)?.strip_prefix("network.allow ")?;
+        matches!(target.parse::<crate::policy::NetTarget>(), Ok(crate::policy::NetTarget::Name(_)))
+            .then(|| target.to_owned())
+    })
 }
 
 /// `1.2.3.4:80` as a one-address destination (`1.2.3.4/32:80`, `[::1]/128:80`).
