@@ -382,8 +382,13 @@ fn pgbench_runs_through_the_proxy_with_every_statement_recorded() {
 #[test]
 fn cancel_requests_reach_the_backend_behind_the_proxy() {
     let fx = Pg::start("", "agent", &[]);
+    let log_start = fx.pg.log_len();
     let (out, lines) = fx.extended(&["--cancel-after-ms", "1000", "SELECT pg_sleep(60)", "SELECT 1"]);
     assert_eq!(lines.first().map(|l| &l["error"]["code"]), Some(&Value::from("57014")), "{out}");
+    // The server itself cancelled the backend, not the proxy giving up on it.
+    let log = fx.pg.log_since(log_start);
+    let role = format!("user={} ", fx.db.role);
+    assert!(log.lines().any(|l| l.contains(&role) && l.contains("canceling statement due to user request")), "{log}");
     assert_eq!(lines.get(1).map(|l| &l["rows"][0][0]), Some(&Value::from("1")), "{out}");
 }
 

@@ -83,6 +83,10 @@ pub struct Row {
 }
 
 impl Row {
+    fn new(what: impl Into<String>, workload: impl Into<String>, unit: impl Into<String>) -> Row {
+        Row { what: what.into(), workload: workload.into(), unit: unit.into(), series: Vec::new(), ratios: Vec::new() }
+    }
+
     fn get(&self, name: &str) -> f64 {
         self.series.iter().find(|s| s.name == name).map_or(0.0, Series::median)
     }
@@ -389,16 +393,14 @@ pub fn run(plan: Plan) -> Report {
 
     // HTTP keep-alive throughput.
     let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
-    let mut row = Row {
-        what: "HTTP keep-alive requests, recording on".into(),
-        workload: format!(
+    let mut row = Row::new(
+        "HTTP keep-alive requests, recording on",
+        format!(
             "wrk -t1 -c32 -d{}s to a trivial nginx upstream; nginx peer: 1 worker, upstream keepalive",
             plan.seconds
         ),
-        unit: "req/s".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+        "req/s",
+    );
     row.series.push(series(&plan, "direct", &|| {
         parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
     }));
@@ -417,13 +419,11 @@ pub fn run(plan: Plan) -> Report {
     rows.push(row);
 
     // Latency added, at a lighter load.
-    let mut row = Row {
-        what: "HTTP latency (p50 / p99)".into(),
-        workload: format!("wrk -t1 -c4 -d{}s --latency (about half of peak)", plan.seconds),
-        unit: "ms".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+    let mut row = Row::new(
+        "HTTP latency (p50 / p99)",
+        format!("wrk -t1 -c4 -d{}s --latency (about half of peak)", plan.seconds),
+        "ms",
+    );
     let latency = |out: String| {
         let w = parse_wrk(&out);
         (w.p50_ms, w.p99_ms)
@@ -451,13 +451,11 @@ pub fn run(plan: Plan) -> Report {
     rows.push(row);
 
     // New connections.
-    let mut row = Row {
-        what: "new connections per second".into(),
-        workload: format!("wrk -t1 -c32 -d{}s -H 'Connection: close'", plan.seconds),
-        unit: "conn/s".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+    let mut row = Row::new(
+        "new connections per second",
+        format!("wrk -t1 -c32 -d{}s -H 'Connection: close'", plan.seconds),
+        "conn/s",
+    );
     row.series.push(series(&plan, "direct", &|| {
         parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
     }));
@@ -502,16 +500,14 @@ pub fn run(plan: Plan) -> Report {
         command.args(&argv[1..]).env("PGPASSWORD", &secret.value);
         crate::run_with_timeout(&mut command, Duration::from_secs(120)).expect("pgbench")
     };
-    let mut row = Row {
-        what: "PostgreSQL pgbench -S".into(),
-        workload: format!(
+    let mut row = Row::new(
+        "PostgreSQL pgbench -S",
+        format!(
             "pgbench -S -c8 -j2 -T{}, scale 1; tollgate with guardrails and masks; pgbouncer in session mode",
             plan.seconds
         ),
-        unit: "tps".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+        "tps",
+    );
     row.series.push(series(&plan, "direct", &|| tps(must(with_password(pgbench_argv(pg.port)), "pgbench"))));
     row.series.push(series(&plan, "pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port)), "pgbench"))));
     row.series.push(series(&plan, "tollgate", &|| tps(must(governed(&pgbench_argv(pg.port)), "pgbench"))));
@@ -528,13 +524,11 @@ pub fn run(plan: Plan) -> Report {
         started.elapsed().as_secs_f64()
     };
     let sh = |script: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
-    let mut row = Row {
-        what: "exec in a governed session".into(),
-        workload: format!("{} x /bin/true from sh, governed vs not (session start included)", plan.execs),
-        unit: "s".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+    let mut row = Row::new(
+        "exec in a governed session",
+        format!("{} x /bin/true from sh, governed vs not (session start included)", plan.execs),
+        "s",
+    );
     row.series.push(series(&plan, "outside", &|| timed(sh(&loop_script), false)));
     row.series.push(series(&plan, "governed", &|| timed(sh(&loop_script), true)));
     row.ratio("governed / outside", "governed", "outside", "<= 1.05");
@@ -553,13 +547,11 @@ pub fn run(plan: Plan) -> Report {
         plan.connects
     );
     let python = |script: &str| vec!["python3".to_owned(), "-c".to_owned(), script.to_owned()];
-    let mut row = Row {
-        what: "connect in a governed session (allowed destination)".into(),
-        workload: format!("{} UDP socket/connect/close loops from Python to a loopback port", plan.connects),
-        unit: "s".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+    let mut row = Row::new(
+        "connect in a governed session (allowed destination)",
+        format!("{} UDP socket/connect/close loops from Python to a loopback port", plan.connects),
+        "s",
+    );
     row.series.push(series(&plan, "outside", &|| timed(python(&connect_script), false)));
     row.series.push(series(&plan, "governed", &|| timed(python(&connect_script), true)));
     row.ratio("governed / outside", "governed", "outside", "<= 1.05");
@@ -585,30 +577,29 @@ pub fn run(plan: Plan) -> Report {
     }
     let stored = count();
     let rate = stored as f64 / started.elapsed().as_secs_f64();
-    rows.push(Row {
-        what: "session log ingestion".into(),
-        workload: format!(
+    let mut row = Row::new(
+        "session log ingestion",
+        format!(
             "a governed {n}-connect loop, from its start until its connects are rows in the store ({stored} of {n} stored); and {recorded} of {} execs recorded in the exec row",
             plan.execs,
             n = plan.connects
         ),
-        unit: "events/s".into(),
-        series: vec![Series { name: "tollgate".into(), samples: vec![rate] }],
-        ratios: vec![("events/s".into(), rate, ">= 100,000/s".into())],
-    });
+        "events/s",
+    );
+    row.series.push(Series { name: "tollgate".into(), samples: vec![rate] });
+    row.ratios.push(("events/s".into(), rate, ">= 100,000/s".into()));
+    rows.push(row);
 
     // Masking.
     let body_mb = big_body().len() as f64 / 1e6;
-    let mut row = Row {
-        what: "masking".into(),
-        workload: format!(
+    let mut row = Row::new(
+        "masking",
+        format!(
             "wrk -t1 -c1 -d{}s GET of a {body_mb:.1} MB JSON body with 10 regex masks, through the proxy",
             plan.seconds
         ),
-        unit: "MB/s".into(),
-        series: Vec::new(),
-        ratios: Vec::new(),
-    };
+        "MB/s",
+    );
     row.series.push(series(&plan, "direct", &|| {
         parse_wrk(&must(run_direct(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
             .requests_per_sec

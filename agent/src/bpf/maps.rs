@@ -123,16 +123,7 @@ impl SessionMaps {
             flags |= SESSION_EXEC_ALLOW_LIST;
         }
         for entry in &rules.net {
-            let value = NetRule {
-                verdict: entry.verdict as u32,
-                addr_prefix: entry.addr_prefix,
-                rule_id: entry.rule_id,
-                reserved: 0,
-            };
-            match net_key(cgroup_id, entry) {
-                NetKey::AnyPort(key) => self.net_any_port.insert(&key, value, 0).map_err(fail("NET_ANY_PORT"))?,
-                NetKey::Port(key) => self.net_port.insert(&key, value, 0).map_err(fail("NET_PORT"))?,
-            }
+            self.put_entry(cgroup_id, entry)?;
         }
         let slot = SessionSlot { session_id: cgroup_id, flags, dns_port };
         self.sessions.insert(cgroup_id, slot, 0).map_err(fail("SESSIONS"))
@@ -146,8 +137,8 @@ impl SessionMaps {
         self.sessions.insert(cgroup_id, slot, 0).map_err(fail)
     }
 
-    /// Adds (or replaces) one entry of a session, outside its compiled rules
-    /// (an address its resolver answered).
+    /// Adds (or replaces) one entry of a session: a compiled rule, or an
+    /// address its resolver answered.
     pub fn put_entry(&mut self, cgroup_id: u64, entry: &NetEntry) -> Result<(), BpfError> {
         let fail = |name| move |source| BpfError::Map { name, source };
         let value = NetRule {

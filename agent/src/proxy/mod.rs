@@ -27,7 +27,7 @@ use tollgate_common::ConnectionKey;
 use tracing::Instrument;
 
 use crate::{
-    approval::Reviews,
+    approval::{self, Reviews},
     bpf::OriginalDestinations,
     policy::{compile::SessionRoute, route::Protocol},
     session::{GovernedRoute, Sessions},
@@ -105,6 +105,34 @@ pub struct Governed {
     pub uids: Vec<u32>,
     /// The process that connected, as the kernel saw it at connect.
     pub client_pid: u32,
+}
+
+impl Governed {
+    /// A request of this connection, held for a reviewer.
+    pub fn held(
+        &self,
+        rule: &str,
+        method: &str,
+        path: String,
+        body_start: Option<String>,
+        upgrade: Option<String>,
+    ) -> approval::Request {
+        approval::Request {
+            session: self.session.clone(),
+            uid: self.uid,
+            identity: self.identity.clone(),
+            subject: self.subject.clone(),
+            grant: self.route.grant.clone(),
+            chain: self.chain.clone(),
+            uids: self.uids.clone(),
+            rule: rule.to_owned(),
+            destination: self.destination.to_string(),
+            method: method.to_owned(),
+            path,
+            body_start,
+            upgrade,
+        }
+    }
 }
 
 /// Binds the proxy on 127.0.0.1 and ::1 at `port`; port 0 means no proxy

@@ -7,7 +7,32 @@ use hyper::StatusCode;
 use serde_json::{Map, Value};
 
 use super::Governed;
-use crate::store::{RecordKind, RecordVerdict, SessionLog};
+use crate::{
+    approval::Answer,
+    store::{RecordKind, RecordVerdict, SessionLog},
+};
+
+/// Why a held request or statement does not go on.
+pub enum Unapproved {
+    /// A reviewer denied it.
+    Denied {
+        /// The held request's id.
+        id: String,
+        /// Who.
+        by: String,
+        /// Why, if they said.
+        reason: Option<String>,
+    },
+    /// Nobody decided in time.
+    TimedOut {
+        /// The held request's id.
+        id: String,
+        /// How long it waited.
+        timeout: std::time::Duration,
+    },
+    /// Its session already has as many held as it may.
+    TooMany,
+}
 
 /// How an HTTP exchange ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +112,35 @@ impl ProxyRecord {
     /// Sets a field.
     pub fn set(&mut self, key: &str, value: impl Into<Value>) {
         self.detail.insert(key.into(), value.into());
+    }
+
+    /// Notes a reviewer's answer; `Err` when it does not let the request go on.
+    pub fn answered(&mut self, answer: Answer) -> Result<(), Unapproved> {
+        match answer {
+            Answer::Window => {
+                self.set("approval", "jit-window");
+                Ok(())
+            }
+            Answer::Approved { id, by, window } => {
+                self.set("approval_id", id);
+                self.set("approved_by", by);
+                if let Some(window) = window {
+                    self.set("jit_window_secs", window.as_secs());
+                }
+                Ok(())
+            }
+            Answer::Denied { id, by, reason } => {
+                self.set("approval_id", id.clone());
+                self.set("denied_by", by.clone());
+                Err(Unapproved::Denied { id, by, reason })
+            }
+            Answer::TimedOut { id, timeout } => {
+                self.set("approval_id", id.clone());
+                self.set("denied_by", "timeout");
+                Err(Unapproved::TimedOut { id, timeout })
+            }
+            Answer::TooMany => Err(Unapproved::TooMany),
+        }
     }
 
     /// Writes the record with `verdict`.

@@ -9,11 +9,11 @@ use serde_json::json;
 
 use super::{MAX_BODY, Refusal};
 use crate::{
-    approval::{self, Answer},
+    approval,
     policy::route::{Route, RouteTarget, name_matches},
     proxy::{
         Governed, ProxyCtx,
-        record::{Outcome, ProxyRecord},
+        record::{Outcome, ProxyRecord, Unapproved},
         rules::{RequestView, blocked_by, needs_approval},
     },
 };
@@ -249,50 +249,19 @@ async fn approve(
     asked: Asked<'_>,
 ) -> Result<(), Refusal> {
     let Asked { method, path, upgrade, body_start } = asked;
-    let request = approval::Request {
-        session: governed.session.clone(),
-        uid: governed.uid,
-        identity: governed.identity.clone(),
-        subject: governed.subject.clone(),
-        grant: governed.route.grant.clone(),
-        chain: governed.chain.clone(),
-        uids: governed.uids.clone(),
-        rule: rule.to_owned(),
-        destination: governed.destination.to_string(),
-        method: method.as_str().to_owned(),
-        path: path.to_owned(),
-        body_start,
-        upgrade,
-    };
+    let request = governed.held(rule, method.as_str(), path.to_owned(), body_start, upgrade);
     let denied = |extra| Refusal::new(Outcome::Denied, StatusCode::FORBIDDEN, "", extra);
-    match ctx.reviews.ask(request).await {
-        Answer::Window => {
-            record.set("approval", "jit-window");
-            Ok(())
-        }
-        Answer::Approved { id, by, window } => {
-            record.set("approval_id", id);
-            record.set("approved_by", by);
-            if let Some(window) = window {
-                record.set("jit_window_secs", window.as_secs());
-            }
-            Ok(())
-        }
-        Answer::Denied { id, by, reason } => {
-            record.set("approval_id", id.clone());
-            record.set("denied_by", by.clone());
+    match record.answered(ctx.reviews.ask(request).await) {
+        Ok(()) => Ok(()),
+        Err(Unapproved::Denied { id, by, reason }) => {
             Err(denied(json!({"rule": rule, "approval": id, "denied_by": by, "reason": reason}))
                 .with_error("denied by a reviewer"))
         }
-        Answer::TimedOut { id, timeout } => {
-            record.set("approval_id", id.clone());
-            record.set("denied_by", "timeout");
-            Err(denied(
-                json!({"rule": rule, "approval": id, "denied_by": "timeout", "timeout_secs": timeout.as_secs()}),
-            )
-            .with_error("approval timed out"))
-        }
-        Answer::TooMany => Err(Refusal::new(
+        Err(Unapproved::TimedOut { id, timeout }) => Err(denied(
+            json!({"rule": rule, "approval": id, "denied_by": "timeout", "timeout_secs": timeout.as_secs()}),
+        )
+        .with_error("approval timed out")),
+        Err(Unapproved::TooMany) => Err(Refusal::new(
             Outcome::Denied,
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests of this session are already waiting for approval",

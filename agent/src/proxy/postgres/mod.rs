@@ -37,9 +37,12 @@ use self::{
     startup::{Opening, Startup, Stream},
     wire::{Fields, Message},
 };
-use super::{Governed, ProxyCtx, record::ProxyRecord};
+use super::{
+    Governed, ProxyCtx,
+    record::{ProxyRecord, Unapproved},
+};
 use crate::{
-    approval::{self, Answer},
+    approval,
     policy::{
         route::{Mask, Route},
         sql::{self as statement, Analysis, SearchPath, Verdict},
@@ -201,7 +204,7 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
 
     let mut hello = wire::authentication_ok();
     for message in &greeting {
-        hello.extend_from_slice(&message.encode());
+        message.write_to(&mut hello);
     }
     hello.extend_from_slice(&wire::backend_key(proxy_key.0, proxy_key.1));
     hello.extend_from_slice(&wire::ready(status));
@@ -241,7 +244,6 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
         queue: VecDeque::new(),
         plan: None,
         catalog: catalog::Catalog::new(&startup),
-        skipping: false,
     };
     let mut backward = Box::pin(back.run());
     let ended = tokio::select! {
@@ -320,6 +322,22 @@ struct Refusal {
 }
 
 impl Refusal {
+    /// A statement refused by the route's rules (42501, the rule noted in
+    /// the record) or, when it did not `parse`, by PostgreSQL's parser (42601).
+    fn of_statement(mut record: ProxyRecord, parsed: bool, why: String) -> Self {
+        if !parsed {
+            return Self { record, code: "42601", message: why, verdict: RecordVerdict::DENY, outcome: "refused" };
+        }
+        record.hit(&why);
+        let message = format!("statement refused by policy ({why})");
+        Self { record, code: REFUSED_CODE, message, verdict: RecordVerdict::Block, outcome: "blocked" }
+    }
+
+    /// A held statement that was not approved.
+    fn denied(record: ProxyRecord, message: String) -> Self {
+        Self { record, code: REFUSED_CODE, message, verdict: RecordVerdict::DENY, outcome: "denied" }
+    }
+
     fn finish(self, ctx: &ProxyCtx, governed: &Governed) {
         let Self { mut record, code, message, verdict, outcome } = self;
         tracing::warn!(session = %governed.session, destination = %governed.destination, code, %message, "statement refused");
@@ -415,19 +433,20 @@ impl Front<'_> {
                 b'E' => self.execute(&message, described).await.map_err(|e| e.to_string())?,
                 b'D' => self.describe(&message).map_err(|e| e.to_string())?,
                 b'C' => self.close(&message).map_err(|e| e.to_string())?,
-                b'S' => self.send(Expect::Sync, &message.encode()),
+                b'S' => self.forward(Expect::Sync, &message),
                 // Flush, and the data of a COPY FROM STDIN the rules let start.
-                b'H' | b'd' | b'c' | b'f' => self.outgoing.extend_from_slice(&message.encode()),
+                b'H' | b'd' | b'c' | b'f' => message.write_to(&mut self.outgoing),
                 b'X' => return Ok(()),
                 b'F' => {
-                    let record = self.record(None, None);
-                    let refusal = refused(
-                        record,
-                        REFUSED_CODE,
-                        "the fast-path function call names a function by number, which no rule can judge".to_owned(),
-                    );
-                    self.send(refusal, &wire::query(REFUSED_MARKER));
-                    self.send(Expect::Sync, &[]);
+                    let refusal = Refusal {
+                        record: self.record(None, None),
+                        code: REFUSED_CODE,
+                        message: "the fast-path function call names a function by number, which no rule can judge"
+                            .to_owned(),
+                        verdict: RecordVerdict::Block,
+                        outcome: "blocked",
+                    };
+                    self.send_refusal(refusal, b'Q');
                 }
                 other => return Err(format!("unexpected message type '{}' from the client", char::from(other))),
             }
@@ -443,6 +462,12 @@ impl Front<'_> {
             self.outgoing.clear();
         }
         self.server.flush().await
+    }
+
+    /// Queues what the server will answer to the client's `message`, then the message.
+    fn forward(&mut self, expect: Expect, message: &Message) {
+        let _ = self.expect.send(expect);
+        message.write_to(&mut self.outgoing);
     }
 
     /// Queues what the server will answer to `bytes`, then `bytes`.
@@ -508,38 +533,26 @@ impl Front<'_> {
         let (analysis, verdict) = self.judge(&sql);
         let mut record = self.record(Some(&sql), analysis.as_deref().ok());
         let analysis = match (analysis, verdict) {
-            (Err(_), Verdict::Refuse(why)) => {
-                self.refuse(record, "42601", why, b'Q');
-                return Ok(());
-            }
-            (_, Verdict::Refuse(rule)) => {
-                record.hit(&rule);
-                self.refuse(record, REFUSED_CODE, format!("statement refused by policy ({rule})"), b'Q');
+            (analysis, Verdict::Refuse(why)) => {
+                self.send_refusal(Refusal::of_statement(record, analysis.is_ok(), why), b'Q');
                 return Ok(());
             }
             (Ok(analysis), Verdict::Hold(rule)) => {
                 record.hit(&rule);
                 let shown = mask_text(self.route, &sql).0;
-                if let Err(refusal) = self.approve(&mut record, &rule, &sql, Some(format!("sql: {shown}"))).await {
-                    let (code, message, verdict, outcome) = refusal;
-                    self.send_refusal(Refusal { record, code, message, verdict, outcome }, b'Q');
+                if let Err(message) = self.approve(&mut record, &rule, &sql, Some(format!("sql: {shown}"))).await {
+                    self.send_refusal(Refusal::denied(record, message), b'Q');
                     return Ok(());
                 }
                 analysis
             }
-            (Ok(analysis), _) => analysis,
+            (Ok(analysis), Verdict::Pass) => analysis,
+            // Only a statement that parsed can be held or passed.
             (Err(_), _) => return Ok(()),
         };
         self.note_prepared(&analysis);
-        self.send(Expect::Query(Box::new(Running::new(record, Some(analysis)))), &message.encode());
+        self.forward(Expect::Query(Box::new(Running::new(record, Some(analysis)))), message);
         Ok(())
-    }
-
-    /// Refuses a statement: the marker goes upstream in its place.
-    fn refuse(&mut self, record: ProxyRecord, code: &'static str, message: String, form: u8) {
-        let outcome = if code == REFUSED_CODE { "blocked" } else { "refused" };
-        let verdict = if code == REFUSED_CODE { RecordVerdict::Block } else { RecordVerdict::DENY };
-        self.send_refusal(Refusal { record, code, message, verdict, outcome }, form);
     }
 
     /// Sends the marker in the form of the refused message: a Query (then
@@ -561,24 +574,17 @@ impl Front<'_> {
         let (analysis, verdict) = self.judge(&sql);
         match verdict {
             Verdict::Refuse(why) => {
-                let mut record = self.record(Some(&sql), analysis.as_deref().ok());
-                let code = if analysis.is_err() { "42601" } else { REFUSED_CODE };
-                let message = if analysis.is_err() { why } else { format!("statement refused by policy ({why})") };
-                if code == REFUSED_CODE {
-                    record.hit(message.trim_start_matches("statement refused by policy (").trim_end_matches(')'));
-                }
+                let record = self.record(Some(&sql), analysis.as_deref().ok());
+                let refusal = Refusal::of_statement(record, analysis.is_ok(), why);
                 self.statements.remove(&name);
-                let outcome = if code == REFUSED_CODE { "blocked" } else { "refused" };
-                let verdict = if code == REFUSED_CODE { RecordVerdict::Block } else { RecordVerdict::DENY };
                 // Under the client's own name, so the statement it replaces is gone as it would be.
-                let refusal = Refusal { record, code, message, verdict, outcome };
                 self.send(Expect::Refused(Box::new(refusal)), &wire::parse(&name, REFUSED_MARKER));
             }
             // Parsing runs nothing: a held statement waits at its Execute,
             // where its parameters are known.
             _ => {
                 self.statements.insert(name, Prepared { sql, analysis });
-                self.send(Expect::Done, &message.encode());
+                self.forward(Expect::Done, message);
             }
         }
         Ok(())
@@ -606,7 +612,7 @@ impl Front<'_> {
             parameters.push(shown);
         }
         self.portals.insert(portal, Portal { statement, parameters });
-        self.send(Expect::Done, &message.encode());
+        self.forward(Expect::Done, message);
         Ok(())
     }
 
@@ -627,7 +633,7 @@ impl Front<'_> {
         let Some((sql, analysis, parameters)) = self.portal_statement(&portal) else {
             // No such portal: the server says so itself.
             let record = self.record(None, None);
-            self.send(Expect::Execute(Box::new(Running::new(record, None))), &message.encode());
+            self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
             return Ok(());
         };
         let mut record = self.record(Some(&sql), Some(&analysis));
@@ -636,17 +642,14 @@ impl Front<'_> {
         }
         match statement::judge(self.route, &analysis, &self.search_path) {
             Verdict::Refuse(rule) => {
-                record.hit(&rule);
-                self.refuse(record, REFUSED_CODE, format!("statement refused by policy ({rule})"), b'P');
+                self.send_refusal(Refusal::of_statement(record, true, rule), b'P');
                 return Ok(());
             }
             Verdict::Hold(rule) => {
                 record.hit(&rule);
                 let shown = format!("parameters: [{}]", parameters.join(", "));
-                if let Err((code, message, verdict, outcome)) =
-                    self.approve(&mut record, &rule, &sql, Some(shown)).await
-                {
-                    self.send_refusal(Refusal { record, code, message, verdict, outcome }, b'P');
+                if let Err(message) = self.approve(&mut record, &rule, &sql, Some(shown)).await {
+                    self.send_refusal(Refusal::denied(record, message), b'P');
                     return Ok(());
                 }
             }
@@ -658,7 +661,7 @@ impl Front<'_> {
             self.send(expect, &wire::describe_portal(&portal));
         }
         self.note_prepared(&analysis);
-        self.send(Expect::Execute(Box::new(Running::new(record, Some(analysis)))), &message.encode());
+        self.forward(Expect::Execute(Box::new(Running::new(record, Some(analysis)))), message);
         Ok(())
     }
 
@@ -674,7 +677,7 @@ impl Front<'_> {
             self.described = Some(name);
             Expect::DescribePortal { analysis, swallow: false }
         };
-        self.send(expect, &message.encode());
+        self.forward(expect, message);
         Ok(())
     }
 
@@ -687,82 +690,37 @@ impl Front<'_> {
         } else {
             self.portals.remove(&name);
         }
-        self.send(Expect::Done, &message.encode());
+        self.forward(Expect::Done, message);
         Ok(())
     }
 
     /// Holds a statement for a reviewer (unless a JIT window covers it).
-    /// On refusal: the SQLSTATE, message, verdict and outcome.
+    /// On refusal: what the client is told.
     async fn approve(
         &mut self,
         record: &mut ProxyRecord,
         rule: &str,
         sql: &str,
         shown: Option<String>,
-    ) -> Result<(), (&'static str, String, RecordVerdict, &'static str)> {
+    ) -> Result<(), String> {
         // What the client sent before this reaches the server while it waits.
         let _ = self.flush().await;
-        let governed = self.governed;
-        let request = approval::Request {
-            session: governed.session.clone(),
-            uid: governed.uid,
-            identity: governed.identity.clone(),
-            subject: governed.subject.clone(),
-            grant: governed.route.grant.clone(),
-            chain: governed.chain.clone(),
-            uids: governed.uids.clone(),
-            rule: rule.to_owned(),
-            destination: governed.destination.to_string(),
-            method: "SQL".to_owned(),
-            path: statement::normalize(sql),
-            body_start: shown,
-            upgrade: None,
-        };
-        match self.ctx.reviews.ask(request).await {
-            Answer::Window => {
-                record.set("approval", "jit-window");
-                Ok(())
-            }
-            Answer::Approved { id, by, window } => {
-                record.set("approval_id", id);
-                record.set("approved_by", by);
-                if let Some(window) = window {
-                    record.set("jit_window_secs", window.as_secs());
-                }
-                Ok(())
-            }
-            Answer::Denied { id, by, reason } => {
-                record.set("approval_id", id.clone());
-                record.set("denied_by", by.clone());
+        let request = self.governed.held(rule, "SQL", statement::normalize(sql), shown, None);
+        match record.answered(self.ctx.reviews.ask(request).await) {
+            Ok(()) => Ok(()),
+            Err(Unapproved::Denied { id, by, reason }) => {
                 let why = reason.map_or(String::new(), |r| format!(": {r}"));
-                Err((
-                    REFUSED_CODE,
-                    format!("statement denied by {by} (approval {id}){why}"),
-                    RecordVerdict::DENY,
-                    "denied",
-                ))
+                Err(format!("statement denied by {by} (approval {id}){why}"))
             }
-            Answer::TimedOut { id, timeout } => {
-                record.set("approval_id", id.clone());
-                record.set("denied_by", "timeout");
-                let message = format!("nobody approved the statement within {}s (approval {id})", timeout.as_secs());
-                Err((REFUSED_CODE, message, RecordVerdict::DENY, "denied"))
+            Err(Unapproved::TimedOut { id, timeout }) => {
+                Err(format!("nobody approved the statement within {}s (approval {id})", timeout.as_secs()))
             }
-            Answer::TooMany => Err((
-                REFUSED_CODE,
-                format!(
-                    "too many statements of this session wait for approval (at most {})",
-                    approval::MAX_HELD_PER_SESSION
-                ),
-                RecordVerdict::DENY,
-                "denied",
+            Err(Unapproved::TooMany) => Err(format!(
+                "too many statements of this session wait for approval (at most {})",
+                approval::MAX_HELD_PER_SESSION
             )),
         }
     }
-}
-
-fn refused(record: ProxyRecord, code: &'static str, message: String) -> Expect {
-    Expect::Refused(Box::new(Refusal { record, code, message, verdict: RecordVerdict::Block, outcome: "blocked" }))
 }
 
 /// Applies the route's regex masks to text; returns it and how many matched.
@@ -859,8 +817,6 @@ struct Back<'a> {
     queue: VecDeque<Expect>,
     plan: Option<Plan>,
     catalog: catalog::Catalog,
-    /// After an error in an extended-protocol batch the server skips to Sync.
-    skipping: bool,
 }
 
 impl Back<'_> {
@@ -893,7 +849,7 @@ impl Back<'_> {
     }
 
     fn pass(&mut self, message: &Message) {
-        self.outgoing.extend_from_slice(&message.encode());
+        message.write_to(&mut self.outgoing);
     }
 
     fn running(&mut self) -> Option<&mut Running> {
@@ -999,7 +955,6 @@ impl Back<'_> {
                     Some(Expect::Sync) | None => {}
                     Some(other) => other.abandon(ctx, governed, "the server ended the batch before answering"),
                 }
-                self.skipping = false;
                 self.plan = None;
                 self.pass(&message);
             }
@@ -1057,7 +1012,6 @@ impl Back<'_> {
             _ => self.outgoing.extend_from_slice(&wire::frame(b'E', &masked)),
         }
         // The server skips the rest of the batch: nothing after this answers until Sync.
-        self.skipping = true;
         while let Some(next) = self.queue.front() {
             if matches!(next, Expect::Sync) {
                 break;

@@ -5,7 +5,7 @@
 //! Messages the server sends are parsed with `postgres-protocol`; the
 //! client's are taken apart here (that crate only writes them).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest message the proxy takes from a client (a statement with its
@@ -36,6 +36,14 @@ impl Message {
     /// The message as it goes on the wire.
     pub fn encode(&self) -> Vec<u8> {
         frame(self.tag, &self.body)
+    }
+
+    /// Appends the message as it goes on the wire to `out` (the relay's
+    /// path: no buffer of its own per message).
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.push(self.tag);
+        out.extend_from_slice(&(self.body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(&self.body);
     }
 }
 
@@ -155,31 +163,19 @@ impl Fields {
 
 /// `ErrorResponse` with severity ERROR.
 pub fn error(code: &str, message: &str, detail: Option<&str>) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    for (field, value) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', code), (b'M', message)] {
-        body.put_u8(field);
-        body.put_slice(value.as_bytes());
-        body.put_u8(0);
-    }
-    if let Some(detail) = detail {
-        body.put_u8(b'D');
-        body.put_slice(detail.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    frame(b'E', &body)
+    error_with("ERROR", code, message, detail)
 }
 
 /// `ErrorResponse` with severity FATAL (the connection ends after it).
 pub fn fatal(code: &str, message: &str) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
-        body.put_u8(field);
-        body.put_slice(value.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    frame(b'E', &body)
+    error_with("FATAL", code, message, None)
+}
+
+fn error_with(severity: &str, code: &str, message: &str, detail: Option<&str>) -> Vec<u8> {
+    let mut fields = vec![(b'S', severity), (b'V', severity), (b'C', code), (b'M', message)];
+    fields.extend(detail.map(|detail| (b'D', detail)));
+    let fields: Vec<(u8, String)> = fields.into_iter().map(|(code, text)| (code, text.to_owned())).collect();
+    frame(b'E', &error_body(&fields))
 }
 
 /// The fields of an `ErrorResponse` or `NoticeResponse`, by code.
