@@ -83,6 +83,12 @@ fn verify_catches_edits_deletions_insertions_and_a_cut_end() {
     let out = daemon.tollgate(&["verify", "--since", "2100-01-01"]);
     assert!(out.success() && out.stdout.contains("verified 0 record(s)"), "{out}");
     let pub_key = daemon.status()["ledger_public_key"].as_str().expect("the host's public key").to_owned();
+    // The running daemon checks against a key the caller pins, too.
+    let other_key = daemon.dir().join("other.pub");
+    fs::write(&other_key, "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").expect("key");
+    let out = daemon.tollgate(&["verify", "--key", path_str(&other_key)]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stdout.contains("not signed by the host's key"), "{out}");
 
     daemon.halt();
     let db = daemon.state_dir().join("sessions.db");
@@ -128,8 +134,6 @@ fn verify_catches_edits_deletions_insertions_and_a_cut_end() {
     }
     // A head re-signed with another key does not hold under the host's.
     restore();
-    let other_key = daemon.dir().join("other.pub");
-    fs::write(&other_key, "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").expect("key");
     let out = local(&daemon, &["verify", "--key", path_str(&other_key)]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(out.stdout.contains("not signed by the host's key"), "{out}");
@@ -138,6 +142,97 @@ fn verify_catches_edits_deletions_insertions_and_a_cut_end() {
     let out = local(&daemon, &["verify", "--key", path_str(&host_key)]);
     assert_eq!(out.code(), Some(0), "the untouched log verifies under the host's key: {out}");
     assert!(out.stderr.contains("read-only"), "it says it read the log itself: {out}");
+}
+
+/// Copies the log at `from` (consistent, through SQLite) over the log at `to`, with no WAL left behind.
+fn copy_log(from: &Path, to: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", to.display()));
+    }
+    sqlite(from, &format!(".backup {}", to.display()));
+}
+
+/// Starts a daemon on `daemon`'s configuration and expects it to refuse to start, naming why.
+fn refuses_to_start(daemon: &Daemon, why: &str) {
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.arg("daemon").arg("--config").arg(daemon.config_path());
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("the daemon exits by itself");
+    assert!(!out.success(), "a daemon started on an edited log: {out}");
+    assert!(out.stderr.contains("changed behind tollgate's back") && out.stderr.contains(why), "{out}");
+}
+
+/// Whoever can write the log cannot make it verify again: a log re-chained and re-signed with a
+/// key of the attacker's own fails under the host's key (which `verify` takes from the host, never
+/// from the log), and the daemon neither signs over a log edited that way nor over one whose end
+/// was cut off or whose head was removed; it refuses to start and says so.
+#[test]
+fn a_log_rechained_re_signed_or_cut_is_never_signed_over() {
+    let mut daemon = Daemon::start(&policy(""));
+    let token = daemon.mint("audit-bot", BUILD_BOTS);
+    for _ in 0..2 {
+        assert!(daemon.run(&token, &["/usr/bin/true"]).success());
+    }
+    let sessions = wait_ended(&daemon, 2);
+    let last = sessions.iter().max_by_key(|s| s["started_at"].as_str().map(str::to_owned)).expect("a session");
+    let last = last["id"].as_str().expect("id").to_owned();
+    daemon.halt();
+    let db = daemon.state_dir().join("sessions.db");
+    let pristine = daemon.dir().join("pristine.db");
+    copy_log(&db, &pristine);
+
+    // The forger: an edited copy of the log with its chain removed, adopted by a daemon whose key
+    // was made for it, so the whole log is chained again and signed.
+    let mut forger = Daemon::start(&policy(""));
+    forger.halt();
+    let forged = forger.state_dir().join("sessions.db");
+    copy_log(&pristine, &forged);
+    sqlite(
+        &forged,
+        &format!(
+            "UPDATE events SET detail = replace(detail, 'true', 'evil') WHERE session_id = '{last}' AND kind = 'exec';
+             DELETE FROM ledger; DELETE FROM chain_head; DELETE FROM checkpoints"
+        ),
+    );
+    fs::remove_file(forger.state_dir().join("ledger-key.pk8")).expect("the forger's key file");
+    forger.restart();
+    forger.halt();
+    let out = local(&forger, &["verify"]);
+    assert_eq!(out.code(), Some(0), "the forgery holds under the forger's key: {out}");
+    copy_log(&forged, &db);
+    let out = local(&daemon, &["verify"]);
+    assert_eq!(out.code(), Some(1), "a log re-signed by another key verified: {out}");
+    assert!(out.stdout.contains("not signed by the host's key"), "{out}");
+    refuses_to_start(&daemon, "not signed by this host's ledger key");
+
+    // The last session cut off, rows and chain places alike, head kept or removed.
+    let cut = format!(
+        "PRAGMA foreign_keys = OFF; DELETE FROM ledger WHERE session_id = '{last}';
+         DELETE FROM events WHERE session_id = '{last}'; DELETE FROM sessions WHERE id = '{last}'"
+    );
+    for (edit, why) in [
+        (cut.clone(), "records cut off or added"),
+        (format!("{cut}; DELETE FROM chain_head"), "no signed head"),
+    ] {
+        copy_log(&pristine, &db);
+        sqlite(&db, &edit);
+        refuses_to_start(&daemon, why);
+        let out = local(&daemon, &["verify"]);
+        assert_eq!(out.code(), Some(1), "a cut end verified: {out}");
+        let rows = Command::new("sqlite3")
+            .arg(&db)
+            .arg("SELECT COUNT(*) FROM ledger")
+            .output()
+            .expect("sqlite3 counts the chain");
+        let pristine_rows =
+            Command::new("sqlite3").arg(&pristine).arg("SELECT COUNT(*) FROM ledger").output().expect("sqlite3");
+        assert_ne!(rows.stdout, pristine_rows.stdout, "the edit removed chain places");
+    }
+
+    // The untouched log: the daemon starts on it and it verifies.
+    copy_log(&pristine, &db);
+    daemon.restart();
+    let out = daemon.tollgate(&["verify"]);
+    assert!(out.success() && out.stdout.contains("in 2 session(s)"), "{out}");
 }
 
 /// `replay --format json` gives back, event by event, what a session and its child did: the

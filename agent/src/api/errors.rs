@@ -91,7 +91,9 @@ impl ToReply for StoreError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NoSuchSession(_) => ErrorKind::NotFound,
-            Self::Sqlite(_) | Self::TooNew { .. } | Self::WriterGone | Self::File { .. } => ErrorKind::Internal,
+            Self::Sqlite(_) | Self::TooNew { .. } | Self::WriterGone | Self::File { .. } | Self::Tampered(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 }

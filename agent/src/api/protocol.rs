@@ -68,6 +68,9 @@ pub enum Request {
         /// Only records from this time on (RFC 3339).
         #[serde(default)]
         since: Option<String>,
+        /// A public key the caller trusts (`ed25519:BASE64`); else the host's own.
+        #[serde(default)]
+        key: Option<String>,
     },
     /// This host's signed report for a period (reviewers).
     Report(ReportQuery),

@@ -403,16 +403,19 @@ async fn dispatch(control: &Control, caller: Caller, request: Request) -> Respon
                 Err(e) => Response::error(ErrorKind::Internal, e.to_string()),
             }
         }
-        Request::Verify { session, since } => {
+        Request::Verify { session, since, key } => {
             let session: Option<SessionId> = match session.map(|s| s.parse()).transpose() {
                 Ok(id) => id,
                 Err(e) => return Response::error(ErrorKind::BadRequest, e),
+            };
+            let Some(public) = key.or_else(|| control.ledger_key.as_ref().map(|k| k.public_text())) else {
+                return Response::error(ErrorKind::Internal, "the daemon has no ledger key to verify with");
             };
             let (reviews, reader) = (control.reviews.clone(), control.reader.clone());
             // Root outside sessions may read the log file anyway; others must be reviewers.
             let root = caller.uid == 0 && placement() == Placement::Outside;
             blocking(move || match if root { Ok(String::new()) } else { reviews.reviewer(caller) } {
-                Ok(_) => reply(reader.verify(session.as_ref(), since.as_deref(), None)),
+                Ok(_) => reply(reader.verify(session.as_ref(), since.as_deref(), &public)),
                 Err(e) => reply::<()>(Err(e)),
             })
             .await

@@ -753,18 +753,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 };
             }
             let since = since.map(|s| window::bound(&s, std::time::SystemTime::now())).transpose()?;
+            let key_text = key_text.map(|text| text.trim().to_owned());
             let verification = match local::source(socket.clone(), config)? {
-                Source::Daemon(socket) if key_text.is_none() => call(&socket, &Request::Verify { session, since })?,
-                Source::Daemon(_) => {
-                    anyhow::bail!("--key without --report checks a stopped host's log: give --config, or use --report")
-                }
+                Source::Daemon(socket) => call(&socket, &Request::Verify { session, since, key: key_text })?,
                 Source::Local(local) => {
                     let session = session.map(|s| s.parse()).transpose().map_err(anyhow::Error::msg)?;
-                    serde_json::to_value(local.reader.verify(
-                        session.as_ref(),
-                        since.as_deref(),
-                        key_text.as_deref(),
-                    )?)?
+                    let public = match key_text {
+                        Some(text) => text,
+                        None => {
+                            let path = Config::ledger_key_path(&local.config.state_dir);
+                            crate::store::ledger::host_public_key(&path).with_context(|| {
+                                format!("no host key to verify with at {}: pass --key FILE", path.display())
+                            })?
+                        }
+                    };
+                    serde_json::to_value(local.reader.verify(session.as_ref(), since.as_deref(), &public)?)?
                 }
             };
             Ok(output::verification(&verification, matches!(format, Format::Json))?)

@@ -79,13 +79,16 @@ pub fn checkpoint_message(n: i64, hash: &Hash, sessions: i64, records: i64) -> V
 /// The host's signing key.
 pub struct LedgerKey {
     pair: Ed25519KeyPair,
+    new: bool,
 }
 
 impl LedgerKey {
     /// Loads the key at `path`, creating it (root-only) if absent, and
     /// writes its public half next to it (`<path>.pub`, world-readable).
+    /// [`LedgerKey::is_new`] tells whether it was created now.
     pub fn ensure(path: &Path) -> Result<Self, StoreError> {
         let fail = |source| StoreError::File { path: path.display().to_string(), source };
+        let mut created = false;
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -95,13 +98,14 @@ impl LedgerKey {
                 let mut file =
                     std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(fail)?;
                 file.write_all(pkcs8.as_ref()).map_err(fail)?;
+                created = true;
                 pkcs8.as_ref().to_vec()
             }
             Err(e) => return Err(fail(e)),
         };
         let pair =
             Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| fail(std::io::Error::other("not an Ed25519 PKCS#8 key")))?;
-        let key = Self { pair };
+        let key = Self { pair, new: created };
         std::fs::write(public_path(path), format!("{}\n", key.public_text())).map_err(fail)?;
         Ok(key)
     }
@@ -112,7 +116,14 @@ impl LedgerKey {
         let bytes = std::fs::read(path).map_err(fail)?;
         let pair =
             Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| fail(std::io::Error::other("not an Ed25519 PKCS#8 key")))?;
-        Ok(Self { pair })
+        Ok(Self { pair, new: false })
+    }
+
+    /// Was the key created by this start? A log may only be taken into the
+    /// chain wholesale then (the host's first start with a ledger); once a
+    /// key exists, rows outside the chain are edits, never adopted.
+    pub fn is_new(&self) -> bool {
+        self.new
     }
 
     /// The public key as `ed25519:BASE64`.
@@ -131,6 +142,19 @@ pub fn public_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".pub");
     PathBuf::from(name)
+}
+
+/// The host's public key as `verify` trusts it by default: derived from the
+/// private key at `path` when it can be read (root), else the `.pub` file
+/// the daemon rewrites from it at every start.
+pub fn host_public_key(path: &Path) -> Result<String, StoreError> {
+    if let Ok(key) = LedgerKey::load(path) {
+        return Ok(key.public_text());
+    }
+    let public = public_path(path);
+    std::fs::read_to_string(&public)
+        .map(|text| text.trim().to_owned())
+        .map_err(|source| StoreError::File { path: public.display().to_string(), source })
 }
 
 /// Checks `signature` over `message` with a public key in `ed25519:BASE64` form.
@@ -195,8 +219,11 @@ pub struct Chain {
 impl Chain {
     /// The chain as `conn` holds it, signing with `key`. Rows written before
     /// the ledger existed (an older tollgate) are taken into it first, in
-    /// the order they were recorded.
-    pub fn open(conn: &mut Connection, key: Option<LedgerKey>) -> rusqlite::Result<Self> {
+    /// the order they were recorded, but only by a key made at this start:
+    /// a host that has signed before adopts nothing, and a log whose chain
+    /// does not end at the head its key signed is refused (it was edited,
+    /// cut, or re-signed by another key), so no edit is ever signed over.
+    pub fn open(conn: &mut Connection, key: Option<LedgerKey>) -> Result<Self, StoreError> {
         let last: Option<(i64, Vec<u8>)> = conn
             .query_row("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
             .optional()?;
@@ -206,9 +233,35 @@ impl Chain {
             })
             .optional()?;
         let (n, hash) = last.or(checkpoint).map_or((0, GENESIS), |(n, hash)| (n, to_hash(&hash)));
+        if let Some(key) = &key {
+            match signed_head(conn)? {
+                Some(head) if !head.holds_under(&key.public_text()) => {
+                    return Err(StoreError::Tampered(
+                        "its chain head is not signed by this host's ledger key (re-signed, or the key was replaced)"
+                            .into(),
+                    ));
+                }
+                Some(head) if head.n != n || head.hash != hex(&hash) => {
+                    return Err(StoreError::Tampered(format!(
+                        "its chain ends at record {n} but the signed head is record {} (records cut off or added)",
+                        head.n
+                    )));
+                }
+                None if n > 0 => {
+                    return Err(StoreError::Tampered("its chain has records but no signed head".into()));
+                }
+                None if !key.is_new() => tracing::warn!(
+                    "the session log is new but this host's ledger key is not: an earlier log was removed or moved aside"
+                ),
+                _ => {}
+            }
+        }
+        let adopt = key.as_ref().is_some_and(LedgerKey::is_new) && n == 0;
         let mut chain = Self { n, hash, key, dirty: false };
         let tx = conn.transaction()?;
-        chain.backfill(&tx)?;
+        if adopt {
+            chain.backfill(&tx)?;
+        }
         chain.sign(&tx)?;
         tx.commit()?;
         Ok(chain)
@@ -451,15 +504,16 @@ pub struct Verification {
 
 /// Recomputes the chain (all of it, or the places of `session`, or those
 /// from `since` on) and checks the head's and checkpoints' signatures
-/// against `public` (default: the key stored with the head).
+/// against `public`: the host's own key or one a reviewer pinned, never the
+/// key stored in the log beside the head (whoever edits the log can
+/// replace that one too).
 pub fn verify(
     conn: &Connection,
     session: Option<&str>,
     since: Option<&str>,
-    public: Option<&str>,
+    public: &str,
 ) -> rusqlite::Result<Verification> {
     let head = signed_head(conn)?;
-    let public = public.map(str::to_owned).or_else(|| head.as_ref().map(|h| h.public_key.clone())).unwrap_or_default();
     let mut result =
         Verification { records: 0, sessions: 0, head: head.clone(), checkpoints: Vec::new(), problem: None };
     // Checkpoints: where pruning stopped, signed.
@@ -482,7 +536,7 @@ pub fn verify(
         for row in rows {
             let (n, hash, sessions, records, at, until, signature) = row?;
             let hash = to_hash(&hash);
-            if !signature_holds(&public, &checkpoint_message(n, &hash, sessions, records), &signature) {
+            if !signature_holds(public, &checkpoint_message(n, &hash, sessions, records), &signature) {
                 result
                     .problem
                     .get_or_insert(format!("the checkpoint at record {n} ({at}) is not signed by the host's key"));
@@ -535,7 +589,7 @@ pub fn verify(
         result.problem = match &head {
             None if last.0 > start.0 => Some("the log has records but no signed head".into()),
             None => None,
-            Some(head) if !head.holds_under(&public) => Some("the chain's head is not signed by the host's key".into()),
+            Some(head) if !head.holds_under(public) => Some("the chain's head is not signed by the host's key".into()),
             Some(head) if head.n != last.0 || head.hash != hex(&last.1) => Some(format!(
                 "the chain ends at record {} but its signed head is record {} (records cut off or added after signing)",
                 last.0, head.n

@@ -40,6 +40,12 @@ pub enum StoreError {
     /// The writer thread has stopped.
     #[error("session log writer has stopped")]
     WriterGone,
+    /// The log does not fit the head this host signed: the writer will not
+    /// sign anything over it.
+    #[error(
+        "the session log was changed behind tollgate's back: {0}; `tollgate verify` names the first record that does not fit; move the log aside (keep it as evidence) to start a new one"
+    )]
+    Tampered(String),
     /// A file of the session log could not be made root-only.
     #[error("session log file {path}: {source}")]
     File {

@@ -199,7 +199,7 @@ impl Reader {
         &self,
         session: Option<&SessionId>,
         since: Option<&str>,
-        public_key: Option<&str>,
+        public_key: &str,
     ) -> Result<super::ledger::Verification, StoreError> {
         let conn = self.connect()?;
         Ok(super::ledger::verify(&conn, session.map(SessionId::as_str), since, public_key)?)
