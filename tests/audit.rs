@@ -209,10 +209,9 @@ fn a_log_rechained_re_signed_or_cut_is_never_signed_over() {
         "PRAGMA foreign_keys = OFF; DELETE FROM ledger WHERE session_id = '{last}';
          DELETE FROM events WHERE session_id = '{last}'; DELETE FROM sessions WHERE id = '{last}'"
     );
-    for (edit, why) in [
-        (cut.clone(), "records cut off or added"),
-        (format!("{cut}; DELETE FROM chain_head"), "no signed head"),
-    ] {
+    for (edit, why) in
+        [(cut.clone(), "records cut off or added"), (format!("{cut}; DELETE FROM chain_head"), "no signed head")]
+    {
         copy_log(&pristine, &db);
         sqlite(&db, &edit);
         refuses_to_start(&daemon, why);

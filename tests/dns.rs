@@ -274,3 +274,75 @@ fn suggest_keeps_the_name_that_let_a_connect_through() {
     let check = w.daemon.tollgate(&["policy", "check", file.to_str().expect("utf-8")]);
     assert!(check.success(), "the suggestion loads as printed:\n{}\n{check}", suggest.stdout);
 }
+
+/// A child's name rule never opens what its parent does not allow: under a parent that allows
+/// every IPv6 address and no IPv4 one, a child whose own grant allows `allowed.test` resolves it,
+/// but its IPv4 answer stays closed (the listener gets nothing), while a parent that allows the
+/// name too lets the child through.
+#[test]
+fn a_childs_name_rule_opens_no_address_its_parent_does_not_allow() {
+    let dns = Dnsmasq::start(&[("allowed.test", "127.0.0.2")], &[], 60);
+    let allowed = Listener::bind("127.0.0.2");
+    let a = allowed.port();
+    let policy = format!(
+        r#"identities:
+  - name: lead-bots
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ repository_owner: acme }}
+  - name: helper-bots
+    issuer: tollgate-dev
+    allow_root: true
+    claims: {{ repository_owner: helpers }}
+grants:
+  - name: lead-v6-only
+    identity: lead-bots
+    network:
+      allow: ["::/0"]
+  - name: helper-named
+    identity: helper-bots
+    network:
+      allow: ["allowed.test:{a}", "0.0.0.0/0", "::/0"]
+"#
+    );
+    let daemon = Daemon::builder()
+        .policy(&policy)
+        .config_line(&format!("dns:\n  upstream: [\"127.0.0.1:{}\"]", dns.port))
+        .start();
+    let lead = daemon.mint("lead", BUILD_BOTS);
+    let helper = daemon.mint("helper", &[("repository_owner", "helpers")]);
+    let inner =
+        r#"bin=$1; socket=$2; token=$3; shift 3; exec "$bin" --socket "$socket" run --token-file "$token" -- "$@""#;
+    let mut argv = vec![
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        inner.into(),
+        "child".into(),
+        harness::tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+        helper.display().to_string(),
+        "python3".into(),
+        "-c".into(),
+        CLIENT.into(),
+    ];
+    argv.extend(steps(&format!("resolve allowed.test connect 127.0.0.2 {a}")));
+    let out = daemon.run(&lead, &argv);
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["127.0.0.2", "errno=1"], "{out}");
+    assert_eq!(allowed.take_connections(), 0, "the child reached an IPv4 address its parent allows none of");
+    // The helper alone, at the top: its own name rule opens the answer.
+    let out = daemon.run(
+        &helper,
+        &[
+            "python3".to_owned(),
+            "-c".into(),
+            CLIENT.into(),
+            "resolve".into(),
+            "allowed.test".into(),
+            "connect".into(),
+            "127.0.0.2".into(),
+            a.to_string(),
+        ],
+    );
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["127.0.0.2", "ok"], "{out}");
+    assert_eq!(allowed.take_connections(), 1);
+}

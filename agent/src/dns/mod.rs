@@ -212,8 +212,9 @@ impl Dns {
         let lifetime = Duration::from_secs(u64::from(ttl)).max(self.min_ttl);
         let static_rules = SessionRules { net: view.net.clone(), ..SessionRules::default() };
         let (outcome, verdict_record, rule) = match &verdict {
-            NameVerdict::Allow(ports) => {
-                for address in &addresses {
+            NameVerdict::Allow { ports, families } => {
+                // An answer of a family some level allows only by its address rules stays theirs.
+                for address in addresses.iter().filter(|address| families.admits(**address)) {
                     for (port, rule_id) in ports {
                         // An address rule of the policy (deny, proxy or allow) decides alone.
                         if explain(&static_rules, SocketAddr::new(*address, port.unwrap_or(0))).rule.is_some() {

@@ -123,9 +123,10 @@ pub struct SessionRules {
 pub struct NameLevel {
     /// `network.allow` and `network.deny` entries that are names.
     pub rules: Vec<NameRule>,
-    /// The level allows every address (`0.0.0.0/0` or `::/0` on every port):
-    /// any name may resolve, and only denied names are judged.
-    pub allows_everything: bool,
+    /// The address families of which the level allows every address
+    /// (`0.0.0.0/0`, `::/0` on every port): for them any name may resolve,
+    /// and only denied names are judged.
+    pub open: super::names::Families,
 }
 
 /// A name in `allow` or `deny`.
@@ -290,12 +291,15 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
         }
     }
     out.net = net.into_values().collect();
-    names.allows_everything = out.net.iter().any(|entry| {
-        entry.verdict == Verdict::Allow
-            && entry.port.is_none()
-            && ((entry.family == FAMILY_V4 && entry.addr_prefix == 96)
-                || (entry.family == FAMILY_V6 && entry.addr_prefix == 0))
-    });
+    let allows_all_of = |family: u8, prefix: u32| {
+        out.net.iter().any(|entry| {
+            entry.verdict == Verdict::Allow
+                && entry.port.is_none()
+                && entry.family == family
+                && entry.addr_prefix == prefix
+        })
+    };
+    names.open = super::names::Families { v4: allows_all_of(FAMILY_V4, 96), v6: allows_all_of(FAMILY_V6, 0) };
     out.names = vec![names];
     // Any grant's allow list restricts the session: the lists add up, and a
     // withdrawn grant's list still counts (with none of its files).

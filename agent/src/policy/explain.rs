@@ -68,11 +68,15 @@ pub fn explain_lines(
     let verdict = super::names::judge_name(&rules.names, &name);
     let name_denies = matches!(verdict, super::names::NameVerdict::Deny { .. });
     let refused = verdict == super::names::NameVerdict::Refuse;
+    let mut name_families = super::names::Families::BOTH;
     let by_name = match verdict {
-        super::names::NameVerdict::Allow(ports) => match ports.iter().find(|(p, _)| p.is_none() || *p == Some(port)) {
-            Some((_, rule_id)) => Some(format!("allow ({}), while its answers live", rule_text(*rule_id))),
-            None => Some(format!("deny (a name rule allows {name} on other ports only)")),
-        },
+        super::names::NameVerdict::Allow { ref ports, families } => {
+            name_families = families;
+            match ports.iter().find(|(p, _)| p.is_none() || *p == Some(port)) {
+                Some((_, rule_id)) => Some(format!("allow ({}), while its answers live", rule_text(*rule_id))),
+                None => Some(format!("deny (a name rule allows {name} on other ports only)")),
+            }
+        }
         super::names::NameVerdict::Deny { rule_id, .. } => Some(format!("deny ({})", rule_text(rule_id))),
         super::names::NameVerdict::Open => None,
         super::names::NameVerdict::Refuse => None,
@@ -94,7 +98,7 @@ pub fn explain_lines(
         // An address rule decides alone; otherwise the name's rule does.
         // A denied name's addresses are refused even under an address allow.
         let text = match (&by_name, decided.rule.is_some()) {
-            (Some(by_name), false) => by_name.clone(),
+            (Some(by_name), false) if name_families.admits(address.ip()) => by_name.clone(),
             (Some(by_name), true) if name_denies => by_name.clone(),
             _ => line(decided),
         };
