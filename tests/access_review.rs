@@ -333,6 +333,28 @@ grants:
         );
         let out = daemon.tollgate(&["grants", "revoke", "base"]);
         assert!(!out.success() && out.stderr.contains("already revoked"), "{out}");
+        let reviewed = review(&daemon, &[]);
+        let revoked = findings(&reviewed, "revoked_grant");
+        assert!(
+            revoked.iter().any(|f| f["grant"] == "base" && f.to_string().contains("no longer needed")),
+            "the revocation shows in the review with its reason: {}",
+            pretty(&reviewed)
+        );
+        // A process inside a session can neither renew, revoke, list nor review, whatever it asks.
+        let socket = daemon.socket().display().to_string();
+        for args in
+            [vec!["grants", "renew", "base"], vec!["grants", "revoke", "short-lived"], vec!["grants"], vec!["review"]]
+        {
+            let mut argv = vec![harness::tollgate_bin().display().to_string(), "--socket".into(), socket.clone()];
+            argv.extend(args.iter().map(|a| (*a).to_owned()));
+            let out = daemon.run(&token, &argv);
+            assert!(!out.success() && out.stderr.contains("inside a session"), "{args:?} from a session: {out}");
+        }
+        let now = grants(&daemon);
+        assert_eq!(
+            (grant(&now, "base")["state"].as_str(), grant(&now, "short-lived")["state"].as_str()),
+            (Some("revoked"), Some("active"))
+        );
         let out = daemon.tollgate(&["grants", "renew", "no-such-grant"]);
         assert!(!out.success() && out.stderr.contains("no grant 'no-such-grant'"), "{out}");
         assert_eq!(six.take_connections(), 3, "127.0.0.6 reached in the three rounds before the revoke");

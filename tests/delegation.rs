@@ -277,7 +277,10 @@ fn curl_in_child(daemon: &Daemon, lead: &Path, sub: &Path, args: &[&str]) -> Run
 fn a_child_cannot_skip_its_parents_proxy_rules() {
     for sub_proxies in [false, true] {
         let upstream = Upstream::start("127.0.0.1", 200, r#"{"ok":true}"#);
-        let daemon = Daemon::start(&proxy_policy(upstream.port(), sub_proxies));
+        let daemon = Daemon::builder()
+            .policy(&proxy_policy(upstream.port(), sub_proxies))
+            .config_line(harness::proxy::REVIEWERS)
+            .start();
         let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
         let url = format!("{}/items/1", upstream.base_url());
 
@@ -301,6 +304,39 @@ fn a_child_cannot_skip_its_parents_proxy_rules() {
         let child = daemon.sessions().into_iter().find(|s| s["depth"] == 1).expect("a child session");
         let show = daemon.show_until(str_field(&child, "id"), "the child's exchange", |s| !http_events(s).is_empty());
         assert!(!http_events(&show).is_empty(), "{}", pretty(&show));
+
+        // Each block that fired counts as a use of the grant rule it came from, the parent's
+        // included, though the child's merged route applied it.
+        let expected =
+            if sub_proxies { vec![("lead-net", "DELETE"), ("sub-net", "POST")] } else { vec![("lead-net", "DELETE")] };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let grants = daemon.tollgate(&["grants", "--format", "json"]);
+            let grants: Value =
+                serde_json::from_str(&grants.stdout).unwrap_or_else(|e| panic!("grants as JSON: {e}: {grants}"));
+            let uses = |grant: &str, method: &str| -> i64 {
+                grants
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|g| g["name"] == grant)
+                    .flat_map(|g| g["rule_use"].as_array().cloned().unwrap_or_default())
+                    .filter(|r| r["rule"].as_str().is_some_and(|r| r.starts_with("proxy.block") && r.contains(method)))
+                    .map(|r| r["count"].as_i64().unwrap_or(0))
+                    .sum()
+            };
+            let counted: Vec<i64> = expected.iter().map(|(grant, method)| uses(grant, method)).collect();
+            if counted.iter().all(|c| *c == 1) {
+                assert_eq!(uses("sub-net", "DELETE"), 0, "the parent's block counted for the child's grant: {grants}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "block uses {expected:?} ({sub_proxies}) are {counted:?}: {}",
+                pretty(&grants)
+            );
+            thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 }
 
@@ -567,4 +603,160 @@ fn a_chain_survives_a_killed_daemon_still_narrowed() {
         .collect();
     assert!(kinds.contains(&("daemon-gap", "adopted")), "{}", pretty(&show));
     assert!(kinds.contains(&("revoked", parent.as_str())), "the revoke reached the adopted child: {}", pretty(&show));
+}
+
+/// A child needs a reason of its own where its identity requires one, and its `--ttl` ends it
+/// (exit 77) while the parent goes on; a parent whose own processes have all exited stays open
+/// while a child of it still runs, and both end once the child's last process has.
+#[test]
+fn a_childs_reason_and_ttl_are_its_own_and_a_parent_lives_while_a_child_runs() {
+    let policy = r#"identities:
+  - name: lead-agents
+    issuer: tollgate-dev
+    allow_root: true
+    require_reason: true
+    claims: { role: lead }
+grants:
+  - name: lead-net
+    identity: lead-agents
+    network: { allow: ["127.0.0.0/8"] }
+"#;
+    let daemon = Daemon::start(policy);
+    let lead = daemon.mint("lead", LEAD);
+    let marks = tempfile::Builder::new().prefix("tollgate-marks-").tempdir().expect("temp dir");
+    let marker = |name: &str| marks.path().join(name).display().to_string();
+    let script = format!(
+        r#"bin=$1; socket=$2
+"$bin" --socket "$socket" run --grant lead-net -- /usr/bin/touch {no_reason}; echo "no_reason_status=$?"
+"$bin" --socket "$socket" run --grant lead-net --reason bounded --ttl 2s -- /bin/sh -c 'sleep 30; touch {ttl}'; echo "ttl_status=$?"
+echo "parent_alive=$TOLLGATE_SESSION""#,
+        no_reason = marker("no-reason"),
+        ttl = marker("ttl"),
+    );
+    let started = std::time::Instant::now();
+    let argv = [
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        script,
+        "sh".into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+    ];
+    let out = run_with_reason(&daemon, &lead, "top", &argv);
+    assert!(started.elapsed() < std::time::Duration::from_secs(25), "the child's ttl did not end it: {out}");
+    assert!(out.has_stdout_line("no_reason_status=2"), "a child without a reason ran: {out}");
+    assert!(out.stderr.contains("requires a reason"), "{out}");
+    assert!(out.has_stdout_line("ttl_status=77") && out.stderr.contains("session reached its --ttl"), "{out}");
+    assert!(out.stdout.contains("parent_alive=s-") && out.success(), "the parent went on: {out}");
+    thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !Path::new(&marker("no-reason")).exists() && !Path::new(&marker("ttl")).exists(),
+        "a refused or expired child ran on"
+    );
+    let sessions = daemon.sessions();
+    let child = sessions.iter().find(|s| s["reason"] == "bounded").expect("the ttl child's record");
+    assert_eq!((child["depth"].clone(), child["ttl_secs"].clone()), (1.into(), 2.into()), "{}", pretty(child));
+    assert_eq!(sessions.len(), 2, "the refused child left no record: {}", pretty(&Value::Array(sessions.clone())));
+
+    // The parent's own processes exit (its `run` of the child is killed); the child runs on.
+    let script = format!(
+        r#"bin=$1; socket=$2
+"$bin" --socket "$socket" run --grant lead-net --reason outlives -- /bin/sh -c 'sleep 4; touch {late}' &
+sleep 1; kill -9 $!; echo "parent_done""#,
+        late = marker("late"),
+    );
+    let argv = [
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        script,
+        "sh".into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+    ];
+    thread::scope(|scope| {
+        let running = scope.spawn(|| run_with_reason(&daemon, &lead, "parent of a long child", &argv));
+        thread::sleep(std::time::Duration::from_millis(2500));
+        let sessions = daemon.sessions();
+        let child = sessions.iter().find(|s| s["reason"] == "outlives").expect("the long child's record").clone();
+        let parent = sessions.iter().find(|s| s["id"] == child["parent"]).expect("its parent's record").clone();
+        let parent_procs = daemon.show(str_field(&parent, "id"));
+        assert!(!Path::new(&marker("late")).exists(), "the child finished too early for this test");
+        assert!(
+            child["ended_at"].is_null() && parent["ended_at"].is_null(),
+            "a parent with a running child ended: {}\n{}",
+            pretty(&Value::Array(sessions.clone())),
+            pretty(&parent_procs)
+        );
+        let out = running.join().expect("the session thread");
+        assert!(out.has_stdout_line("parent_done"), "{out}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let sessions = daemon.sessions();
+            let ended = |id: &Value| sessions.iter().any(|s| s["id"] == *id && !s["ended_at"].is_null());
+            if ended(&child["id"]) && ended(&parent["id"]) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}", pretty(&Value::Array(sessions.clone())));
+            thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    assert!(Path::new(&marker("late")).exists(), "the child did not run to its end");
+}
+
+/// Exec allow lists add up along a chain: a child runs only what its own list and every list
+/// above it allow (files checked by the markers they would write).
+#[test]
+fn a_childs_exec_allow_list_is_narrowed_by_its_parents() {
+    let bins = tempfile::Builder::new().prefix("tollgate-bins-").tempdir().expect("temp dir");
+    fs::set_permissions(bins.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (both, parent_only, child_only) =
+        (toucher(bins.path(), "both"), toucher(bins.path(), "parent-only"), toucher(bins.path(), "child-only"));
+    let marks = tempfile::Builder::new().prefix("tollgate-marks-").tempdir().expect("temp dir");
+    let marker = |name: &str| marks.path().join(name);
+    let policy = format!(
+        r#"{IDENTITIES}grants:
+  - name: lead-tools
+    identity: lead-agents
+    exec:
+      allow: [/usr/bin/dash, "{tollgate}", "{both}", "{parent_only}"]
+  - name: sub-tools
+    identity: sub-agents
+    exec:
+      allow: [/usr/bin/dash, "{both}", "{child_only}"]
+"#,
+        tollgate = tollgate_bin().display(),
+        both = both.display(),
+        parent_only = parent_only.display(),
+        child_only = child_only.display(),
+    );
+    let daemon = Daemon::start(&policy);
+    let (lead, sub) = (daemon.mint("lead", LEAD), daemon.mint("sub", SUB));
+    let script = format!(
+        r#"bin=$1; socket=$2; token=$3
+{parent_only} {parent_mark}
+"$bin" --socket "$socket" run --token-file "$token" -- /bin/sh -c '{both} {a}; {child_only} {b}; {parent_only} {c}; echo child_done'
+echo "child_status=$?""#,
+        parent_only = parent_only.display(),
+        parent_mark = marker("parent-ran").display(),
+        both = both.display(),
+        child_only = child_only.display(),
+        a = marker("both").display(),
+        b = marker("child-only").display(),
+        c = marker("parent-only").display(),
+    );
+    let argv = [
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        script,
+        "sh".into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+        sub.display().to_string(),
+    ];
+    let out = daemon.run(&lead, &argv);
+    assert!(out.stdout.contains("child_done"), "{out}");
+    assert!(marker("parent-ran").exists(), "the parent's own list lets it run parent-only: {out}");
+    assert!(marker("both").exists(), "a file both lists allow runs in the child: {out}");
+    assert!(!marker("child-only").exists(), "the child ran a file its parent's list does not allow: {out}");
+    assert!(!marker("parent-only").exists(), "the child ran a file its own list does not allow: {out}");
 }

@@ -129,8 +129,12 @@ pub fn grants(grants: &Value, json: bool) -> anyhow::Result<()> {
                 .map_or_else(|| "never".to_owned(), |at| format!("{} ({})", local_time(at), age(at))),
             g.get("expires_at").and_then(Value::as_str).map_or_else(|| "-".to_owned(), local_time),
         );
-        for rule in g["rules"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-            println!("    {rule}");
+        for rule in g["rule_use"].as_array().into_iter().flatten() {
+            let last = rule
+                .get("last_used")
+                .and_then(Value::as_str)
+                .map_or_else(|| "never used".to_owned(), |at| format!("last {} ({})", local_time(at), age(at)));
+            println!("    {:>6}  {:<48} {last}", rule["count"], text(rule, "rule"));
         }
         if let Some(event) = g.get("last_event").filter(|e| !e.is_null()) {
             let by = event.get("by").and_then(Value::as_str).map_or(String::new(), |by| format!(" by {by}"));

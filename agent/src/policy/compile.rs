@@ -190,6 +190,59 @@ pub struct SessionRoute {
     pub grant: String,
     /// Its rules.
     pub route: Route,
+    /// The grant rule behind each of its block and approve rules (a route
+    /// merged across a chain holds rules of several grants).
+    pub hits: RouteHits,
+}
+
+impl SessionRoute {
+    /// `route` of `grant`, every rule its own.
+    pub fn of(grant: &str, route: Route) -> Self {
+        Self { grant: grant.to_owned(), hits: RouteHits::of(grant, &route), route }
+    }
+
+    /// The grant rule a hit names (`block[2]: ...`, `approve[0]: ...`), if
+    /// it is one of the route's block or approve rules.
+    pub fn rule_of_hit(&self, hit: &str) -> Option<&RuleRef> {
+        let (list, rest) = match hit.split_once('[')? {
+            ("block", rest) => (&self.hits.block, rest),
+            ("approve", rest) => (&self.hits.approve, rest),
+            _ => return None,
+        };
+        list.get(rest.split_once(']')?.0.parse::<usize>().ok()?)
+    }
+}
+
+/// Which grant rule each block and approve rule of a route is, in order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteHits {
+    /// One per `route.block`.
+    pub block: Vec<RuleRef>,
+    /// One per `route.approve`.
+    pub approve: Vec<RuleRef>,
+}
+
+impl RouteHits {
+    /// The rules of `route`, all of `grant`.
+    pub fn of(grant: &str, route: &Route) -> Self {
+        Self {
+            block: route.block.iter().map(|m| RuleRef::new(grant, proxy_rule_name("block", route, m))).collect(),
+            approve: route.approve.iter().map(|m| RuleRef::new(grant, proxy_rule_name("approve", route, m))).collect(),
+        }
+    }
+
+    /// The rules of an outer level followed by an inner one's (the order a merged route lists them).
+    pub fn then(&self, inner: &Self) -> Self {
+        Self {
+            block: self.block.iter().chain(&inner.block).cloned().collect(),
+            approve: self.approve.iter().chain(&inner.approve).cloned().collect(),
+        }
+    }
+}
+
+/// A route's block or approve rule as a grant rule: `proxy.block 10.0.0.5:80 DELETE /admin/*`.
+pub fn proxy_rule_name(kind: &str, route: &Route, rule: &super::route::Matcher) -> String {
+    format!("proxy.{kind} {} {rule}", route.to)
 }
 
 /// Ranks entries with the same prefix and port: deny beats proxy beats allow.
@@ -280,7 +333,7 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
             let rule = RuleRef::new(&grant.name, format!("network.proxy {}", route.to));
             out.rules.push(Decided(vec![rule]));
             let verdict = if honoured {
-                out.routes.insert(rule_id, SessionRoute { grant: grant.name.clone(), route: route.clone() });
+                out.routes.insert(rule_id, SessionRoute::of(&grant.name, route.clone()));
                 Verdict::Redirect
             } else {
                 Verdict::Deny

@@ -150,7 +150,10 @@ fn combine(
         (1, Verdict::Redirect, Verdict::Redirect) => {
             match (outer.routes.get(&o.rule_id), inner.routes.get(&i.rule_id)) {
                 (Some(a), Some(b)) => match merge(&a.route, &b.route) {
-                    Some(route) => (Verdict::Redirect, both(), Some(SessionRoute { grant: b.grant.clone(), route })),
+                    Some(route) => {
+                        let hits = a.hits.then(&b.hits);
+                        (Verdict::Redirect, both(), Some(SessionRoute { grant: b.grant.clone(), route, hits }))
+                    }
                     // The two levels' routes cannot both hold: refuse.
                     None => (Verdict::Deny, both(), None),
                 },

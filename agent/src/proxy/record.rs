@@ -85,6 +85,7 @@ pub struct ProxyRecord {
     kind: RecordKind,
     detail: Map<String, Value>,
     started: Instant,
+    route: std::sync::Arc<crate::policy::compile::SessionRoute>,
 }
 
 impl ProxyRecord {
@@ -96,16 +97,15 @@ impl ProxyRecord {
         detail.insert("client_pid".into(), governed.client_pid.into());
         detail.insert("grant".into(), governed.route.grant.clone().into());
         detail.insert("route".into(), governed.rule_name.clone().into());
-        Self { kind, detail, started: Instant::now() }
+        Self { kind, detail, started: Instant::now(), route: governed.route.clone() }
     }
 
-    /// Notes a rule that matched.
+    /// Notes a rule that matched, and the grant rule it is (`grant_rules`,
+    /// which the session log counts as that rule's use).
     pub fn hit(&mut self, rule: &str) {
-        match self.detail.get_mut("rules") {
-            Some(Value::Array(rules)) => rules.push(rule.into()),
-            _ => {
-                self.detail.insert("rules".into(), Value::Array(vec![rule.into()]));
-            }
+        push(&mut self.detail, "rules", rule.into());
+        if let Some(grant_rule) = self.route.rule_of_hit(rule) {
+            push(&mut self.detail, "grant_rules", serde_json::json!(grant_rule));
         }
     }
 
@@ -176,5 +176,15 @@ impl ProxyRecord {
         self.set("status", status.as_u16());
         self.set("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0);
         self.finish(log, governed, outcome.verdict());
+    }
+}
+
+/// Appends `value` to the array at `key`, making it if absent.
+fn push(detail: &mut Map<String, Value>, key: &str, value: Value) {
+    match detail.get_mut(key) {
+        Some(Value::Array(values)) => values.push(value),
+        _ => {
+            detail.insert(key.into(), Value::Array(vec![value]));
+        }
     }
 }

@@ -114,7 +114,7 @@ pub struct Review {
 fn resource_of_rule(rule: &str) -> &'static str {
     if rule.starts_with("exec.") {
         "exec"
-    } else if rule.starts_with("network.proxy") {
+    } else if rule.starts_with("network.proxy") || rule.starts_with("proxy.") {
         "http"
     } else {
         "network"

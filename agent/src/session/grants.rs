@@ -66,6 +66,24 @@ pub enum GrantError {
     AlreadyRevoked(String),
 }
 
+/// One rule of a grant as `tollgate grants` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleUse {
+    /// The rule, as records name it.
+    pub rule: String,
+    /// Decisions it made in the window asked for.
+    pub count: i64,
+    /// Its last decision ever (RFC 3339).
+    pub last_used: Option<String>,
+}
+
+/// Uses between two UTC days, per grant and per rule.
+#[derive(Debug, Default)]
+pub struct Uses {
+    per_grant: BTreeMap<String, i64>,
+    per_rule: BTreeMap<(String, String), (i64, Option<String>)>,
+}
+
 /// One grant as `tollgate grants` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct GrantView {
@@ -77,6 +95,8 @@ pub struct GrantView {
     pub state: GrantState,
     /// Its rules, as records name them.
     pub rules: Vec<String>,
+    /// Each rule's use: decisions in the window and the last one ever.
+    pub rule_use: Vec<RuleUse>,
     /// The last time one of its rules let something through (RFC 3339).
     pub last_exercised: Option<String>,
     /// Decisions its rules made in the window asked for (allowed and refused).
@@ -214,8 +234,8 @@ impl GrantBook {
     }
 
     /// Every grant of the policy with its state, for `tollgate grants`;
-    /// `counts` are uses per grant in the window asked for.
-    pub fn views(&self, policies: &PolicySet, counts: &BTreeMap<String, i64>) -> Vec<GrantView> {
+    /// `uses` are those in the window asked for.
+    pub fn views(&self, policies: &PolicySet, uses: &Uses) -> Vec<GrantView> {
         policies
             .grants
             .iter()
@@ -225,9 +245,17 @@ impl GrantBook {
                     name: grant.name.clone(),
                     identity: grant.identity.clone(),
                     state: entry.map_or(GrantState::Active, |e| e.state.clone()),
+                    rule_use: rule_names(grant)
+                        .into_iter()
+                        .map(|rule| {
+                            let (count, last_used) =
+                                uses.per_rule.get(&(grant.name.clone(), rule.clone())).cloned().unwrap_or_default();
+                            RuleUse { rule, count, last_used }
+                        })
+                        .collect(),
                     rules: rule_names(grant),
                     last_exercised: entry.and_then(|e| e.last_exercised).map(crate::store::rfc3339),
-                    count: counts.get(&grant.name).copied().unwrap_or(0),
+                    count: uses.per_grant.get(&grant.name).copied().unwrap_or(0),
                     expires_at: self.expires_at(policies, &grant.name).map(crate::store::rfc3339),
                     last_event: entry.and_then(|e| e.last_event.clone()),
                 }
@@ -236,13 +264,16 @@ impl GrantBook {
     }
 }
 
-/// Uses per grant between two UTC days.
-fn use_counts(reader: &Reader, since_day: &str, until_day: &str) -> Result<BTreeMap<String, i64>, StoreError> {
-    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+/// Uses per grant and rule between two UTC days.
+fn use_counts(reader: &Reader, since_day: &str, until_day: &str) -> Result<Uses, StoreError> {
+    let mut uses = Uses::default();
     for usage in reader.rule_usage(since_day, until_day)? {
-        *counts.entry(usage.grant).or_default() += usage.count;
+        *uses.per_grant.entry(usage.grant.clone()).or_default() += usage.count;
+        let slot = uses.per_rule.entry((usage.grant, usage.rule)).or_default();
+        slot.0 += usage.count;
+        slot.1 = slot.1.take().max(usage.last_at);
     }
-    Ok(counts)
+    Ok(uses)
 }
 
 /// Every grant with its state and use, from the session log alone (no daemon running).
@@ -271,6 +302,10 @@ pub fn rule_names(grant: &crate::policy::Grant) -> Vec<String> {
     rules.extend(grant.network.allow.iter().map(|d| format!("network.allow {d}")));
     rules.extend(grant.network.deny.iter().map(|d| format!("network.deny {d}")));
     rules.extend(grant.network.proxy.iter().map(|r| format!("network.proxy {}", r.to)));
+    for route in &grant.network.proxy {
+        let hits = crate::policy::compile::RouteHits::of(&grant.name, route);
+        rules.extend(hits.block.into_iter().chain(hits.approve).map(|r| r.rule));
+    }
     rules
 }
 
