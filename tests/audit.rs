@@ -346,14 +346,24 @@ fn totals_row(md: &str) -> Vec<u64> {
 /// offline under the host's key and fails once edited; all of it also works with the daemon stopped.
 #[test]
 fn reports_agree_verify_offline_and_read_a_stopped_host() {
-    let mut daemon = Daemon::builder().policy(&policy("")).config_line(REVIEWERS).start();
+    let upstream = Upstream::start("127.0.0.1", 200, r#"{"email":"dev@example.com"}"#);
+    let route = format!(
+        "      proxy:\n        - to: \"127.0.0.1/32:{}\"\n          protocol: http\n          block: [{{ method: DELETE }}]\n          mask:\n            - {{ regex: \"[a-z]+@example\\\\.com\", replace: \"[email]\" }}\n",
+        upstream.port()
+    );
+    let mut daemon = Daemon::builder().policy(&policy(&route)).config_line(REVIEWERS).start();
     let token = daemon.mint("report-bot", BUILD_BOTS);
     let (open, denied) = (Listener::bind("127.0.0.5"), Listener::bind("127.0.0.3"));
     for host in ["127.0.0.5", "127.0.0.3", "127.0.0.3"] {
         let port = if host == "127.0.0.5" { open.port() } else { denied.port() };
         daemon.run(&token, &["/bin/bash".to_owned(), "-c".into(), format!("exec 3<>/dev/tcp/{host}/{port}")]);
     }
-    wait_ended(&daemon, 3);
+    let url = format!("{}/people", upstream.base_url());
+    let out = daemon.run(&token, &curl_argv(&["-X", "DELETE", &url]));
+    assert!(out.stdout.trim_end().ends_with("403"), "{out}");
+    let out = daemon.run(&token, &curl_argv(&[&url]));
+    assert!(out.stdout.contains("[email]") && !out.stdout.contains("dev@example.com"), "{out}");
+    wait_ended(&daemon, 5);
     let dir = daemon.dir().to_owned();
     let file = |name: &str| -> PathBuf { dir.join(name) };
     for format in ["md", "json", "html"] {
@@ -377,12 +387,21 @@ fn reports_agree_verify_offline_and_read_a_stopped_host() {
         .iter()
         .map(|k| t[*k].as_u64().expect("a count"))
         .collect();
-    assert_eq!(from_json[0], 3, "{}", pretty(&json));
-    assert_eq!(from_json[2], 2, "two refused connects: {}", pretty(&json));
+    assert_eq!(from_json[0], 5, "{}", pretty(&json));
+    assert!(from_json[2] >= 2, "two refused connects at least: {}", pretty(&json));
+    assert_eq!((from_json[3], from_json[5]), (1, 1), "one blocked request, one masked value: {}", pretty(&json));
     assert_eq!(totals_row(&md), from_json, "md and json disagree:\n{md}");
+    let html_totals: Vec<u64> = html
+        .lines()
+        .find(|l| l.starts_with("<tr><td>"))
+        .expect("the HTML totals row")
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(html_totals, from_json, "html and json disagree:\n{html}");
     assert!(html.contains(&format!("<span id=\"session-count\">{}</span> sessions", from_json[0])), "{html}");
     assert!(html.contains(&format!("<span id=\"denial-count\">{}</span> denials", from_json[2])), "{html}");
-    assert_eq!(html.matches("<tr class=\"session\">").count(), 3);
+    assert_eq!(html.matches("<tr class=\"session\">").count(), 5);
     assert!(
         !html.contains("http://") && !html.contains("https://") && !html.contains("<script"),
         "self-contained, nothing fetched"
