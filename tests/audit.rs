@@ -306,6 +306,18 @@ fn replay_gives_back_the_session_and_its_child() {
             && approved["offset_secs"].as_f64() <= exchange["offset_secs"].as_f64()
     );
     assert_eq!(asked["depth"], 1, "the child's records are marked by depth");
+    // Event by event, in the order the test made them happen.
+    let position = |event: &Value| lines.iter().position(|l| l == event).expect("a line of the replay");
+    let order: Vec<usize> = [&echo, &connect, &curl, &asked, &approved, &exchange].into_iter().map(position).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order {order:?}:\n{}", out.stdout);
+    assert!(
+        exchange["rules"].as_array().is_some_and(|r| r.iter().any(|r| r == "approve[0]: method POST")),
+        "the exchange names the rule it hit: {}",
+        pretty(&exchange)
+    );
+    let curl_exit = find("the curl's exit", &|l| l["kind"] == "exit" && l["depth"] == 1 && l["pid"] == curl["pid"]);
+    assert_eq!(curl_exit["exit_code"], 0, "{}", pretty(&curl_exit));
+    assert!(position(&curl_exit) > position(&exchange), "curl exits after its exchange:\n{}", out.stdout);
 
     let only = daemon.tollgate(&["replay", &top_id, "--format", "json", "--only", "approval"]);
     let kinds: Vec<String> = only
