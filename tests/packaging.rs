@@ -1,6 +1,7 @@
 //! What SREs install: the systemd unit is sandboxed as far as the daemon's work allows, scored by
 //! `systemd-analyze security`, and says why for each protection it cannot use.
 
+use std::process::Command;
 use std::time::Duration;
 
 use harness::{run_with_timeout, workspace_root};
@@ -165,6 +166,7 @@ fn the_rpm_lists_its_files_and_scripts_and_installs_into_a_scratch_root() {
         "{scripts}"
     );
     assert!(scripts.stdout.contains("SIGUSR2"), "upgrades hand sessions over: {scripts}");
+    rpm_upgrade_hands_over_then_starts(&scripts.stdout);
     let root = tempfile::tempdir().expect("temp dir");
     let root_arg = root.path().to_str().expect("path");
     assert!(run("rpm", &["--root", root_arg, "--initdb"]).success());
@@ -176,4 +178,72 @@ fn the_rpm_lists_its_files_and_scripts_and_installs_into_a_scratch_root() {
     assert!(root.path().join("etc/tollgate/config.yaml").exists());
     let query = run("rpm", &["--root", root_arg, "-q", "tollgate"]);
     assert!(query.success() && query.stdout.starts_with("tollgate-0.1.0"), "{query}");
+}
+
+/// The scriptlet named `name` in `rpm -qp --scripts` output.
+fn scriptlet(scripts: &str, name: &str) -> String {
+    let header = format!("{name} scriptlet");
+    let mut lines = scripts.lines().skip_while(|l| !l.starts_with(&header)).skip(1);
+    let mut body = Vec::new();
+    for line in lines.by_ref() {
+        if line.ends_with("scriptlet (using /bin/sh):") {
+            break;
+        }
+        body.push(line);
+    }
+    assert!(!body.is_empty(), "no {name} scriptlet in: {scripts}");
+    body.join("\n")
+}
+
+/// rpm runs an upgrade as: the new package's %post, then the old package's %preun. The systemd
+/// host an rpm would run on is not here, so the scriptlets run in that order under a stand-in
+/// `systemctl` that keeps the service's state and logs each call: the running daemon is handed
+/// over (SIGUSR2) and the new one started, and the old %preun does not stop it again.
+fn rpm_upgrade_hands_over_then_starts(scripts: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, active) = (dir.path().join("calls"), dir.path().join("active"));
+    std::fs::write(&active, "").expect("the service runs");
+    let stand_in = dir.path().join("systemctl");
+    std::fs::write(
+        &stand_in,
+        format!(
+            r#"#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+*is-active*) test -e {active} ;;
+*SIGUSR2*|*stop*|*disable*) rm -f {active} ;;
+*start*) touch {active} ;;
+esac
+"#,
+            log = log.display(),
+            active = active.display()
+        ),
+    )
+    .expect("stand-in systemctl");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // The scriptlets create their directories under / and check /run/systemd/system: point them at scratch paths.
+    let rewrite = |body: String| {
+        body.replace("/var/lib/tollgate", &dir.path().join("state").display().to_string())
+            .replace("/etc/tollgate", &dir.path().join("etc").display().to_string())
+            .replace("/run/systemd/system", &dir.path().display().to_string())
+    };
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    for (name, arg) in [("postinstall", "2"), ("preuninstall", "1")] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(rewrite(scriptlet(scripts, name)))
+            .arg("sh")
+            .arg(arg)
+            .env("PATH", &path)
+            .output()
+            .expect("sh runs the scriptlet");
+        assert!(out.status.success(), "{name} {arg}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let calls = std::fs::read_to_string(&log).expect("systemctl was called");
+    let handover = calls.find("SIGUSR2").unwrap_or_else(|| panic!("no handover on upgrade: {calls}"));
+    let start = calls.rfind("start tollgate.service").unwrap_or_else(|| panic!("no start on upgrade: {calls}"));
+    assert!(handover < start, "the new daemon starts after the old one handed over: {calls}");
+    assert!(!calls.contains("stop") && !calls.contains("disable"), "the upgrade stopped the service: {calls}");
+    assert!(active.exists(), "the service is left running after the upgrade: {calls}");
 }

@@ -311,6 +311,20 @@ echo "third=$(s {url})""#
         assert_eq!(held[0]["body_start"], payload, "{}", pretty(&held[0]));
         let text = fx.daemon.tollgate(&["approvals"]);
         assert!(text.stdout.contains("reviewers see this"), "{text}");
+        // The text carries what the JSON does (subject, destination, grant and rule), in aligned columns.
+        let mut lines = text.stdout.lines();
+        let (header, row) = (lines.next().expect("a header"), lines.next().expect("a row"));
+        for (column, value) in [
+            ("SESSION", str_field(&held[0], "session")),
+            ("TO", str_field(&held[0], "destination")),
+            ("METHOD", "POST"),
+        ] {
+            let at = header.find(&format!("  {column} ")).map(|i| i + 2).expect("the column");
+            assert_eq!(row.get(at..at + value.len()), Some(value), "{column} is out of line:\n{text}");
+        }
+        for fact in [str_field(&held[0], "subject"), str_field(&held[0], "grant"), str_field(&held[0], "rule")] {
+            assert!(text.stdout.contains(fact), "{fact} is missing from the text:\n{text}");
+        }
 
         let too_long = fx.daemon.tollgate(&["approve", &id, "--for", "8days"]);
         assert!(!too_long.success() && too_long.stderr.contains("at most 7days"), "{too_long}");

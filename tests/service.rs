@@ -104,6 +104,12 @@ fn sighup_reloads_policies_all_or_nothing() {
     );
     let status = daemon.status();
     assert_eq!(status["policy_file_paths"].as_array().map(Vec::len), Some(1), "{}", pretty(&status));
+    // The text says the same: when the policies were loaded and from which file.
+    let text = daemon.tollgate(&["status"]);
+    assert!(
+        text.stdout.contains("policies loaded") && text.stdout.contains(policy_file.to_str().expect("path")),
+        "{text}"
+    );
     let live = daemon
         .sessions()
         .into_iter()

@@ -24,7 +24,7 @@ progs_before=$(count_progs)
 links_before=$(count_links)
 
 # Install: the postinst starts the service on the packaged config, which trusts no issuer.
-check install-deb apt-get install -y -q /root/tollgate.deb
+check install-deb apt install -y -q /root/tollgate.deb
 check service-starts wait_for 60 systemctl is-active --quiet tollgate.service
 check state-is-root-only sh -c '[ "$(stat -c %a /var/lib/tollgate)" = 700 ]'
 check exposure-at-most-5 sh -c 'systemd-analyze security tollgate.service | tail -1 | awk "{ exit !(\$(NF-2) + 0 <= 5.0) }"'
@@ -73,7 +73,7 @@ check journal-has-no-colour sh -c '! journalctl -u tollgate.service -o cat --no-
 mkdir -p /run/vmtest
 tollgate run --token-file /root/token -- bash -c 'while [ ! -e /run/vmtest/go ]; do sleep 0.2; done; if (exec 3<>/dev/tcp/127.0.0.3/80); then echo reached > /run/vmtest/result; else echo refused > /run/vmtest/result; fi' 2>/dev/null &
 wait_for 20 sh -c 'tollgate sessions | grep -q running'
-check upgrade apt-get install -y -q --reinstall /root/tollgate.deb
+check upgrade apt install -y -q --reinstall /root/tollgate.deb
 check service-back-after-upgrade wait_for 60 systemctl is-active --quiet tollgate.service
 check session-adopted-after-upgrade wait_for 20 sh -c 'tollgate status --format json | grep -q "\"sessions_active\": 1"'
 touch /run/vmtest/go
@@ -86,6 +86,15 @@ check no-programs-left sh -c "[ \$(bpftool prog show | grep -c '^[0-9]') -eq $pr
 check no-links-left sh -c "[ \$(bpftool link show | grep -c '^[0-9]') -eq $links_before ]"
 check no-pins-left sh -c '! ls /sys/fs/bpf | grep -q tollgate'
 check no-cgroups-left test ! -e /sys/fs/cgroup/tollgate
+# Remove (not purge) with the service running: the prerm stops it, nothing is left
+# running or pinned, the configuration and state stay for a reinstall.
+check start-again systemctl start tollgate.service
+check remove apt-get remove -y -q tollgate
+check remove-stops-service sh -c '! systemctl is-active --quiet tollgate.service'
+check remove-leaves-no-programs sh -c "[ \$(bpftool prog show | grep -c '^[0-9]') -eq $progs_before ]"
+check remove-leaves-no-links sh -c "[ \$(bpftool link show | grep -c '^[0-9]') -eq $links_before ]"
+check remove-leaves-no-pins sh -c '! ls /sys/fs/bpf | grep -q tollgate'
+check remove-keeps-config-and-state sh -c 'test -e /etc/tollgate/config.yaml && test -d /var/lib/tollgate && test ! -e /usr/bin/tollgate'
 check purge apt-get purge -y -q tollgate
 check purge-removes-state test ! -e /var/lib/tollgate
 check purge-removes-config test ! -e /etc/tollgate

@@ -348,6 +348,14 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
         "policies          {} file(s), {} identities, {} grants",
         status["policy_files"], status["identities"], status["grants"]
     );
+    println!(
+        "policies loaded   {} ({})",
+        local_time(text(status, "policies_loaded_at")),
+        age(text(status, "policies_loaded_at"))
+    );
+    for file in status["policy_file_paths"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        println!("                  {file}");
+    }
     println!("ledger key        {}", text(status, "ledger_public_key"));
     if let Some(otlp) = status.get("otlp").filter(|o| !o.is_null()) {
         println!(
@@ -364,31 +372,63 @@ pub fn status(status: &Value, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rows under a header, each column as wide as its widest cell (the last one unpadded).
+fn aligned(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| if i == last { (*cell).to_owned() } else { format!("{cell:<0$}", widths[i]) })
+            .collect();
+        padded.join("  ")
+    };
+    std::iter::once(line(header.to_vec()))
+        .chain(rows.iter().map(|row| line(row.iter().map(String::as_str).collect())))
+        .collect()
+}
+
 /// `tollgate approvals`.
 pub fn approvals(pending: &Value, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(pending);
     }
-    println!("{:<8} {:<20} {:<14} {:<7} {:<30} EXPIRES", "ID", "SESSION", "IDENTITY", "METHOD", "PATH");
-    for p in pending.as_array().into_iter().flatten() {
-        // Approving an upgrade opens a tunnel no rule sees into: say so.
-        let upgrade = p.get("upgrade").and_then(Value::as_str).map_or(String::new(), |u| format!("  UPGRADE to {u}"));
-        println!(
-            "{:<8} {:<20} {:<14} {:<7} {:<30} {}{upgrade}",
-            text(p, "id"),
-            text(p, "session"),
-            text(p, "identity"),
-            text(p, "method"),
-            text(p, "path"),
-            local_time(text(p, "expires_at"))
-        );
+    let pending: Vec<&Value> = pending.as_array().into_iter().flatten().collect();
+    let rows: Vec<Vec<String>> = pending
+        .iter()
+        .map(|p| {
+            // Approving an upgrade opens a tunnel no rule sees into: say so.
+            let upgrade =
+                p.get("upgrade").and_then(Value::as_str).map_or(String::new(), |u| format!(" UPGRADE to {u}"));
+            vec![
+                text(p, "id").to_owned(),
+                text(p, "session").to_owned(),
+                format!("{} ({})", text(p, "identity"), text(p, "subject")),
+                text(p, "destination").to_owned(),
+                text(p, "method").to_owned(),
+                format!("{}{upgrade}", text(p, "path")),
+                local_time(text(p, "expires_at")),
+            ]
+        })
+        .collect();
+    let lines = aligned(&["ID", "SESSION", "IDENTITY (SUBJECT)", "TO", "METHOD", "PATH", "EXPIRES"], &rows);
+    println!("{}", lines[0]);
+    for (p, line) in pending.iter().zip(&lines[1..]) {
+        println!("{line}");
+        println!("    held by {} ({})", text(p, "grant"), text(p, "rule"));
         if let Some(body) = p.get("body_start").and_then(Value::as_str) {
-            println!("         body: {body:?}");
+            println!("    body: {body:?}");
         }
         // A child session's request: who delegated to it, under which identity, why.
         for link in p["chain"].as_array().into_iter().flatten().skip(1) {
             println!(
-                "         delegated by {} ({}, subject {}){}",
+                "    delegated by {} ({}, subject {}){}",
                 text(link, "session"),
                 text(link, "identity"),
                 text(link, "subject"),
