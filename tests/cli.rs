@@ -40,3 +40,39 @@ fn commands_end_quietly_when_their_reader_goes_away() {
         output.status
     );
 }
+
+/// Global options appear only where they are used: `--socket` before a command that does not talk
+/// to the daemon is a usage error (64) naming the command, the top-level help does not offer it,
+/// the help of commands that talk to the daemon does, and the daemon listens where its
+/// configuration says even when `TOLLGATE_SOCKET` (meant for clients) is set.
+#[test]
+fn the_socket_option_appears_only_where_it_is_used() {
+    let tollgate = |args: &[&str]| {
+        let mut cmd = Command::new(harness::tollgate_bin());
+        cmd.args(args);
+        harness::run_with_timeout(&mut cmd, std::time::Duration::from_secs(30)).expect("tollgate runs")
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("p.yaml");
+    std::fs::write(&file, "grants: []\n").expect("policy");
+    let out = tollgate(&["--socket", "/tmp/nowhere.sock", "policy", "check", file.to_str().expect("path")]);
+    assert_eq!(out.code(), Some(64), "{out}");
+    assert!(out.stderr.contains("not `policy check`"), "{out}");
+    let out = tollgate(&["--socket", "/tmp/nowhere.sock", "token", "mint", "--sub", "x"]);
+    assert_eq!(out.code(), Some(64), "{out}");
+    let help = tollgate(&["--help"]);
+    assert!(help.success() && !help.stdout.contains("--socket"), "{help}");
+    for command in ["sessions", "run", "approve"] {
+        let help = tollgate(&[command, "--help"]);
+        assert!(help.stdout.contains("--socket"), "{command} --help: {help}");
+    }
+    let help = tollgate(&["policy", "check", "--help"]);
+    assert!(!help.stdout.contains("--socket"), "{help}");
+
+    let elsewhere = dir.path().join("elsewhere.sock");
+    let daemon = Daemon::builder()
+        .policy(&policy(&strings(ALLOW_ALL), &[], &[]))
+        .env("TOLLGATE_SOCKET", elsewhere.to_str().expect("path"))
+        .start();
+    assert!(daemon.socket().exists() && !elsewhere.exists(), "the daemon listened where a client variable said");
+}

@@ -345,7 +345,7 @@ impl Daemon {
         cmd.arg("run").arg("--socket").arg(&self.socket).arg("--token-file").arg(token_file).arg("--").args(argv);
     }
 
-    /// Runs `tollgate --socket SOCKET ARGS...`.
+    /// Runs `tollgate ARGS...` with `TOLLGATE_SOCKET` naming this daemon.
     pub fn tollgate<S: AsRef<OsStr>>(&self, args: &[S]) -> RunOutput {
         let mut cmd = self.cli();
         cmd.args(args);
@@ -435,7 +435,8 @@ impl Daemon {
 
     fn cli(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("--socket").arg(&self.socket);
+        // The clients' variable, not `--socket`: commands that talk to no daemon refuse that.
+        cmd.env("TOLLGATE_SOCKET", &self.socket);
         cmd
     }
 

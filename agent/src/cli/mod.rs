@@ -37,8 +37,9 @@ pub const EXIT_ENDED_BY_POLICY: i32 = 77;
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about = "Verified identities and kernel enforcement for nested agents")]
 struct Cli {
-    /// The daemon's control socket (also accepted after the commands that talk to the daemon)
-    #[arg(long, value_name = "PATH")]
+    /// The daemon's control socket, before the command: kept for scripts, refused for
+    /// commands that do not talk to the daemon, and shown only on those that do.
+    #[arg(long, value_name = "PATH", hide = true)]
     socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -65,9 +66,10 @@ enum Format {
 enum Command {
     /// Run the daemon in the foreground (as root).
     Daemon {
-        #[command(flatten)]
-        conn: Connection,
-        /// Configuration file [default: /etc/tollgate/config.yaml if it exists, else built-in defaults]
+        /// Where to listen [default: the configuration's `socket`]
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Configuration file [default: /etc/tollgate/config.yaml; without it the daemon refuses to start]
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Override the config's state_dir.
@@ -453,11 +455,10 @@ enum PolicyCommand {
 }
 
 impl Command {
-    /// The control socket given after the command, if it takes one.
-    fn socket(&self) -> Option<PathBuf> {
+    /// How the command reaches the daemon, if it talks to one.
+    fn connection(&self) -> Option<&Connection> {
         let conn = match self {
-            Self::Daemon { conn, .. }
-            | Self::Run { conn, .. }
+            Self::Run { conn, .. }
             | Self::Sessions { conn, .. }
             | Self::Show { conn, .. }
             | Self::Replay { conn, .. }
@@ -477,14 +478,27 @@ impl Command {
             }
             | Self::Windows { action: Some(WindowsCommand::Revoke { conn, .. }), .. }
             | Self::Policy(PolicyCommand::Explain { conn, .. }) => conn,
-            Self::Generate { .. }
+            Self::Daemon { .. }
+            | Self::Generate { .. }
             | Self::Export { .. }
             | Self::Token(_)
             | Self::Policy(PolicyCommand::Check { .. }) => {
                 return None;
             }
         };
-        conn.socket.clone()
+        Some(conn)
+    }
+
+    /// The command's name as typed, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Daemon { .. } => "daemon",
+            Self::Generate { .. } => "generate",
+            Self::Export { .. } => "export",
+            Self::Token(_) => "token",
+            Self::Policy(PolicyCommand::Check { .. }) => "policy check",
+            _ => "this command",
+        }
     }
 }
 
@@ -552,9 +566,16 @@ fn socket_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    let socket = cli.socket.clone().or_else(|| cli.command.socket());
+    let connection = cli.command.connection();
+    if cli.socket.is_some() && connection.is_none() {
+        let what = cli.command.name();
+        let hint = if what == "daemon" { ": give it after the command (tollgate daemon --socket PATH)" } else { "" };
+        eprintln!("tollgate: --socket before the command is for commands that talk to the daemon, not `{what}`{hint}");
+        return Ok(EXIT_USAGE);
+    }
+    let socket = cli.socket.clone().or_else(|| connection.and_then(|c| c.socket.clone()));
     match cli.command {
-        Command::Daemon { config, state_dir, .. } => {
+        Command::Daemon { config, state_dir, socket, .. } => {
             // Never a guess: no key, no policy, no state made up on the spot.
             let path = match config {
                 Some(path) => path,
