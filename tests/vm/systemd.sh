@@ -26,6 +26,7 @@ links_before=$(count_links)
 # Install: the postinst starts the service on the packaged config, which trusts no issuer.
 check install-deb apt install -y -q /root/tollgate.deb
 check service-starts wait_for 60 systemctl is-active --quiet tollgate.service
+systemctl is-active --quiet tollgate.service || journalctl -u tollgate.service -n 15 --no-pager | sed 's/^/TOLLGATE-VM: JOURNAL /'
 check state-is-root-only sh -c '[ "$(stat -c %a /var/lib/tollgate)" = 700 ]'
 check exposure-at-most-5 sh -c 'systemd-analyze security tollgate.service | tail -1 | awk "{ exit !(\$(NF-2) + 0 <= 5.0) }"'
 check no-issuer-trusted sh -c 'tollgate status --format json | grep -q "\"dev_issuer\": false"'

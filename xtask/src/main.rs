@@ -58,6 +58,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("command -v tesseract", "tesseract-ocr"),
     ("python3 -c 'import prometheus_client'", "python3-prometheus-client"),
 ];
+/// The architectures tollgate is built and packaged for: the host's, and
+/// arm64 cross-built with Debian's cross toolchain.
+pub const ARM64: &str = "aarch64-unknown-linux-gnu";
+/// What cross-building and booting arm64 needs, as (a shell test, the package).
+const ARM64_PACKAGES: &[(&str, &str)] = &[
+    ("command -v aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    ("test -e /usr/aarch64-linux-gnu/include/stdio.h", "libc6-dev-arm64-cross"),
+    ("command -v aarch64-linux-gnu-strip", "binutils-aarch64-linux-gnu"),
+    ("command -v qemu-system-aarch64", "qemu-system-arm"),
+];
+
 /// Keeps package scripts from starting services (nginx would take port 80).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
@@ -77,6 +88,9 @@ enum Task {
         /// Build with optimizations.
         #[arg(long)]
         release: bool,
+        /// Cross-build for this target (aarch64-unknown-linux-gnu).
+        #[arg(long, value_name = "TRIPLE", value_parser = [ARM64])]
+        target: Option<String>,
     },
     /// Build, then run the daemon in the foreground with the repo's dev config
     /// and policies (state in target/tollgate-dev). Needs root.
@@ -112,9 +126,12 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup(),
-        Task::Build { release } => {
+        Task::Build { release, target } => {
             setup()?;
-            build(&root, release)
+            match target {
+                Some(target) => build_for(&root, release, &target),
+                None => build(&root, release),
+            }
         }
         Task::Run => {
             require_root("cargo xtask run")?;
@@ -181,6 +198,7 @@ fn package(root: &Path) -> anyhow::Result<()> {
         }
     }
     build(root, true)?;
+    build_for(root, true, ARM64)?;
     let out = root.join("target/package");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
@@ -197,6 +215,17 @@ fn package(root: &Path) -> anyhow::Result<()> {
     run(&mut gzip)?;
     run(cargo().current_dir(root).args(["deb", "-p", "tollgate", "--no-build", "--output"]).arg(&out))?;
     run(cargo().current_dir(root).args(["generate-rpm", "-p", "agent", "--output"]).arg(&out))?;
+    // The arm64 packages: the same files, with the arm64 binary. Both tools
+    // read `target/release/...` as `target/<target>/release/...` for a
+    // target, so the generated files go there too.
+    let cross_assets = root.join("target").join(ARM64).join("release/package-assets");
+    let _ = std::fs::remove_dir_all(&cross_assets);
+    run(Command::new("cp").arg("-r").arg(&assets).arg(&cross_assets))?;
+    run(cargo()
+        .current_dir(root)
+        .args(["deb", "-p", "tollgate", "--no-build", "--target", ARM64, "--output"])
+        .arg(&out))?;
+    run(cargo().current_dir(root).args(["generate-rpm", "-p", "agent", "--target", ARM64, "--output"]).arg(&out))?;
     println!("xtask: packages in {}", out.display());
     Ok(())
 }
@@ -247,6 +276,20 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
     run(&mut cargo)
 }
 
+/// Cross-builds for `target` into `target/<target>/` (the linker and C
+/// compiler come from `.cargo/config.toml`). The eBPF object is the same
+/// for every architecture and is not built again.
+fn build_for(root: &Path, release: bool, target: &str) -> anyhow::Result<()> {
+    let mut cargo = cargo();
+    cargo.current_dir(root).args(["build", "--package", "tollgate", "--target", target]);
+    if release {
+        cargo.arg("--release");
+    }
+    // bindgen (PostgreSQL's parser) reads the target's C headers.
+    cargo.env("BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu", "--sysroot=/usr/aarch64-linux-gnu");
+    run(&mut cargo)
+}
+
 /// Idempotent: each step checks before it installs.
 fn setup() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]));
@@ -269,14 +312,31 @@ fn setup() -> anyhow::Result<()> {
             "rust-llvm-22",
         ]))?;
     }
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]));
+    if !targets.lines().any(|line| line.trim() == ARM64) {
+        eprintln!("xtask: adding the {ARM64} standard library (arm64 builds)");
+        run(Command::new("rustup").args(["target", "add", ARM64]))?;
+    }
+    // The arm64 kernels and busybox of the kernel matrix are arm64 packages.
+    let foreign = output(Command::new("dpkg").arg("--print-foreign-architectures"));
+    let mut fresh_lists = false;
+    if !foreign.lines().any(|line| line.trim() == "arm64") {
+        eprintln!("xtask: adding arm64 to dpkg's architectures (the arm64 kernel matrix)");
+        run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        fresh_lists = true;
+    }
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(ARM64_PACKAGES)
         .filter(|(present, _)| !succeeds(Command::new("sh").args(["-c", present])))
         .map(|(_, package)| *package)
         .collect();
     if !missing.is_empty() {
         eprintln!("xtask: installing {}", missing.join(" "));
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        if !fresh_lists {
+            run(Command::new("apt-get").arg("update").arg("-q"))?;
+        }
         let guard = !Path::new(POLICY_RC_D).exists();
         if guard {
             std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n").context("cannot write policy-rc.d")?;

@@ -13,15 +13,51 @@ use std::{
 use anyhow::{Context, bail};
 
 /// A boot that has not powered off by then is killed and reported as hung
-/// (the systemd VM boots a whole distribution under emulation: it gets more).
+/// (the systemd VM boots a whole distribution under emulation, and an arm64
+/// guest is emulated instruction by instruction: they get more).
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
+const ARM64_BOOT_LIMIT: Duration = Duration::from_secs(600);
 const SYSTEMD_BOOT_LIMIT: Duration = Duration::from_secs(600);
 /// The LSM order Debian kernels boot with, plus BPF.
 const LSM_WITH_BPF: &str = "lockdown,capability,landlock,yama,apparmor,bpf";
 const LSM_WITHOUT_BPF: &str = "lockdown,capability,landlock,yama,apparmor";
 
+/// The machine a kernel of the matrix boots on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// Debian's name for it (packages are `name:arch`).
+    fn debian(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::Arm64 => "arm64",
+        }
+    }
+
+    /// The emulator and the machine and console it offers.
+    fn qemu(self) -> (&'static str, &'static [&'static str], &'static str) {
+        match self {
+            Self::Amd64 => ("qemu-system-x86_64", &["-cpu", "max"], "ttyS0"),
+            // pauth-impdef: the same pointer authentication, with a hash TCG computes fast.
+            Self::Arm64 => ("qemu-system-aarch64", &["-M", "virt", "-cpu", "max,pauth-impdef=on"], "ttyAMA0"),
+        }
+    }
+
+    fn boot_limit(self) -> Duration {
+        match self {
+            Self::Amd64 => BOOT_LIMIT,
+            Self::Arm64 => ARM64_BOOT_LIMIT,
+        }
+    }
+}
+
 struct Entry {
     label: &'static str,
+    arch: Arch,
     /// `apt-cache search --names-only` pattern for the kernel package.
     package: &'static str,
     lsm: &'static str,
@@ -29,10 +65,17 @@ struct Entry {
     expect: &'static str,
 }
 
-const MATRIX: [Entry; 3] = [
-    Entry { label: "debian-12-6.1", package: r"^linux-image-6\.1\.0-[0-9]+-amd64$", lsm: LSM_WITH_BPF, expect: "lsm" },
+const MATRIX: [Entry; 6] = [
+    Entry {
+        label: "debian-12-6.1",
+        arch: Arch::Amd64,
+        package: r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+        lsm: LSM_WITH_BPF,
+        expect: "lsm",
+    },
     Entry {
         label: "debian-12-6.12",
+        arch: Arch::Amd64,
         package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
         lsm: LSM_WITH_BPF,
         expect: "lsm",
@@ -41,9 +84,32 @@ const MATRIX: [Entry; 3] = [
     // must fall back to kill-on-exec and still deny.
     Entry {
         label: "debian-12-6.12-no-bpf-lsm",
+        arch: Arch::Amd64,
         package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
         lsm: LSM_WITHOUT_BPF,
         expect: "kill-on-exec",
+    },
+    // The flavour cloud images boot (fewer drivers, the same BPF).
+    Entry {
+        label: "debian-12-6.1-cloud",
+        arch: Arch::Amd64,
+        package: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$",
+        lsm: LSM_WITH_BPF,
+        expect: "lsm",
+    },
+    Entry {
+        label: "debian-12-arm64-6.1",
+        arch: Arch::Arm64,
+        package: r"^linux-image-6\.1\.0-[0-9]+-arm64$",
+        lsm: LSM_WITH_BPF,
+        expect: "lsm",
+    },
+    Entry {
+        label: "debian-12-arm64-6.12",
+        arch: Arch::Arm64,
+        package: r"^linux-image-6\.12\.[0-9]+\+deb12-arm64$",
+        lsm: LSM_WITH_BPF,
+        expect: "lsm",
     },
 ];
 
@@ -51,17 +117,29 @@ const MATRIX: [Entry; 3] = [
 pub fn run(root: &Path) -> anyhow::Result<()> {
     let work = root.join("target/vm");
     std::fs::create_dir_all(&work)?;
-    let initramfs = build_initramfs(root, &work)?;
+    let initramfs = [(Arch::Amd64, build_initramfs(root, &work, Arch::Amd64)?), (Arch::Arm64, build_initramfs(root, &work, Arch::Arm64)?)];
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for entry in &MATRIX {
-        let kernel =
-            kernel(&work, entry.package).with_context(|| format!("cannot get the kernel for {}", entry.label))?;
+        let kernel = kernel(&work, entry.package, entry.arch)
+            .with_context(|| format!("cannot get the kernel for {}", entry.label))?;
+        let initrd = &initramfs.iter().find(|(arch, _)| *arch == entry.arch).expect("an initramfs per arch").1;
         eprintln!("xtask: booting {} ({})", entry.label, kernel.display());
         let started = Instant::now();
-        let append = format!("console=ttyS0 panic=-1 quiet lsm={} tollgate.expect={}", entry.lsm, entry.expect);
-        let outcome =
-            boot(&Machine { label: entry.label, kernel: &kernel, initrd: &initramfs, append, disk: None, smp: 1 })?;
+        let console = entry.arch.qemu().2;
+        let append =
+            format!("console={console} panic=-1 quiet lsm={} tollgate.expect={}", entry.lsm, entry.expect);
+        // An emulated arm64 guest runs its two vCPUs on the host's two cores.
+        let smp = if entry.arch == Arch::Arm64 { 2 } else { 1 };
+        let outcome = boot(&Machine {
+            label: entry.label,
+            arch: entry.arch,
+            kernel: &kernel,
+            initrd,
+            append,
+            disk: None,
+            smp,
+        })?;
         let seconds = started.elapsed().as_secs();
         for (check, result) in &outcome.checks {
             report.push(format!("{:<28} {:<36} {}", entry.label, check, result));
@@ -70,7 +148,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             }
         }
         match (&outcome.hung, outcome.done, outcome.checks.is_empty()) {
-            (true, _, _) => failures.push(format!("{}: hung (killed after {} s)", entry.label, BOOT_LIMIT.as_secs())),
+            (true, _, _) => failures
+                .push(format!("{}: hung (killed after {} s)", entry.label, entry.arch.boot_limit().as_secs())),
             (false, false, _) => failures.push(format!("{}: the suite did not finish", entry.label)),
             (false, true, true) => failures.push(format!("{}: the suite ran no check", entry.label)),
             _ => {}
@@ -109,7 +188,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
 }
 
 /// The newest package matching `pattern`, downloaded and unpacked once.
-fn kernel(work: &Path, pattern: &str) -> anyhow::Result<PathBuf> {
+fn kernel(work: &Path, pattern: &str, arch: Arch) -> anyhow::Result<PathBuf> {
     let search = || -> anyhow::Result<Vec<String>> {
         let found = Command::new("apt-cache").args(["search", "--names-only", pattern]).output()?;
         Ok(String::from_utf8_lossy(&found.stdout)
@@ -131,7 +210,12 @@ fn kernel(work: &Path, pattern: &str) -> anyhow::Result<PathBuf> {
     }
     let downloads = work.join("downloads");
     std::fs::create_dir_all(&downloads)?;
-    crate::run(Command::new("apt-get").arg("download").arg(&package).current_dir(&downloads))?;
+    crate::run(
+        Command::new("apt-get")
+            .arg("download")
+            .arg(format!("{package}:{}", arch.debian()))
+            .current_dir(&downloads),
+    )?;
     let deb = std::fs::read_dir(&downloads)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}_"))))
@@ -140,6 +224,28 @@ fn kernel(work: &Path, pattern: &str) -> anyhow::Result<PathBuf> {
     crate::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
     let _ = std::fs::remove_file(&deb);
     find_vmlinuz(&dir).context("the package has no boot/vmlinuz")
+}
+
+/// A Debian package's files, unpacked once under `work/packages`.
+fn unpacked(work: &Path, package: &str) -> anyhow::Result<PathBuf> {
+    let dir = work.join("packages").join(package.replace(':', "_"));
+    if dir.join(".done").exists() {
+        return Ok(dir);
+    }
+    let downloads = work.join("downloads");
+    std::fs::create_dir_all(&downloads)?;
+    let before: Vec<_> = std::fs::read_dir(&downloads)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    crate::run(Command::new("apt-get").arg("download").arg(package).current_dir(&downloads))?;
+    let deb = std::fs::read_dir(&downloads)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| !before.contains(p) && p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    crate::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
+    let _ = std::fs::remove_file(&deb);
+    std::fs::write(dir.join(".done"), "")?;
+    Ok(dir)
 }
 
 fn version_key(name: &str) -> Vec<u64> {
@@ -154,34 +260,90 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
 }
 
 /// busybox, the tollgate binary (debug info stripped) with its libraries,
-/// and the project's init and suite.
-fn build_initramfs(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
-    let tree = work.join("initramfs");
+/// and the project's init and suite, for `arch`: the host's debug build for
+/// amd64; for arm64 the cross-built release binary (emulated, every
+/// instruction counts), Debian's arm64 busybox and the cross libc.
+fn build_initramfs(root: &Path, work: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+    let tree = work.join(format!("initramfs-{}", arch.debian()));
     let _ = std::fs::remove_dir_all(&tree);
-    for dir in ["bin", "sbin", "usr/bin", "proc", "sys", "dev", "tmp", "run", "etc", "lib64", "lib/x86_64-linux-gnu"] {
+    for dir in ["bin", "sbin", "usr/bin", "proc", "sys", "dev", "tmp", "run", "etc", "lib", "lib64"] {
         std::fs::create_dir_all(tree.join(dir))?;
     }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox-static is not installed")?;
-    let binary = root.join("target/debug/tollgate");
-    crate::run(Command::new("objcopy").arg("--strip-debug").arg(&binary).arg(tree.join("bin/tollgate")))?;
-    let ldd = Command::new("ldd").arg(&binary).output().context("cannot run ldd")?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let library = line.split("=>").nth(1).unwrap_or(line).split_whitespace().next().unwrap_or("");
-        if library.starts_with('/') {
-            let target = tree.join(library.trim_start_matches('/'));
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::copy(library, &target).with_context(|| format!("cannot copy {library}"))?;
+    let libraries = match arch {
+        Arch::Amd64 => {
+            std::fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox-static is not installed")?;
+            let binary = root.join("target/debug/tollgate");
+            crate::run(Command::new("objcopy").arg("--strip-debug").arg(&binary).arg(tree.join("bin/tollgate")))?;
+            let ldd = Command::new("ldd").arg(&binary).output().context("cannot run ldd")?;
+            String::from_utf8_lossy(&ldd.stdout)
+                .lines()
+                .filter_map(|line| line.split("=>").nth(1).unwrap_or(line).split_whitespace().next())
+                .filter(|library| library.starts_with('/'))
+                .map(PathBuf::from)
+                .map(|path| (path.clone(), path))
+                .collect::<Vec<_>>()
         }
+        Arch::Arm64 => {
+            let busybox = unpacked(work, "busybox-static:arm64")?.join("bin/busybox");
+            std::fs::copy(&busybox, tree.join("bin/busybox"))
+                .with_context(|| format!("cannot copy {}", busybox.display()))?;
+            let binary = root.join("target").join(crate::ARM64).join("release/tollgate");
+            crate::run(
+                Command::new("aarch64-linux-gnu-strip")
+                    .arg("--strip-debug")
+                    .arg(&binary)
+                    .arg("-o")
+                    .arg(tree.join("bin/tollgate")),
+            )?;
+            cross_libraries(&binary, Path::new("/usr/aarch64-linux-gnu/lib"))?
+        }
+    };
+    for (source, inside) in libraries {
+        let target = tree.join(inside.strip_prefix("/").unwrap_or(&inside));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(&source, &target).with_context(|| format!("cannot copy {}", source.display()))?;
     }
     std::fs::copy(root.join("tests/vm/init"), tree.join("init"))?;
     std::fs::copy(root.join("tests/vm/suite.sh"), tree.join("suite.sh"))?;
-    let image = work.join("initramfs.cpio.gz");
+    let image = work.join(format!("initramfs-{}.cpio.gz", arch.debian()));
     let script =
         format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", tree.display(), image.display());
     crate::run(Command::new("sh").arg("-c").arg(script))?;
     Ok(image)
+}
+
+/// A cross-built binary's interpreter and libraries (its `NEEDED`, and
+/// theirs), found in `sysroot_lib`: (where it is here, where it goes).
+fn cross_libraries(binary: &Path, sysroot_lib: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    let dynamic = |file: &Path| -> anyhow::Result<String> {
+        let out = Command::new("aarch64-linux-gnu-readelf").arg("-d").arg("-l").arg(file).output()?;
+        anyhow::ensure!(out.status.success(), "readelf cannot read {}", file.display());
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let text = dynamic(binary)?;
+    let interpreter = text
+        .lines()
+        .find_map(|line| line.split("[Requesting program interpreter: ").nth(1))
+        .and_then(|rest| rest.strip_suffix(']'))
+        .context("the binary names no interpreter")?
+        .to_owned();
+    let name = Path::new(&interpreter).file_name().context("interpreter path")?;
+    let mut found = vec![(sysroot_lib.join(name), PathBuf::from(&interpreter))];
+    let mut queue = vec![text];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(text) = queue.pop() {
+        for needed in text.lines().filter_map(|l| l.split("Shared library: [").nth(1)?.strip_suffix(']')) {
+            if !seen.insert(needed.to_owned()) {
+                continue;
+            }
+            let source = sysroot_lib.join(needed);
+            queue.push(dynamic(&source)?);
+            found.push((source, Path::new("/lib/aarch64-linux-gnu").join(needed)));
+        }
+    }
+    Ok(found)
 }
 
 struct Outcome {
@@ -195,6 +357,7 @@ struct Outcome {
 /// What to boot: a kernel, its initrd and command line, and a root disk if any.
 struct Machine<'a> {
     label: &'a str,
+    arch: Arch,
     kernel: &'a Path,
     initrd: &'a Path,
     append: String,
@@ -265,6 +428,7 @@ fn systemd(root: &Path, work: &Path) -> anyhow::Result<Outcome> {
     let append = format!("root=/dev/vda rw console=ttyS0 panic=-1 quiet lsm={LSM_WITH_BPF}");
     boot(&Machine {
         label: "debian-12-systemd",
+        arch: Arch::Amd64,
         kernel: &kernel_copy,
         initrd: &initrd_copy,
         append,
@@ -274,13 +438,13 @@ fn systemd(root: &Path, work: &Path) -> anyhow::Result<Outcome> {
 }
 
 fn boot(machine: &Machine<'_>) -> anyhow::Result<Outcome> {
-    let mut command = Command::new("qemu-system-x86_64");
+    let (emulator, cpu, _) = machine.arch.qemu();
+    let mut command = Command::new(emulator);
     command
+        .args(cpu)
         .args([
             "-accel",
             "tcg",
-            "-cpu",
-            "max",
             "-m",
             "2048",
             "-nographic",
@@ -305,7 +469,7 @@ fn boot(machine: &Machine<'_>) -> anyhow::Result<Outcome> {
         .stderr(Stdio::null())
         .stdin(Stdio::null())
         .spawn()
-        .context("cannot start qemu-system-x86_64")?;
+        .with_context(|| format!("cannot start {emulator}"))?;
     let stdout = qemu.stdout.take().context("no qemu stdout")?;
     let (lines, console) = mpsc::channel();
     std::thread::spawn(move || {
@@ -315,7 +479,7 @@ fn boot(machine: &Machine<'_>) -> anyhow::Result<Outcome> {
             }
         }
     });
-    let limit = if machine.disk.is_some() { SYSTEMD_BOOT_LIMIT } else { BOOT_LIMIT };
+    let limit = if machine.disk.is_some() { SYSTEMD_BOOT_LIMIT } else { machine.arch.boot_limit() };
     let deadline = Instant::now() + limit;
     let mut outcome =
         Outcome { checks: Vec::new(), done: false, hung: false, mode: "?".into(), console_tail: String::new() };
