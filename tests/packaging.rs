@@ -43,7 +43,8 @@ fn the_unit_is_hardened_and_explains_what_it_cannot_use() {
     }
 }
 
-fn package(extension: &str) -> std::path::PathBuf {
+/// The package in `target/package` whose name ends with `ending` (`_amd64.deb`, `.aarch64.rpm`).
+fn package(ending: &str) -> std::path::PathBuf {
     let dir = workspace_root().join("target/package");
     std::fs::read_dir(&dir)
         .unwrap_or_else(|e| {
@@ -51,8 +52,15 @@ fn package(extension: &str) -> std::path::PathBuf {
         })
         .flatten()
         .map(|entry| entry.path())
-        .find(|path| path.extension().is_some_and(|e| e == extension))
-        .unwrap_or_else(|| panic!("no .{extension} in {} (cargo xtask package builds it)", dir.display()))
+        .find(|path| path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(ending)))
+        .unwrap_or_else(|| panic!("no *{ending} in {} (cargo xtask package builds it)", dir.display()))
+}
+
+/// The ELF machine of the file at `path` inside a package's files (`EM_X86_64` 62, `EM_AARCH64` 183).
+fn elf_machine(path: &std::path::Path) -> u16 {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..4], b"\x7fELF", "{} is not an ELF file", path.display());
+    u16::from_le_bytes([bytes[18], bytes[19]])
 }
 
 fn run(program: &str, args: &[&str]) -> harness::RunOutput {
@@ -66,7 +74,7 @@ fn run(program: &str, args: &[&str]) -> harness::RunOutput {
 /// but what the package's overrides explain.
 #[test]
 fn the_deb_holds_what_an_sre_expects_and_lints_clean() {
-    let deb = package("deb");
+    let deb = package("_amd64.deb");
     let deb = deb.to_str().expect("UTF-8 path");
     let contents = run("dpkg-deb", &["-c", deb]);
     for path in [
@@ -116,6 +124,7 @@ fn the_deb_holds_what_an_sre_expects_and_lints_clean() {
     let moved_config = scratch.path().join("config.yaml");
     std::fs::write(&moved_config, moved).expect("config");
     let binary = root.join("usr/bin/tollgate");
+    assert_eq!(elf_machine(&binary), 62, "the amd64 .deb's binary is not x86_64");
     let mut daemon = std::process::Command::new(&binary)
         .args(["daemon", "--config"])
         .arg(&moved_config)
@@ -147,7 +156,7 @@ fn the_deb_holds_what_an_sre_expects_and_lints_clean() {
 /// installs into a scratch root.
 #[test]
 fn the_rpm_lists_its_files_and_scripts_and_installs_into_a_scratch_root() {
-    let rpm = package("rpm");
+    let rpm = package(".x86_64.rpm");
     let rpm = rpm.to_str().expect("UTF-8 path");
     let files = run("rpm", &["-qlp", rpm]);
     for path in [
@@ -178,6 +187,44 @@ fn the_rpm_lists_its_files_and_scripts_and_installs_into_a_scratch_root() {
     assert!(root.path().join("etc/tollgate/config.yaml").exists());
     let query = run("rpm", &["--root", root_arg, "-q", "tollgate"]);
     assert!(query.success() && query.stdout.starts_with("tollgate-0.1.0"), "{query}");
+}
+
+/// The arm64 packages hold the same files as the amd64 ones, with an arm64 binary, and say so in
+/// their architecture; the .deb lints clean too.
+#[test]
+fn arm64_packages_hold_the_same_files_with_an_arm64_binary() {
+    let (deb, native_deb) = (package("_arm64.deb"), package("_amd64.deb"));
+    let list = |deb: &std::path::Path| -> Vec<String> {
+        let out = run("dpkg-deb", &["-c", deb.to_str().expect("path")]);
+        let mut paths: Vec<String> =
+            out.stdout.lines().filter_map(|l| l.split_whitespace().last().map(str::to_owned)).collect();
+        paths.sort();
+        paths
+    };
+    assert_eq!(list(&deb), list(&native_deb), "the two .debs hold different files");
+    let deb = deb.to_str().expect("path");
+    let arch = run("dpkg-deb", &["-f", deb, "Architecture"]);
+    assert_eq!(arch.stdout.trim(), "arm64", "{arch}");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    assert!(run("dpkg-deb", &["-x", deb, scratch.path().to_str().expect("path")]).success());
+    assert_eq!(elf_machine(&scratch.path().join("usr/bin/tollgate")), 183, "the arm64 .deb's binary is not arm64");
+    let lint = run("lintian", &[deb]);
+    let findings: Vec<&str> = lint.stdout.lines().filter(|l| l.starts_with("E:") || l.starts_with("W:")).collect();
+    assert!(lint.success() && findings.is_empty(), "lintian: {lint}");
+
+    let rpm = package(".aarch64.rpm");
+    let rpm = rpm.to_str().expect("path");
+    let arch = run("rpm", &["-qp", "--queryformat", "%{ARCH}", rpm]);
+    assert_eq!(arch.stdout.trim(), "aarch64", "{arch}");
+    let native = package(".x86_64.rpm");
+    let (files, native_files) = (run("rpm", &["-qlp", rpm]), run("rpm", &["-qlp", native.to_str().expect("path")]));
+    assert_eq!(files.stdout, native_files.stdout, "the two .rpms hold different files");
+    let root = tempfile::tempdir().expect("temp dir");
+    let root_arg = root.path().to_str().expect("path");
+    assert!(run("rpm", &["--root", root_arg, "--initdb"]).success());
+    let install = run("rpm", &["--root", root_arg, "-i", "--nodeps", "--noscripts", "--ignorearch", rpm]);
+    assert!(install.success(), "{install}");
+    assert_eq!(elf_machine(&root.path().join("usr/bin/tollgate")), 183, "the aarch64 .rpm's binary is not arm64");
 }
 
 /// The scriptlet named `name` in `rpm -qp --scripts` output.

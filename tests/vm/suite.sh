@@ -89,6 +89,7 @@ pass daemon-starts
 status=$($T --socket $S status --format json)
 mode=$(echo "$status" | sed -n 's/.*"exec_enforcement": "\([a-z-]*\)".*/\1/p')
 echo "TOLLGATE-VM: MODE $mode"
+[ "$mode" = kill-on-exec ] && echo "TOLLGATE-VM: WHY $(echo "$status" | sed -n 's/.*"lsm_unavailable": "\(.*\)".*/\1/p')"
 if [ "$mode" = "$expect" ]; then pass "exec-enforcement-is-$expect"; else fail "exec-enforcement-is-$expect" "status says $mode: $(echo "$status" | grep lsm_unavailable | tail -c 1500)"; fi
 
 $T token mint --config /etc/tollgate/config.yaml --sub vm-bot > /tmp/token

@@ -115,6 +115,10 @@ enum Task {
         /// Skip the kernel matrix (it is part of the default run).
         #[arg(long)]
         no_vm: bool,
+        /// Boot only these machines of the matrix (labels as the report prints them,
+        /// e.g. debian-12-arm64-6.1 or debian-12-systemd).
+        #[arg(long = "kernel", value_name = "LABEL")]
+        kernels: Vec<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -163,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             package(&root)
         }
-        Task::Test { vm, no_vm, args } => {
+        Task::Test { vm, no_vm, kernels, args } => {
             require_root("cargo xtask test")?;
             setup()?;
             build(&root, false)?;
@@ -182,7 +186,7 @@ fn main() -> anyhow::Result<()> {
                 // The systemd VM installs the package.
                 package(&root)?;
             }
-            vm::run(&root)
+            vm::run(&root, &kernels)
         }
     }
 }

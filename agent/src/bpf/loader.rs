@@ -238,7 +238,7 @@ pub fn load(
             if let Some(pins) = &pins {
                 let _ = std::fs::remove_file(pins.link("bprm_check_security"));
             }
-            (ExecEnforcement::KillOnExec, Some(e.to_string()))
+            (ExecEnforcement::KillOnExec, Some(with_causes(&*e)))
         }
     };
 
@@ -259,6 +259,20 @@ pub fn load(
         mode,
         lsm_unavailable: lsm_error,
     })
+}
+
+/// An error and its causes on one line (aya's attach errors keep the errno in their source).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 fn attach_lsm(ebpf: &mut Ebpf) -> Result<FdLink, Box<dyn std::error::Error>> {
