@@ -56,7 +56,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // screenshot read back with OCR; /metrics is parsed by the Prometheus client.
     ("command -v chromium", "chromium"),
     ("command -v tesseract", "tesseract-ocr"),
-    ("python3 -c 'import prometheus_client'", "python3-prometheus-client"),
+    ("/usr/bin/python3 -c 'import prometheus_client'", "python3-prometheus-client"),
 ];
 /// The architectures tollgate is built and packaged for: the host's, and
 /// arm64 cross-built with Debian's cross toolchain.

@@ -395,8 +395,8 @@ fn systemd(root: &Path, work: &Path) -> anyhow::Result<Outcome> {
     let deb = std::fs::read_dir(root.join("target/package"))
         .context("no target/package: cargo xtask package builds the .deb")?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("no .deb in target/package")?;
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("_amd64.deb")))
+        .context("no amd64 .deb in target/package")?;
     let tag: u64 = SYSTEMD_ROOT_PACKAGES
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
