@@ -358,3 +358,63 @@ echo "third=$(s {url})""#
     let again = fx.daemon.tollgate(&["windows", "revoke", "w-00000000"]);
     assert!(!again.success() && again.stderr.contains("no open window"), "{again}");
 }
+
+/// `approvals --watch` follows new held requests: each appears once, as it comes, while the watch
+/// keeps running; a request decided meanwhile does not come back.
+#[test]
+fn approvals_watch_prints_each_new_held_request_once() {
+    use std::io::{BufRead, BufReader};
+    let fx = Fixture::start(&[REVIEWERS, LONG_APPROVAL_TIMEOUT]);
+    let mut watch = std::process::Command::new(harness::tollgate_bin())
+        .env("TOLLGATE_SOCKET", fx.daemon.socket())
+        .args(["approvals", "--watch", "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the watch starts");
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().expect("stdout");
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let watched_until = |id: &str| {
+        let mut text = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !text.contains(id) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(line) => text.push_str(&(line + "\n")),
+                Err(_) => panic!("the watch did not print {id}:\n{text}"),
+            }
+        }
+        text
+    };
+    let ids: Vec<String> = (1..=2)
+        .map(|n| {
+            let url = fx.url(&format!("/deploy/{n}"));
+            thread::scope(|scope| {
+                let held = scope.spawn(|| fx.curl(&["-X", "POST", "--data", "go", &url]));
+                let pending = wait_for_approvals(&fx.daemon, 1);
+                let id = approval_id(&pending[0]);
+                let printed = watched_until(&id);
+                assert_eq!(printed.matches(&id).count(), 1, "printed more than once:\n{printed}");
+                assert!(fx.daemon.tollgate(&["approve", &id]).success());
+                held.join().expect("the held request").assert_status(200, "approved");
+                id
+            })
+        })
+        .collect();
+    // More than two polls later, neither decided request has come back.
+    thread::sleep(Duration::from_millis(1200));
+    let mut rest = String::new();
+    while let Ok(line) = seen.try_recv() {
+        rest.push_str(&line);
+    }
+    assert!(!ids.iter().any(|id| rest.contains(id.as_str())), "a decided request came back: {rest}");
+    assert!(watch.try_wait().expect("the watch").is_none(), "the watch stopped by itself");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

@@ -207,6 +207,14 @@ fn exit_codes_are_distinct() {
     let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("tollgate runs");
     assert_eq!(out.code(), Some(69), "{out}");
     assert!(out.stderr.contains("cannot reach the tollgate daemon"), "{out}");
+    // `run` too: no daemon, no session, and the command never started.
+    let marker = daemon.dir().join("ran-without-a-daemon");
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["run", "--socket", "/nonexistent/control.sock", "--token-file", path_str(&token), "--"])
+        .args(["/usr/bin/touch", path_str(&marker)]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("tollgate runs");
+    assert_eq!(out.code(), Some(69), "{out}");
+    assert!(!marker.exists(), "the command ran without a daemon");
 }
 
 /// With no --config and no /etc/tollgate/config.yaml, `daemon` and `token mint` refuse and say what
