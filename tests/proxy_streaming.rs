@@ -253,6 +253,16 @@ fn many_headers_pass_both_ways_and_head_keeps_its_length() {
     assert!(over.stdout.trim_end().ends_with("431"), "{over}");
     assert!(over.stdout.contains("\"limit\":1000"), "the refusal names the limit: {over}");
     assert_eq!(upstream.requests().len(), before, "an over-limit request reached the upstream");
+    // Far past it, the parser refuses the request itself: still 431, still nothing upstream.
+    let mut argv: Vec<String> = vec!["curl".into(), "-sS".into(), "-w".into(), "\n%{http_code}".into()];
+    for i in 0..1500 {
+        argv.push("-H".into());
+        argv.push(format!("X-Ask-{i}: q"));
+    }
+    argv.push(url.clone());
+    let far_over = daemon.run(&token, &argv);
+    assert!(far_over.stdout.trim_end().ends_with("431"), "{far_over}");
+    assert_eq!(upstream.requests().len(), before, "a request far over the limit reached the upstream");
 
     upstream.set_raw_reply(304, &["ETag: \"v1\""], b"");
     let not_modified = daemon.run(&token, &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url.as_str()]);

@@ -166,34 +166,29 @@ pub fn signature_holds(public: &str, message: &[u8], signature: &[u8]) -> bool {
 
 /// The stored content of a session's opening: every column but its end.
 pub fn session_content(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
+    conn.prepare_cached(
         "SELECT json_array(id, identity, subject, issuer, claims, host, uid, privileged, grants, cgroup, command,
                 started_at, parent, depth, reason, ttl_secs) FROM sessions WHERE id = ?1",
-        [id],
-        |row| row.get(0),
-    )
+    )?
+    .query_row([id], |row| row.get(0))
     .optional()
 }
 
 /// The stored content of one event.
 pub fn event_content(conn: &Connection, session: &str, seq: i64) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
+    conn.prepare_cached(
         "SELECT json_array(session_id, seq, at, kind, pid, verdict, detail) FROM events
          WHERE session_id = ?1 AND seq = ?2",
-        params![session, seq],
-        |row| row.get(0),
-    )
+    )?
+    .query_row(params![session, seq], |row| row.get(0))
     .optional()
 }
 
 /// The stored content of a session's end.
 pub fn end_content(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
-        "SELECT json_array(id, ended_at) FROM sessions WHERE id = ?1 AND ended_at IS NOT NULL",
-        [id],
-        |row| row.get(0),
-    )
-    .optional()
+    conn.prepare_cached("SELECT json_array(id, ended_at) FROM sessions WHERE id = ?1 AND ended_at IS NOT NULL")?
+        .query_row([id], |row| row.get(0))
+        .optional()
 }
 
 /// The content a ledger place stands for, as stored now (`None`: gone).
@@ -305,10 +300,8 @@ impl Chain {
         let hash = link(&self.hash, &content);
         let n = self.n + 1;
         let at = if at.is_empty() { super::rfc3339(std::time::SystemTime::now()) } else { at.to_owned() };
-        tx.execute(
-            "INSERT INTO ledger (n, kind, session_id, seq, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![n, kind.as_str(), session, seq, at, hash.as_slice()],
-        )?;
+        tx.prepare_cached("INSERT INTO ledger (n, kind, session_id, seq, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+            .execute(params![n, kind.as_str(), session, seq, at, hash.as_slice()])?;
         self.n = n;
         self.hash = hash;
         self.dirty = true;

@@ -203,10 +203,13 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                     *seq += 1;
                     usage.count(&session, &event);
                     let detail = serde_json::Value::Object(event.detail).to_string();
-                    let inserted = tx.execute(
-                        "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
+                    // Cached: the statement is parsed once per connection, not per event.
+                    let inserted = tx
+                        .prepare_cached(
+                            "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        )
+                        .and_then(|mut insert| insert.execute(params![
                             session.as_str(),
                             *seq,
                             event.at,
@@ -214,8 +217,7 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                             event.pid,
                             event.verdict.map(RecordVerdict::as_str),
                             detail
-                        ],
-                    );
+                        ]));
                     match inserted {
                         Ok(_) => chain.append(&tx, Entry::Event, session.as_str(), Some(*seq), &event.at)?,
                         Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
