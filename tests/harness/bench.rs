@@ -251,6 +251,10 @@ struct Wrk {
     p99_ms: f64,
 }
 
+/// Requests per second one connection offers when it pauses 1 ms between
+/// requests that take a few tenths of a millisecond.
+const PACED_PER_CONNECTION: f64 = 900.0;
+
 fn wrk_argv(url: &str, connections: u32, seconds: u32, close: bool) -> Vec<String> {
     let mut argv =
         vec!["wrk".to_owned(), "-t1".into(), format!("-c{connections}"), format!("-d{seconds}s"), "--latency".into()];
@@ -418,10 +422,27 @@ pub fn run(plan: Plan) -> Report {
     row.ratio("tollgate / direct", "tollgate", "direct", "-");
     rows.push(row);
 
-    // Latency added, at a lighter load.
+    // Latency added at about half of tollgate's peak: each connection pauses
+    // 1 ms between its requests (wrk's `delay`), with enough connections for
+    // half the peak; direct and nginx get the same offered load.
+    let peak = rows[0].get("tollgate");
+    let connections = ((peak / 2.0) / PACED_PER_CONNECTION).ceil().max(1.0) as u32;
+    let pace = std::env::temp_dir().join(format!("tollgate-bench-pace-{}.lua", std::process::id()));
+    std::fs::write(&pace, "function delay()\n  return 1\nend\n").expect("the pacing script");
+    let pace_arg = pace.to_string_lossy().into_owned();
+    let paced_argv = |url: &str| {
+        let mut argv = wrk_argv(url, connections, plan.seconds, false);
+        let at = argv.len() - 1;
+        argv.splice(at..at, ["-s".to_owned(), pace_arg.clone()]);
+        argv
+    };
     let mut row = Row::new(
         "HTTP latency (p50 / p99)",
-        format!("wrk -t1 -c4 -d{}s --latency (about half of peak)", plan.seconds),
+        format!(
+            "wrk -t1 -c{connections} -d{}s --latency, each connection pausing 1 ms between requests: about half of tollgate's peak (at most {} req/s offered)",
+            plan.seconds,
+            connections * PACED_PER_CONNECTION as u32
+        ),
         "ms",
     );
     let latency = |out: String| {
@@ -432,16 +453,17 @@ pub fn run(plan: Plan) -> Report {
     let mut proxied = (Vec::new(), Vec::new());
     let mut nginx_latency = (Vec::new(), Vec::new());
     for _ in 0..plan.rounds {
-        let (p50, p99) = latency(must(run_direct(&wrk_argv(&url(plain, "/"), 4, plan.seconds, false)), "wrk"));
+        let (p50, p99) = latency(must(run_direct(&paced_argv(&url(plain, "/"))), "wrk"));
         direct.0.push(p50);
         direct.1.push(p99);
-        let (p50, p99) = latency(must(run_direct(&wrk_argv(&url(peer, "/"), 4, plan.seconds, false)), "wrk"));
+        let (p50, p99) = latency(must(run_direct(&paced_argv(&url(peer, "/"))), "wrk"));
         nginx_latency.0.push(p50);
         nginx_latency.1.push(p99);
-        let (p50, p99) = latency(must(governed(&wrk_argv(&url(plain, "/"), 4, plan.seconds, false)), "wrk"));
+        let (p50, p99) = latency(must(governed(&paced_argv(&url(plain, "/"))), "wrk"));
         proxied.0.push(p50);
         proxied.1.push(p99);
     }
+    let _ = std::fs::remove_file(&pace);
     for (name, (p50, p99)) in [("direct", direct), ("nginx", nginx_latency), ("tollgate", proxied)] {
         row.series.push(Series { name: format!("{name} p50"), samples: p50 });
         row.series.push(Series { name: format!("{name} p99"), samples: p99 });

@@ -209,15 +209,17 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                             "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                         )
-                        .and_then(|mut insert| insert.execute(params![
-                            session.as_str(),
-                            *seq,
-                            event.at,
-                            event.kind.as_str(),
-                            event.pid,
-                            event.verdict.map(RecordVerdict::as_str),
-                            detail
-                        ]));
+                        .and_then(|mut insert| {
+                            insert.execute(params![
+                                session.as_str(),
+                                *seq,
+                                event.at,
+                                event.kind.as_str(),
+                                event.pid,
+                                event.verdict.map(RecordVerdict::as_str),
+                                detail
+                            ])
+                        });
                     match inserted {
                         Ok(_) => chain.append(&tx, Entry::Event, session.as_str(), Some(*seq), &event.at)?,
                         Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
