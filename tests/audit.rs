@@ -153,12 +153,41 @@ fn copy_log(from: &Path, to: &Path) {
 }
 
 /// Starts a daemon on `daemon`'s configuration and expects it to refuse to start, naming why.
+/// Forges the stopped `daemon`'s log: edits `session`'s exec, removes the chain and the key file,
+/// and lets the daemon start once, so a key made for it adopts the edited log and signs it.
+fn forge(daemon: &mut Daemon, session: &str) {
+    sqlite(
+        &daemon.state_dir().join("sessions.db"),
+        &format!(
+            "UPDATE events SET detail = replace(detail, 'true', 'evil') WHERE session_id = '{session}' AND kind = 'exec';
+             DELETE FROM ledger; DELETE FROM chain_head; DELETE FROM checkpoints"
+        ),
+    );
+    fs::remove_file(daemon.state_dir().join("ledger-key.pk8")).expect("the daemon's key file");
+    daemon.restart();
+    daemon.halt();
+}
+
+/// Nothing of the chain is written over: its places and its signed head stay as they were.
 fn refuses_to_start(daemon: &Daemon, why: &str) {
+    let db = daemon.state_dir().join("sessions.db");
+    let chain = || {
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg(
+                "SELECT COUNT(*), COALESCE(MAX(n), 0) FROM ledger; SELECT n, hex(hash), hex(signature) FROM chain_head",
+            )
+            .output()
+            .expect("sqlite3 reads the chain");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = chain();
     let mut cmd = Command::new(tollgate_bin());
     cmd.arg("daemon").arg("--config").arg(daemon.config_path());
     let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("the daemon exits by itself");
     assert!(!out.success(), "a daemon started on an edited log: {out}");
     assert!(out.stderr.contains("changed behind tollgate's back") && out.stderr.contains(why), "{out}");
+    assert_eq!(chain(), before, "the refusing daemon wrote to the chain");
 }
 
 /// Whoever can write the log cannot make it verify again: a log re-chained and re-signed with a
@@ -186,16 +215,7 @@ fn a_log_rechained_re_signed_or_cut_is_never_signed_over() {
     forger.halt();
     let forged = forger.state_dir().join("sessions.db");
     copy_log(&pristine, &forged);
-    sqlite(
-        &forged,
-        &format!(
-            "UPDATE events SET detail = replace(detail, 'true', 'evil') WHERE session_id = '{last}' AND kind = 'exec';
-             DELETE FROM ledger; DELETE FROM chain_head; DELETE FROM checkpoints"
-        ),
-    );
-    fs::remove_file(forger.state_dir().join("ledger-key.pk8")).expect("the forger's key file");
-    forger.restart();
-    forger.halt();
+    forge(&mut forger, &last);
     let out = local(&forger, &["verify"]);
     assert_eq!(out.code(), Some(0), "the forgery holds under the forger's key: {out}");
     copy_log(&forged, &db);
@@ -232,6 +252,16 @@ fn a_log_rechained_re_signed_or_cut_is_never_signed_over() {
     daemon.restart();
     let out = daemon.tollgate(&["verify"]);
     assert!(out.success() && out.stdout.contains("in 2 session(s)"), "{out}");
+
+    // The way around: replace the host's key too, so a new key adopts the edited log. A reviewer
+    // who pinned the host's key (from `status` or a report) sees it.
+    let pinned = daemon.dir().join("pinned.pub");
+    fs::write(&pinned, daemon.status()["ledger_public_key"].as_str().expect("the host's key")).expect("pin");
+    daemon.halt();
+    forge(&mut daemon, &last);
+    let out = local(&daemon, &["verify", "--key", path_str(&pinned)]);
+    assert_eq!(out.code(), Some(1), "a log adopted under a replaced key verified under the pinned one: {out}");
+    assert!(out.stdout.contains("not signed by the host's key"), "{out}");
 }
 
 /// `replay --format json` gives back, event by event, what a session and its child did: the

@@ -340,11 +340,8 @@ fn a_child_cannot_skip_its_parents_proxy_rules() {
     }
 }
 
-/// `--reason` is required where the identity says so, `--grant` works only inside a session and
-/// only for grants the parent holds, the depth is bounded, and `--ttl` ends the session.
-#[test]
-fn reasons_ttls_grants_and_depth_are_enforced() {
-    let policy = r#"identities:
+/// The `lead-agents` identity, which requires a reason for every session, with one network grant.
+const REASONED_LEAD: &str = r#"identities:
   - name: lead-agents
     issuer: tollgate-dev
     allow_root: true
@@ -355,7 +352,26 @@ grants:
     identity: lead-agents
     network: { allow: ["127.0.0.0/8"] }
 "#;
-    let daemon = Daemon::builder().policy(policy).config_line("delegation: { max_depth: 2 }").start();
+
+/// `sh -c SCRIPT` with the tollgate binary as `$1`, the daemon's socket as `$2` and `extra` after.
+fn shell_with_tollgate(daemon: &Daemon, script: String, extra: &[&Path]) -> Vec<String> {
+    let mut argv = vec![
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        script,
+        "sh".into(),
+        tollgate_bin().display().to_string(),
+        daemon.socket().display().to_string(),
+    ];
+    argv.extend(extra.iter().map(|path| path.display().to_string()));
+    argv
+}
+
+/// `--reason` is required where the identity says so, `--grant` works only inside a session and
+/// only for grants the parent holds, the depth is bounded, and `--ttl` ends the session.
+#[test]
+fn reasons_ttls_grants_and_depth_are_enforced() {
+    let daemon = Daemon::builder().policy(REASONED_LEAD).config_line("delegation: { max_depth: 2 }").start();
     let lead = daemon.mint("lead", LEAD);
     let marks = tempfile::Builder::new().prefix("tollgate-marks-").tempdir().expect("temp dir");
     let marker = |name: &str| marks.path().join(name);
@@ -393,15 +409,7 @@ echo "child_status=$?""#,
         unknown = marker("unknown").display(),
         deep = marker("deep").display(),
     );
-    let cmd = vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        inner,
-        "sh".to_owned(),
-        tollgate_bin().display().to_string(),
-        socket.clone(),
-    ];
-    let out = run_with_reason(&daemon, &lead, "top level", &cmd);
+    let out = run_with_reason(&daemon, &lead, "top level", &shell_with_tollgate(&daemon, inner, &[]));
     assert!(out.has_stdout_line("unknown_status=2"), "{out}");
     assert!(out.stderr.contains("holds no grant 'no-such-grant'"), "{out}");
     assert!(out.has_stdout_line("deep_status=2") && out.has_stdout_line("child_status=0"), "{out}");
@@ -610,18 +618,7 @@ fn a_chain_survives_a_killed_daemon_still_narrowed() {
 /// while a child of it still runs, and both end once the child's last process has.
 #[test]
 fn a_childs_reason_and_ttl_are_its_own_and_a_parent_lives_while_a_child_runs() {
-    let policy = r#"identities:
-  - name: lead-agents
-    issuer: tollgate-dev
-    allow_root: true
-    require_reason: true
-    claims: { role: lead }
-grants:
-  - name: lead-net
-    identity: lead-agents
-    network: { allow: ["127.0.0.0/8"] }
-"#;
-    let daemon = Daemon::start(policy);
+    let daemon = Daemon::start(REASONED_LEAD);
     let lead = daemon.mint("lead", LEAD);
     let marks = tempfile::Builder::new().prefix("tollgate-marks-").tempdir().expect("temp dir");
     let marker = |name: &str| marks.path().join(name).display().to_string();
@@ -634,14 +631,7 @@ echo "parent_alive=$TOLLGATE_SESSION""#,
         ttl = marker("ttl"),
     );
     let started = std::time::Instant::now();
-    let argv = [
-        "/bin/sh".to_owned(),
-        "-c".into(),
-        script,
-        "sh".into(),
-        tollgate_bin().display().to_string(),
-        daemon.socket().display().to_string(),
-    ];
+    let argv = shell_with_tollgate(&daemon, script, &[]);
     let out = run_with_reason(&daemon, &lead, "top", &argv);
     assert!(started.elapsed() < std::time::Duration::from_secs(25), "the child's ttl did not end it: {out}");
     assert!(out.has_stdout_line("no_reason_status=2"), "a child without a reason ran: {out}");
@@ -665,14 +655,7 @@ echo "parent_alive=$TOLLGATE_SESSION""#,
 sleep 1; kill -9 $!; echo "parent_done""#,
         late = marker("late"),
     );
-    let argv = [
-        "/bin/sh".to_owned(),
-        "-c".into(),
-        script,
-        "sh".into(),
-        tollgate_bin().display().to_string(),
-        daemon.socket().display().to_string(),
-    ];
+    let argv = shell_with_tollgate(&daemon, script, &[]);
     thread::scope(|scope| {
         let running = scope.spawn(|| run_with_reason(&daemon, &lead, "parent of a long child", &argv));
         thread::sleep(std::time::Duration::from_millis(2500));
@@ -744,15 +727,7 @@ echo "child_status=$?""#,
         b = marker("child-only").display(),
         c = marker("parent-only").display(),
     );
-    let argv = [
-        "/bin/sh".to_owned(),
-        "-c".into(),
-        script,
-        "sh".into(),
-        tollgate_bin().display().to_string(),
-        daemon.socket().display().to_string(),
-        sub.display().to_string(),
-    ];
+    let argv = shell_with_tollgate(&daemon, script, &[&sub]);
     let out = daemon.run(&lead, &argv);
     assert!(out.stdout.contains("child_done"), "{out}");
     assert!(marker("parent-ran").exists(), "the parent's own list lets it run parent-only: {out}");

@@ -4,6 +4,7 @@
 //! query log for what left the resolver.
 
 use harness::dnsmasq::Dnsmasq;
+use harness::enforcement::BUILD_BOTS_IDENTITY;
 use harness::net::Listener;
 use harness::proxy::BUILD_BOTS;
 use harness::session_log::{events_of_kind, pretty};
@@ -104,12 +105,7 @@ impl World {
         let (allowed, other, denied) =
             (Listener::bind("127.0.0.2"), Listener::bind("127.0.0.3"), Listener::bind("127.0.0.4"));
         let policy = format!(
-            r#"identities:
-  - name: build-bots
-    issuer: tollgate-dev
-    allow_root: true
-    claims: {{ repository_owner: acme }}
-grants:
+            r#"{BUILD_BOTS_IDENTITY}grants:
   - name: build-egress
     identity: build-bots
     network:

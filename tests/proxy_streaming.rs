@@ -243,24 +243,22 @@ fn many_headers_pass_both_ways_and_head_keeps_its_length() {
 
     // Past the limit: 431 with a body that names it, and nothing upstream.
     let before = upstream.requests().len();
-    let mut argv: Vec<String> = vec!["curl".into(), "-sS".into(), "-w".into(), "\n%{http_code}".into()];
-    for i in 0..1001 {
-        argv.push("-H".into());
-        argv.push(format!("X-Ask-{i}: q"));
-    }
-    argv.push(url.clone());
-    let over = daemon.run(&token, &argv);
+    // curl asking with `count` headers of its own (and its Host, User-Agent and Accept).
+    let asking_with = |count: usize| {
+        let mut argv: Vec<String> = vec!["curl".into(), "-sS".into(), "-w".into(), "\n%{http_code}".into()];
+        for i in 0..count {
+            argv.push("-H".into());
+            argv.push(format!("X-Ask-{i}: q"));
+        }
+        argv.push(url.clone());
+        argv
+    };
+    let over = daemon.run(&token, &asking_with(1001));
     assert!(over.stdout.trim_end().ends_with("431"), "{over}");
     assert!(over.stdout.contains("\"limit\":1000"), "the refusal names the limit: {over}");
     assert_eq!(upstream.requests().len(), before, "an over-limit request reached the upstream");
     // Far past it, the parser refuses the request itself: still 431, still nothing upstream.
-    let mut argv: Vec<String> = vec!["curl".into(), "-sS".into(), "-w".into(), "\n%{http_code}".into()];
-    for i in 0..1500 {
-        argv.push("-H".into());
-        argv.push(format!("X-Ask-{i}: q"));
-    }
-    argv.push(url.clone());
-    let far_over = daemon.run(&token, &argv);
+    let far_over = daemon.run(&token, &asking_with(1500));
     assert!(far_over.stdout.trim_end().ends_with("431"), "{far_over}");
     assert_eq!(upstream.requests().len(), before, "a request far over the limit reached the upstream");
 

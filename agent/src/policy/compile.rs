@@ -241,7 +241,7 @@ impl RouteHits {
 }
 
 /// A route's block or approve rule as a grant rule: `proxy.block 10.0.0.5:80 DELETE /admin/*`.
-pub fn proxy_rule_name(kind: &str, route: &Route, rule: &super::route::Matcher) -> String {
+fn proxy_rule_name(kind: &str, route: &Route, rule: &super::route::Matcher) -> String {
     format!("proxy.{kind} {} {rule}", route.to)
 }
 

@@ -241,19 +241,20 @@ impl GrantBook {
             .iter()
             .map(|grant| {
                 let entry = self.entries.get(&grant.name);
+                let rules = rule_names(grant);
                 GrantView {
                     name: grant.name.clone(),
                     identity: grant.identity.clone(),
                     state: entry.map_or(GrantState::Active, |e| e.state.clone()),
-                    rule_use: rule_names(grant)
-                        .into_iter()
+                    rule_use: rules
+                        .iter()
                         .map(|rule| {
                             let (count, last_used) =
                                 uses.per_rule.get(&(grant.name.clone(), rule.clone())).cloned().unwrap_or_default();
-                            RuleUse { rule, count, last_used }
+                            RuleUse { rule: rule.clone(), count, last_used }
                         })
                         .collect(),
-                    rules: rule_names(grant),
+                    rules,
                     last_exercised: entry.and_then(|e| e.last_exercised).map(crate::store::rfc3339),
                     count: uses.per_grant.get(&grant.name).copied().unwrap_or(0),
                     expires_at: self.expires_at(policies, &grant.name).map(crate::store::rfc3339),
