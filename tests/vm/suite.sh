@@ -159,12 +159,15 @@ fi
 # Enforcement outlives the daemon: with its programs pinned, a session
 # started before a kill -9 still cannot run the denied file or reach the
 # denied address while no daemon runs.
-rm -f /tmp/go
-run sh -c 'while [ ! -e /tmp/go ]; do sleep 0.1; done; /tmp/denied/echo PINNED-MARKER; echo "exec=$?"; busybox wget -q -O - http://127.0.0.2:8081/allowed.txt; echo "connect=$?"' > /tmp/pin-out 2>&1 &
+# The kill waits until the command itself runs (it writes /tmp/in-session):
+# a session counted as active may not yet have been answered to its client,
+# and on an emulated CPU that gap is wide.
+rm -f /tmp/go /tmp/in-session
+run sh -c ': > /tmp/in-session; while [ ! -e /tmp/go ]; do sleep 0.1; done; /tmp/denied/echo PINNED-MARKER; echo "exec=$?"; busybox wget -q -O - http://127.0.0.2:8081/allowed.txt; echo "connect=$?"' > /tmp/pin-out 2>&1 &
 runner=$!
 i=0
-until $T --socket $S status --format json | grep -q '"sessions_active": 1'; do
-    i=$((i + 1)); [ $i -gt 100 ] && break; sleep 0.1
+until [ -e /tmp/in-session ]; do
+    i=$((i + 1)); [ $i -gt 600 ] && break; sleep 0.1
 done
 kill -9 $daemon_pid
 touch /tmp/go
