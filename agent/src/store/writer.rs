@@ -18,7 +18,7 @@ use rusqlite::{Connection, params};
 
 use super::{
     EventRecord, GrantEvent, RecordVerdict, SessionId, SessionRecord, StoreError,
-    ledger::{Chain, Entry, LedgerKey},
+    ledger::{Chain, Column, Entry, LedgerKey, json_array},
     schema,
 };
 
@@ -189,6 +189,14 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                     acks.push((ack, outcome));
                 }
                 Op::Event(session, event) => {
+                    // Straight to bytes: `Value`'s Display goes through fmt::Write, far slower.
+                    let detail = match serde_json::to_string(&event.detail) {
+                        Ok(detail) => detail,
+                        Err(e) => {
+                            tracing::error!(session = %session, error = %e, "cannot record event");
+                            continue;
+                        }
+                    };
                     let seq = match seqs.get_mut(&session) {
                         Some(seq) => seq,
                         None => {
@@ -202,7 +210,6 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                     };
                     *seq += 1;
                     usage.count(&session, &event);
-                    let detail = serde_json::Value::Object(event.detail).to_string();
                     // Cached: the statement is parsed once per connection, not per event.
                     let inserted = tx
                         .prepare_cached(
@@ -221,7 +228,25 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                             ])
                         });
                     match inserted {
-                        Ok(_) => chain.append(&tx, Entry::Event, session.as_str(), Some(*seq), &event.at)?,
+                        Ok(_) => {
+                            let content = json_array(&[
+                                Column::Text(session.as_str()),
+                                Column::Integer(*seq),
+                                Column::Text(&event.at),
+                                Column::Text(event.kind.as_str()),
+                                Column::Integer(i64::from(event.pid)),
+                                event.verdict.map_or(Column::Null, |v| Column::Text(v.as_str())),
+                                Column::Text(&detail),
+                            ]);
+                            chain.append_content(
+                                &tx,
+                                Entry::Event,
+                                session.as_str(),
+                                Some(*seq),
+                                &event.at,
+                                &content,
+                            )?
+                        }
                         Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
                     }
                 }
