@@ -149,3 +149,71 @@ fn flood_session(daemon: &Daemon, other: &str) -> String {
         .expect("the flood's session")
         .to_owned()
 }
+
+/// Busy loops outside any session, one per CPU, stopped (by pid) when dropped.
+struct BusyCpus(Vec<std::process::Child>);
+
+impl BusyCpus {
+    fn start() -> Self {
+        let cpus = thread::available_parallelism().map_or(2, usize::from);
+        let spin =
+            || std::process::Command::new("/bin/sh").args(["-c", "while :; do :; done"]).spawn().expect("a busy loop");
+        Self((0..cpus).map(|_| spin()).collect())
+    }
+}
+
+impl Drop for BusyCpus {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A host whose every CPU is busy must not starve the session log: a
+/// session still opens, and every one of its connects becomes a row while
+/// the session still runs (nobody waits on the log) and the CPUs stay busy,
+/// with nothing counted as lost.
+#[test]
+fn a_host_with_every_cpu_busy_still_opens_sessions_and_stores_every_record() {
+    const CONNECTS: usize = 20_000;
+    let daemon = Daemon::builder().policy(POLICY).start();
+    let token = daemon.mint("busy-host-bot", &[]);
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let port = target.local_addr().expect("its address").port();
+    let stop = daemon.dir().join("stop-waiting");
+    let script = format!(
+        "import os, socket, sys, time\nfor _ in range({CONNECTS}):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.connect(('127.0.0.1', {port}))\n    s.close()\nprint(os.environ['TOLLGATE_SESSION'])\nsys.stdout.flush()\nwhile not os.path.exists({stop:?}):\n    time.sleep(0.05)\n"
+    );
+    let db = daemon.state_dir().join("sessions.db");
+    let stored = |id: &str| {
+        let mut cmd = std::process::Command::new("sqlite3");
+        cmd.arg(&db).arg(format!("SELECT count(*) FROM events WHERE session_id = '{id}' AND kind = 'connect'"));
+        let out = harness::run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("sqlite3 runs");
+        out.stdout.trim().parse::<usize>().unwrap_or(0)
+    };
+    let (out, rows) = thread::scope(|scope| {
+        let busy = BusyCpus::start();
+        let session = scope.spawn(|| daemon.run(&token, &["python3", "-c", &script]));
+        // Within the harness's 60 s for the command; it takes seconds.
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let mut id = None;
+        while id.is_none() && Instant::now() < deadline && !session.is_finished() {
+            id = daemon.sessions().iter().find_map(|s| s["id"].as_str().map(str::to_owned));
+            thread::sleep(Duration::from_millis(100));
+        }
+        let id = id.expect("a session opened while every CPU was busy");
+        while stored(&id) < CONNECTS && Instant::now() < deadline && !session.is_finished() {
+            thread::sleep(Duration::from_millis(200));
+        }
+        let rows = stored(&id);
+        drop(busy);
+        std::fs::write(&stop, "").expect("stop file");
+        (session.join().expect("session thread"), rows)
+    });
+    assert_eq!(out.code(), Some(0), "the connect loop did not run: {out}");
+    assert_eq!(rows, CONNECTS, "connect rows stored while the session ran and every CPU was busy\n{}", daemon.log());
+    let status = daemon.status();
+    assert_eq!(status["events_lost"].as_u64(), Some(0), "{status}");
+}
