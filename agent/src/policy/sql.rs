@@ -5,7 +5,7 @@
 //! summary helpers: those visit a subset of node types (they miss a
 //! function called inside `ARRAY[...]` and the statement inside `PREPARE`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use serde_json::Value;
 
@@ -297,6 +297,36 @@ impl Walk<'_> {
     }
 }
 
+/// Analyses of the statements a connection sent, by their normalized
+/// text. What [`analyze`] reads (statement kinds, names, columns, clauses)
+/// never depends on a constant's value, and normalizing replaces only
+/// constants, so statements that differ in constants alone (`WHERE id = 1`,
+/// `WHERE id = 2`) share one analysis: parsing and walking the tree is most
+/// of the proxy's time per statement, normalizing a small part of it.
+#[derive(Debug, Default)]
+pub struct AnalysisCache {
+    analyses: HashMap<String, Result<Analysis, String>>,
+}
+
+impl AnalysisCache {
+    /// Entries kept at most; past that the cache starts over.
+    const LIMIT: usize = 512;
+
+    /// What [`analyze`] says of `sql`.
+    pub fn analyze(&mut self, sql: &str) -> Result<Analysis, String> {
+        let key = normalize(sql);
+        if let Some(known) = self.analyses.get(&key) {
+            return known.clone();
+        }
+        let analysis = analyze(sql);
+        if self.analyses.len() >= Self::LIMIT {
+            self.analyses.clear();
+        }
+        self.analyses.insert(key, analysis.clone());
+        analysis
+    }
+}
+
 /// The normalized form of a statement (constants replaced by `$n`), for
 /// records and reviewers; the text itself when the normalizer fails.
 pub fn normalize(sql: &str) -> String {
@@ -439,6 +469,75 @@ mod tests {
             Verdict::Refuse(rule) => rule,
             other => panic!("{sql}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_cached_analysis_is_what_a_fresh_one_says_and_constants_alone_share_it() {
+        // Every feature the walk reads, each with variants that differ only
+        // in constants. Where the normalizer replaces those constants the
+        // variants share an entry; where it keeps them (a COPY file name, a
+        // PREPARE body) each has its own.
+        let families: &[&[&str]] = &[
+            &[
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 99",
+            ],
+            &["DELETE FROM orders WHERE id = 1", "DELETE FROM orders WHERE id = 'x'"],
+            &["DELETE FROM orders WHERE 1 = 1", "DELETE FROM orders WHERE 2 = 3"],
+            &["UPDATE orders SET total = 5", "UPDATE orders SET total = 7"],
+            &["SELECT set_config('search_path', 'evil', false)", "SELECT set_config('application_name', 'x', false)"],
+            &["SET search_path = 'evil'", "SET search_path = 'public'"],
+            &["SET application_name = 'a'", "SET application_name = 'b'"],
+            &["COPY orders TO '/tmp/a'", "COPY orders TO '/tmp/b'"],
+            &["COPY orders TO STDOUT"],
+            &["COPY orders FROM PROGRAM 'id'", "COPY orders FROM PROGRAM 'true'"],
+            &["PREPARE p AS DELETE FROM orders WHERE id = 1", "PREPARE p AS DELETE FROM orders WHERE id = 2"],
+            &["EXECUTE p(1)", "EXECUTE p(2)"],
+            &["DEALLOCATE p"],
+            &["DO $$ BEGIN PERFORM 1; END $$", "DO $$ BEGIN DROP TABLE orders; END $$"],
+            &["SELECT dblink('host=x', 'DELETE FROM orders')", "SELECT dblink('h', 'SELECT 1')"],
+            &["SELECT row_to_json(u) FROM users u WHERE u.id = 1", "SELECT row_to_json(u) FROM users u WHERE u.id = 2"],
+            &["SELECT f(t.*) FROM users t LIMIT 1", "SELECT f(t.*) FROM users t LIMIT 5"],
+            &["SELECT * FROM audit.log WHERE at > '2026-01-01'", "SELECT * FROM audit.log WHERE at > '2027-01-01'"],
+            &[
+                "WITH gone AS (DELETE FROM orders WHERE id = 1 RETURNING *) SELECT 1",
+                "WITH gone AS (DELETE FROM orders WHERE id = 3 RETURNING *) SELECT 9",
+            ],
+            &["SELECT 1; DROP TABLE orders", "SELECT 2; DROP TABLE orders"],
+            &["SELECT * FROM orders o (a, b) WHERE a = 1", "SELECT * FROM orders o (a, b) WHERE a = 2"],
+            &["GRANT SELECT ON orders TO bob"],
+            &["REVOKE SELECT ON orders FROM bob"],
+            &["SELECT pg_read_file('/etc/passwd')", "SELECT pg_read_file('/etc/shadow')"],
+            &["CREATE TABLE t2 AS SELECT 1", "CREATE TABLE t2 AS SELECT 2"],
+            &["SELECT 1 INTO t3", "SELECT 2 INTO t3"],
+            &["SELECT * FROM orders WHERE", "SELECT * FROM orders WHERE"],
+        ];
+        let mut cache = AnalysisCache::default();
+        for family in families {
+            for sql in *family {
+                let cached = cache.analyze(sql);
+                let fresh = analyze(sql);
+                assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "{sql}");
+            }
+        }
+        let shared = |sql: &str| cache.analyses.contains_key(&normalize(sql));
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12345",
+            "DELETE FROM orders WHERE id = 5",
+            "SELECT set_config('search_path', 'public', true)",
+            "SET search_path = 'other'",
+            "SELECT * FROM audit.log WHERE at > '2020-01-01'",
+            "SELECT 5; DROP TABLE orders",
+        ] {
+            assert!(shared(sql), "{sql} should share an entry: {:#?}", cache.analyses.keys().collect::<Vec<_>>());
+        }
+        let entries = cache.analyses.len();
+        // Differences other than constants are never shared.
+        for sql in ["SELECT abalance FROM pgbench_branches WHERE aid = 1", "DELETE FROM orders", "COPY orders TO STDIN"]
+        {
+            assert_eq!(format!("{:?}", cache.analyze(sql)), format!("{:?}", analyze(sql)), "{sql}");
+        }
+        assert_eq!(cache.analyses.len(), entries + 3);
     }
 
     #[test]

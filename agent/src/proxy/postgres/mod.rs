@@ -45,7 +45,7 @@ use crate::{
     approval,
     policy::{
         route::{Mask, Route},
-        sql::{self as statement, Analysis, SearchPath, Verdict},
+        sql::{self as statement, Analysis, AnalysisCache, SearchPath, Verdict},
     },
     store::{RecordKind, RecordVerdict, SessionId},
 };
@@ -231,6 +231,7 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
         statements: HashMap::new(),
         portals: HashMap::new(),
         sql_prepared: HashMap::new(),
+        analyses: AnalysisCache::default(),
         described: None,
     };
     let mut back = Back {
@@ -412,6 +413,8 @@ struct Front<'a> {
     portals: HashMap<String, Portal>,
     /// SQL-level `PREPARE`d statements, so `EXECUTE` is judged by what it runs.
     sql_prepared: HashMap<String, Arc<Analysis>>,
+    /// What the statements sent so far do, by their normalized text.
+    analyses: AnalysisCache,
     /// The portal the client's previous message described.
     described: Option<String>,
 }
@@ -478,8 +481,8 @@ impl Front<'_> {
     }
 
     /// Judges SQL text: parsed, with what `EXECUTE` runs, by the route's rules.
-    fn judge(&self, sql: &str) -> (Result<Arc<Analysis>, String>, Verdict) {
-        let mut analysis = match statement::analyze(sql) {
+    fn judge(&mut self, sql: &str) -> (Result<Arc<Analysis>, String>, Verdict) {
+        let mut analysis = match self.analyses.analyze(sql) {
             Ok(analysis) => analysis,
             Err(e) => {
                 let verdict = Verdict::Refuse(format!("the statement does not parse: {e}"));
