@@ -5,7 +5,10 @@
 //! summary helpers: those visit a subset of node types (they miss a
 //! function called inside `ARRAY[...]` and the statement inside `PREPARE`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use serde_json::Value;
 
@@ -305,25 +308,27 @@ impl Walk<'_> {
 /// of the proxy's time per statement, normalizing a small part of it.
 #[derive(Debug, Default)]
 pub struct AnalysisCache {
-    analyses: HashMap<String, Result<Analysis, String>>,
+    analyses: HashMap<String, Result<Arc<Analysis>, String>>,
 }
 
 impl AnalysisCache {
     /// Entries kept at most; past that the cache starts over.
     const LIMIT: usize = 512;
 
-    /// What [`analyze`] says of `sql`.
-    pub fn analyze(&mut self, sql: &str) -> Result<Analysis, String> {
+    /// The normalized form of `sql` (see [`normalize`]) and what
+    /// [`analyze`] says of it.
+    pub fn analyze(&mut self, sql: &str) -> (String, Result<Arc<Analysis>, String>) {
         let key = normalize(sql);
         if let Some(known) = self.analyses.get(&key) {
-            return known.clone();
+            let known = known.clone();
+            return (key, known);
         }
-        let analysis = analyze(sql);
+        let analysis = analyze(sql).map(Arc::new);
         if self.analyses.len() >= Self::LIMIT {
             self.analyses.clear();
         }
-        self.analyses.insert(key, analysis.clone());
-        analysis
+        self.analyses.insert(key.clone(), analysis.clone());
+        (key, analysis)
     }
 }
 
@@ -515,8 +520,9 @@ mod tests {
         let mut cache = AnalysisCache::default();
         for family in families {
             for sql in *family {
-                let cached = cache.analyze(sql);
-                let fresh = analyze(sql);
+                let (normalized, cached) = cache.analyze(sql);
+                assert_eq!(normalized, normalize(sql));
+                let fresh = analyze(sql).map(Arc::new);
                 assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "{sql}");
             }
         }
@@ -535,7 +541,7 @@ mod tests {
         // Differences other than constants are never shared.
         for sql in ["SELECT abalance FROM pgbench_branches WHERE aid = 1", "DELETE FROM orders", "COPY orders TO STDIN"]
         {
-            assert_eq!(format!("{:?}", cache.analyze(sql)), format!("{:?}", analyze(sql)), "{sql}");
+            assert_eq!(format!("{:?}", cache.analyze(sql).1), format!("{:?}", analyze(sql).map(Arc::new)), "{sql}");
         }
         assert_eq!(cache.analyses.len(), entries + 3);
     }

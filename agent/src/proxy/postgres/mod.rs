@@ -480,26 +480,32 @@ impl Front<'_> {
         self.outgoing.extend_from_slice(bytes);
     }
 
-    /// Judges SQL text: parsed, with what `EXECUTE` runs, by the route's rules.
-    fn judge(&mut self, sql: &str) -> (Result<Arc<Analysis>, String>, Verdict) {
-        let mut analysis = match self.analyses.analyze(sql) {
+    /// Judges SQL text: parsed, with what `EXECUTE` runs, by the route's
+    /// rules. Also gives the text normalized, for the record.
+    fn judge(&mut self, sql: &str) -> (String, Result<Arc<Analysis>, String>, Verdict) {
+        let (normalized, analysis) = self.analyses.analyze(sql);
+        let mut analysis = match analysis {
             Ok(analysis) => analysis,
             Err(e) => {
                 let verdict = Verdict::Refuse(format!("the statement does not parse: {e}"));
-                return (Err(e), verdict);
+                return (normalized, Err(e), verdict);
             }
         };
-        for name in analysis.executes.clone() {
-            match self.sql_prepared.get(&name) {
-                Some(prepared) => analysis.absorb(prepared),
-                None => {
-                    let why = format!("EXECUTE {name}: no statement of that name was prepared through the proxy");
-                    return (Ok(Arc::new(analysis)), Verdict::Refuse(why));
+        if !analysis.executes.is_empty() {
+            let mut whole = Analysis::clone(&analysis);
+            for name in &analysis.executes {
+                match self.sql_prepared.get(name) {
+                    Some(prepared) => whole.absorb(prepared),
+                    None => {
+                        let why = format!("EXECUTE {name}: no statement of that name was prepared through the proxy");
+                        return (normalized, Ok(Arc::new(whole)), Verdict::Refuse(why));
+                    }
                 }
             }
+            analysis = Arc::new(whole);
         }
         let verdict = statement::judge(self.route, &analysis, &self.search_path);
-        (Ok(Arc::new(analysis)), verdict)
+        (normalized, Ok(analysis), verdict)
     }
 
     /// Notes the SQL-level prepared statements a statement on its way creates and drops.
@@ -518,12 +524,13 @@ impl Front<'_> {
         }
     }
 
-    fn record(&self, sql: Option<&str>, analysis: Option<&Analysis>) -> ProxyRecord {
+    /// A statement's record; `normalized`: its text with constants as `$n`
+    /// (the record keeps what was asked, not the data in it).
+    fn record(&self, normalized: Option<String>, analysis: Option<&Analysis>) -> ProxyRecord {
         let mut fields = Map::new();
         fields.insert("event".into(), "statement".into());
-        if let Some(sql) = sql {
-            // Constants become $n: the record keeps what was asked, not the data in it.
-            fields.insert("sql".into(), statement::normalize(sql).into());
+        if let Some(normalized) = normalized {
+            fields.insert("sql".into(), normalized.into());
         }
         if let Some(analysis) = analysis {
             fields.insert("statements".into(), json!(analysis.kinds));
@@ -533,8 +540,8 @@ impl Front<'_> {
 
     async fn query(&mut self, message: &Message) -> Result<(), wire::Malformed> {
         let sql = Fields::new(&message.body).cstr("Query")?;
-        let (analysis, verdict) = self.judge(&sql);
-        let mut record = self.record(Some(&sql), analysis.as_deref().ok());
+        let (normalized, analysis, verdict) = self.judge(&sql);
+        let mut record = self.record(Some(normalized), analysis.as_deref().ok());
         let analysis = match (analysis, verdict) {
             (analysis, Verdict::Refuse(why)) => {
                 self.send_refusal(Refusal::of_statement(record, analysis.is_ok(), why), b'Q');
@@ -574,10 +581,10 @@ impl Front<'_> {
         let mut fields = Fields::new(&message.body);
         let name = fields.cstr("Parse")?;
         let sql = fields.cstr("Parse")?;
-        let (analysis, verdict) = self.judge(&sql);
+        let (normalized, analysis, verdict) = self.judge(&sql);
         match verdict {
             Verdict::Refuse(why) => {
-                let record = self.record(Some(&sql), analysis.as_deref().ok());
+                let record = self.record(Some(normalized), analysis.as_deref().ok());
                 let refusal = Refusal::of_statement(record, analysis.is_ok(), why);
                 self.statements.remove(&name);
                 // Under the client's own name, so the statement it replaces is gone as it would be.
@@ -639,7 +646,7 @@ impl Front<'_> {
             self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
             return Ok(());
         };
-        let mut record = self.record(Some(&sql), Some(&analysis));
+        let mut record = self.record(Some(statement::normalize(&sql)), Some(&analysis));
         if !parameters.is_empty() {
             record.set("parameters", parameters.clone());
         }
