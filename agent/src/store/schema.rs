@@ -106,6 +106,10 @@ const MIGRATIONS: &[&str] = &[
         until           TEXT NOT NULL,
         signature       BLOB NOT NULL
      );",
+    // 4: no index on `events.verdict`. Almost every event has a verdict, so
+    // it was a second insert per event that no query gained from: reviews
+    // read every kind of decision over a time window, where a scan is as fast.
+    "DROP INDEX IF EXISTS events_by_verdict;",
 ];
 
 /// The session log holds every session's commands and traffic: root only.
