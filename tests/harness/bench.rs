@@ -119,7 +119,9 @@ impl Report {
                 .iter()
                 .map(|s| {
                     let (min, max) = s.spread();
-                    format!("{}: {} {} ({}-{})", s.name, fmt(s.median()), row.unit, fmt(min), fmt(max))
+                    // A row of mixed measures names each one's unit in the series instead.
+                    let unit = if row.unit.is_empty() { String::new() } else { format!(" {}", row.unit) };
+                    format!("{}: {}{unit} ({}-{})", s.name, fmt(s.median()), fmt(min), fmt(max))
                 })
                 .collect();
             let ratios: Vec<String> =
@@ -668,12 +670,12 @@ pub fn run(plan: Plan) -> Report {
             "RSS and CPU of the daemon over 2 s: at rest right after it started, and with {} live sessions after every other row",
             plan.sessions
         ),
-        unit: "MB / %CPU".into(),
+        unit: String::new(),
         series: vec![
-            Series { name: "RSS at rest".into(), samples: vec![rest_rss] },
-            Series { name: "CPU at rest".into(), samples: vec![rest_cpu] },
-            Series { name: format!("RSS, {} sessions", plan.sessions), samples: vec![busy_rss] },
-            Series { name: format!("CPU, {} sessions", plan.sessions), samples: vec![busy_cpu] },
+            Series { name: "RSS at rest (MB)".into(), samples: vec![rest_rss] },
+            Series { name: "CPU at rest (% of a core)".into(), samples: vec![rest_cpu] },
+            Series { name: format!("RSS, {} sessions (MB)", plan.sessions), samples: vec![busy_rss] },
+            Series { name: format!("CPU, {} sessions (% of a core)", plan.sessions), samples: vec![busy_cpu] },
         ],
         ratios: vec![("RSS at rest (MB)".into(), rest_rss, "<= 50 MB".into())],
     });
