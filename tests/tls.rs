@@ -1,6 +1,8 @@
 //! TLS on governed routes, against a real nginx on loopback: the proxy
 //! originates TLS to an upstream (the agent speaks plain HTTP), and passes
-//! the agent's own TLS through when the server name (SNI) is allowed.
+//! the agent's own TLS through when the server name (SNI) is allowed. The
+//! upstream connections it opens are kept for the same session's next
+//! client connection, never for another session's.
 
 use std::{
     fs,
@@ -33,7 +35,7 @@ impl Nginx {
 
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port").local_addr().expect("addr").port();
         let config = format!(
-            "worker_processes 1;\nerror_log {err};\npid {pid};\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log {access};\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  server {{\n    listen 127.0.0.1:{port} ssl;\n    server_name allowed.test denied.test;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    location / {{ default_type application/json; return 200 '{{\"served\":\"nginx\",\"host\":\"$host\"}}'; }}\n  }}\n}}\n",
+            "worker_processes 1;\nerror_log {err};\npid {pid};\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log {access};\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  server {{\n    listen 127.0.0.1:{port} ssl;\n    server_name allowed.test denied.test;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    location / {{ default_type application/json; return 200 '{{\"served\":\"nginx\",\"host\":\"$host\",\"connection\":\"$connection\"}}'; }}\n  }}\n}}\n",
             err = p("error.log"),
             pid = p("nginx.pid"),
             access = p("access.log"),
@@ -128,6 +130,47 @@ fn the_proxy_originates_tls_so_the_agent_speaks_plain_http() {
         "{}",
         pretty(&show)
     );
+}
+
+/// nginx's serial number of the connection that served an answer.
+fn nginx_connection(out: &harness::RunOutput) -> String {
+    let answer: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    answer["connection"].as_str().unwrap_or_else(|| panic!("no connection number: {out}")).to_owned()
+}
+
+#[test]
+fn a_sessions_client_connections_reuse_its_upstream_connection_and_other_sessions_never_do() {
+    let nginx = Nginx::start();
+    let route = format!(
+        "        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          upstream_tls: {{ server_name: allowed.test, ca_file: {ca} }}\n",
+        port = nginx.port,
+        ca = path_str(&nginx.cert()),
+    );
+    let daemon = Daemon::start(&policy(&route));
+    let token = daemon.mint("tls-bot", &[]);
+    let url = format!("http://127.0.0.1:{}/kept", nginx.port);
+    // Three curl processes one after another: three client connections.
+    let script = format!("for n in 1 2 3; do curl -s --max-time 10 {url}; echo; done; echo \"$TOLLGATE_SESSION\"");
+    let first = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
+    assert_eq!(first.code(), Some(0), "{first}");
+    let lines: Vec<&str> = first.stdout.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 3, "three answers: {first}");
+    let serials: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            let answer: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {first}"));
+            answer["connection"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(
+        serials.iter().all(|s| !s.is_empty() && *s == serials[0]),
+        "one upstream connection served the session's three client connections: {serials:?}"
+    );
+    // Another session, while the first one's connection would still be kept.
+    let second = daemon.run(&token, &["curl", "-s", "--max-time", "10", url.as_str()]);
+    assert_eq!(second.code(), Some(0), "{second}");
+    assert_ne!(nginx_connection(&second), serials[0], "another session was served on the first one's connection");
+    assert_eq!(nginx.requests().len(), 4, "nginx served every request: {:?}", nginx.requests());
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::{
     net::{IpAddr, ToSocketAddrs},
     os::unix::fs::MetadataExt,
     path::PathBuf,
+    sync::Arc,
 };
 
 use tollgate_common::{FAMILY_V4, FAMILY_V6, Verdict, v4_mapped};
@@ -109,8 +110,9 @@ pub struct SessionRules {
     pub net: Vec<NetEntry>,
     /// The rules behind each entry, indexed by `NetEntry::rule_id`.
     pub rules: Vec<Decided>,
-    /// Governed destinations, by the rule id their redirect entries carry.
-    pub routes: BTreeMap<u32, SessionRoute>,
+    /// Governed destinations, by the rule id their redirect entries carry
+    /// (shared: each connection the proxy takes holds its route).
+    pub routes: BTreeMap<u32, Arc<SessionRoute>>,
     /// Host names of routes that did not resolve (nothing is redirected for them).
     pub unresolved: Vec<String>,
     /// Name rules, one level per session of the chain (outermost first):
@@ -333,7 +335,7 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
             let rule = RuleRef::new(&grant.name, format!("network.proxy {}", route.to));
             out.rules.push(Decided(vec![rule]));
             let verdict = if honoured {
-                out.routes.insert(rule_id, SessionRoute::of(&grant.name, route.clone()));
+                out.routes.insert(rule_id, Arc::new(SessionRoute::of(&grant.name, route.clone())));
                 Verdict::Redirect
             } else {
                 Verdict::Deny

@@ -9,7 +9,10 @@
 //! port entry winning at equal length) then gives, for any destination, the
 //! stricter of what each side alone would give.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use tollgate_common::{NO_RULE, Verdict};
 
@@ -152,7 +155,11 @@ fn combine(
                 (Some(a), Some(b)) => match merge(&a.route, &b.route) {
                     Some(route) => {
                         let hits = a.hits.then(&b.hits);
-                        (Verdict::Redirect, both(), Some(SessionRoute { grant: b.grant.clone(), route, hits }))
+                        (
+                            Verdict::Redirect,
+                            both(),
+                            Some(Arc::new(SessionRoute { grant: b.grant.clone(), route, hits })),
+                        )
                     }
                     // The two levels' routes cannot both hold: refuse.
                     None => (Verdict::Deny, both(), None),

@@ -54,6 +54,8 @@ pub struct ProxyCtx {
     pub tunnels: Arc<tokio::sync::Semaphore>,
     /// Cancel keys and the client-side certificate of PostgreSQL routes.
     pub postgres: postgres::Shared,
+    /// Upstream HTTP connections kept for a session's next client connection.
+    pub http_upstreams: Arc<http::UpstreamPool>,
 }
 
 /// Tunnels open at once at most; an upgrade past that is refused (503).
@@ -78,6 +80,7 @@ impl ProxyCtx {
             upstream_tls: tls::UpstreamConfigs::default(),
             tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS)),
             postgres: postgres::Shared::default(),
+            http_upstreams: Arc::default(),
         }
     }
 }

@@ -716,7 +716,7 @@ impl Sessions {
             identity: session.identity.clone(),
             subject: session.subject.clone(),
             rule_name: session.rules.rules.get(rule_id as usize).map(ToString::to_string).unwrap_or_default(),
-            route: Arc::new(route),
+            route,
             chain: chain.iter().map(|s| link(s)).collect(),
             uids: chain.iter().map(|s| s.uid).collect(),
         })

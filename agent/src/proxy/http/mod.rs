@@ -10,9 +10,12 @@
 //! length over the bound is refused before the upstream is contacted.
 
 mod admission;
+mod pool;
 mod response;
 mod rewrite;
 mod upgrade;
+
+pub use pool::UpstreamPool;
 
 use std::{
     convert::Infallible,
@@ -71,6 +74,7 @@ type Upstream = Arc<Mutex<Option<SendRequest<ProxyBody>>>>;
 /// Serves one governed client connection (keep-alive: many requests).
 pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
     let upstream: Upstream = Arc::default();
+    let (pool, governed_here, upstream_here) = (ctx.http_upstreams.clone(), governed.clone(), upstream.clone());
     let service = service_fn(move |request: Request<Incoming>| {
         let (ctx, governed, upstream) = (ctx.clone(), governed.clone(), upstream.clone());
         let span = tracing::info_span!("request", method = %request.method(), path = %request.uri().path());
@@ -85,6 +89,10 @@ pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
         .max_headers(PARSER_MAX_HEADERS);
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
+    }
+    // The session's next client connection may use it.
+    if let Some(sender) = upstream_here.lock().await.take() {
+        pool.keep(&governed_here, sender);
     }
 }
 
@@ -368,8 +376,13 @@ async fn send(
     let mut slot = upstream.lock().await;
     let mut reused = true;
     if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
-        *slot = Some(connect(ctx, governed).await?);
-        reused = false;
+        *slot = match ctx.http_upstreams.take(governed) {
+            Some(kept) => Some(kept),
+            None => {
+                reused = false;
+                Some(connect(ctx, governed).await?)
+            }
+        };
     }
     let sender = slot.as_mut().ok_or("no upstream connection")?;
     if sender.ready().await.is_err() {
