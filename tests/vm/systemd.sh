@@ -29,6 +29,7 @@ check service-starts wait_for 60 systemctl is-active --quiet tollgate.service
 systemctl is-active --quiet tollgate.service || journalctl -u tollgate.service -n 15 --no-pager | sed 's/^/TOLLGATE-VM: JOURNAL /'
 check state-is-root-only sh -c '[ "$(stat -c %a /var/lib/tollgate)" = 700 ]'
 check exposure-at-most-5 sh -c 'systemd-analyze security tollgate.service | tail -1 | awk "{ exit !(\$(NF-2) + 0 <= 5.0) }"'
+check log-writer-yields sh -c 'journalctl -u tollgate.service -o cat --no-pager | grep -q "yields the CPU to sessions"'
 check no-issuer-trusted sh -c 'tollgate status --format json | grep -q "\"dev_issuer\": false"'
 
 # An SRE adds an issuer (the dev one, for this test) and a policy, then reloads.

@@ -9,6 +9,7 @@ mod record;
 mod schema;
 pub mod stats;
 mod writer;
+mod yielding;
 
 use std::{fmt, str::FromStr};
 

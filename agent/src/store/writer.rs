@@ -20,6 +20,7 @@ use super::{
     EventRecord, GrantEvent, RecordVerdict, SessionId, SessionRecord, StoreError,
     ledger::{Chain, Column, Entry, LedgerKey, json_array},
     schema,
+    yielding::Yielding,
 };
 
 const MAX_BATCH: usize = 2000;
@@ -51,6 +52,7 @@ pub struct Writer {
 pub struct WriterHandle {
     tx: mpsc::SyncSender<Op>,
     dropped: Arc<AtomicU64>,
+    yielding: Arc<Yielding>,
 }
 
 impl Writer {
@@ -60,11 +62,16 @@ impl Writer {
         let mut conn = schema::open(path)?;
         let chain = Chain::open(&mut conn, key)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_LIMIT);
-        let thread = std::thread::Builder::new()
-            .name("session-log".into())
-            .spawn(move || run(conn, chain, rx, flush_interval))
-            .map_err(|_| StoreError::WriterGone)?;
-        Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default() } })
+        let yielding = Arc::new(Yielding::new());
+        let thread = {
+            let yielding = yielding.clone();
+            std::thread::Builder::new()
+                .name("session-log".into())
+                .spawn(move || run(conn, chain, rx, flush_interval, &yielding))
+                .map_err(|_| StoreError::WriterGone)?
+        };
+        Yielding::start_nudger(&yielding).map_err(|_| StoreError::WriterGone)?;
+        Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default(), yielding } })
     }
 
     /// A handle to send work with.
@@ -77,7 +84,7 @@ impl WriterHandle {
     /// Records a new session and waits until it is committed.
     pub fn open_session(&self, record: SessionRecord) -> Result<(), StoreError> {
         let (ack, done) = mpsc::channel();
-        self.tx.send(Op::Open(Box::new(record), ack)).map_err(|_| StoreError::WriterGone)?;
+        self.send(Op::Open(Box::new(record), ack))?;
         match done.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(why.into()))),
@@ -87,8 +94,14 @@ impl WriterHandle {
 
     /// Queues an event; when the queue is full the event is dropped and counted.
     pub fn event(&self, session: SessionId, event: EventRecord) {
-        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(Op::Event(session, event)) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.yielding.queued(false);
+        match self.tx.try_send(Op::Event(session, event)) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                self.yielding.refused(false);
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => self.yielding.refused(false),
         }
     }
 
@@ -99,42 +112,60 @@ impl WriterHandle {
 
     /// Queues the end of a session.
     pub fn end_session(&self, session: SessionId, ended_at: String) {
-        let _ = self.tx.send(Op::End(session, ended_at));
+        let _ = self.send(Op::End(session, ended_at));
     }
 
     /// Queues a count of events the kernel could not deliver.
     pub fn lost(&self, kind: &str, count: u64) {
-        let _ = self.tx.send(Op::Lost(kind.to_owned(), count));
+        let _ = self.send(Op::Lost(kind.to_owned(), count));
     }
 
     /// Queues something that happened to a grant.
     pub fn grant_event(&self, event: GrantEvent) {
-        let _ = self.tx.send(Op::Grant(event));
+        let _ = self.send(Op::Grant(event));
     }
 
     /// Queues the names of the grants the policy has now: the first time a
     /// grant is seen starts the clock of its `expire_unused_after`.
     pub fn grants_seen(&self, names: Vec<String>, at: String) {
-        let _ = self.tx.send(Op::GrantsSeen(names, at));
+        let _ = self.send(Op::GrantsSeen(names, at));
     }
 
     /// Queues the pruning of sessions that ended before `cutoff` (RFC 3339),
     /// not past ledger place `not_after`.
     pub fn prune(&self, cutoff: String, not_after: Option<i64>) {
-        let _ = self.tx.send(Op::Prune(cutoff, not_after));
+        let _ = self.send(Op::Prune(cutoff, not_after));
     }
 
     /// Queues a WAL checkpoint: the database file alone then holds everything.
     pub fn checkpoint(&self) {
-        let _ = self.tx.send(Op::Checkpoint);
+        let _ = self.send(Op::Checkpoint);
     }
 
     /// Waits until everything queued so far is committed.
     pub fn flush(&self) {
         let (ack, done) = mpsc::channel();
-        if self.tx.send(Op::Flush(ack)).is_ok() {
+        if self.send(Op::Flush(ack)).is_ok() {
             let _ = done.recv();
         }
+    }
+
+    /// Queues `op`, waiting for room; raises the writer if `op` is waited
+    /// on or the queue is long.
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        let waited_on = op.is_waited_on();
+        self.yielding.queued(waited_on);
+        self.tx.send(op).map_err(|_| {
+            self.yielding.refused(waited_on);
+            StoreError::WriterGone
+        })
+    }
+}
+
+impl Op {
+    /// Does somebody wait until this op is committed?
+    fn is_waited_on(&self) -> bool {
+        matches!(self, Op::Open(..) | Op::Flush(_))
     }
 }
 
@@ -142,17 +173,22 @@ impl WriterHandle {
 /// (what waits on it, such as a session's opening, waits at most this long more).
 const BATCH_NAP: Duration = Duration::from_millis(5);
 
-fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_interval: Duration) {
+fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_interval: Duration, yielding: &Yielding) {
+    yielding.writer_started();
     let mut seqs: HashMap<SessionId, i64> = HashMap::new();
     // Opening a session and flushing are waited on: commit at once.
-    let urgent = |batch: &[Op]| matches!(batch.last(), Some(Op::Open(..) | Op::Flush(_)));
-    while let Ok(first) = rx.recv() {
+    let urgent = |batch: &[Op]| batch.last().is_some_and(Op::is_waited_on);
+    let receive = |op: Op| {
+        yielding.taken();
+        op
+    };
+    while let Ok(first) = rx.recv().map(receive) {
         let mut batch = vec![first];
         let deadline = Instant::now() + flush_interval;
         'collect: loop {
             while !urgent(&batch) && batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(op) => batch.push(op),
+                    Ok(op) => batch.push(receive(op)),
                     Err(_) => break,
                 }
             }
@@ -164,7 +200,12 @@ fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_int
             // preempt, on a small machine, the very processes recorded.
             std::thread::sleep(BATCH_NAP.min(deadline - now));
         }
+        // Commit at idle priority while nothing waits on this batch and the
+        // queue is short (see `yielding`).
+        yielding.settle();
+        let answered = batch.iter().filter(|op| op.is_waited_on()).count();
         commit(&mut conn, &mut chain, &mut seqs, batch);
+        (0..answered).for_each(|_| yielding.answered());
     }
 }
 
