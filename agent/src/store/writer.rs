@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -17,7 +17,7 @@ use std::{
 use rusqlite::{Connection, params};
 
 use super::{
-    EventRecord, GrantEvent, RecordVerdict, SessionId, SessionRecord, StoreError,
+    EventRecord, GrantEvent, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError,
     ledger::{Chain, Column, Entry, LedgerKey, json_array},
     schema,
     yielding::Yielding,
@@ -52,8 +52,13 @@ pub struct Writer {
 pub struct WriterHandle {
     tx: mpsc::SyncSender<Op>,
     dropped: Arc<AtomicU64>,
+    dropped_by_session: Arc<Dropped>,
     yielding: Arc<Yielding>,
 }
+
+/// Events dropped because the queue was full, by session and kind, not yet
+/// written into their sessions' records (the next batch does that).
+type Dropped = Mutex<HashMap<(SessionId, &'static str), u64>>;
 
 impl Writer {
     /// Opens (creating and migrating) the database and starts the thread,
@@ -61,17 +66,27 @@ impl Writer {
     pub fn start(path: &Path, flush_interval: Duration, key: Option<LedgerKey>) -> Result<Self, StoreError> {
         let mut conn = schema::open(path)?;
         let chain = Chain::open(&mut conn, key)?;
-        let (tx, rx) = mpsc::sync_channel(QUEUE_LIMIT);
+        Self::start_with_queue(conn, chain, flush_interval, QUEUE_LIMIT)
+    }
+
+    fn start_with_queue(
+        conn: Connection,
+        chain: Chain,
+        flush_interval: Duration,
+        queue: usize,
+    ) -> Result<Self, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(queue);
         let yielding = Arc::new(Yielding::new());
+        let dropped_by_session = Arc::new(Dropped::default());
         let thread = {
-            let yielding = yielding.clone();
+            let (yielding, dropped) = (yielding.clone(), dropped_by_session.clone());
             std::thread::Builder::new()
                 .name("session-log".into())
-                .spawn(move || run(conn, chain, rx, flush_interval, &yielding))
+                .spawn(move || run(conn, chain, rx, flush_interval, &yielding, &dropped))
                 .map_err(|_| StoreError::WriterGone)?
         };
         Yielding::start_nudger(&yielding).map_err(|_| StoreError::WriterGone)?;
-        Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default(), yielding } })
+        Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default(), dropped_by_session, yielding } })
     }
 
     /// A handle to send work with.
@@ -97,9 +112,13 @@ impl WriterHandle {
         self.yielding.queued(false);
         match self.tx.try_send(Op::Event(session, event)) {
             Ok(()) => {}
-            Err(mpsc::TrySendError::Full(_)) => {
+            Err(mpsc::TrySendError::Full(op)) => {
                 self.yielding.refused(false);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Op::Event(session, event) = op {
+                    let mut dropped = self.dropped_by_session.lock().unwrap_or_else(PoisonError::into_inner);
+                    *dropped.entry((session, event.kind.as_str())).or_insert(0) += 1;
+                }
             }
             Err(mpsc::TrySendError::Disconnected(_)) => self.yielding.refused(false),
         }
@@ -173,7 +192,14 @@ impl Op {
 /// (what waits on it, such as a session's opening, waits at most this long more).
 const BATCH_NAP: Duration = Duration::from_millis(5);
 
-fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_interval: Duration, yielding: &Yielding) {
+fn run(
+    mut conn: Connection,
+    mut chain: Chain,
+    rx: mpsc::Receiver<Op>,
+    flush_interval: Duration,
+    yielding: &Yielding,
+    dropped: &Dropped,
+) {
     yielding.writer_started();
     let mut seqs: HashMap<SessionId, i64> = HashMap::new();
     // Opening a session and flushing are waited on: commit at once.
@@ -204,12 +230,18 @@ fn run(mut conn: Connection, mut chain: Chain, rx: mpsc::Receiver<Op>, flush_int
         // queue is short (see `yielding`).
         yielding.settle();
         let answered = batch.iter().filter(|op| op.is_waited_on()).count();
-        commit(&mut conn, &mut chain, &mut seqs, batch);
+        commit(&mut conn, &mut chain, &mut seqs, batch, dropped);
         (0..answered).for_each(|_| yielding.answered());
     }
 }
 
-fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId, i64>, batch: Vec<Op>) {
+fn commit(
+    conn: &mut Connection,
+    chain: &mut Chain,
+    seqs: &mut HashMap<SessionId, i64>,
+    batch: Vec<Op>,
+    dropped: &Dropped,
+) {
     let mut acks = Vec::new();
     let mut flushes = Vec::new();
     // A batch that fails leaves the chain where it was.
@@ -229,68 +261,7 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                     }
                     acks.push((ack, outcome));
                 }
-                Op::Event(session, event) => {
-                    // Straight to bytes: `Value`'s Display goes through fmt::Write, far slower.
-                    let detail = match serde_json::to_string(&event.detail) {
-                        Ok(detail) => detail,
-                        Err(e) => {
-                            tracing::error!(session = %session, error = %e, "cannot record event");
-                            continue;
-                        }
-                    };
-                    let seq = match seqs.get_mut(&session) {
-                        Some(seq) => seq,
-                        None => {
-                            let last: i64 = tx.query_row(
-                                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1",
-                                [session.as_str()],
-                                |row| row.get(0),
-                            )?;
-                            seqs.entry(session.clone()).or_insert(last)
-                        }
-                    };
-                    *seq += 1;
-                    usage.count(&session, &event);
-                    // Cached: the statement is parsed once per connection, not per event.
-                    let inserted = tx
-                        .prepare_cached(
-                            "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        )
-                        .and_then(|mut insert| {
-                            insert.execute(params![
-                                session.as_str(),
-                                *seq,
-                                event.at,
-                                event.kind.as_str(),
-                                event.pid,
-                                event.verdict.map(RecordVerdict::as_str),
-                                detail
-                            ])
-                        });
-                    match inserted {
-                        Ok(_) => {
-                            let content = json_array(&[
-                                Column::Text(session.as_str()),
-                                Column::Integer(*seq),
-                                Column::Text(&event.at),
-                                Column::Text(event.kind.as_str()),
-                                Column::Integer(i64::from(event.pid)),
-                                event.verdict.map_or(Column::Null, |v| Column::Text(v.as_str())),
-                                Column::Text(&detail),
-                            ]);
-                            chain.append_content(
-                                &tx,
-                                Entry::Event,
-                                session.as_str(),
-                                Some(*seq),
-                                &event.at,
-                                &content,
-                            )?
-                        }
-                        Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
-                    }
-                }
+                Op::Event(session, event) => write_event(&tx, chain, seqs, &mut usage, &session, event)?,
                 Op::End(session, ended_at) => {
                     let ended = tx.execute(
                         "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
@@ -337,6 +308,22 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
                 Op::Flush(ack) => flushes.push(ack),
             }
         }
+        // No drop is silent: each goes into its session's record.
+        let drops = std::mem::take(&mut *dropped.lock().unwrap_or_else(PoisonError::into_inner));
+        for ((session, kind), count) in drops {
+            tracing::error!(session = %session, kind, count, "the session log's queue was full: events of a session were dropped");
+            let at = super::rfc3339(std::time::SystemTime::now());
+            tx.execute(
+                "INSERT INTO lost_events (at, kind, count) VALUES (?1, 'log_queue', ?2)",
+                params![at, count as i64],
+            )?;
+            let mut detail = serde_json::Map::new();
+            detail.insert("lost_kind".into(), kind.into());
+            detail.insert("count".into(), count.into());
+            detail.insert("reason".into(), "log-queue-full".into());
+            let event = EventRecord { at, kind: RecordKind::Lost, pid: 0, verdict: None, detail };
+            write_event(&tx, chain, seqs, &mut usage, &session, event)?;
+        }
         usage.write(&tx)?;
         chain.sign(&tx)?;
         tx.commit()
@@ -359,6 +346,71 @@ fn commit(conn: &mut Connection, chain: &mut Chain, seqs: &mut HashMap<SessionId
     for ack in flushes {
         let _ = ack.send(());
     }
+}
+
+/// Writes one event of `session` and chains it.
+fn write_event(
+    tx: &rusqlite::Transaction<'_>,
+    chain: &mut Chain,
+    seqs: &mut HashMap<SessionId, i64>,
+    usage: &mut Usage,
+    session: &SessionId,
+    event: EventRecord,
+) -> rusqlite::Result<()> {
+    // Straight to bytes: `Value`'s Display goes through fmt::Write, far slower.
+    let detail = match serde_json::to_string(&event.detail) {
+        Ok(detail) => detail,
+        Err(e) => {
+            tracing::error!(session = %session, error = %e, "cannot record event");
+            return Ok(());
+        }
+    };
+    let seq = match seqs.get_mut(session) {
+        Some(seq) => seq,
+        None => {
+            let last: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1",
+                [session.as_str()],
+                |row| row.get(0),
+            )?;
+            seqs.entry(session.clone()).or_insert(last)
+        }
+    };
+    *seq += 1;
+    usage.count(session, &event);
+    // Cached: the statement is parsed once per connection, not per event.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .and_then(|mut insert| {
+            insert.execute(params![
+                session.as_str(),
+                *seq,
+                event.at,
+                event.kind.as_str(),
+                event.pid,
+                event.verdict.map(RecordVerdict::as_str),
+                detail
+            ])
+        });
+    match inserted {
+        Ok(_) => {
+            let content = json_array(&[
+                Column::Text(session.as_str()),
+                Column::Integer(*seq),
+                Column::Text(&event.at),
+                Column::Text(event.kind.as_str()),
+                Column::Integer(i64::from(event.pid)),
+                event.verdict.map_or(Column::Null, |v| Column::Text(v.as_str())),
+                Column::Text(&detail),
+            ]);
+            chain.append_content(tx, Entry::Event, session.as_str(), Some(*seq), &event.at, &content)?
+        }
+        Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
+    }
+    Ok(())
 }
 
 /// The grant rules a batch's decisions name (`grant_rules` in their
@@ -432,4 +484,93 @@ fn insert_session(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> rusqlite
             r.ttl_secs,
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &SessionId) -> SessionRecord {
+        SessionRecord {
+            id: id.clone(),
+            identity: "flood-bots".into(),
+            subject: "flood-bot".into(),
+            issuer: "tollgate-dev".into(),
+            claims: Default::default(),
+            host: "test".into(),
+            uid: 0,
+            privileged: false,
+            grants: Vec::new(),
+            cgroup: "/sys/fs/cgroup/test".into(),
+            command: Vec::new(),
+            started_at: super::super::rfc3339(std::time::SystemTime::now()),
+            ended_at: None,
+            parent: None,
+            depth: 0,
+            reason: None,
+            ttl_secs: None,
+        }
+    }
+
+    fn connect_event() -> EventRecord {
+        let mut detail = serde_json::Map::new();
+        detail.insert("addr".into(), "127.0.0.1".into());
+        EventRecord {
+            at: super::super::rfc3339(std::time::SystemTime::now()),
+            kind: RecordKind::Kernel(tollgate_common::EventKind::Connect),
+            pid: 7,
+            verdict: Some(RecordVerdict::ALLOW),
+            detail,
+        }
+    }
+
+    /// Events that find the queue full are dropped, and every one is
+    /// accounted for in its session's record: stored connects plus the
+    /// counts of `lost` events (reason `log-queue-full`) make all of them.
+    #[test]
+    fn events_dropped_at_a_full_queue_are_counted_in_their_sessions_record() {
+        const SENT: u64 = 20_000;
+        let dir = std::env::temp_dir().join(format!("tollgate-writer-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("log.db");
+        let _ = std::fs::remove_file(&path);
+        let mut conn = schema::open(&path).expect("open");
+        let chain = Chain::open(&mut conn, None).expect("chain");
+        // A queue of 8: a tight loop of sends overruns it.
+        let writer = Writer::start_with_queue(conn, chain, Duration::from_millis(10), 8).expect("writer");
+        let log = writer.handle();
+        let session = SessionId::generate();
+        log.open_session(record(&session)).expect("session opens");
+        for _ in 0..SENT {
+            log.event(session.clone(), connect_event());
+        }
+        log.flush();
+        // Drops that came after the last batch are written by the next one.
+        log.flush();
+        assert!(log.dropped() > 0, "a queue of 8 kept up with {SENT} events; the test proves nothing");
+        let conn = Connection::open(&path).expect("read");
+        let stored: u64 = conn
+            .query_row(
+                "SELECT count(*) FROM events WHERE session_id = ?1 AND kind = 'connect'",
+                [session.as_str()],
+                |r| r.get(0),
+            )
+            .expect("count");
+        let lost: u64 = conn
+            .query_row(
+                "SELECT COALESCE(SUM(json_extract(detail, '$.count')), 0) FROM events
+                 WHERE session_id = ?1 AND kind = 'lost' AND json_extract(detail, '$.reason') = 'log-queue-full'
+                   AND json_extract(detail, '$.lost_kind') = 'connect'",
+                [session.as_str()],
+                |r| r.get(0),
+            )
+            .expect("lost");
+        assert_eq!(lost, log.dropped(), "every drop is in the session's record");
+        assert_eq!(stored + lost, SENT, "stored {stored} + lost {lost}");
+        let table: u64 = conn
+            .query_row("SELECT COALESCE(SUM(count), 0) FROM lost_events WHERE kind = 'log_queue'", [], |r| r.get(0))
+            .expect("lost_events");
+        assert_eq!(table, lost);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
