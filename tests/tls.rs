@@ -72,6 +72,15 @@ impl Nginx {
         self.dir.path().join("ca.pem")
     }
 
+    /// A route on which the proxy originates TLS to this nginx, naming `server_name`.
+    fn originating_route(&self, server_name: &str) -> String {
+        format!(
+            "        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          upstream_tls: {{ server_name: {server_name}, ca_file: {ca} }}\n",
+            port = self.port,
+            ca = path_str(&self.cert()),
+        )
+    }
+
     /// Request lines nginx logged.
     fn requests(&self) -> Vec<String> {
         fs::read_to_string(self.dir.path().join("access.log"))
@@ -104,11 +113,7 @@ fn path_str(path: &Path) -> &str {
 #[test]
 fn the_proxy_originates_tls_so_the_agent_speaks_plain_http() {
     let nginx = Nginx::start();
-    let route = format!(
-        "        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          upstream_tls: {{ server_name: allowed.test, ca_file: {ca} }}\n",
-        port = nginx.port,
-        ca = path_str(&nginx.cert()),
-    );
+    let route = nginx.originating_route("allowed.test");
     let daemon = Daemon::start(&policy(&route));
     let token = daemon.mint("tls-bot", &[]);
     let url = format!("http://127.0.0.1:{}/plain-to-tls", nginx.port);
@@ -132,55 +137,45 @@ fn the_proxy_originates_tls_so_the_agent_speaks_plain_http() {
     );
 }
 
-/// nginx's serial number of the connection that served an answer.
-fn nginx_connection(out: &harness::RunOutput) -> String {
-    let answer: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+/// nginx's serial number of the connection that served `answer` (from `out`).
+fn nginx_connection(answer: &str, out: &harness::RunOutput) -> String {
+    let answer: serde_json::Value = serde_json::from_str(answer.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     answer["connection"].as_str().unwrap_or_else(|| panic!("no connection number: {out}")).to_owned()
 }
 
 #[test]
 fn a_sessions_client_connections_reuse_its_upstream_connection_and_other_sessions_never_do() {
     let nginx = Nginx::start();
-    let route = format!(
-        "        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          upstream_tls: {{ server_name: allowed.test, ca_file: {ca} }}\n",
-        port = nginx.port,
-        ca = path_str(&nginx.cert()),
-    );
+    let route = nginx.originating_route("allowed.test");
     let daemon = Daemon::start(&policy(&route));
     let token = daemon.mint("tls-bot", &[]);
     let url = format!("http://127.0.0.1:{}/kept", nginx.port);
     // Three curl processes one after another: three client connections.
-    let script = format!("for n in 1 2 3; do curl -s --max-time 10 {url}; echo; done; echo \"$TOLLGATE_SESSION\"");
+    let script = format!("for n in 1 2 3; do curl -s --max-time 10 {url}; echo; done");
     let first = daemon.run(&token, &["/bin/sh", "-c", script.as_str()]);
     assert_eq!(first.code(), Some(0), "{first}");
     let lines: Vec<&str> = first.stdout.lines().filter(|l| l.starts_with('{')).collect();
     assert_eq!(lines.len(), 3, "three answers: {first}");
-    let serials: Vec<String> = lines
-        .iter()
-        .map(|line| {
-            let answer: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {first}"));
-            answer["connection"].as_str().unwrap_or_default().to_owned()
-        })
-        .collect();
+    let serials: Vec<String> = lines.iter().map(|line| nginx_connection(line, &first)).collect();
     assert!(
-        serials.iter().all(|s| !s.is_empty() && *s == serials[0]),
+        serials.iter().all(|s| *s == serials[0]),
         "one upstream connection served the session's three client connections: {serials:?}"
     );
     // Another session, while the first one's connection would still be kept.
     let second = daemon.run(&token, &["curl", "-s", "--max-time", "10", url.as_str()]);
     assert_eq!(second.code(), Some(0), "{second}");
-    assert_ne!(nginx_connection(&second), serials[0], "another session was served on the first one's connection");
+    assert_ne!(
+        nginx_connection(&second.stdout, &second),
+        serials[0],
+        "another session was served on the first one's connection"
+    );
     assert_eq!(nginx.requests().len(), 4, "nginx served every request: {:?}", nginx.requests());
 }
 
 #[test]
 fn upstream_tls_with_the_wrong_name_fails_closed() {
     let nginx = Nginx::start();
-    let route = format!(
-        "        - to: \"127.0.0.1/32:{port}\"\n          protocol: http\n          upstream_tls: {{ server_name: impostor.test, ca_file: {ca} }}\n",
-        port = nginx.port,
-        ca = path_str(&nginx.cert()),
-    );
+    let route = nginx.originating_route("impostor.test");
     let daemon = Daemon::start(&policy(&route));
     let token = daemon.mint("tls-bot", &[]);
     let url = format!("http://127.0.0.1:{}/should-not-arrive", nginx.port);
