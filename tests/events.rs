@@ -217,3 +217,49 @@ fn a_host_with_every_cpu_busy_still_opens_sessions_and_stores_every_record() {
     let status = daemon.status();
     assert_eq!(status["events_lost"].as_u64(), Some(0), "{status}");
 }
+
+/// A session ends when its last process exits, not when its main command
+/// does, and by the time `run` returns its record already holds every event
+/// those processes made, the last one's exit included: nobody has to poll.
+/// Five sessions in a row, since the last events' race with the end is won
+/// or lost by milliseconds.
+#[test]
+fn when_run_returns_the_session_has_ended_with_every_event_of_its_last_process_in_its_record() {
+    const CONNECTS: usize = 3_000;
+    let daemon = Daemon::builder().policy(POLICY).start();
+    let token = daemon.mint("short-lived-bot", &[]);
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let port = target.local_addr().expect("its address").port();
+    for round in 0..5 {
+        let done = daemon.dir().join(format!("straggler-done-{round}"));
+        // The main command leaves a straggler behind and exits at once; the
+        // straggler connects, writes a marker and exits.
+        let straggler = format!(
+            "import os, socket, time\ntime.sleep(0.2)\nfor _ in range({CONNECTS}):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.connect(('127.0.0.1', {port}))\n    s.close()\nprint(os.getpid(), file=open({done:?}, 'w'))\n"
+        );
+        let script = "python3 -c \"$1\" > /dev/null 2>&1 &\necho \"$TOLLGATE_SESSION\"";
+        let out = daemon.run(&token, &["/bin/sh", "-c", script, "sh", &straggler]);
+        assert_eq!(out.code(), Some(0), "the main command failed: {out}");
+        let id = out.first_line().to_owned();
+        let straggler_pid: u64 = std::fs::read_to_string(&done)
+            .unwrap_or_else(|e| panic!("`run` returned before the straggler finished ({e}): {out}"))
+            .trim()
+            .parse()
+            .expect("the straggler's pid");
+
+        // Read once, right away.
+        let show = daemon.show(&id);
+        assert!(
+            !show["session"]["ended_at"].is_null(),
+            "round {round}: the session is still open after `run` returned:\n{}",
+            pretty(&show)
+        );
+        let connects = harness::session_log::connects_to(&show, "127.0.0.1", port).len();
+        assert_eq!(connects, CONNECTS, "round {round}: connects in the record when `run` returned\n{}", daemon.log());
+        assert!(
+            harness::session_log::exit_of(&show, straggler_pid).is_some(),
+            "round {round}: the straggler's exit is not in the record when `run` returned:\n{}",
+            pretty(&Value::Array(events_of_kind(&show, "exit").into_iter().cloned().collect()))
+        );
+    }
+}

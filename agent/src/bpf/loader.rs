@@ -1,6 +1,6 @@
 //! Loading and attaching the programs, and the maps the daemon fills.
 
-use std::{fs::File, path::Path};
+use std::{fs::File, path::Path, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -15,7 +15,7 @@ use tollgate_common::{KernelOffsets, ProxyAddr};
 use super::{
     BpfError,
     btf::Btf,
-    maps::{ConsumedBytes, LostCounters, OriginalDestinations, SessionMaps},
+    maps::{ConsumedBytes, EventBacklog, LostCounters, OriginalDestinations, SessionMaps},
     pins::{PINNED_MAPS, PinDir},
 };
 
@@ -63,6 +63,8 @@ pub struct Loaded {
     pub lost: LostCounters,
     /// Bytes of each session's events read so far, for the kernel's fairness.
     pub consumed: ConsumedBytes,
+    /// Whether each session's events have all been read.
+    pub backlog: Arc<EventBacklog>,
     /// The event ring buffer.
     pub events: RingBuf<MapData>,
     /// The programs' own log, where the kernel supports it.
@@ -242,6 +244,7 @@ pub fn load(
         }
     };
 
+    let backlog = Arc::new(EventBacklog::new(map(&mut ebpf, "SUBMITTED")?));
     Ok(Loaded {
         session_maps: SessionMaps::new(
             map(&mut ebpf, "SESSIONS")?,
@@ -252,7 +255,8 @@ pub fn load(
         ),
         originals: OriginalDestinations::new(map(&mut ebpf, "ORIGINAL_BY_CONNECTION")?),
         lost: LostCounters::new(map(&mut ebpf, "LOST")?),
-        consumed: ConsumedBytes::new(map(&mut ebpf, "CONSUMED")?),
+        consumed: ConsumedBytes::new(map(&mut ebpf, "CONSUMED")?, backlog.clone()),
+        backlog,
         events: map(&mut ebpf, "EVENTS")?,
         logger,
         programs: Programs { _ebpf: ebpf, _pinned: pinned, _held: held, pins },

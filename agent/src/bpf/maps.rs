@@ -1,9 +1,11 @@
 //! The maps the daemon reads and fills, one handle per concern: a
 //! session's rules ([`SessionMaps`]), the original destinations of
-//! redirected connections ([`OriginalDestinations`], the proxy's), and the
-//! lost-event counters ([`LostCounters`], the event pump's).
+//! redirected connections ([`OriginalDestinations`], the proxy's), the
+//! lost-event counters ([`LostCounters`], the event pump's), and what of
+//! each session's events is still unread ([`ConsumedBytes`] and
+//! [`EventBacklog`]).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
 use tollgate_common::{
@@ -243,11 +245,13 @@ pub struct ConsumedBytes {
     map: HashMap<MapData, u64, u64>,
     /// What this daemon believes each counter holds.
     totals: std::collections::HashMap<u64, u64>,
+    /// Where the published totals are also shown to the rest of the daemon.
+    backlog: Arc<EventBacklog>,
 }
 
 impl ConsumedBytes {
-    pub(super) fn new(map: HashMap<MapData, u64, u64>) -> Self {
-        Self { map, totals: std::collections::HashMap::new() }
+    pub(super) fn new(map: HashMap<MapData, u64, u64>, backlog: Arc<EventBacklog>) -> Self {
+        Self { map, totals: std::collections::HashMap::new(), backlog }
     }
 
     /// Adds `bytes` read of `cgroup_id`'s events (kept here until [`ConsumedBytes::publish`]).
@@ -258,12 +262,53 @@ impl ConsumedBytes {
         *total += bytes;
     }
 
-    /// Writes the counters of `cgroup_ids` to the kernel.
+    /// Writes the counters of `cgroup_ids` to the kernel. Call it only once
+    /// the events counted have been handed to the session log.
     pub fn publish(&mut self, cgroup_ids: impl IntoIterator<Item = u64>) {
+        let mut shown = self.backlog.read.lock().unwrap_or_else(|p| p.into_inner());
         for cgroup_id in cgroup_ids {
             if let Some(total) = self.totals.get(&cgroup_id) {
                 let _ = self.map.insert(cgroup_id, *total, 0);
+                shown.insert(cgroup_id, *total);
             }
         }
+    }
+}
+
+/// Whether every event a session's processes put into the ring buffer has
+/// been read and handed to the session log. A session whose cgroup emptied
+/// is ended once it has, so its record holds its last events before its end.
+pub struct EventBacklog {
+    /// Bytes each session has put into the ring buffer (the kernel counts).
+    submitted: HashMap<MapData, u64, u64>,
+    /// Bytes of each session's events handed to the log (the reader publishes).
+    read: Mutex<std::collections::HashMap<u64, u64>>,
+    /// Asks the reader to drain the ring buffer now rather than at its next tick.
+    drain: tokio::sync::Notify,
+}
+
+impl EventBacklog {
+    pub(super) fn new(submitted: HashMap<MapData, u64, u64>) -> Self {
+        Self { submitted, read: Mutex::default(), drain: tokio::sync::Notify::new() }
+    }
+
+    /// `Some(true)` once all of `cgroup_id`'s events are in the log,
+    /// `Some(false)` while some are not, `None` when the kernel has no count
+    /// for it (none submitted, or the count was evicted): the caller cannot
+    /// tell, and must wait some other way.
+    pub fn drained(&self, cgroup_id: u64) -> Option<bool> {
+        let submitted = self.submitted.get(&cgroup_id, 0).ok()?;
+        let read = self.read.lock().unwrap_or_else(|p| p.into_inner()).get(&cgroup_id).copied().unwrap_or(0);
+        Some(read >= submitted)
+    }
+
+    /// Asks the reader to drain the ring buffer at once.
+    pub fn request_drain(&self) {
+        self.drain.notify_one();
+    }
+
+    /// Resolves when someone asked for a drain.
+    pub async fn drain_requested(&self) {
+        self.drain.notified().await;
     }
 }

@@ -8,7 +8,7 @@ mod maps;
 pub mod pins;
 
 pub use loader::{ExecEnforcement, KernelLogger, Loaded, Programs, load};
-pub use maps::{ConsumedBytes, LostCounters, OriginalDestinations, SessionMaps};
+pub use maps::{ConsumedBytes, EventBacklog, LostCounters, OriginalDestinations, SessionMaps};
 
 /// Errors of loading, attaching and updating the programs.
 #[derive(Debug, thiserror::Error)]

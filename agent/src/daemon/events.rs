@@ -16,7 +16,7 @@ use tollgate_common::{EventKind, LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, L
 
 use crate::{
     bpf::{
-        ConsumedBytes, KernelLogger, LostCounters,
+        ConsumedBytes, EventBacklog, KernelLogger, LostCounters,
         events::{self, KernelEvent},
     },
     policy::compile::Decided,
@@ -40,16 +40,19 @@ pub async fn read(
     log: SessionLog,
     mut ring: AsyncFd<RingBuf<MapData>>,
     mut consumed: ConsumedBytes,
+    backlog: Arc<EventBacklog>,
 ) -> anyhow::Result<()> {
     let mut touched = Vec::new();
     // The programs wake this reader only once the buffer fills past a level;
-    // below it, the reader drains on its own, often.
+    // below it, the reader drains on its own, often, and at once when a
+    // session's end waits for its last events.
     let mut drain = tokio::time::interval(std::time::Duration::from_millis(tollgate_common::DRAIN_INTERVAL_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let woken = tokio::select! {
             guard = ring.readable_mut() => Some(guard?),
             _ = drain.tick() => None,
+            () = backlog.drain_requested() => None,
         };
         match woken {
             Some(mut guard) => {

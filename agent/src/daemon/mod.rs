@@ -161,8 +161,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut unpin_on_failure = PinCleanup(pins.clone().filter(|_| found == Found::Nothing));
     let loaded = bpf::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port, pins)
         .context("cannot load the eBPF programs")?;
-    let bpf::Loaded { programs, session_maps, originals, lost, consumed, events: ring, logger, mode, lsm_unavailable } =
-        loaded;
+    let bpf::Loaded {
+        programs,
+        session_maps,
+        originals,
+        lost,
+        consumed,
+        backlog,
+        events: ring,
+        logger,
+        mode,
+        lsm_unavailable,
+    } = loaded;
     match &lsm_unavailable {
         None => tracing::info!(mode = mode.as_str(), "exec enforcement: denied execs fail with EPERM"),
         Some(why) => {
@@ -188,6 +198,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let loaded = crate::session::Loaded::new(policies, verifier);
     let parts = SessionsParts { tree, mount, host, mode, log: log.clone(), max_depth };
     let sessions = Arc::new(Sessions::new(parts, loaded, session_maps));
+    // Before adoption, so adopted sessions are watched too.
+    match crate::session::EmptiedWatch::new() {
+        Ok(watch) => sessions.set_emptied_watch(Arc::new(watch)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch sessions' cgroups (inotify); sessions end at the reap tick after their last process")
+        }
+    }
     // Before adoption: adopted sessions get resolvers of their own too.
     if config.dns.enabled {
         let dns =
@@ -282,8 +299,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     if let Some((pull, listener, acceptor)) = report_listener {
         tasks.spawn(crate::api::pull::serve(pull, listener, acceptor));
     }
-    tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed));
+    tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed, backlog.clone()));
     tasks.spawn(sessions.clone().reap());
+    tasks.spawn(sessions.clone().end_as_emptied(backlog));
     tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));
     if let Some(retention) = config.retention {
         tasks.spawn(prune(log.clone(), retention, otlp.clone(), config.otlp_backlog_max));

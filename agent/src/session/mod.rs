@@ -2,6 +2,7 @@
 //! for it, and its lifecycle from the first process to the last.
 
 pub mod cgroup;
+mod emptied;
 pub mod grants;
 pub mod peer;
 mod recover;
@@ -11,6 +12,7 @@ pub mod terminal;
 
 /// Session ids are the session log's keys; the store defines them.
 pub use crate::store::SessionId;
+pub use emptied::EmptiedWatch;
 pub use grants::{GrantError, GrantState, GrantView};
 pub use recover::Gap;
 pub use registry::{ActiveSession, Registry};

@@ -178,6 +178,7 @@ impl Sessions {
             deadline,
             ending: false,
         });
+        self.watch_emptying(path, cgroup_id);
         self.parts.log.decided(&record.id, RecordKind::Session, RecordVerdict::DaemonGap, gap.detail("adopted"));
         tracing::warn!(session = %record.id, last_alive = gap.last_alive.as_deref().unwrap_or("unknown"), "adopted a session an earlier daemon left running");
         true

@@ -67,6 +67,11 @@ impl Registry {
     }
 
     /// The live session of a cgroup.
+    pub fn get(&self, cgroup_id: u64) -> Option<&ActiveSession> {
+        self.active.get(&cgroup_id)
+    }
+
+    /// The live session of a cgroup, to change.
     pub fn get_mut(&mut self, cgroup_id: u64) -> Option<&mut ActiveSession> {
         self.active.get_mut(&cgroup_id)
     }

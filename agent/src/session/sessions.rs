@@ -12,17 +12,18 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::{
-    ActiveSession, Registry,
+    ActiveSession, EmptiedWatch, Registry,
     cgroup::{self, CgroupError, CgroupTree},
     grants::GrantBook,
     peer::{self, PeerError},
 };
 use crate::{
-    bpf::{BpfError, ExecEnforcement, SessionMaps, events::KernelEvent},
+    bpf::{BpfError, EventBacklog, ExecEnforcement, SessionMaps, events::KernelEvent},
     identity::{TokenError, Verifier},
     policy::{
         PolicySet,
@@ -248,6 +249,8 @@ pub struct Sessions {
     closing: AtomicBool,
     /// The sessions' resolvers, once the daemon has started them.
     resolvers: std::sync::OnceLock<Arc<dyn Resolvers>>,
+    /// Hears sessions' cgroups empty, once the daemon has started it.
+    emptied: std::sync::OnceLock<Arc<EmptiedWatch>>,
 }
 
 /// Each session's resolver: where the kernel sends its DNS traffic.
@@ -378,6 +381,7 @@ impl Sessions {
             watchers: Mutex::default(),
             closing: AtomicBool::new(false),
             resolvers: std::sync::OnceLock::new(),
+            emptied: std::sync::OnceLock::new(),
         }
     }
 
@@ -636,6 +640,7 @@ impl Sessions {
             deadline,
             ending: false,
         });
+        self.watch_emptying(&cgroup_path, cgroup_id);
         // A grant withdrawn while this session's rules compiled (here or in
         // its parent) must not stay in them.
         if self.book().withdrawn() != withdrawn_when_compiled {
@@ -725,6 +730,22 @@ impl Sessions {
     /// Hands the sessions their resolvers (once, when the daemon starts them).
     pub fn set_resolvers(&self, resolvers: Arc<dyn Resolvers>) {
         let _ = self.resolvers.set(resolvers);
+    }
+
+    /// Sessions opened from now on are ended as soon as their cgroup
+    /// empties (see [`Sessions::end_as_emptied`]).
+    pub fn set_emptied_watch(&self, watch: Arc<EmptiedWatch>) {
+        let _ = self.emptied.set(watch);
+    }
+
+    /// Watches a new session's cgroup for its emptying; without the watch,
+    /// the reap tick still ends it.
+    pub(super) fn watch_emptying(&self, cgroup: &Path, cgroup_id: u64) {
+        if let Some(watch) = self.emptied.get()
+            && let Err(e) = watch.watch(cgroup, cgroup_id)
+        {
+            tracing::warn!(cgroup = %cgroup.display(), error = %e, "cannot watch a session's cgroup; its end is noticed at the next reap tick");
+        }
     }
 
     /// Starts a session's resolver; 0 when the daemon runs none.
@@ -981,6 +1002,47 @@ impl Sessions {
             }
             self.notify(&session.id, Notice::Ended);
             tracing::info!(session = %session.id, "session ended");
+        }
+    }
+
+    /// Ends each session as soon as its cgroup empties and every event its
+    /// processes put into the ring buffer is in the log, so its record ends
+    /// with its last events. Where that cannot be told within
+    /// [`REAP_INTERVAL`] (the reader is far behind, or the kernel has no
+    /// count for the session), [`Sessions::reap`] ends it instead.
+    pub async fn end_as_emptied(self: Arc<Self>, backlog: Arc<EventBacklog>) -> anyhow::Result<()> {
+        let Some(watch) = self.emptied.get().cloned() else { return Ok(()) };
+        loop {
+            let changed = watch.changed().await.context("reading cgroup.events changes")?;
+            for cgroup_id in changed {
+                let subtree = {
+                    let state = self.state();
+                    match state.registry.get(cgroup_id) {
+                        Some(session) if !session.ending && !cgroup::populated(&session.cgroup) => {
+                            let mut subtree = state.registry.descendants(cgroup_id);
+                            subtree.push(cgroup_id);
+                            subtree
+                        }
+                        _ => continue,
+                    }
+                };
+                let (sessions, backlog) = (self.clone(), backlog.clone());
+                tokio::spawn(async move {
+                    let give_up = Instant::now() + REAP_INTERVAL;
+                    while Instant::now() < give_up {
+                        backlog.request_drain();
+                        match subtree.iter().map(|&id| backlog.drained(id)).try_fold(true, |all, one| Some(all && one?))
+                        {
+                            Some(true) => {
+                                sessions.end(cgroup_id).await;
+                                return;
+                            }
+                            Some(false) => tokio::time::sleep(Duration::from_millis(1)).await,
+                            None => return,
+                        }
+                    }
+                });
+            }
         }
     }
 
