@@ -19,9 +19,9 @@ use crate::{
         ConsumedBytes, EventBacklog, KernelLogger, LostCounters,
         events::{self, KernelEvent},
     },
-    policy::compile::Decided,
+    policy::compile::{Decided, RuleRef},
     session::Sessions,
-    store::{RecordKind, RecordVerdict, SessionLog},
+    store::{Detail, RecordKind, RecordVerdict, SessionLog},
 };
 
 /// Events the kernel could not deliver, per event kind slot, as counted so far.
@@ -134,17 +134,35 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
             (EventKind::Exit, None)
         }
         KernelEvent::Connect { verdict, addr, port, family, protocol, send, .. } => {
-            detail.insert("rule".into(), attribution.rule.as_ref().map_or(Value::Null, |d| d.to_string().into()));
-            insert_rules(&mut detail, attribution.rule.as_ref());
-            detail.insert("family".into(), (*family).into());
-            detail.insert("addr".into(), addr.to_string().into());
-            detail.insert("port".into(), (*port).into());
-            detail.insert("protocol".into(), protocol.clone().into());
-            detail.insert("send".into(), (*send).into());
             if *verdict == Verdict::Deny {
                 tracing::info!(session = %session, pid = origin.pid, %addr, port, "connect denied");
             }
-            (EventKind::Connect, Some(*verdict))
+            let decided = attribution.rule.as_ref();
+            let fields = ConnectDetail {
+                rule: decided.map(ToString::to_string),
+                grant_rules: decided.map(|d| d.0.as_slice()).filter(|rules| !rules.is_empty()),
+                family: *family,
+                addr: *addr,
+                port: *port,
+                protocol,
+                send: *send,
+            };
+            let grant_rules = fields.grant_rules.unwrap_or_default();
+            let grant_rules = grant_rules.iter().map(|r| (r.grant.clone(), r.rule.clone())).collect();
+            match Detail::json(&fields, grant_rules) {
+                Ok(detail) => {
+                    log.kernel_event(
+                        session,
+                        origin.boot_ns,
+                        origin.pid,
+                        RecordKind::Kernel(EventKind::Connect),
+                        Some(RecordVerdict::Kernel(*verdict)),
+                        detail,
+                    );
+                }
+                Err(e) => tracing::error!(session = %session, error = %e, "cannot record a connect"),
+            }
+            return;
         }
         KernelEvent::Socket { family, sock_type, protocol, .. } => {
             detail.insert("family".into(), (*family).into());
@@ -160,8 +178,23 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
         origin.pid,
         RecordKind::Kernel(kind),
         verdict.map(RecordVerdict::Kernel),
-        detail,
+        detail.into(),
     );
+}
+
+/// A connect's detail, typed: the hottest record. Fields in the order the
+/// other kinds' maps keep theirs (`rule` first, then `grant_rules` when a
+/// grant's rule decided).
+#[derive(serde::Serialize)]
+struct ConnectDetail<'a> {
+    rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant_rules: Option<&'a [RuleRef]>,
+    family: u8,
+    addr: std::net::IpAddr,
+    port: u16,
+    protocol: &'a str,
+    send: bool,
 }
 
 /// Names the grant rules that decided (`grant_rules`: grant and rule of each),
@@ -238,5 +271,42 @@ pub async fn watch_lost(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed connect detail is the JSON its map used to be, key for key
+    /// and in the same order, so records old and new read alike.
+    #[test]
+    fn a_connect_detail_is_the_json_the_map_made() {
+        let rules = [RuleRef::new("ci-net", "network.allow 10.0.0.0/8")];
+        let fields = ConnectDetail {
+            rule: Some(Decided(rules.to_vec()).to_string()),
+            grant_rules: Some(&rules),
+            family: 6,
+            addr: "2001:db8::1".parse().expect("an address"),
+            port: 443,
+            protocol: "tcp",
+            send: false,
+        };
+        let mut map = Map::new();
+        map.insert("rule".into(), "ci-net: network.allow 10.0.0.0/8".into());
+        map.insert("grant_rules".into(), json!(rules));
+        map.insert("family".into(), 6.into());
+        map.insert("addr".into(), "2001:db8::1".into());
+        map.insert("port".into(), 443.into());
+        map.insert("protocol".into(), "tcp".into());
+        map.insert("send".into(), false.into());
+        let typed = Detail::json(&fields, vec![("ci-net".into(), "network.allow 10.0.0.0/8".into())]).expect("JSON");
+        assert_eq!(typed.text().expect("text"), serde_json::to_string(&map).expect("JSON"));
+        assert_eq!(typed.grant_rules(), Detail::from(map).grant_rules());
+
+        // No rule decided: `rule` is null and there is no `grant_rules`.
+        let fields = ConnectDetail { rule: None, grant_rules: None, ..fields };
+        let text = serde_json::to_string(&fields).expect("JSON");
+        assert_eq!(text, r#"{"rule":null,"family":6,"addr":"2001:db8::1","port":443,"protocol":"tcp","send":false}"#);
     }
 }

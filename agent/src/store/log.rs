@@ -6,8 +6,8 @@ use std::time::SystemTime;
 use serde_json::{Map, Value};
 
 use super::{
-    EventRecord, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError, WriterHandle, clock::BootClock,
-    rfc3339,
+    Detail, EventRecord, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError, WriterHandle,
+    clock::BootClock, rfc3339,
 };
 
 /// Records sessions and their events. Cheap to clone.
@@ -37,10 +37,10 @@ impl SessionLog {
         pid: u32,
         kind: RecordKind,
         verdict: Option<RecordVerdict>,
-        detail: Map<String, Value>,
+        detail: Detail,
     ) {
         let at = rfc3339(self.clock.wall(boot_ns));
-        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str), &detail);
+        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str), None);
         self.writer.event(session, EventRecord { at, kind, pid, verdict, detail });
     }
 
@@ -48,9 +48,10 @@ impl SessionLog {
     /// reviewer, the session's lifecycle) rather than by the kernel.
     pub fn decided(&self, session: &SessionId, kind: RecordKind, verdict: RecordVerdict, detail: Map<String, Value>) {
         let at = rfc3339(SystemTime::now());
-        self.stats.record(kind.as_str(), Some(verdict.as_str()), &detail);
+        self.stats.record(kind.as_str(), Some(verdict.as_str()), Some(&detail));
         // A decision about a request or a session, not about one process.
-        self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail });
+        self.writer
+            .event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail: detail.into() });
     }
 
     /// Records a decision made now about what process `pid` of a session asked
@@ -64,15 +65,16 @@ impl SessionLog {
         detail: Map<String, Value>,
     ) {
         let at = rfc3339(SystemTime::now());
-        self.stats.record(kind.as_str(), Some(verdict.as_str()), &detail);
-        self.writer.event(session.clone(), EventRecord { at, kind, pid, verdict: Some(verdict), detail });
+        self.stats.record(kind.as_str(), Some(verdict.as_str()), Some(&detail));
+        self.writer
+            .event(session.clone(), EventRecord { at, kind, pid, verdict: Some(verdict), detail: detail.into() });
     }
 
     /// Records a fact about a session, now, that is no decision (events
     /// counted instead of delivered, say).
     pub fn noted(&self, session: &SessionId, kind: RecordKind, detail: Map<String, Value>) {
         let at = rfc3339(SystemTime::now());
-        self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail });
+        self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail: detail.into() });
     }
 
     /// Records the end of a session, now.

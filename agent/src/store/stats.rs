@@ -26,12 +26,14 @@ pub struct Stats {
 
 impl Stats {
     /// Counts one record.
-    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>, detail: &Map<String, Value>) {
+    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>, detail: Option<&Map<String, Value>>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(verdict) = verdict {
             *inner.decisions.entry((kind, verdict)).or_default() += 1;
         }
-        if kind == "http" {
+        if kind == "http"
+            && let Some(detail) = detail
+        {
             let outcome = detail.get("outcome").and_then(Value::as_str).unwrap_or("unknown").to_owned();
             *inner.proxy.entry(outcome).or_default() += 1;
             if let Some(ms) = detail.get("duration_ms").and_then(Value::as_f64) {

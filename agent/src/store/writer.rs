@@ -321,7 +321,7 @@ fn commit(
             detail.insert("lost_kind".into(), kind.into());
             detail.insert("count".into(), count.into());
             detail.insert("reason".into(), "log-queue-full".into());
-            let event = EventRecord { at, kind: RecordKind::Lost, pid: 0, verdict: None, detail };
+            let event = EventRecord { at, kind: RecordKind::Lost, pid: 0, verdict: None, detail: detail.into() };
             write_event(&tx, chain, seqs, &mut usage, &session, event)?;
         }
         usage.write(&tx)?;
@@ -358,7 +358,7 @@ fn write_event(
     event: EventRecord,
 ) -> rusqlite::Result<()> {
     // Straight to bytes: `Value`'s Display goes through fmt::Write, far slower.
-    let detail = match serde_json::to_string(&event.detail) {
+    let detail = match event.detail.text() {
         Ok(detail) => detail,
         Err(e) => {
             tracing::error!(session = %session, error = %e, "cannot record event");
@@ -424,14 +424,8 @@ struct Usage {
 
 impl Usage {
     fn count(&mut self, session: &SessionId, event: &EventRecord) {
-        let Some(serde_json::Value::Array(rules)) = event.detail.get("grant_rules") else { return };
         let day = event.at.get(..10).unwrap_or_default();
-        for rule in rules {
-            let (Some(grant), Some(name)) =
-                (rule.get("grant").and_then(|g| g.as_str()), rule.get("rule").and_then(|r| r.as_str()))
-            else {
-                continue;
-            };
+        for (grant, name) in event.detail.grant_rules() {
             let entry = self
                 .counts
                 .entry((grant.to_owned(), name.to_owned(), day.to_owned()))
@@ -520,7 +514,7 @@ mod tests {
             kind: RecordKind::Kernel(tollgate_common::EventKind::Connect),
             pid: 7,
             verdict: Some(RecordVerdict::ALLOW),
-            detail,
+            detail: detail.into(),
         }
     }
 
