@@ -684,9 +684,11 @@ fn unchained_rows(conn: &Connection, session: Option<&str>) -> rusqlite::Result<
     let filter = session.unwrap_or("%");
     let event: Option<(String, i64)> = conn
         .query_row(
-            "SELECT e.session_id, e.seq FROM events e WHERE e.session_id LIKE ?1 AND NOT EXISTS
-               (SELECT 1 FROM ledger l WHERE l.kind = 'event' AND l.session_id = e.session_id AND l.seq = e.seq)
-             ORDER BY e.session_id, e.seq LIMIT 1",
+            // A sorted difference: one pass over each table, not a lookup per event.
+            "SELECT session_id, seq FROM events WHERE session_id LIKE ?1
+             EXCEPT
+             SELECT session_id, seq FROM ledger WHERE kind = 'event' AND session_id LIKE ?1
+             ORDER BY 1, 2 LIMIT 1",
             [filter],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )

@@ -110,6 +110,13 @@ const MIGRATIONS: &[&str] = &[
     // it was a second insert per event that no query gained from: reviews
     // read every kind of decision over a time window, where a scan is as fast.
     "DROP INDEX IF EXISTS events_by_verdict;",
+    // 5: the ledger is indexed by session only where it opens one. The index
+    // over every place was a third B-tree insert per event; only the
+    // search for sessions outside the chain (adoption, verify) wants a
+    // session's place, and verify finds events outside it by a sorted
+    // difference instead.
+    "DROP INDEX IF EXISTS ledger_by_session;
+     CREATE INDEX ledger_sessions ON ledger(session_id) WHERE kind = 'session';",
 ];
 
 /// The session log holds every session's commands and traffic: root only.
