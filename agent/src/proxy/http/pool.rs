@@ -30,7 +30,7 @@ use crate::{
 /// How long an idle connection is kept.
 pub const IDLE_FOR: Duration = Duration::from_secs(4);
 /// Idle connections kept per session and destination.
-const PER_DESTINATION: usize = 16;
+const PER_DESTINATION: usize = 64;
 /// Idle connections kept in all.
 const IN_ALL: usize = 512;
 
