@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -1010,10 +1009,18 @@ impl Sessions {
     /// with its last events. Where that cannot be told within
     /// [`REAP_INTERVAL`] (the reader is far behind, or the kernel has no
     /// count for the session), [`Sessions::reap`] ends it instead.
+    /// Runs for as long as the daemon does; without a watch, or once the
+    /// watch fails, it leaves every end to the reap tick.
     pub async fn end_as_emptied(self: Arc<Self>, backlog: Arc<EventBacklog>) -> anyhow::Result<()> {
-        let Some(watch) = self.emptied.get().cloned() else { return Ok(()) };
+        let Some(watch) = self.emptied.get().cloned() else { return std::future::pending().await };
         loop {
-            let changed = watch.changed().await.context("reading cgroup.events changes")?;
+            let changed = match watch.changed().await {
+                Ok(changed) => changed,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read sessions' cgroup changes (inotify); sessions now end at the reap tick after their last process");
+                    return std::future::pending().await;
+                }
+            };
             for cgroup_id in changed {
                 let subtree = {
                     let state = self.state();
