@@ -302,6 +302,20 @@ impl EventBacklog {
         Some(read >= submitted)
     }
 
+    /// [`EventBacklog::drained`] for every cgroup of `cgroup_ids`:
+    /// `Some(false)` when one is not, else `None` when one cannot be told.
+    pub fn all_drained(&self, cgroup_ids: &[u64]) -> Option<bool> {
+        let mut all = Some(true);
+        for &id in cgroup_ids {
+            match self.drained(id) {
+                Some(false) => return Some(false),
+                None => all = None,
+                Some(true) => {}
+            }
+        }
+        all
+    }
+
     /// Asks the reader to drain the ring buffer at once.
     pub fn request_drain(&self) {
         self.drain.notify_one();

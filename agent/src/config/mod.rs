@@ -45,6 +45,12 @@ pub struct Config {
     /// at least 16. Events that find it full are counted as lost, per session.
     #[serde(default = "default_event_buffer_kib")]
     pub event_buffer_kib: u32,
+    /// Records queued for the session log's writer at most. Past three
+    /// quarters of it the daemon stops taking kernel events out of the ring
+    /// buffer, where the kernel's per-session share decides what waits and
+    /// what is counted lost; the rest is room for the proxy's records.
+    #[serde(default = "default_log_queue_records")]
+    pub log_queue_records: usize,
     /// The L7 proxy listens on 127.0.0.1 and ::1 at this port; governed
     /// connects are redirected there. 0: no proxy, governed connects are refused.
     #[serde(default = "default_proxy_port")]
@@ -240,6 +246,9 @@ fn default_flush_ms() -> u64 {
 fn default_event_buffer_kib() -> u32 {
     4096
 }
+fn default_log_queue_records() -> usize {
+    100_000
+}
 
 impl Config {
     /// Loads and validates a configuration file.
@@ -278,6 +287,14 @@ impl Config {
                 "event_buffer_kib",
                 &kib.to_string(),
                 format!("event_buffer_kib {kib} must be a power of two between 16 and 1048576"),
+            ));
+        }
+        let queue = self.log_queue_records;
+        if !(16..=10_000_000).contains(&queue) {
+            return Err(error(
+                "log_queue_records",
+                &queue.to_string(),
+                format!("log_queue_records {queue} must be between 16 and 10000000"),
             ));
         }
         if self.cgroup.is_empty() || self.cgroup.contains('/') || self.cgroup.starts_with('.') {
@@ -410,6 +427,17 @@ mod tests {
         let error = load("issuers:\n  - issuer: https://a\n    audience: t\n    jwks_url: http://idp.example/jwks\n")
             .expect_err("plain http");
         assert!(error.message.contains("https") && error.position == Some((4, 15)), "{error}");
+    }
+
+    #[test]
+    fn the_log_queue_is_bounded_both_ways() {
+        assert_eq!(load("{}\n").expect("defaults").log_queue_records, 100_000);
+        assert_eq!(load("log_queue_records: 64\n").expect("small").log_queue_records, 64);
+        for bad in ["0", "15", "10000001"] {
+            let error = load(&format!("flush_interval_ms: 200\nlog_queue_records: {bad}\n")).expect_err(bad);
+            assert!(error.message.contains("log_queue_records") && error.message.contains(bad), "{bad}: {error}");
+            assert_eq!(error.position.map(|(line, _)| line), Some(2), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -34,7 +34,10 @@ const EVENTS_PER_TURN: usize = 256;
 /// Reads the ring buffer for as long as the daemon runs. After each turn,
 /// the bytes read of each session's events are told to the kernel, which
 /// holds a session back only while its own unread events fill its share of
-/// the buffer.
+/// the buffer. While the log's writer is behind, events are left in the
+/// ring buffer: there the kernel's per-session share decides what waits and
+/// what is counted lost, so a flooding session cannot crowd a quiet one's
+/// events out of the writer's queue.
 pub async fn read(
     sessions: Arc<Sessions>,
     log: SessionLog,
@@ -49,6 +52,10 @@ pub async fn read(
     let mut drain = tokio::time::interval(std::time::Duration::from_millis(tollgate_common::DRAIN_INTERVAL_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
+        if !log.has_room_for_kernel_events() {
+            tokio::time::sleep(WRITER_BEHIND_PAUSE).await;
+            continue;
+        }
         let woken = tokio::select! {
             guard = ring.readable_mut() => Some(guard?),
             _ = drain.tick() => None,
@@ -56,14 +63,14 @@ pub async fn read(
         };
         match woken {
             Some(mut guard) => {
-                let handled = read_some(guard.get_inner_mut(), &sessions, &log, &mut consumed, &mut touched);
-                if handled < EVENTS_PER_TURN {
-                    // Drained: wait for the kernel (or the next tick).
+                let turn = read_some(guard.get_inner_mut(), &sessions, &log, &mut consumed, &mut touched);
+                if turn == Turn::Drained {
+                    // Wait for the kernel (or the next tick).
                     guard.clear_ready();
                 }
             }
             None => {
-                while read_some(ring.get_mut(), &sessions, &log, &mut consumed, &mut touched) == EVENTS_PER_TURN {
+                while read_some(ring.get_mut(), &sessions, &log, &mut consumed, &mut touched) == Turn::Full {
                     tokio::task::yield_now().await;
                 }
             }
@@ -72,17 +79,39 @@ pub async fn read(
     }
 }
 
-/// Reads up to [`EVENTS_PER_TURN`] events; returns how many.
+/// How long the reader leaves events in the ring buffer before it looks
+/// again at a writer that was behind.
+const WRITER_BEHIND_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// How a turn of reading ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// The ring buffer is empty.
+    Drained,
+    /// [`EVENTS_PER_TURN`] were read; there may be more.
+    Full,
+    /// The log's writer is behind; the rest waits in the ring buffer.
+    WriterBehind,
+}
+
+/// Reads up to [`EVENTS_PER_TURN`] events, while the log has room for them.
 fn read_some(
     buffer: &mut RingBuf<MapData>,
     sessions: &Sessions,
     log: &SessionLog,
     consumed: &mut ConsumedBytes,
     touched: &mut Vec<u64>,
-) -> usize {
-    let mut handled = 0;
-    while handled < EVENTS_PER_TURN {
-        let Some(item) = buffer.next() else { break };
+) -> Turn {
+    let mut turn = Turn::Full;
+    for _ in 0..EVENTS_PER_TURN {
+        if !log.has_room_for_kernel_events() {
+            turn = Turn::WriterBehind;
+            break;
+        }
+        let Some(item) = buffer.next() else {
+            turn = Turn::Drained;
+            break;
+        };
         match events::decode(&item) {
             Ok(event) => {
                 let cgroup_id = event.origin().cgroup_id;
@@ -94,10 +123,9 @@ fn read_some(
             }
             Err(e) => tracing::error!(error = %e, "undecodable kernel event"),
         }
-        handled += 1;
     }
     consumed.publish(touched.drain(..));
-    handled
+    turn
 }
 
 fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {

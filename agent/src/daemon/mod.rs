@@ -181,7 +181,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     }
 
     let ledger_key = LedgerKey::ensure(&Config::ledger_key_path(&config.state_dir))?;
-    let writer = Writer::start(&config.database_path(), config.flush_interval(), Some(ledger_key))?;
+    let writer =
+        Writer::start(&config.database_path(), config.flush_interval(), Some(ledger_key), config.log_queue_records)?;
     let log = SessionLog::new(writer.handle());
     let reader = Reader::new(&config.database_path());
     let proxy_listeners = crate::proxy::bind(config.proxy_port).await?;
@@ -300,7 +301,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         tasks.spawn(crate::api::pull::serve(pull, listener, acceptor));
     }
     tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed, backlog.clone()));
-    tasks.spawn(sessions.clone().reap());
+    tasks.spawn(sessions.clone().reap(backlog.clone()));
     tasks.spawn(sessions.clone().end_as_emptied(backlog));
     tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));
     if let Some(retention) = config.retention {

@@ -3,7 +3,7 @@
 //! all of them when the daemon stops.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -35,6 +35,9 @@ use crate::{
 
 /// How often session cgroups are checked for their last process.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(100);
+/// How long an empty session waits for its last events to be read (a log
+/// writer far behind leaves them in the ring buffer) before it ends anyway.
+const LAST_EVENTS_WAIT: Duration = Duration::from_secs(5);
 /// Exec allow lists are looked at again every this many reaper ticks (1 s).
 const ALLOW_REFRESH_TICKS: u64 = 10;
 
@@ -1038,8 +1041,7 @@ impl Sessions {
                     let give_up = Instant::now() + REAP_INTERVAL;
                     while Instant::now() < give_up {
                         backlog.request_drain();
-                        match subtree.iter().map(|&id| backlog.drained(id)).try_fold(true, |all, one| Some(all && one?))
-                        {
+                        match backlog.all_drained(&subtree) {
                             Some(true) => {
                                 sessions.end(cgroup_id).await;
                                 return;
@@ -1054,11 +1056,12 @@ impl Sessions {
     }
 
     /// Ends sessions past their `max_session`, and sessions as their last
-    /// process exits. A session is ended one tick after it is first seen
-    /// empty, so that its last events, still in the ring buffer, are
-    /// recorded before its end.
-    pub async fn reap(self: Arc<Self>) -> anyhow::Result<()> {
-        let mut seen_empty: Vec<u64> = Vec::new();
+    /// process exits (where [`Sessions::end_as_emptied`] did not): from the
+    /// tick after one is first seen empty, once its last events are read
+    /// (or that cannot be told), and after [`LAST_EVENTS_WAIT`] regardless.
+    pub async fn reap(self: Arc<Self>, backlog: Arc<EventBacklog>) -> anyhow::Result<()> {
+        // Each empty session, with when it was first seen empty.
+        let mut seen_empty: HashMap<u64, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         for ticks in 0u64.. {
             tick.tick().await;
@@ -1067,16 +1070,40 @@ impl Sessions {
                 self.expire_grants().await;
                 self.refresh_allow_lists().await;
             }
-            let empty: Vec<u64> = {
+            let empty: Vec<(u64, Vec<u64>)> = {
                 let state = self.state();
-                state.registry.active().filter(|s| !cgroup::populated(&s.cgroup)).map(|s| s.cgroup_id).collect()
+                state
+                    .registry
+                    .active()
+                    .filter(|s| !cgroup::populated(&s.cgroup))
+                    .map(|s| {
+                        let mut subtree = state.registry.descendants(s.cgroup_id);
+                        subtree.push(s.cgroup_id);
+                        (s.cgroup_id, subtree)
+                    })
+                    .collect()
             };
-            for cgroup_id in std::mem::take(&mut seen_empty) {
-                if empty.contains(&cgroup_id) {
-                    self.end(cgroup_id).await;
+            let now = Instant::now();
+            let mut still_empty = HashMap::new();
+            for (cgroup_id, subtree) in empty {
+                match seen_empty.get(&cgroup_id) {
+                    // Its events are read, or cannot be told apart, or it
+                    // waited long enough: late events still find it.
+                    Some(&first)
+                        if backlog.all_drained(&subtree) != Some(false)
+                            || now.duration_since(first) >= LAST_EVENTS_WAIT =>
+                    {
+                        self.end(cgroup_id).await;
+                    }
+                    Some(&first) => {
+                        still_empty.insert(cgroup_id, first);
+                    }
+                    None => {
+                        still_empty.insert(cgroup_id, now);
+                    }
                 }
             }
-            seen_empty = empty;
+            seen_empty = still_empty;
         }
         Ok(())
     }

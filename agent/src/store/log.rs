@@ -29,6 +29,12 @@ impl SessionLog {
         self.writer.open_session(record)
     }
 
+    /// May kernel events be queued now? When not, they should wait in the
+    /// ring buffer (see [`WriterHandle::has_room_for_kernel_events`]).
+    pub fn has_room_for_kernel_events(&self) -> bool {
+        self.writer.has_room_for_kernel_events()
+    }
+
     /// Records an event the kernel reported at `boot_ns` (`CLOCK_BOOTTIME`).
     pub fn kernel_event(
         &self,

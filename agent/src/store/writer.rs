@@ -24,9 +24,6 @@ use super::{
 };
 
 const MAX_BATCH: usize = 2000;
-/// Events queued for the writer at most; past that they are dropped and
-/// counted (a flooding session must not exhaust the daemon's memory).
-const QUEUE_LIMIT: usize = 100_000;
 
 enum Op {
     Open(Box<SessionRecord>, mpsc::Sender<Result<(), String>>),
@@ -54,6 +51,8 @@ pub struct WriterHandle {
     dropped: Arc<AtomicU64>,
     dropped_by_session: Arc<Dropped>,
     yielding: Arc<Yielding>,
+    /// Queued records past which kernel events wait in the ring buffer.
+    kernel_room: usize,
 }
 
 /// Events dropped because the queue was full, by session and kind, not yet
@@ -63,10 +62,17 @@ type Dropped = Mutex<HashMap<(SessionId, &'static str), u64>>;
 impl Writer {
     /// Opens (creating and migrating) the database and starts the thread,
     /// which chains every record and signs the chain's head with `key`.
-    pub fn start(path: &Path, flush_interval: Duration, key: Option<LedgerKey>) -> Result<Self, StoreError> {
+    /// At most `queue` records wait for it; past that they are dropped and
+    /// counted (a flooding session must not exhaust the daemon's memory).
+    pub fn start(
+        path: &Path,
+        flush_interval: Duration,
+        key: Option<LedgerKey>,
+        queue: usize,
+    ) -> Result<Self, StoreError> {
         let mut conn = schema::open(path)?;
         let chain = Chain::open(&mut conn, key)?;
-        Self::start_with_queue(conn, chain, flush_interval, QUEUE_LIMIT)
+        Self::start_with_queue(conn, chain, flush_interval, queue)
     }
 
     fn start_with_queue(
@@ -76,7 +82,9 @@ impl Writer {
         queue: usize,
     ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::sync_channel(queue);
-        let yielding = Arc::new(Yielding::new());
+        let kernel_room = queue - queue / 4;
+        // Raised before kernel events have to wait in the ring buffer.
+        let yielding = Arc::new(Yielding::new(kernel_room / 2));
         let dropped_by_session = Arc::new(Dropped::default());
         let thread = {
             let (yielding, dropped) = (yielding.clone(), dropped_by_session.clone());
@@ -86,7 +94,8 @@ impl Writer {
                 .map_err(|_| StoreError::WriterGone)?
         };
         Yielding::start_nudger(&yielding).map_err(|_| StoreError::WriterGone)?;
-        Ok(Self { _thread: thread, handle: WriterHandle { tx, dropped: Arc::default(), dropped_by_session, yielding } })
+        let handle = WriterHandle { tx, dropped: Arc::default(), dropped_by_session, yielding, kernel_room };
+        Ok(Self { _thread: thread, handle })
     }
 
     /// A handle to send work with.
@@ -122,6 +131,13 @@ impl WriterHandle {
             }
             Err(mpsc::TrySendError::Disconnected(_)) => self.yielding.refused(false),
         }
+    }
+
+    /// May the reader of kernel events queue more? Not past three quarters
+    /// of the queue: the rest is kept for records that have no ring buffer
+    /// to wait in (the proxy's, the resolver's, the sessions' own).
+    pub fn has_room_for_kernel_events(&self) -> bool {
+        self.yielding.backlog() < self.kernel_room
     }
 
     /// Events dropped because the writer's queue was full.

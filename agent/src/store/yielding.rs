@@ -5,7 +5,8 @@
 //! connects) wait for it. So while the writer keeps up it runs at idle
 //! priority (`SCHED_IDLE`): it uses only CPU time nothing else wants. It is
 //! raised back to normal priority when someone waits on it (a session
-//! opening, a flush), when its queue grows past [`CATCH_UP_AT`], or when it
+//! opening, a flush), when its queue grows past [`CATCH_UP_AT`] (or half of
+//! what a smaller queue lets kernel events take), or when it
 //! has taken nothing for a [`NUDGE_EVERY`] while work waits: a busy host must
 //! neither starve the log into dropping records nor leave them unwritten.
 //! A starved writer cannot notice any of this, so whoever queues work
@@ -23,8 +24,6 @@ use std::sync::{
 
 /// Ops queued past which the writer runs at normal priority.
 pub const CATCH_UP_AT: usize = 10_000;
-/// The writer lowers itself only with fewer ops than this queued.
-const CALM_BELOW: usize = CATCH_UP_AT / 4;
 /// How long work may wait on a writer that takes nothing before it is raised.
 pub const NUDGE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -45,11 +44,15 @@ pub struct Yielding {
     waited_on: AtomicUsize,
     /// Raised by the nudger: the next batch is committed at normal priority.
     nudged: AtomicBool,
+    /// Queued ops that raise the writer; it lowers itself only below a
+    /// quarter of this.
+    catch_up_at: usize,
 }
 
 impl Yielding {
     /// Finds out whether this process may return a thread from idle priority.
-    pub fn new() -> Self {
+    /// It is raised once `catch_up_at` ops wait (at most [`CATCH_UP_AT`]).
+    pub fn new(catch_up_at: usize) -> Self {
         let allowed = std::thread::spawn(|| set_own_policy(libc::SCHED_IDLE) && set_own_policy(libc::SCHED_OTHER))
             .join()
             .unwrap_or(false);
@@ -60,11 +63,12 @@ impl Yielding {
                 "the session log writer runs at normal priority: raising it again from idle priority needs CAP_SYS_NICE or LimitNICE=20"
             );
         }
-        Self::with(allowed)
+        Self::with(allowed, catch_up_at)
     }
 
-    fn with(allowed: bool) -> Self {
+    fn with(allowed: bool, catch_up_at: usize) -> Self {
         Self {
+            catch_up_at: catch_up_at.clamp(1, CATCH_UP_AT),
             allowed,
             tid: AtomicI32::new(0),
             idle: AtomicBool::new(false),
@@ -73,6 +77,11 @@ impl Yielding {
             waited_on: AtomicUsize::new(0),
             nudged: AtomicBool::new(false),
         }
+    }
+
+    /// Ops queued and not yet taken by the writer.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(SeqCst)
     }
 
     /// The writer thread calls this first.
@@ -86,7 +95,7 @@ impl Yielding {
         if waited_on {
             self.waited_on.fetch_add(1, SeqCst);
         }
-        if waited_on || backlog >= CATCH_UP_AT {
+        if waited_on || backlog >= self.catch_up_at {
             self.raise();
         }
     }
@@ -129,7 +138,7 @@ impl Yielding {
     }
 
     fn calm(&self) -> bool {
-        self.waited_on.load(SeqCst) == 0 && self.backlog.load(SeqCst) < CALM_BELOW
+        self.waited_on.load(SeqCst) == 0 && self.backlog.load(SeqCst) < self.catch_up_at / 4
     }
 
     /// The nudger: work waits and the writer has taken nothing since
@@ -203,7 +212,7 @@ mod tests {
 
     #[test]
     fn the_writer_lowers_itself_only_when_calm_and_is_raised_by_waiting_work_a_long_queue_or_no_progress() {
-        let yielding = Arc::new(Yielding::new());
+        let yielding = Arc::new(Yielding::new(CATCH_UP_AT));
         assert!(yielding.allowed, "tests run as root, which may return from idle priority");
         let writer = yielding.clone();
         let seen = std::thread::spawn(move || {
@@ -256,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_writer_that_could_not_be_raised_again_never_lowers_itself() {
-        let yielding = Yielding::with(false);
+        let yielding = Yielding::with(false, CATCH_UP_AT);
         std::thread::scope(|s| {
             s.spawn(|| {
                 yielding.writer_started();
