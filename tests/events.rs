@@ -192,6 +192,22 @@ fn flood_session(daemon: &Daemon, other: &str) -> String {
         .to_owned()
 }
 
+/// A loopback UDP port for connect loops (a UDP connect sends nothing; the
+/// port just exists while the socket is kept).
+fn udp_target() -> (std::net::UdpSocket, u16) {
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let port = target.local_addr().expect("its address").port();
+    (target, port)
+}
+
+/// Python lines (with `socket` imported) that connect a UDP socket to
+/// 127.0.0.1:`port` `count` times, each time a new socket.
+fn udp_connect_loop(count: usize, port: u16) -> String {
+    format!(
+        "for _ in range({count}):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.connect(('127.0.0.1', {port}))\n    s.close()\n"
+    )
+}
+
 /// Busy loops outside any session, one per CPU, stopped (by pid) when dropped.
 struct BusyCpus(Vec<std::process::Child>);
 
@@ -222,11 +238,11 @@ fn a_host_with_every_cpu_busy_still_opens_sessions_and_stores_every_record() {
     const CONNECTS: usize = 20_000;
     let daemon = Daemon::builder().policy(POLICY).start();
     let token = daemon.mint("busy-host-bot", &[]);
-    let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
-    let port = target.local_addr().expect("its address").port();
+    let (_target, port) = udp_target();
     let stop = daemon.dir().join("stop-waiting");
     let script = format!(
-        "import os, socket, sys, time\nfor _ in range({CONNECTS}):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.connect(('127.0.0.1', {port}))\n    s.close()\nprint(os.environ['TOLLGATE_SESSION'])\nsys.stdout.flush()\nwhile not os.path.exists({stop:?}):\n    time.sleep(0.05)\n"
+        "import os, socket, sys, time\n{}print(os.environ['TOLLGATE_SESSION'])\nsys.stdout.flush()\nwhile not os.path.exists({stop:?}):\n    time.sleep(0.05)\n",
+        udp_connect_loop(CONNECTS, port)
     );
     let db = daemon.state_dir().join("sessions.db");
     let stored = |id: &str| {
@@ -270,14 +286,14 @@ fn when_run_returns_the_session_has_ended_with_every_event_of_its_last_process_i
     const CONNECTS: usize = 3_000;
     let daemon = Daemon::builder().policy(POLICY).start();
     let token = daemon.mint("short-lived-bot", &[]);
-    let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
-    let port = target.local_addr().expect("its address").port();
+    let (_target, port) = udp_target();
     for round in 0..5 {
         let done = daemon.dir().join(format!("straggler-done-{round}"));
         // The main command leaves a straggler behind and exits at once; the
         // straggler connects, writes a marker and exits.
         let straggler = format!(
-            "import os, socket, time\ntime.sleep(0.2)\nfor _ in range({CONNECTS}):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.connect(('127.0.0.1', {port}))\n    s.close()\nprint(os.getpid(), file=open({done:?}, 'w'))\n"
+            "import os, socket, time\ntime.sleep(0.2)\n{}print(os.getpid(), file=open({done:?}, 'w'))\n",
+            udp_connect_loop(CONNECTS, port)
         );
         let script = "python3 -c \"$1\" > /dev/null 2>&1 &\necho \"$TOLLGATE_SESSION\"";
         let out = daemon.run(&token, &["/bin/sh", "-c", script, "sh", &straggler]);

@@ -170,6 +170,8 @@ impl Detail {
 
     /// The JSON text, as stored.
     pub fn text(&self) -> serde_json::Result<std::borrow::Cow<'_, str>> {
+        // Serialized straight to bytes: `Value`'s Display goes through
+        // fmt::Write, far slower.
         match self {
             Self::Fields(fields) => serde_json::to_string(fields).map(Into::into),
             Self::Json { text, .. } => Ok(text.as_str().into()),

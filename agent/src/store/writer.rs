@@ -373,7 +373,6 @@ fn write_event(
     session: &SessionId,
     event: EventRecord,
 ) -> rusqlite::Result<()> {
-    // Straight to bytes: `Value`'s Display goes through fmt::Write, far slower.
     let detail = match event.detail.text() {
         Ok(detail) => detail,
         Err(e) => {
