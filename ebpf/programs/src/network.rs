@@ -145,8 +145,6 @@ const IPPROTO_UDP: u32 = 17;
 /// has only when privileged.
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
-    // SAFETY: no arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let sk = ctx.sock;
     // SAFETY: the context is valid for the program's run; 4-byte reads.
     let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
@@ -156,6 +154,9 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     if inet_ok || (family != AF_INET && family != AF_INET6) {
         return 1;
     }
+    // Read only for a refusal: this runs for every socket a session creates.
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let event = SocketEvent {
         header: header(EventKind::Socket, cgroup_id),
         uid: bpf_get_current_uid_gid() as u32,
