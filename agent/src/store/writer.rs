@@ -53,6 +53,8 @@ pub struct WriterHandle {
     yielding: Arc<Yielding>,
     /// Queued records past which kernel events wait in the ring buffer.
     kernel_room: usize,
+    /// The writer thread, woken from a nap by work somebody waits on.
+    writer: std::thread::Thread,
 }
 
 /// Events dropped because the queue was full, by session and kind, not yet
@@ -94,7 +96,8 @@ impl Writer {
                 .map_err(|_| StoreError::WriterGone)?
         };
         Yielding::start_nudger(&yielding).map_err(|_| StoreError::WriterGone)?;
-        let handle = WriterHandle { tx, dropped: Arc::default(), dropped_by_session, yielding, kernel_room };
+        let writer = thread.thread().clone();
+        let handle = WriterHandle { tx, dropped: Arc::default(), dropped_by_session, yielding, kernel_room, writer };
         Ok(Self { _thread: thread, handle })
     }
 
@@ -193,7 +196,12 @@ impl WriterHandle {
         self.tx.send(op).map_err(|_| {
             self.yielding.refused(waited_on);
             StoreError::WriterGone
-        })
+        })?;
+        if waited_on {
+            // Cut its nap short: a session's start or end waits on this.
+            self.writer.unpark();
+        }
+        Ok(())
     }
 }
 
@@ -204,8 +212,7 @@ impl Op {
     }
 }
 
-/// How long the writer naps between looks at the queue while a batch is open
-/// (what waits on it, such as a session's opening, waits at most this long more).
+/// How long the writer naps between looks at the queue while a batch is open.
 const BATCH_NAP: Duration = Duration::from_millis(5);
 
 fn run(
@@ -239,8 +246,9 @@ fn run(
                 break 'collect;
             }
             // Nap rather than wait on the channel: a wakeup per record would
-            // preempt, on a small machine, the very processes recorded.
-            std::thread::sleep(BATCH_NAP.min(deadline - now));
+            // preempt, on a small machine, the very processes recorded. Work
+            // somebody waits on wakes it (`WriterHandle::send`).
+            std::thread::park_timeout(BATCH_NAP.min(deadline - now));
         }
         // Commit at idle priority while nothing waits on this batch and the
         // queue is short (see `yielding`).
