@@ -56,8 +56,10 @@ impl SessionLog {
         let at = rfc3339(SystemTime::now());
         self.stats.record(kind.as_str(), Some(verdict.as_str()), Some(&detail));
         // A decision about a request or a session, not about one process.
-        self.writer
-            .event(session.clone(), EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail: detail.into() });
+        self.writer.event(
+            session.clone(),
+            EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail: Detail::rendered(detail) },
+        );
     }
 
     /// Records a decision made now about what process `pid` of a session asked
@@ -72,15 +74,18 @@ impl SessionLog {
     ) {
         let at = rfc3339(SystemTime::now());
         self.stats.record(kind.as_str(), Some(verdict.as_str()), Some(&detail));
-        self.writer
-            .event(session.clone(), EventRecord { at, kind, pid, verdict: Some(verdict), detail: detail.into() });
+        self.writer.event(
+            session.clone(),
+            EventRecord { at, kind, pid, verdict: Some(verdict), detail: Detail::rendered(detail) },
+        );
     }
 
     /// Records a fact about a session, now, that is no decision (events
     /// counted instead of delivered, say).
     pub fn noted(&self, session: &SessionId, kind: RecordKind, detail: Map<String, Value>) {
         let at = rfc3339(SystemTime::now());
-        self.writer.event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail: detail.into() });
+        self.writer
+            .event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail: Detail::rendered(detail) });
     }
 
     /// Records the end of a session, now.

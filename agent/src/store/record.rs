@@ -199,6 +199,21 @@ impl From<Map<String, Value>> for Detail {
     }
 }
 
+impl Detail {
+    /// `fields` as JSON text now, on the recording thread: the writer then
+    /// gets one string to store and free, not a map of allocations made on
+    /// another thread (freeing those there contends for the allocator's
+    /// arena locks with the thread that made them).
+    pub fn rendered(fields: Map<String, Value>) -> Self {
+        let fields = Self::Fields(fields);
+        let grant_rules = fields.grant_rules().into_iter().map(|(g, r)| (g.to_owned(), r.to_owned())).collect();
+        match fields.text() {
+            Ok(text) => Self::Json { text: text.into_owned(), grant_rules },
+            Err(_) => fields,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +228,23 @@ mod tests {
             assert_eq!(RecordKind::from_name(kind.as_str()), Some(kind), "names read back as their kind");
         }
         assert_eq!(RecordKind::from_name("unknown"), None);
+    }
+
+    #[test]
+    fn a_detail_rendered_where_it_is_recorded_stores_and_counts_as_its_fields_would() {
+        let fields = serde_json::json!({
+            "method": "GET",
+            "path": "/a\"b\u{7}",
+            "rules": ["r1", "r2"],
+            "grant_rules": [{"grant": "g", "rule": "network.proxy x"}, {"grant": "h", "rule": "y"}],
+            "duration_ms": 1.25,
+        });
+        let Value::Object(fields) = fields else { unreachable!("an object literal") };
+        let as_fields = Detail::Fields(fields.clone());
+        let rendered = Detail::rendered(fields);
+        assert!(matches!(rendered, Detail::Json { .. }), "rendered to text");
+        assert_eq!(rendered.text().ok(), as_fields.text().ok(), "the same stored text");
+        assert_eq!(rendered.grant_rules(), as_fields.grant_rules(), "the same rules counted");
+        assert_eq!(rendered.grant_rules(), vec![("g", "network.proxy x"), ("h", "y")]);
     }
 }
