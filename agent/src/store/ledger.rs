@@ -7,7 +7,6 @@
 //! off the end shows too; pruning leaves a signed checkpoint.
 
 use std::{
-    fmt::Write as _,
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
@@ -182,58 +181,68 @@ pub enum Column<'a> {
 /// agree byte for byte with SQLite's (verify recomputes contents there);
 /// the tests compare the two over every ASCII character.
 pub fn json_array(columns: &[Column<'_>]) -> String {
-    let mut out = String::with_capacity(
-        64 + columns.iter().map(|c| if let Column::Text(t) = c { t.len() } else { 0 }).sum::<usize>(),
-    );
-    out.push('[');
+    let text_len: usize = columns.iter().map(|c| if let Column::Text(t) = c { t.len() } else { 0 }).sum();
+    // Room for a JSON detail's own quotes, each escaped, without growing.
+    let mut out = Vec::with_capacity(64 + text_len + text_len / 4);
+    out.push(b'[');
     for (i, column) in columns.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
         match column {
             Column::Text(text) => push_json_text(&mut out, text),
-            // Writing to a String cannot fail.
+            // Writing to a Vec cannot fail.
             Column::Integer(n) => {
                 let _ = write!(out, "{n}");
             }
-            Column::Null => out.push_str("null"),
+            Column::Null => out.extend_from_slice(b"null"),
         }
     }
-    out.push(']');
-    out
+    out.push(b']');
+    // Valid text with ASCII added only between its characters: always UTF-8.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
+
+/// How SQLite escapes each byte in a JSON string: 0 when it stands as is,
+/// `u` for `\u00xx`, else the character after the backslash.
+const JSON_ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0a] = b'n';
+    table[0x0c] = b'f';
+    table[0x0d] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
 
 /// SQLite's string escaping: `"` and `\` get a backslash, the control
 /// characters with a short form use it, other control characters are
 /// `\u00xx` (lower-case hex), everything else (`'`, DEL, non-ASCII) as is.
-fn push_json_text(out: &mut String, text: &str) {
-    out.push('"');
-    let mut plain = 0;
-    for (i, byte) in text.bytes().enumerate() {
-        let escaped: &str = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\x08' => "\\b",
-            b'\t' => "\\t",
-            b'\n' => "\\n",
-            b'\x0c' => "\\f",
-            b'\r' => "\\r",
-            0..0x20 => "",
-            _ => continue,
-        };
-        out.push_str(&text[plain..i]);
-        if escaped.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(HEX[usize::from(byte >> 4)] as char);
-            out.push(HEX[usize::from(byte & 0xf)] as char);
-        } else {
-            out.push_str(escaped);
+fn push_json_text(out: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for &byte in text.as_bytes() {
+        match JSON_ESCAPE[usize::from(byte)] {
+            0 => out.push(byte),
+            b'u' => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 0xf)],
+            ]),
+            short => out.extend_from_slice(&[b'\\', short]),
         }
-        plain = i + 1;
     }
-    out.push_str(&text[plain..]);
-    out.push('"');
+    out.push(b'"');
 }
 
 /// The stored content of a session's opening: every column but its end.
@@ -383,11 +392,36 @@ impl Chain {
         at: &str,
         content: &str,
     ) -> rusqlite::Result<()> {
+        let mut insert_place = Self::insert_place(tx)?;
+        self.append_with(&mut insert_place, kind, session, seq, at, content)
+    }
+
+    /// The statement that stores a place, for [`Chain::append_with`].
+    pub fn insert_place<'tx>(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<rusqlite::CachedStatement<'tx>> {
+        tx.prepare_cached("INSERT INTO ledger (n, kind, session_id, seq, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+    }
+
+    /// [`Chain::append_content`] through a statement from
+    /// [`Chain::insert_place`] that the caller keeps for a whole batch.
+    pub fn append_with(
+        &mut self,
+        insert_place: &mut rusqlite::Statement<'_>,
+        kind: Entry,
+        session: &str,
+        seq: Option<i64>,
+        at: &str,
+        content: &str,
+    ) -> rusqlite::Result<()> {
         let hash = link(&self.hash, content);
         let n = self.n + 1;
-        let at = if at.is_empty() { super::rfc3339(std::time::SystemTime::now()) } else { at.to_owned() };
-        tx.prepare_cached("INSERT INTO ledger (n, kind, session_id, seq, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
-            .execute(params![n, kind.as_str(), session, seq, at, hash.as_slice()])?;
+        let now;
+        let at = if at.is_empty() {
+            now = super::rfc3339(std::time::SystemTime::now());
+            now.as_str()
+        } else {
+            at
+        };
+        insert_place.execute(params![n, kind.as_str(), session, seq, at, hash.as_slice()])?;
         self.n = n;
         self.hash = hash;
         self.dirty = true;

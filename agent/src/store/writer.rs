@@ -273,6 +273,7 @@ fn commit(
     let mut checkpoint = false;
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
+        let mut statements = EventStatements::prepare(&tx)?;
         let mut usage = Usage::default();
         for op in batch {
             match op {
@@ -285,7 +286,9 @@ fn commit(
                     }
                     acks.push((ack, outcome));
                 }
-                Op::Event(session, event) => write_event(&tx, chain, seqs, &mut usage, &session, event)?,
+                Op::Event(session, event) => {
+                    write_event(&tx, &mut statements, chain, seqs, &mut usage, &session, event)?;
+                }
                 Op::End(session, ended_at) => {
                     let ended = tx.execute(
                         "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
@@ -346,8 +349,9 @@ fn commit(
             detail.insert("count".into(), count.into());
             detail.insert("reason".into(), "log-queue-full".into());
             let event = EventRecord { at, kind: RecordKind::Lost, pid: 0, verdict: None, detail: detail.into() };
-            write_event(&tx, chain, seqs, &mut usage, &session, event)?;
+            write_event(&tx, &mut statements, chain, seqs, &mut usage, &session, event)?;
         }
+        drop(statements);
         usage.write(&tx)?;
         chain.sign(&tx)?;
         tx.commit()
@@ -372,9 +376,29 @@ fn commit(
     }
 }
 
+/// The statements every event runs, looked up in the connection's cache
+/// once per batch rather than once per event.
+struct EventStatements<'tx> {
+    insert_event: rusqlite::CachedStatement<'tx>,
+    insert_place: rusqlite::CachedStatement<'tx>,
+}
+
+impl<'tx> EventStatements<'tx> {
+    fn prepare(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            insert_event: tx.prepare_cached(
+                "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?,
+            insert_place: Chain::insert_place(tx)?,
+        })
+    }
+}
+
 /// Writes one event of `session` and chains it.
 fn write_event(
     tx: &rusqlite::Transaction<'_>,
+    statements: &mut EventStatements<'_>,
     chain: &mut Chain,
     seqs: &mut HashMap<SessionId, i64>,
     usage: &mut Usage,
@@ -401,23 +425,15 @@ fn write_event(
     };
     *seq += 1;
     usage.count(session, &event);
-    // Cached: the statement is parsed once per connection, not per event.
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO events (session_id, seq, at, kind, pid, verdict, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut insert| {
-            insert.execute(params![
-                session.as_str(),
-                *seq,
-                event.at,
-                event.kind.as_str(),
-                event.pid,
-                event.verdict.map(RecordVerdict::as_str),
-                detail
-            ])
-        });
+    let inserted = statements.insert_event.execute(params![
+        session.as_str(),
+        *seq,
+        event.at,
+        event.kind.as_str(),
+        event.pid,
+        event.verdict.map(RecordVerdict::as_str),
+        detail
+    ]);
     match inserted {
         Ok(_) => {
             let content = json_array(&[
@@ -429,7 +445,14 @@ fn write_event(
                 event.verdict.map_or(Column::Null, |v| Column::Text(v.as_str())),
                 Column::Text(&detail),
             ]);
-            chain.append_content(tx, Entry::Event, session.as_str(), Some(*seq), &event.at, &content)?
+            chain.append_with(
+                &mut statements.insert_place,
+                Entry::Event,
+                session.as_str(),
+                Some(*seq),
+                &event.at,
+                &content,
+            )?
         }
         Err(e) => tracing::error!(session = %session, error = %e, "cannot record event"),
     }
