@@ -378,22 +378,8 @@ impl Chain {
         at: &str,
     ) -> rusqlite::Result<()> {
         let Some(content) = content_of(tx, kind.as_str(), session, seq)? else { return Ok(()) };
-        self.append_content(tx, kind, session, seq, at, &content)
-    }
-
-    /// Appends a record written in `tx` whose content (as [`content_of`]
-    /// would read it back) the caller already has.
-    pub fn append_content(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        kind: Entry,
-        session: &str,
-        seq: Option<i64>,
-        at: &str,
-        content: &str,
-    ) -> rusqlite::Result<()> {
         let mut insert_place = Self::insert_place(tx)?;
-        self.append_with(&mut insert_place, kind, session, seq, at, content)
+        self.append_with(&mut insert_place, kind, session, seq, at, &content)
     }
 
     /// The statement that stores a place, for [`Chain::append_with`].
@@ -401,8 +387,9 @@ impl Chain {
         tx.prepare_cached("INSERT INTO ledger (n, kind, session_id, seq, at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
     }
 
-    /// [`Chain::append_content`] through a statement from
-    /// [`Chain::insert_place`] that the caller keeps for a whole batch.
+    /// Appends a record whose content (as [`content_of`] would read it
+    /// back) the caller already has, through a statement from
+    /// [`Chain::insert_place`] that it may keep for a whole batch.
     pub fn append_with(
         &mut self,
         insert_place: &mut rusqlite::Statement<'_>,
