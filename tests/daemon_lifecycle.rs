@@ -52,3 +52,20 @@ fn a_second_daemon_on_the_same_socket_refuses_and_leaves_the_first_alone() {
     });
     assert!(marker.exists(), "the first daemon's session did not finish its work");
 }
+
+/// The daemon turns transparent huge pages off for itself (its allocator
+/// keeps less memory that way), and the setting is inherited across fork
+/// and exec: the governed command must not get it.
+#[test]
+fn the_daemons_memory_setting_stays_with_the_daemon() {
+    let daemon = Daemon::start(POLICY);
+    let thp_enabled = |status: &str| {
+        status.lines().find_map(|line| line.strip_prefix("THP_enabled:")).map(|value| value.trim().to_owned())
+    };
+    let own = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("the daemon's status");
+    assert_eq!(thp_enabled(&own).as_deref(), Some("0"), "the daemon keeps huge pages off:\n{own}");
+    let token = daemon.mint("thp-bot", &[]);
+    let out = daemon.run(&token, &["cat", "/proc/self/status"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(thp_enabled(&out.stdout).as_deref(), Some("1"), "the governed command got the daemon's setting: {out}");
+}
