@@ -4,12 +4,12 @@
 use std::time::Instant;
 
 use hyper::StatusCode;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::Governed;
 use crate::{
     approval::Answer,
-    store::{RecordKind, RecordVerdict, SessionLog},
+    store::{FieldList, RecordKind, RecordVerdict, SessionLog},
 };
 
 /// Why a held request or statement does not go on.
@@ -83,7 +83,7 @@ impl Outcome {
 /// The record of one connection (TLS) or exchange (HTTP), written once when it ends.
 pub struct ProxyRecord {
     kind: RecordKind,
-    detail: Map<String, Value>,
+    detail: FieldList,
     started: Instant,
     route: std::sync::Arc<crate::policy::compile::SessionRoute>,
 }
@@ -91,12 +91,12 @@ pub struct ProxyRecord {
 impl ProxyRecord {
     /// A record of `kind` for a connection of `governed`: `leading` fields
     /// first, then where it went and under which route.
-    pub fn new(kind: RecordKind, governed: &Governed, leading: Map<String, Value>) -> Self {
+    pub fn new(kind: RecordKind, governed: &Governed, leading: FieldList) -> Self {
         let mut detail = leading;
-        detail.insert("destination".into(), governed.destination.to_string().into());
-        detail.insert("client_pid".into(), governed.client_pid.into());
-        detail.insert("grant".into(), governed.route.grant.clone().into());
-        detail.insert("route".into(), governed.rule_name.clone().into());
+        detail.set("destination", governed.destination.to_string());
+        detail.set("client_pid", governed.client_pid);
+        detail.set("grant", governed.route.grant.clone());
+        detail.set("route", governed.rule_name.clone());
         Self { kind, detail, started: Instant::now(), route: governed.route.clone() }
     }
 
@@ -110,8 +110,8 @@ impl ProxyRecord {
     }
 
     /// Sets a field.
-    pub fn set(&mut self, key: &str, value: impl Into<Value>) {
-        self.detail.insert(key.into(), value.into());
+    pub fn set(&mut self, key: &'static str, value: impl Into<Value>) {
+        self.detail.set(key, value);
     }
 
     /// Notes a reviewer's answer; `Err` when it does not let the request go on.
@@ -180,11 +180,9 @@ impl ProxyRecord {
 }
 
 /// Appends `value` to the array at `key`, making it if absent.
-fn push(detail: &mut Map<String, Value>, key: &str, value: Value) {
+fn push(detail: &mut FieldList, key: &'static str, value: Value) {
     match detail.get_mut(key) {
         Some(Value::Array(values)) => values.push(value),
-        _ => {
-            detail.insert(key.into(), Value::Array(vec![value]));
-        }
+        _ => detail.set(key, Value::Array(vec![value])),
     }
 }

@@ -11,7 +11,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -22,7 +22,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{Governed, ProxyCtx, file_cache::FileCache, record::ProxyRecord};
 use crate::{
     policy::route::{RouteTarget, SniRules, UpstreamTls, name_matches},
-    store::{RecordKind, RecordVerdict},
+    store::{FieldList, RecordKind, RecordVerdict},
 };
 
 /// Where the system keeps its CA bundle (Debian, Ubuntu, Alpine, Arch).
@@ -101,8 +101,8 @@ async fn read_first_record(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// Serves one passthrough connection.
 pub async fn passthrough(ctx: Arc<ProxyCtx>, governed: Governed, mut client: TcpStream) {
     let route = &governed.route.route;
-    let mut record = ProxyRecord::new(RecordKind::Tls, &governed, Map::new());
-    let deny = |mut record: ProxyRecord, key: &str, why: String| {
+    let mut record = ProxyRecord::new(RecordKind::Tls, &governed, FieldList::new());
+    let deny = |mut record: ProxyRecord, key: &'static str, why: String| {
         record.set(key, why);
         record.finish(&ctx.log, &governed, RecordVerdict::DENY);
     };

@@ -3,10 +3,10 @@
 
 use std::time::SystemTime;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{
-    Detail, EventRecord, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError, WriterHandle,
+    Detail, EventRecord, RecordFields, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError, WriterHandle,
     clock::BootClock, rfc3339,
 };
 
@@ -46,15 +46,15 @@ impl SessionLog {
         detail: Detail,
     ) {
         let at = rfc3339(self.clock.wall(boot_ns));
-        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str), None);
+        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str));
         self.writer.event(session, EventRecord { at, kind, pid, verdict, detail });
     }
 
     /// Records something decided now in userspace (by the proxy, a
     /// reviewer, the session's lifecycle) rather than by the kernel.
-    pub fn decided(&self, session: &SessionId, kind: RecordKind, verdict: RecordVerdict, detail: Map<String, Value>) {
+    pub fn decided(&self, session: &SessionId, kind: RecordKind, verdict: RecordVerdict, detail: impl RecordFields) {
         let at = rfc3339(SystemTime::now());
-        self.stats.record(kind.as_str(), Some(verdict.as_str()), Some(&detail));
+        self.count(kind, verdict, &detail);
         // A decision about a request or a session, not about one process.
         self.writer.event(
             session.clone(),
@@ -70,10 +70,10 @@ impl SessionLog {
         pid: u32,
         kind: RecordKind,
         verdict: RecordVerdict,
-        detail: Map<String, Value>,
+        detail: impl RecordFields,
     ) {
         let at = rfc3339(SystemTime::now());
-        self.stats.record(kind.as_str(), Some(verdict.as_str()), Some(&detail));
+        self.count(kind, verdict, &detail);
         self.writer.event(
             session.clone(),
             EventRecord { at, kind, pid, verdict: Some(verdict), detail: Detail::rendered(detail) },
@@ -82,10 +82,20 @@ impl SessionLog {
 
     /// Records a fact about a session, now, that is no decision (events
     /// counted instead of delivered, say).
-    pub fn noted(&self, session: &SessionId, kind: RecordKind, detail: Map<String, Value>) {
+    pub fn noted(&self, session: &SessionId, kind: RecordKind, detail: impl RecordFields) {
         let at = rfc3339(SystemTime::now());
         self.writer
             .event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail: Detail::rendered(detail) });
+    }
+
+    /// Counts a userspace decision for `/metrics`, and an HTTP exchange's
+    /// outcome and duration.
+    fn count(&self, kind: RecordKind, verdict: RecordVerdict, detail: &impl RecordFields) {
+        self.stats.record(kind.as_str(), Some(verdict.as_str()));
+        if kind == RecordKind::Http {
+            let outcome = detail.field("outcome").and_then(Value::as_str).unwrap_or("unknown");
+            self.stats.proxied(outcome, detail.field("duration_ms").and_then(Value::as_f64));
+        }
     }
 
     /// Records the end of a session, now.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use clock::BootClock;
 pub use log::SessionLog;
 pub use queries::{Reader, RecordedDecision, RuleUsage, SessionDetail};
-pub use record::{Detail, EventRecord, RecordKind, RecordVerdict};
+pub use record::{Detail, EventRecord, FieldList, RecordFields, RecordKind, RecordVerdict};
 pub use writer::{Writer, WriterHandle};
 
 /// Errors of the session log.

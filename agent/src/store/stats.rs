@@ -4,8 +4,6 @@
 
 use std::{collections::BTreeMap, fmt::Write, sync::Mutex};
 
-use serde_json::{Map, Value};
-
 /// Upper bounds (seconds) of the proxy latency histogram's buckets.
 const BUCKETS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
 
@@ -26,24 +24,30 @@ pub struct Stats {
 
 impl Stats {
     /// Counts one record.
-    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>, detail: Option<&Map<String, Value>>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>) {
         if let Some(verdict) = verdict {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             *inner.decisions.entry((kind, verdict)).or_default() += 1;
         }
-        if kind == "http"
-            && let Some(detail) = detail
-        {
-            let outcome = detail.get("outcome").and_then(Value::as_str).unwrap_or("unknown").to_owned();
-            *inner.proxy.entry(outcome).or_default() += 1;
-            if let Some(ms) = detail.get("duration_ms").and_then(Value::as_f64) {
-                let secs = ms / 1000.0;
-                inner.sum += secs;
-                inner.count += 1;
-                for (bucket, bound) in BUCKETS.iter().enumerate() {
-                    if secs <= *bound {
-                        inner.buckets[bucket] += 1;
-                    }
+    }
+
+    /// Counts one request through the proxy: how it ended (its record's
+    /// `outcome`) and how long it took.
+    pub fn proxied(&self, outcome: &str, duration_ms: Option<f64>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.proxy.get_mut(outcome) {
+            Some(count) => *count += 1,
+            None => {
+                inner.proxy.insert(outcome.to_owned(), 1);
+            }
+        }
+        if let Some(ms) = duration_ms {
+            let secs = ms / 1000.0;
+            inner.sum += secs;
+            inner.count += 1;
+            for (bucket, bound) in BUCKETS.iter().enumerate() {
+                if secs <= *bound {
+                    inner.buckets[bucket] += 1;
                 }
             }
         }

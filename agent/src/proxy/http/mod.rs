@@ -37,7 +37,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::{net::TcpStream, sync::Mutex};
 use tracing::Instrument;
 
@@ -47,7 +47,10 @@ use super::{
     record::{Outcome, ProxyRecord},
     rules::normalize_path,
 };
-use crate::{policy::route::Route, store::RecordKind};
+use crate::{
+    policy::route::Route,
+    store::{FieldList, RecordKind},
+};
 use admission::AdmittedBody;
 
 /// Largest request or response body the proxy reads whole (for a rule).
@@ -139,10 +142,10 @@ impl Refusal {
 
 /// The record of one exchange, before any rule has matched.
 fn exchange_record(governed: &Governed, method: &str, path: &str, host: &str) -> ProxyRecord {
-    let mut leading = Map::new();
-    leading.insert("method".into(), method.into());
-    leading.insert("path".into(), path.into());
-    leading.insert("host".into(), host.into());
+    let mut leading = FieldList::new();
+    leading.set("method", method);
+    leading.set("path", path);
+    leading.set("host", host);
     let mut record = ProxyRecord::new(RecordKind::Http, governed, leading);
     record.set("rules", Value::Array(Vec::new()));
     record

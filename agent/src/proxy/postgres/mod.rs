@@ -26,7 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf},
     net::TcpStream,
@@ -47,7 +47,7 @@ use crate::{
         route::{Mask, Route},
         sql::{self as statement, Analysis, AnalysisCache, SearchPath, Verdict},
     },
-    store::{RecordKind, RecordVerdict, SessionId},
+    store::{FieldList, RecordKind, RecordVerdict, SessionId},
 };
 
 /// Sent upstream in place of a refused statement: it never parses, so the
@@ -107,12 +107,12 @@ async fn refuse_connection(
     record.finish(&ctx.log, governed, RecordVerdict::DENY);
 }
 
-fn connection_fields(startup: Option<&Startup>) -> Map<String, Value> {
-    let mut fields = Map::new();
-    fields.insert("event".into(), "connect".into());
+fn connection_fields(startup: Option<&Startup>) -> FieldList {
+    let mut fields = FieldList::new();
+    fields.set("event", "connect");
     if let Some(startup) = startup {
-        fields.insert("user".into(), startup.user.clone().into());
-        fields.insert("database".into(), startup.database.clone().into());
+        fields.set("user", startup.user.clone());
+        fields.set("database", startup.database.clone());
     }
     fields
 }
@@ -126,7 +126,7 @@ async fn cancel(ctx: &ProxyCtx, governed: &Governed, pid: i32, secret: i32) {
             .filter(|target| target.session == governed.session)
             .map(|target| (target.upstream, target.key))
     });
-    let mut record = ProxyRecord::new(RecordKind::Sql, governed, Map::new());
+    let mut record = ProxyRecord::new(RecordKind::Sql, governed, FieldList::new());
     record.set("event", "cancel");
     match target {
         Some((upstream, (pid, secret))) => {
@@ -527,13 +527,13 @@ impl Front<'_> {
     /// A statement's record; `normalized`: its text with constants as `$n`
     /// (the record keeps what was asked, not the data in it).
     fn record(&self, normalized: Option<String>, analysis: Option<&Analysis>) -> ProxyRecord {
-        let mut fields = Map::new();
-        fields.insert("event".into(), "statement".into());
+        let mut fields = FieldList::new();
+        fields.set("event", "statement");
         if let Some(normalized) = normalized {
-            fields.insert("sql".into(), normalized.into());
+            fields.set("sql", normalized);
         }
         if let Some(analysis) = analysis {
-            fields.insert("statements".into(), json!(analysis.kinds));
+            fields.set("statements", json!(analysis.kinds));
         }
         ProxyRecord::new(RecordKind::Sql, self.governed, fields)
     }
