@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod dns;
 pub mod export;
 pub mod identity;
+pub mod memory;
 pub mod policy;
 pub mod proxy;
 pub mod report;

@@ -590,12 +590,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 config.socket = socket;
             }
             init_logging(config.log_format);
-            // Transparent huge pages (`always` on many hosts) back the
-            // allocator's arenas with 2 MiB pages that a few live objects
-            // keep whole: 20 MB more at rest. Only the daemon: the setting
-            // is inherited by children, and `run`'s child is the governed
-            // command.
-            let _ = nix::sys::prctl::set_thp_disable(true);
+            crate::memory::small_pages_only();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

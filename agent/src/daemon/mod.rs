@@ -284,6 +284,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // Loading the programs freed tens of MB that an idle daemon would keep.
+    crate::memory::give_back_freed();
     tracing::info!(
         socket = %config.socket.display(),
         cgroup = %sessions.tree().sessions.display(),
