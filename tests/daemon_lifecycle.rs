@@ -54,8 +54,8 @@ fn a_second_daemon_on_the_same_socket_refuses_and_leaves_the_first_alone() {
 }
 
 /// The daemon turns transparent huge pages off for itself (its allocator
-/// keeps less memory that way), and the setting is inherited across fork
-/// and exec: the governed command must not get it.
+/// keeps less memory that way). `run` must not: the setting is inherited
+/// across exec, so the governed command gets what its caller has.
 #[test]
 fn the_daemons_memory_setting_stays_with_the_daemon() {
     let daemon = Daemon::start(POLICY);
@@ -64,10 +64,13 @@ fn the_daemons_memory_setting_stays_with_the_daemon() {
     };
     let own = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("the daemon's status");
     assert_eq!(thp_enabled(&own).as_deref(), Some("0"), "the daemon keeps huge pages off:\n{own}");
+    let caller = std::fs::read_to_string("/proc/self/status").expect("this process's status");
+    let callers = thp_enabled(&caller);
+    assert_eq!(callers.as_deref(), Some("1"), "the caller has huge pages on, or this test proves nothing:\n{caller}");
     let token = daemon.mint("thp-bot", &[]);
     let out = daemon.run(&token, &["cat", "/proc/self/status"]);
     assert_eq!(out.code(), Some(0), "{out}");
-    assert_eq!(thp_enabled(&out.stdout).as_deref(), Some("1"), "the governed command got the daemon's setting: {out}");
+    assert_eq!(thp_enabled(&out.stdout), callers, "the governed command's setting is not its caller's: {out}");
 }
 
 /// Loading the kernel programs frees tens of MB (the BPF object, the

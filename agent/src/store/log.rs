@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{
     Detail, EventRecord, RecordFields, RecordKind, RecordVerdict, SessionId, SessionRecord, StoreError, WriterHandle,
-    clock::BootClock, rfc3339,
+    clock::BootClock, rfc3339, stats::Exchange,
 };
 
 /// Records sessions and their events. Cheap to clone.
@@ -46,7 +46,7 @@ impl SessionLog {
         detail: Detail,
     ) {
         let at = rfc3339(self.clock.wall(boot_ns));
-        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str));
+        self.stats.record(kind.as_str(), verdict.map(RecordVerdict::as_str), None);
         self.writer.event(session, EventRecord { at, kind, pid, verdict, detail });
     }
 
@@ -91,11 +91,11 @@ impl SessionLog {
     /// Counts a userspace decision for `/metrics`, and an HTTP exchange's
     /// outcome and duration.
     fn count(&self, kind: RecordKind, verdict: RecordVerdict, detail: &impl RecordFields) {
-        self.stats.record(kind.as_str(), Some(verdict.as_str()));
-        if kind == RecordKind::Http {
-            let outcome = detail.field("outcome").and_then(Value::as_str).unwrap_or("unknown");
-            self.stats.proxied(outcome, detail.field("duration_ms").and_then(Value::as_f64));
-        }
+        let exchange = (kind == RecordKind::Http).then(|| Exchange {
+            outcome: detail.field("outcome").and_then(Value::as_str).unwrap_or("unknown"),
+            duration_ms: detail.field("duration_ms").and_then(Value::as_f64),
+        });
+        self.stats.record(kind.as_str(), Some(verdict.as_str()), exchange);
     }
 
     /// Records the end of a session, now.
@@ -149,5 +149,57 @@ impl SessionLog {
     /// Waits until everything recorded so far is committed.
     pub fn flush(&self) {
         self.writer.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use serde_json::Map;
+
+    use crate::store::{FieldList, Writer};
+
+    /// `/metrics` counts every userspace decision by kind and verdict, and
+    /// an HTTP exchange's outcome and duration from its fields, whether
+    /// they came as a field list or a map; other kinds' outcomes are not
+    /// requests through the HTTP proxy.
+    #[test]
+    fn decisions_and_http_outcomes_are_counted_from_the_records_fields() {
+        let dir = std::env::temp_dir().join(format!("tollgate-log-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("log.db");
+        let _ = std::fs::remove_file(&path);
+        let writer = Writer::start(&path, Duration::from_millis(10), None, 64).expect("writer");
+        let log = SessionLog::new(writer.handle());
+        let session = SessionId::generate();
+
+        let mut exchange = FieldList::new();
+        exchange.set("method", "GET");
+        exchange.set("outcome", "forwarded");
+        exchange.set("duration_ms", 2.0);
+        log.decided_for(&session, 7, RecordKind::Http, RecordVerdict::ALLOW, exchange);
+        let mut refused = Map::new();
+        refused.insert("outcome".into(), "blocked".into());
+        log.decided(&session, RecordKind::Http, RecordVerdict::Block, refused);
+        let mut statement = FieldList::new();
+        statement.set("outcome", "refused");
+        log.decided_for(&session, 7, RecordKind::Sql, RecordVerdict::DENY, statement);
+
+        let metrics = log.stats().prometheus();
+        for line in [
+            "tollgate_decisions_total{kind=\"http\",verdict=\"allow\"} 1",
+            "tollgate_decisions_total{kind=\"http\",verdict=\"block\"} 1",
+            "tollgate_decisions_total{kind=\"sql\",verdict=\"deny\"} 1",
+            "tollgate_proxy_requests_total{outcome=\"forwarded\"} 1",
+            "tollgate_proxy_requests_total{outcome=\"blocked\"} 1",
+            "tollgate_proxy_request_duration_seconds_bucket{le=\"0.0025\"} 1",
+            "tollgate_proxy_request_duration_seconds_count 1",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
+        }
+        assert!(!metrics.contains("outcome=\"refused\""), "a statement counted as an HTTP request:\n{metrics}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -144,9 +144,9 @@ pub struct EventRecord {
     pub detail: Detail,
 }
 
-/// An event's kind-specific fields: a map from most recorders, or JSON text
-/// already, from the kernel events that come by the hundred thousand a
-/// second (typed and serialized once, with no map to build and free).
+/// An event's kind-specific fields: a map, or JSON text already: rendered
+/// where userspace records it, or typed and serialized once for the kernel
+/// events that come by the hundred thousand a second.
 #[derive(Debug, Clone)]
 pub enum Detail {
     /// Fields the writer serializes.

@@ -16,6 +16,15 @@ struct Inner {
     count: u64,
 }
 
+/// How a request through the proxy ended: its record's `outcome` and
+/// `duration_ms`.
+pub struct Exchange<'a> {
+    /// forwarded, blocked, refused...
+    pub outcome: &'a str,
+    /// How long it took, if it was timed.
+    pub duration_ms: Option<f64>,
+}
+
 /// What was recorded, counted.
 #[derive(Default)]
 pub struct Stats {
@@ -23,18 +32,18 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Counts one record.
-    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>) {
+    /// Counts one record: its decision, if it is one, and how a request
+    /// through the proxy ended, if it is one (under one lock, so a scrape
+    /// never sees the one without the other).
+    pub fn record(&self, kind: &'static str, verdict: Option<&'static str>, exchange: Option<Exchange<'_>>) {
+        if verdict.is_none() && exchange.is_none() {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(verdict) = verdict {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             *inner.decisions.entry((kind, verdict)).or_default() += 1;
         }
-    }
-
-    /// Counts one request through the proxy: how it ended (its record's
-    /// `outcome`) and how long it took.
-    pub fn proxied(&self, outcome: &str, duration_ms: Option<f64>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Exchange { outcome, duration_ms }) = exchange else { return };
         match inner.proxy.get_mut(outcome) {
             Some(count) => *count += 1,
             None => {
