@@ -53,13 +53,8 @@ impl SessionLog {
     /// Records something decided now in userspace (by the proxy, a
     /// reviewer, the session's lifecycle) rather than by the kernel.
     pub fn decided(&self, session: &SessionId, kind: RecordKind, verdict: RecordVerdict, detail: impl RecordFields) {
-        let at = rfc3339(SystemTime::now());
-        self.count(kind, verdict, &detail);
         // A decision about a request or a session, not about one process.
-        self.writer.event(
-            session.clone(),
-            EventRecord { at, kind, pid: 0, verdict: Some(verdict), detail: Detail::rendered(detail) },
-        );
+        self.decided_for(session, 0, kind, verdict, detail);
     }
 
     /// Records a decision made now about what process `pid` of a session asked

@@ -185,15 +185,7 @@ impl Detail {
             Self::Json { grant_rules, .. } => grant_rules.iter().map(|(g, r)| (g.as_str(), r.as_str())).collect(),
         }
     }
-}
 
-impl From<Map<String, Value>> for Detail {
-    fn from(fields: Map<String, Value>) -> Self {
-        Self::Fields(fields)
-    }
-}
-
-impl Detail {
     /// `fields` as JSON text now, on the recording thread: the writer then
     /// gets one string to store and free, not a map of allocations made on
     /// another thread.
@@ -208,6 +200,12 @@ impl Detail {
                 Self::Json { text, grant_rules }
             }
         }
+    }
+}
+
+impl From<Map<String, Value>> for Detail {
+    fn from(fields: Map<String, Value>) -> Self {
+        Self::Fields(fields)
     }
 }
 
@@ -236,7 +234,7 @@ impl RecordFields for Map<String, Value> {
 /// A record's fields in the order they were set, under names the code
 /// spells: what the proxy fills per exchange, with no key to allocate and
 /// no map to hash (a map cost the proxy about a twentieth of its time).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FieldList(Vec<(&'static str, Value)>);
 
 impl FieldList {
@@ -262,6 +260,12 @@ impl FieldList {
     /// The field `key`, to change, if set.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
         self.0.iter_mut().find(|(name, _)| *name == key).map(|(_, value)| value)
+    }
+}
+
+impl Default for FieldList {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
