@@ -169,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { vm, no_vm, kernels, args } => {
             require_root("cargo xtask test")?;
+            report_free_disk(&root);
             setup()?;
             build(&root, false)?;
             if !vm {
@@ -240,6 +241,26 @@ fn workspace_root() -> PathBuf {
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// What the whole suite takes on disk at its peak on a fresh clone: the
+/// builds, the kernels and the VM images.
+const SUITE_DISK_BYTES: u64 = 7 << 30;
+
+/// Says up front when the disk is too small for the suite, so that a run
+/// that fails on a full disk is read as such, not as a failed test.
+fn report_free_disk(root: &Path) {
+    let listed = output(Command::new("df").args(["--output=avail", "-B1"]).arg(root));
+    let Some(free) = listed.lines().nth(1).and_then(|line| line.trim().parse::<u64>().ok()) else {
+        return;
+    };
+    eprintln!("xtask: {:.1} GB free on the disk of {}", free as f64 / f64::from(1 << 30), root.display());
+    if free < SUITE_DISK_BYTES {
+        eprintln!(
+            "xtask: warning: the whole suite needs about {} GB there; it may fail on a full disk",
+            SUITE_DISK_BYTES >> 30
+        );
+    }
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
