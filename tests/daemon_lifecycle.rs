@@ -1,11 +1,32 @@
 //! Starting and failing to start: a daemon that cannot start leaves nothing
 //! behind, and a second daemon on the same config never disturbs the first.
 
-use std::{process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use harness::{Daemon, host, run_with_timeout, tollgate_bin, unique_tag};
 
 const POLICY: &str = "identities:\n  - name: life-bots\n    issuer: tollgate-dev\n    allow_root: true\ngrants:\n  - name: life\n    identity: life-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n";
+
+/// A daemon's config in `dir`, outside the harness (which waits for a
+/// daemon to be ready): its cgroup name and the config's path.
+fn standalone_config(dir: &Path, proxy_port: u16) -> (String, PathBuf) {
+    let cgroup = format!("tollgate-test-{}", unique_tag());
+    let config = dir.join("config.yaml");
+    std::fs::create_dir(dir.join("policies")).expect("policy dir");
+    std::fs::write(dir.join("policies/p.yaml"), POLICY).expect("policy");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: state\nsocket: control.sock\npolicies: [policies]\ncgroup: {cgroup}\nproxy_port: {proxy_port}\n"
+        ),
+    )
+    .expect("config");
+    (cgroup, config)
+}
 
 #[test]
 fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {
@@ -13,15 +34,7 @@ fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to take");
     let port = taken.local_addr().expect("address").port();
     let dir = tempfile::tempdir().expect("temp dir");
-    let cgroup = format!("tollgate-test-{}", unique_tag());
-    let config = dir.path().join("config.yaml");
-    std::fs::create_dir(dir.path().join("policies")).expect("policy dir");
-    std::fs::write(dir.path().join("policies/p.yaml"), POLICY).expect("policy");
-    std::fs::write(
-        &config,
-        format!("state_dir: state\nsocket: control.sock\npolicies: [policies]\ncgroup: {cgroup}\nproxy_port: {port}\n"),
-    )
-    .expect("config");
+    let (cgroup, config) = standalone_config(dir.path(), port);
     let mut daemon = Command::new(tollgate_bin());
     daemon.arg("daemon").arg("--config").arg(&config);
     let out = run_with_timeout(&mut daemon, Duration::from_secs(60)).expect("the daemon runs");
@@ -31,6 +44,53 @@ fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {
         "the error should name the proxy port: {out}"
     );
     assert!(!host::cgroup2_mount().join(&cgroup).exists(), "a failed start left its cgroup {cgroup} behind");
+}
+
+/// SIGTERM while the daemon starts (its cgroup made, its programs not yet
+/// loaded): it finishes starting, then stops as on any SIGTERM, exiting 0
+/// with its cgroups and pinned programs removed. Killed by the signal
+/// instead, it would leave both behind.
+#[test]
+fn a_daemon_stopped_while_it_starts_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = harness::free_loopback_port().expect("a port for the proxy");
+    let (cgroup, config) = standalone_config(dir.path(), port);
+    let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+    let mut daemon = Command::new(tollgate_bin())
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("the daemon starts");
+    let made = host::cgroup2_mount().join(&cgroup);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !made.exists() {
+        assert!(daemon.try_wait().expect("the daemon").is_none(), "the daemon exited before it made its cgroup");
+        assert!(Instant::now() < deadline, "the daemon made no cgroup {} within 30 s", made.display());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = libc::pid_t::try_from(daemon.id()).expect("pid");
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM to the daemon");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = daemon.try_wait().expect("the daemon") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("the daemon did not stop within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("the daemon's log");
+    assert!(status.success(), "the daemon did not stop cleanly ({status}):\n{log}");
+    assert!(log.contains("stopping"), "the daemon did not say it stops:\n{log}");
+    assert!(!made.exists(), "the daemon left its cgroup {} behind:\n{log}", made.display());
+    let pins = Path::new("/sys/fs/bpf").join(&cgroup);
+    assert!(!pins.exists(), "the daemon left its pins {} behind:\n{log}", pins.display());
 }
 
 #[test]

@@ -236,7 +236,11 @@ impl Daemon {
     pub fn halt(&mut self) {
         let child = self.child.take().expect("the daemon is running");
         match terminate(child) {
-            Ok(Stopped::Exited(_)) => {}
+            Ok(Stopped::Exited(status)) => {
+                if status.success() {
+                    self.check_nothing_left();
+                }
+            }
             Ok(Stopped::Killed) => panic!("tollgate daemon did not exit within {STOP_GRACE:?} of SIGTERM"),
             Err(err) => panic!("stopping tollgate daemon: {err:#}"),
         }
@@ -421,11 +425,32 @@ impl Daemon {
         }
     }
 
+    /// A clean stop (not a handover, not a kill) detaches the programs and
+    /// removes the daemon's pins and cgroups: panics, with the daemon's log,
+    /// if any is left.
+    fn check_nothing_left(&self) {
+        let left: Vec<PathBuf> =
+            [Path::new("/sys/fs/bpf").join(&self.cgroup_name), crate::host::cgroup2_mount().join(&self.cgroup_name)]
+                .into_iter()
+                .filter(|path| path.exists())
+                .collect();
+        assert!(
+            left.is_empty(),
+            "a clean stop left {left:?} behind\n===== tollgate daemon log =====\n{}\n===== end of daemon log =====",
+            self.log()
+        );
+    }
+
     /// Sends SIGTERM and waits for the daemon to exit. Panics if it needed SIGKILL.
     pub fn stop(mut self) -> StopReport {
         let child = self.child.take().expect("a Daemon's child is only taken when it stops");
         match terminate(child) {
-            Ok(Stopped::Exited(status)) => StopReport { status, log: self.log() },
+            Ok(Stopped::Exited(status)) => {
+                if status.success() {
+                    self.check_nothing_left();
+                }
+                StopReport { status, log: self.log() }
+            }
             Ok(Stopped::Killed) => {
                 panic!("tollgate daemon did not exit within {STOP_GRACE:?} of SIGTERM")
             }
@@ -477,6 +502,7 @@ impl Drop for Daemon {
                 Ok(Stopped::Exited(status)) if !status.success() => {
                     eprintln!("tollgate daemon exited with {status} after SIGTERM");
                 }
+                Ok(Stopped::Exited(_)) if !thread::panicking() => self.check_nothing_left(),
                 Ok(Stopped::Exited(_)) => {}
                 Ok(Stopped::Killed) => {
                     eprintln!("tollgate daemon ignored SIGTERM for {STOP_GRACE:?}; killed it");

@@ -120,6 +120,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("the daemon must run as root (it loads eBPF programs and manages cgroups)");
     }
+    // Taken over before anything is made: a stop asked for while the daemon
+    // starts waits until it can clean up, where the default action would
+    // kill it and leave its cgroups and pinned programs behind.
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut handover = tokio::signal::unix::signal(SignalKind::user_defined2())?;
+    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let policies = PolicySet::load(&config.policies).context("policies did not load")?;
     mounts::ensure();
     std::fs::create_dir_all(&config.state_dir)
@@ -327,10 +334,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     unpin_on_failure.0 = None;
 
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut handover = tokio::signal::unix::signal(SignalKind::user_defined2())?;
-    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
     notify::ready();
     let (outcome, keep_sessions) = loop {
         tokio::select! {
