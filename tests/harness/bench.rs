@@ -340,6 +340,15 @@ pub fn run(plan: Plan) -> Report {
     assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
     pg.sql(&db.name, &format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}", db.role));
     let bouncer = Pgbouncer::start(pg.port, &db.name, &db.role, &secret.value);
+    // Every path of the pgbench row speaks TLS to pgbench: one that did not
+    // would be measured doing less work.
+    let mut over_tls = Command::new(pg.binary("psql"));
+    over_tls
+        .args(["-h", "127.0.0.1", "-p", &bouncer.port.to_string(), "-U", &db.role, "-d", &db.name])
+        .args(["-tAc", "SELECT 1"])
+        .env("PGSSLMODE", "require")
+        .env("PGPASSWORD", &secret.value);
+    must(crate::run_with_timeout(&mut over_tls, Duration::from_secs(30)).expect("psql"), "psql over TLS to pgbouncer");
     // Where the connect loops aim (a UDP connect sends nothing; the port just exists).
     let target = std::net::UdpSocket::bind("127.0.0.1:0").expect("a port for connect loops");
     let listen_port = target.local_addr().expect("its port").port();
@@ -527,7 +536,7 @@ pub fn run(plan: Plan) -> Report {
     let mut row = Row::new(
         "PostgreSQL pgbench -S",
         format!(
-            "pgbench -S -c8 -j2 -T{}, scale 1; tollgate with guardrails and masks; pgbouncer in session mode",
+            "pgbench -S -c8 -j2 -T{}, scale 1, TLS to pgbench on every path; tollgate with guardrails and masks; pgbouncer in session mode",
             plan.seconds
         ),
         "tps",
@@ -716,20 +725,26 @@ impl Pgbouncer {
         let port = port();
         let p = |name: &str| dir.path().join(name);
         fs::write(p("users.txt"), format!("\"{role}\" \"{password}\"\n")).expect("userlist");
+        // TLS to pgbench, as tollgate's proxy and the server speak it: pgbench
+        // asks for it (sslmode prefer), and pgbouncer offers none by default.
+        let pki = crate::pki::Pki::new(dir.path(), "IP:127.0.0.1,DNS:localhost");
         fs::write(
             p("pgbouncer.ini"),
             format!(
                 "[databases]\n{database} = host=127.0.0.1 port={pg_port} dbname={database}\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\nauth_file = {users}\n\
-                 pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {log}\n",
+                 pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {log}\n\
+                 client_tls_sslmode = allow\nclient_tls_cert_file = {cert}\nclient_tls_key_file = {key}\n",
                 users = p("users.txt").display(),
                 log = p("pgbouncer.log").display(),
+                cert = pki.cert.display(),
+                key = pki.key.display(),
             ),
         )
         .expect("pgbouncer.ini");
         let (uid, gid) = owner_of(Path::new("/var/lib/postgresql"));
-        for file in ["users.txt", "pgbouncer.ini"] {
-            std::os::unix::fs::chown(p(file), Some(uid), Some(gid)).expect("chown");
+        for file in [p("users.txt"), p("pgbouncer.ini"), pki.cert.clone(), pki.key.clone()] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown");
         }
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
         let child = Command::new("pgbouncer")
