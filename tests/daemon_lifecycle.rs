@@ -46,51 +46,104 @@ fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {
     assert!(!host::cgroup2_mount().join(&cgroup).exists(), "a failed start left its cgroup {cgroup} behind");
 }
 
-/// SIGTERM while the daemon starts (its cgroup made, its programs not yet
-/// loaded): it finishes starting, then stops as on any SIGTERM, exiting 0
-/// with its cgroups and pinned programs removed. Killed by the signal
-/// instead, it would leave both behind.
+/// A daemon outside the harness, caught while it starts: its cgroup made,
+/// its programs not yet loaded.
+struct Starting {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    cgroup: String,
+}
+
+impl Starting {
+    fn catch() -> Starting {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = harness::free_loopback_port().expect("a port for the proxy");
+        let (cgroup, config) = standalone_config(dir.path(), port);
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let mut child = Command::new(tollgate_bin())
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("the daemon starts");
+        let made = host::cgroup2_mount().join(&cgroup);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !made.exists() {
+            assert!(child.try_wait().expect("the daemon").is_none(), "the daemon exited before it made its cgroup");
+            assert!(Instant::now() < deadline, "the daemon made no cgroup {} within 30 s", made.display());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Starting { child, dir, cgroup }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to the daemon");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).expect("the daemon's log")
+    }
+
+    /// Sends SIGTERM and checks the stop was clean: exit 0, and the cgroup
+    /// and pinned programs removed.
+    fn stop_cleanly(mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("the daemon") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the daemon did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = self.log();
+        assert!(status.success(), "the daemon did not stop cleanly ({status}):\n{log}");
+        assert!(log.contains("stopping"), "the daemon did not say it stops:\n{log}");
+        let made = host::cgroup2_mount().join(&self.cgroup);
+        assert!(!made.exists(), "the daemon left its cgroup {} behind:\n{log}", made.display());
+        let pins = Path::new("/sys/fs/bpf").join(&self.cgroup);
+        assert!(!pins.exists(), "the daemon left its pins {} behind:\n{log}", pins.display());
+    }
+}
+
+/// SIGTERM while the daemon starts: it finishes starting, then stops as on
+/// any SIGTERM. Killed by the signal instead, it would leave its cgroups and
+/// pinned programs behind.
 #[test]
 fn a_daemon_stopped_while_it_starts_stops_cleanly() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = harness::free_loopback_port().expect("a port for the proxy");
-    let (cgroup, config) = standalone_config(dir.path(), port);
-    let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
-    let mut daemon = Command::new(tollgate_bin())
-        .arg("daemon")
-        .arg("--config")
-        .arg(&config)
-        .stdout(log.try_clone().expect("log file"))
-        .stderr(log)
-        .spawn()
-        .expect("the daemon starts");
-    let made = host::cgroup2_mount().join(&cgroup);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !made.exists() {
-        assert!(daemon.try_wait().expect("the daemon").is_none(), "the daemon exited before it made its cgroup");
-        assert!(Instant::now() < deadline, "the daemon made no cgroup {} within 30 s", made.display());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let pid = libc::pid_t::try_from(daemon.id()).expect("pid");
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM to the daemon");
+    Starting::catch().stop_cleanly();
+}
+
+/// SIGHUP (`systemctl reload`) while the daemon starts: it starts, reloads,
+/// and serves; SIGHUP's default action would have killed it.
+#[test]
+fn a_daemon_reloaded_while_it_starts_starts_and_reloads() {
+    let mut starting = Starting::catch();
+    starting.signal(libc::SIGHUP);
+    let socket = starting.dir.path().join("control.sock");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = daemon.try_wait().expect("the daemon") {
-            break status;
+    loop {
+        if let Some(exit) = starting.child.try_wait().expect("the daemon") {
+            panic!("the daemon exited ({exit}) on SIGHUP while it started:\n{}", starting.log());
         }
-        if Instant::now() > deadline {
-            let _ = daemon.kill();
-            panic!("the daemon did not stop within 60 s of SIGTERM");
+        let mut status = Command::new(tollgate_bin());
+        status.arg("--socket").arg(&socket).arg("status");
+        if run_with_timeout(&mut status, Duration::from_secs(10)).expect("tollgate status").success()
+            && starting.log().contains("reloaded")
+        {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("the daemon's log");
-    assert!(status.success(), "the daemon did not stop cleanly ({status}):\n{log}");
-    assert!(log.contains("stopping"), "the daemon did not say it stops:\n{log}");
-    assert!(!made.exists(), "the daemon left its cgroup {} behind:\n{log}", made.display());
-    let pins = Path::new("/sys/fs/bpf").join(&cgroup);
-    assert!(!pins.exists(), "the daemon left its pins {} behind:\n{log}", pins.display());
+        assert!(Instant::now() < deadline, "the daemon neither served nor reloaded within 60 s:\n{}", starting.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    starting.stop_cleanly();
 }
 
 #[test]
