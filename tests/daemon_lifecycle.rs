@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, host, run_with_timeout, tollgate_bin, unique_tag};
+use harness::{Daemon, host, left_behind, run_with_timeout, tollgate_bin, unique_tag};
 
 const POLICY: &str = "identities:\n  - name: life-bots\n    issuer: tollgate-dev\n    allow_root: true\ngrants:\n  - name: life\n    identity: life-bots\n    network:\n      allow: [\"127.0.0.0/8\"]\n";
 
@@ -43,7 +43,8 @@ fn a_daemon_that_cannot_start_leaves_no_cgroup_behind() {
         out.stderr.contains(&format!("{port}")) && out.stderr.contains("proxy"),
         "the error should name the proxy port: {out}"
     );
-    assert!(!host::cgroup2_mount().join(&cgroup).exists(), "a failed start left its cgroup {cgroup} behind");
+    let left = left_behind(&cgroup);
+    assert!(left.is_empty(), "a failed start left {left:?} behind: {out}");
 }
 
 /// A daemon outside the harness, caught while it starts: its cgroup made,
@@ -106,10 +107,8 @@ impl Starting {
         let log = self.log();
         assert!(status.success(), "the daemon did not stop cleanly ({status}):\n{log}");
         assert!(log.contains("stopping"), "the daemon did not say it stops:\n{log}");
-        let made = host::cgroup2_mount().join(&self.cgroup);
-        assert!(!made.exists(), "the daemon left its cgroup {} behind:\n{log}", made.display());
-        let pins = Path::new("/sys/fs/bpf").join(&self.cgroup);
-        assert!(!pins.exists(), "the daemon left its pins {} behind:\n{log}", pins.display());
+        let left = left_behind(&self.cgroup);
+        assert!(left.is_empty(), "the daemon left {left:?} behind:\n{log}");
     }
 }
 

@@ -429,11 +429,7 @@ impl Daemon {
     /// removes the daemon's pins and cgroups: panics, with the daemon's log,
     /// if any is left.
     fn check_nothing_left(&self) {
-        let left: Vec<PathBuf> =
-            [Path::new("/sys/fs/bpf").join(&self.cgroup_name), crate::host::cgroup2_mount().join(&self.cgroup_name)]
-                .into_iter()
-                .filter(|path| path.exists())
-                .collect();
+        let left = left_behind(&self.cgroup_name);
         assert!(
             left.is_empty(),
             "a clean stop left {left:?} behind\n===== tollgate daemon log =====\n{}\n===== end of daemon log =====",
@@ -531,6 +527,15 @@ enum Stopped {
     Exited(ExitStatus),
     /// It outlived the grace period and was killed.
     Killed,
+}
+
+/// What a daemon configured with cgroup `cgroup_name` left on the host: its
+/// pin directory and its cgroup, where they still exist.
+pub fn left_behind(cgroup_name: &str) -> Vec<PathBuf> {
+    [Path::new("/sys/fs/bpf").join(cgroup_name), crate::host::cgroup2_mount().join(cgroup_name)]
+        .into_iter()
+        .filter(|path| path.exists())
+        .collect()
 }
 
 /// SIGTERM, then SIGKILL if the process is still there after [`STOP_GRACE`].

@@ -26,7 +26,7 @@ pub mod upstream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub use daemon::{Daemon, DaemonBuilder, Issuer, Jwks, StopReport, free_loopback_port};
+pub use daemon::{Daemon, DaemonBuilder, Issuer, Jwks, StopReport, free_loopback_port, left_behind};
 pub use process::{RunOutput, run_with_timeout};
 
 /// Environment variable naming the `tollgate` binary under test.
