@@ -5,6 +5,7 @@
 //! fails the run. Speed is measured here and never asserted in the tests
 //! (their smoke run only checks that the numbers are sane).
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -173,9 +174,22 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
 }
 
-/// nginx as the trivial upstream (ports `upstream`) and as the peer
-/// reverse proxy (port `proxy`, one worker, upstream keepalive).
-struct Nginx {
+/// nginx as the trivial upstream every path reaches (ports `upstream`)
+/// and, in a process of its own, as the peer reverse proxy (port `proxy`,
+/// one worker, upstream keepalive). Were one nginx both, the peer's single
+/// worker would also do the upstream's work, and the peer would measure
+/// slower than it is.
+pub struct Nginx {
+    /// The upstream's listening ports.
+    pub upstream_ports: Vec<u16>,
+    /// The peer reverse proxy's port.
+    pub peer_port: u16,
+    _upstream: NginxProcess,
+    _peer: NginxProcess,
+}
+
+/// One nginx (its master; the worker is the master's child).
+struct NginxProcess {
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -198,24 +212,40 @@ fn big_body() -> String {
 }
 
 impl Nginx {
-    fn start(upstream: &[u16], proxy: u16) -> Nginx {
-        let dir = tempfile::tempdir().expect("temp dir");
+    /// Starts the upstream and the peer; panics (the bench fails loudly) if either cannot.
+    pub fn start(upstream: &[u16], proxy: u16) -> Nginx {
+        let www = tempfile::tempdir().expect("temp dir");
+        fs::write(www.path().join("big.json"), big_body()).expect("big body");
+        let listens: String = upstream.iter().map(|port| format!("    listen 127.0.0.1:{port};\n")).collect();
+        let upstream_servers = format!(
+            "  server {{\n{listens}    location = /big.json {{ root {www}; default_type application/json; }}\n    location / {{ default_type application/json; return 200 '{{\"ok\":true,\"user\":\"ann@example.com\"}}'; }}\n  }}\n",
+            www = www.path().display(),
+        );
+        let peer_servers = format!(
+            "  upstream backend {{ server 127.0.0.1:{first}; keepalive 64; }}\n\
+             server {{\n    listen 127.0.0.1:{proxy};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n",
+            first = upstream[0],
+        );
+        let started = NginxProcess::start("the nginx upstream", &upstream_servers, upstream[0], Some(www));
+        let peer = NginxProcess::start("the nginx peer", &peer_servers, proxy, None);
+        Nginx { upstream_ports: upstream.to_vec(), peer_port: proxy, _upstream: started, _peer: peer }
+    }
+}
+
+impl NginxProcess {
+    /// Runs nginx with `servers` in its http block (one worker, no access
+    /// log) and waits until it listens on `port`. `www`, when given, is where
+    /// the servers' files are: kept as long as this nginx runs.
+    fn start(what: &str, servers: &str, port: u16, www: Option<tempfile::TempDir>) -> NginxProcess {
+        let dir = www.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
         let p = |name: &str| dir.path().join(name).display().to_string();
         fs::create_dir(dir.path().join("tmp")).expect("tmp");
-        fs::create_dir(dir.path().join("www")).expect("www");
-        fs::write(dir.path().join("www/big.json"), big_body()).expect("big body");
-        let listens: String = upstream.iter().map(|port| format!("    listen 127.0.0.1:{port};\n")).collect();
         let config = format!(
             "daemon off;\nworker_processes 1;\nerror_log {err};\npid {pid};\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  keepalive_requests 1000000;\n\
-             upstream backend {{ server 127.0.0.1:{first}; keepalive 64; }}\n\
-             server {{\n{listens}    location = /big.json {{ root {www}; default_type application/json; }}\n    location / {{ default_type application/json; return 200 '{{\"ok\":true,\"user\":\"ann@example.com\"}}'; }}\n  }}\n\
-             server {{\n    listen 127.0.0.1:{proxy};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+             http {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  keepalive_requests 1000000;\n{servers}}}\n",
             err = p("error.log"),
             pid = p("nginx.pid"),
             tmp = p("tmp"),
-            www = p("www"),
-            first = upstream[0],
         );
         fs::write(dir.path().join("nginx.conf"), config).expect("config");
         let child = Command::new("nginx")
@@ -223,19 +253,45 @@ impl Nginx {
             .arg(dir.path().join("nginx.conf"))
             .stdout(Stdio::null())
             .spawn()
-            .expect("nginx starts (cargo xtask setup installs it)");
-        wait_for_port(proxy, "nginx");
-        Nginx { child, _dir: dir }
+            .unwrap_or_else(|e| panic!("{what} does not start (cargo xtask setup installs nginx): {e}"));
+        wait_for_port(port, what);
+        NginxProcess { child, _dir: dir }
     }
 }
 
-impl Drop for Nginx {
+impl Drop for NginxProcess {
     fn drop(&mut self) {
         // SIGTERM to the master stops its workers too.
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// The pids of every process holding a TCP socket listening on `port` (IPv4 or IPv6).
+pub fn listening_pids(port: u16) -> BTreeSet<u32> {
+    let suffix = format!(":{port:04X}");
+    let inodes: BTreeSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|table| {
+            fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state (0A: LISTEN), inode.
+            let listening = fields.get(1)?.ends_with(&suffix) && *fields.get(3)? == "0A";
+            listening.then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))?
+        })
+        .collect();
+    let processes = fs::read_dir("/proc").into_iter().flatten().flatten();
+    processes
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let fds = fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
+            fds.filter_map(|fd| fs::read_link(fd.path()).ok())
+                .any(|target| target.to_str().is_some_and(|target| inodes.contains(target)))
+        })
+        .collect()
 }
 
 fn wait_for_port(port: u16, what: &str) {
