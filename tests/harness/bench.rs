@@ -467,7 +467,7 @@ pub fn run(plan: Plan) -> Report {
     let mut row = Row::new(
         "HTTP keep-alive requests, recording on",
         format!(
-            "wrk -t1 -c32 -d{}s to a trivial nginx upstream; nginx peer: 1 worker, upstream keepalive",
+            "wrk -t1 -c32 -d{}s to a trivial nginx upstream; nginx peer: 1 worker in a process of its own, upstream keepalive",
             plan.seconds
         ),
         "req/s",
