@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tollgate_common::ConnectionKey;
 use tracing::Instrument;
 
@@ -175,6 +175,9 @@ const MAX_CONNECTIONS: usize = 1024;
 
 async fn accept(ctx: Arc<ProxyCtx>, listener: TcpListener) -> anyhow::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // The listener is bound to one address, so every connection it accepts
+    // has this local end: no `getsockname` per connection.
+    let local = listener.local_addr().context("the proxy listener's address")?;
     loop {
         let permit = slots.clone().acquire_owned().await.context("proxy connection limit closed")?;
         let (stream, peer) = match listener.accept().await {
@@ -188,7 +191,7 @@ async fn accept(ctx: Arc<ProxyCtx>, listener: TcpListener) -> anyhow::Result<()>
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match identify(&ctx, &stream, peer).await {
+            match identify(&ctx, local, peer).await {
                 Some(governed) => {
                     // Every log line of this connection names its session.
                     let span = tracing::info_span!(
@@ -216,9 +219,8 @@ fn mapped(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// Finds where an accepted connection was going and whose it is.
-async fn identify(ctx: &ProxyCtx, stream: &TcpStream, peer: SocketAddr) -> Option<Governed> {
-    let local = stream.local_addr().ok()?;
+/// Finds where an accepted connection (from `peer` to `local`) was going and whose it is.
+async fn identify(ctx: &ProxyCtx, local: SocketAddr, peer: SocketAddr) -> Option<Governed> {
     let key = ConnectionKey {
         peer: mapped(peer.ip()),
         local: mapped(local.ip()),
