@@ -100,6 +100,120 @@ fn governed_connects_are_redirected_transparently_and_recorded() {
     );
 }
 
+/// Python: from local port argv[1] (SO_REUSEADDR, retrying while the port
+/// or the pair is still held from before), sends `GET argv[4]` with
+/// `Connection: close` to argv[2]:argv[3]; prints `status=` and the status
+/// line, or `status=none` when the connection closed without an answer.
+const FROM_PORT_SCRIPT: &str = r#"
+import errno, socket, sys, time
+local, host, port, path = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+deadline = time.time() + 10
+while True:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(30)
+    try:
+        s.bind(("127.0.0.1", local))
+        s.connect((host, port))
+        break
+    except OSError as e:
+        s.close()
+        if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or time.time() > deadline:
+            raise
+        time.sleep(0.2)
+s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (path, host, port)).encode())
+data = b""
+while True:
+    try:
+        chunk = s.recv(65536)
+    except ConnectionResetError:
+        break
+    if not chunk:
+        break
+    data += chunk
+print("status=" + (data.split(b"\r\n")[0].decode() if data else "none"))
+"#;
+
+/// The proxy serves only connections the kernel redirected, and takes each
+/// one's original destination once. While a session lives, a client outside
+/// it that connects to the proxy straight, even from the port a governed
+/// connection of that session just used (the same address pair, so the same
+/// key in the kernel's map), gets no answer and reaches no upstream: were
+/// the entry left behind, it would be served as that session, with its
+/// route and credentials.
+#[test]
+fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connections_port() {
+    let proxy_port = harness::free_loopback_port().expect("a port for the proxy");
+    let fx = Fixture::start(&[&format!("proxy_port: {proxy_port}")]);
+    let upstream = fx.upstream.port().to_string();
+    let client_port = harness::free_loopback_port().expect("a client port").to_string();
+    let signals = tempfile::tempdir().expect("a directory for the session's signals");
+    let served = signals.path().join("governed.txt");
+    let done = signals.path().join("done");
+    // The session makes its request, then stays alive until the test is done.
+    let session_script = format!(
+        r#"{PYTHON} -c "$0" "$@" > {served}; i=0; while [ ! -e {done} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"#,
+        served = served.display(),
+        done = done.display(),
+    );
+
+    std::thread::scope(|scope| {
+        let session = scope.spawn(|| {
+            fx.daemon.run(
+                &fx.token,
+                &[
+                    "/bin/sh",
+                    "-c",
+                    &session_script,
+                    FROM_PORT_SCRIPT,
+                    &client_port,
+                    "127.0.0.1",
+                    &upstream,
+                    "/governed",
+                ],
+            )
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !fs::read_to_string(&served).is_ok_and(|text| text.contains("status=")) {
+            assert!(std::time::Instant::now() < deadline, "the session's request did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let governed = fs::read_to_string(&served).expect("the session's answer");
+        assert!(governed.contains("status=HTTP/1.1 200 OK"), "the governed request is served: {governed}");
+
+        let proxy = proxy_port.to_string();
+        let straight = |local: &str, path: &str| {
+            let mut python = Command::new(PYTHON);
+            python.args(["-c", FROM_PORT_SCRIPT, local, "127.0.0.1", &proxy, path]);
+            run_with_timeout(&mut python, Duration::from_secs(60)).expect("python runs")
+        };
+        let same_port = straight(&client_port, "/straight");
+        let any_port = straight("0", "/straight-again");
+        fs::write(&done, "").expect("the done marker");
+        let session = session.join().expect("the session's thread");
+        assert_eq!(session.code(), Some(0), "the session ran: {session}");
+        assert_eq!(
+            reported(&same_port, "status"),
+            "none",
+            "the proxy must not answer a connection it was not handed, from the governed port: {same_port}"
+        );
+        assert_eq!(reported(&any_port, "status"), "none", "nor from any other port: {any_port}");
+    });
+
+    assert_eq!(
+        fx.upstream.request_lines(),
+        vec!["GET /governed".to_owned()],
+        "only the governed request reached the upstream: {}",
+        fx.upstream.describe()
+    );
+    let log = fx.daemon.log();
+    assert_eq!(
+        log.matches("the kernel did not redirect").count(),
+        2,
+        "the daemon says why it closed each straight connection:\n{log}"
+    );
+}
+
 #[test]
 fn ipv6_routes_are_governed_like_ipv4() {
     let fx = Fixture::start_on("::1", &[]);

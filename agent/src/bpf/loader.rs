@@ -253,7 +253,7 @@ pub fn load(
             map(&mut ebpf, "NET_ANY_PORT")?,
             map(&mut ebpf, "NET_PORT")?,
         ),
-        originals: OriginalDestinations::new(map(&mut ebpf, "ORIGINAL_BY_CONNECTION")?),
+        originals: map(&mut ebpf, "ORIGINAL_BY_CONNECTION")?,
         lost: LostCounters::new(map(&mut ebpf, "LOST")?),
         consumed: ConsumedBytes::new(map(&mut ebpf, "CONSUMED")?, backlog.clone()),
         backlog,

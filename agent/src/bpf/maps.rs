@@ -5,9 +5,13 @@
 //! each session's events is still unread ([`ConsumedBytes`] and
 //! [`EventBacklog`]).
 
-use std::sync::{Arc, Mutex};
+use std::{
+    mem::MaybeUninit,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    sync::{Arc, Mutex},
+};
 
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
 use tollgate_common::{
     ConnectionKey, ExecKey, LostKey, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey, NetRule,
     OriginalDst, SESSION_EXEC_ALLOW_LIST, SessionSlot, net_any_port_key, net_port_key,
@@ -204,23 +208,77 @@ fn remove_from_trie<const N: usize>(
 }
 
 /// Where redirected connections were going, keyed as the proxy sees them.
-/// Its own lock: the proxy's lookups never wait on session bookkeeping.
+/// Each entry is read and removed in one `BPF_MAP_LOOKUP_AND_DELETE_ELEM`
+/// (hash maps have it since Linux 5.14): atomic in the kernel, so the
+/// proxy's lookups take no lock, and an entry can be taken only once.
 pub struct OriginalDestinations {
-    map: Mutex<HashMap<MapData, ConnectionKey, OriginalDst>>,
+    map: MapData,
+}
+
+impl TryFrom<Map> for OriginalDestinations {
+    type Error = MapError;
+
+    fn try_from(map: Map) -> Result<Self, MapError> {
+        // The typed view checks the map's kind and its key and value sizes.
+        HashMap::<&MapData, ConnectionKey, OriginalDst>::try_from(&map)?;
+        match map {
+            Map::HashMap(map) | Map::LruHashMap(map) => Ok(Self { map }),
+            // The typed view accepts no other kind.
+            _ => Err(MapError::InvalidName { name: "ORIGINAL_BY_CONNECTION".to_owned() }),
+        }
+    }
 }
 
 impl OriginalDestinations {
-    pub(super) fn new(map: HashMap<MapData, ConnectionKey, OriginalDst>) -> Self {
-        Self { map: Mutex::new(map) }
-    }
-
     /// Where a connection the proxy accepted was going; the entry is taken.
     pub fn take(&self, key: &ConnectionKey) -> Option<OriginalDst> {
-        let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let original = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
-        Some(original)
+        match lookup_and_delete(self.map.fd().as_fd(), key) {
+            Ok(original) => original,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take a redirected connection's original destination");
+                None
+            }
+        }
     }
+}
+
+/// The `bpf(2)` command; aya keeps its wrapper for it to itself.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The part of `union bpf_attr` the map element commands read.
+#[repr(C)]
+struct MapElementAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and removes the entry under `key` in the hash map `map`;
+/// `Ok(None)` when there is none.
+fn lookup_and_delete(map: BorrowedFd<'_>, key: &ConnectionKey) -> std::io::Result<Option<OriginalDst>> {
+    let mut value = MaybeUninit::<OriginalDst>::uninit();
+    let attr = MapElementAttr {
+        map_fd: map.as_raw_fd() as u32,
+        pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at a live key and at room for one value; the
+    // map's key and value sizes are these types' (checked when it was
+    // taken), so the kernel reads and writes only within them. The kernel
+    // treats the rest of `bpf_attr` past the size given as zero.
+    let result = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &raw const attr, size_of::<MapElementAttr>())
+    };
+    if result == 0 {
+        // SAFETY: the kernel wrote a whole value; any bytes are a valid `OriginalDst` (plain integers).
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(error) }
 }
 
 /// Per-CPU counts of events not delivered, per session, kind and reason.
