@@ -175,7 +175,11 @@ fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connect
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !fs::read_to_string(&served).is_ok_and(|text| text.contains("status=")) {
-            assert!(std::time::Instant::now() < deadline, "the session's request did not finish");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the session's request did not finish: {:?}",
+                fs::read_to_string(&served)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let governed = fs::read_to_string(&served).expect("the session's answer");

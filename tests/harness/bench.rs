@@ -254,8 +254,10 @@ impl NginxProcess {
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{what} does not start (cargo xtask setup installs nginx): {e}"));
+        // Owned first, so a failed wait still stops it.
+        let started = NginxProcess { child, _dir: dir };
         wait_for_port(port, what);
-        NginxProcess { child, _dir: dir }
+        started
     }
 }
 

@@ -219,26 +219,30 @@ impl TryFrom<Map> for OriginalDestinations {
     type Error = MapError;
 
     fn try_from(map: Map) -> Result<Self, MapError> {
-        // The typed view checks the map's kind and its key and value sizes.
+        // aya's typed view refuses any other kind, and sizes other than the object's.
         HashMap::<&MapData, ConnectionKey, OriginalDst>::try_from(&map)?;
-        match map {
-            Map::HashMap(map) | Map::LruHashMap(map) => Ok(Self { map }),
-            // The typed view accepts no other kind.
-            _ => Err(MapError::InvalidName { name: "ORIGINAL_BY_CONNECTION".to_owned() }),
+        let (Map::HashMap(map) | Map::LruHashMap(map)) = map else {
+            unreachable!("aya's typed view accepts only hash maps")
+        };
+        // The map in the kernel may be a pinned one an earlier daemon left;
+        // the raw call below writes a value of the kernel's size.
+        let info = map.info()?;
+        let (key, value) = (info.key_size() as usize, info.value_size() as usize);
+        if key != size_of::<ConnectionKey>() {
+            return Err(MapError::InvalidKeySize { size: size_of::<ConnectionKey>(), expected: key });
         }
+        if value != size_of::<OriginalDst>() {
+            return Err(MapError::InvalidValueSize { size: size_of::<OriginalDst>(), expected: value });
+        }
+        Ok(Self { map })
     }
 }
 
 impl OriginalDestinations {
-    /// Where a connection the proxy accepted was going; the entry is taken.
-    pub fn take(&self, key: &ConnectionKey) -> Option<OriginalDst> {
-        match lookup_and_delete(self.map.fd().as_fd(), key) {
-            Ok(original) => original,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot take a redirected connection's original destination");
-                None
-            }
-        }
+    /// Where a connection the proxy accepted was going, taking the entry;
+    /// `Ok(None)` when the kernel holds none for it.
+    pub fn take(&self, key: &ConnectionKey) -> std::io::Result<Option<OriginalDst>> {
+        lookup_and_delete(self.map.fd().as_fd(), key)
     }
 }
 
@@ -267,9 +271,9 @@ fn lookup_and_delete(map: BorrowedFd<'_>, key: &ConnectionKey) -> std::io::Resul
         flags: 0,
     };
     // SAFETY: `attr` points at a live key and at room for one value; the
-    // map's key and value sizes are these types' (checked when it was
-    // taken), so the kernel reads and writes only within them. The kernel
-    // treats the rest of `bpf_attr` past the size given as zero.
+    // kernel's map has these types' key and value sizes (checked when it was
+    // taken), so the kernel reads and writes only within them. It treats
+    // the rest of `bpf_attr` past the size given as zero.
     let result = unsafe {
         libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &raw const attr, size_of::<MapElementAttr>())
     };

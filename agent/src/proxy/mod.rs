@@ -191,22 +191,20 @@ async fn accept(ctx: Arc<ProxyCtx>, listener: TcpListener) -> anyhow::Result<()>
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match identify(&ctx, local, peer).await {
-                Some(governed) => {
-                    // Every log line of this connection names its session.
-                    let span = tracing::info_span!(
-                        "governed",
-                        session = %governed.session,
-                        destination = %governed.destination,
-                    );
-                    let protocol = governed.route.route.protocol;
-                    match protocol {
-                        Protocol::Http => http::serve(ctx, governed, stream).instrument(span).await,
-                        Protocol::Tls => tls::passthrough(ctx, governed, stream).instrument(span).await,
-                        Protocol::Postgres => postgres::serve(ctx, governed, stream).instrument(span).await,
-                    }
+            // Where `identify` finds nothing, it says why.
+            if let Some(governed) = identify(&ctx, local, peer).await {
+                // Every log line of this connection names its session.
+                let span = tracing::info_span!(
+                    "governed",
+                    session = %governed.session,
+                    destination = %governed.destination,
+                );
+                let protocol = governed.route.route.protocol;
+                match protocol {
+                    Protocol::Http => http::serve(ctx, governed, stream).instrument(span).await,
+                    Protocol::Tls => tls::passthrough(ctx, governed, stream).instrument(span).await,
+                    Protocol::Postgres => postgres::serve(ctx, governed, stream).instrument(span).await,
                 }
-                None => tracing::warn!(%peer, "connection to the proxy that the kernel did not redirect; closing"),
             }
         });
     }
@@ -231,18 +229,31 @@ async fn identify(ctx: &ProxyCtx, local: SocketAddr, peer: SocketAddr) -> Option
     // on loopback is before the proxy's accept returns; retry briefly anyway.
     let mut original = None;
     for _ in 0..20 {
-        original = ctx.originals.take(&key);
-        if original.is_some() {
-            break;
+        match ctx.originals.take(&key) {
+            Ok(Some(found)) => {
+                original = Some(found);
+                break;
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(2)).await,
+            Err(e) => {
+                tracing::error!(error = %e, %peer, "cannot read where a connection to the proxy was going; closing it");
+                return None;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let original = original?;
+    let Some(original) = original else {
+        tracing::warn!(%peer, "connection to the proxy that the kernel did not redirect; closing");
+        return None;
+    };
     let v6 = Ipv6Addr::from(original.addr);
     let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
     let destination = SocketAddr::new(ip, original.port as u16);
-    let GovernedRoute { session, uid, identity, subject, route, rule_name, chain, uids } =
-        ctx.sessions.route_of(original.cgroup_id, original.rule_id)?;
+    let Some(GovernedRoute { session, uid, identity, subject, route, rule_name, chain, uids }) =
+        ctx.sessions.route_of(original.cgroup_id, original.rule_id)
+    else {
+        tracing::warn!(%peer, cgroup_id = original.cgroup_id, rule_id = original.rule_id, "connection to the proxy from a session that has ended, or by a route it no longer has; closing");
+        return None;
+    };
     let client_pid = original.pid;
     Some(Governed { session, uid, identity, subject, destination, route, rule_name, chain, uids, client_pid })
 }
