@@ -100,20 +100,21 @@ fn governed_connects_are_redirected_transparently_and_recorded() {
     );
 }
 
-/// Python: from local port argv[1] (SO_REUSEADDR, retrying while the port
-/// or the pair is still held from before), sends `GET argv[4]` with
-/// `Connection: close` to argv[2]:argv[3]; prints `status=` and the status
+/// Python: from local port argv[1] of the loopback of argv[2]'s family
+/// (SO_REUSEADDR, retrying while the port or the pair is still held from
+/// before), sends `GET argv[4]` with `Connection: close` to argv[2]:argv[3]; prints `status=` and the status
 /// line, or `status=none` when the connection closed without an answer.
 const FROM_PORT_SCRIPT: &str = r#"
 import errno, socket, sys, time
 local, host, port, path = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 deadline = time.time() + 10
 while True:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = ":" in host
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.settimeout(30)
     try:
-        s.bind(("127.0.0.1", local))
+        s.bind(("::1" if v6 else "127.0.0.1", local))
         s.connect((host, port))
         break
     except OSError as e:
@@ -138,9 +139,9 @@ print("status=" + (data.split(b"\r\n")[0].decode() if data else "none"))
 /// one's original destination once. While a session lives, a client outside
 /// it that connects to the proxy straight, even from the port a governed
 /// connection of that session just used (the same address pair, so the same
-/// key in the kernel's map), gets no answer and reaches no upstream: were
-/// the entry left behind, it would be served as that session, with its
-/// route and credentials.
+/// key in the kernel's map), or over IPv6, gets no answer and reaches no
+/// upstream: were the entry left behind, it would be served as that
+/// session, with its route and credentials.
 #[test]
 fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connections_port() {
     let proxy_port = harness::free_loopback_port().expect("a port for the proxy");
@@ -186,13 +187,14 @@ fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connect
         assert!(governed.contains("status=HTTP/1.1 200 OK"), "the governed request is served: {governed}");
 
         let proxy = proxy_port.to_string();
-        let straight = |local: &str, path: &str| {
+        let straight = |local: &str, host: &str, path: &str| {
             let mut python = Command::new(PYTHON);
-            python.args(["-c", FROM_PORT_SCRIPT, local, "127.0.0.1", &proxy, path]);
+            python.args(["-c", FROM_PORT_SCRIPT, local, host, &proxy, path]);
             run_with_timeout(&mut python, Duration::from_secs(60)).expect("python runs")
         };
-        let same_port = straight(&client_port, "/straight");
-        let any_port = straight("0", "/straight-again");
+        let same_port = straight(&client_port, "127.0.0.1", "/straight");
+        let any_port = straight("0", "127.0.0.1", "/straight-again");
+        let over_ipv6 = straight(&client_port, "::1", "/straight-v6");
         fs::write(&done, "").expect("the done marker");
         let session = session.join().expect("the session's thread");
         assert_eq!(session.code(), Some(0), "the session ran: {session}");
@@ -202,6 +204,7 @@ fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connect
             "the proxy must not answer a connection it was not handed, from the governed port: {same_port}"
         );
         assert_eq!(reported(&any_port, "status"), "none", "nor from any other port: {any_port}");
+        assert_eq!(reported(&over_ipv6, "status"), "none", "nor over IPv6 (the ::1 listener): {over_ipv6}");
     });
 
     assert_eq!(
@@ -213,7 +216,7 @@ fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connect
     let log = fx.daemon.log();
     assert_eq!(
         log.matches("the kernel did not redirect").count(),
-        2,
+        3,
         "the daemon says why it closed each straight connection:\n{log}"
     );
 }

@@ -236,11 +236,7 @@ impl Daemon {
     pub fn halt(&mut self) {
         let child = self.child.take().expect("the daemon is running");
         match terminate(child) {
-            Ok(Stopped::Exited(status)) => {
-                if status.success() {
-                    self.check_nothing_left();
-                }
-            }
+            Ok(Stopped::Exited(status)) => self.check_nothing_left(status),
             Ok(Stopped::Killed) => panic!("tollgate daemon did not exit within {STOP_GRACE:?} of SIGTERM"),
             Err(err) => panic!("stopping tollgate daemon: {err:#}"),
         }
@@ -425,10 +421,13 @@ impl Daemon {
         }
     }
 
-    /// A clean stop (not a handover, not a kill) detaches the programs and
-    /// removes the daemon's pins and cgroups: panics, with the daemon's log,
-    /// if any is left.
-    fn check_nothing_left(&self) {
+    /// A clean stop (exit 0: not a handover, not a kill) detaches the
+    /// programs and removes the daemon's pins and cgroups: panics, with the
+    /// daemon's log, if any is left.
+    fn check_nothing_left(&self, status: ExitStatus) {
+        if !status.success() {
+            return;
+        }
         let left = left_behind(&self.cgroup_name);
         assert!(
             left.is_empty(),
@@ -442,9 +441,7 @@ impl Daemon {
         let child = self.child.take().expect("a Daemon's child is only taken when it stops");
         match terminate(child) {
             Ok(Stopped::Exited(status)) => {
-                if status.success() {
-                    self.check_nothing_left();
-                }
+                self.check_nothing_left(status);
                 StopReport { status, log: self.log() }
             }
             Ok(Stopped::Killed) => {
@@ -498,7 +495,7 @@ impl Drop for Daemon {
                 Ok(Stopped::Exited(status)) if !status.success() => {
                     eprintln!("tollgate daemon exited with {status} after SIGTERM");
                 }
-                Ok(Stopped::Exited(_)) if !thread::panicking() => self.check_nothing_left(),
+                Ok(Stopped::Exited(status)) if !thread::panicking() => self.check_nothing_left(status),
                 Ok(Stopped::Exited(_)) => {}
                 Ok(Stopped::Killed) => {
                     eprintln!("tollgate daemon ignored SIGTERM for {STOP_GRACE:?}; killed it");
