@@ -52,6 +52,9 @@ fn main() {
         }
     }
     cargo.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    // The workspace's release LTO and single codegen unit are for the
+    // daemon; the kernel object builds with cargo's defaults, as before.
+    cargo.env("CARGO_PROFILE_RELEASE_LTO", "false").env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16");
     let status = cargo
         .status()
         .unwrap_or_else(|e| panic!("cannot run rustup to build the eBPF programs: {e}; run `cargo xtask setup`"));
