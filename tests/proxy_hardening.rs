@@ -67,6 +67,73 @@ fn method_overrides_and_ranges_are_removed_on_the_way_up() {
     assert!(request.header_values("range").is_empty(), "a masked route must get whole answers");
 }
 
+/// Every header that belongs to one hop stops at the proxy, each way, in
+/// whatever case the sender spells it; so do all three method-override
+/// spellings. A header of no hop passes, so the check is not vacuous.
+#[test]
+fn hop_by_hop_and_override_headers_stop_at_the_proxy_both_ways() {
+    let fx = Fixture::start(&[]);
+    fx.upstream.set_raw_reply(
+        200,
+        &[
+            "Content-Type: application/json",
+            "Keep-Alive: timeout=99",
+            "PROXY-CONNECTION: keep-alive",
+            "te: trailers",
+            "Trailer: X-Sum",
+            "Proxy-Authorization: Basic dXBzdHJlYW06c2VjcmV0",
+            "X-Passes: answer",
+        ],
+        br#"{"ok":true}"#,
+    );
+    let exchange = fx.curl(&[
+        "-i",
+        "-H",
+        "KEEP-ALIVE: timeout=5",
+        "-H",
+        "proxy-connection: keep-alive",
+        "-H",
+        "Te: trailers",
+        "-H",
+        "Trailer: X-Sum",
+        "-H",
+        "Proxy-Authorization: Basic YWdlbnQ6c2VjcmV0",
+        "-H",
+        "x-http-method: DELETE",
+        "-H",
+        "X-Method-Override: DELETE",
+        "-H",
+        "X-HTTP-METHOD-OVERRIDE: DELETE",
+        "-H",
+        "X-Passes: request",
+        fx.url("/ok").as_str(),
+    ]);
+    exchange.assert_status(200, "a GET carrying hop-by-hop headers");
+    let requests = fx.upstream.requests();
+    assert_eq!(requests.len(), 1, "{}", fx.upstream.describe());
+    let request = &requests[0];
+    assert_eq!(request.method, "GET", "{request}");
+    assert_eq!(request.header_values("x-passes"), ["request"], "an end-to-end header must pass: {request}");
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "x-http-method",
+        "x-method-override",
+        "x-http-method-override",
+    ] {
+        assert!(request.header_values(name).is_empty(), "{name} reached the upstream: {request}");
+    }
+    // `-i`: the answer's head is in the body curl printed.
+    let head = exchange.body.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase();
+    assert!(head.contains("x-passes: answer"), "an end-to-end header must pass: {head}");
+    for name in ["keep-alive:", "proxy-connection:", "\nte:", "trailer:", "proxy-authorization:"] {
+        assert!(!head.contains(name), "{name} reached the agent: {head}");
+    }
+}
+
 #[test]
 fn an_echoed_credential_never_reaches_the_agent() {
     let fx = Fixture::start(&[]);

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::{Method, StatusCode, body::Incoming, header, http::request::Parts};
+use hyper::{Method, StatusCode, body::Incoming, header, header::HeaderName, http::request::Parts};
 use serde_json::json;
 
 use super::{MAX_BODY, Refusal};
@@ -19,7 +19,11 @@ use crate::{
 };
 
 /// Headers some frameworks take as the request's real method.
-const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
 
 /// A request's body once admitted: read whole (a rule needed to see it) or still streaming.
 pub enum AdmittedBody {

@@ -2,7 +2,11 @@
 //! the held credential instead of whatever the client sent under that
 //! name, and no compressed or partial answers where the response is read.
 
-use hyper::{StatusCode, header, header::HeaderValue, http::request::Parts};
+use hyper::{
+    StatusCode, header,
+    header::{HeaderName, HeaderValue},
+    http::request::Parts,
+};
 use serde_json::json;
 
 use super::{Refusal, scrubs_response};
@@ -11,16 +15,17 @@ use crate::proxy::{
     record::{Outcome, ProxyRecord},
 };
 
-/// Headers that belong to one hop, never forwarded.
-pub const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
+/// Headers that belong to one hop, never forwarded. Names, not strings:
+/// removing by a string parses it into a name on every request, each way.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
 ];
 
 /// Rewrites `parts` in place for the upstream; returns the injected secret
