@@ -453,3 +453,100 @@ for host, port in (("127.0.0.1", int(sys.argv[1])), ("127.0.0.9", int(sys.argv[1
     assert_eq!(verdict("127.0.0.1", allowed.port()), "allow", "{}", pretty(&show));
     assert_eq!(allowed.take_connections(), 1, "the allowed connect reached its listener");
 }
+
+/// Every connection the proxy accepts has TCP_NODELAY, so a small answer
+/// never waits on Nagle and the client's delayed ACK. Read off the daemon's
+/// own socket for a live governed connection (a duplicate of its
+/// descriptor, `pidfd_getfd`), for an IPv4 and an IPv6 route.
+#[test]
+fn connections_the_proxy_accepts_have_no_nagle_delay() {
+    for ip in ["127.0.0.1", "::1"] {
+        let fx = Fixture::start_on(ip, &[]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (port_file, done_file) = (dir.path().join("port"), dir.path().join("done"));
+        // The client keeps its connection open until the test has looked.
+        let script = format!(
+            "import socket, os, time\n\
+             s = socket.create_connection(('{ip}', {port}))\n\
+             s.sendall(b'GET /ok HTTP/1.1\\r\\nHost: api.internal.test\\r\\n\\r\\n')\n\
+             print(s.recv(65536).split(b'\\r\\n')[0].decode())\n\
+             open('{port_file}', 'w').write(str(s.getsockname()[1]))\n\
+             deadline = time.time() + 30\n\
+             while not os.path.exists('{done_file}') and time.time() < deadline:\n\
+             \x20   time.sleep(0.02)\n",
+            port = fx.upstream.port(),
+            port_file = port_file.display(),
+            done_file = done_file.display(),
+        );
+        std::thread::scope(|scope| {
+            let client = scope.spawn(|| fx.daemon.run(&fx.token, &[PYTHON, "-c", script.as_str()]));
+            let client_port = wait_for_port_file(&port_file);
+            let nodelay = accepted_socket_nodelay(fx.daemon.pid(), client_port);
+            fs::write(&done_file, "").expect("done marker");
+            let out = client.join().expect("the client thread");
+            assert!(out.stdout.contains(" 200 "), "the governed request was answered: {out}");
+            assert_eq!(
+                nodelay,
+                Some(true),
+                "TCP_NODELAY on the proxy's socket for the {ip} client on port {client_port}"
+            );
+        });
+    }
+}
+
+fn wait_for_port_file(path: &std::path::Path) -> u16 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(port) = fs::read_to_string(path).ok().and_then(|text| text.trim().parse().ok()) {
+            return port;
+        }
+        assert!(std::time::Instant::now() < deadline, "the client never wrote its port to {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// TCP_NODELAY of the socket `pid` holds whose peer is the local port
+/// `client_port` (None if it holds none).
+fn accepted_socket_nodelay(pid: u32, client_port: u16) -> Option<bool> {
+    // /proc/net/tcp{,6}: the established socket whose remote end is the client.
+    let remote_suffix = format!(":{client_port:04X}");
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|table| {
+            fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let theirs = fields.get(2)?.ends_with(&remote_suffix) && *fields.get(3)? == "01";
+            theirs.then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))?
+        })
+        .collect();
+    let fd = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().find_map(|entry| {
+        let target = fs::read_link(entry.path()).ok()?;
+        inodes
+            .iter()
+            .any(|inode| target.to_str() == Some(inode.as_str()))
+            .then(|| entry.file_name().to_str()?.parse::<i32>().ok())?
+    })?;
+    // SAFETY: plain system calls on descriptors this function owns and closes.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        assert!(ours >= 0, "pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let got = libc::getsockopt(
+            ours,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        let error = std::io::Error::last_os_error();
+        libc::close(ours);
+        libc::close(pidfd);
+        assert_eq!(got, 0, "getsockopt(TCP_NODELAY): {error}");
+        Some(value != 0)
+    }
+}

@@ -151,6 +151,11 @@ pub async fn bind(port: u16) -> anyhow::Result<Vec<TcpListener>> {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address} for the proxy (proxy_port in the config)"))?;
+        // Small exchanges must not wait for Nagle and delayed ACKs to meet.
+        // Set on the listener, every accepted connection has it from the
+        // kernel (Linux copies it over): no system call per connection.
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true)
+            .with_context(|| format!("cannot set TCP_NODELAY on the proxy's listener at {address}"))?;
         listeners.push(listener);
     }
     Ok(listeners)

@@ -71,9 +71,9 @@ struct CancelTarget {
     key: (i32, i32),
 }
 
-/// Serves one governed PostgreSQL connection.
+/// Serves one governed PostgreSQL connection (its stream has TCP_NODELAY
+/// from the proxy's listener).
 pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
     let mut client: Stream = Box::new(stream);
     let opening = match startup::open_client(&ctx.postgres.client_tls, &mut client).await {
         Ok(opening) => opening,
