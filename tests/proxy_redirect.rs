@@ -6,7 +6,7 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::net::Listener;
+use harness::net::{Listener, fds_on, tcp_sockets};
 use harness::proxy::{
     BUILD_BOTS, Fixture, GRANT, Secret, UPSTREAM_REPLY, assert_http_event, has_http_event, http_event, http_events,
     json_of, policy, reported, route_name, rules_hit, standard_route,
@@ -174,16 +174,7 @@ fn a_connection_straight_to_the_proxy_is_not_served_even_from_a_governed_connect
                 ],
             )
         });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !fs::read_to_string(&served).is_ok_and(|text| text.contains("status=")) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the session's request did not finish: {:?}",
-                fs::read_to_string(&served)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let governed = fs::read_to_string(&served).expect("the session's answer");
+        let governed = wait_for_file(&served, "the session's answer", |text| text.contains("status="));
         assert!(governed.contains("status=HTTP/1.1 200 OK"), "the governed request is served: {governed}");
 
         let proxy = proxy_port.to_string();
@@ -480,7 +471,8 @@ fn connections_the_proxy_accepts_have_no_nagle_delay() {
         );
         std::thread::scope(|scope| {
             let client = scope.spawn(|| fx.daemon.run(&fx.token, &[PYTHON, "-c", script.as_str()]));
-            let client_port = wait_for_port_file(&port_file);
+            let written = wait_for_file(&port_file, "the client's port", |text| text.trim().parse::<u16>().is_ok());
+            let client_port: u16 = written.trim().parse().expect("checked by the wait");
             let nodelay = accepted_socket_nodelay(fx.daemon.pid(), client_port);
             fs::write(&done_file, "").expect("done marker");
             let out = client.join().expect("the client thread");
@@ -494,13 +486,15 @@ fn connections_the_proxy_accepts_have_no_nagle_delay() {
     }
 }
 
-fn wait_for_port_file(path: &std::path::Path) -> u16 {
+/// Waits (30 s at most) until the file at `path` holds text that `done` accepts; returns it.
+fn wait_for_file(path: &std::path::Path, what: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(port) = fs::read_to_string(path).ok().and_then(|text| text.trim().parse().ok()) {
-            return port;
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
         }
-        assert!(std::time::Instant::now() < deadline, "the client never wrote its port to {}", path.display());
+        assert!(std::time::Instant::now() < deadline, "{what} never came ({}: {text:?})", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -508,26 +502,10 @@ fn wait_for_port_file(path: &std::path::Path) -> u16 {
 /// TCP_NODELAY of the socket `pid` holds whose peer is the local port
 /// `client_port` (None if it holds none).
 fn accepted_socket_nodelay(pid: u32, client_port: u16) -> Option<bool> {
-    // /proc/net/tcp{,6}: the established socket whose remote end is the client.
-    let remote_suffix = format!(":{client_port:04X}");
-    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .flat_map(|table| {
-            fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
-        })
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let theirs = fields.get(2)?.ends_with(&remote_suffix) && *fields.get(3)? == "01";
-            theirs.then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))?
-        })
-        .collect();
-    let fd = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().find_map(|entry| {
-        let target = fs::read_link(entry.path()).ok()?;
-        inodes
-            .iter()
-            .any(|inode| target.to_str() == Some(inode.as_str()))
-            .then(|| entry.file_name().to_str()?.parse::<i32>().ok())?
-    })?;
+    // The established socket whose remote end is the client.
+    let suffix = format!(":{client_port:04X}");
+    let sockets = tcp_sockets(|_, remote, state| remote.ends_with(&suffix) && state == "01");
+    let fd = *fds_on(pid, &sockets).first()?;
     // SAFETY: plain system calls on descriptors this function owns and closes.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::net::{fds_on, tcp_sockets};
 use crate::postgres::server;
 use crate::proxy::{BUILD_BOTS, Secret};
 use crate::{Daemon, RunOutput, free_loopback_port};
@@ -273,26 +274,11 @@ impl Drop for NginxProcess {
 /// The pids of every process holding a TCP socket listening on `port` (IPv4 or IPv6).
 pub fn listening_pids(port: u16) -> BTreeSet<u32> {
     let suffix = format!(":{port:04X}");
-    let inodes: BTreeSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .flat_map(|table| {
-            fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
-        })
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address, state (0A: LISTEN), inode.
-            let listening = fields.get(1)?.ends_with(&suffix) && *fields.get(3)? == "0A";
-            listening.then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))?
-        })
-        .collect();
+    let listening = tcp_sockets(|local, _, state| local.ends_with(&suffix) && state == "0A");
     let processes = fs::read_dir("/proc").into_iter().flatten().flatten();
     processes
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let fds = fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
-            fds.filter_map(|fd| fs::read_link(fd.path()).ok())
-                .any(|target| target.to_str().is_some_and(|target| inodes.contains(target)))
-        })
+        .filter(|pid| !fds_on(*pid, &listening).is_empty())
         .collect()
 }
 

@@ -1,5 +1,8 @@
-//! Loopback listeners that connect attempts are aimed at, and the commands that make them.
+//! Loopback listeners that connect attempts are aimed at, the commands that make them, and
+//! which process holds which TCP socket (read from `/proc`).
 
+use std::collections::BTreeSet;
+use std::fs;
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 
@@ -59,4 +62,31 @@ pub fn session_connect_argv(host: &str, port: u16) -> Vec<String> {
         host.to_owned(),
         port.to_string(),
     ]
+}
+
+/// The `/proc` names (`socket:[INODE]`) of the TCP sockets, IPv4 or IPv6, whose line in
+/// `/proc/net/tcp*` passes `wanted(local, remote, state)`: addresses as the kernel prints them
+/// (`HEXADDR:HEXPORT`), the state in hex (`01` established, `0A` listening).
+pub fn tcp_sockets(wanted: impl Fn(&str, &str, &str) -> bool) -> BTreeSet<String> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|table| {
+            fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?;
+            wanted(fields.get(1)?, fields.get(2)?, fields.get(3)?).then(|| format!("socket:[{inode}]"))
+        })
+        .collect()
+}
+
+/// The descriptors process `pid` holds on any of `sockets` (names from [`tcp_sockets`]).
+pub fn fds_on(pid: u32, sockets: &BTreeSet<String>) -> Vec<i32> {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
+    fds.filter_map(|entry| {
+        let target = fs::read_link(entry.path()).ok()?;
+        sockets.contains(target.to_str()?).then(|| entry.file_name().to_str()?.parse().ok())?
+    })
+    .collect()
 }

@@ -86,8 +86,8 @@ pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
         let span = tracing::debug_span!("request", method = %request.method(), path = %request.uri().path());
         async move { Ok::<_, Infallible>(exchange(ctx, &governed, &upstream, request).await) }.instrument(span)
     });
-    // A client that never finishes its headers must not hold a connection
-    // forever. (The stream has TCP_NODELAY from its listener.)
+    // The stream has TCP_NODELAY from its listener. A client that never
+    // finishes its headers must not hold a connection forever.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
