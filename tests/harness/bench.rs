@@ -53,19 +53,46 @@ pub struct Series {
 impl Series {
     /// The median of the rounds.
     pub fn median(&self) -> f64 {
-        let mut sorted = self.samples.clone();
-        sorted.sort_by(f64::total_cmp);
-        match sorted.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => sorted[n / 2],
-            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-        }
+        median(&self.samples)
     }
 
     fn spread(&self) -> (f64, f64) {
-        let min = self.samples.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (min, max)
+        spread(&self.samples)
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn spread(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+/// A figure a target speaks of.
+#[derive(Debug, Clone)]
+pub struct Ratio {
+    /// What it is (`tollgate / nginx`).
+    pub name: String,
+    /// Its value: for a ratio of two series, the median of the rounds' ratios.
+    pub value: f64,
+    /// The lowest and highest of the rounds' ratios, where there were several.
+    pub spread: Option<(f64, f64)>,
+    /// The target, as the issue states it.
+    pub target: String,
+}
+
+impl Ratio {
+    fn single(name: &str, value: f64, target: &str) -> Ratio {
+        Ratio { name: name.to_owned(), value, spread: None, target: target.to_owned() }
     }
 }
 
@@ -80,8 +107,8 @@ pub struct Row {
     pub unit: String,
     /// The series, the reference first.
     pub series: Vec<Series>,
-    /// Ratios that the targets speak of: (name, value, target).
-    pub ratios: Vec<(String, f64, String)>,
+    /// The figures the targets speak of.
+    pub ratios: Vec<Ratio>,
 }
 
 impl Row {
@@ -89,14 +116,32 @@ impl Row {
         Row { what: what.into(), workload: workload.into(), unit: unit.into(), series: Vec::new(), ratios: Vec::new() }
     }
 
-    fn get(&self, name: &str) -> f64 {
-        self.series.iter().find(|s| s.name == name).map_or(0.0, Series::median)
+    fn find(&self, name: &str) -> Option<&Series> {
+        self.series.iter().find(|s| s.name == name)
     }
 
+    fn get(&self, name: &str) -> f64 {
+        self.find(name).map_or(0.0, Series::median)
+    }
+
+    /// `of` over `over`, round by round: series measured in turns (see
+    /// [`interleaved`]) are compared with what ran beside them, so that a
+    /// host that was slower for a while weighs on both sides of a ratio.
+    /// Series of unequal rounds are compared by their medians.
     fn ratio(&mut self, name: &str, of: &str, over: &str, target: &str) {
-        let (a, b) = (self.get(of), self.get(over));
-        let value = if b > 0.0 { a / b } else { 0.0 };
-        self.ratios.push((name.to_owned(), value, target.to_owned()));
+        let empty = Vec::new();
+        let a = self.find(of).map_or(&empty, |s| &s.samples);
+        let b = self.find(over).map_or(&empty, |s| &s.samples);
+        let paired = !a.is_empty() && a.len() == b.len() && b.iter().all(|&v| v > 0.0);
+        let ratio = if paired {
+            let rounds: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+            let spread = (rounds.len() > 1).then(|| spread(&rounds));
+            Ratio { name: name.to_owned(), value: median(&rounds), spread, target: target.to_owned() }
+        } else {
+            let (a, b) = (median(a), median(b));
+            Ratio::single(name, if b > 0.0 { a / b } else { 0.0 }, target)
+        };
+        self.ratios.push(ratio);
     }
 }
 
@@ -126,8 +171,16 @@ impl Report {
                     format!("{}: {}{unit} ({}-{})", s.name, fmt(s.median()), fmt(min), fmt(max))
                 })
                 .collect();
-            let ratios: Vec<String> =
-                row.ratios.iter().map(|(name, value, target)| format!("{name}: {} ({target})", fmt(*value))).collect();
+            let ratios: Vec<String> = row
+                .ratios
+                .iter()
+                .map(|r| match r.spread {
+                    Some((low, high)) => {
+                        format!("{}: {} ({}-{}) ({})", r.name, fmt(r.value), fmt(low), fmt(high), r.target)
+                    }
+                    None => format!("{}: {} ({})", r.name, fmt(r.value), r.target),
+                })
+                .collect();
             out.push_str(&format!(
                 "| {} | {} | {} | {} |\n",
                 row.what,
@@ -152,8 +205,9 @@ impl Report {
                 "series": row.series.iter().map(|s| json!({
                     "name": s.name, "median": s.median(), "samples": s.samples,
                 })).collect::<Vec<_>>(),
-                "ratios": row.ratios.iter().map(|(name, value, target)| json!({
-                    "name": name, "value": value, "target": target,
+                "ratios": row.ratios.iter().map(|r| json!({
+                    "name": r.name, "value": r.value, "target": r.target,
+                    "rounds_min": r.spread.map(|s| s.0), "rounds_max": r.spread.map(|s| s.1),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
@@ -460,18 +514,26 @@ pub fn run(plan: Plan) -> Report {
         ),
         "req/s",
     );
-    row.series.push(series(&plan, "direct", &|| {
-        parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
-    }));
-    row.series.push(series(&plan, "nginx", &|| {
-        parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
-    }));
-    row.series.push(series(&plan, "tollgate", &|| {
-        parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
-    }));
-    row.series.push(series(&plan, "tollgate, 5 masks", &|| {
-        parse_wrk(&must(governed(&wrk_argv(&url(masked, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
-    }));
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[
+            ("direct", &|| {
+                parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk"))
+                    .requests_per_sec
+            }),
+            ("nginx", &|| {
+                parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, false)), "wrk"))
+                    .requests_per_sec
+            }),
+            ("tollgate", &|| {
+                parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
+            }),
+            ("tollgate, 5 masks", &|| {
+                parse_wrk(&must(governed(&wrk_argv(&url(masked, "/"), 32, plan.seconds, false)), "wrk"))
+                    .requests_per_sec
+            }),
+        ],
+    ));
     row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
     row.ratio("5 masks / nginx", "tollgate, 5 masks", "nginx", ">= 0.9");
     row.ratio("tollgate / direct", "tollgate", "direct", "-");
@@ -524,7 +586,7 @@ pub fn run(plan: Plan) -> Report {
         row.series.push(Series { name: format!("{name} p99"), samples: p99 });
     }
     let added = row.get("tollgate p99") - row.get("direct p99");
-    row.ratios.push(("p99 added (ms)".into(), added, "<= 1 ms".into()));
+    row.ratios.push(Ratio::single("p99 added (ms)", added, "<= 1 ms"));
     rows.push(row);
 
     // New connections.
@@ -533,15 +595,21 @@ pub fn run(plan: Plan) -> Report {
         format!("wrk -t1 -c32 -d{}s -H 'Connection: close'", plan.seconds),
         "conn/s",
     );
-    row.series.push(series(&plan, "direct", &|| {
-        parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
-    }));
-    row.series.push(series(&plan, "nginx", &|| {
-        parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
-    }));
-    row.series.push(series(&plan, "tollgate", &|| {
-        parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
-    }));
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[
+            ("direct", &|| {
+                parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk"))
+                    .requests_per_sec
+            }),
+            ("nginx", &|| {
+                parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
+            }),
+            ("tollgate", &|| {
+                parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
+            }),
+        ],
+    ));
     row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
     rows.push(row);
 
@@ -585,9 +653,14 @@ pub fn run(plan: Plan) -> Report {
         ),
         "tps",
     );
-    row.series.push(series(&plan, "direct", &|| tps(must(with_password(pgbench_argv(pg.port)), "pgbench"))));
-    row.series.push(series(&plan, "pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port)), "pgbench"))));
-    row.series.push(series(&plan, "tollgate", &|| tps(must(governed(&pgbench_argv(pg.port)), "pgbench"))));
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[
+            ("direct", &|| tps(must(with_password(pgbench_argv(pg.port)), "pgbench"))),
+            ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port)), "pgbench"))),
+            ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port)), "pgbench"))),
+        ],
+    ));
     row.ratio("tollgate / direct", "tollgate", "direct", ">= pgbouncer's");
     row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
     rows.push(row);
@@ -606,8 +679,10 @@ pub fn run(plan: Plan) -> Report {
         format!("{} x /bin/true from sh, governed vs not (session start included)", plan.execs),
         "s",
     );
-    row.series.push(series(&plan, "outside", &|| timed(sh(&loop_script), false)));
-    row.series.push(series(&plan, "governed", &|| timed(sh(&loop_script), true)));
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[("outside", &|| timed(sh(&loop_script), false)), ("governed", &|| timed(sh(&loop_script), true))],
+    ));
     row.ratio("governed / outside", "governed", "outside", "<= 1.05");
     rows.push(row);
     // Every exec of the last governed round is recorded.
@@ -629,8 +704,13 @@ pub fn run(plan: Plan) -> Report {
         format!("{} UDP socket/connect/close loops from Python to a loopback port", plan.connects),
         "s",
     );
-    row.series.push(series(&plan, "outside", &|| timed(python(&connect_script), false)));
-    row.series.push(series(&plan, "governed", &|| timed(python(&connect_script), true)));
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[
+            ("outside", &|| timed(python(&connect_script), false)),
+            ("governed", &|| timed(python(&connect_script), true)),
+        ],
+    ));
     row.ratio("governed / outside", "governed", "outside", "<= 1.05");
     rows.push(row);
 
@@ -671,7 +751,7 @@ pub fn run(plan: Plan) -> Report {
         "events/s",
     );
     row.series.push(Series { name: "tollgate".into(), samples: vec![rate] });
-    row.ratios.push(("events/s".into(), rate, ">= 100,000/s".into()));
+    row.ratios.push(Ratio::single("events/s", rate, ">= 100,000/s"));
     rows.push(row);
 
     // Masking.
@@ -684,18 +764,23 @@ pub fn run(plan: Plan) -> Report {
         ),
         "MB/s",
     );
-    row.series.push(series(&plan, "direct", &|| {
-        parse_wrk(&must(run_direct(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
-            .requests_per_sec
-            * body_mb
-    }));
-    row.series.push(series(&plan, "tollgate, 10 masks", &|| {
-        parse_wrk(&must(governed(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
-            .requests_per_sec
-            * body_mb
-    }));
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[
+            ("direct", &|| {
+                parse_wrk(&must(run_direct(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
+                    .requests_per_sec
+                    * body_mb
+            }),
+            ("tollgate, 10 masks", &|| {
+                parse_wrk(&must(governed(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
+                    .requests_per_sec
+                    * body_mb
+            }),
+        ],
+    ));
     let masked_rate = row.get("tollgate, 10 masks");
-    row.ratios.push(("MB/s".into(), masked_rate, ">= 200 MB/s per core".into()));
+    row.ratios.push(Ratio::single("MB/s", masked_rate, ">= 200 MB/s per core"));
     rows.push(row);
 
     // The daemon with live sessions (after every other row).
@@ -737,7 +822,7 @@ pub fn run(plan: Plan) -> Report {
             Series { name: format!("RSS, {} sessions (MB)", plan.sessions), samples: vec![busy_rss] },
             Series { name: format!("CPU, {} sessions (% of a core)", plan.sessions), samples: vec![busy_cpu] },
         ],
-        ratios: vec![("RSS at rest (MB)".into(), rest_rss, "<= 50 MB".into())],
+        ratios: vec![Ratio::single("RSS at rest (MB)", rest_rss, "<= 50 MB")],
     });
 
     let status = daemon.status();
@@ -747,9 +832,22 @@ pub fn run(plan: Plan) -> Report {
     Report { rows, machine: machine(), lost }
 }
 
-/// `plan.rounds` measurements of `measure`.
-fn series(plan: &Plan, name: &str, measure: &dyn Fn() -> f64) -> Series {
-    Series { name: name.to_owned(), samples: (0..plan.rounds).map(|_| measure()).collect() }
+/// A series' name and how to take one of its measurements.
+type Measure<'a> = (&'a str, &'a dyn Fn() -> f64);
+
+/// `rounds` measurements of each of `measures`, taking turns (a, b, c, a,
+/// b, c...): a host whose speed drifts during the run (a neighbour's load
+/// on a shared machine) then weighs on every series alike, not on
+/// whichever series ran while it lasted.
+fn interleaved(rounds: usize, measures: &[Measure<'_>]) -> Vec<Series> {
+    let mut series: Vec<Series> =
+        measures.iter().map(|(name, _)| Series { name: (*name).to_owned(), samples: Vec::new() }).collect();
+    for _ in 0..rounds {
+        for ((_, measure), series) in measures.iter().zip(&mut series) {
+            series.samples.push(measure());
+        }
+    }
+    series
 }
 
 fn port() -> u16 {
@@ -822,4 +920,61 @@ impl Drop for Pgbouncer {
 pub fn json_path(root: &Path) -> PathBuf {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     root.join("target/bench").join(format!("bench-{now}.json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::{Report, Row, Series, interleaved};
+
+    #[test]
+    fn rounds_take_turns_across_the_series() {
+        let ran = RefCell::new(Vec::new());
+        let a = || {
+            ran.borrow_mut().push("a");
+            ran.borrow().len() as f64
+        };
+        let b = || {
+            ran.borrow_mut().push("b");
+            ran.borrow().len() as f64
+        };
+        let series = interleaved(3, &[("a", &a), ("b", &b)]);
+        assert_eq!(*ran.borrow(), ["a", "b", "a", "b", "a", "b"]);
+        assert_eq!(series[0].name, "a");
+        assert_eq!(series[0].samples, [1.0, 3.0, 5.0]);
+        assert_eq!(series[1].name, "b");
+        assert_eq!(series[1].samples, [2.0, 4.0, 6.0]);
+    }
+
+    fn compared(of: &[f64], over: &[f64]) -> Row {
+        let mut row = Row::new("what", "workload", "req/s");
+        row.series.push(Series { name: "over".into(), samples: over.to_vec() });
+        row.series.push(Series { name: "of".into(), samples: of.to_vec() });
+        row.ratio("of / over", "of", "over", ">= 1.0");
+        row
+    }
+
+    #[test]
+    fn a_ratio_compares_each_round_with_the_round_beside_it() {
+        // The host was slow in the first round, for both series: round by
+        // round the ratio is 0.8 twice and 1.1 once, though the medians
+        // alone (100 over 100) say 1.0.
+        let row = compared(&[40.0, 100.0, 110.0], &[50.0, 125.0, 100.0]);
+        let ratio = &row.ratios[0];
+        assert_eq!((ratio.value, ratio.spread), (0.8, Some((0.8, 1.1))));
+        // Rounds that differ: the median of the rounds' ratios, and their range.
+        let row = compared(&[90.0, 60.0, 120.0], &[100.0, 100.0, 100.0]);
+        assert_eq!((row.ratios[0].value, row.ratios[0].spread), (0.9, Some((0.6, 1.2))));
+        let table = Report { rows: vec![row], machine: "here".into(), lost: 0 }.table();
+        assert!(table.contains("of / over: 0.90 (0.60-1.20) (>= 1.0)"), "{table}");
+    }
+
+    #[test]
+    fn series_of_unequal_rounds_are_compared_by_their_medians() {
+        let row = compared(&[50.0], &[100.0, 200.0, 400.0]);
+        assert_eq!((row.ratios[0].value, row.ratios[0].spread), (0.25, None));
+        let row = compared(&[50.0, 60.0], &[0.0, 100.0]);
+        assert_eq!(row.ratios[0].value, 55.0 / 50.0, "a zero round cannot be paired");
+    }
 }
