@@ -1,6 +1,9 @@
 //! A route's request rules (block, approve) and response masks.
 
+use std::borrow::Cow;
+
 use hyper::{HeaderMap, Method};
+use regex::{Captures, Regex, Replacer};
 use serde_json::Value;
 
 use crate::policy::route::{Mask, Matcher, Route};
@@ -121,17 +124,22 @@ pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>
             Err(_) => {}
         }
     }
-    let original = String::from_utf8_lossy(body);
-    let mut current: std::borrow::Cow<'_, str> = match text {
+    // Checked first: `from_utf8` reads valid text many times faster than
+    // the lossy conversion, which was a seventh of the time of masking.
+    let original = match std::str::from_utf8(body) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(body),
+    };
+    let mut current: Cow<'_, str> = match text {
         Some(masked) => masked.into(),
         None => original,
     };
     for m in masks {
         if let Mask::Regex { regex, replace } = m {
-            let found = regex.0.find_iter(&current).count();
+            let (replaced, found) = replace_counting(&regex.0, &current, replace);
             if found > 0 {
                 count += found;
-                current = regex.0.replace_all(&current, replace.as_str()).into_owned().into();
+                current = Cow::Owned(replaced.into_owned());
             }
         }
     }
@@ -139,6 +147,46 @@ pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>
         return Ok((body.to_vec(), 0));
     }
     Ok((current.into_owned().into_bytes(), count))
+}
+
+/// `text` with every match of `regex` replaced (`$1`, `${name}` expanded
+/// as [`Regex::replace_all`] does), and how many there were: one pass over
+/// the text where counting first took another.
+pub fn replace_counting<'t>(regex: &Regex, text: &'t str, replace: &str) -> (Cow<'t, str>, usize) {
+    if replace.contains('$') {
+        let mut counting = Counting { replace, count: 0 };
+        // Borrowed, so the count can be read after.
+        let replaced = regex.replace_all(text, counting.by_ref());
+        return (replaced, counting.count);
+    }
+    // A literal replacement needs no capture groups: matches alone, as
+    // `replace_all` itself does for one.
+    let mut matches = regex.find_iter(text).peekable();
+    if matches.peek().is_none() {
+        return (Cow::Borrowed(text), 0);
+    }
+    let (mut out, mut count, mut last) = (String::with_capacity(text.len()), 0, 0);
+    for found in matches {
+        out.push_str(&text[last..found.start()]);
+        out.push_str(replace);
+        last = found.end();
+        count += 1;
+    }
+    out.push_str(&text[last..]);
+    (Cow::Owned(out), count)
+}
+
+/// Expands the replacement for each match, counting them.
+struct Counting<'r> {
+    replace: &'r str,
+    count: usize,
+}
+
+impl Replacer for Counting<'_> {
+    fn replace_append(&mut self, caps: &Captures<'_>, dst: &mut String) {
+        self.count += 1;
+        caps.expand(self.replace, dst);
+    }
 }
 
 fn looks_like_json(body: &[u8]) -> bool {
@@ -251,6 +299,38 @@ mod tests {
             "{masked}"
         );
         assert_eq!(mask(&r.mask, b"<html>a@x.io</html>", false), Ok((b"<html>a@x.io</html>".to_vec(), 0)));
+    }
+
+    #[test]
+    fn one_pass_replaces_and_counts_as_replace_all_and_find_iter_do() {
+        let texts =
+            ["", "no match here", "ann@x.io, bob@y.org; ann@x.io", "aaa", "caf\u{e9} 4111-1111 \u{1f512} 4222-2222"];
+        let cases = [
+            (r"[a-z]+@[a-z]+\.[a-z]+", "****"),
+            (r"(?P<user>[a-z]+)@[a-z.]+", "${user}@masked"),
+            (r"(\d{4})-\d{4}", "$1-****"),
+            (r"\d{4}-\d{4}", "$$ and $ and $9 unknown"),
+            (r"a*", "-"),
+            (r"\b", "|"),
+            (r"\p{L}+", ""),
+        ];
+        for (pattern, replace) in cases {
+            let regex = Regex::new(pattern).expect("regex");
+            for text in texts {
+                let expected = (regex.replace_all(text, replace), regex.find_iter(text).count());
+                assert_eq!(replace_counting(&regex, text, replace), expected, "{pattern} -> {replace} over {text:?}");
+            }
+        }
+        // Nothing found: the text itself, not a copy.
+        let regex = Regex::new("zzz").expect("regex");
+        assert!(matches!(replace_counting(&regex, "abc", "*").0, Cow::Borrowed("abc")));
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_masked_as_its_lossy_text() {
+        let r = route("to: \"127.0.0.1/32:1\"\nprotocol: http\nmask:\n  - { regex: \"secret-[a-z]+\" }\n");
+        let (masked, count) = mask(&r.mask, b"\xff secret-abc \xfe", false).expect("maskable");
+        assert_eq!((masked, count), ("\u{fffd} **** \u{fffd}".as_bytes().to_vec(), 1));
     }
 
     #[test]

@@ -68,10 +68,10 @@ fn mask_headers(masks: &[Mask], headers: &mut hyper::HeaderMap) -> usize {
         let mut current = text.to_owned();
         for m in masks {
             if let Mask::Regex { regex, replace } = m {
-                let found = regex.0.find_iter(&current).count();
+                let (replaced, found) = crate::proxy::rules::replace_counting(&regex.0, &current, replace);
                 if found > 0 {
                     count += found;
-                    current = regex.0.replace_all(&current, replace.as_str()).into_owned();
+                    current = replaced.into_owned();
                 }
             }
         }
