@@ -122,7 +122,9 @@ pub fn check(masks: &[Mask], status: hyper::StatusCode, headers: &HeaderMap, bod
         return Err(Unmaskable::Encoded((*what).to_owned()));
     }
     let text = std::str::from_utf8(body).map_err(|_| Unmaskable::Body("UTF-8 text"))?;
-    if text.contains('\0') {
+    // A byte search (core memchr): the char search showed as 1.8% of the
+    // samples of masking a 1 MB body.
+    if body.contains(&0) {
         return Err(Unmaskable::Body("text (it holds NUL bytes)"));
     }
     if json_masks {
