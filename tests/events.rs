@@ -3,6 +3,7 @@
 //! silently. A session that floods cannot push out another session's
 //! events, even with the smallest ring buffer the config accepts.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,16 @@ grants:
 
 /// The smallest ring buffer the config accepts.
 const SMALLEST_BUFFER: &str = "event_buffer_kib: 16";
+
+/// One flood at a time. Each flood keeps a core busy; two at once (the
+/// suite runs two tests side by side) on a 2-core host left each daemon
+/// under test a fraction of a core, behind another daemon and its flood,
+/// which is not the host these tests describe: one session flooding.
+static FLOODING: Mutex<()> = Mutex::new(());
+
+fn one_flood_at_a_time() -> MutexGuard<'static, ()> {
+    FLOODING.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Denied connects a flooding session makes in a tight loop: each one is a kernel event.
 const ATTEMPTS: u64 = 20_000;
@@ -67,6 +78,7 @@ fn assert_accounted(daemon: &Daemon, id: &str, attempts: u64) -> (u64, u64) {
 
 #[test]
 fn undelivered_events_are_counted_in_their_sessions_record_and_every_one_is_accounted_for() {
+    let _flood = one_flood_at_a_time();
     let daemon = Daemon::builder().policy(POLICY).config_line(SMALLEST_BUFFER).start();
     let token = daemon.mint("flood-bot", &[]);
     let out = daemon.run(&token, &["python3", "-c", &flood_script()]);
@@ -123,6 +135,7 @@ fn a_flooding_session_cannot_crowd_another_sessions_events_out_of_the_log_queue(
 /// session flooding denied connects, calling `during` every 100 ms while the
 /// quiet one runs; returns the flood's and the quiet session's `run`.
 fn quiet_beside_a_flood(daemon: &Daemon, mut during: impl FnMut()) -> (RunOutput, RunOutput) {
+    let _flood = one_flood_at_a_time();
     let token = daemon.mint("flood-bot", &[]);
     let quiet_token = daemon.mint("quiet-bot", &[]);
     let stop = daemon.dir().join("stop-flooding");
