@@ -506,6 +506,11 @@ pub fn run(plan: Plan) -> Report {
 
     // HTTP keep-alive throughput.
     let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    // Requests/s of one wrk run, outside any session or inside the bench's.
+    let wrk_rate = |inside: bool, url: &str, connections: u32, close: bool| {
+        let argv = wrk_argv(url, connections, plan.seconds, close);
+        parse_wrk(&must(if inside { governed(&argv) } else { run_direct(&argv) }, "wrk")).requests_per_sec
+    };
     let mut row = Row::new(
         "HTTP keep-alive requests, recording on",
         format!(
@@ -517,21 +522,10 @@ pub fn run(plan: Plan) -> Report {
     row.series.extend(interleaved(
         plan.rounds,
         &[
-            ("direct", &|| {
-                parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk"))
-                    .requests_per_sec
-            }),
-            ("nginx", &|| {
-                parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, false)), "wrk"))
-                    .requests_per_sec
-            }),
-            ("tollgate", &|| {
-                parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, false)), "wrk")).requests_per_sec
-            }),
-            ("tollgate, 5 masks", &|| {
-                parse_wrk(&must(governed(&wrk_argv(&url(masked, "/"), 32, plan.seconds, false)), "wrk"))
-                    .requests_per_sec
-            }),
+            ("direct", &|| wrk_rate(false, &url(plain, "/"), 32, false)),
+            ("nginx", &|| wrk_rate(false, &url(peer, "/"), 32, false)),
+            ("tollgate", &|| wrk_rate(true, &url(plain, "/"), 32, false)),
+            ("tollgate, 5 masks", &|| wrk_rate(true, &url(masked, "/"), 32, false)),
         ],
     ));
     row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
@@ -598,16 +592,9 @@ pub fn run(plan: Plan) -> Report {
     row.series.extend(interleaved(
         plan.rounds,
         &[
-            ("direct", &|| {
-                parse_wrk(&must(run_direct(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk"))
-                    .requests_per_sec
-            }),
-            ("nginx", &|| {
-                parse_wrk(&must(run_direct(&wrk_argv(&url(peer, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
-            }),
-            ("tollgate", &|| {
-                parse_wrk(&must(governed(&wrk_argv(&url(plain, "/"), 32, plan.seconds, true)), "wrk")).requests_per_sec
-            }),
+            ("direct", &|| wrk_rate(false, &url(plain, "/"), 32, true)),
+            ("nginx", &|| wrk_rate(false, &url(peer, "/"), 32, true)),
+            ("tollgate", &|| wrk_rate(true, &url(plain, "/"), 32, true)),
         ],
     ));
     row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
@@ -767,16 +754,8 @@ pub fn run(plan: Plan) -> Report {
     row.series.extend(interleaved(
         plan.rounds,
         &[
-            ("direct", &|| {
-                parse_wrk(&must(run_direct(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
-                    .requests_per_sec
-                    * body_mb
-            }),
-            ("tollgate, 10 masks", &|| {
-                parse_wrk(&must(governed(&wrk_argv(&url(masked10, "/big.json"), 1, plan.seconds, false)), "wrk"))
-                    .requests_per_sec
-                    * body_mb
-            }),
+            ("direct", &|| wrk_rate(false, &url(masked10, "/big.json"), 1, false) * body_mb),
+            ("tollgate, 10 masks", &|| wrk_rate(true, &url(masked10, "/big.json"), 1, false) * body_mb),
         ],
     ));
     let masked_rate = row.get("tollgate, 10 masks");
