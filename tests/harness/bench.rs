@@ -230,17 +230,24 @@ fn machine() -> String {
 }
 
 /// nginx as the trivial upstream every path reaches (ports `upstream`)
-/// and, in a process of its own, as the peer reverse proxy (port `proxy`,
-/// one worker, upstream keepalive). Were one nginx both, the peer's single
-/// worker would also do the upstream's work, and the peer would measure
-/// slower than it is.
+/// and, in processes of their own, as the peer reverse proxy (one worker,
+/// upstream keepalive): without an access log (port `proxy`), and with
+/// one as Debian's default configuration keeps it, a line written per
+/// request (port `logging_proxy`), since tollgate records every exchange.
+/// Were one nginx both upstream and peer, the peer's single worker would
+/// also do the upstream's work, and the peer would measure slower than it is.
 pub struct Nginx {
     /// The upstream's listening ports.
     pub upstream_ports: Vec<u16>,
     /// The peer reverse proxy's port.
     pub peer_port: u16,
+    /// The port of the peer that writes an access log.
+    pub logging_peer_port: u16,
+    /// That peer's access log.
+    pub peer_access_log: PathBuf,
     _upstream: NginxProcess,
     _peer: NginxProcess,
+    _logging_peer: NginxProcess,
 }
 
 /// One nginx (its master; the worker is the master's child).
@@ -267,8 +274,8 @@ fn big_body() -> String {
 }
 
 impl Nginx {
-    /// Starts the upstream and the peer; panics (the bench fails loudly) if either cannot.
-    pub fn start(upstream: &[u16], proxy: u16) -> Nginx {
+    /// Starts the upstream and the peers; panics (the bench fails loudly) if one cannot.
+    pub fn start(upstream: &[u16], proxy: u16, logging_proxy: u16) -> Nginx {
         let www = tempfile::tempdir().expect("temp dir");
         fs::write(www.path().join("big.json"), big_body()).expect("big body");
         let listens: String = upstream.iter().map(|port| format!("    listen 127.0.0.1:{port};\n")).collect();
@@ -276,28 +283,47 @@ impl Nginx {
             "  server {{\n{listens}    location = /big.json {{ root {www}; default_type application/json; }}\n    location / {{ default_type application/json; return 200 '{{\"ok\":true,\"user\":\"ann@example.com\"}}'; }}\n  }}\n",
             www = www.path().display(),
         );
-        let peer_servers = format!(
-            "  upstream backend {{ server 127.0.0.1:{first}; keepalive 64; }}\n\
-             server {{\n    listen 127.0.0.1:{proxy};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n",
-            first = upstream[0],
+        let peer_servers = |listen: u16| {
+            format!(
+                "  upstream backend {{ server 127.0.0.1:{first}; keepalive 64; }}\n\
+                 server {{\n    listen 127.0.0.1:{listen};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n",
+                first = upstream[0],
+            )
+        };
+        let started = NginxProcess::start("the nginx upstream", &upstream_servers, upstream[0], Some(www), false);
+        let peer = NginxProcess::start("the nginx peer", &peer_servers(proxy), proxy, None, false);
+        let logging_peer = NginxProcess::start(
+            "the nginx peer with an access log",
+            &peer_servers(logging_proxy),
+            logging_proxy,
+            None,
+            true,
         );
-        let started = NginxProcess::start("the nginx upstream", &upstream_servers, upstream[0], Some(www));
-        let peer = NginxProcess::start("the nginx peer", &peer_servers, proxy, None);
-        Nginx { upstream_ports: upstream.to_vec(), peer_port: proxy, _upstream: started, _peer: peer }
+        Nginx {
+            upstream_ports: upstream.to_vec(),
+            peer_port: proxy,
+            logging_peer_port: logging_proxy,
+            peer_access_log: logging_peer.access_log(),
+            _upstream: started,
+            _peer: peer,
+            _logging_peer: logging_peer,
+        }
     }
 }
 
 impl NginxProcess {
-    /// Runs nginx with `servers` in its http block (one worker, no access
-    /// log) and waits until it listens on `port`. `www`, when given, is where
-    /// the servers' files are: kept as long as this nginx runs.
-    fn start(what: &str, servers: &str, port: u16, www: Option<tempfile::TempDir>) -> NginxProcess {
+    /// Runs nginx with `servers` in its http block (one worker; an access
+    /// log in nginx's default format, unbuffered, if `log`) and waits until
+    /// it listens on `port`. `www`, when given, is where the servers' files
+    /// are: kept as long as this nginx runs.
+    fn start(what: &str, servers: &str, port: u16, www: Option<tempfile::TempDir>, log: bool) -> NginxProcess {
         let dir = www.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
         let p = |name: &str| dir.path().join(name).display().to_string();
         fs::create_dir(dir.path().join("tmp")).expect("tmp");
+        let access_log = if log { p("access.log") } else { "off".to_owned() };
         let config = format!(
             "daemon off;\nworker_processes 1;\nerror_log {err};\npid {pid};\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  keepalive_requests 1000000;\n{servers}}}\n",
+             http {{\n  access_log {access_log};\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  keepalive_requests 1000000;\n{servers}}}\n",
             err = p("error.log"),
             pid = p("nginx.pid"),
             tmp = p("tmp"),
@@ -313,6 +339,11 @@ impl NginxProcess {
         let started = NginxProcess { child, _dir: dir };
         wait_for_port(port, what);
         started
+    }
+
+    /// Where its access log is, if it keeps one.
+    fn access_log(&self) -> PathBuf {
+        self._dir.path().join("access.log")
     }
 }
 
@@ -423,8 +454,8 @@ fn usage(pid: u32) -> (f64, f64) {
 
 /// Runs every row with `plan`.
 pub fn run(plan: Plan) -> Report {
-    let (plain, masked, masked10, peer) = (port(), port(), port(), port());
-    let nginx = Nginx::start(&[plain, masked, masked10], peer);
+    let (plain, masked, masked10, peer, logging_peer) = (port(), port(), port(), port(), port());
+    let nginx = Nginx::start(&[plain, masked, masked10], peer, logging_peer);
     let pg = server();
     let secret = Secret::private();
     let db = pg.database("bench", &secret.value);
@@ -514,7 +545,7 @@ pub fn run(plan: Plan) -> Report {
     let mut row = Row::new(
         "HTTP keep-alive requests, recording on",
         format!(
-            "wrk -t1 -c32 -d{}s to a trivial nginx upstream; nginx peer: 1 worker in a process of its own, upstream keepalive",
+            "wrk -t1 -c32 -d{}s to a trivial nginx upstream; nginx peer: 1 worker in a process of its own, upstream keepalive, no access log (and, for reference, one with nginx's default access log)",
             plan.seconds
         ),
         "req/s",
@@ -524,12 +555,14 @@ pub fn run(plan: Plan) -> Report {
         &[
             ("direct", &|| wrk_rate(false, &url(plain, "/"), 32, false)),
             ("nginx", &|| wrk_rate(false, &url(peer, "/"), 32, false)),
+            ("nginx, access log", &|| wrk_rate(false, &url(logging_peer, "/"), 32, false)),
             ("tollgate", &|| wrk_rate(true, &url(plain, "/"), 32, false)),
             ("tollgate, 5 masks", &|| wrk_rate(true, &url(masked, "/"), 32, false)),
         ],
     ));
     row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
     row.ratio("5 masks / nginx", "tollgate, 5 masks", "nginx", ">= 0.9");
+    row.ratio("tollgate / nginx with access log", "tollgate", "nginx, access log", "-");
     row.ratio("tollgate / direct", "tollgate", "direct", "-");
     rows.push(row);
 
@@ -581,6 +614,9 @@ pub fn run(plan: Plan) -> Report {
     }
     let added = row.get("tollgate p99") - row.get("direct p99");
     row.ratios.push(Ratio::single("p99 added (ms)", added, "<= 1 ms"));
+    // The peer at the same offered load: what a proxy's hop costs on this host.
+    let added_by_nginx = row.get("nginx p99") - row.get("direct p99");
+    row.ratios.push(Ratio::single("p99 added by nginx (ms)", added_by_nginx, "-"));
     rows.push(row);
 
     // New connections.
@@ -594,10 +630,12 @@ pub fn run(plan: Plan) -> Report {
         &[
             ("direct", &|| wrk_rate(false, &url(plain, "/"), 32, true)),
             ("nginx", &|| wrk_rate(false, &url(peer, "/"), 32, true)),
+            ("nginx, access log", &|| wrk_rate(false, &url(logging_peer, "/"), 32, true)),
             ("tollgate", &|| wrk_rate(true, &url(plain, "/"), 32, true)),
         ],
     ));
     row.ratio("tollgate / nginx", "tollgate", "nginx", ">= 1.0");
+    row.ratio("tollgate / nginx with access log", "tollgate", "nginx, access log", "-");
     rows.push(row);
 
     // PostgreSQL.
@@ -699,6 +737,9 @@ pub fn run(plan: Plan) -> Report {
         ],
     ));
     row.ratio("governed / outside", "governed", "outside", "<= 1.05");
+    // The loop's own rate outside a session: no store can ingest its events faster.
+    let loop_alone: Vec<f64> =
+        row.find("outside").map_or_else(Vec::new, |s| s.samples.iter().map(|t| plan.connects as f64 / t).collect());
     rows.push(row);
 
     // Ingestion: a governed connect loop once more, timed until every one of
@@ -738,7 +779,10 @@ pub fn run(plan: Plan) -> Report {
         "events/s",
     );
     row.series.push(Series { name: "tollgate".into(), samples: vec![rate] });
+    row.series.push(Series { name: "the loop alone, outside a session (connects/s)".into(), samples: loop_alone });
     row.ratios.push(Ratio::single("events/s", rate, ">= 100,000/s"));
+    let ceiling = row.get("the loop alone, outside a session (connects/s)");
+    row.ratios.push(Ratio::single("of the loop's own rate", if ceiling > 0.0 { rate / ceiling } else { 0.0 }, "-"));
     rows.push(row);
 
     // Masking.
