@@ -748,40 +748,48 @@ pub fn run(plan: Plan) -> Report {
     // daemon nothing measurable (a sqlite3 process per look would take a
     // good part of a core from it).
     let store = daemon.state_dir().join("sessions.db");
-    let started = Instant::now();
-    must(governed(&python(&connect_script)), "the connect loop");
-    let session = daemon.last_session_id();
     let db = rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .expect("the session log, read-only");
     db.busy_timeout(Duration::from_secs(5)).expect("a busy timeout");
-    let query = |sql: &str| -> usize {
-        db.query_row(sql, [&session], |row| row.get::<_, i64>(0)).map_or(0, |n| n.max(0) as usize)
+    // One round: (events/s, connects stored).
+    let ingest = || {
+        let started = Instant::now();
+        must(governed(&python(&connect_script)), "the connect loop");
+        let session = daemon.last_session_id();
+        let query = |sql: &str| -> usize {
+            db.query_row(sql, [&session], |row| row.get::<_, i64>(0)).map_or(0, |n| n.max(0) as usize)
+        };
+        // Its last event's number, cheap to read, passes the number of connects
+        // only once they are all stored (its other events are few); then the
+        // connects are counted.
+        let last_seq = || query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1");
+        let count = || query("SELECT count(*) FROM events WHERE session_id = ?1 AND kind = 'connect'");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && (last_seq() < plan.connects || count() < plan.connects) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let stored = count();
+        (stored as f64 / elapsed, stored)
     };
-    // Its last event's number, cheap to read, passes the number of connects
-    // only once they are all stored (its other events are few); then the
-    // connects are counted.
-    let last_seq = || query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1");
-    let count = || query("SELECT count(*) FROM events WHERE session_id = ?1 AND kind = 'connect'");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline && (last_seq() < plan.connects || count() < plan.connects) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let stored = count();
-    let rate = stored as f64 / elapsed;
+    let rounds: Vec<(f64, usize)> = (0..plan.rounds).map(|_| ingest()).collect();
+    let stored = rounds.iter().map(|&(_, stored)| stored).min().unwrap_or(0);
     let mut row = Row::new(
         "session log ingestion",
         format!(
-            "a governed {n}-connect loop, from its start until its connects are rows in the store ({stored} of {n} stored); and {recorded} of {} execs recorded in the exec row",
+            "a governed {n}-connect loop, from its start until its connects are rows in the store ({stored} of {n} stored, fewest of the rounds); and {recorded} of {} execs recorded in the exec row",
             plan.execs,
             n = plan.connects
         ),
         "events/s",
     );
-    row.series.push(Series { name: "tollgate".into(), samples: vec![rate] });
-    row.series.push(Series { name: "the loop alone, outside a session (connects/s)".into(), samples: loop_alone });
+    row.series.push(Series { name: "tollgate".into(), samples: rounds.iter().map(|&(rate, _)| rate).collect() });
+    // One event per connect: the loop's connects/s outside are the events/s it could offer.
+    const LOOP_ALONE: &str = "the same loop outside a session";
+    row.series.push(Series { name: LOOP_ALONE.into(), samples: loop_alone });
+    let rate = row.get("tollgate");
     row.ratios.push(Ratio::single("events/s", rate, ">= 100,000/s"));
-    let ceiling = row.get("the loop alone, outside a session (connects/s)");
+    let ceiling = row.get(LOOP_ALONE);
     row.ratios.push(Ratio::single("of the loop's own rate", if ceiling > 0.0 { rate / ceiling } else { 0.0 }, "-"));
     rows.push(row);
 
