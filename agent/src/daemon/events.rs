@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use serde_json::{Map, Value, json};
+use serde_json::Map;
 use tokio::io::unix::AsyncFd;
 use tollgate_common::{EventKind, LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, LostKey, Verdict};
 
@@ -19,7 +19,7 @@ use crate::{
         ConsumedBytes, EventBacklog, KernelLogger, LostCounters,
         events::{self, KernelEvent},
     },
-    policy::compile::{Decided, RuleRef},
+    policy::compile::RuleRef,
     session::Sessions,
     store::{Detail, RecordKind, RecordVerdict, SessionLog},
 };
@@ -135,84 +135,119 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
         return;
     };
     let session = attribution.session;
-    let mut detail = Map::new();
-    let (kind, verdict) = match event {
+    let decided = attribution.rule.as_ref();
+    // The grant rules that decided, if any: the session log counts them as their use.
+    let rules = decided.map(|d| d.0.as_slice()).filter(|rules| !rules.is_empty());
+    // Each kind's detail is typed and serialized here, on the reader, so
+    // the log's writer gets one string to store (see `Detail::json`).
+    let (kind, verdict, detail) = match event {
         KernelEvent::Exec { ppid, uid, verdict, filename, filename_truncated, argv, argv_truncated, .. } => {
-            // The creator, if we saw the fork, even when the process has since been reparented.
-            detail.insert("ppid".into(), attribution.creator.unwrap_or(*ppid).into());
-            detail.insert("parent_at_exec".into(), (*ppid).into());
-            detail.insert("uid".into(), (*uid).into());
-            detail.insert("filename".into(), filename.clone().into());
-            detail.insert("filename_truncated".into(), (*filename_truncated).into());
-            detail.insert("argv".into(), json!(argv));
-            detail.insert("argv_truncated".into(), (*argv_truncated).into());
-            insert_rules(&mut detail, attribution.rule.as_ref());
             if *verdict != Verdict::Allow {
                 tracing::warn!(session = %session, pid = origin.pid, filename, "exec denied");
             }
-            (EventKind::Exec, Some(*verdict))
+            let fields = ExecDetail {
+                // The creator, if we saw the fork, even when the process has since been reparented.
+                ppid: attribution.creator.unwrap_or(*ppid),
+                parent_at_exec: *ppid,
+                uid: *uid,
+                filename,
+                filename_truncated: *filename_truncated,
+                argv,
+                argv_truncated: *argv_truncated,
+                rule: rules.and(decided).map(ToString::to_string),
+                grant_rules: rules,
+            };
+            (EventKind::Exec, Some(*verdict), detail_of(&fields, rules))
         }
         KernelEvent::Fork { child_pid, .. } => {
-            detail.insert("child_pid".into(), (*child_pid).into());
-            (EventKind::Fork, None)
+            (EventKind::Fork, None, detail_of(&ForkDetail { child_pid: *child_pid }, None))
         }
         KernelEvent::Exit { code, signal, .. } => {
-            detail.insert("exit_code".into(), code.map_or(Value::Null, Value::from));
-            detail.insert("signal".into(), signal.map_or(Value::Null, Value::from));
-            (EventKind::Exit, None)
+            (EventKind::Exit, None, detail_of(&ExitDetail { exit_code: *code, signal: *signal }, None))
         }
         KernelEvent::Connect { verdict, addr, port, family, protocol, send, .. } => {
             if *verdict == Verdict::Deny {
                 tracing::info!(session = %session, pid = origin.pid, %addr, port, "connect denied");
             }
-            let decided = attribution.rule.as_ref();
             let fields = ConnectDetail {
                 rule: decided.map(ToString::to_string),
-                grant_rules: decided.map(|d| d.0.as_slice()).filter(|rules| !rules.is_empty()),
+                grant_rules: rules,
                 family: *family,
                 addr: *addr,
                 port: *port,
                 protocol,
                 send: *send,
             };
-            let grant_rules = fields.grant_rules.unwrap_or_default();
-            let grant_rules = grant_rules.iter().map(|r| (r.grant.clone(), r.rule.clone())).collect();
-            match Detail::json(&fields, grant_rules) {
-                Ok(detail) => {
-                    log.kernel_event(
-                        session,
-                        origin.boot_ns,
-                        origin.pid,
-                        RecordKind::Kernel(EventKind::Connect),
-                        Some(RecordVerdict::Kernel(*verdict)),
-                        detail,
-                    );
-                }
-                Err(e) => tracing::error!(session = %session, error = %e, "cannot record a connect"),
-            }
-            return;
+            (EventKind::Connect, Some(*verdict), detail_of(&fields, rules))
         }
         KernelEvent::Socket { family, sock_type, protocol, .. } => {
-            detail.insert("family".into(), (*family).into());
-            detail.insert("type".into(), (*sock_type).into());
-            detail.insert("protocol".into(), (*protocol).into());
             tracing::info!(session = %session, pid = origin.pid, family, sock_type, protocol, "socket refused");
-            (EventKind::Socket, Some(Verdict::Deny))
+            let fields = SocketDetail { family: *family, sock_type: *sock_type, protocol: *protocol };
+            (EventKind::Socket, Some(Verdict::Deny), detail_of(&fields, None))
         }
     };
-    log.kernel_event(
-        session,
-        origin.boot_ns,
-        origin.pid,
-        RecordKind::Kernel(kind),
-        verdict.map(RecordVerdict::Kernel),
-        detail.into(),
-    );
+    match detail {
+        Ok(detail) => log.kernel_event(
+            session,
+            origin.boot_ns,
+            origin.pid,
+            RecordKind::Kernel(kind),
+            verdict.map(RecordVerdict::Kernel),
+            detail,
+        ),
+        Err(e) => tracing::error!(session = %session, error = %e, kind = ?kind, "cannot record a kernel event"),
+    }
 }
 
-/// A connect's detail, typed: the hottest record. Fields in the order the
-/// other kinds' maps keep theirs (`rule` first, then `grant_rules` when a
-/// grant's rule decided).
+/// `fields` as a record's detail, naming the grant `rules` that decided.
+fn detail_of<T: serde::Serialize>(fields: &T, rules: Option<&[RuleRef]>) -> serde_json::Result<Detail> {
+    let grant_rules = rules.unwrap_or_default().iter().map(|r| (r.grant.clone(), r.rule.clone())).collect();
+    Detail::json(fields, grant_rules)
+}
+
+/// An exec's detail. The details below are typed, not maps (an allocation
+/// per key and value, freed on the writer's thread); their fields keep the
+/// order the maps had, so records old and new read alike.
+#[derive(serde::Serialize)]
+struct ExecDetail<'a> {
+    ppid: u32,
+    parent_at_exec: u32,
+    uid: u32,
+    filename: &'a str,
+    filename_truncated: bool,
+    argv: &'a [String],
+    argv_truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant_rules: Option<&'a [RuleRef]>,
+}
+
+/// A fork's detail.
+#[derive(serde::Serialize)]
+struct ForkDetail {
+    child_pid: u32,
+}
+
+/// An exit's detail.
+#[derive(serde::Serialize)]
+struct ExitDetail {
+    exit_code: Option<u8>,
+    signal: Option<u8>,
+}
+
+/// A refused socket's detail.
+#[derive(serde::Serialize)]
+struct SocketDetail {
+    family: u32,
+    #[serde(rename = "type")]
+    sock_type: u32,
+    protocol: u32,
+}
+
+/// A connect's detail: the hottest record. Fields in the order the other
+/// kinds keep theirs (`rule` first, then `grant_rules` when a grant's rule
+/// decided).
 #[derive(serde::Serialize)]
 struct ConnectDetail<'a> {
     rule: Option<String>,
@@ -223,17 +258,6 @@ struct ConnectDetail<'a> {
     port: u16,
     protocol: &'a str,
     send: bool,
-}
-
-/// Names the grant rules that decided (`grant_rules`: grant and rule of each),
-/// which the session log counts as their use.
-fn insert_rules(detail: &mut Map<String, Value>, decided: Option<&Decided>) {
-    let Some(decided) = decided else { return };
-    if decided.0.is_empty() {
-        return;
-    }
-    detail.entry("rule").or_insert_with(|| decided.to_string().into());
-    detail.insert("grant_rules".into(), json!(decided.0));
 }
 
 /// Forwards what the programs log (through `aya-log`) into the daemon's log.
@@ -304,7 +328,59 @@ pub async fn watch_lost(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
+    use crate::policy::compile::Decided;
+
+    /// The typed exec, fork, exit and socket details are the JSON their maps
+    /// used to be, key for key and in the same order.
+    #[test]
+    fn process_and_socket_details_are_the_json_the_maps_made() {
+        let rules = [RuleRef::new("ci-exec", "exec.allow /usr/bin/git")];
+        let decided = Decided(rules.to_vec());
+        let argv = vec!["git".to_owned(), "say \"hi\"\n\u{1}".to_owned(), "caf\u{e9}".to_owned()];
+        for with_rules in [true, false] {
+            let fields = ExecDetail {
+                ppid: 7,
+                parent_at_exec: 1,
+                uid: 1000,
+                filename: "/usr/bin/git",
+                filename_truncated: false,
+                argv: &argv,
+                argv_truncated: true,
+                rule: with_rules.then(|| decided.to_string()),
+                grant_rules: with_rules.then_some(&rules[..]),
+            };
+            let mut map = Map::new();
+            map.insert("ppid".into(), 7.into());
+            map.insert("parent_at_exec".into(), 1.into());
+            map.insert("uid".into(), 1000.into());
+            map.insert("filename".into(), "/usr/bin/git".into());
+            map.insert("filename_truncated".into(), false.into());
+            map.insert("argv".into(), json!(argv));
+            map.insert("argv_truncated".into(), true.into());
+            if with_rules {
+                map.insert("rule".into(), "ci-exec: exec.allow /usr/bin/git".into());
+                map.insert("grant_rules".into(), json!(rules));
+            }
+            let typed = detail_of(&fields, with_rules.then_some(&rules[..])).expect("JSON");
+            assert_eq!(typed.text().expect("text"), serde_json::to_string(&map).expect("JSON"), "rules: {with_rules}");
+            assert_eq!(typed.grant_rules(), Detail::from(map).grant_rules());
+        }
+        fn text<T: serde::Serialize>(fields: &T) -> String {
+            detail_of(fields, None).expect("JSON").text().expect("text").into_owned()
+        }
+        assert_eq!(text(&ForkDetail { child_pid: 42 }), r#"{"child_pid":42}"#);
+        assert_eq!(text(&ExitDetail { exit_code: Some(3), signal: None }), r#"{"exit_code":3,"signal":null}"#);
+        assert_eq!(text(&ExitDetail { exit_code: None, signal: Some(9) }), r#"{"exit_code":null,"signal":9}"#);
+        assert_eq!(
+            text(&SocketDetail { family: 17, sock_type: 3, protocol: 768 }),
+            r#"{"family":17,"type":3,"protocol":768}"#
+        );
+        let exit = Map::from_iter([("exit_code".to_owned(), Value::Null), ("signal".to_owned(), 9.into())]);
+        assert_eq!(serde_json::to_string(&exit).expect("JSON"), text(&ExitDetail { exit_code: None, signal: Some(9) }));
+    }
 
     /// The typed connect detail is the JSON its map used to be, key for key
     /// and in the same order, so records old and new read alike.
