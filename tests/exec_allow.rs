@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{Daemon, run_with_timeout};
+use serde_json::json;
 use tempfile::TempDir;
 
 /// The x86-64 dynamic loader, which runs any file given to it.
@@ -120,6 +121,40 @@ fn a_deny_of_any_grant_wins_over_an_allow_and_explain_says_which_entry_decides()
     assert!(!files.path("m-touch").exists(), "a file allowed by one grant and denied by another ran");
     assert!(files.path("m-id").exists(), "a file the allow list names did not run: {out}");
     assert!(!files.path("m-tool").exists(), "a file no allow list names ran");
+
+    // Each exec's record names the grant rule that decided it, which the
+    // grant's use is counted from; a refusal no list names has none.
+    let session = daemon.last_session_id();
+    let show = daemon.show_until(&session, "the three execs recorded", |show| {
+        harness::session_log::events_of_kind(show, "exec").len() >= 4
+    });
+    let decided = |program: &str| {
+        let exec = harness::session_log::events_of_kind(&show, "exec")
+            .into_iter()
+            .find(|e| e["filename"] == program)
+            .unwrap_or_else(|| panic!("no exec of {program} recorded: {show:#}"));
+        // Refused: `deny` where the LSM hook runs, `killed` in kill-on-exec mode.
+        let refused = matches!(exec["verdict"].as_str(), Some("deny" | "killed"));
+        (exec.get("rule").cloned(), exec.get("grant_rules").cloned(), refused)
+    };
+    assert_eq!(
+        decided("/usr/bin/id"),
+        (
+            Some(json!("tools: exec.allow /usr/bin/")),
+            Some(json!([{"grant": "tools", "rule": "exec.allow /usr/bin/"}])),
+            false
+        )
+    );
+    assert_eq!(
+        decided("/usr/bin/touch"),
+        (
+            Some(json!("no-touch: exec.deny /usr/bin/touch")),
+            Some(json!([{"grant": "no-touch", "rule": "exec.deny /usr/bin/touch"}])),
+            true
+        )
+    );
+    let tool = format!("{d}/tool");
+    assert_eq!(decided(&tool), (None, None, true));
 
     let policy_file = files.path("policy.yaml");
     fs::write(&policy_file, policy(grants)).expect("policy file");

@@ -136,8 +136,9 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
     };
     let session = attribution.session;
     let decided = attribution.rule.as_ref();
-    // The grant rules that decided, if any: the session log counts them as their use.
-    let rules = decided.map(|d| d.0.as_slice()).filter(|rules| !rules.is_empty());
+    // Where a grant's rules decided: the session log counts them as their use.
+    let by_grant = decided.filter(|d| !d.0.is_empty());
+    let grant_rules = by_grant.map(|d| d.0.as_slice());
     // Each kind's detail is typed and serialized here, on the reader, so
     // the log's writer gets one string to store (see `Detail::json`).
     let (kind, verdict, detail) = match event {
@@ -154,10 +155,10 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
                 filename_truncated: *filename_truncated,
                 argv,
                 argv_truncated: *argv_truncated,
-                rule: rules.and(decided).map(ToString::to_string),
-                grant_rules: rules,
+                rule: by_grant.map(ToString::to_string),
+                grant_rules,
             };
-            (EventKind::Exec, Some(*verdict), detail_of(&fields, rules))
+            (EventKind::Exec, Some(*verdict), detail_of(&fields, grant_rules))
         }
         KernelEvent::Fork { child_pid, .. } => {
             (EventKind::Fork, None, detail_of(&ForkDetail { child_pid: *child_pid }, None))
@@ -171,14 +172,14 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
             }
             let fields = ConnectDetail {
                 rule: decided.map(ToString::to_string),
-                grant_rules: rules,
+                grant_rules,
                 family: *family,
                 addr: *addr,
                 port: *port,
                 protocol,
                 send: *send,
             };
-            (EventKind::Connect, Some(*verdict), detail_of(&fields, rules))
+            (EventKind::Connect, Some(*verdict), detail_of(&fields, grant_rules))
         }
         KernelEvent::Socket { family, sock_type, protocol, .. } => {
             tracing::info!(session = %session, pid = origin.pid, family, sock_type, protocol, "socket refused");
@@ -199,10 +200,10 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
     }
 }
 
-/// `fields` as a record's detail, naming the grant `rules` that decided.
-fn detail_of<T: serde::Serialize>(fields: &T, rules: Option<&[RuleRef]>) -> serde_json::Result<Detail> {
-    let grant_rules = rules.unwrap_or_default().iter().map(|r| (r.grant.clone(), r.rule.clone())).collect();
-    Detail::json(fields, grant_rules)
+/// `fields` as a record's detail, naming the `grant_rules` that decided.
+fn detail_of<T: serde::Serialize>(fields: &T, grant_rules: Option<&[RuleRef]>) -> serde_json::Result<Detail> {
+    let named = grant_rules.unwrap_or_default().iter().map(|r| (r.grant.clone(), r.rule.clone())).collect();
+    Detail::json(fields, named)
 }
 
 /// An exec's detail. The details below are typed, not maps (an allocation
@@ -245,9 +246,8 @@ struct SocketDetail {
     protocol: u32,
 }
 
-/// A connect's detail: the hottest record. Fields in the order the other
-/// kinds keep theirs (`rule` first, then `grant_rules` when a grant's rule
-/// decided).
+/// A connect's detail: the hottest record. `rule` is always there (null
+/// when none decided), and `grant_rules` follows it when a grant's rules did.
 #[derive(serde::Serialize)]
 struct ConnectDetail<'a> {
     rule: Option<String>,
@@ -373,7 +373,6 @@ mod tests {
         }
         assert_eq!(text(&ForkDetail { child_pid: 42 }), r#"{"child_pid":42}"#);
         assert_eq!(text(&ExitDetail { exit_code: Some(3), signal: None }), r#"{"exit_code":3,"signal":null}"#);
-        assert_eq!(text(&ExitDetail { exit_code: None, signal: Some(9) }), r#"{"exit_code":null,"signal":9}"#);
         assert_eq!(
             text(&SocketDetail { family: 17, sock_type: 3, protocol: 768 }),
             r#"{"family":17,"type":3,"protocol":768}"#
