@@ -16,6 +16,9 @@ fn a_quick_benchmark_runs_every_row_with_sane_numbers() {
             }
             assert!(series.median() > 0.0 && series.median().is_finite(), "{}: {}\n{table}", row.what, series.name);
         }
+        for ratio in &row.ratios {
+            assert!(ratio.value.is_finite(), "{}: {}\n{table}", row.what, ratio.name);
+        }
     }
     assert_eq!(report.lost, 0, "nothing lost:\n{table}");
     let ingestion = report.rows.iter().find(|r| r.what == "session log ingestion").expect("the ingestion row");
@@ -26,6 +29,8 @@ fn a_quick_benchmark_runs_every_row_with_sane_numbers() {
         Plan::QUICK.execs
     );
     assert!(ingestion.workload.contains(&every), "every connect and exec (and the shell's own) recorded: {table}");
+    let share = ingestion.ratios.iter().find(|r| r.name == "of the loop's own rate").expect("the ceiling's ratio");
+    assert!(share.value > 0.0, "ingestion is compared with the loop's own rate: {table}");
 }
 
 /// The nginx peers are measured doing a reverse proxy's work only: were one
