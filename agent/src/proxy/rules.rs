@@ -124,29 +124,41 @@ pub fn mask(masks: &[Mask], body: &[u8], json_declared: bool) -> Result<(Vec<u8>
             Err(_) => {}
         }
     }
-    // Checked first: `from_utf8` reads valid text many times faster than
-    // the lossy conversion, which was a seventh of the time of masking.
-    let original = match std::str::from_utf8(body) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(body),
-    };
-    let mut current: Cow<'_, str> = match text {
+    let has_regexes = masks.iter().any(|m| matches!(m, Mask::Regex { .. }));
+    let current: Cow<'_, str> = match text {
         Some(masked) => masked.into(),
-        None => original,
+        // Nothing replaced and nothing more to look for: the body as it came.
+        None if !has_regexes => return Ok((body.to_vec(), 0)),
+        // Checked first: `from_utf8` reads valid text many times faster than
+        // the lossy conversion, which was a seventh of the time of masking.
+        None => match std::str::from_utf8(body) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(body),
+        },
     };
-    for m in masks {
-        if let Mask::Regex { regex, replace } = m {
-            let (replaced, found) = replace_counting(&regex.0, &current, replace);
-            if found > 0 {
-                count += found;
-                current = Cow::Owned(replaced.into_owned());
-            }
-        }
-    }
+    let (current, found) = mask_regexes(masks, current);
+    count += found;
     if count == 0 {
         return Ok((body.to_vec(), 0));
     }
     Ok((current.into_owned().into_bytes(), count))
+}
+
+/// Applies the regex masks, in order, to `text` (a body or a header value).
+/// Returns the text, borrowed when nothing matched, and how many values
+/// were replaced.
+pub fn mask_regexes<'t>(masks: &[Mask], mut text: Cow<'t, str>) -> (Cow<'t, str>, usize) {
+    let mut count = 0;
+    for m in masks {
+        if let Mask::Regex { regex, replace } = m {
+            let (replaced, found) = replace_counting(&regex.0, &text, replace);
+            if found > 0 {
+                count += found;
+                text = Cow::Owned(replaced.into_owned());
+            }
+        }
+    }
+    (text, count)
 }
 
 /// `text` with every match of `regex` replaced (`$1`, `${name}` expanded

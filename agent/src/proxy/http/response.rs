@@ -65,18 +65,11 @@ fn mask_headers(masks: &[Mask], headers: &mut hyper::HeaderMap) -> usize {
             continue;
         }
         let Ok(text) = value.to_str() else { continue };
-        let mut current = text.to_owned();
-        for m in masks {
-            if let Mask::Regex { regex, replace } = m {
-                let (replaced, found) = crate::proxy::rules::replace_counting(&regex.0, &current, replace);
-                if found > 0 {
-                    count += found;
-                    current = replaced.into_owned();
-                }
-            }
-        }
-        if current != text {
-            *value = HeaderValue::from_str(&current).unwrap_or_else(|_| HeaderValue::from_static("****"));
+        let (masked, found) = crate::proxy::rules::mask_regexes(masks, text.into());
+        if found > 0 {
+            count += found;
+            let masked = masked.into_owned();
+            *value = HeaderValue::from_str(&masked).unwrap_or_else(|_| HeaderValue::from_static("****"));
         }
     }
     count
