@@ -112,6 +112,46 @@ fn recorded_response_bodies_are_cut_at_record_body_bytes() {
     assert_eq!(event["response_bytes"], exchange.body.len(), "the size is the whole body's:\n{}", pretty(&show));
 }
 
+/// A large answer (masked on the blocking pool, not its proxy thread) is masked as a small one
+/// is: every value, counted, with nothing else changed; and one the masks cannot read is refused.
+#[test]
+fn large_answers_are_masked_whole_or_refused() {
+    let fx = Fixture::start(&[]);
+    let tag = unique_tag();
+    // About 400 KiB: past the size the proxy masks off its thread.
+    let users = 4000;
+    let entries: Vec<String> = (0..users)
+        .map(|i| format!(r#"{{"name":"u{i}","email":"u{i}.{tag}@example.com","note":"card 4111-2222-3333-{i:04}"}}"#))
+        .collect();
+    let body = format!(r#"{{"users":[{}],"total":{users}}}"#, entries.join(","));
+    assert!(body.len() > 256 << 10, "the body must be past the off-thread size: {} bytes", body.len());
+    fx.upstream.set_reply(200, &body);
+
+    let exchange = fx.curl(&[&fx.url("/users")]);
+    exchange.assert_status(200, "a large masked response");
+    assert!(!exchange.body.contains(&format!(".{tag}@example.com")), "the client saw a clear email");
+    assert!(!exchange.body.contains("4111-2222-3333-"), "the client saw a clear card number");
+    let json = exchange.json();
+    let got = json["users"].as_array().map(Vec::len);
+    assert_eq!(got, Some(users), "every user arrives");
+    assert_eq!(json["users"][users - 1]["name"], format!("u{}", users - 1), "unmasked values are kept");
+    assert_eq!(json["users"][users - 1]["email"], "****");
+    assert_eq!(json["users"][7]["note"], "card ****-****-****-****");
+    let show =
+        fx.daemon.show_until(&exchange.session, "the large exchange", |show| has_http_event(show, "GET", "/users"));
+    let event = http_event(&show, "GET", "/users");
+    assert_eq!(event["masked"], 2 * users, "each email and card number is counted");
+    assert_eq!(event["response_bytes"], exchange.body.len());
+
+    // The same size with a key twice: which one a client reads is unknown, so it is refused.
+    let twice = format!(r#"{{"users":[{}],"users":[]}}"#, entries.join(","));
+    fx.upstream.set_raw_reply(200, &["Content-Type: application/json"], twice.as_bytes());
+    let refused = fx.curl(&[&fx.url("/twice")]);
+    refused.assert_status(502, "a large answer the masks cannot read");
+    assert_eq!(refused.json()["error"], "the response could not be masked", "{refused}");
+    assert!(!refused.body.contains(&format!(".{tag}@example.com")), "the client saw a clear email: {refused}");
+}
+
 /// gzip of `text`, made by Python's gzip module (a real compressed body).
 fn gzip(text: &str) -> Vec<u8> {
     let out = std::process::Command::new("python3")
