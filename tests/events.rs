@@ -84,7 +84,7 @@ fn undelivered_events_are_counted_in_their_sessions_record_and_every_one_is_acco
     let out = daemon.run(&token, &["python3", "-c", &flood_script()]);
     assert_eq!(out.code(), Some(0), "the flood did not run as expected: {out}");
     let id = daemon.last_session_id();
-    let (_, lost) = assert_accounted(&daemon, &id, ATTEMPTS);
+    let (recorded, lost) = assert_accounted(&daemon, &id, ATTEMPTS);
     assert!(lost > 0, "a 16 KiB ring buffer kept up with {ATTEMPTS} connects; the test proves nothing");
     let show = daemon.show(&id);
     let (_, reasons) = lost_in_record(&show, "connect");
@@ -93,6 +93,28 @@ fn undelivered_events_are_counted_in_their_sessions_record_and_every_one_is_acco
     let total = status["events_lost_by_kind"]["connect"].as_u64().unwrap_or_else(|| panic!("{status}"));
     assert_eq!(total, lost, "status counts what the record says was lost: {status}");
     assert!(daemon.log().contains("were not delivered"), "the loss was not logged:\n{}", daemon.log());
+    // The daemon's log shows a few refusals a second and counts the rest
+    // (once each second has ended): a session refused in a loop does not
+    // flood it, and every refusal delivered is a line or counted.
+    let in_log = |log: &str| {
+        let lines = log.lines().filter(|l| l.contains("connect denied") && l.contains(id.as_str())).count() as u64;
+        let counted: u64 = log
+            .lines()
+            .filter(|l| l.contains("refusals not logged one by one") && l.contains(id.as_str()))
+            .filter_map(|l| l.split("count=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        (lines, counted)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (lines, counted) = loop {
+        let (lines, counted) = in_log(&daemon.log());
+        if lines + counted >= recorded || Instant::now() > deadline {
+            break (lines, counted);
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(lines + counted, recorded, "{lines} lines and {counted} counted for {recorded} denied connects");
+    assert!((1..=100).contains(&lines), "{lines} lines of denied connects for {recorded}: the log is flooded");
 }
 
 /// While one session floods, a quiet session's events all arrive: every

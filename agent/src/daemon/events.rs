@@ -7,6 +7,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -21,7 +22,7 @@ use crate::{
     },
     policy::compile::RuleRef,
     session::Sessions,
-    store::{Detail, RecordKind, RecordVerdict, SessionLog},
+    store::{Detail, RecordKind, RecordVerdict, SessionId, SessionLog},
 };
 
 /// Events the kernel could not deliver, per event kind slot, as counted so far.
@@ -46,6 +47,7 @@ pub async fn read(
     backlog: Arc<EventBacklog>,
 ) -> anyhow::Result<()> {
     let mut touched = Vec::new();
+    let mut refusals = RefusalLines::default();
     // The programs wake this reader only once the buffer fills past a level;
     // below it, the reader drains on its own, often, and at once when a
     // session's end waits for its last events.
@@ -63,16 +65,20 @@ pub async fn read(
         };
         match woken {
             Some(mut guard) => {
-                let turn = read_some(guard.get_inner_mut(), &sessions, &log, &mut consumed, &mut touched);
+                let turn =
+                    read_some(guard.get_inner_mut(), &sessions, &log, &mut consumed, &mut touched, &mut refusals);
                 if turn == Turn::Drained {
                     // Wait for the kernel (or the next tick).
                     guard.clear_ready();
                 }
             }
             None => {
-                while read_some(ring.get_mut(), &sessions, &log, &mut consumed, &mut touched) == Turn::Full {
+                while read_some(ring.get_mut(), &sessions, &log, &mut consumed, &mut touched, &mut refusals)
+                    == Turn::Full
+                {
                     tokio::task::yield_now().await;
                 }
+                refusals.report_ended(Instant::now());
             }
         }
         tokio::task::yield_now().await;
@@ -101,6 +107,7 @@ fn read_some(
     log: &SessionLog,
     consumed: &mut ConsumedBytes,
     touched: &mut Vec<u64>,
+    refusals: &mut RefusalLines,
 ) -> Turn {
     let mut turn = Turn::Full;
     for _ in 0..EVENTS_PER_TURN {
@@ -119,7 +126,7 @@ fn read_some(
                 if !touched.contains(&cgroup_id) {
                     touched.push(cgroup_id);
                 }
-                record(sessions, log, &event);
+                record(sessions, log, &event, refusals);
             }
             Err(e) => tracing::error!(error = %e, "undecodable kernel event"),
         }
@@ -128,7 +135,79 @@ fn read_some(
     turn
 }
 
-fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
+/// Refusal lines in the daemon's log per session and kind in each
+/// [`REFUSAL_LINE_WINDOW`]; past that they are counted, and the count is
+/// logged once the window ends.
+const REFUSAL_LINES_PER_WINDOW: u32 = 5;
+const REFUSAL_LINE_WINDOW: Duration = Duration::from_secs(1);
+
+/// The daemon's log lines for refused execs, connects and sockets, a few per
+/// session and kind each second: a session refused in a loop must neither
+/// flood the daemon's log (and the journal) nor spend the reader's time on
+/// lines while its events wait. Every refusal is in the session's record.
+#[derive(Default)]
+struct RefusalLines {
+    windows: HashMap<SessionId, Vec<RefusalWindow>>,
+}
+
+struct RefusalWindow {
+    kind: &'static str,
+    started: Instant,
+    shown: u32,
+    hidden: u64,
+}
+
+impl RefusalLines {
+    /// Whether this refusal gets its own line.
+    fn shown(&mut self, session: &SessionId, kind: &'static str, now: Instant) -> bool {
+        let fresh = RefusalWindow { kind, started: now, shown: 0, hidden: 0 };
+        let windows = match self.windows.get_mut(session) {
+            Some(windows) => windows,
+            None => self.windows.entry(session.clone()).or_default(),
+        };
+        let window = match windows.iter().position(|w| w.kind == kind) {
+            Some(at) => &mut windows[at],
+            None => {
+                windows.push(fresh);
+                let last = windows.len() - 1;
+                &mut windows[last]
+            }
+        };
+        if now.duration_since(window.started) >= REFUSAL_LINE_WINDOW {
+            report_hidden(session, window);
+            *window = RefusalWindow { kind, started: now, shown: 0, hidden: 0 };
+        }
+        if window.shown < REFUSAL_LINES_PER_WINDOW {
+            window.shown += 1;
+            true
+        } else {
+            window.hidden += 1;
+            false
+        }
+    }
+
+    /// Logs the counts of windows that have ended, and forgets them.
+    fn report_ended(&mut self, now: Instant) {
+        self.windows.retain(|session, windows| {
+            windows.retain(|window| {
+                let ended = now.duration_since(window.started) >= REFUSAL_LINE_WINDOW;
+                if ended {
+                    report_hidden(session, window);
+                }
+                !ended
+            });
+            !windows.is_empty()
+        });
+    }
+}
+
+fn report_hidden(session: &SessionId, window: &RefusalWindow) {
+    if window.hidden > 0 {
+        tracing::warn!(session = %session, kind = window.kind, count = window.hidden, "refusals not logged one by one (more than a few a second); each is in the session's record");
+    }
+}
+
+fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent, refusals: &mut RefusalLines) {
     let origin = event.origin();
     let Some(attribution) = sessions.attribute(event) else {
         tracing::debug!(cgroup_id = origin.cgroup_id, "event for a cgroup with no session");
@@ -143,7 +222,7 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
     // the log's writer gets one string to store (see `Detail::json`).
     let (kind, verdict, detail) = match event {
         KernelEvent::Exec { ppid, uid, verdict, filename, filename_truncated, argv, argv_truncated, .. } => {
-            if *verdict != Verdict::Allow {
+            if *verdict != Verdict::Allow && refusals.shown(&session, "exec", Instant::now()) {
                 tracing::warn!(session = %session, pid = origin.pid, filename, "exec denied");
             }
             let fields = ExecDetail {
@@ -167,7 +246,7 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
             (EventKind::Exit, None, detail_of(&ExitDetail { exit_code: *code, signal: *signal }, None))
         }
         KernelEvent::Connect { verdict, addr, port, family, protocol, send, .. } => {
-            if *verdict == Verdict::Deny {
+            if *verdict == Verdict::Deny && refusals.shown(&session, "connect", Instant::now()) {
                 tracing::info!(session = %session, pid = origin.pid, %addr, port, "connect denied");
             }
             let fields = ConnectDetail {
@@ -182,7 +261,9 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent) {
             (EventKind::Connect, Some(*verdict), detail_of(&fields, grant_rules))
         }
         KernelEvent::Socket { family, sock_type, protocol, .. } => {
-            tracing::info!(session = %session, pid = origin.pid, family, sock_type, protocol, "socket refused");
+            if refusals.shown(&session, "socket", Instant::now()) {
+                tracing::info!(session = %session, pid = origin.pid, family, sock_type, protocol, "socket refused");
+            }
             let fields = SocketDetail { family: *family, sock_type: *sock_type, protocol: *protocol };
             (EventKind::Socket, Some(Verdict::Deny), detail_of(&fields, None))
         }
@@ -411,5 +492,36 @@ mod tests {
         let fields = ConnectDetail { rule: None, grant_rules: None, ..fields };
         let text = serde_json::to_string(&fields).expect("JSON");
         assert_eq!(text, r#"{"rule":null,"family":6,"addr":"2001:db8::1","port":443,"protocol":"tcp","send":false}"#);
+    }
+
+    /// A few refusals a second per session and kind get a line each; the
+    /// rest are counted, and the count goes once the second has ended.
+    #[test]
+    fn refusal_lines_are_a_few_a_second_per_session_and_kind() {
+        let mut lines = RefusalLines::default();
+        let (flood, quiet): (SessionId, SessionId) =
+            ("s-00000000000000aa".parse().expect("id"), "s-00000000000000bb".parse().expect("id"));
+        let start = Instant::now();
+        let shown = (0..100).filter(|_| lines.shown(&flood, "connect", start)).count();
+        assert_eq!(shown, REFUSAL_LINES_PER_WINDOW as usize);
+        assert!(lines.shown(&flood, "exec", start), "another kind has lines of its own");
+        assert!(lines.shown(&quiet, "connect", start), "another session has lines of its own");
+        let hidden = |lines: &RefusalLines, session: &SessionId, kind: &str| {
+            lines.windows.get(session).and_then(|w| w.iter().find(|w| w.kind == kind)).map(|w| w.hidden)
+        };
+        assert_eq!(hidden(&lines, &flood, "connect"), Some(95));
+
+        // Within the second nothing ends; after it, every window is reported and forgotten.
+        lines.report_ended(start + REFUSAL_LINE_WINDOW / 2);
+        assert_eq!(hidden(&lines, &flood, "connect"), Some(95));
+        lines.report_ended(start + REFUSAL_LINE_WINDOW);
+        assert!(lines.windows.is_empty());
+
+        // A refusal after the window opens a new one, with lines again.
+        let later = start + REFUSAL_LINE_WINDOW * 2;
+        let shown = (0..10).filter(|_| lines.shown(&flood, "connect", later)).count();
+        assert_eq!(shown, REFUSAL_LINES_PER_WINDOW as usize);
+        assert!(lines.shown(&flood, "connect", later + REFUSAL_LINE_WINDOW), "the next window shows lines again");
+        assert_eq!(hidden(&lines, &flood, "connect"), Some(0));
     }
 }
