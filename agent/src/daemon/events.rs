@@ -157,25 +157,28 @@ struct RefusalWindow {
     hidden: u64,
 }
 
+impl RefusalWindow {
+    fn new(kind: &'static str, started: Instant) -> Self {
+        Self { kind, started, shown: 0, hidden: 0 }
+    }
+}
+
 impl RefusalLines {
     /// Whether this refusal gets its own line.
     fn shown(&mut self, session: &SessionId, kind: &'static str, now: Instant) -> bool {
-        let fresh = RefusalWindow { kind, started: now, shown: 0, hidden: 0 };
+        // Looked up before inserting: no copy of the id per refusal.
         let windows = match self.windows.get_mut(session) {
             Some(windows) => windows,
             None => self.windows.entry(session.clone()).or_default(),
         };
-        let window = match windows.iter().position(|w| w.kind == kind) {
-            Some(at) => &mut windows[at],
-            None => {
-                windows.push(fresh);
-                let last = windows.len() - 1;
-                &mut windows[last]
-            }
-        };
+        let at = windows.iter().position(|w| w.kind == kind).unwrap_or_else(|| {
+            windows.push(RefusalWindow::new(kind, now));
+            windows.len() - 1
+        });
+        let window = &mut windows[at];
         if now.duration_since(window.started) >= REFUSAL_LINE_WINDOW {
             report_hidden(session, window);
-            *window = RefusalWindow { kind, started: now, shown: 0, hidden: 0 };
+            *window = RefusalWindow::new(kind, now);
         }
         if window.shown < REFUSAL_LINES_PER_WINDOW {
             window.shown += 1;

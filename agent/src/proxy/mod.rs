@@ -178,7 +178,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, listeners: Vec<TcpListener>) -> anyhow::R
         .map(|listener| {
             let address = listener.local_addr().context("the proxy listener's address")?;
             let listener = listener.into_std().context("taking the proxy listener off the runtime")?;
-            Ok(Shared { listener, address, slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)) })
+            Ok(SharedListener { listener, address, slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)) })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (ended, mut failure) = tokio::sync::mpsc::unbounded_channel();
@@ -187,7 +187,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, listeners: Vec<TcpListener>) -> anyhow::R
             .iter()
             .map(|shared| {
                 let listener = shared.listener.try_clone().context("sharing the proxy listener with a proxy thread")?;
-                Ok(Shared { listener, address: shared.address, slots: shared.slots.clone() })
+                Ok(SharedListener { listener, address: shared.address, slots: shared.slots.clone() })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (ctx, ended) = (ctx.clone(), ended.clone());
@@ -217,14 +217,14 @@ fn threads() -> usize {
 }
 
 /// A listening socket every proxy thread accepts from, and its connection slots.
-struct Shared {
+struct SharedListener {
     listener: std::net::TcpListener,
     address: SocketAddr,
     slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// One proxy thread: its own runtime, accepting from every listener.
-fn serve_on_this_thread(ctx: Arc<ProxyCtx>, listeners: Vec<Shared>) -> anyhow::Result<()> {
+fn serve_on_this_thread(ctx: Arc<ProxyCtx>, listeners: Vec<SharedListener>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
