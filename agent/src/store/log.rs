@@ -67,12 +67,33 @@ impl SessionLog {
         verdict: RecordVerdict,
         detail: impl RecordFields,
     ) {
+        let exchange = (kind == RecordKind::Http).then(|| Exchange {
+            outcome: detail.field("outcome").and_then(Value::as_str).unwrap_or("unknown"),
+            duration_ms: detail.field("duration_ms").and_then(Value::as_f64),
+        });
+        self.count(kind, verdict, exchange);
+        self.write_decision(session, pid, kind, verdict, Detail::rendered(detail));
+    }
+
+    /// Records a decision made now about what process `pid` asked, whose
+    /// detail is rendered already (the proxy's typed records), with how an
+    /// HTTP exchange ended where it is one (for `/metrics`).
+    pub fn decided_rendered(
+        &self,
+        session: &SessionId,
+        pid: u32,
+        kind: RecordKind,
+        verdict: RecordVerdict,
+        detail: Detail,
+        exchange: Option<Exchange<'_>>,
+    ) {
+        self.count(kind, verdict, exchange);
+        self.write_decision(session, pid, kind, verdict, detail);
+    }
+
+    fn write_decision(&self, session: &SessionId, pid: u32, kind: RecordKind, verdict: RecordVerdict, detail: Detail) {
         let at = rfc3339(SystemTime::now());
-        self.count(kind, verdict, &detail);
-        self.writer.event(
-            session.clone(),
-            EventRecord { at, kind, pid, verdict: Some(verdict), detail: Detail::rendered(detail) },
-        );
+        self.writer.event(session.clone(), EventRecord { at, kind, pid, verdict: Some(verdict), detail });
     }
 
     /// Records a fact about a session, now, that is no decision (events
@@ -83,13 +104,9 @@ impl SessionLog {
             .event(session.clone(), EventRecord { at, kind, pid: 0, verdict: None, detail: Detail::rendered(detail) });
     }
 
-    /// Counts a userspace decision for `/metrics`, and an HTTP exchange's
-    /// outcome and duration.
-    fn count(&self, kind: RecordKind, verdict: RecordVerdict, detail: &impl RecordFields) {
-        let exchange = (kind == RecordKind::Http).then(|| Exchange {
-            outcome: detail.field("outcome").and_then(Value::as_str).unwrap_or("unknown"),
-            duration_ms: detail.field("duration_ms").and_then(Value::as_f64),
-        });
+    /// Counts a userspace decision for `/metrics`, with how an HTTP
+    /// exchange ended where it is one.
+    fn count(&self, kind: RecordKind, verdict: RecordVerdict, exchange: Option<Exchange<'_>>) {
         self.stats.record(kind.as_str(), Some(verdict.as_str()), exchange);
     }
 

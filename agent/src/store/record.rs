@@ -192,7 +192,13 @@ impl Detail {
     pub fn rendered<F: RecordFields>(fields: F) -> Self {
         let grant_rules =
             grant_rules_in(fields.field("grant_rules")).map(|(g, r)| (g.to_owned(), r.to_owned())).collect();
-        match serde_json::to_string(&fields) {
+        Self::render(&fields, grant_rules)
+    }
+
+    /// `fields`, typed, as JSON text now, naming `grant_rules`; a record
+    /// that cannot be rendered is kept, saying so.
+    pub fn render<T: Serialize>(fields: &T, grant_rules: Vec<(String, String)>) -> Self {
+        match serde_json::to_string(fields) {
             Ok(text) => Self::Json { text, grant_rules },
             Err(e) => {
                 // Not expected of JSON values; the record is kept, saying so.
@@ -238,9 +244,9 @@ impl RecordFields for Map<String, Value> {
 pub struct FieldList(Vec<(&'static str, Value)>);
 
 impl FieldList {
-    /// No fields yet.
+    /// No fields yet (and nothing allocated until one is set).
     pub fn new() -> Self {
-        Self(Vec::with_capacity(16))
+        Self(Vec::new())
     }
 
     /// Sets `key` (where it was, if it was set before).
@@ -260,6 +266,11 @@ impl FieldList {
     /// The field `key`, to change, if set.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
         self.0.iter_mut().find(|(name, _)| *name == key).map(|(_, value)| value)
+    }
+
+    /// Every field, in the order set.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Value)> {
+        self.0.iter().map(|(name, value)| (*name, value))
     }
 }
 

@@ -47,10 +47,7 @@ use super::{
     record::{Outcome, ProxyRecord},
     rules::normalize_path,
 };
-use crate::{
-    policy::route::Route,
-    store::{FieldList, RecordKind},
-};
+use crate::policy::route::Route;
 use admission::AdmittedBody;
 
 /// Largest request or response body the proxy reads whole (for a rule).
@@ -140,17 +137,6 @@ impl Refusal {
     }
 }
 
-/// The record of one exchange, before any rule has matched.
-fn exchange_record(governed: &Governed, method: &str, path: &str, host: &str) -> ProxyRecord {
-    let mut leading = FieldList::new();
-    leading.set("method", method);
-    leading.set("path", path);
-    leading.set("host", host);
-    let mut record = ProxyRecord::new(RecordKind::Http, governed, leading);
-    record.set("rules", Value::Array(Vec::new()));
-    record
-}
-
 /// One request: admit, rewrite, send, answer. Whatever happens, one record.
 async fn exchange(
     ctx: Arc<ProxyCtx>,
@@ -171,7 +157,7 @@ async fn exchange(
     let ambiguous =
         admission::ambiguity(&parts.headers, &raw_path, authority.as_deref(), &parts.method, &governed.route.route);
     if let Some(why) = ambiguous {
-        let mut record = exchange_record(governed, parts.method.as_str(), &raw_path, &host);
+        let mut record = ProxyRecord::exchange(governed, &parts.method, &raw_path, &host);
         record.hit(why);
         let refusal = Refusal::new(
             Outcome::Refused,
@@ -183,7 +169,7 @@ async fn exchange(
     }
     // Rules see, and the upstream receives, the path as servers will read it.
     let path = normalize_path(&raw_path);
-    let mut record = exchange_record(governed, parts.method.as_str(), &path, &host);
+    let mut record = ProxyRecord::exchange(governed, &parts.method, &path, &host);
     if parts.headers.len() > MAX_HEADERS {
         let refusal = Refusal::new(
             Outcome::Refused,
@@ -283,7 +269,7 @@ async fn exchange(
     if let (Some((_, client)), Some(permit)) = (upgrade, tunnel_slot)
         && answer.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        let closing = exchange_record(governed, method.as_str(), &path, &host);
+        let closing = ProxyRecord::exchange(governed, &method, &path, &host);
         return upgrade::tunnel(&ctx, governed, answer, client, record, closing, permit);
     }
     // A final answer without `100 Continue`: the request's body is abandoned
