@@ -98,6 +98,9 @@ pub struct Governed {
     pub subject: String,
     /// Where the client asked to go.
     pub destination: SocketAddr,
+    /// The same, as records write it: formatted once per connection, not
+    /// per exchange (a twentieth of an exchange's own instructions).
+    pub destination_text: String,
     /// The route (and grant) that governs it.
     pub route: Arc<SessionRoute>,
     /// The route's rule name.
@@ -129,7 +132,7 @@ impl Governed {
             chain: self.chain.clone(),
             uids: self.uids.clone(),
             rule: rule.to_owned(),
-            destination: self.destination.to_string(),
+            destination: self.destination_text.clone(),
             method: method.to_owned(),
             path,
             body_start,
@@ -331,5 +334,18 @@ async fn identify(ctx: &ProxyCtx, local: SocketAddr, peer: SocketAddr) -> Option
         return None;
     };
     let client_pid = original.pid;
-    Some(Governed { session, uid, identity, subject, destination, route, rule_name, chain, uids, client_pid })
+    let destination_text = destination.to_string();
+    Some(Governed {
+        session,
+        uid,
+        identity,
+        subject,
+        destination,
+        destination_text,
+        route,
+        rule_name,
+        chain,
+        uids,
+        client_pid,
+    })
 }

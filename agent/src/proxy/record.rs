@@ -250,7 +250,7 @@ impl Serialize for Stored<'_> {
                 }
             }
         }
-        map.serialize_entry("destination", &Displayed(&governed.destination))?;
+        map.serialize_entry("destination", &governed.destination_text)?;
         map.serialize_entry("client_pid", &governed.client_pid)?;
         map.serialize_entry("grant", &governed.route.grant)?;
         map.serialize_entry("route", &governed.rule_name)?;
@@ -270,15 +270,6 @@ impl Serialize for Stored<'_> {
             map.serialize_entry("duration_ms", duration_ms)?;
         }
         map.end()
-    }
-}
-
-/// A value stored as the text it displays as, written straight into the record.
-struct Displayed<'a, T>(&'a T);
-
-impl<T: std::fmt::Display> Serialize for Displayed<'_, T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self.0)
     }
 }
 
@@ -302,6 +293,7 @@ mod tests {
             identity: "bots".into(),
             subject: "b".into(),
             destination: "127.0.0.1:8080".parse().expect("an address"),
+            destination_text: "127.0.0.1:8080".into(),
             route: Arc::new(SessionRoute::of("builds", route)),
             rule_name: "builds: network.proxy 127.0.0.1/32:8080".into(),
             chain: Vec::new(),

@@ -73,6 +73,9 @@ type Upstream = Arc<Mutex<Option<SendRequest<ProxyBody>>>>;
 
 /// Serves one governed client connection (keep-alive: many requests).
 pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
+    // Shared by the connection's requests and their answers' bodies, not
+    // copied into each (its chain and names are a dozen allocations).
+    let governed = Arc::new(governed);
     let upstream: Upstream = Arc::default();
     let (pool, governed_here, upstream_here) = (ctx.http_upstreams.clone(), governed.clone(), upstream.clone());
     let service = service_fn(move |request: Request<Incoming>| {
@@ -140,7 +143,7 @@ impl Refusal {
 /// One request: admit, rewrite, send, answer. Whatever happens, one record.
 async fn exchange(
     ctx: Arc<ProxyCtx>,
-    governed: &Governed,
+    governed: &Arc<Governed>,
     upstream: &Upstream,
     mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {

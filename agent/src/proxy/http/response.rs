@@ -83,7 +83,7 @@ fn strip_bom(body: &[u8]) -> &[u8] {
 /// has gone through (with how many credentials were scrubbed, given `found`).
 fn streamed(
     ctx: &Arc<ProxyCtx>,
-    governed: &Governed,
+    governed: &Arc<Governed>,
     parts: hyper::http::response::Parts,
     body: ProxyBody,
     mut record: ProxyRecord,
@@ -153,7 +153,7 @@ async fn mask_body(governed: &Governed, body: &Bytes, json_declared: bool) -> Re
 /// (for a streamed answer, once its body has gone through).
 pub async fn respond(
     ctx: &Arc<ProxyCtx>,
-    governed: &Governed,
+    governed: &Arc<Governed>,
     answer: Response<Incoming>,
     mut record: ProxyRecord,
     sent: Sent<'_>,
