@@ -276,7 +276,7 @@ async fn accept(
                 let span = tracing::info_span!(
                     "governed",
                     session = %governed.session,
-                    destination = %governed.destination,
+                    destination = %governed.destination_text,
                 );
                 let protocol = governed.route.route.protocol;
                 match protocol {
