@@ -99,8 +99,8 @@ pub struct Governed {
     /// Where the client asked to go.
     pub destination: SocketAddr,
     /// The same, as records write it: formatted once per connection, not
-    /// per exchange (a twentieth of an exchange's own instructions).
-    pub destination_text: String,
+    /// per exchange. Set with `destination`, in `identify` only.
+    destination_text: String,
     /// The route (and grant) that governs it.
     pub route: Arc<SessionRoute>,
     /// The route's rule name.

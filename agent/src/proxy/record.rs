@@ -84,7 +84,7 @@ impl Outcome {
 
 /// The record of one connection (TLS, PostgreSQL) or exchange (HTTP),
 /// written once when it ends. Typed, and rendered to JSON once as it is
-/// written: a map of JSON values built per exchange was about a tenth of
+/// written: a list of JSON values built per exchange was about a tenth of
 /// the proxy threads' time.
 pub struct ProxyRecord {
     kind: RecordKind,
@@ -109,6 +109,13 @@ enum Leading {
     Fields(FieldList),
 }
 
+/// The fields every record writes from what it holds ([`Stored`]).
+const WRITTEN: [&str; 9] =
+    ["method", "path", "host", "destination", "client_pid", "grant", "route", "rules", "grant_rules"];
+
+/// The fields an exchange's end writes ([`Ended`]).
+const ENDED: [&str; 3] = ["outcome", "status", "duration_ms"];
+
 /// How an HTTP exchange ended.
 #[derive(Clone, Copy)]
 struct Ended {
@@ -121,6 +128,7 @@ impl ProxyRecord {
     /// A record of `kind` for a connection of `governed`: `leading` fields
     /// first, then where it went and under which route.
     pub fn new(kind: RecordKind, governed: &Governed, leading: FieldList) -> Self {
+        debug_assert_ne!(kind, RecordKind::Http, "an exchange's record is made by ProxyRecord::exchange");
         Self::with_leading(kind, governed, Leading::Fields(leading))
     }
 
@@ -151,8 +159,11 @@ impl ProxyRecord {
         }
     }
 
-    /// Sets a field.
+    /// Sets a field; not one the record writes itself ([`WRITTEN`], and an
+    /// exchange's end), which would then stand twice in the stored object.
     pub fn set(&mut self, key: &'static str, value: impl Into<Value>) {
+        let written = WRITTEN.contains(&key) || (self.kind == RecordKind::Http && ENDED.contains(&key));
+        debug_assert!(!written, "`{key}` is a field the record writes itself");
         self.fields.set(key, value);
     }
 
@@ -203,7 +214,7 @@ impl ProxyRecord {
                 outcome = outcome.as_str(),
                 method,
                 path,
-                destination = %governed.destination,
+                destination = %governed.destination_text,
                 rules = self.rules.join("; "),
                 status = status.as_u16(),
                 "request refused"
@@ -254,7 +265,7 @@ impl Serialize for Stored<'_> {
         map.serialize_entry("client_pid", &governed.client_pid)?;
         map.serialize_entry("grant", &governed.route.grant)?;
         map.serialize_entry("route", &governed.rule_name)?;
-        // An exchange always says which rules matched, if none did.
+        // An exchange always says which rules matched, even when none did.
         if record.kind == RecordKind::Http || !record.rules.is_empty() {
             map.serialize_entry("rules", &record.rules)?;
         }
@@ -277,8 +288,10 @@ impl Serialize for Stored<'_> {
 mod tests {
     use serde_json::json;
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::store::SessionId;
+    use crate::store::{SessionId, SessionRecord, Writer};
 
     fn governed() -> Governed {
         let route = serde_json::from_value(json!({
@@ -341,6 +354,88 @@ mod tests {
                 "outcome": "blocked", "status": 403, "duration_ms": 1.5,
             })
         );
+    }
+
+    /// Through the session log: the stored row is the record, `/metrics`
+    /// counts the exchange's outcome and duration, and the grant rule that
+    /// matched is counted as used.
+    #[test]
+    fn a_finished_exchange_is_stored_counted_and_its_grant_rule_used() {
+        let dir = std::env::temp_dir().join(format!("tollgate-proxy-record-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("log.db");
+        let writer = Writer::start(&path, Duration::from_millis(10), None, 64).expect("writer");
+        let log = SessionLog::new(writer.handle());
+        let governed = governed();
+        let session = SessionRecord {
+            id: governed.session.clone(),
+            identity: "bots".into(),
+            subject: "b".into(),
+            issuer: "tollgate-dev".into(),
+            claims: Value::Null,
+            host: "test".into(),
+            uid: 0,
+            privileged: true,
+            grants: vec!["builds".into()],
+            cgroup: "/sys/fs/cgroup/test".into(),
+            command: vec!["curl".into()],
+            started_at: crate::store::rfc3339(std::time::SystemTime::now()),
+            ended_at: None,
+            parent: None,
+            depth: 0,
+            reason: None,
+            ttl_secs: None,
+        };
+        log.open_session(session).expect("the session is on record");
+        let mut record = ProxyRecord::exchange(&governed, &hyper::Method::DELETE, "/x", "api:8080");
+        record.hit("block[0]: method DELETE");
+        record.finish_exchange(&log, &governed, Outcome::Blocked, StatusCode::FORBIDDEN);
+        log.flush();
+
+        let metrics = log.stats().prometheus();
+        for line in [
+            "tollgate_decisions_total{kind=\"http\",verdict=\"block\"} 1",
+            "tollgate_proxy_requests_total{outcome=\"blocked\"} 1",
+            "tollgate_proxy_request_duration_seconds_count 1",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
+        }
+        let conn = rusqlite::Connection::open(&path).expect("the log");
+        let (kind, verdict, pid, detail): (String, String, u32, String) = conn
+            .query_row(
+                "SELECT kind, verdict, pid, detail FROM events WHERE session_id = ?1",
+                [governed.session.as_str()],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .expect("one stored record");
+        assert_eq!((kind.as_str(), verdict.as_str(), pid), ("http", "block", 42));
+        let detail: Value = serde_json::from_str(&detail).expect("JSON");
+        let rule = governed.route.rule_of_hit("block[0]: method DELETE").expect("a grant rule").clone();
+        assert_eq!(detail["rules"], json!(["block[0]: method DELETE"]));
+        assert_eq!(detail["grant_rules"], json!([{"grant": rule.grant, "rule": rule.rule}]));
+        assert_eq!((detail["outcome"].as_str(), detail["status"].as_u64()), (Some("blocked"), Some(403)));
+        assert_eq!(detail["destination"], "127.0.0.1:8080");
+        let used: i64 = conn
+            .query_row(
+                "SELECT count FROM grant_usage WHERE grant_name = ?1 AND rule = ?2",
+                [rule.grant.as_str(), rule.rule.as_str()],
+                |row| row.get(0),
+            )
+            .expect("the grant rule counted");
+        assert_eq!(used, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A field the record writes itself, set again, would stand twice in
+    /// the stored object (readers disagree on which one counts).
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "is a field the record writes itself")]
+    fn a_field_the_record_writes_itself_is_not_set_again() {
+        let governed = governed();
+        let mut record = ProxyRecord::exchange(&governed, &hyper::Method::GET, "/", "api:8080");
+        record.set("outcome", "forwarded");
     }
 
     #[test]

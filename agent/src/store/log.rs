@@ -77,7 +77,8 @@ impl SessionLog {
 
     /// Records a decision made now about what process `pid` asked, whose
     /// detail is rendered already (the proxy's typed records), with how an
-    /// HTTP exchange ended where it is one (for `/metrics`).
+    /// HTTP exchange ended (for `/metrics`; only a record of kind HTTP
+    /// counts as a request through the proxy).
     pub fn decided_rendered(
         &self,
         session: &SessionId,
@@ -87,7 +88,7 @@ impl SessionLog {
         detail: Detail,
         exchange: Option<Exchange<'_>>,
     ) {
-        self.count(kind, verdict, exchange);
+        self.count(kind, verdict, exchange.filter(|_| kind == RecordKind::Http));
         self.write_decision(session, pid, kind, verdict, detail);
     }
 

@@ -198,14 +198,10 @@ impl Detail {
     /// `fields`, typed, as JSON text now, naming `grant_rules`; a record
     /// that cannot be rendered is kept, saying so.
     pub fn render<T: Serialize>(fields: &T, grant_rules: Vec<(String, String)>) -> Self {
-        match serde_json::to_string(fields) {
-            Ok(text) => Self::Json { text, grant_rules },
-            Err(e) => {
-                // Not expected of JSON values; the record is kept, saying so.
-                let text = serde_json::json!({ "unrenderable": e.to_string() }).to_string();
-                Self::Json { text, grant_rules }
-            }
-        }
+        // Not expected (no map with non-string keys is recorded).
+        let text = serde_json::to_string(fields)
+            .unwrap_or_else(|e| serde_json::json!({ "unrenderable": e.to_string() }).to_string());
+        Self::Json { text, grant_rules }
     }
 }
 

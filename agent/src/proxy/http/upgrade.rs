@@ -115,7 +115,7 @@ pub fn slot(ctx: &ProxyCtx) -> Result<OwnedSemaphorePermit, Refusal> {
 /// has its handshake on record).
 pub fn tunnel(
     ctx: &Arc<ProxyCtx>,
-    governed: &Governed,
+    governed: &Arc<Governed>,
     mut answer: Response<Incoming>,
     client: OnUpgrade,
     record: ProxyRecord,
