@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use harness::session_log::{
-    argv, events, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, fork_of, parse_rfc3339, pretty, process,
-    same_path, str_field, u64_field,
+    argv, events, events_of_kind, exec_with_arg, execs_of_file, exit_of, expect_exec_with_arg, fork_of, parse_rfc3339,
+    pretty, process, same_path, str_field, u64_field,
 };
 use harness::{Daemon, unique_tag};
 use serde_json::Value;
@@ -190,7 +190,54 @@ fn long_argv_is_recorded_truncated() {
     let exec = execs_of_file(&show, echo)[0];
     assert_eq!(exec["argv_truncated"], true, "4 KiB of argv was not flagged truncated:\n{context}");
 
-    // What was kept is a faithful prefix: whole arguments, then possibly a cut-off last one.
+    assert_argv_prefix(exec, &full_argv, &context);
+}
+
+/// An exec event carries the file name and the arguments one after the
+/// other, only as many bytes of each as they use: with both at their
+/// longest (a 300-byte path, 4 KiB of arguments) each is kept as a faithful
+/// prefix of its full length, and flagged as cut.
+#[test]
+fn a_long_file_name_and_a_long_argv_are_each_kept_in_full_measure() {
+    let daemon = Daemon::start(POLICY);
+    let token = daemon.mint("argv-bot", &[("repository_owner", "acme")]);
+    let mut dir = daemon.dir().to_path_buf();
+    for level in 0..3 {
+        dir.push(format!("{:x<100}", format!("level{level}-")));
+    }
+    std::fs::create_dir_all(&dir).expect("long directory");
+    let program = dir.join("echo");
+    std::fs::copy("/bin/echo", &program).expect("copy of echo");
+    let program = program.to_str().expect("UTF-8 path").to_owned();
+    assert!(program.len() > 300, "test bug: the path is only {} bytes", program.len());
+
+    let tag = unique_tag();
+    let mut full_argv = vec![program.clone()];
+    full_argv.extend((0..200).map(|i| format!("{:0<20}", format!("a{i:03}-{tag}-"))));
+    let out = daemon.run(&token, &full_argv);
+    assert_eq!(out.code(), Some(0), "the governed command failed: {out}");
+
+    let session_id = daemon.last_session_id();
+    let cut_name = |show: &Value| -> Option<Value> {
+        events_of_kind(show, "exec").into_iter().find(|event| event["filename_truncated"] == true).cloned()
+    };
+    let show = daemon.show_until(&session_id, "the exec with the long file name", |show| cut_name(show).is_some());
+    let context = pretty(&show);
+    let exec = &cut_name(&show).expect("found above");
+    let filename = str_field(exec, "filename");
+    assert_eq!(filename.len(), 255, "the file name was not kept to the most an event holds:\n{context}");
+    assert!(program.starts_with(filename), "the recorded file name is not a prefix of the real one:\n{context}");
+    assert_eq!(exec["argv_truncated"], true, "4 KiB of argv was not flagged truncated:\n{context}");
+    // All 512 bytes of arguments follow the cut file name: NUL-separated
+    // whole arguments, then one cut short (or none, where the cut fell on a NUL).
+    let kept: usize = argv(exec).iter().map(|arg| arg.len() + 1).sum();
+    assert!((512..=513).contains(&kept), "{kept} bytes of argv kept, not 512:\n{context}");
+    assert_argv_prefix(exec, &full_argv, &context);
+}
+
+/// What was kept of an exec's argv is a faithful prefix of `full_argv`:
+/// whole arguments, then possibly a cut-off last one, and less than all.
+fn assert_argv_prefix(exec: &Value, full_argv: &[String], context: &str) {
     let recorded = argv(exec);
     assert!(recorded.len() <= full_argv.len(), "more argv recorded than passed:\n{context}");
     let (last, whole) = recorded.split_last().unwrap_or_else(|| panic!("exec event has an empty argv:\n{context}"));

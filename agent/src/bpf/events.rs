@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use tollgate_common::{
-    ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventHeader, EventKind,
-    ExecEvent, ExitEvent, ForkEvent, NO_RULE, SocketEvent, Verdict,
+    ARGV_LEN, ConnectEvent, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventHeader, EventKind,
+    ExecEvent, ExitEvent, FILENAME_LEN, ForkEvent, NO_RULE, SocketEvent, Verdict,
 };
 
 use crate::policy::compile::FileId;
@@ -118,6 +118,16 @@ pub enum DecodeError {
         /// Bytes needed.
         expected: usize,
     },
+    /// An exec event whose names do not fit it, or are longer than the kernel side sends.
+    #[error("exec event of {len} bytes claims a {filename_len}-byte file name and {argv_len} bytes of arguments")]
+    ExecNames {
+        /// Bytes received.
+        len: usize,
+        /// Bytes of file name claimed.
+        filename_len: usize,
+        /// Bytes of arguments claimed.
+        argv_len: usize,
+    },
     /// A kind this agent does not know (object and agent out of step).
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
@@ -138,12 +148,8 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     match EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)? {
         EventKind::Exec => {
             let event: ExecEvent = read(bytes, header.kind)?;
-            let filename = c_string(&event.filename);
-            let used = (event.argv_len as usize).min(event.argv.len());
-            let argv = event.argv[..used]
-                .split(|&b| b == 0)
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect::<Vec<_>>();
+            let (filename, argv) = exec_strings(bytes, &event)?;
+            let argv = argv.split(|&b| b == 0).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect::<Vec<_>>();
             // The argument area ends with a NUL, which leaves one empty piece.
             let argv = match argv.split_last() {
                 Some((last, rest)) if last.is_empty() => rest.to_vec(),
@@ -154,7 +160,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 ppid: event.ppid,
                 uid: event.uid,
                 verdict: verdict(event.verdict)?,
-                filename,
+                filename: String::from_utf8_lossy(filename).into_owned(),
                 filename_truncated: event.flags & EXEC_FILENAME_TRUNCATED != 0,
                 argv,
                 argv_truncated: event.flags & (EXEC_ARGV_TRUNCATED | EXEC_ARGV_UNREADABLE) != 0,
@@ -199,9 +205,16 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     }
 }
 
-fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+/// The file name and the argument bytes that follow an exec event's fixed part.
+fn exec_strings<'a>(bytes: &'a [u8], event: &ExecEvent) -> Result<(&'a [u8], &'a [u8]), DecodeError> {
+    let filename_len = event.filename_len as usize;
+    let argv_len = event.argv_len as usize;
+    let expected = size_of::<ExecEvent>() + filename_len + argv_len;
+    if filename_len >= FILENAME_LEN || argv_len > ARGV_LEN || bytes.len() < expected {
+        return Err(DecodeError::ExecNames { len: bytes.len(), filename_len, argv_len });
+    }
+    let strings = &bytes[size_of::<ExecEvent>()..expected];
+    Ok(strings.split_at(filename_len))
 }
 
 /// The name of an event kind slot in the lost-event counters.
@@ -212,32 +225,33 @@ pub fn kind_name(slot: usize) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tollgate_common::{ARGV_LEN, FILENAME_LEN};
 
     fn bytes_of<T>(value: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a repr(C) value for the test.
         unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
-    #[test]
-    fn exec_events_decode_arguments_and_flags() {
-        let mut event = ExecEvent {
+    /// An exec event's fixed part followed by its file name and arguments, as the kernel side sends it.
+    fn exec_bytes(filename: &[u8], args: &[u8]) -> Vec<u8> {
+        let event = ExecEvent {
             header: EventHeader { kind: 1, pid: 42, cgroup_id: 7, boot_ns: 1 },
             ppid: 41,
             uid: 1000,
             verdict: Verdict::Killed as u32,
             flags: EXEC_ARGV_TRUNCATED,
             dev: 0,
-            argv_len: 0,
+            argv_len: args.len() as u32,
             ino: 0,
-            filename: [0; FILENAME_LEN],
-            argv: [0; ARGV_LEN],
+            filename_len: filename.len() as u32,
+            reserved: 0,
         };
-        event.filename[..8].copy_from_slice(b"/bin/ls\0");
-        let args = b"ls\0-la\0/tmp\0";
-        event.argv[..args.len()].copy_from_slice(args);
-        event.argv_len = args.len() as u32;
-        let decoded = decode(&bytes_of(&event)).expect("decodes");
+        [bytes_of(&event).as_slice(), filename, args].concat()
+    }
+
+    #[test]
+    fn exec_events_decode_arguments_and_flags() {
+        let bytes = exec_bytes(b"/bin/ls", b"ls\0-la\0/tmp\0");
+        let decoded = decode(&bytes).expect("decodes");
         let KernelEvent::Exec { filename, argv, argv_truncated, verdict, ppid, .. } = decoded else {
             panic!("not an exec: {decoded:?}");
         };
@@ -245,6 +259,25 @@ mod tests {
         assert_eq!(argv, vec!["ls", "-la", "/tmp"]);
         assert!(argv_truncated);
         assert_eq!((verdict, ppid), (Verdict::Killed, 41));
+    }
+
+    /// Only the names used are sent: a short exec is a short record, and one
+    /// claiming more names than it carries (or than the kernel side sends)
+    /// is refused rather than read past.
+    #[test]
+    fn exec_events_carry_only_their_names_and_are_checked_against_them() {
+        let bytes = exec_bytes(b"/bin/true", b"true\0");
+        assert_eq!(bytes.len(), size_of::<ExecEvent>() + 9 + 5);
+        assert!(matches!(decode(&bytes), Ok(KernelEvent::Exec { ref filename, .. }) if filename == "/bin/true"));
+
+        let cut = &bytes[..bytes.len() - 1];
+        let error = decode(cut).expect_err("a record shorter than its names");
+        assert_eq!(error.to_string(), "exec event of 77 bytes claims a 9-byte file name and 5 bytes of arguments");
+
+        let long_name = vec![b'a'; FILENAME_LEN];
+        assert!(matches!(decode(&exec_bytes(&long_name, b"")), Err(DecodeError::ExecNames { filename_len: 256, .. })));
+        let long_args = vec![b'a'; ARGV_LEN + 1];
+        assert!(matches!(decode(&exec_bytes(b"/x", &long_args)), Err(DecodeError::ExecNames { argv_len: 513, .. })));
     }
 
     #[test]

@@ -10,10 +10,12 @@
 /// key, value or size changes, so a daemon never adopts maps it would misread.
 pub const ABI_VERSION: u32 = 5;
 
-/// Bytes of the executed file's name kept in an exec event.
+/// Bytes of the executed file's name kept in an exec event (its NUL included).
 pub const FILENAME_LEN: usize = 256;
 /// Bytes of the NUL-separated argument list kept in an exec event.
 pub const ARGV_LEN: usize = 512;
+/// Most bytes of names that follow an [`ExecEvent`]: the file name, then the arguments.
+pub const EXEC_STRINGS_LEN: usize = FILENAME_LEN + ARGV_LEN;
 
 /// `ExecEvent::flags`: the file name was longer than [`FILENAME_LEN`] and was cut.
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1;
@@ -118,7 +120,11 @@ pub struct EventHeader {
     pub boot_ns: u64,
 }
 
-/// An exec, allowed or refused.
+/// An exec, allowed or refused. In the ring buffer it is followed by the
+/// file name (`filename_len` bytes, no NUL), then the arguments (`argv_len`
+/// bytes): only the bytes used are sent, so a typical exec takes about a
+/// tenth of the room the longest one would, and a session's share of the
+/// buffer holds that many more of them.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ExecEvent {
@@ -134,14 +140,14 @@ pub struct ExecEvent {
     pub flags: u32,
     /// Device of the executed file (kernel encoding, `MAJOR << 20 | MINOR`).
     pub dev: u32,
-    /// Bytes of `argv` used.
+    /// Bytes of arguments that follow the file name.
     pub argv_len: u32,
     /// Inode number of the executed file.
     pub ino: u64,
-    /// NUL-terminated file name as given to `execve`.
-    pub filename: [u8; FILENAME_LEN],
-    /// NUL-separated arguments, `argv_len` bytes.
-    pub argv: [u8; ARGV_LEN],
+    /// Bytes of the file name that follow this event.
+    pub filename_len: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// A new process inside a governed cgroup.
@@ -561,7 +567,7 @@ mod user {
 
 const _: () = {
     assert!(core::mem::size_of::<EventHeader>() == 24);
-    assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + FILENAME_LEN + ARGV_LEN);
+    assert!(core::mem::size_of::<ExecEvent>() == 24 + 40);
     assert!(core::mem::size_of::<ForkEvent>() == 32);
     assert!(core::mem::size_of::<ExitEvent>() == 32);
     assert!(core::mem::size_of::<ConnectEvent>() == 24 + 32 + 16);

@@ -25,7 +25,7 @@ mod redirect;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use tollgate_common::{
     ConnectionKey, EventHeader, EventKind, ExecInProgress, ExecKey, FAIR_SHARE_DIVISOR, KernelOffsets,
@@ -103,6 +103,10 @@ pub(crate) static NET_PORT: LpmTrie<NetPortKey, NetRule> = LpmTrie::with_max_ent
 
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Where each CPU builds an exec event before sending the part it used.
+#[map]
+pub(crate) static EXEC_SCRATCH: PerCpuArray<process::ExecScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events not delivered, per session, kind and reason (per CPU: no atomics).
 #[map]

@@ -10,13 +10,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tollgate_common::{
-    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExecInProgress,
-    ExecKey, ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_BUFFER_FULL, SESSION_EXEC_ALLOW_LIST, Verdict,
+    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EXEC_STRINGS_LEN, EventKind,
+    ExecEvent, ExecInProgress, ExecKey, ExitEvent, FILENAME_LEN, ForkEvent, KernelOffsets, LOST_BUFFER_FULL,
+    SESSION_EXEC_ALLOW_LIST, Verdict,
 };
 
 use crate::{
-    ADMITTED_EXECS, EVENTS, EXEC_ALLOW, EXEC_DENY, LSM_ACTIVE, admit, count_lost, emit, field, header, is_governed,
-    offsets, session_flags, submitted,
+    ADMITTED_EXECS, EVENTS, EXEC_ALLOW, EXEC_DENY, EXEC_SCRATCH, LSM_ACTIVE, admit, count_lost, emit, field, header,
+    is_governed, offsets, session_flags, submitted,
 };
 
 const SIGKILL: u32 = 9;
@@ -55,21 +56,25 @@ fn not_allowed(cgroup_id: u64, dev: u32, ino: u64) -> bool {
     unsafe { EXEC_ALLOW.get(key) }.is_none()
 }
 
-/// Writes an exec event straight into ring buffer memory: the event is larger
-/// than the 512-byte BPF stack.
+/// An exec event with room for the longest names; only the part used is sent.
+#[repr(C)]
+pub(crate) struct ExecScratch {
+    event: ExecEvent,
+    strings: [u8; EXEC_STRINGS_LEN],
+}
+
+/// Builds an exec event in this CPU's scratch space (it is larger than the
+/// 512-byte BPF stack) and sends the fixed part and the names it used.
 #[inline(always)]
 unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64, read_argv: bool) {
     let off = offsets();
-    let Some(flags) = admit(cgroup_id, EventKind::Exec, core::mem::size_of::<ExecEvent>() as u64) else {
+    let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost(cgroup_id, EventKind::Exec, LOST_BUFFER_FULL);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points at a reserved, exclusively owned ring buffer slot.
+    // SAFETY: `scratch` is this CPU's own map value, and a program runs to
+    // its end on one CPU without being preempted by another program using it.
     unsafe {
+        let event = &raw mut (*scratch).event;
         (*event).header = header(EventKind::Exec, cgroup_id);
         (*event).uid = bpf_get_current_uid_gid() as u32;
         (*event).verdict = verdict as u32;
@@ -77,8 +82,9 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
         (*event).ino = ino;
         (*event).flags = 0;
         (*event).argv_len = 0;
+        (*event).filename_len = 0;
+        (*event).reserved = 0;
         (*event).ppid = 0;
-        (*event).filename[0] = 0;
 
         let task = bpf_get_current_task() as *const u8;
         if let Ok(parent) = field::<*const u8>(task, off.task_real_parent)
@@ -86,35 +92,50 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
         {
             (*event).ppid = ppid;
         }
+        let strings = &raw mut (*scratch).strings;
+        let mut filename_len = 0u32;
         if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename)
-            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
+            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (&mut *strings)[..FILENAME_LEN])
         {
             // The helper stops one short of the buffer when it had to cut.
             if bytes.len() >= FILENAME_LEN - 1 {
                 (*event).flags |= EXEC_FILENAME_TRUNCATED;
             }
+            // The mask shows the verifier what the helper promises: less than FILENAME_LEN.
+            filename_len = (bytes.len() as u32) & (FILENAME_LEN as u32 - 1);
         }
+        (*event).filename_len = filename_len;
         // Arguments exist only once the new image is set up: in the exec
         // tracepoint, not in the LSM hook that runs before it.
-        if read_argv {
-            read_args(task, &off, event);
+        let argv_len =
+            if read_argv { read_args(task, &off, event, strings.cast::<u8>().add(filename_len as usize)) } else { 0 };
+        (*event).argv_len = argv_len;
+        let size = (size_of::<ExecEvent>() as u32 + filename_len + argv_len) as u64;
+        let Some(flags) = admit(cgroup_id, EventKind::Exec, size) else {
+            return;
+        };
+        let sent = core::slice::from_raw_parts(scratch.cast::<u8>(), size as usize);
+        if EVENTS.output::<[u8]>(sent, flags).is_err() {
+            count_lost(cgroup_id, EventKind::Exec, LOST_BUFFER_FULL);
+            return;
         }
+        submitted(cgroup_id, size);
     }
-    entry.submit(flags);
-    submitted(cgroup_id, core::mem::size_of::<ExecEvent>() as u64);
 }
 
+/// Reads the new image's arguments to `dst` (room for [`ARGV_LEN`] bytes);
+/// returns how many bytes it read.
 #[inline(always)]
-unsafe fn read_args(task: *const u8, off: &KernelOffsets, event: *mut ExecEvent) {
-    // SAFETY: checked kernel and user reads into our reserved slot.
+unsafe fn read_args(task: *const u8, off: &KernelOffsets, event: *mut ExecEvent, dst: *mut u8) -> u32 {
+    // SAFETY: checked kernel and user reads into this CPU's scratch space.
     unsafe {
         let Ok(mm) = field::<*const u8>(task, off.task_mm) else {
             (*event).flags |= EXEC_ARGV_UNREADABLE;
-            return;
+            return 0;
         };
         let (Ok(start), Ok(end)) = (field::<u64>(mm, off.mm_arg_start), field::<u64>(mm, off.mm_arg_end)) else {
             (*event).flags |= EXEC_ARGV_UNREADABLE;
-            return;
+            return 0;
         };
         let total = end.saturating_sub(start);
         let mut len = total;
@@ -124,13 +145,13 @@ unsafe fn read_args(task: *const u8, off: &KernelOffsets, event: *mut ExecEvent)
         }
         let len = (len as u32) & (2 * ARGV_LEN as u32 - 1);
         if len > ARGV_LEN as u32 {
-            return;
+            return 0;
         }
-        let dst = (*event).argv.as_mut_ptr().cast();
-        if bpf_probe_read_user(dst, len, start as *const _) == 0 {
-            (*event).argv_len = len;
+        if bpf_probe_read_user(dst.cast(), len, start as *const _) == 0 {
+            len
         } else {
             (*event).flags |= EXEC_ARGV_UNREADABLE;
+            0
         }
     }
 }
