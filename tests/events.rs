@@ -54,26 +54,21 @@ fn lost_in_record(show: &Value, kind: &str) -> (u64, Vec<String>) {
     (count, reasons)
 }
 
-/// Polls until the session's recorded connects and its recorded losses add
-/// up to the `attempts` (losses are sampled once a second), or panics.
+/// Once the session's end is recorded, its recorded connects and its
+/// recorded losses add up to the `attempts`: nothing went missing silently,
+/// and what the kernel could not deliver is in its record before its end.
+/// Returns (recorded, lost).
 fn assert_accounted(daemon: &Daemon, id: &str, attempts: u64) -> (u64, u64) {
-    let mut last = (0, 0);
-    for _ in 0..60 {
-        let show = daemon.show(id);
-        let recorded = events_of_kind(&show, "connect").len() as u64;
-        let (lost, _) = lost_in_record(&show, "connect");
-        last = (recorded, lost);
-        if recorded + lost == attempts {
-            return last;
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-    panic!(
-        "{} recorded + {} lost != {attempts} attempts: events went missing silently\n{}",
-        last.0,
-        last.1,
+    let show = daemon.show_until(id, "the session's end", |s| s["session"]["ended_at"].is_string());
+    let recorded = events_of_kind(&show, "connect").len() as u64;
+    let (lost, _) = lost_in_record(&show, "connect");
+    assert_eq!(
+        recorded + lost,
+        attempts,
+        "{recorded} recorded + {lost} lost != {attempts} attempts by the session's end: events went missing, or their loss was recorded after the end\n{}",
         daemon.log()
     );
+    (recorded, lost)
 }
 
 #[test]

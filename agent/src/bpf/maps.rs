@@ -13,8 +13,9 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
 use tollgate_common::{
-    ConnectionKey, ExecKey, LostKey, NET_ANY_PORT_FIXED_BITS, NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey, NetRule,
-    OriginalDst, SESSION_EXEC_ALLOW_LIST, SessionSlot, net_any_port_key, net_port_key,
+    ConnectionKey, ExecKey, LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, LostKey, NET_ANY_PORT_FIXED_BITS,
+    NET_PORT_FIXED_BITS, NetAnyPortKey, NetPortKey, NetRule, OriginalDst, SESSION_EXEC_ALLOW_LIST, SessionSlot,
+    net_any_port_key, net_port_key,
 };
 
 use super::BpfError;
@@ -298,6 +299,15 @@ impl LostCounters {
     /// Every counter so far, summed over CPUs.
     pub fn read(&self) -> Vec<(LostKey, u64)> {
         self.lost.iter().flatten().map(|(key, per_cpu)| (key, per_cpu.iter().sum())).collect()
+    }
+
+    /// The counters of the session in `cgroup_id`, summed over CPUs: a
+    /// lookup per kind and reason, not a walk of every session's.
+    pub fn read_session(&self, cgroup_id: u64) -> Vec<(LostKey, u64)> {
+        (1..LOST_SLOTS)
+            .flat_map(|kind| [LOST_BUFFER_FULL, LOST_THROTTLED].map(|reason| LostKey { cgroup_id, kind, reason }))
+            .filter_map(|key| self.lost.get(&key, 0).ok().map(|per_cpu| (key, per_cpu.iter().sum())))
+            .collect()
     }
 }
 

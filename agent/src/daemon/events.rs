@@ -3,30 +3,23 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use serde_json::Map;
 use tokio::io::unix::AsyncFd;
-use tollgate_common::{EventKind, LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, LostKey, Verdict};
+use tollgate_common::{EventKind, Verdict};
 
 use crate::{
     bpf::{
-        ConsumedBytes, EventBacklog, KernelLogger, LostCounters,
+        ConsumedBytes, EventBacklog, KernelLogger,
         events::{self, KernelEvent},
     },
     policy::compile::RuleRef,
     session::Sessions,
     store::{Detail, RecordKind, RecordVerdict, SessionId, SessionLog},
 };
-
-/// Events the kernel could not deliver, per event kind slot, as counted so far.
-pub type LostTotals = [AtomicU64; LOST_SLOTS as usize];
 
 /// Events handled before the reader lets other tasks (the control socket,
 /// the proxy) run: a flood must not make the daemon unresponsive.
@@ -356,63 +349,19 @@ pub async fn forward_kernel_log(logger: KernelLogger) -> anyhow::Result<()> {
     }
 }
 
-/// Reports events the kernel did not deliver (the ring buffer was full, or
-/// their session had used its share of it): each loss is recorded in its
-/// session's record with its kind, count and reason, logged, counted in
-/// `tollgate status` and in the log's lost-event table. Never silent.
-pub async fn watch_lost(
-    counters: LostCounters,
-    sessions: Arc<Sessions>,
-    log: SessionLog,
-    totals: Arc<LostTotals>,
-) -> anyhow::Result<()> {
-    let mut seen: HashMap<LostKey, u64> = HashMap::new();
+/// Reports, once a second, what the kernel could not deliver (see
+/// [`crate::session::LostEvents`]); a session's end reports its own first.
+pub async fn watch_lost(sessions: Arc<Sessions>) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        for (key, count) in counters.read() {
-            let previous = seen.entry(key).or_insert(0);
-            if count <= *previous {
-                continue;
-            }
-            let lost = count - *previous;
-            *previous = count;
-            let kind = events::kind_name(key.kind as usize);
-            let reason = match key.reason {
-                LOST_THROTTLED => "throttled",
-                LOST_BUFFER_FULL => "ring-buffer-full",
-                _ => "unknown",
-            };
-            if let Some(slot) = totals.get(key.kind as usize) {
-                slot.fetch_add(lost, Ordering::Relaxed);
-            }
-            log.lost(kind, lost);
-            match sessions.session_of(key.cgroup_id) {
-                Some(session) => {
-                    tracing::error!(session = %session, kind, lost, reason, "kernel events of a session were not delivered");
-                    let mut detail = Map::new();
-                    detail.insert("lost_kind".into(), kind.into());
-                    detail.insert("count".into(), lost.into());
-                    detail.insert("reason".into(), reason.into());
-                    log.noted(&session, RecordKind::Lost, detail);
-                }
-                None => {
-                    tracing::error!(
-                        cgroup_id = key.cgroup_id,
-                        kind,
-                        lost,
-                        reason,
-                        "kernel events lost for a cgroup with no session"
-                    );
-                }
-            }
-        }
+        sessions.report_lost();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::{Value, json};
+    use serde_json::{Map, Value, json};
 
     use super::*;
     use crate::policy::compile::Decided;

@@ -29,7 +29,7 @@ use crate::{
     identity::{Verifier, dev},
     policy::PolicySet,
     proxy::ProxyCtx,
-    session::{Gap, REAP_INTERVAL, Sessions, SessionsParts, cgroup},
+    session::{Gap, LostEvents, LostTotals, REAP_INTERVAL, Sessions, SessionsParts, cgroup},
     store::{Reader, SessionLog, Writer, ledger::LedgerKey},
 };
 
@@ -38,7 +38,7 @@ fn status(
     config: &Config,
     sessions: &Sessions,
     log: &SessionLog,
-    lost: &events::LostTotals,
+    lost: &LostTotals,
     lsm_unavailable: Option<&str>,
     pinning: &Pinning,
     otlp: Option<&crate::export::otlp::Progress>,
@@ -204,7 +204,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         );
     }
     let loaded = crate::session::Loaded::new(policies, verifier);
-    let parts = SessionsParts { tree, mount, host, mode, log: log.clone(), max_depth };
+    let lost_totals: Arc<LostTotals> = Arc::default();
+    let lost = LostEvents::new(lost, lost_totals.clone());
+    let parts = SessionsParts { tree, mount, host, mode, log: log.clone(), max_depth, lost };
     let sessions = Arc::new(Sessions::new(parts, loaded, session_maps));
     // Before adoption, so adopted sessions are watched too.
     match crate::session::EmptiedWatch::new() {
@@ -251,7 +253,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     ));
     let proxy =
         Arc::new(ProxyCtx::new(sessions.clone(), reviews.clone(), log.clone(), originals, config.record_body_bytes));
-    let lost_totals: Arc<events::LostTotals> = Arc::default();
     let otlp = config.otlp_endpoint.as_ref().map(|_| Arc::new(crate::export::otlp::Progress::default()));
     let config = Arc::new(config);
     let reviews_handle = reviews.clone();
@@ -312,7 +313,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     tasks.spawn(events::read(sessions.clone(), log.clone(), ring, consumed, backlog.clone()));
     tasks.spawn(sessions.clone().reap(backlog.clone()));
     tasks.spawn(sessions.clone().end_as_emptied(backlog));
-    tasks.spawn(events::watch_lost(lost, sessions.clone(), log.clone(), lost_totals));
+    tasks.spawn(events::watch_lost(sessions.clone()));
     if let Some(retention) = config.retention {
         tasks.spawn(prune(log.clone(), retention, otlp.clone(), config.otlp_backlog_max));
     }

@@ -4,6 +4,7 @@
 pub mod cgroup;
 mod emptied;
 pub mod grants;
+mod lost;
 pub mod peer;
 mod recover;
 mod registry;
@@ -14,6 +15,7 @@ pub mod terminal;
 pub use crate::store::SessionId;
 pub use emptied::EmptiedWatch;
 pub use grants::{GrantError, GrantState, GrantView};
+pub use lost::{LostEvents, LostTotals};
 pub use recover::Gap;
 pub use registry::{ActiveSession, Registry};
 pub use sessions::{

@@ -368,6 +368,8 @@ pub struct SessionsParts {
     pub log: SessionLog,
     /// The deepest a delegation chain may go (sessions, counting the top).
     pub max_depth: u32,
+    /// The kernel's counts of events it could not deliver.
+    pub lost: super::LostEvents,
 }
 
 impl Sessions {
@@ -981,6 +983,12 @@ impl Sessions {
         }
     }
 
+    /// Reports what the kernel could not deliver since the last report, in
+    /// each session's record (see [`super::LostEvents`]).
+    pub fn report_lost(&self) {
+        self.parts.lost.report_all(|cgroup_id| self.session_of(cgroup_id), &self.parts.log);
+    }
+
     /// Ends a session and its child sessions (deepest first): each one's
     /// kernel entries go first, then its cgroup (with anything left in it),
     /// then its record is closed.
@@ -996,6 +1004,9 @@ impl Sessions {
             };
             self.close_resolver(cgroup_id);
             discard(session.cgroup.clone()).await;
+            // Its last events are read by now; what the kernel could not
+            // deliver goes into its record before the end does.
+            self.parts.lost.report_session(cgroup_id, &session.id, &self.parts.log);
             self.parts.log.end_session(session.id.clone());
             // Its `run` hears of the end once the record says so.
             if self.has_watchers(&session.id) {

@@ -1,0 +1,93 @@
+//! Events the kernel could not deliver (the ring buffer was full, or their
+//! session had used its share of it): the kernel counts them per session,
+//! kind and reason; here each loss goes into its session's record with its
+//! kind, count and reason, into the daemon's log, `tollgate status` and the
+//! log's lost-event table. Never silent, and in a session's record before
+//! its end.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde_json::Map;
+use tollgate_common::{LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, LostKey};
+
+use crate::{
+    bpf::{LostCounters, events},
+    store::{RecordKind, SessionId, SessionLog},
+};
+
+/// Events the kernel could not deliver, per event kind slot, as counted so far.
+pub type LostTotals = [AtomicU64; LOST_SLOTS as usize];
+
+/// The kernel's loss counters, and how much of each is already reported.
+pub struct LostEvents {
+    counters: LostCounters,
+    /// Each counter's value when it was last reported. Held while reporting,
+    /// so a loss read by two reporters at once is reported once.
+    reported: Mutex<HashMap<LostKey, u64>>,
+    totals: Arc<LostTotals>,
+}
+
+impl LostEvents {
+    /// Reports from `counters`, adding to `totals` (what `status` shows).
+    pub fn new(counters: LostCounters, totals: Arc<LostTotals>) -> Self {
+        Self { counters, reported: Mutex::default(), totals }
+    }
+
+    /// Reports what every session lost since the last report.
+    pub(super) fn report_all(&self, session_of: impl Fn(u64) -> Option<SessionId>, log: &SessionLog) {
+        self.report(self.counters.read(), session_of, log);
+    }
+
+    /// Reports what the session in `cgroup_id` lost since the last report.
+    pub(super) fn report_session(&self, cgroup_id: u64, session: &SessionId, log: &SessionLog) {
+        self.report(self.counters.read_session(cgroup_id), |_| Some(session.clone()), log);
+    }
+
+    fn report(&self, counts: Vec<(LostKey, u64)>, session_of: impl Fn(u64) -> Option<SessionId>, log: &SessionLog) {
+        let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (key, count) in counts {
+            let previous = reported.entry(key).or_insert(0);
+            // Counters only grow: a smaller count was read before a report that came first.
+            if count <= *previous {
+                continue;
+            }
+            let lost = count - *previous;
+            *previous = count;
+            let kind = events::kind_name(key.kind as usize);
+            let reason = match key.reason {
+                LOST_THROTTLED => "throttled",
+                LOST_BUFFER_FULL => "ring-buffer-full",
+                _ => "unknown",
+            };
+            if let Some(slot) = self.totals.get(key.kind as usize) {
+                slot.fetch_add(lost, Ordering::Relaxed);
+            }
+            log.lost(kind, lost);
+            match session_of(key.cgroup_id) {
+                Some(session) => {
+                    tracing::error!(session = %session, kind, lost, reason, "kernel events of a session were not delivered");
+                    let mut detail = Map::new();
+                    detail.insert("lost_kind".into(), kind.into());
+                    detail.insert("count".into(), lost.into());
+                    detail.insert("reason".into(), reason.into());
+                    log.noted(&session, RecordKind::Lost, detail);
+                }
+                None => {
+                    tracing::error!(
+                        cgroup_id = key.cgroup_id,
+                        kind,
+                        lost,
+                        reason,
+                        "kernel events lost for a cgroup with no session"
+                    );
+                }
+            }
+        }
+    }
+}
