@@ -205,7 +205,9 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     }
 }
 
-/// The file name and the argument bytes that follow an exec event's fixed part.
+/// The file name and the argument bytes that follow an exec event's fixed
+/// part. A record may be longer than its names: the LSM hook's refusals
+/// carry room for the longest file name.
 fn exec_strings<'a>(bytes: &'a [u8], event: &ExecEvent) -> Result<(&'a [u8], &'a [u8]), DecodeError> {
     let filename_len = event.filename_len as usize;
     let argv_len = event.argv_len as usize;
@@ -273,6 +275,11 @@ mod tests {
         let cut = &bytes[..bytes.len() - 1];
         let error = decode(cut).expect_err("a record shorter than its names");
         assert_eq!(error.to_string(), "exec event of 77 bytes claims a 9-byte file name and 5 bytes of arguments");
+
+        // A refusal from the LSM hook: room for the longest name after the one it has.
+        let refused = [exec_bytes(b"/usr/bin/nc", b"").as_slice(), &[0; FILENAME_LEN - 11]].concat();
+        assert!(matches!(decode(&refused), Ok(KernelEvent::Exec { ref filename, ref argv, .. })
+            if filename == "/usr/bin/nc" && argv.is_empty()));
 
         let long_name = vec![b'a'; FILENAME_LEN];
         assert!(matches!(decode(&exec_bytes(&long_name, b"")), Err(DecodeError::ExecNames { filename_len: 256, .. })));

@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
-use tollgate_common::{EventKind, Verdict};
+use tollgate_common::{EventHeader, EventKind, Verdict};
 
 use crate::{
     bpf::{
@@ -112,15 +112,16 @@ fn read_some(
             turn = Turn::Drained;
             break;
         };
-        match events::decode(&item) {
-            Ok(event) => {
-                let cgroup_id = event.origin().cgroup_id;
-                consumed.add(cgroup_id, item.len() as u64);
-                if !touched.contains(&cgroup_id) {
-                    touched.push(cgroup_id);
-                }
-                record(sessions, log, &event, refusals);
+        // Credited to its session once read, decodable or not: the share
+        // of the buffer it held is free again.
+        if let Some(header) = tollgate_common::read::<EventHeader>(&item) {
+            consumed.add(header.cgroup_id, item.len() as u64);
+            if !touched.contains(&header.cgroup_id) {
+                touched.push(header.cgroup_id);
             }
+        }
+        match events::decode(&item) {
+            Ok(event) => record(sessions, log, &event, refusals),
             Err(e) => tracing::error!(error = %e, "undecodable kernel event"),
         }
     }

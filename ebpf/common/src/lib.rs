@@ -7,17 +7,21 @@
 #![deny(missing_docs)]
 
 /// The layout of the maps the daemon pins. Bumped whenever a pinned map's
-/// key, value or size changes, so a daemon never adopts maps it would misread.
-pub const ABI_VERSION: u32 = 5;
+/// key, value or size changes, or the layout of the events in the (pinned)
+/// ring buffer, so a daemon never adopts maps it would misread.
+pub const ABI_VERSION: u32 = 6;
 
-/// Bytes of the executed file's name kept in an exec event (its NUL included).
+/// Room for the executed file's name in an exec event: a name is kept to
+/// `FILENAME_LEN - 1` bytes (the kernel's string helper keeps one for a NUL,
+/// which is not sent).
 pub const FILENAME_LEN: usize = 256;
 /// Bytes of the NUL-separated argument list kept in an exec event.
 pub const ARGV_LEN: usize = 512;
 /// Most bytes of names that follow an [`ExecEvent`]: the file name, then the arguments.
 pub const EXEC_STRINGS_LEN: usize = FILENAME_LEN + ARGV_LEN;
 
-/// `ExecEvent::flags`: the file name was longer than [`FILENAME_LEN`] and was cut.
+/// `ExecEvent::flags`: the file name filled all `FILENAME_LEN - 1` bytes
+/// kept, so it may have been cut (a name of exactly that length is flagged too).
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1;
 /// `ExecEvent::flags`: the arguments were longer than [`ARGV_LEN`] and were cut.
 pub const EXEC_ARGV_TRUNCATED: u32 = 2;
@@ -122,9 +126,10 @@ pub struct EventHeader {
 
 /// An exec, allowed or refused. In the ring buffer it is followed by the
 /// file name (`filename_len` bytes, no NUL), then the arguments (`argv_len`
-/// bytes): only the bytes used are sent, so a typical exec takes about a
-/// tenth of the room the longest one would, and a session's share of the
-/// buffer holds that many more of them.
+/// bytes). The exec tracepoint sends only the bytes used, so a typical exec
+/// takes about a tenth of the room the longest one would, and a session's
+/// share of the buffer holds that many more of them; the LSM hook's
+/// refusals (no arguments yet) carry room for the longest file name after it.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ExecEvent {

@@ -63,18 +63,32 @@ pub(crate) struct ExecScratch {
     strings: [u8; EXEC_STRINGS_LEN],
 }
 
-/// Builds an exec event in this CPU's scratch space (it is larger than the
-/// 512-byte BPF stack) and sends the fixed part and the names it used.
+/// An exec refused by the LSM hook: no arguments exist yet, so it is the
+/// fixed part and room for the longest file name, reserved in the ring
+/// buffer at that size. The hook may be preempted (it runs with migration,
+/// not preemption, disabled), so it must not build in a per-CPU scratch
+/// another task's exec could overwrite meanwhile.
+#[repr(C)]
+struct ExecRefused {
+    event: ExecEvent,
+    filename: [u8; FILENAME_LEN],
+}
+
+/// Fills an exec event's fixed part, and its file name into `filename`.
 #[inline(always)]
-unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64, read_argv: bool) {
-    let off = offsets();
-    let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: `scratch` is this CPU's own map value, and a program runs to
-    // its end on one CPU without being preempted by another program using it.
+unsafe fn fill_exec(
+    event: *mut ExecEvent,
+    filename: *mut [u8; FILENAME_LEN],
+    cgroup_id: u64,
+    bprm: *const u8,
+    verdict: Verdict,
+    dev: u32,
+    ino: u64,
+    off: &KernelOffsets,
+) {
+    // SAFETY: `event` and `filename` point at memory this program owns
+    // (a reserved ring buffer slot, or this CPU's scratch); kernel reads are checked.
     unsafe {
-        let event = &raw mut (*scratch).event;
         (*event).header = header(EventKind::Exec, cgroup_id);
         (*event).uid = bpf_get_current_uid_gid() as u32;
         (*event).verdict = verdict as u32;
@@ -85,30 +99,46 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
         (*event).filename_len = 0;
         (*event).reserved = 0;
         (*event).ppid = 0;
-
         let task = bpf_get_current_task() as *const u8;
         if let Ok(parent) = field::<*const u8>(task, off.task_real_parent)
             && let Ok(ppid) = field::<u32>(parent, off.task_tgid)
         {
             (*event).ppid = ppid;
         }
-        let strings = &raw mut (*scratch).strings;
-        let mut filename_len = 0u32;
         if let Ok(name) = field::<*const u8>(bprm, off.bprm_filename)
-            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut (&mut *strings)[..FILENAME_LEN])
+            && let Ok(bytes) = bpf_probe_read_kernel_str_bytes(name, &mut *filename)
         {
             // The helper stops one short of the buffer when it had to cut.
             if bytes.len() >= FILENAME_LEN - 1 {
                 (*event).flags |= EXEC_FILENAME_TRUNCATED;
             }
             // The mask shows the verifier what the helper promises: less than FILENAME_LEN.
-            filename_len = (bytes.len() as u32) & (FILENAME_LEN as u32 - 1);
+            (*event).filename_len = (bytes.len() as u32) & (FILENAME_LEN as u32 - 1);
         }
-        (*event).filename_len = filename_len;
-        // Arguments exist only once the new image is set up: in the exec
-        // tracepoint, not in the LSM hook that runs before it.
-        let argv_len =
-            if read_argv { read_args(task, &off, event, strings.cast::<u8>().add(filename_len as usize)) } else { 0 };
+    }
+}
+
+/// Records an exec the tracepoint saw: built in this CPU's scratch space
+/// (it is larger than the 512-byte BPF stack; the tracepoint runs with
+/// preemption disabled, so nothing else uses the scratch meanwhile), then
+/// the fixed part and the names it used are sent.
+#[inline(always)]
+unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32, ino: u64) {
+    let off = offsets();
+    let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        // Never: the array has its one entry. Counted all the same.
+        count_lost(cgroup_id, EventKind::Exec, LOST_BUFFER_FULL);
+        return;
+    };
+    // SAFETY: `scratch` is this CPU's own map value (see above).
+    unsafe {
+        let event = &raw mut (*scratch).event;
+        let strings = &raw mut (*scratch).strings;
+        fill_exec(event, strings.cast::<[u8; FILENAME_LEN]>(), cgroup_id, bprm, verdict, dev, ino, &off);
+        // Kept in a register, where the verifier knows its bound.
+        let filename_len = (*event).filename_len & (FILENAME_LEN as u32 - 1);
+        let task = bpf_get_current_task() as *const u8;
+        let argv_len = read_args(task, &off, event, strings.cast::<u8>().add(filename_len as usize));
         (*event).argv_len = argv_len;
         let size = (size_of::<ExecEvent>() as u32 + filename_len + argv_len) as u64;
         let Some(flags) = admit(cgroup_id, EventKind::Exec, size) else {
@@ -121,6 +151,36 @@ unsafe fn emit_exec(cgroup_id: u64, bprm: *const u8, verdict: Verdict, dev: u32,
         }
         submitted(cgroup_id, size);
     }
+}
+
+/// Records an exec the LSM hook refused (see [`ExecRefused`]).
+#[inline(always)]
+unsafe fn emit_exec_refused(cgroup_id: u64, bprm: *const u8, dev: u32, ino: u64) {
+    let off = offsets();
+    let size = size_of::<ExecRefused>() as u64;
+    let Some(flags) = admit(cgroup_id, EventKind::Exec, size) else {
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<ExecRefused>(0) else {
+        count_lost(cgroup_id, EventKind::Exec, LOST_BUFFER_FULL);
+        return;
+    };
+    let refused = entry.as_mut_ptr();
+    // SAFETY: `refused` points at a reserved, exclusively owned ring buffer slot.
+    unsafe {
+        fill_exec(
+            &raw mut (*refused).event,
+            &raw mut (*refused).filename,
+            cgroup_id,
+            bprm,
+            Verdict::Deny,
+            dev,
+            ino,
+            &off,
+        );
+    }
+    entry.submit(flags);
+    submitted(cgroup_id, size);
 }
 
 /// Reads the new image's arguments to `dst` (room for [`ARGV_LEN`] bytes);
@@ -192,7 +252,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
         Verdict::Allow
     };
     // SAFETY: bprm comes from the tracepoint's own arguments.
-    unsafe { emit_exec(cgroup_id, bprm, verdict, dev, ino, true) };
+    unsafe { emit_exec(cgroup_id, bprm, verdict, dev, ino) };
     0
 }
 
@@ -255,7 +315,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     }
     debug!(&ctx, "refused denied exec: pid {} inode {}", (bpf_get_current_pid_tgid() >> 32) as u32, ino);
     // SAFETY: bprm is the hook's argument.
-    unsafe { emit_exec(cgroup_id, bprm, Verdict::Deny, dev, ino, false) };
+    unsafe { emit_exec_refused(cgroup_id, bprm, dev, ino) };
     -EPERM
 }
 
