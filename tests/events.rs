@@ -81,8 +81,12 @@ fn undelivered_events_are_counted_in_their_sessions_record_and_every_one_is_acco
     let id = daemon.last_session_id();
     let (recorded, lost) = assert_accounted(&daemon, &id, ATTEMPTS);
     assert!(lost > 0, "a 16 KiB ring buffer kept up with {ATTEMPTS} connects; the test proves nothing");
+    // Past the next tick of the loss watcher, which reports every session's
+    // counts: what the end reported is not reported again.
+    thread::sleep(Duration::from_millis(1500));
     let show = daemon.show(&id);
-    let (_, reasons) = lost_in_record(&show, "connect");
+    let (lost_later, reasons) = lost_in_record(&show, "connect");
+    assert_eq!(lost_later, lost, "losses reported at the end were reported again after it: {}", pretty(&show));
     assert!(reasons.iter().all(|r| r == "throttled" || r == "ring-buffer-full"), "{reasons:?}");
     let status = daemon.status();
     let total = status["events_lost_by_kind"]["connect"].as_u64().unwrap_or_else(|| panic!("{status}"));
@@ -350,4 +354,63 @@ fn when_run_returns_the_session_has_ended_with_every_event_of_its_last_process_i
             pretty(&Value::Array(events_of_kind(&show, "exit").into_iter().cloned().collect()))
         );
     }
+}
+
+/// The kernel's loss counters are pinned with the maps and outlive the
+/// daemon: what a killed daemon reported of them is not reported again by
+/// the next one, which adopts the session and reports only what came after.
+/// The session's record still adds up to every connect it tried.
+#[test]
+fn losses_a_killed_daemon_reported_are_not_reported_again_by_the_next() {
+    let _flood = one_flood_at_a_time();
+    let mut daemon = Daemon::builder().policy(POLICY).config_line(SMALLEST_BUFFER).start();
+    assert_eq!(daemon.status()["enforcement_survives_daemon"], true, "{}", pretty(&daemon.status()));
+    let token = daemon.mint("flood-bot", &[]);
+    let steps = daemon.dir().join("steps");
+    std::fs::create_dir(&steps).expect("steps dir");
+    // Names its session, then at each go-N floods and says done-N.
+    let script = format!(
+        "import os, socket, time\nd = {steps:?}\nopen(d + '/id.tmp', 'w').write(os.environ['TOLLGATE_SESSION'])\nos.rename(d + '/id.tmp', d + '/id')\nfor n in (1, 2):\n    while not os.path.exists(f'{{d}}/go-{{n}}'):\n        time.sleep(0.02)\n    for _ in range({ATTEMPTS}):\n        s = socket.socket()\n        try:\n            s.connect(('127.0.0.2', 9))\n        except PermissionError:\n            pass\n        else:\n            raise SystemExit('connect to a denied address succeeded')\n        s.close()\n    open(f'{{d}}/done-{{n}}', 'w').close()\n"
+    );
+    let wait_for = |name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !steps.join(name).exists() {
+            assert!(Instant::now() < deadline, "the session never wrote {name}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let round = |n: u32| {
+        std::fs::write(steps.join(format!("go-{n}")), "").expect("go");
+        wait_for(&format!("done-{n}"));
+    };
+    let mut run = std::process::Command::new(harness::tollgate_bin());
+    run.arg("--socket").arg(daemon.socket()).arg("run").arg("--token-file").arg(&token);
+    run.args(["--", "python3", "-c", script.as_str()]);
+    let session = thread::spawn(move || harness::run_with_timeout(&mut run, Duration::from_secs(120)).expect("run"));
+    wait_for("id");
+    let id = std::fs::read_to_string(steps.join("id")).expect("the session's id");
+
+    round(1);
+    let accounted = |show: &Value| events_of_kind(show, "connect").len() as u64 + lost_in_record(show, "connect").0;
+    let first = daemon.show_until(&id, "round 1 recorded and its losses reported", |s| accounted(s) == ATTEMPTS);
+    let (lost_first, _) = lost_in_record(&first, "connect");
+    assert!(lost_first > 0, "round 1 lost nothing; the test proves nothing: {}", pretty(&first));
+
+    daemon.kill_hard();
+    daemon.restart();
+    assert_eq!(daemon.status()["sessions_active"], 1, "the session was not adopted: {}", pretty(&daemon.status()));
+    round(2);
+    let out = session.join().expect("the session's thread");
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let show = daemon.show_until(&id, "the session's end", |s| s["session"]["ended_at"].is_string());
+    let recorded = events_of_kind(&show, "connect").len() as u64;
+    let (lost, _) = lost_in_record(&show, "connect");
+    assert_eq!(
+        recorded + lost,
+        2 * ATTEMPTS,
+        "{recorded} recorded + {lost} lost (round 1 lost {lost_first}) != {} attempts: losses were reported twice, or went missing\n{}",
+        2 * ATTEMPTS,
+        daemon.log()
+    );
 }

@@ -29,7 +29,7 @@ use crate::{
     identity::{Verifier, dev},
     policy::PolicySet,
     proxy::ProxyCtx,
-    session::{Gap, LostEvents, LostTotals, REAP_INTERVAL, Sessions, SessionsParts, cgroup},
+    session::{Gap, LeftOpen, LostEvents, LostTotals, REAP_INTERVAL, Sessions, SessionsParts, cgroup},
     store::{Reader, SessionLog, Writer, ledger::LedgerKey},
 };
 
@@ -164,6 +164,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         }
     };
     let found = pins.as_ref().map_or(Found::Nothing, PinDir::found);
+    // An earlier daemon's loss counters, reused, already went into records
+    // as far as it reported them; fresh ones (another layout) did not.
+    let losses_carried = pins.as_ref().is_some_and(|pins| pins.map("LOST").exists());
     // Pins this start made are removed if it fails; an earlier daemon's stay.
     let mut unpin_on_failure = PinCleanup(pins.clone().filter(|_| found == Found::Nothing));
     let loaded = bpf::load(&tree.sessions, config.event_buffer_kib * 1024, config.proxy_port, pins)
@@ -205,7 +208,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     }
     let loaded = crate::session::Loaded::new(policies, verifier);
     let lost_totals: Arc<LostTotals> = Arc::default();
-    let lost = LostEvents::new(lost, lost_totals.clone());
+    let lost = LostEvents::new(lost, lost_totals.clone(), losses_carried);
     let parts = SessionsParts { tree, mount, host, mode, log: log.clone(), max_depth, lost };
     let sessions = Arc::new(Sessions::new(parts, loaded, session_maps));
     // Before adoption, so adopted sessions are watched too.
@@ -231,17 +234,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     // What an earlier daemon left is adopted or closed before any event is
     // read, so events it left in the (pinned) ring buffer find their session.
     let gap = Gap { enforced: found == Found::Enforcing, last_alive: heartbeat::last(&config.state_dir) };
-    let open_records: Vec<_> = {
+    let left_open: Vec<LeftOpen> = {
         let reader = reader.clone();
-        tokio::task::spawn_blocking(move || reader.sessions())
-            .await
-            .context("reading the session log")?
-            .context("reading the session log")?
-            .into_iter()
-            .filter(|record| record.ended_at.is_none())
-            .collect()
+        tokio::task::spawn_blocking(move || -> Result<Vec<LeftOpen>, crate::store::StoreError> {
+            let open = reader.sessions()?.into_iter().filter(|record| record.ended_at.is_none());
+            open.map(|record| Ok(LeftOpen { losses: reader.recorded_losses(&record.id)?, record })).collect()
+        })
+        .await
+        .context("reading the session log")?
+        .context("reading the session log")?
     };
-    sessions.recover(open_records, &gap).await;
+    sessions.recover(left_open, &gap).await;
     programs.retire_earlier_layouts();
     let survives = programs.pinned();
     let reviews = Arc::new(Reviews::new(

@@ -31,12 +31,38 @@ pub struct LostEvents {
     /// so a loss read by two reporters at once is reported once.
     reported: Mutex<HashMap<LostKey, u64>>,
     totals: Arc<LostTotals>,
+    /// Whether the counters are an earlier daemon's, reused from their pins.
+    carried: bool,
 }
 
 impl LostEvents {
     /// Reports from `counters`, adding to `totals` (what `status` shows).
-    pub fn new(counters: LostCounters, totals: Arc<LostTotals>) -> Self {
-        Self { counters, reported: Mutex::default(), totals }
+    /// `carried`: the counters are an earlier daemon's (pinned, reused).
+    pub fn new(counters: LostCounters, totals: Arc<LostTotals>, carried: bool) -> Self {
+        Self { counters, reported: Mutex::default(), totals, carried }
+    }
+
+    /// Takes what a session's record already counts as lost (`recorded`:
+    /// kind, reason, count) as reported: an earlier daemon reported it from
+    /// the same (pinned) counters, which a new daemon must not report again.
+    /// Fresh counters hold nothing of what the record counts: then nothing is taken.
+    pub(super) fn already_reported(&self, cgroup_id: u64, recorded: &[(String, String, u64)]) {
+        if !self.carried {
+            return;
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (kind, reason, count) in recorded {
+            let kind = (1..LOST_SLOTS).find(|&slot| events::kind_name(slot as usize) == kind);
+            let reason = match reason.as_str() {
+                "throttled" => Some(LOST_THROTTLED),
+                "ring-buffer-full" => Some(LOST_BUFFER_FULL),
+                // The log's own drops (log-queue-full) are no kernel counter's.
+                _ => None,
+            };
+            if let (Some(kind), Some(reason)) = (kind, reason) {
+                reported.insert(LostKey { cgroup_id, kind, reason }, *count);
+            }
+        }
     }
 
     /// Reports what every session lost since the last report.

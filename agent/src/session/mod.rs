@@ -16,7 +16,7 @@ pub use crate::store::SessionId;
 pub use emptied::EmptiedWatch;
 pub use grants::{GrantError, GrantState, GrantView};
 pub use lost::{LostEvents, LostTotals};
-pub use recover::Gap;
+pub use recover::{Gap, LeftOpen};
 pub use registry::{ActiveSession, Registry};
 pub use sessions::{
     Attribution, Authority, Caller, ChainLink, GovernedRoute, Lifetime, Loaded, NamesView, Notice, OpenError,

@@ -28,6 +28,15 @@ pub struct Gap {
     pub last_alive: Option<String>,
 }
 
+/// A session the log has no end for, as an earlier daemon left it.
+#[derive(Debug, Clone)]
+pub struct LeftOpen {
+    /// Its record.
+    pub record: SessionRecord,
+    /// What its record already counts as lost: (kind, reason, count).
+    pub losses: Vec<(String, String, u64)>,
+}
+
 impl Gap {
     fn detail(&self, outcome: &str) -> Map<String, Value> {
         let mut detail = Map::new();
@@ -43,7 +52,7 @@ impl Sessions {
     /// Adopts or ends what an earlier daemon left: the cgroups under the
     /// sessions cgroup, and the records still open. `running` are the
     /// session log's records that have no end.
-    pub async fn recover(self: &Arc<Self>, running: Vec<SessionRecord>, gap: &Gap) {
+    pub async fn recover(self: &Arc<Self>, running: Vec<LeftOpen>, gap: &Gap) {
         let tree = self.parts.tree.clone();
         let mut seen = Vec::new();
         // Parents before their children: a child is adopted only under an
@@ -51,7 +60,13 @@ impl Sessions {
         let mut queue: std::collections::VecDeque<(String, PathBuf, u64, Option<u64>, bool)> =
             tree.leftovers().into_iter().map(|(name, path, id)| (name, path, id, None, true)).collect();
         while let Some((name, path, cgroup_id, parent, parent_adopted)) = queue.pop_front() {
-            let record = running.iter().find(|r| r.id.as_str() == name);
+            let left = running.iter().find(|left| left.record.id.as_str() == name);
+            if let Some(left) = left {
+                // The kernel's loss counters are pinned with the maps: what
+                // they held when the earlier daemon reported is in the record.
+                self.parts.lost.already_reported(cgroup_id, &left.losses);
+            }
+            let record = left.map(|left| &left.record);
             seen.push(name.clone());
             // Listed before anything is discarded: discarding takes the children along.
             let children = super::cgroup::children(&path);
@@ -76,7 +91,8 @@ impl Sessions {
         }
         // Records of this tree still open with no cgroup: they ended unobserved.
         let ours = |r: &&SessionRecord| PathBuf::from(&r.cgroup).starts_with(&tree.sessions);
-        for record in running.iter().filter(ours).filter(|r| !seen.iter().any(|name| name == r.id.as_str())) {
+        let records = running.iter().map(|left| &left.record);
+        for record in records.filter(ours).filter(|r| !seen.iter().any(|name| name == r.id.as_str())) {
             self.close_unobserved(record, None, gap);
         }
     }
@@ -194,6 +210,10 @@ impl Sessions {
         let outcome =
             if gap.enforced { "ended while no daemon ran" } else { "killed: not governed while no daemon ran" };
         self.parts.log.decided(&id, RecordKind::Session, RecordVerdict::DaemonGap, gap.detail(outcome));
+        if let Some(cgroup_id) = cgroup_id {
+            // What it lost while no daemon ran goes in before its end.
+            self.parts.lost.report_session(cgroup_id, &id, &self.parts.log);
+        }
         self.parts.log.end_session(id.clone());
         tracing::warn!(session = %id, outcome, "closed a session an earlier daemon left");
     }

@@ -324,6 +324,25 @@ impl Reader {
         Ok(out)
     }
 
+    /// What a session's record already counts as lost, per kind and reason
+    /// (`lost` events): (kind, reason, count).
+    pub fn recorded_losses(&self, id: &SessionId) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let conn = self.connect()?;
+        let mut statement = conn.prepare(
+            "SELECT json_extract(detail, '$.lost_kind'), json_extract(detail, '$.reason'),
+                    SUM(json_extract(detail, '$.count'))
+             FROM events WHERE session_id = ?1 AND kind = 'lost' GROUP BY 1, 2",
+        )?;
+        let rows = statement.query_map([id.as_str()], |row| {
+            Ok((
+                row.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                row.get::<_, Option<i64>>(2)?.map_or(0, |count| u64::try_from(count).unwrap_or(0)),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Counts of events the kernel could not deliver, by kind.
     pub fn lost_events(&self) -> Result<BTreeMap<String, i64>, StoreError> {
         let conn = self.connect()?;
