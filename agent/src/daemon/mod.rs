@@ -237,8 +237,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let left_open: Vec<LeftOpen> = {
         let reader = reader.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<LeftOpen>, crate::store::StoreError> {
-            let open = reader.sessions()?.into_iter().filter(|record| record.ended_at.is_none());
-            open.map(|record| Ok(LeftOpen { losses: reader.recorded_losses(&record.id)?, record })).collect()
+            let open: Vec<_> = reader.sessions()?.into_iter().filter(|record| record.ended_at.is_none()).collect();
+            let ids: Vec<_> = open.iter().map(|record| record.id.clone()).collect();
+            let mut losses = reader.recorded_losses(&ids)?;
+            Ok(open
+                .into_iter()
+                .map(|record| LeftOpen { losses: losses.remove(&record.id).unwrap_or_default(), record })
+                .collect())
         })
         .await
         .context("reading the session log")?

@@ -18,8 +18,17 @@ use tollgate_common::{LOST_BUFFER_FULL, LOST_SLOTS, LOST_THROTTLED, LostKey};
 
 use crate::{
     bpf::{LostCounters, events},
-    store::{RecordKind, SessionId, SessionLog},
+    store::{RecordKind, RecordedLoss, SessionId, SessionLog},
 };
+
+/// How a session's record names a `LostKey::reason`.
+fn reason_name(reason: u32) -> &'static str {
+    match reason {
+        LOST_THROTTLED => "throttled",
+        LOST_BUFFER_FULL => "ring-buffer-full",
+        _ => "unknown",
+    }
+}
 
 /// Events the kernel could not deliver, per event kind slot, as counted so far.
 pub type LostTotals = [AtomicU64; LOST_SLOTS as usize];
@@ -42,25 +51,21 @@ impl LostEvents {
         Self { counters, reported: Mutex::default(), totals, carried }
     }
 
-    /// Takes what a session's record already counts as lost (`recorded`:
-    /// kind, reason, count) as reported: an earlier daemon reported it from
+    /// Takes what a session's record already counts as lost as reported: an earlier daemon reported it from
     /// the same (pinned) counters, which a new daemon must not report again.
     /// Fresh counters hold nothing of what the record counts: then nothing is taken.
-    pub(super) fn already_reported(&self, cgroup_id: u64, recorded: &[(String, String, u64)]) {
+    pub(super) fn already_reported(&self, cgroup_id: u64, recorded: &[RecordedLoss]) {
         if !self.carried {
             return;
         }
         let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (kind, reason, count) in recorded {
-            let kind = (1..LOST_SLOTS).find(|&slot| events::kind_name(slot as usize) == kind);
-            let reason = match reason.as_str() {
-                "throttled" => Some(LOST_THROTTLED),
-                "ring-buffer-full" => Some(LOST_BUFFER_FULL),
-                // The log's own drops (log-queue-full) are no kernel counter's.
-                _ => None,
-            };
+        for loss in recorded {
+            let kind = (1..LOST_SLOTS).find(|&slot| events::kind_name(slot as usize) == loss.kind);
+            // The log's own drops (log-queue-full) are no kernel counter's.
+            let reason =
+                [LOST_THROTTLED, LOST_BUFFER_FULL].into_iter().find(|&reason| reason_name(reason) == loss.reason);
             if let (Some(kind), Some(reason)) = (kind, reason) {
-                reported.insert(LostKey { cgroup_id, kind, reason }, *count);
+                reported.insert(LostKey { cgroup_id, kind, reason }, loss.count);
             }
         }
     }
@@ -86,11 +91,7 @@ impl LostEvents {
             let lost = count - *previous;
             *previous = count;
             let kind = events::kind_name(key.kind as usize);
-            let reason = match key.reason {
-                LOST_THROTTLED => "throttled",
-                LOST_BUFFER_FULL => "ring-buffer-full",
-                _ => "unknown",
-            };
+            let reason = reason_name(key.reason);
             if let Some(slot) = self.totals.get(key.kind as usize) {
                 slot.fetch_add(lost, Ordering::Relaxed);
             }

@@ -17,7 +17,7 @@ use std::{
 use serde_json::{Map, Value};
 
 use super::{ActiveSession, Lifetime, Sessions, cgroup::populated, sessions::discard};
-use crate::store::{RecordKind, RecordVerdict, SessionId, SessionRecord, rfc3339};
+use crate::store::{RecordKind, RecordVerdict, RecordedLoss, SessionId, SessionRecord, rfc3339};
 
 /// What the starting daemon knows of the time no daemon ran.
 #[derive(Debug, Clone)]
@@ -33,8 +33,8 @@ pub struct Gap {
 pub struct LeftOpen {
     /// Its record.
     pub record: SessionRecord,
-    /// What its record already counts as lost: (kind, reason, count).
-    pub losses: Vec<(String, String, u64)>,
+    /// What its record already counts as lost.
+    pub losses: Vec<RecordedLoss>,
 }
 
 impl Gap {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use clock::BootClock;
 pub use log::SessionLog;
-pub use queries::{Reader, RecordedDecision, RuleUsage, SessionDetail};
+pub use queries::{Reader, RecordedDecision, RecordedLoss, RuleUsage, SessionDetail};
 pub use record::{Detail, EventRecord, FieldList, RecordFields, RecordKind, RecordVerdict};
 pub use writer::{Writer, WriterHandle};
 

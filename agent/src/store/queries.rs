@@ -1,7 +1,7 @@
 //! Reading the session log (the control API's side; never writes).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
 };
 
@@ -324,23 +324,27 @@ impl Reader {
         Ok(out)
     }
 
-    /// What a session's record already counts as lost, per kind and reason
-    /// (`lost` events): (kind, reason, count).
-    pub fn recorded_losses(&self, id: &SessionId) -> Result<Vec<(String, String, u64)>, StoreError> {
+    /// What each of `ids`' records already counts as lost, per kind and
+    /// reason (its `lost` events), through one connection.
+    pub fn recorded_losses(&self, ids: &[SessionId]) -> Result<HashMap<SessionId, Vec<RecordedLoss>>, StoreError> {
         let conn = self.connect()?;
         let mut statement = conn.prepare(
             "SELECT json_extract(detail, '$.lost_kind'), json_extract(detail, '$.reason'),
                     SUM(json_extract(detail, '$.count'))
              FROM events WHERE session_id = ?1 AND kind = 'lost' GROUP BY 1, 2",
         )?;
-        let rows = statement.query_map([id.as_str()], |row| {
-            Ok((
-                row.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                row.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                row.get::<_, Option<i64>>(2)?.map_or(0, |count| u64::try_from(count).unwrap_or(0)),
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut losses = HashMap::new();
+        for id in ids {
+            let rows = statement.query_map([id.as_str()], |row| {
+                Ok(RecordedLoss {
+                    kind: row.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                    reason: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    count: row.get::<_, Option<i64>>(2)?.map_or(0, |count| u64::try_from(count).unwrap_or(0)),
+                })
+            })?;
+            losses.insert(id.clone(), rows.collect::<Result<_, _>>()?);
+        }
+        Ok(losses)
     }
 
     /// Counts of events the kernel could not deliver, by kind.
@@ -402,6 +406,17 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
         reason: row.get(15)?,
         ttl_secs: row.get(16)?,
     })
+}
+
+/// What a session's record counts as lost of one kind for one reason.
+#[derive(Debug, Clone)]
+pub struct RecordedLoss {
+    /// The kind of event (`lost_kind`: exec, connect...).
+    pub kind: String,
+    /// Why (`throttled`, `ring-buffer-full`, `log-queue-full`).
+    pub reason: String,
+    /// How many, over all the record's `lost` events.
+    pub count: u64,
 }
 
 /// One recorded decision, with its session's identity.
