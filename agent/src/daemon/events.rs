@@ -8,6 +8,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use serde_json::value::RawValue;
 use tokio::io::unix::AsyncFd;
 use tollgate_common::{EventHeader, EventKind, Verdict};
 
@@ -16,7 +17,7 @@ use crate::{
         ConsumedBytes, EventBacklog, KernelLogger,
         events::{self, KernelEvent},
     },
-    policy::compile::RuleRef,
+    policy::compile::{Decided, RuleRef},
     session::Sessions,
     store::{Detail, RecordKind, RecordVerdict, SessionId, SessionLog},
 };
@@ -213,8 +214,8 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent, refusals: 
     let session = attribution.session;
     let decided = attribution.rule.as_ref();
     // Where a grant's rules decided: the session log counts them as their use.
-    let by_grant = decided.filter(|d| !d.0.is_empty());
-    let grant_rules = by_grant.map(|d| d.0.as_slice());
+    let by_grant = decided.filter(|d| !d.rules().is_empty());
+    let grant_rules = by_grant.map(Decided::rules);
     // Each kind's detail is typed and serialized here, on the reader, so
     // the log's writer gets one string to store (see `Detail::json`).
     let (kind, verdict, detail) = match event {
@@ -231,8 +232,8 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent, refusals: 
                 filename_truncated: *filename_truncated,
                 argv,
                 argv_truncated: *argv_truncated,
-                rule: by_grant.map(ToString::to_string),
-                grant_rules,
+                rule: by_grant.map(Decided::text_json),
+                grant_rules: by_grant.map(Decided::rules_json),
             };
             (EventKind::Exec, Some(*verdict), detail_of(&fields, grant_rules))
         }
@@ -247,8 +248,8 @@ fn record(sessions: &Sessions, log: &SessionLog, event: &KernelEvent, refusals: 
                 tracing::info!(session = %session, pid = origin.pid, %addr, port, "connect denied");
             }
             let fields = ConnectDetail {
-                rule: decided.map(ToString::to_string),
-                grant_rules,
+                rule: decided.map(Decided::text_json),
+                grant_rules: by_grant.map(Decided::rules_json),
                 family: *family,
                 addr: *addr,
                 port: *port,
@@ -297,9 +298,9 @@ struct ExecDetail<'a> {
     argv: &'a [String],
     argv_truncated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    rule: Option<String>,
+    rule: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    grant_rules: Option<&'a [RuleRef]>,
+    grant_rules: Option<&'a RawValue>,
 }
 
 /// A fork's detail.
@@ -325,12 +326,13 @@ struct SocketDetail {
 }
 
 /// A connect's detail: the hottest record. `rule` is always there (null
-/// when none decided), and `grant_rules` follows it when a grant's rules did.
+/// when none decided), and `grant_rules` follows it when a grant's rules
+/// did; both are the decided rule's JSON, made once (see [`Decided`]).
 #[derive(serde::Serialize)]
 struct ConnectDetail<'a> {
-    rule: Option<String>,
+    rule: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    grant_rules: Option<&'a [RuleRef]>,
+    grant_rules: Option<&'a RawValue>,
     family: u8,
     addr: std::net::IpAddr,
     port: u16,
@@ -365,14 +367,13 @@ mod tests {
     use serde_json::{Map, Value, json};
 
     use super::*;
-    use crate::policy::compile::Decided;
 
     /// The typed exec, fork, exit and socket details are the JSON their maps
     /// used to be, key for key and in the same order.
     #[test]
     fn process_and_socket_details_are_the_json_the_maps_made() {
         let rules = [RuleRef::new("ci-exec", "exec.allow /usr/bin/git")];
-        let decided = Decided(rules.to_vec());
+        let decided = Decided::new(rules.to_vec());
         let argv = vec!["git".to_owned(), "say \"hi\"\n\u{1}".to_owned(), "caf\u{e9}".to_owned()];
         for with_rules in [true, false] {
             let fields = ExecDetail {
@@ -383,8 +384,8 @@ mod tests {
                 filename_truncated: false,
                 argv: &argv,
                 argv_truncated: true,
-                rule: with_rules.then(|| decided.to_string()),
-                grant_rules: with_rules.then_some(&rules[..]),
+                rule: with_rules.then(|| decided.text_json()),
+                grant_rules: with_rules.then(|| decided.rules_json()),
             };
             let mut map = Map::new();
             map.insert("ppid".into(), 7.into());
@@ -420,9 +421,10 @@ mod tests {
     #[test]
     fn a_connect_detail_is_the_json_the_map_made() {
         let rules = [RuleRef::new("ci-net", "network.allow 10.0.0.0/8")];
+        let decided = Decided::new(rules.to_vec());
         let fields = ConnectDetail {
-            rule: Some(Decided(rules.to_vec()).to_string()),
-            grant_rules: Some(&rules),
+            rule: Some(decided.text_json()),
+            grant_rules: Some(decided.rules_json()),
             family: 6,
             addr: "2001:db8::1".parse().expect("an address"),
             port: 443,
@@ -440,6 +442,24 @@ mod tests {
         let typed = Detail::json(&fields, vec![("ci-net".into(), "network.allow 10.0.0.0/8".into())]).expect("JSON");
         assert_eq!(typed.text().expect("text"), serde_json::to_string(&map).expect("JSON"));
         assert_eq!(typed.grant_rules(), Detail::from(map).grant_rules());
+
+        // A child session's connect: a rule of each level, innermost first,
+        // made into JSON once, as the map would have made it.
+        let chain = [
+            RuleRef::new("sub-agent", "network.allow 10.1.0.0/16"),
+            RuleRef::new("ci-net", "network.allow 10.0.0.0/8"),
+        ];
+        let both = Decided::new(chain.to_vec());
+        let fields = ConnectDetail { rule: Some(both.text_json()), grant_rules: Some(both.rules_json()), ..fields };
+        let mut map = Map::new();
+        map.insert("rule".into(), "sub-agent: network.allow 10.1.0.0/16 & ci-net: network.allow 10.0.0.0/8".into());
+        map.insert("grant_rules".into(), json!(chain));
+        map.insert("family".into(), 6.into());
+        map.insert("addr".into(), "2001:db8::1".into());
+        map.insert("port".into(), 443.into());
+        map.insert("protocol".into(), "tcp".into());
+        map.insert("send".into(), false.into());
+        assert_eq!(serde_json::to_string(&fields).expect("JSON"), serde_json::to_string(&map).expect("JSON"));
 
         // No rule decided: `rule` is null and there is no `grant_rules`.
         let fields = ConnectDetail { rule: None, grant_rules: None, ..fields };

@@ -9,6 +9,7 @@ use std::{
     sync::Arc,
 };
 
+use serde_json::value::RawValue;
 use tollgate_common::{FAMILY_V4, FAMILY_V6, Verdict, v4_mapped};
 
 use super::{
@@ -60,13 +61,64 @@ impl fmt::Display for RuleRef {
 
 /// The rules that made one kernel entry: one in a top session; in a child
 /// session, one per level of the chain that had a say (innermost first).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Decided(pub Vec<RuleRef>);
+/// Shared, with its text and JSON made once: the reader of kernel events
+/// names it in the record of every connect it decided.
+#[derive(Debug, Clone, Default)]
+pub struct Decided(Arc<DecidedRules>);
+
+#[derive(Debug, Default)]
+struct DecidedRules {
+    rules: Vec<RuleRef>,
+    text: String,
+    text_json: Box<RawValue>,
+    rules_json: Box<RawValue>,
+}
+
+impl Decided {
+    /// The entry made by `rules`.
+    pub fn new(rules: Vec<RuleRef>) -> Self {
+        let names: Vec<String> = rules.iter().map(RuleRef::to_string).collect();
+        let text = names.join(" & ");
+        Self(Arc::new(DecidedRules { text_json: raw_json(&text), rules_json: raw_json(&rules), text, rules }))
+    }
+
+    /// The rules, innermost first.
+    pub fn rules(&self) -> &[RuleRef] {
+        &self.0.rules
+    }
+
+    /// As a record names it: `grant: rule`, levels joined by ` & `.
+    pub fn text(&self) -> &str {
+        &self.0.text
+    }
+
+    /// [`Decided::text`] as a JSON string.
+    pub fn text_json(&self) -> &RawValue {
+        &self.0.text_json
+    }
+
+    /// [`Decided::rules`] as a JSON array of `{grant, rule}`.
+    pub fn rules_json(&self) -> &RawValue {
+        &self.0.rules_json
+    }
+}
+
+/// `value` as JSON text. Strings and string pairs always serialize.
+fn raw_json<T: serde::Serialize>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+impl PartialEq for Decided {
+    fn eq(&self, other: &Self) -> bool {
+        self.rules() == other.rules()
+    }
+}
+
+impl Eq for Decided {}
 
 impl fmt::Display for Decided {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<String> = self.0.iter().map(RuleRef::to_string).collect();
-        f.write_str(&names.join(" & "))
+        f.write_str(self.text())
     }
 }
 
@@ -308,7 +360,7 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
                 NetTarget::Address(destination) => entries.push((destination, verdict, word)),
                 NetTarget::Name(name) => {
                     let rule_id = out.rules.len() as u32;
-                    out.rules.push(Decided(vec![RuleRef::new(&grant.name, format!("network.{word} {name}"))]));
+                    out.rules.push(Decided::new(vec![RuleRef::new(&grant.name, format!("network.{word} {name}"))]));
                     names.rules.push(NameRule { target: name.clone(), verdict, rule_id });
                 }
             }
@@ -327,13 +379,13 @@ pub fn compile<'a>(grants: impl IntoIterator<Item = &'a Grant>, withdrawn: &BTre
         };
         for (destination, verdict, word) in entries {
             let rule_id = out.rules.len() as u32;
-            out.rules.push(Decided(vec![RuleRef::new(&grant.name, format!("network.{word} {destination}"))]));
+            out.rules.push(Decided::new(vec![RuleRef::new(&grant.name, format!("network.{word} {destination}"))]));
             add(&mut out, destination, verdict, rule_id);
         }
         for route in &grant.network.proxy {
             let rule_id = out.rules.len() as u32;
             let rule = RuleRef::new(&grant.name, format!("network.proxy {}", route.to));
-            out.rules.push(Decided(vec![rule]));
+            out.rules.push(Decided::new(vec![rule]));
             let verdict = if honoured {
                 out.routes.insert(rule_id, Arc::new(SessionRoute::of(&grant.name, route.clone())));
                 Verdict::Redirect

@@ -165,7 +165,7 @@ pub fn explain(rules: &SessionRules, to: SocketAddr) -> Decision {
     match chosen {
         Some(entry) => Decision {
             verdict: entry.verdict,
-            rule: rules.rules.get(entry.rule_id as usize).filter(|d| !d.0.is_empty()).map(ToString::to_string),
+            rule: rules.rules.get(entry.rule_id as usize).filter(|d| !d.rules().is_empty()).map(ToString::to_string),
             route: (entry.verdict == Verdict::Redirect).then_some(entry.rule_id),
         },
         None => Decision { verdict: Verdict::Deny, rule: None, route: None },

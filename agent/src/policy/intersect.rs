@@ -145,7 +145,7 @@ fn combine(
     }
     let rules_of = |side: &SessionRules, id: u32| side.rules.get(id as usize).cloned().unwrap_or_default();
     let (o_rules, i_rules) = (rules_of(outer, o.rule_id), rules_of(inner, i.rule_id));
-    let both = || Decided(i_rules.0.iter().chain(&o_rules.0).cloned().collect());
+    let both = || Decided::new(i_rules.rules().iter().chain(o_rules.rules()).cloned().collect());
     let (verdict, decided, route) = match (rank(o.verdict).max(rank(i.verdict)), o.verdict, i.verdict) {
         // The refusing side decided (the inner one when both refuse).
         (2, _, v) if rank(v) == 2 => (Verdict::Deny, i_rules.clone(), None),

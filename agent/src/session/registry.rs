@@ -76,6 +76,15 @@ impl Registry {
         self.active.get_mut(&cgroup_id)
     }
 
+    /// The session id for an event's cgroup, live or recently ended, and
+    /// the live session to change, in one lookup.
+    pub fn attribute(&mut self, cgroup_id: u64) -> Option<(SessionId, Option<&mut ActiveSession>)> {
+        if let Some(active) = self.active.get_mut(&cgroup_id) {
+            return Some((active.id.clone(), Some(active)));
+        }
+        self.ended.get(&cgroup_id).map(|(id, _)| (id.clone(), None))
+    }
+
     /// The session id for an event's cgroup, live or recently ended.
     pub fn session_of(&self, cgroup_id: u64) -> Option<SessionId> {
         self.active

@@ -834,8 +834,7 @@ impl Sessions {
     pub fn attribute(&self, event: &KernelEvent) -> Option<Attribution> {
         let origin = event.origin();
         let mut state = self.state();
-        let session = state.registry.session_of(origin.cgroup_id)?;
-        let active = state.registry.get_mut(origin.cgroup_id);
+        let (session, active) = state.registry.attribute(origin.cgroup_id)?;
         let mut attribution = Attribution { session, creator: None, rule: None };
         match (event, active) {
             (KernelEvent::Exec { file, verdict, .. }, Some(active)) => {
@@ -850,7 +849,7 @@ impl Sessions {
                 active.creators.remove(&origin.pid);
             }
             (KernelEvent::Connect { rule_id: Some(rule_id), .. }, Some(active)) => {
-                attribution.rule = active.rules.rules.get(*rule_id as usize).filter(|d| !d.0.is_empty()).cloned();
+                attribution.rule = active.rules.rules.get(*rule_id as usize).filter(|d| !d.rules().is_empty()).cloned();
             }
             _ => {}
         }
@@ -866,7 +865,7 @@ impl Sessions {
         };
         if let_through && let Some(decided) = &attribution.rule {
             let mut book = self.book();
-            for rule in &decided.0 {
+            for rule in decided.rules() {
                 book.exercised(&rule.grant, SystemTime::now());
             }
         }
@@ -1242,7 +1241,7 @@ fn mark_ending(registry: &mut Registry, cgroup_id: u64) -> Vec<SessionId> {
 /// One line for the caller about a refused exec, connect or socket.
 fn denial_text(event: &KernelEvent, decided: Option<&Decided>) -> Option<String> {
     use tollgate_common::Verdict;
-    let by = |fallback: &str| match decided.and_then(|d| d.0.first()) {
+    let by = |fallback: &str| match decided.and_then(|d| d.rules().first()) {
         Some(rule) => format!("denied by grant {} ({})", rule.grant, rule.rule),
         None => format!("denied: {fallback}"),
     };
@@ -1267,10 +1266,10 @@ fn denial_text(event: &KernelEvent, decided: Option<&Decided>) -> Option<String>
 fn exec_rule(rules: &SessionRules, file: FileId, verdict: tollgate_common::Verdict) -> Option<Decided> {
     if verdict != tollgate_common::Verdict::Allow {
         let index = rules.exec_deny.iter().position(|(_, denied)| *denied == file)?;
-        return rules.exec_deny_rules.get(index).map(|rule| Decided(vec![rule.clone()]));
+        return rules.exec_deny_rules.get(index).map(|rule| Decided::new(vec![rule.clone()]));
     }
     let allow = rules.exec_allow.as_ref()?;
-    allow.files.iter().find(|(_, id, _)| *id == file).map(|(_, _, rule)| Decided(vec![rule.clone()]))
+    allow.files.iter().find(|(_, id, _)| *id == file).map(|(_, _, rule)| Decided::new(vec![rule.clone()]))
 }
 
 /// Removes a session cgroup off the runtime: emptying it may wait.

@@ -11,7 +11,7 @@ pub mod stats;
 mod writer;
 mod yielding;
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,15 +57,21 @@ pub enum StoreError {
     },
 }
 
-/// A session's id: short, random, safe in paths and cgroup names.
+/// A session's id: short, random, safe in paths and cgroup names. Shared,
+/// not copied: every record of the session carries it to the log.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct SessionId(String);
+pub struct SessionId(Arc<str>);
 
 impl SessionId {
     /// A new random id, `s-` and 16 hex digits.
     pub fn generate() -> Self {
-        Self(format!("s-{:016x}", rand::random::<u64>()))
+        Self(format!("s-{:016x}", rand::random::<u64>()).into())
+    }
+
+    /// An id as the store holds it, not checked again.
+    fn stored(text: String) -> Self {
+        Self(text.into())
     }
 
     /// The id as text.
@@ -86,7 +92,7 @@ impl FromStr for SessionId {
         let valid = text.len() <= 64
             && !text.is_empty()
             && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if valid { Ok(Self(text.to_owned())) } else { Err(format!("'{text}' is not a session id")) }
+        if valid { Ok(Self(text.into())) } else { Err(format!("'{text}' is not a session id")) }
     }
 }
 

@@ -157,7 +157,7 @@ impl Reader {
                 map.insert("pid".into(), row.get::<_, i64>(6)?.into());
             }
             Ok(RecordedDecision {
-                session: SessionId(row.get(0)?),
+                session: SessionId::stored(row.get(0)?),
                 identity: row.get(1)?,
                 kind: row.get(2)?,
                 verdict: row.get(3)?,
@@ -184,7 +184,7 @@ impl Reader {
         let rows = statement.query_map([since, until], |row| {
             let detail: String = row.get(4)?;
             Ok(RecordedDecision {
-                session: SessionId(row.get(0)?),
+                session: SessionId::stored(row.get(0)?),
                 identity: row.get(1)?,
                 kind: row.get(2)?,
                 verdict: row.get(3)?,
@@ -388,7 +388,7 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     };
     let strings = |value: Value| -> Vec<String> { serde_json::from_value(value).unwrap_or_default() };
     Ok(SessionRecord {
-        id: SessionId(row.get(0)?),
+        id: SessionId::stored(row.get(0)?),
         identity: row.get(1)?,
         subject: row.get(2)?,
         issuer: row.get(3)?,
@@ -401,7 +401,7 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
         command: strings(json(10)?),
         started_at: row.get(11)?,
         ended_at: row.get(12)?,
-        parent: row.get::<_, Option<String>>(13)?.map(SessionId),
+        parent: row.get::<_, Option<String>>(13)?.map(SessionId::stored),
         depth: row.get(14)?,
         reason: row.get(15)?,
         ttl_secs: row.get(16)?,

@@ -165,7 +165,7 @@ impl Detail {
     /// Serializes `fields`, which name `grant_rules` (their `grant_rules`
     /// field, if any).
     pub fn json<T: Serialize>(fields: &T, grant_rules: Vec<(String, String)>) -> serde_json::Result<Self> {
-        Ok(Self::Json { text: serde_json::to_string(fields)?, grant_rules })
+        Ok(Self::Json { text: to_json_text(fields)?, grant_rules })
     }
 
     /// The JSON text, as stored.
@@ -199,8 +199,8 @@ impl Detail {
     /// that cannot be rendered is kept, saying so.
     pub fn render<T: Serialize>(fields: &T, grant_rules: Vec<(String, String)>) -> Self {
         // Not expected (no map with non-string keys is recorded).
-        let text = serde_json::to_string(fields)
-            .unwrap_or_else(|e| serde_json::json!({ "unrenderable": e.to_string() }).to_string());
+        let text =
+            to_json_text(fields).unwrap_or_else(|e| serde_json::json!({ "unrenderable": e.to_string() }).to_string());
         Self::Json { text, grant_rules }
     }
 }
@@ -209,6 +209,17 @@ impl From<Map<String, Value>> for Detail {
     fn from(fields: Map<String, Value>) -> Self {
         Self::Fields(fields)
     }
+}
+
+/// `fields` as JSON text, in a buffer that holds a connect's or an exec's
+/// detail at once (`serde_json::to_string` starts at 128 bytes and grows,
+/// a copy per record); an HTTP exchange's grows once. Not more: up to the
+/// log's queue of records waits in these buffers.
+fn to_json_text<T: Serialize>(fields: &T) -> serde_json::Result<String> {
+    let mut text = Vec::with_capacity(256);
+    serde_json::to_writer(&mut text, fields)?;
+    // serde_json writes valid UTF-8 only.
+    Ok(String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 /// The (grant, rule) pairs of a `grant_rules` field.
