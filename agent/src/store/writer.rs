@@ -467,28 +467,40 @@ fn write_event(
 /// the usage table, so reviews over months need not scan events.
 #[derive(Default)]
 struct Usage {
-    /// (grant, rule, day) -> (count, last at, last session).
-    counts: HashMap<(String, String, String), (i64, String, String)>,
+    /// (grant, rule, day) and their use. A batch names few rules: a search
+    /// of a short list, not a key made per event.
+    counts: Vec<((String, String, String), RuleUse)>,
+}
+
+/// How often a rule was used in a batch, and its last use.
+struct RuleUse {
+    count: i64,
+    last_at: String,
+    last_session: Option<SessionId>,
 }
 
 impl Usage {
     fn count(&mut self, session: &SessionId, event: &EventRecord) {
         let day = event.at.get(..10).unwrap_or_default();
         for (grant, name) in event.detail.grant_rules() {
-            let entry = self
-                .counts
-                .entry((grant.to_owned(), name.to_owned(), day.to_owned()))
-                .or_insert_with(|| (0, String::new(), String::new()));
-            entry.0 += 1;
-            if event.at > entry.1 {
-                entry.1 = event.at.clone();
-                entry.2 = session.as_str().to_owned();
+            let found = self.counts.iter().position(|((g, r, d), _)| g == grant && r == name && d == day);
+            let index = found.unwrap_or_else(|| {
+                let key = (grant.to_owned(), name.to_owned(), day.to_owned());
+                self.counts.push((key, RuleUse { count: 0, last_at: String::new(), last_session: None }));
+                self.counts.len() - 1
+            });
+            let entry = &mut self.counts[index].1;
+            entry.count += 1;
+            if event.at > entry.last_at {
+                entry.last_at.clone_from(&event.at);
+                entry.last_session = Some(session.clone());
             }
         }
     }
 
     fn write(self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-        for ((grant, rule, day), (count, last_at, last_session)) in self.counts {
+        for ((grant, rule, day), RuleUse { count, last_at, last_session }) in self.counts {
+            let last_session = last_session.as_ref().map_or("", SessionId::as_str);
             tx.execute(
                 "INSERT INTO grant_usage (grant_name, rule, day, count, last_at, last_session)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
