@@ -211,13 +211,17 @@ impl From<Map<String, Value>> for Detail {
     }
 }
 
-/// `fields` as JSON text, in a buffer that holds a connect's or an exec's
-/// detail at once (`serde_json::to_string` starts at 128 bytes and grows,
-/// a copy per record); an HTTP exchange's grows once. Not more: up to the
-/// log's queue of records waits in these buffers.
+/// `fields` as JSON text, written into a buffer that holds an exec's, a
+/// connect's or an HTTP exchange's detail at once (`serde_json::to_string`
+/// starts at 128 bytes and grows: a copy or two per record). Up to the
+/// log's queue of records waits in these buffers, so a small one (a fork,
+/// an exit) gives back what it does not use.
 fn to_json_text<T: Serialize>(fields: &T) -> serde_json::Result<String> {
-    let mut text = Vec::with_capacity(256);
+    let mut text = Vec::with_capacity(384);
     serde_json::to_writer(&mut text, fields)?;
+    if text.len() < 96 {
+        text.shrink_to_fit();
+    }
     // serde_json writes valid UTF-8 only.
     Ok(String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
