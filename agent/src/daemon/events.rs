@@ -431,14 +431,19 @@ mod tests {
             protocol: "tcp",
             send: false,
         };
-        let mut map = Map::new();
-        map.insert("rule".into(), "ci-net: network.allow 10.0.0.0/8".into());
-        map.insert("grant_rules".into(), json!(rules));
-        map.insert("family".into(), 6.into());
-        map.insert("addr".into(), "2001:db8::1".into());
-        map.insert("port".into(), 443.into());
-        map.insert("protocol".into(), "tcp".into());
-        map.insert("send".into(), false.into());
+        // The map a connect to [2001:db8::1]:443 made, decided by `rules`.
+        let map_of = |rule: &str, rules: &[RuleRef]| {
+            let mut map = Map::new();
+            map.insert("rule".into(), rule.into());
+            map.insert("grant_rules".into(), json!(rules));
+            map.insert("family".into(), 6.into());
+            map.insert("addr".into(), "2001:db8::1".into());
+            map.insert("port".into(), 443.into());
+            map.insert("protocol".into(), "tcp".into());
+            map.insert("send".into(), false.into());
+            map
+        };
+        let map = map_of("ci-net: network.allow 10.0.0.0/8", &rules);
         let typed = Detail::json(&fields, vec![("ci-net".into(), "network.allow 10.0.0.0/8".into())]).expect("JSON");
         assert_eq!(typed.text().expect("text"), serde_json::to_string(&map).expect("JSON"));
         assert_eq!(typed.grant_rules(), Detail::from(map).grant_rules());
@@ -451,14 +456,7 @@ mod tests {
         ];
         let both = Decided::new(chain.to_vec());
         let fields = ConnectDetail { rule: Some(both.text_json()), grant_rules: Some(both.rules_json()), ..fields };
-        let mut map = Map::new();
-        map.insert("rule".into(), "sub-agent: network.allow 10.1.0.0/16 & ci-net: network.allow 10.0.0.0/8".into());
-        map.insert("grant_rules".into(), json!(chain));
-        map.insert("family".into(), 6.into());
-        map.insert("addr".into(), "2001:db8::1".into());
-        map.insert("port".into(), 443.into());
-        map.insert("protocol".into(), "tcp".into());
-        map.insert("send".into(), false.into());
+        let map = map_of("sub-agent: network.allow 10.1.0.0/16 & ci-net: network.allow 10.0.0.0/8", &chain);
         assert_eq!(serde_json::to_string(&fields).expect("JSON"), serde_json::to_string(&map).expect("JSON"));
 
         // No rule decided: `rule` is null and there is no `grant_rules`.
