@@ -773,6 +773,8 @@ b","tab":"	","nul":"\u0000","emoji":"\u{1f512}","del":"\u{7f}"}"#;
             Column::Integer(42),
             Column::Integer(-7),
             Column::Integer(i64::MAX),
+            Column::Integer(i64::MIN),
+            Column::Integer(0),
             Column::Null,
             Column::Text(""),
             Column::Text(detail),
