@@ -79,15 +79,7 @@ const FLOOD_END_WAIT: Duration = Duration::from_secs(60);
 fn assert_accounted(daemon: &Daemon, id: &str, attempts: u64) -> (u64, u64) {
     // A flood's tens of thousands of records take a debug build's writer,
     // on a busy host, longer than the harness's usual wait.
-    let deadline = Instant::now() + FLOOD_END_WAIT;
-    let show = loop {
-        let show = daemon.show(id);
-        if show["session"]["ended_at"].is_string() {
-            break show;
-        }
-        assert!(Instant::now() < deadline, "{id} has no end after {FLOOD_END_WAIT:?}: {}", daemon.log());
-        thread::sleep(Duration::from_millis(250));
-    };
+    let show = daemon.show_within(id, "the session's end", FLOOD_END_WAIT, |s| s["session"]["ended_at"].is_string());
     let recorded = events_of_kind(&show, "connect").len() as u64;
     let (lost, _) = lost_in_record(&show, "connect");
     assert_eq!(

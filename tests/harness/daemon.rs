@@ -378,7 +378,7 @@ impl Daemon {
     /// Polls `sessions` until the record for `id` satisfies `done`; `what` describes the wait in
     /// the failure message.
     pub fn session_until(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        self.poll(what, || self.session(id), done)
+        self.poll(what, LOG_POLL_TIMEOUT, || self.session(id), done)
     }
 
     /// The id of the most recently started session.
@@ -404,18 +404,24 @@ impl Daemon {
     /// Polls `show` until `done` holds, because events reach the log asynchronously; `what`
     /// describes the wait in the failure message.
     pub fn show_until(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        self.poll(what, || self.show(id), done)
+        self.show_within(id, what, LOG_POLL_TIMEOUT, done)
     }
 
-    fn poll(&self, what: &str, fetch: impl Fn() -> Value, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + LOG_POLL_TIMEOUT;
+    /// [`Daemon::show_until`] with a wait of its own, for records that take
+    /// longer than usual to arrive (a flood's).
+    pub fn show_within(&self, id: &str, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        self.poll(what, timeout, || self.show(id), done)
+    }
+
+    fn poll(&self, what: &str, timeout: Duration, fetch: impl Fn() -> Value, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
         loop {
             let value = fetch();
             if done(&value) {
                 return value;
             }
             if Instant::now() >= deadline {
-                panic!("timed out after {LOG_POLL_TIMEOUT:?} waiting for {what}; last answer:\n{}", pretty(&value));
+                panic!("timed out after {timeout:?} waiting for {what}; last answer:\n{}", pretty(&value));
             }
             thread::sleep(POLL_INTERVAL);
         }

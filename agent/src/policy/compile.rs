@@ -63,10 +63,10 @@ impl fmt::Display for RuleRef {
 /// session, one per level of the chain that had a say (innermost first).
 /// Shared, with its text and JSON made once: the reader of kernel events
 /// names it in the record of every connect it decided.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Decided(Arc<DecidedRules>);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DecidedRules {
     rules: Vec<RuleRef>,
     text: String,
@@ -106,6 +106,13 @@ impl Decided {
 /// `value` as JSON text. Strings and string pairs always serialize.
 fn raw_json<T: serde::Serialize>(value: &T) -> Box<RawValue> {
     serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+impl Default for Decided {
+    /// No rule: its text empty, its JSON `""` and `[]` as for any other.
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl PartialEq for Decided {

@@ -51,9 +51,10 @@ impl LostEvents {
         Self { counters, reported: Mutex::default(), totals, carried }
     }
 
-    /// Takes what a session's record already counts as lost as reported: an earlier daemon reported it from
-    /// the same (pinned) counters, which a new daemon must not report again.
-    /// Fresh counters hold nothing of what the record counts: then nothing is taken.
+    /// Takes what a session's record already counts as lost as reported: an
+    /// earlier daemon reported it from the same (pinned) counters, which a
+    /// new daemon must not report again. Fresh counters hold nothing of what
+    /// the record counts: then nothing is taken.
     pub(super) fn already_reported(&self, cgroup_id: u64, recorded: &[RecordedLoss]) {
         if !self.carried {
             return;
