@@ -243,6 +243,63 @@ fn the_extended_protocol_is_judged_at_parse_and_its_binary_results_masked() {
     assert!(masked >= 6, "masked values are counted:\n{}", pretty(&show));
 }
 
+/// The proxy keeps, per connection, what it made of each text and the
+/// verdict on it: a text sent again must meet the same rules, and a name
+/// that `EXECUTE` runs is judged by what it names at the time.
+#[test]
+fn a_statement_sent_again_meets_the_same_rules_and_execute_follows_what_its_name_holds_now() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let statements = [
+        "PREPARE p AS SELECT email FROM users",
+        "EXECUTE p",
+        "DEALLOCATE p",
+        "PREPARE p AS DELETE FROM orders",
+        "EXECUTE p",
+        "DROP TABLE users",
+        "DROP TABLE users",
+        "SELECT email FROM users",
+        "SELECT email FROM users",
+    ];
+    let log_start = fx.pg.log_len();
+    let (out, lines) = fx.extended(&statements);
+    let context = format!("{out}");
+    assert_eq!(lines.len(), statements.len(), "{context}");
+    assert_eq!(lines[1]["rows"][0][0], "****", "{context}");
+    assert_eq!(lines[3]["error"]["code"], "42501", "the new p is refused: {context}");
+    assert_eq!(lines[4]["error"]["code"], "42501", "EXECUTE of a p no longer prepared: {context}");
+    assert!(
+        lines[4]["error"]["message"].as_str().is_some_and(|m| m.contains("no statement of that name")),
+        "{context}"
+    );
+    assert_eq!(
+        (&lines[5]["error"]["code"], &lines[6]["error"]["code"]),
+        (&"42501".into(), &"42501".into()),
+        "{context}"
+    );
+    assert_eq!((&lines[7]["rows"][0][0], &lines[8]["rows"][0][0]), (&"****".into(), &"****".into()), "{context}");
+
+    assert_eq!(fx.outside("SELECT count(*) FROM orders"), "3");
+    assert_eq!(fx.outside("SELECT count(*) FROM users"), "1");
+    let log: String = fx
+        .pg
+        .log_since(log_start)
+        .lines()
+        .filter(|line| line.contains(&format!("user={} ", fx.db.role)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    for text in ["DELETE FROM orders", "DROP TABLE users"] {
+        assert!(!log.contains(text), "the server saw '{text}':\n{log}");
+    }
+    let (show, events) = fx.statements(statements.len());
+    let outcomes: Vec<(&str, &str)> =
+        events.iter().map(|e| (e["sql"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or(""))).collect();
+    let blocked = |sql: &str| outcomes.iter().filter(|&&(s, o)| s == sql && o == "blocked").count();
+    assert_eq!(blocked("DROP TABLE users"), 2, "{}", pretty(&show));
+    assert_eq!(blocked("EXECUTE p"), 1, "{}", pretty(&show));
+    let reads = outcomes.iter().filter(|&&(s, o)| s == "SELECT email FROM users" && o == "forwarded").count();
+    assert_eq!(reads, 2, "{}", pretty(&show));
+}
+
 #[test]
 fn held_statements_wait_for_a_reviewer_who_approves_denies_or_lets_them_time_out() {
     let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, LONG_APPROVAL_TIMEOUT]);

@@ -424,6 +424,9 @@ impl<'de> Deserialize<'de> for StatementKind {
 pub struct NameGlob {
     text: String,
     pattern: regex::Regex,
+    /// For `schema.table`: the table part alone, for names whose schema is
+    /// not known (`None` if that part is no pattern, which covers nothing).
+    table_part: Option<regex::Regex>,
 }
 
 impl NameGlob {
@@ -432,17 +435,30 @@ impl NameGlob {
         if text.is_empty() || text.chars().any(char::is_whitespace) {
             return Err(format!("'{text}' is not a table or function name pattern"));
         }
-        let body: String = text.split('*').map(regex::escape).collect::<Vec<_>>().join(".*");
-        let pattern = regex::RegexBuilder::new(&format!("^{body}$"))
-            .case_insensitive(true)
-            .build()
-            .map_err(|e| format!("'{text}': {e}"))?;
-        Ok(Self { text: text.to_owned(), pattern })
+        let pattern = Self::pattern(text).map_err(|e| format!("'{text}': {e}"))?;
+        let table_part = match text.rsplit_once('.') {
+            Some((_, table)) if !table.is_empty() && !table.chars().any(char::is_whitespace) => {
+                Self::pattern(table).ok()
+            }
+            _ => None,
+        };
+        Ok(Self { text: text.to_owned(), pattern, table_part })
+    }
+
+    fn pattern(glob: &str) -> Result<regex::Regex, regex::Error> {
+        let body: String = glob.split('*').map(regex::escape).collect::<Vec<_>>().join(".*");
+        regex::RegexBuilder::new(&format!("^{body}$")).case_insensitive(true).build()
     }
 
     /// Does the glob cover `name`?
     pub fn matches(&self, name: &str) -> bool {
         self.pattern.is_match(name)
+    }
+
+    /// Does the table part of a `schema.table` glob cover `table`, a name
+    /// whose schema is not known? False for a glob with no schema.
+    pub fn table_part_matches(&self, table: &str) -> bool {
+        self.table_part.as_ref().is_some_and(|part| part.is_match(table))
     }
 
     /// Does the glob name a schema (`schema.table`)?

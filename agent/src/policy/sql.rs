@@ -306,29 +306,80 @@ impl Walk<'_> {
 /// constants, so statements that differ in constants alone (`WHERE id = 1`,
 /// `WHERE id = 2`) share one analysis: parsing and walking the tree is most
 /// of the proxy's time per statement, normalizing a small part of it.
+///
+/// A text sent again as it was (a driver's unnamed prepared statement,
+/// parsed anew for every execution; a health check) is not normalized
+/// again: normalizing is a parse of its own, a tenth of the proxy's time.
+/// And the verdict on an analysis is kept with it: a connection's route and
+/// search path do not change while it lasts.
 #[derive(Debug, Default)]
 pub struct AnalysisCache {
-    analyses: HashMap<String, Result<Arc<Analysis>, String>>,
+    analyses: HashMap<String, Known>,
+    /// Texts seen, and their normalized form.
+    texts: HashMap<String, String>,
+    /// Bytes of the texts kept.
+    text_bytes: usize,
+}
+
+/// What the cache knows of one normalized statement.
+#[derive(Debug)]
+struct Known {
+    analysis: Result<Arc<Analysis>, String>,
+    /// The route's verdict, once asked for.
+    verdict: Option<Verdict>,
 }
 
 impl AnalysisCache {
     /// Entries kept at most; past that the cache starts over.
     const LIMIT: usize = 512;
+    /// Bytes of texts kept at most, and the longest text kept: a
+    /// connection's cache stays small whatever its client sends.
+    const TEXT_BYTES: usize = 256 << 10;
+    const LONGEST_TEXT: usize = 8 << 10;
 
     /// The normalized form of `sql` (see [`normalize`]) and what
     /// [`analyze`] says of it.
     pub fn analyze(&mut self, sql: &str) -> (String, Result<Arc<Analysis>, String>) {
-        let key = normalize(sql);
+        let key = match self.texts.get(sql) {
+            Some(normalized) => normalized.clone(),
+            None => {
+                let normalized = normalize(sql);
+                self.remember_text(sql, &normalized);
+                normalized
+            }
+        };
         if let Some(known) = self.analyses.get(&key) {
-            let known = known.clone();
-            return (key, known);
+            let analysis = known.analysis.clone();
+            return (key, analysis);
         }
         let analysis = analyze(sql).map(Arc::new);
         if self.analyses.len() >= Self::LIMIT {
             self.analyses.clear();
         }
-        self.analyses.insert(key.clone(), analysis.clone());
+        self.analyses.insert(key.clone(), Known { analysis: analysis.clone(), verdict: None });
         (key, analysis)
+    }
+
+    /// The verdict on the statement `normalized` (as [`Self::analyze`]
+    /// gave it), made by `judge` the first time it is asked for. `judge`
+    /// must depend on the analysis alone, as [`judge`] does for one route
+    /// and search path.
+    pub fn verdict(&mut self, normalized: &str, judge: impl FnOnce(&Analysis) -> Verdict) -> Option<Verdict> {
+        let known = self.analyses.get_mut(normalized)?;
+        let analysis = known.analysis.as_ref().ok()?;
+        Some(known.verdict.get_or_insert_with(|| judge(analysis)).clone())
+    }
+
+    fn remember_text(&mut self, sql: &str, normalized: &str) {
+        if sql.len() > Self::LONGEST_TEXT {
+            return;
+        }
+        if self.texts.len() >= Self::LIMIT || self.text_bytes + sql.len() > Self::TEXT_BYTES {
+            self.texts.clear();
+            self.text_bytes = 0;
+        }
+        self.text_bytes += sql.len();
+        self.texts.insert(sql.to_owned(), normalized.to_owned());
     }
 }
 
@@ -364,10 +415,7 @@ impl SearchPath {
         match (&name.schema, &self.0) {
             (Some(schema), _) => glob.matches(&format!("{schema}.{}", name.name)),
             (None, Some(schemas)) => schemas.iter().any(|schema| glob.matches(&format!("{schema}.{}", name.name))),
-            (None, None) => {
-                let table_part = glob.as_str().rsplit('.').next().unwrap_or_default();
-                NameGlob::new(table_part).is_ok_and(|part| part.matches(&name.name))
-            }
+            (None, None) => glob.table_part_matches(&name.name),
         }
     }
 }
@@ -544,6 +592,58 @@ mod tests {
             assert_eq!(format!("{:?}", cache.analyze(sql).1), format!("{:?}", analyze(sql).map(Arc::new)), "{sql}");
         }
         assert_eq!(cache.analyses.len(), entries + 3);
+    }
+
+    #[test]
+    fn a_text_is_normalized_once_and_a_verdict_made_once_per_statement() {
+        let mut cache = AnalysisCache::default();
+        let sql = "SELECT email FROM users WHERE id = 1";
+        let (first, _) = cache.analyze(sql);
+        assert_eq!(cache.texts.get(sql), Some(&first), "the text is kept with its normalized form");
+        let (again, analysis) = cache.analyze(sql);
+        assert_eq!(
+            (again.as_str(), format!("{analysis:?}")),
+            (first.as_str(), format!("{:?}", analyze(sql).map(Arc::new)))
+        );
+
+        let judged = std::cell::Cell::new(0);
+        let verdict = |cache: &mut AnalysisCache, normalized: &str| {
+            cache.verdict(normalized, |analysis| {
+                judged.set(judged.get() + 1);
+                judge(&documented(), analysis, &SearchPath(Some(vec!["public".into()])))
+            })
+        };
+        assert_eq!(verdict(&mut cache, &first), Some(Verdict::Pass));
+        let (other_constant, _) = cache.analyze("SELECT email FROM users WHERE id = 2");
+        assert_eq!(verdict(&mut cache, &other_constant), Some(Verdict::Pass));
+        assert_eq!(judged.get(), 1, "one verdict for the statement, whatever its constants");
+        let (drop, _) = cache.analyze("DROP TABLE users");
+        assert!(matches!(verdict(&mut cache, &drop), Some(Verdict::Refuse(rule)) if rule.starts_with("block[0]")));
+        assert!(matches!(verdict(&mut cache, &drop), Some(Verdict::Refuse(_))), "refused again");
+        assert_eq!(judged.get(), 2);
+        let (unparsed, analysis) = cache.analyze("SELEC 1");
+        assert!(analysis.is_err());
+        assert_eq!(verdict(&mut cache, &unparsed), None, "nothing to judge: the caller refuses it");
+        assert_eq!(verdict(&mut cache, "SELECT never_analyzed"), None);
+    }
+
+    #[test]
+    fn the_texts_kept_stay_within_their_bounds() {
+        let mut cache = AnalysisCache::default();
+        let long = format!("SELECT '{}'", "x".repeat(AnalysisCache::LONGEST_TEXT));
+        let (normalized, _) = cache.analyze(&long);
+        assert_eq!(normalized, "SELECT $1");
+        assert!(cache.texts.is_empty(), "a text past the longest kept is normalized every time");
+        let texts: Vec<String> =
+            (0..AnalysisCache::LIMIT * 2).map(|n| format!("SELECT {n} /* {} */", "y".repeat(1000))).collect();
+        for sql in &texts {
+            let _ = cache.analyze(sql);
+            assert!(cache.texts.len() <= AnalysisCache::LIMIT);
+            assert!(cache.text_bytes <= AnalysisCache::TEXT_BYTES);
+            assert_eq!(cache.text_bytes, cache.texts.keys().map(String::len).sum::<usize>());
+        }
+        let last = texts.last().expect("texts");
+        assert!(cache.texts.contains_key(last), "starting over keeps the newest text");
     }
 
     #[test]

@@ -274,7 +274,22 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
 /// A statement the client prepared (protocol level), as judged.
 struct Prepared {
     sql: String,
+    /// Its text normalized, and how Parse judged it (never a refusal: a
+    /// refused statement is not kept). Judging depends on the analysis
+    /// alone, so an Execute gets the same verdict.
+    normalized: String,
+    verdict: Verdict,
     analysis: Result<Arc<Analysis>, String>,
+}
+
+/// What an Execute of a portal runs.
+struct Bound {
+    sql: String,
+    analysis: Arc<Analysis>,
+    parameters: Vec<String>,
+    /// Its text normalized and its verdict, as Parse judged it; none for a
+    /// statement of SQL's `PREPARE`.
+    judged: Option<(String, Verdict)>,
 }
 
 /// A bound portal.
@@ -491,7 +506,16 @@ impl Front<'_> {
                 return (normalized, Err(e), verdict);
             }
         };
-        if !analysis.executes.is_empty() {
+        if analysis.executes.is_empty() {
+            let (route, path) = (self.route, &self.search_path);
+            if let Some(verdict) =
+                self.analyses.verdict(&normalized, |analysis| statement::judge(route, analysis, path))
+            {
+                return (normalized, Ok(analysis), verdict);
+            }
+        } else {
+            // What `EXECUTE` runs depends on the connection's prepared
+            // statements at the time: judged anew each time.
             let mut whole = Analysis::clone(&analysis);
             for name in &analysis.executes {
                 match self.sql_prepared.get(name) {
@@ -592,8 +616,8 @@ impl Front<'_> {
             }
             // Parsing runs nothing: a held statement waits at its Execute,
             // where its parameters are known.
-            _ => {
-                self.statements.insert(name, Prepared { sql, analysis });
+            verdict => {
+                self.statements.insert(name, Prepared { sql, normalized, verdict, analysis });
                 self.forward(Expect::Done, message);
             }
         }
@@ -627,30 +651,41 @@ impl Front<'_> {
     }
 
     /// What a portal runs: its SQL and how it was judged.
-    fn portal_statement(&self, portal: &str) -> Option<(String, Arc<Analysis>, Vec<String>)> {
+    fn portal_statement(&self, portal: &str) -> Option<Bound> {
         let bound = self.portals.get(portal)?;
         if let Some(prepared) = self.statements.get(&bound.statement) {
-            let analysis = prepared.analysis.as_ref().ok()?.clone();
-            return Some((prepared.sql.clone(), analysis, bound.parameters.clone()));
+            return Some(Bound {
+                sql: prepared.sql.clone(),
+                analysis: prepared.analysis.as_ref().ok()?.clone(),
+                parameters: bound.parameters.clone(),
+                judged: Some((prepared.normalized.clone(), prepared.verdict.clone())),
+            });
         }
         // A statement prepared with SQL's PREPARE shares the protocol's names.
-        let analysis = self.sql_prepared.get(&bound.statement)?.clone();
-        Some((format!("EXECUTE {}", bound.statement), analysis, bound.parameters.clone()))
+        Some(Bound {
+            sql: format!("EXECUTE {}", bound.statement),
+            analysis: self.sql_prepared.get(&bound.statement)?.clone(),
+            parameters: bound.parameters.clone(),
+            judged: None,
+        })
     }
 
     async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
         let portal = Fields::new(&message.body).cstr("Execute")?;
-        let Some((sql, analysis, parameters)) = self.portal_statement(&portal) else {
+        let Some(Bound { sql, analysis, parameters, judged }) = self.portal_statement(&portal) else {
             // No such portal: the server says so itself.
             let record = self.record(None, None);
             self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
             return Ok(());
         };
-        let mut record = self.record(Some(statement::normalize(&sql)), Some(&analysis));
+        let (normalized, verdict) = judged.unwrap_or_else(|| {
+            (statement::normalize(&sql), statement::judge(self.route, &analysis, &self.search_path))
+        });
+        let mut record = self.record(Some(normalized), Some(&analysis));
         if !parameters.is_empty() {
             record.set("parameters", parameters.clone());
         }
-        match statement::judge(self.route, &analysis, &self.search_path) {
+        match verdict {
             Verdict::Refuse(rule) => {
                 self.send_refusal(Refusal::of_statement(record, true, rule), b'P');
                 return Ok(());
@@ -683,7 +718,7 @@ impl Front<'_> {
             let analysis = self.statements.get(&name).and_then(|p| p.analysis.as_ref().ok().cloned());
             Expect::DescribeStatement(analysis)
         } else {
-            let analysis = self.portal_statement(&name).map(|(_, analysis, _)| analysis);
+            let analysis = self.portal_statement(&name).map(|bound| bound.analysis);
             self.described = Some(name);
             Expect::DescribePortal { analysis, swallow: false }
         };
