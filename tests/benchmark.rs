@@ -8,7 +8,7 @@ use harness::free_loopback_port;
 fn a_quick_benchmark_runs_every_row_with_sane_numbers() {
     let report = run(Plan::QUICK);
     let table = report.table();
-    assert_eq!(report.rows.len(), 9, "{table}");
+    assert_eq!(report.rows.len(), 10, "{table}");
     for row in &report.rows {
         for series in &row.series {
             if series.name.starts_with("CPU") {

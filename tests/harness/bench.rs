@@ -640,7 +640,9 @@ pub fn run(plan: Plan) -> Report {
     rows.push(row);
 
     // PostgreSQL.
-    let pgbench_argv = |port: u16| -> Vec<String> {
+    // `mode`: pgbench's `-M` (simple: each statement's text with its
+    // constants; extended: one text, its values bound apart, as drivers send).
+    let pgbench_argv = |port: u16, mode: &str| -> Vec<String> {
         [
             &pgbench,
             "-h",
@@ -651,6 +653,8 @@ pub fn run(plan: Plan) -> Report {
             &db.role,
             "-n",
             "-S",
+            "-M",
+            mode,
             "-c8",
             "-j2",
             "-T",
@@ -682,12 +686,31 @@ pub fn run(plan: Plan) -> Report {
     row.series.extend(interleaved(
         plan.rounds,
         &[
-            ("direct", &|| tps(must(with_password(pgbench_argv(pg.port)), "pgbench"))),
-            ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port)), "pgbench"))),
-            ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port)), "pgbench"))),
+            ("direct", &|| tps(must(with_password(pgbench_argv(pg.port, "simple")), "pgbench"))),
+            ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port, "simple")), "pgbench"))),
+            ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port, "simple")), "pgbench"))),
         ],
     ));
     row.ratio("tollgate / direct", "tollgate", "direct", ">= pgbouncer's");
+    row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
+    rows.push(row);
+    let mut row = Row::new(
+        "PostgreSQL pgbench -S, extended protocol",
+        format!(
+            "pgbench -S -M extended -c8 -j2 -T{}: one statement text, its value bound apart, as drivers send; otherwise as above (for reference: no target of its own)",
+            plan.seconds
+        ),
+        "tps",
+    );
+    row.series.extend(interleaved(
+        plan.rounds,
+        &[
+            ("direct", &|| tps(must(with_password(pgbench_argv(pg.port, "extended")), "pgbench"))),
+            ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port, "extended")), "pgbench"))),
+            ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port, "extended")), "pgbench"))),
+        ],
+    ));
+    row.ratio("tollgate / direct", "tollgate", "direct", "-");
     row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
     rows.push(row);
 
