@@ -197,7 +197,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, listeners: Vec<TcpListener>) -> anyhow::R
         std::thread::Builder::new()
             .name(format!("proxy-{index}"))
             .spawn(move || {
-                let _ = ended.send(serve_on_this_thread(ctx, mine));
+                let _ = ended.send(serve_on_this_thread(ctx, mine, index));
             })
             .context("cannot start a proxy thread")?;
     }
@@ -212,7 +212,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, listeners: Vec<TcpListener>) -> anyhow::R
 /// (they share the listeners), so on a large host more would cost more
 /// wakeups than they save; eight cores of proxy are far past what a host's
 /// governed agents ask.
-const MAX_THREADS: usize = 8;
+pub(crate) const MAX_THREADS: usize = 8;
 
 /// Proxy threads: one per core the daemon may use, at most [`MAX_THREADS`].
 fn threads() -> usize {
@@ -226,8 +226,8 @@ struct SharedListener {
     slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// One proxy thread: its own runtime, accepting from every listener.
-fn serve_on_this_thread(ctx: Arc<ProxyCtx>, listeners: Vec<SharedListener>) -> anyhow::Result<()> {
+/// One proxy thread, the `index`th: its own runtime, accepting from every listener.
+fn serve_on_this_thread(ctx: Arc<ProxyCtx>, listeners: Vec<SharedListener>, index: usize) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -236,7 +236,7 @@ fn serve_on_this_thread(ctx: Arc<ProxyCtx>, listeners: Vec<SharedListener>) -> a
         let mut tasks = tokio::task::JoinSet::new();
         for shared in listeners {
             let listener = TcpListener::from_std(shared.listener).context("registering the proxy listener")?;
-            tasks.spawn(accept(ctx.clone(), listener, shared.address, shared.slots));
+            tasks.spawn(accept(ctx.clone(), listener, shared.address, shared.slots, index));
         }
         match tasks.join_next().await {
             Some(Ok(result)) => result,
@@ -256,6 +256,7 @@ async fn accept(
     listener: TcpListener,
     local: SocketAddr,
     slots: Arc<tokio::sync::Semaphore>,
+    thread: usize,
 ) -> anyhow::Result<()> {
     loop {
         let permit = slots.clone().acquire_owned().await.context("proxy connection limit closed")?;
@@ -280,7 +281,7 @@ async fn accept(
                 );
                 let protocol = governed.route.route.protocol;
                 match protocol {
-                    Protocol::Http => http::serve(ctx, governed, stream).instrument(span).await,
+                    Protocol::Http => http::serve(ctx, governed, stream, thread).instrument(span).await,
                     Protocol::Tls => tls::passthrough(ctx, governed, stream).instrument(span).await,
                     Protocol::Postgres => postgres::serve(ctx, governed, stream).instrument(span).await,
                 }
@@ -348,4 +349,37 @@ async fn identify(ctx: &ProxyCtx, local: SocketAddr, peer: SocketAddr) -> Option
         uids,
         client_pid,
     })
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::Governed;
+    use crate::{policy::compile::SessionRoute, store::SessionId};
+
+    /// A new session's connection to 127.0.0.1:8080, under a route that blocks DELETE.
+    pub(crate) fn governed() -> Governed {
+        let route = serde_json::from_value(json!({
+            "to": "127.0.0.1/32:8080",
+            "protocol": "http",
+            "block": [{"method": "DELETE"}],
+        }))
+        .expect("a route");
+        Governed {
+            session: SessionId::generate(),
+            uid: 0,
+            identity: "bots".into(),
+            subject: "b".into(),
+            destination: "127.0.0.1:8080".parse().expect("an address"),
+            destination_text: "127.0.0.1:8080".into(),
+            route: Arc::new(SessionRoute::of("builds", route)),
+            rule_name: "builds: network.proxy 127.0.0.1/32:8080".into(),
+            chain: Vec::new(),
+            uids: Vec::new(),
+            client_pid: 42,
+        }
+    }
 }

@@ -291,29 +291,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{SessionId, SessionRecord, Writer};
+    use crate::store::{SessionRecord, Writer};
 
-    fn governed() -> Governed {
-        let route = serde_json::from_value(json!({
-            "to": "127.0.0.1/32:8080",
-            "protocol": "http",
-            "block": [{"method": "DELETE"}],
-        }))
-        .expect("a route");
-        Governed {
-            session: SessionId::generate(),
-            uid: 0,
-            identity: "bots".into(),
-            subject: "b".into(),
-            destination: "127.0.0.1:8080".parse().expect("an address"),
-            destination_text: "127.0.0.1:8080".into(),
-            route: Arc::new(SessionRoute::of("builds", route)),
-            rule_name: "builds: network.proxy 127.0.0.1/32:8080".into(),
-            chain: Vec::new(),
-            uids: Vec::new(),
-            client_pid: 42,
-        }
-    }
+    use crate::proxy::testing::governed;
 
     fn stored(record: &ProxyRecord, governed: &Governed, ended: Option<Ended>) -> Value {
         let text = serde_json::to_string(&Stored { record, governed, ended }).expect("renders");

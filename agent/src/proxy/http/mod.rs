@@ -15,6 +15,7 @@ mod response;
 mod rewrite;
 mod upgrade;
 
+use pool::Kept;
 pub use pool::UpstreamPool;
 
 use std::{
@@ -69,14 +70,21 @@ fn scrubs_response(route: &Route) -> bool {
     !route.mask.is_empty() || route.credential.is_some()
 }
 
-type Upstream = Arc<Mutex<Option<SendRequest<ProxyBody>>>>;
+/// A client connection's upstream connection.
+struct Upstream {
+    current: Mutex<Option<Kept>>,
+    /// The proxy thread that serves the client connection (and drives the
+    /// upstream connections it opens).
+    thread: usize,
+}
 
 /// Serves one governed client connection (keep-alive: many requests).
-pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
+/// `thread`: the proxy thread it runs on.
+pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream, thread: usize) {
     // Shared by the connection's requests and their answers' bodies, not
     // copied into each (its chain and names are a dozen allocations).
     let governed = Arc::new(governed);
-    let upstream: Upstream = Arc::default();
+    let upstream = Arc::new(Upstream { current: Mutex::new(None), thread });
     let (pool, governed_here, upstream_here) = (ctx.http_upstreams.clone(), governed.clone(), upstream.clone());
     let service = service_fn(move |request: Request<Incoming>| {
         let (ctx, governed, upstream) = (ctx.clone(), governed.clone(), upstream.clone());
@@ -97,8 +105,8 @@ pub async fn serve(ctx: Arc<ProxyCtx>, governed: Governed, stream: TcpStream) {
         tracing::debug!(error = %e, "governed HTTP connection ended with an error");
     }
     // The session's next client connection may use it.
-    if let Some(sender) = upstream_here.lock().await.take() {
-        pool.keep(&governed_here, sender);
+    if let Some(kept) = upstream_here.current.lock().await.take() {
+        pool.keep(&governed_here, kept);
     }
 }
 
@@ -368,24 +376,25 @@ async fn send(
     request: Request<ProxyBody>,
     replay: Option<Replay>,
 ) -> Result<Response<Incoming>, String> {
-    let mut slot = upstream.lock().await;
+    let opened = |sender| Some(Kept { sender, home: upstream.thread });
+    let mut slot = upstream.current.lock().await;
     let mut reused = true;
-    if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
-        *slot = match ctx.http_upstreams.take(governed) {
+    if slot.as_ref().is_none_or(|kept| kept.sender.is_closed()) {
+        *slot = match ctx.http_upstreams.take(upstream.thread, governed) {
             Some(kept) => Some(kept),
             None => {
                 reused = false;
-                Some(connect(ctx, governed).await?)
+                opened(connect(ctx, governed).await?)
             }
         };
     }
-    let sender = slot.as_mut().ok_or("no upstream connection")?;
-    if sender.ready().await.is_err() {
+    let kept = slot.as_mut().ok_or("no upstream connection")?;
+    if kept.sender.ready().await.is_err() {
         // Closed before anything was sent: a new connection, whatever the method.
-        *slot = Some(connect(ctx, governed).await?);
+        *slot = opened(connect(ctx, governed).await?);
         reused = false;
     }
-    let sender = slot.as_mut().ok_or("no upstream connection")?;
+    let sender = &mut slot.as_mut().ok_or("no upstream connection")?.sender;
     let failed = match sender.send_request(request).await {
         Ok(answer) => return Ok(answer),
         Err(e) => e,
@@ -395,8 +404,8 @@ async fn send(
         return Err(failed.to_string());
     };
     tracing::info!(error = %failed, "the kept-alive upstream connection was closed; sending again on a new one");
-    *slot = Some(connect(ctx, governed).await?);
-    let sender = slot.as_mut().ok_or("no upstream connection")?;
+    *slot = opened(connect(ctx, governed).await?);
+    let sender = &mut slot.as_mut().ok_or("no upstream connection")?.sender;
     sender.ready().await.map_err(|e| e.to_string())?;
     sender.send_request(replay.request()).await.map_err(|e| e.to_string())
 }
