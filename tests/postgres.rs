@@ -107,6 +107,13 @@ impl Pg {
         (out, lines)
     }
 
+    /// The server's log since `offset`: the lines of this test's role only
+    /// (the server is shared).
+    fn role_log_since(&self, offset: usize) -> String {
+        let role = format!("user={} ", self.db.role);
+        self.pg.log_since(offset).lines().filter(|line| line.contains(&role)).map(|line| format!("{line}\n")).collect()
+    }
+
     /// What the server holds, asked outside any session.
     fn outside(&self, sql: &str) -> String {
         self.pg.sql(&self.db.name, sql)
@@ -156,14 +163,7 @@ fn guardrails_refuse_with_42501_and_nothing_of_a_refused_statement_reaches_the_s
     // The server holds what it held, and never saw a refused statement's text.
     assert_eq!(fx.outside("SELECT count(*) FROM orders"), "3");
     assert_eq!(fx.outside("SELECT what FROM audit.log"), "created");
-    // The server is shared: only the lines of this test's role.
-    let log: String = fx
-        .pg
-        .log_since(log_start)
-        .lines()
-        .filter(|line| line.contains(&format!("user={} ", fx.db.role)))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let log = fx.role_log_since(log_start);
     for text in ["DROP TABLE orders", "pg_read_file", "audit.log", "DELETE FROM orders", "SELEC 1"] {
         assert!(!log.contains(text), "the server saw '{text}':\n{log}");
     }
@@ -280,13 +280,7 @@ fn a_statement_sent_again_meets_the_same_rules_and_execute_follows_what_its_name
 
     assert_eq!(fx.outside("SELECT count(*) FROM orders"), "3");
     assert_eq!(fx.outside("SELECT count(*) FROM users"), "1");
-    let log: String = fx
-        .pg
-        .log_since(log_start)
-        .lines()
-        .filter(|line| line.contains(&format!("user={} ", fx.db.role)))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let log = fx.role_log_since(log_start);
     for text in ["DELETE FROM orders", "DROP TABLE users"] {
         assert!(!log.contains(text), "the server saw '{text}':\n{log}");
     }

@@ -675,44 +675,39 @@ pub fn run(plan: Plan) -> Report {
         command.args(&argv[1..]).env("PGPASSWORD", &secret.value);
         crate::run_with_timeout(&mut command, Duration::from_secs(120)).expect("pgbench")
     };
-    let mut row = Row::new(
+    // One row per protocol mode: direct, pgbouncer and tollgate taking turns.
+    let pgbench_row = |what: &str, workload: String, mode: &str, target: &str| {
+        let mut row = Row::new(what, workload, "tps");
+        row.series.extend(interleaved(
+            plan.rounds,
+            &[
+                ("direct", &|| tps(must(with_password(pgbench_argv(pg.port, mode)), "pgbench"))),
+                ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port, mode)), "pgbench"))),
+                ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port, mode)), "pgbench"))),
+            ],
+        ));
+        row.ratio("tollgate / direct", "tollgate", "direct", target);
+        row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
+        row
+    };
+    rows.push(pgbench_row(
         "PostgreSQL pgbench -S",
         format!(
             "pgbench -S -c8 -j2 -T{}, scale 1, TLS to pgbench on every path; tollgate with guardrails and masks; pgbouncer in session mode",
             plan.seconds
         ),
-        "tps",
-    );
-    row.series.extend(interleaved(
-        plan.rounds,
-        &[
-            ("direct", &|| tps(must(with_password(pgbench_argv(pg.port, "simple")), "pgbench"))),
-            ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port, "simple")), "pgbench"))),
-            ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port, "simple")), "pgbench"))),
-        ],
+        "simple",
+        ">= pgbouncer's",
     ));
-    row.ratio("tollgate / direct", "tollgate", "direct", ">= pgbouncer's");
-    row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
-    rows.push(row);
-    let mut row = Row::new(
+    rows.push(pgbench_row(
         "PostgreSQL pgbench -S, extended protocol",
         format!(
             "pgbench -S -M extended -c8 -j2 -T{}: one statement text, its value bound apart, as drivers send; otherwise as above (for reference: no target of its own)",
             plan.seconds
         ),
-        "tps",
-    );
-    row.series.extend(interleaved(
-        plan.rounds,
-        &[
-            ("direct", &|| tps(must(with_password(pgbench_argv(pg.port, "extended")), "pgbench"))),
-            ("pgbouncer", &|| tps(must(with_password(pgbench_argv(bouncer.port, "extended")), "pgbench"))),
-            ("tollgate", &|| tps(must(governed(&pgbench_argv(pg.port, "extended")), "pgbench"))),
-        ],
+        "extended",
+        "-",
     ));
-    row.ratio("tollgate / direct", "tollgate", "direct", "-");
-    row.ratio("pgbouncer / direct", "pgbouncer", "direct", "-");
-    rows.push(row);
 
     // Exec and connect in a governed session.
     let loop_script = format!("i=0; while [ $i -lt {} ]; do /bin/true; i=$((i+1)); done", plan.execs);
