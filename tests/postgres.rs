@@ -352,20 +352,138 @@ for packet in sys.argv[2:]:
     print(repr(got))
 "#;
 
+/// A startup message (protocol 3.0) with `params` ("name value ..."), in hex.
+fn startup(params: &str) -> String {
+    let mut body = vec![0, 3, 0, 0];
+    for part in params.split(' ') {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    hex(&packet)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Frontend messages of the extended protocol, in hex.
+mod message {
+    fn framed(tag: u8, body: &[u8]) -> String {
+        let mut message = vec![tag];
+        message.extend(((body.len() + 4) as u32).to_be_bytes());
+        message.extend(body);
+        super::hex(&message)
+    }
+
+    fn strings(parts: &[&str]) -> Vec<u8> {
+        parts.iter().flat_map(|part| part.bytes().chain([0])).collect()
+    }
+
+    pub fn query(sql: &str) -> String {
+        framed(b'Q', &strings(&[sql]))
+    }
+
+    /// No parameter types.
+    pub fn parse(name: &str, sql: &str) -> String {
+        framed(b'P', &[strings(&[name, sql]), vec![0, 0]].concat())
+    }
+
+    /// No parameters, results as text.
+    pub fn bind(portal: &str, statement: &str) -> String {
+        framed(b'B', &[strings(&[portal, statement]), vec![0; 6]].concat())
+    }
+
+    pub fn execute(portal: &str) -> String {
+        framed(b'E', &[strings(&[portal]), vec![0; 4]].concat())
+    }
+
+    pub fn sync() -> String {
+        framed(b'S', &[])
+    }
+
+    pub fn terminate() -> String {
+        framed(b'X', &[])
+    }
+}
+
+/// The proxy judges a portal by the statement the server will run: a name
+/// the server keeps is not taken over by a Parse it refuses, SQL's
+/// `PREPARE` and `DEALLOCATE` share names with the protocol's statements, a
+/// portal runs what it was bound to, and `EXECUTE` runs what its name holds
+/// at the time.
+#[test]
+fn a_portal_is_judged_by_the_statement_the_server_runs_whatever_the_names_do() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    use message::*;
+    let hello = startup(&format!("user x database {}", fx.db.name));
+    let conversations = [
+        // A held DELETE under a name, then a harmless text under the same name.
+        vec![
+            parse("s", "DELETE FROM orders WHERE id = 1"),
+            sync(),
+            parse("s", "SELECT 1"),
+            sync(),
+            bind("", "s"),
+            execute(""),
+            sync(),
+        ],
+        // A held DELETE under a name, then a refused text under the same name.
+        vec![
+            parse("t", "DELETE FROM orders WHERE id = 2"),
+            sync(),
+            parse("t", "DROP TABLE orders"),
+            sync(),
+            bind("", "t"),
+            execute(""),
+            sync(),
+        ],
+        // The unnamed statement parsed again between a portal's Bind and Execute.
+        vec![parse("", "DELETE FROM orders WHERE id = 3"), bind("p", ""), parse("", "SELECT 1"), execute("p"), sync()],
+        // A protocol statement dropped by SQL's DEALLOCATE, its name taken by PREPARE.
+        vec![
+            parse("u", "SELECT 1"),
+            sync(),
+            query("DEALLOCATE u"),
+            query("PREPARE u AS SELECT lower(email) FROM users"),
+            bind("", "u"),
+            execute(""),
+            sync(),
+        ],
+        // A protocol statement that runs EXECUTE, its name's statement changed after.
+        vec![
+            query("PREPARE q AS SELECT 1"),
+            parse("v", "EXECUTE q"),
+            sync(),
+            query("DEALLOCATE q"),
+            query("PREPARE q AS SELECT lower(email) FROM users"),
+            bind("", "v"),
+            execute(""),
+            sync(),
+        ],
+    ];
+    let mut argv = vec!["python3".to_owned(), "-c".into(), RAW_CLIENT.into(), fx.pg.port.to_string()];
+    argv.extend(conversations.iter().map(|messages| format!("{hello}{}{}", messages.concat(), terminate())));
+    let out = fx.daemon.run(&fx.token, &argv);
+    let answers: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(answers.len(), conversations.len(), "{out}");
+    assert_eq!(
+        fx.outside("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders"),
+        "1,2,3",
+        "no held DELETE ran unapproved:\n{out}"
+    );
+    for (index, answer) in answers.iter().enumerate() {
+        assert!(!answer.contains("ann@example.com"), "conversation {index} got a masked value:\n{out}");
+    }
+    assert!(answers[0].contains("may exist already") && answers[0].contains("nobody approved"), "{out}");
+    assert!(answers[3].contains("****") && answers[4].contains("****"), "the rows came, masked:\n{out}");
+}
+
 #[test]
 fn malformed_startups_and_messages_get_an_error_and_the_proxy_keeps_serving() {
     let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
-    let startup = |params: &str| {
-        let mut body = vec![0, 3, 0, 0];
-        for part in params.split(' ') {
-            body.extend_from_slice(part.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend(body);
-        packet.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
     let packets = [
         "0000000800090000".to_owned(), // protocol 9.0
         "7fffffff00030000".to_owned(), // a 2 GB startup

@@ -283,6 +283,7 @@ struct Prepared {
 }
 
 /// What an Execute of a portal runs.
+#[derive(Clone)]
 struct Bound {
     sql: String,
     analysis: Arc<Analysis>,
@@ -294,8 +295,9 @@ struct Bound {
 
 /// A bound portal.
 struct Portal {
-    statement: String,
-    parameters: Vec<String>,
+    /// What its statement was when it was bound (the server binds the
+    /// portal to it then); none if the proxy did not know the statement.
+    bound: Option<Bound>,
 }
 
 /// What the server will answer to something sent upstream, in order.
@@ -506,6 +508,10 @@ impl Front<'_> {
                 return (normalized, Err(e), verdict);
             }
         };
+        if let Some(name) = analysis.prepares.iter().find(|name| self.name_in_use(name)) {
+            let why = format!("PREPARE {name}: a statement of that name may exist already");
+            return (normalized, Ok(analysis), Verdict::Refuse(why));
+        }
         if analysis.executes.is_empty() {
             let (route, path) = (self.route, &self.search_path);
             if let Some(verdict) =
@@ -533,15 +539,20 @@ impl Front<'_> {
     }
 
     /// Notes the SQL-level prepared statements a statement on its way creates and drops.
+    /// SQL's `PREPARE` and `DEALLOCATE` share their names with the
+    /// protocol's prepared statements.
     fn note_prepared(&mut self, analysis: &Arc<Analysis>) {
         for name in &analysis.deallocates {
             match name {
-                Some(name) => self.sql_prepared.remove(name),
+                Some(name) => {
+                    self.sql_prepared.remove(name);
+                    self.statements.remove(name);
+                }
                 None => {
                     self.sql_prepared.clear();
-                    None
+                    self.statements.retain(|name, _| name.is_empty());
                 }
-            };
+            }
         }
         for name in &analysis.prepares {
             self.sql_prepared.insert(name.clone(), analysis.clone());
@@ -605,13 +616,22 @@ impl Front<'_> {
         let mut fields = Fields::new(&message.body);
         let name = fields.cstr("Parse")?;
         let sql = fields.cstr("Parse")?;
-        let (normalized, analysis, verdict) = self.judge(&sql);
+        let (normalized, analysis, mut verdict) = self.judge(&sql);
+        // The server refuses a name in use and keeps what it holds; were
+        // the proxy to take the new text, it would judge what does not run.
+        if !name.is_empty() && self.name_in_use(&name) {
+            verdict = Verdict::Refuse(format!("a statement named {name} may exist already"));
+        }
         match verdict {
             Verdict::Refuse(why) => {
                 let record = self.record(Some(normalized), analysis.as_deref().ok());
                 let refusal = Refusal::of_statement(record, analysis.is_ok(), why);
-                self.statements.remove(&name);
-                // Under the client's own name, so the statement it replaces is gone as it would be.
+                // Under the client's own name: the server drops the unnamed
+                // statement at any Parse, and keeps a named one whose new
+                // Parse fails.
+                if name.is_empty() {
+                    self.statements.remove(&name);
+                }
                 self.send(Expect::Refused(Box::new(refusal)), &wire::parse(&name, REFUSED_MARKER));
             }
             // Parsing runs nothing: a held statement waits at its Execute,
@@ -645,42 +665,76 @@ impl Front<'_> {
             };
             parameters.push(shown);
         }
-        self.portals.insert(portal, Portal { statement, parameters });
+        let bound = self.statement_bound(&statement, parameters);
+        self.portals.insert(portal, Portal { bound });
         self.forward(Expect::Done, message);
         Ok(())
     }
 
-    /// What a portal runs: its SQL and how it was judged.
-    fn portal_statement(&self, portal: &str) -> Option<Bound> {
-        let bound = self.portals.get(portal)?;
-        if let Some(prepared) = self.statements.get(&bound.statement) {
+    /// Is `name` a prepared statement's, the protocol's or SQL's?
+    fn name_in_use(&self, name: &str) -> bool {
+        self.statements.contains_key(name) || self.sql_prepared.contains_key(name)
+    }
+
+    /// What a portal bound to the prepared statement `name` runs, as the
+    /// statement is now: its SQL and how it was judged.
+    fn statement_bound(&self, name: &str, parameters: Vec<String>) -> Option<Bound> {
+        if let Some(prepared) = self.statements.get(name) {
             return Some(Bound {
                 sql: prepared.sql.clone(),
                 analysis: prepared.analysis.as_ref().ok()?.clone(),
-                parameters: bound.parameters.clone(),
+                parameters,
                 judged: Some((prepared.normalized.clone(), prepared.verdict.clone())),
             });
         }
         // A statement prepared with SQL's PREPARE shares the protocol's names.
         Some(Bound {
-            sql: format!("EXECUTE {}", bound.statement),
-            analysis: self.sql_prepared.get(&bound.statement)?.clone(),
-            parameters: bound.parameters.clone(),
+            sql: format!("EXECUTE {name}"),
+            analysis: self.sql_prepared.get(name)?.clone(),
+            parameters,
             judged: None,
         })
     }
 
+    /// What a portal runs: `None` for a portal the proxy does not know,
+    /// `Some(None)` for one whose statement it did not know at Bind.
+    fn portal_statement(&self, portal: &str) -> Option<Option<Bound>> {
+        self.portals.get(portal).map(|portal| portal.bound.clone())
+    }
+
     async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
         let portal = Fields::new(&message.body).cstr("Execute")?;
-        let Some(Bound { sql, analysis, parameters, judged }) = self.portal_statement(&portal) else {
-            // No such portal: the server says so itself.
-            let record = self.record(None, None);
-            self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
+        let Some(Bound { sql, analysis, parameters, judged }) = (match self.portal_statement(&portal) {
+            Some(bound) => bound,
+            None => {
+                // No such portal: the server says so itself.
+                let record = self.record(None, None);
+                self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
+                return Ok(());
+            }
+        }) else {
+            // Bound to a statement the proxy does not know: what would run
+            // cannot be judged.
+            let why = format!("portal {portal:?}: its statement is not one the proxy knows");
+            self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
             return Ok(());
         };
-        let (normalized, verdict) = judged.unwrap_or_else(|| {
-            (statement::normalize(&sql), statement::judge(self.route, &analysis, &self.search_path))
-        });
+        let (normalized, analysis, verdict) = match judged {
+            // What `EXECUTE` runs is looked up by the server as it runs,
+            // and whether a `PREPARE`'s name is free is known only now.
+            Some((normalized, verdict)) if analysis.executes.is_empty() && analysis.prepares.is_empty() => {
+                (normalized, analysis, verdict)
+            }
+            Some(_) => match self.judge(&sql) {
+                (normalized, Ok(analysis), verdict) => (normalized, analysis, verdict),
+                (normalized, Err(_), verdict) => (normalized, analysis, verdict),
+            },
+            None => (
+                statement::normalize(&sql),
+                analysis.clone(),
+                statement::judge(self.route, &analysis, &self.search_path),
+            ),
+        };
         let mut record = self.record(Some(normalized), Some(&analysis));
         if !parameters.is_empty() {
             record.set("parameters", parameters.clone());
@@ -718,7 +772,7 @@ impl Front<'_> {
             let analysis = self.statements.get(&name).and_then(|p| p.analysis.as_ref().ok().cloned());
             Expect::DescribeStatement(analysis)
         } else {
-            let analysis = self.portal_statement(&name).map(|bound| bound.analysis);
+            let analysis = self.portal_statement(&name).flatten().map(|bound| bound.analysis);
             self.described = Some(name);
             Expect::DescribePortal { analysis, swallow: false }
         };
@@ -731,7 +785,9 @@ impl Front<'_> {
         let what = fields.u8("Close")?;
         let name = fields.cstr("Close")?;
         if what == b'S' {
+            // The protocol's and SQL's prepared statements share names.
             self.statements.remove(&name);
+            self.sql_prepared.remove(&name);
         } else {
             self.portals.remove(&name);
         }
