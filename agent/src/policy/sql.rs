@@ -310,14 +310,17 @@ impl Walk<'_> {
 /// A text sent again as it was (a driver's unnamed prepared statement,
 /// parsed anew for every execution; a health check) is not normalized
 /// again: normalizing is a parse of its own, a tenth of the proxy's time.
-/// And the verdict on an analysis is kept with it: a connection's route and
-/// search path do not change while it lasts.
+/// And the verdict on an analysis is kept with it: the route and the
+/// search path a connection's statements are judged by are fixed for the
+/// connection.
 #[derive(Debug, Default)]
 pub struct AnalysisCache {
     analyses: HashMap<String, Known>,
+    /// Bytes of the normalized texts `analyses` is keyed by.
+    analysis_bytes: usize,
     /// Texts seen, and their normalized form.
     texts: HashMap<String, String>,
-    /// Bytes of the texts kept.
+    /// Bytes of the texts kept and of their normalized forms.
     text_bytes: usize,
 }
 
@@ -332,10 +335,12 @@ struct Known {
 impl AnalysisCache {
     /// Entries kept at most; past that the cache starts over.
     const LIMIT: usize = 512;
-    /// Bytes of texts kept at most, and the longest text kept: a
-    /// connection's cache stays small whatever its client sends.
+    /// Bytes of texts kept at most, and the longest text kept; bytes of
+    /// normalized texts keyed by at most: a connection's cache stays small
+    /// whatever its client sends.
     const TEXT_BYTES: usize = 256 << 10;
     const LONGEST_TEXT: usize = 8 << 10;
+    const ANALYSIS_BYTES: usize = 1 << 20;
 
     /// The normalized form of `sql` (see [`normalize`]) and what
     /// [`analyze`] says of it.
@@ -353,9 +358,14 @@ impl AnalysisCache {
             return (key, analysis);
         }
         let analysis = analyze(sql).map(Arc::new);
-        if self.analyses.len() >= Self::LIMIT {
-            self.analyses.clear();
+        if key.len() > Self::ANALYSIS_BYTES {
+            return (key, analysis);
         }
+        if self.analyses.len() >= Self::LIMIT || self.analysis_bytes + key.len() > Self::ANALYSIS_BYTES {
+            self.analyses.clear();
+            self.analysis_bytes = 0;
+        }
+        self.analysis_bytes += key.len();
         self.analyses.insert(key.clone(), Known { analysis: analysis.clone(), verdict: None });
         (key, analysis)
     }
@@ -374,11 +384,12 @@ impl AnalysisCache {
         if sql.len() > Self::LONGEST_TEXT {
             return;
         }
-        if self.texts.len() >= Self::LIMIT || self.text_bytes + sql.len() > Self::TEXT_BYTES {
+        let bytes = sql.len() + normalized.len();
+        if self.texts.len() >= Self::LIMIT || self.text_bytes + bytes > Self::TEXT_BYTES {
             self.texts.clear();
             self.text_bytes = 0;
         }
-        self.text_bytes += sql.len();
+        self.text_bytes += bytes;
         self.texts.insert(sql.to_owned(), normalized.to_owned());
     }
 }
@@ -640,10 +651,29 @@ mod tests {
             let _ = cache.analyze(sql);
             assert!(cache.texts.len() <= AnalysisCache::LIMIT);
             assert!(cache.text_bytes <= AnalysisCache::TEXT_BYTES);
-            assert_eq!(cache.text_bytes, cache.texts.keys().map(String::len).sum::<usize>());
+            assert_eq!(
+                cache.text_bytes,
+                cache.texts.iter().map(|(text, normal)| text.len() + normal.len()).sum::<usize>()
+            );
+            assert!(cache.analysis_bytes <= AnalysisCache::ANALYSIS_BYTES);
         }
         let last = texts.last().expect("texts");
         assert!(cache.texts.contains_key(last), "starting over keeps the newest text");
+
+        // Short texts, each its own statement: the count is the bound.
+        let mut cache = AnalysisCache::default();
+        let (mut most_texts, mut most_analyses) = (0, 0);
+        for n in 0..AnalysisCache::LIMIT * 2 {
+            let _ = cache.analyze(&format!("SELECT {n} AS c{n}"));
+            most_texts = most_texts.max(cache.texts.len());
+            most_analyses = most_analyses.max(cache.analyses.len());
+        }
+        assert_eq!((most_texts, most_analyses), (AnalysisCache::LIMIT, AnalysisCache::LIMIT));
+        // A statement longer than all the analyses may hold is not kept.
+        let huge = format!("SELECT 1 /* {} */", "z".repeat(AnalysisCache::ANALYSIS_BYTES));
+        let (key, analysis) = cache.analyze(&huge);
+        assert!(analysis.is_ok() && !cache.analyses.contains_key(&key));
+        assert!(cache.analysis_bytes <= AnalysisCache::ANALYSIS_BYTES);
     }
 
     #[test]

@@ -113,7 +113,8 @@ impl UpstreamPool {
                 return;
             }
             let now = Instant::now();
-            let mut idle = pool.threads[home].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(idle) = pool.threads.get(home) else { return };
+            let mut idle = idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // Forget what has closed or waited too long, everywhere.
             idle.retain(|_, kept| {
                 kept.retain(|entry| entry.usable(now));
