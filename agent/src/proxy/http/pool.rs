@@ -101,7 +101,7 @@ impl UpstreamPool {
     /// moment for that); a connection still busy or broken is dropped.
     pub fn keep(self: &Arc<Self>, governed: &Governed, kept: Kept) {
         let Kept { mut sender, home } = kept;
-        if sender.is_closed() || home >= self.threads.len() {
+        if sender.is_closed() {
             return;
         }
         let pool = self.clone();

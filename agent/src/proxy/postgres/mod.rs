@@ -293,13 +293,6 @@ struct Bound {
     judged: Option<(String, Verdict)>,
 }
 
-/// A bound portal.
-struct Portal {
-    /// What its statement was when it was bound (the server binds the
-    /// portal to it then); none if the proxy did not know the statement.
-    bound: Option<Bound>,
-}
-
 /// What the server will answer to something sent upstream, in order.
 enum Expect {
     /// `ParseComplete`, `BindComplete` or `CloseComplete`.
@@ -427,7 +420,10 @@ struct Front<'a> {
     expect: mpsc::UnboundedSender<Expect>,
     search_path: SearchPath,
     statements: HashMap<String, Prepared>,
-    portals: HashMap<String, Portal>,
+    /// Bound portals, with what their statement was when they were bound
+    /// (the server binds a portal to it then); `None` if the proxy did not
+    /// know the statement.
+    portals: HashMap<String, Option<Bound>>,
     /// SQL-level `PREPARE`d statements, so `EXECUTE` is judged by what it runs.
     sql_prepared: HashMap<String, Arc<Analysis>>,
     /// What the statements sent so far do, by their normalized text.
@@ -666,7 +662,7 @@ impl Front<'_> {
             parameters.push(shown);
         }
         let bound = self.statement_bound(&statement, parameters);
-        self.portals.insert(portal, Portal { bound });
+        self.portals.insert(portal, bound);
         self.forward(Expect::Done, message);
         Ok(())
     }
@@ -696,15 +692,9 @@ impl Front<'_> {
         })
     }
 
-    /// What a portal runs: `None` for a portal the proxy does not know,
-    /// `Some(None)` for one whose statement it did not know at Bind.
-    fn portal_statement(&self, portal: &str) -> Option<Option<Bound>> {
-        self.portals.get(portal).map(|portal| portal.bound.clone())
-    }
-
     async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
         let portal = Fields::new(&message.body).cstr("Execute")?;
-        let Some(Bound { sql, analysis, parameters, judged }) = (match self.portal_statement(&portal) {
+        let Some(Bound { sql, analysis, parameters, judged }) = (match self.portals.get(&portal).cloned() {
             Some(bound) => bound,
             None => {
                 // No such portal: the server says so itself.
@@ -772,7 +762,7 @@ impl Front<'_> {
             let analysis = self.statements.get(&name).and_then(|p| p.analysis.as_ref().ok().cloned());
             Expect::DescribeStatement(analysis)
         } else {
-            let analysis = self.portal_statement(&name).flatten().map(|bound| bound.analysis);
+            let analysis = self.portals.get(&name).and_then(Option::as_ref).map(|bound| bound.analysis.clone());
             self.described = Some(name);
             Expect::DescribePortal { analysis, swallow: false }
         };
