@@ -332,22 +332,37 @@ fn a_held_statement_nobody_decides_is_refused_when_its_time_is_up() {
     assert_eq!(fx.outside("SELECT item FROM orders WHERE id = 1"), "apple");
 }
 
-/// Sends `packets` (hex) on a new connection and prints what came back, for a session to run.
+/// Sends each packet on a new connection and prints what came back, for a
+/// session to run. A packet is hex, or steps `N:hex,N:hex,...`: each sent
+/// once the answers to the one before it, N ReadyForQuery messages, came.
 const RAW_CLIENT: &str = r#"
 import socket, sys
 port = int(sys.argv[1])
 for packet in sys.argv[2:]:
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(bytes.fromhex(packet))
     s.settimeout(10)
-    got = b""
+    steps = [step.split(":") for step in packet.split(",")] if ":" in packet else [["0", packet]]
+    got, parsed, ready = b"", 0, 0
     try:
+        for wanted, data in steps:
+            s.sendall(bytes.fromhex(data))
+            wanted = ready + int(wanted)
+            while ready < wanted:
+                length = int.from_bytes(got[parsed + 1:parsed + 5], "big") if len(got) >= parsed + 5 else None
+                if length is None or len(got) < parsed + 1 + length:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise EOFError
+                    got += chunk
+                    continue
+                ready += got[parsed:parsed + 1] == b"Z"
+                parsed += 1 + length
         while True:
             chunk = s.recv(65536)
             if not chunk:
                 break
             got += chunk
-    except socket.timeout:
+    except (socket.timeout, EOFError):
         pass
     print(repr(got))
 "#;
@@ -400,6 +415,10 @@ mod message {
         framed(b'E', &[strings(&[portal]), vec![0; 4]].concat())
     }
 
+    pub fn close_statement(name: &str) -> String {
+        framed(b'C', &[b"S".to_vec(), strings(&[name])].concat())
+    }
+
     pub fn sync() -> String {
         framed(b'S', &[])
     }
@@ -414,61 +433,32 @@ mod message {
 /// `PREPARE` and `DEALLOCATE` share names with the protocol's statements, a
 /// portal runs what it was bound to, and `EXECUTE` runs what its name holds
 /// at the time.
-#[test]
-fn a_portal_is_judged_by_the_statement_the_server_runs_whatever_the_names_do() {
-    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
-    use message::*;
+/// One conversation: batches of messages (hex), each with the number of
+/// ReadyForQuery messages that answer it.
+type Conversation = Vec<(usize, String)>;
+
+/// Runs each conversation on a connection of its own in one session,
+/// waiting for each batch's answers; with `at_once`, then again with each
+/// sent all at once. Gives what each connection got, in that order.
+fn converse(fx: &Pg, conversations: &[Conversation], at_once: bool) -> (RunOutput, Vec<String>) {
     let hello = startup(&format!("user x database {}", fx.db.name));
-    let conversations = [
-        // A held DELETE under a name, then a harmless text under the same name.
-        vec![
-            parse("s", "DELETE FROM orders WHERE id = 1"),
-            sync(),
-            parse("s", "SELECT 1"),
-            sync(),
-            bind("", "s"),
-            execute(""),
-            sync(),
-        ],
-        // A held DELETE under a name, then a refused text under the same name.
-        vec![
-            parse("t", "DELETE FROM orders WHERE id = 2"),
-            sync(),
-            parse("t", "DROP TABLE orders"),
-            sync(),
-            bind("", "t"),
-            execute(""),
-            sync(),
-        ],
-        // The unnamed statement parsed again between a portal's Bind and Execute.
-        vec![parse("", "DELETE FROM orders WHERE id = 3"), bind("p", ""), parse("", "SELECT 1"), execute("p"), sync()],
-        // A protocol statement dropped by SQL's DEALLOCATE, its name taken by PREPARE.
-        vec![
-            parse("u", "SELECT 1"),
-            sync(),
-            query("DEALLOCATE u"),
-            query("PREPARE u AS SELECT lower(email) FROM users"),
-            bind("", "u"),
-            execute(""),
-            sync(),
-        ],
-        // A protocol statement that runs EXECUTE, its name's statement changed after.
-        vec![
-            query("PREPARE q AS SELECT 1"),
-            parse("v", "EXECUTE q"),
-            sync(),
-            query("DEALLOCATE q"),
-            query("PREPARE q AS SELECT lower(email) FROM users"),
-            bind("", "v"),
-            execute(""),
-            sync(),
-        ],
-    ];
     let mut argv = vec!["python3".to_owned(), "-c".into(), RAW_CLIENT.into(), fx.pg.port.to_string()];
-    argv.extend(conversations.iter().map(|messages| format!("{hello}{}{}", messages.concat(), terminate())));
+    for conversation in conversations {
+        let mut steps = vec![format!("1:{hello}")];
+        steps.extend(conversation.iter().map(|(ready, messages)| format!("{ready}:{messages}")));
+        steps.push(format!("0:{}", message::terminate()));
+        argv.push(steps.join(","));
+    }
+    if at_once {
+        for conversation in conversations {
+            let messages: String = conversation.iter().map(|(_, messages)| messages.as_str()).collect();
+            argv.push(format!("{hello}{messages}{}", message::terminate()));
+        }
+    }
     let out = fx.daemon.run(&fx.token, &argv);
-    let answers: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(answers.len(), conversations.len(), "{out}");
+    let answers: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
+    let expected = conversations.len() * if at_once { 2 } else { 1 };
+    assert_eq!(answers.len(), expected, "{out}");
     assert_eq!(
         fx.outside("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders"),
         "1,2,3",
@@ -477,8 +467,161 @@ fn a_portal_is_judged_by_the_statement_the_server_runs_whatever_the_names_do() {
     for (index, answer) in answers.iter().enumerate() {
         assert!(!answer.contains("ann@example.com"), "conversation {index} got a masked value:\n{out}");
     }
+    (out, answers)
+}
+
+/// The proxy judges a portal by the statement the server will run: a name
+/// the server keeps is not taken over by a Parse it refuses, SQL's
+/// `PREPARE` and `DEALLOCATE` share names with the protocol's statements, a
+/// portal runs what it was bound to, and `EXECUTE` runs what its name holds
+/// at the time.
+#[test]
+fn a_portal_is_judged_by_the_statement_the_server_runs_whatever_the_names_do() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    use message::*;
+    let conversations = [
+        // A held DELETE under a name, then a harmless text under the same name.
+        vec![
+            (1, parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
+            (1, parse("s", "SELECT 1") + &sync()),
+            (1, bind("", "s") + &execute("") + &sync()),
+        ],
+        // A held DELETE under a name, then a refused text under the same name.
+        vec![
+            (1, parse("t", "DELETE FROM orders WHERE id = 2") + &sync()),
+            (1, parse("t", "DROP TABLE orders") + &sync()),
+            (1, bind("", "t") + &execute("") + &sync()),
+        ],
+        // The unnamed statement parsed again between a portal's Bind and Execute.
+        vec![(
+            1,
+            parse("", "DELETE FROM orders WHERE id = 3")
+                + &bind("p", "")
+                + &parse("", "SELECT 1")
+                + &execute("p")
+                + &sync(),
+        )],
+        // A protocol statement dropped by SQL's DEALLOCATE, its name taken by PREPARE.
+        vec![
+            (1, parse("u", "SELECT 1") + &sync()),
+            (1, query("DEALLOCATE u")),
+            (1, query("PREPARE u AS SELECT lower(email) FROM users")),
+            (1, bind("", "u") + &execute("") + &sync()),
+        ],
+        // A protocol statement that runs EXECUTE, its name's statement changed after.
+        vec![
+            (1, query("PREPARE q AS SELECT 1")),
+            (1, parse("v", "EXECUTE q") + &sync()),
+            (1, query("DEALLOCATE q")),
+            (1, query("PREPARE q AS SELECT lower(email) FROM users")),
+            (1, bind("", "v") + &execute("") + &sync()),
+        ],
+    ];
+    let (out, answers) = converse(&fx, &conversations, false);
     assert!(answers[0].contains("may exist already") && answers[0].contains("nobody approved"), "{out}");
     assert!(answers[3].contains("****") && answers[4].contains("****"), "the rows came, masked:\n{out}");
+}
+
+/// The proxy changes what it knows of the server's names only when the
+/// server's answer confirms the change. After an error the server skips
+/// the rest of the batch, a `DEALLOCATE` in a Query or a Close too, and a
+/// string of statements stops at the first that fails; a name freed only
+/// in the proxy's mind and taken again would have the proxy judge one
+/// statement while the server runs another. Each conversation is sent
+/// twice: waiting for each batch's answers, and all at once.
+#[test]
+fn a_change_to_the_names_the_server_skipped_is_not_believed() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    use message::*;
+    let failing = "SELECT * FROM no_such_table";
+    let conversations = [
+        // A held DELETE under a name; a failing batch with DEALLOCATE of it
+        // as a Query; a harmless text under the name.
+        vec![
+            (1, parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
+            (1, parse("", failing) + &query("DEALLOCATE s") + &sync()),
+            (1, parse("s", "SELECT 1") + &sync()),
+            (1, bind("", "s") + &execute("") + &sync()),
+        ],
+        // The unnamed statement parsed again in a failing batch.
+        vec![
+            (1, parse("", "DELETE FROM orders WHERE id = 2") + &sync()),
+            (1, parse("x", failing) + &parse("", "SELECT 1") + &sync()),
+            (1, bind("", "") + &execute("") + &sync()),
+        ],
+        // A Close in a failing batch.
+        vec![
+            (1, parse("c", "DELETE FROM orders WHERE id = 3") + &sync()),
+            (1, parse("", failing) + &close_statement("c") + &sync()),
+            (1, parse("c", "SELECT 1") + &sync()),
+            (1, bind("", "c") + &execute("") + &sync()),
+        ],
+        // A string of statements that stops before its DEALLOCATE; the
+        // name taken again for a statement that reads nothing masked.
+        vec![
+            (1, query("PREPARE m AS SELECT lower(email) FROM users")),
+            (1, query("SELECT 1/0; DEALLOCATE m")),
+            (1, query("PREPARE m AS SELECT 1")),
+            (1, query("EXECUTE m")),
+        ],
+        // A DEALLOCATE in a transaction block that an error aborted.
+        vec![
+            (1, query("PREPARE n AS SELECT lower(email) FROM users")),
+            (1, query("BEGIN")),
+            (1, query("SELECT 1/0")),
+            (1, query("DEALLOCATE n")),
+            (1, query("ROLLBACK")),
+            (1, query("PREPARE n AS SELECT 1")),
+            (1, query("EXECUTE n")),
+        ],
+    ];
+    let (out, answers) = converse(&fx, &conversations, true);
+    // Waiting for the answers, the proxy knows what the server holds: the
+    // DELETE, held for a reviewer; the masked column, masked.
+    for held in &answers[..3] {
+        assert!(held.contains("nobody approved"), "the DELETE was judged:\n{out}");
+    }
+    for reused in [0, 2, 3, 4] {
+        assert!(answers[reused].contains("may exist already"), "{out}");
+    }
+    assert!(answers[3].contains("****") && answers[4].contains("****"), "the rows came, masked:\n{out}");
+    // All at once, a name whose batch the server has not answered either
+    // is known (nothing, or the one statement it may hold) or is refused.
+    assert!(answers[5].contains("nobody approved") && answers[7].contains("nobody approved"), "{out}");
+    assert!(
+        answers[6].contains("nobody approved") || answers[6].contains("not answered yet"),
+        "the unnamed statement is the DELETE or unknown:\n{out}"
+    );
+    assert!(answers[8].contains("****") && answers[9].contains("****"), "{out}");
+}
+
+/// A client may send far more than the server has answered: past a
+/// bound on the changes to the names on their way, the proxy waits for the
+/// server's answers (asking for them with a Flush), then goes on.
+#[test]
+fn a_client_that_sends_without_reading_gets_every_answer() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    let parses = 3 * 1024;
+    let conversation = vec![(1, message::parse("", "SELECT 1").repeat(parses) + &message::sync())];
+    let (out, answers) = converse(&fx, &[conversation], false);
+    assert_eq!(count_of(&answers[0], "1\\x00\\x00\\x00\\x04"), parses, "a ParseComplete each:\n{out}");
+    assert!(answers[0].ends_with("Z\\x00\\x00\\x00\\x05I'"), "{out}");
+}
+
+/// A cursor's rows are masked whether SQL's FETCH or the protocol's
+/// Execute reads them: its query was judged at DECLARE, and a computed
+/// column in it may carry a masked one.
+#[test]
+fn rows_of_a_cursor_are_masked_however_they_are_fetched() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
+    use message::*;
+    let declare = "DECLARE c CURSOR WITH HOLD FOR SELECT lower(email), email, (SELECT phone FROM users) FROM users";
+    let conversations =
+        [vec![(1, query(declare)), (1, query("FETCH ALL c"))], vec![(1, query(declare)), (1, execute("c") + &sync())]];
+    let (out, answers) = converse(&fx, &conversations, false);
+    for answer in &answers {
+        assert_eq!(count_of(answer, "****"), 3, "every column masked:\n{out}");
+    }
 }
 
 #[test]

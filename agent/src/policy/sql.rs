@@ -219,6 +219,10 @@ impl Walk<'_> {
             "SelectStmt" if node.get("into_clause").is_some_and(|into| !into.is_null()) => {
                 analysis.kinds.insert("create".to_owned());
             }
+            // A cursor's rows are those of a query judged when it was
+            // declared, or inside a function: any computed column may
+            // carry a masked one.
+            "FetchStmt" => analysis.whole_rows = true,
             "DoStmt" => analysis.opaque.push("a DO block runs code the proxy cannot see before it runs".to_owned()),
             "CallStmt" => {
                 analysis.opaque.push("CALL runs a procedure whose statements the proxy cannot see".to_owned())
@@ -744,6 +748,7 @@ mod tests {
         assert!(computed("SELECT row_to_json(u) FROM users u"));
         assert!(computed("SELECT to_json(u.*) FROM users u"));
         assert!(computed("SELECT x FROM users AS u(x, y)"));
+        assert!(computed("FETCH ALL c"), "a cursor's query was judged at its DECLARE");
         assert!(!computed("SELECT count(*) FROM users"));
         assert!(!computed("SELECT * FROM users"));
     }

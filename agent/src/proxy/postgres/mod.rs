@@ -16,6 +16,7 @@
 //! response side reads from.
 
 mod catalog;
+mod names;
 mod startup;
 mod wire;
 
@@ -34,6 +35,7 @@ use tokio::{
 };
 
 use self::{
+    names::{Bound, Change, ChangeId, Lookup, Names, Statement},
     startup::{Opening, Startup, Stream},
     wire::{Fields, Message},
 };
@@ -56,6 +58,10 @@ const REFUSED_MARKER: &str = "tollgate_refused_this_statement";
 
 /// SQLSTATE of a refusal by policy: insufficient_privilege.
 const REFUSED_CODE: &str = "42501";
+
+/// Why a name is not looked up while the server's answers that decide it are on their way.
+const UNSETTLED: &str = "what it holds depends on messages the server has not answered yet; \
+    wait for their answers (the ReadyForQuery after Sync) before using it";
 
 /// What the PostgreSQL path shares across connections.
 #[derive(Default)]
@@ -219,6 +225,7 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
     let (client_read, client_write) = tokio::io::split(client);
     let (server_read, server_write) = tokio::io::split(server);
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
+    let names = Names::default();
     let mut front = Front {
         ctx: &ctx,
         governed: &governed,
@@ -228,9 +235,7 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
         outgoing: Vec::new(),
         expect: expect_tx,
         search_path,
-        statements: HashMap::new(),
-        portals: HashMap::new(),
-        sql_prepared: HashMap::new(),
+        names: &names,
         analyses: AnalysisCache::default(),
         described: None,
     };
@@ -242,6 +247,7 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
         client: client_write,
         outgoing: Vec::new(),
         expect: expect_rx,
+        names: &names,
         queue: VecDeque::new(),
         plan: None,
         catalog: catalog::Catalog::new(&startup),
@@ -271,32 +277,11 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
     back.finish_all("the connection ended before the server answered");
 }
 
-/// A statement the client prepared (protocol level), as judged.
-struct Prepared {
-    sql: String,
-    /// Its text normalized, and how Parse judged it (never a refusal: a
-    /// refused statement is not kept). Judging depends on the analysis
-    /// alone, so an Execute gets the same verdict.
-    normalized: String,
-    verdict: Verdict,
-    analysis: Result<Arc<Analysis>, String>,
-}
-
-/// What an Execute of a portal runs.
-#[derive(Clone)]
-struct Bound {
-    sql: String,
-    analysis: Arc<Analysis>,
-    parameters: Vec<String>,
-    /// Its text normalized and its verdict, as Parse judged it; none for a
-    /// statement of SQL's `PREPARE`.
-    judged: Option<(String, Verdict)>,
-}
-
 /// What the server will answer to something sent upstream, in order.
 enum Expect {
-    /// `ParseComplete`, `BindComplete` or `CloseComplete`.
-    Done,
+    /// `ParseComplete`, `BindComplete` or `CloseComplete`, which confirm
+    /// the change to the names the message makes.
+    Done(ChangeId),
     /// A statement's description: `ParameterDescription`, then `RowDescription` or `NoData`.
     DescribeStatement(Option<Arc<Analysis>>),
     /// A portal's description (`swallow`: the proxy asked, not the client).
@@ -315,6 +300,9 @@ enum Expect {
 struct Running {
     record: ProxyRecord,
     analysis: Option<Arc<Analysis>>,
+    /// What it does to the prepared statements (`PREPARE`, `DEALLOCATE`),
+    /// confirmed when it completes.
+    changes: Option<ChangeId>,
     rows: u64,
     masked: u64,
     commands: Vec<String>,
@@ -360,7 +348,7 @@ impl Refusal {
 
 impl Running {
     fn new(record: ProxyRecord, analysis: Option<Arc<Analysis>>) -> Self {
-        Self { record, analysis, rows: 0, masked: 0, commands: Vec::new(), error: None, withheld: None }
+        Self { record, analysis, changes: None, rows: 0, masked: 0, commands: Vec::new(), error: None, withheld: None }
     }
 
     /// Writes the record: forwarded (with the server's error, if it failed)
@@ -397,6 +385,15 @@ impl Running {
 }
 
 impl Expect {
+    /// The change to the names its answer confirms.
+    fn change(&self) -> Option<ChangeId> {
+        match self {
+            Self::Done(id) => Some(*id),
+            Self::Execute(running) | Self::Query(running) => running.changes,
+            _ => None,
+        }
+    }
+
     /// Writes the record an answer will never complete.
     fn abandon(self, ctx: &ProxyCtx, governed: &Governed, why: &str) {
         match self {
@@ -419,13 +416,9 @@ struct Front<'a> {
     outgoing: Vec<u8>,
     expect: mpsc::UnboundedSender<Expect>,
     search_path: SearchPath,
-    statements: HashMap<String, Prepared>,
-    /// Bound portals, with what their statement was when they were bound
-    /// (the server binds a portal to it then); `None` if the proxy did not
-    /// know the statement.
-    portals: HashMap<String, Option<Bound>>,
-    /// SQL-level `PREPARE`d statements, so `EXECUTE` is judged by what it runs.
-    sql_prepared: HashMap<String, Arc<Analysis>>,
+    /// The prepared statements and portals, so what a portal or `EXECUTE`
+    /// runs is judged.
+    names: &'a Names,
     /// What the statements sent so far do, by their normalized text.
     analyses: AnalysisCache,
     /// The portal the client's previous message described.
@@ -442,14 +435,24 @@ impl Front<'_> {
                 Err(e) => return Err(e.to_string()),
             };
             let described = self.described.take();
+            if self.names.crowded() {
+                self.wait_for_answers().await.map_err(|e| format!("the server connection failed: {e}"))?;
+            }
             match message.tag {
-                b'Q' => self.query(&message).await.map_err(|e| e.to_string())?,
+                b'Q' => {
+                    self.query(&message).await.map_err(|e| e.to_string())?;
+                    // Its statements' failure does not stop what follows.
+                    self.names.end_batch();
+                }
                 b'P' => self.parse(&message).map_err(|e| e.to_string())?,
                 b'B' => self.bind(&message).map_err(|e| e.to_string())?,
                 b'E' => self.execute(&message, described).await.map_err(|e| e.to_string())?,
                 b'D' => self.describe(&message).map_err(|e| e.to_string())?,
                 b'C' => self.close(&message).map_err(|e| e.to_string())?,
-                b'S' => self.forward(Expect::Sync, &message),
+                b'S' => {
+                    self.forward(Expect::Sync, &message);
+                    self.names.end_batch();
+                }
                 // Flush, and the data of a COPY FROM STDIN the rules let start.
                 b'H' | b'd' | b'c' | b'f' => message.write_to(&mut self.outgoing),
                 b'X' => return Ok(()),
@@ -480,6 +483,18 @@ impl Front<'_> {
         self.server.flush().await
     }
 
+    /// Sends what the client sent so far with a Flush, so the server
+    /// answers it, and waits until enough of the changes to the names are
+    /// settled (a client that sends without reading waits here).
+    async fn wait_for_answers(&mut self) -> std::io::Result<()> {
+        while self.names.crowded() {
+            self.outgoing.extend_from_slice(&wire::frame(b'H', &[]));
+            self.flush().await?;
+            self.names.settled().await;
+        }
+        Ok(())
+    }
+
     /// Queues what the server will answer to the client's `message`, then the message.
     fn forward(&mut self, expect: Expect, message: &Message) {
         let _ = self.expect.send(expect);
@@ -504,7 +519,7 @@ impl Front<'_> {
                 return (normalized, Err(e), verdict);
             }
         };
-        if let Some(name) = analysis.prepares.iter().find(|name| self.name_in_use(name)) {
+        if let Some(name) = analysis.prepares.iter().find(|name| self.statement_may_exist(name)) {
             let why = format!("PREPARE {name}: a statement of that name may exist already");
             return (normalized, Ok(analysis), Verdict::Refuse(why));
         }
@@ -520,13 +535,17 @@ impl Front<'_> {
             // statements at the time: judged anew each time.
             let mut whole = Analysis::clone(&analysis);
             for name in &analysis.executes {
-                match self.sql_prepared.get(name) {
-                    Some(prepared) => whole.absorb(prepared),
-                    None => {
-                        let why = format!("EXECUTE {name}: no statement of that name was prepared through the proxy");
-                        return (normalized, Ok(Arc::new(whole)), Verdict::Refuse(why));
+                let why = match self.names.statement(name) {
+                    Lookup::Known(prepared) => {
+                        whole.absorb(&prepared.analysis);
+                        continue;
                     }
-                }
+                    Lookup::Absent => {
+                        format!("EXECUTE {name}: no statement of that name was prepared through the proxy")
+                    }
+                    Lookup::Unsettled => format!("EXECUTE {name}: {UNSETTLED}"),
+                };
+                return (normalized, Ok(Arc::new(whole)), Verdict::Refuse(why));
             }
             analysis = Arc::new(whole);
         }
@@ -534,25 +553,27 @@ impl Front<'_> {
         (normalized, Ok(analysis), verdict)
     }
 
-    /// Notes the SQL-level prepared statements a statement on its way creates and drops.
-    /// SQL's `PREPARE` and `DEALLOCATE` share their names with the
-    /// protocol's prepared statements.
-    fn note_prepared(&mut self, analysis: &Arc<Analysis>) {
-        for name in &analysis.deallocates {
-            match name {
-                Some(name) => {
-                    self.sql_prepared.remove(name);
-                    self.statements.remove(name);
-                }
-                None => {
-                    self.sql_prepared.clear();
-                    self.statements.retain(|name, _| name.is_empty());
-                }
-            }
+    /// The SQL-level prepared statements a statement on its way creates
+    /// and drops, to be confirmed when it completes. SQL's `PREPARE` and
+    /// `DEALLOCATE` share their names with the protocol's prepared statements.
+    fn note_prepared(&mut self, analysis: &Arc<Analysis>) -> Option<ChangeId> {
+        if analysis.deallocates.is_empty() && analysis.prepares.is_empty() {
+            return None;
         }
-        for name in &analysis.prepares {
-            self.sql_prepared.insert(name.clone(), analysis.clone());
-        }
+        let dropped = analysis.deallocates.iter().map(|name| match name {
+            Some(name) => Change::Statement(name.clone(), None),
+            None => Change::NoStatements,
+        });
+        let prepared = analysis.prepares.iter().map(|name| {
+            let statement = Statement { sql: format!("EXECUTE {name}"), analysis: analysis.clone(), judged: None };
+            Change::Statement(name.clone(), Some(Arc::new(statement)))
+        });
+        Some(self.names.change(dropped.chain(prepared)))
+    }
+
+    /// May the server hold a prepared statement under `name`?
+    fn statement_may_exist(&self, name: &str) -> bool {
+        !matches!(self.names.statement(name), Lookup::Absent)
     }
 
     /// A statement's record; `normalized`: its text with constants as `$n`
@@ -591,8 +612,9 @@ impl Front<'_> {
             // Only a statement that parsed can be held or passed.
             (Err(_), _) => return Ok(()),
         };
-        self.note_prepared(&analysis);
-        self.forward(Expect::Query(Box::new(Running::new(record, Some(analysis)))), message);
+        let mut running = Running::new(record, Some(analysis.clone()));
+        running.changes = self.note_prepared(&analysis);
+        self.forward(Expect::Query(Box::new(running)), message);
         Ok(())
     }
 
@@ -615,26 +637,30 @@ impl Front<'_> {
         let (normalized, analysis, mut verdict) = self.judge(&sql);
         // The server refuses a name in use and keeps what it holds; were
         // the proxy to take the new text, it would judge what does not run.
-        if !name.is_empty() && self.name_in_use(&name) {
+        if !name.is_empty() && self.statement_may_exist(&name) {
             verdict = Verdict::Refuse(format!("a statement named {name} may exist already"));
         }
-        match verdict {
-            Verdict::Refuse(why) => {
+        match (verdict, analysis) {
+            // Parsing runs nothing: a held statement waits at its Execute,
+            // where its parameters are known.
+            (verdict @ (Verdict::Pass | Verdict::Hold(_)), Ok(analysis)) => {
+                let statement = Statement { sql, analysis, judged: Some((normalized, verdict)) };
+                let id = self.names.change([Change::Statement(name, Some(Arc::new(statement)))]);
+                self.forward(Expect::Done(id), message);
+            }
+            (verdict, analysis) => {
+                let why = match verdict {
+                    Verdict::Refuse(why) => why,
+                    // A statement that does not parse is refused by judge().
+                    _ => "the statement does not parse".to_owned(),
+                };
                 let record = self.record(Some(normalized), analysis.as_deref().ok());
                 let refusal = Refusal::of_statement(record, analysis.is_ok(), why);
                 // Under the client's own name: the server drops the unnamed
                 // statement at any Parse, and keeps a named one whose new
-                // Parse fails.
-                if name.is_empty() {
-                    self.statements.remove(&name);
-                }
+                // Parse fails. (The proxy may go on knowing the unnamed one:
+                // a name it knows holds what it judged, or nothing.)
                 self.send(Expect::Refused(Box::new(refusal)), &wire::parse(&name, REFUSED_MARKER));
-            }
-            // Parsing runs nothing: a held statement waits at its Execute,
-            // where its parameters are known.
-            verdict => {
-                self.statements.insert(name, Prepared { sql, normalized, verdict, analysis });
-                self.forward(Expect::Done, message);
             }
         }
         Ok(())
@@ -661,68 +687,64 @@ impl Front<'_> {
             };
             parameters.push(shown);
         }
-        let bound = self.statement_bound(&statement, parameters);
-        self.portals.insert(portal, bound);
-        self.forward(Expect::Done, message);
+        // The server binds the portal to what the name holds now.
+        let bound = match self.names.statement(&statement) {
+            Lookup::Known(statement) => Ok(Bound { statement, parameters }),
+            Lookup::Absent => Err("its statement is not one the proxy knows".to_owned()),
+            Lookup::Unsettled => Err(format!("its statement {statement:?}: {UNSETTLED}")),
+        };
+        let id = self.names.change([Change::Portal(portal, Some(Arc::new(bound)))]);
+        self.forward(Expect::Done(id), message);
         Ok(())
-    }
-
-    /// Is `name` a prepared statement's, the protocol's or SQL's?
-    fn name_in_use(&self, name: &str) -> bool {
-        self.statements.contains_key(name) || self.sql_prepared.contains_key(name)
-    }
-
-    /// What a portal bound to the prepared statement `name` runs, as the
-    /// statement is now: its SQL and how it was judged.
-    fn statement_bound(&self, name: &str, parameters: Vec<String>) -> Option<Bound> {
-        if let Some(prepared) = self.statements.get(name) {
-            return Some(Bound {
-                sql: prepared.sql.clone(),
-                analysis: prepared.analysis.as_ref().ok()?.clone(),
-                parameters,
-                judged: Some((prepared.normalized.clone(), prepared.verdict.clone())),
-            });
-        }
-        // A statement prepared with SQL's PREPARE shares the protocol's names.
-        Some(Bound {
-            sql: format!("EXECUTE {name}"),
-            analysis: self.sql_prepared.get(name)?.clone(),
-            parameters,
-            judged: None,
-        })
     }
 
     async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
         let portal = Fields::new(&message.body).cstr("Execute")?;
-        let Some(Bound { sql, analysis, parameters, judged }) = (match self.portals.get(&portal).cloned() {
-            Some(bound) => bound,
-            None => {
-                // No such portal: the server says so itself.
+        let bound = match self.names.portal(&portal) {
+            Lookup::Known(bound) => bound,
+            Lookup::Absent => {
+                // Not a portal the proxy bound: none (the server says so
+                // itself), or a cursor of SQL's DECLARE, judged then.
                 let record = self.record(None, None);
+                if !self.route.mask.is_empty() {
+                    let expect = Expect::DescribePortal { analysis: None, swallow: true };
+                    self.send(expect, &wire::describe_portal(&portal));
+                }
                 self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
                 return Ok(());
             }
-        }) else {
-            // Bound to a statement the proxy does not know: what would run
-            // cannot be judged.
-            let why = format!("portal {portal:?}: its statement is not one the proxy knows");
-            self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
-            return Ok(());
+            Lookup::Unsettled => {
+                let why = format!("portal {portal:?}: {UNSETTLED}");
+                self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
+                return Ok(());
+            }
         };
-        let (normalized, analysis, verdict) = match judged {
+        let Bound { statement, parameters } = match bound.as_ref() {
+            Ok(bound) => bound,
+            // What would run cannot be judged.
+            Err(why) => {
+                let why = format!("portal {portal:?}: {why}");
+                self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
+                return Ok(());
+            }
+        };
+        let sql = &statement.sql;
+        let (normalized, analysis, verdict) = match &statement.judged {
             // What `EXECUTE` runs is looked up by the server as it runs,
             // and whether a `PREPARE`'s name is free is known only now.
-            Some((normalized, verdict)) if analysis.executes.is_empty() && analysis.prepares.is_empty() => {
-                (normalized, analysis, verdict)
+            Some((normalized, verdict))
+                if statement.analysis.executes.is_empty() && statement.analysis.prepares.is_empty() =>
+            {
+                (normalized.clone(), statement.analysis.clone(), verdict.clone())
             }
-            Some(_) => match self.judge(&sql) {
+            Some(_) => match self.judge(sql) {
                 (normalized, Ok(analysis), verdict) => (normalized, analysis, verdict),
-                (normalized, Err(_), verdict) => (normalized, analysis, verdict),
+                (normalized, Err(_), verdict) => (normalized, statement.analysis.clone(), verdict),
             },
             None => (
-                statement::normalize(&sql),
-                analysis.clone(),
-                statement::judge(self.route, &analysis, &self.search_path),
+                statement::normalize(sql),
+                statement.analysis.clone(),
+                statement::judge(self.route, &statement.analysis, &self.search_path),
             ),
         };
         let mut record = self.record(Some(normalized), Some(&analysis));
@@ -737,7 +759,7 @@ impl Front<'_> {
             Verdict::Hold(rule) => {
                 record.hit(&rule);
                 let shown = format!("parameters: [{}]", parameters.join(", "));
-                if let Err(message) = self.approve(&mut record, &rule, &sql, Some(shown)).await {
+                if let Err(message) = self.approve(&mut record, &rule, sql, Some(shown)).await {
                     self.send_refusal(Refusal::denied(record, message), b'P');
                     return Ok(());
                 }
@@ -749,8 +771,9 @@ impl Front<'_> {
             let expect = Expect::DescribePortal { analysis: Some(analysis.clone()), swallow: true };
             self.send(expect, &wire::describe_portal(&portal));
         }
-        self.note_prepared(&analysis);
-        self.forward(Expect::Execute(Box::new(Running::new(record, Some(analysis)))), message);
+        let mut running = Running::new(record, Some(analysis.clone()));
+        running.changes = self.note_prepared(&analysis);
+        self.forward(Expect::Execute(Box::new(running)), message);
         Ok(())
     }
 
@@ -759,10 +782,16 @@ impl Front<'_> {
         let what = fields.u8("Describe")?;
         let name = fields.cstr("Describe")?;
         let expect = if what == b'S' {
-            let analysis = self.statements.get(&name).and_then(|p| p.analysis.as_ref().ok().cloned());
+            let analysis = match self.names.statement(&name) {
+                Lookup::Known(statement) => Some(statement.analysis.clone()),
+                Lookup::Absent | Lookup::Unsettled => None,
+            };
             Expect::DescribeStatement(analysis)
         } else {
-            let analysis = self.portals.get(&name).and_then(Option::as_ref).map(|bound| bound.analysis.clone());
+            let analysis = match self.names.portal(&name) {
+                Lookup::Known(portal) => portal.as_ref().as_ref().ok().map(|bound| bound.statement.analysis.clone()),
+                Lookup::Absent | Lookup::Unsettled => None,
+            };
             self.described = Some(name);
             Expect::DescribePortal { analysis, swallow: false }
         };
@@ -774,14 +803,10 @@ impl Front<'_> {
         let mut fields = Fields::new(&message.body);
         let what = fields.u8("Close")?;
         let name = fields.cstr("Close")?;
-        if what == b'S' {
-            // The protocol's and SQL's prepared statements share names.
-            self.statements.remove(&name);
-            self.sql_prepared.remove(&name);
-        } else {
-            self.portals.remove(&name);
-        }
-        self.forward(Expect::Done, message);
+        // The protocol's and SQL's prepared statements share names.
+        let change = if what == b'S' { Change::Statement(name, None) } else { Change::Portal(name, None) };
+        let id = self.names.change([change]);
+        self.forward(Expect::Done(id), message);
         Ok(())
     }
 
@@ -905,6 +930,8 @@ struct Back<'a> {
     client: WriteHalf<Stream>,
     outgoing: Vec<u8>,
     expect: mpsc::UnboundedReceiver<Expect>,
+    /// Confirmed here as the server answers.
+    names: &'a Names,
     queue: VecDeque<Expect>,
     plan: Option<Plan>,
     catalog: catalog::Catalog,
@@ -954,7 +981,8 @@ impl Back<'_> {
         let (ctx, governed) = (self.ctx, self.governed);
         match message.tag {
             b'1' | b'2' | b'3' => {
-                if matches!(self.queue.front(), Some(Expect::Done)) {
+                if let Some(Expect::Done(id)) = self.queue.front() {
+                    self.names.settle(*id, true);
                     self.queue.pop_front();
                 }
                 self.pass(&message);
@@ -1030,6 +1058,10 @@ impl Back<'_> {
                 if matches!(self.queue.front(), Some(Expect::Execute(_)))
                     && let Some(Expect::Execute(running)) = self.queue.pop_front()
                 {
+                    // A suspended portal has not completed its statement.
+                    if let Some(id) = running.changes {
+                        self.names.settle(id, message.tag == b'C');
+                    }
                     running.finish(ctx, governed, None);
                 }
                 // The next result of a simple query starts afresh.
@@ -1042,9 +1074,16 @@ impl Back<'_> {
             b'E' => self.error(message),
             b'Z' => {
                 match self.queue.pop_front() {
-                    Some(Expect::Query(running)) => running.finish(ctx, governed, None),
+                    Some(Expect::Query(running)) => {
+                        // A failed statement stops the rest of its string:
+                        // which of its changes happened is not known.
+                        if let Some(id) = running.changes {
+                            self.names.settle(id, running.error.is_none());
+                        }
+                        running.finish(ctx, governed, None)
+                    }
                     Some(Expect::Sync) | None => {}
-                    Some(other) => other.abandon(ctx, governed, "the server ended the batch before answering"),
+                    Some(other) => self.skip(other, "the server ended the batch before answering"),
                 }
                 self.plan = None;
                 self.pass(&message);
@@ -1089,18 +1128,26 @@ impl Back<'_> {
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
                 return;
             }
-            Some(Expect::Execute(mut running)) => {
-                running.error = Some(summary);
-                running.finish(ctx, governed, None);
-                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
-            }
             Some(Expect::Sync) => {
                 // An error outside any statement (a FATAL before the server closes).
                 self.queue.push_front(Expect::Sync);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
                 return;
             }
-            _ => self.outgoing.extend_from_slice(&wire::frame(b'E', &masked)),
+            Some(Expect::Execute(mut running)) => {
+                running.error = Some(summary);
+                if let Some(id) = running.changes {
+                    self.names.settle(id, false);
+                }
+                running.finish(ctx, governed, None);
+                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
+            }
+            failed => {
+                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
+                if let Some(failed) = failed {
+                    self.skip(failed, "the server failed it");
+                }
+            }
         }
         // The server skips the rest of the batch: nothing after this answers until Sync.
         while let Some(next) = self.queue.front() {
@@ -1108,9 +1155,18 @@ impl Back<'_> {
                 break;
             }
             if let Some(skipped) = self.queue.pop_front() {
-                skipped.abandon(ctx, governed, "skipped: an earlier message of the batch failed");
+                self.skip(skipped, "skipped: an earlier message of the batch failed");
             }
         }
+    }
+
+    /// An answer that will not come (or an error in its place): what the
+    /// message would have changed did not happen, and its record is written.
+    fn skip(&mut self, expect: Expect, why: &str) {
+        if let Some(id) = expect.change() {
+            self.names.settle(id, false);
+        }
+        expect.abandon(self.ctx, self.governed, why);
     }
 
     /// The masking plan for a result's columns (`RowDescription`).
