@@ -334,7 +334,8 @@ fn a_held_statement_nobody_decides_is_refused_when_its_time_is_up() {
 
 /// Sends each packet on a new connection and prints what came back, for a
 /// session to run. A packet is hex, or steps `N:hex,N:hex,...`: each sent
-/// once the answers to the one before it, N ReadyForQuery messages, came.
+/// once the answers to the one before it came: N ReadyForQuery messages, or
+/// where N is a letter, one message of that type.
 const RAW_CLIENT: &str = r#"
 import socket, sys
 port = int(sys.argv[1])
@@ -346,8 +347,9 @@ for packet in sys.argv[2:]:
     try:
         for wanted, data in steps:
             s.sendall(bytes.fromhex(data))
-            wanted = ready + int(wanted)
-            while ready < wanted:
+            tag, count = (b"Z", int(wanted)) if wanted.isdigit() else (wanted.encode(), 1)
+            seen = 0
+            while seen < count:
                 length = int.from_bytes(got[parsed + 1:parsed + 5], "big") if len(got) >= parsed + 5 else None
                 if length is None or len(got) < parsed + 1 + length:
                     chunk = s.recv(65536)
@@ -355,7 +357,7 @@ for packet in sys.argv[2:]:
                         raise EOFError
                     got += chunk
                     continue
-                ready += got[parsed:parsed + 1] == b"Z"
+                seen += got[parsed:parsed + 1] == tag
                 parsed += 1 + length
         while True:
             chunk = s.recv(65536)
@@ -419,6 +421,18 @@ mod message {
         framed(b'C', &[b"S".to_vec(), strings(&[name])].concat())
     }
 
+    pub fn flush() -> String {
+        framed(b'H', &[])
+    }
+
+    pub fn copy_data(data: &str) -> String {
+        framed(b'd', data.as_bytes())
+    }
+
+    pub fn copy_done() -> String {
+        framed(b'c', &[])
+    }
+
     pub fn sync() -> String {
         framed(b'S', &[])
     }
@@ -433,9 +447,13 @@ mod message {
 /// `PREPARE` and `DEALLOCATE` share names with the protocol's statements, a
 /// portal runs what it was bound to, and `EXECUTE` runs what its name holds
 /// at the time.
-/// One conversation: batches of messages (hex), each with the number of
-/// ReadyForQuery messages that answer it.
-type Conversation = Vec<(usize, String)>;
+/// One conversation: batches of messages (hex), each with what answers it
+/// (see [`RAW_CLIENT`]).
+type Conversation = Vec<(Wait, String)>;
+
+/// What a batch waits for: `1`, `2`... ReadyForQuery messages, or `E`, `G`:
+/// one message of that type.
+type Wait = char;
 
 /// Runs each conversation on a connection of its own in one session,
 /// waiting for each batch's answers; with `at_once`, then again with each
@@ -445,7 +463,7 @@ fn converse(fx: &Pg, conversations: &[Conversation], at_once: bool) -> (RunOutpu
     let mut argv = vec!["python3".to_owned(), "-c".into(), RAW_CLIENT.into(), fx.pg.port.to_string()];
     for conversation in conversations {
         let mut steps = vec![format!("1:{hello}")];
-        steps.extend(conversation.iter().map(|(ready, messages)| format!("{ready}:{messages}")));
+        steps.extend(conversation.iter().map(|(wait, messages)| format!("{wait}:{messages}")));
         steps.push(format!("0:{}", message::terminate()));
         argv.push(steps.join(","));
     }
@@ -482,19 +500,19 @@ fn a_portal_is_judged_by_the_statement_the_server_runs_whatever_the_names_do() {
     let conversations = [
         // A held DELETE under a name, then a harmless text under the same name.
         vec![
-            (1, parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
-            (1, parse("s", "SELECT 1") + &sync()),
-            (1, bind("", "s") + &execute("") + &sync()),
+            ('1', parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
+            ('1', parse("s", "SELECT 1") + &sync()),
+            ('1', bind("", "s") + &execute("") + &sync()),
         ],
         // A held DELETE under a name, then a refused text under the same name.
         vec![
-            (1, parse("t", "DELETE FROM orders WHERE id = 2") + &sync()),
-            (1, parse("t", "DROP TABLE orders") + &sync()),
-            (1, bind("", "t") + &execute("") + &sync()),
+            ('1', parse("t", "DELETE FROM orders WHERE id = 2") + &sync()),
+            ('1', parse("t", "DROP TABLE orders") + &sync()),
+            ('1', bind("", "t") + &execute("") + &sync()),
         ],
         // The unnamed statement parsed again between a portal's Bind and Execute.
         vec![(
-            1,
+            '1',
             parse("", "DELETE FROM orders WHERE id = 3")
                 + &bind("p", "")
                 + &parse("", "SELECT 1")
@@ -503,18 +521,18 @@ fn a_portal_is_judged_by_the_statement_the_server_runs_whatever_the_names_do() {
         )],
         // A protocol statement dropped by SQL's DEALLOCATE, its name taken by PREPARE.
         vec![
-            (1, parse("u", "SELECT 1") + &sync()),
-            (1, query("DEALLOCATE u")),
-            (1, query("PREPARE u AS SELECT lower(email) FROM users")),
-            (1, bind("", "u") + &execute("") + &sync()),
+            ('1', parse("u", "SELECT 1") + &sync()),
+            ('1', query("DEALLOCATE u")),
+            ('1', query("PREPARE u AS SELECT lower(email) FROM users")),
+            ('1', bind("", "u") + &execute("") + &sync()),
         ],
         // A protocol statement that runs EXECUTE, its name's statement changed after.
         vec![
-            (1, query("PREPARE q AS SELECT 1")),
-            (1, parse("v", "EXECUTE q") + &sync()),
-            (1, query("DEALLOCATE q")),
-            (1, query("PREPARE q AS SELECT lower(email) FROM users")),
-            (1, bind("", "v") + &execute("") + &sync()),
+            ('1', query("PREPARE q AS SELECT 1")),
+            ('1', parse("v", "EXECUTE q") + &sync()),
+            ('1', query("DEALLOCATE q")),
+            ('1', query("PREPARE q AS SELECT lower(email) FROM users")),
+            ('1', bind("", "v") + &execute("") + &sync()),
         ],
     ];
     let (out, answers) = converse(&fx, &conversations, false);
@@ -538,41 +556,41 @@ fn a_change_to_the_names_the_server_skipped_is_not_believed() {
         // A held DELETE under a name; a failing batch with DEALLOCATE of it
         // as a Query; a harmless text under the name.
         vec![
-            (1, parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
-            (1, parse("", failing) + &query("DEALLOCATE s") + &sync()),
-            (1, parse("s", "SELECT 1") + &sync()),
-            (1, bind("", "s") + &execute("") + &sync()),
+            ('1', parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
+            ('1', parse("", failing) + &query("DEALLOCATE s") + &sync()),
+            ('1', parse("s", "SELECT 1") + &sync()),
+            ('1', bind("", "s") + &execute("") + &sync()),
         ],
         // The unnamed statement parsed again in a failing batch.
         vec![
-            (1, parse("", "DELETE FROM orders WHERE id = 2") + &sync()),
-            (1, parse("x", failing) + &parse("", "SELECT 1") + &sync()),
-            (1, bind("", "") + &execute("") + &sync()),
+            ('1', parse("", "DELETE FROM orders WHERE id = 2") + &sync()),
+            ('1', parse("x", failing) + &parse("", "SELECT 1") + &sync()),
+            ('1', bind("", "") + &execute("") + &sync()),
         ],
         // A Close in a failing batch.
         vec![
-            (1, parse("c", "DELETE FROM orders WHERE id = 3") + &sync()),
-            (1, parse("", failing) + &close_statement("c") + &sync()),
-            (1, parse("c", "SELECT 1") + &sync()),
-            (1, bind("", "c") + &execute("") + &sync()),
+            ('1', parse("c", "DELETE FROM orders WHERE id = 3") + &sync()),
+            ('1', parse("", failing) + &close_statement("c") + &sync()),
+            ('1', parse("c", "SELECT 1") + &sync()),
+            ('1', bind("", "c") + &execute("") + &sync()),
         ],
         // A string of statements that stops before its DEALLOCATE; the
         // name taken again for a statement that reads nothing masked.
         vec![
-            (1, query("PREPARE m AS SELECT lower(email) FROM users")),
-            (1, query("SELECT 1/0; DEALLOCATE m")),
-            (1, query("PREPARE m AS SELECT 1")),
-            (1, query("EXECUTE m")),
+            ('1', query("PREPARE m AS SELECT lower(email) FROM users")),
+            ('1', query("SELECT 1/0; DEALLOCATE m")),
+            ('1', query("PREPARE m AS SELECT 1")),
+            ('1', query("EXECUTE m")),
         ],
         // A DEALLOCATE in a transaction block that an error aborted.
         vec![
-            (1, query("PREPARE n AS SELECT lower(email) FROM users")),
-            (1, query("BEGIN")),
-            (1, query("SELECT 1/0")),
-            (1, query("DEALLOCATE n")),
-            (1, query("ROLLBACK")),
-            (1, query("PREPARE n AS SELECT 1")),
-            (1, query("EXECUTE n")),
+            ('1', query("PREPARE n AS SELECT lower(email) FROM users")),
+            ('1', query("BEGIN")),
+            ('1', query("SELECT 1/0")),
+            ('1', query("DEALLOCATE n")),
+            ('1', query("ROLLBACK")),
+            ('1', query("PREPARE n AS SELECT 1")),
+            ('1', query("EXECUTE n")),
         ],
     ];
     let (out, answers) = converse(&fx, &conversations, true);
@@ -595,6 +613,100 @@ fn a_change_to_the_names_the_server_skipped_is_not_believed() {
     assert!(answers[8].contains("****") && answers[9].contains("****"), "{out}");
 }
 
+/// The proxy matches each answer to the message it answers, whatever the
+/// server skips: messages sent after an error it already reported, a
+/// refused Query in a failed batch (the server answers neither), many
+/// messages held up behind a failed one. A portal the server dropped at
+/// the end of its transaction, or one SQL closed, is not mistaken for the
+/// cursor `DECLARE` opens under its name.
+#[test]
+fn answers_are_matched_to_what_was_sent_whatever_the_server_skips() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    use message::*;
+    let fails = || bind("", "no_such_statement");
+    let conversations = [
+        // A refused Query after a failed Bind: neither is answered.
+        vec![
+            ('1', fails() + &query("(") + &sync()),
+            ('1', parse("", "SELECT 1") + &parse("", "DELETE FROM orders WHERE id > 0") + &sync()),
+            ('1', close_statement("x") + &sync()),
+            ('1', bind("", "") + &execute("") + &sync()),
+        ],
+        // The error already came (Flush) when the client sends on.
+        vec![
+            ('1', parse("", "DELETE FROM orders WHERE id = 2") + &sync()),
+            ('E', fails() + &flush()),
+            ('1', parse("", "SELECT 1") + &sync()),
+            ('1', bind("", "") + &execute("") + &sync()),
+        ],
+        vec![
+            ('1', parse("s", "DELETE FROM orders WHERE id = 3") + &sync()),
+            ('E', fails() + &flush()),
+            ('1', query("DEALLOCATE s") + &sync()),
+            ('1', parse("s", "SELECT 1") + &sync()),
+            ('1', bind("", "s") + &execute("") + &sync()),
+        ],
+        // More changes behind a failed message than the proxy waits on.
+        vec![
+            ('E', fails() + &flush()),
+            ('1', close_statement("x").repeat(1100) + &sync()),
+            ('1', query("SELECT 'still here'")),
+        ],
+        // A portal gone with its transaction; one closed by SQL.
+        vec![
+            ('1', parse("", "SELECT 42 AS id") + &bind("p", "") + &sync()),
+            ('1', query("DECLARE p CURSOR WITH HOLD FOR SELECT lower(email) AS e FROM users")),
+            ('1', execute("p") + &sync()),
+        ],
+        vec![
+            ('1', query("BEGIN")),
+            ('1', parse("", "SELECT 42 AS id") + &bind("p", "") + &sync()),
+            ('1', query("CLOSE p")),
+            ('1', query("DECLARE p CURSOR FOR SELECT lower(email) AS e FROM users")),
+            ('1', execute("p") + &sync()),
+        ],
+        // Names to follow in one string are bounded.
+        vec![('1', query(&"DEALLOCATE x; ".repeat(65)))],
+    ];
+    let (out, answers) = converse(&fx, &conversations, false);
+    for held in [&answers[0], &answers[1], &answers[2]] {
+        assert!(held.contains("nobody approved"), "the DELETE was judged:\n{out}");
+    }
+    assert!(answers[2].contains("may exist already"), "{out}");
+    assert!(answers[3].contains("still here"), "{out}");
+    assert!(answers[4].contains("****") && answers[5].contains("****"), "the cursor's rows, masked:\n{out}");
+    assert!(answers[6].contains("it names 65 prepared statements or cursors"), "{out}");
+    for answer in &answers {
+        assert!(!answer.contains("no longer follow"), "{out}");
+    }
+}
+
+/// On the extended protocol a client sends Sync right after a COPY's
+/// Execute, which the server ignores while it takes the data, and another
+/// after the data (libpq does). The proxy keeps its answers in step, and
+/// a COPY that fails before it starts leaves the Sync a real one.
+#[test]
+fn copy_from_stdin_on_the_extended_protocol_keeps_answers_in_step() {
+    let fx = Pg::start("", "agent", &[]);
+    use message::*;
+    let copy = |table: &str| parse("", &format!("COPY {table} FROM STDIN")) + &bind("", "") + &execute("") + &sync();
+    let conversations = [
+        vec![
+            ('G', copy("audit.log")),
+            ('1', copy_data("2\tread\n") + &copy_done() + &sync()),
+            ('1', query("SELECT 'after the copy'")),
+        ],
+        vec![('1', copy("no_such_table")), ('1', query("SELECT 'after the copy'"))],
+    ];
+    let (out, answers) = converse(&fx, &conversations, false);
+    assert_eq!(fx.outside("SELECT count(*) FROM audit.log"), "2", "{out}");
+    assert!(answers[0].contains("COPY 1"), "{out}");
+    assert!(answers[1].contains("no_such_table"), "{out}");
+    for answer in &answers {
+        assert!(answer.contains("after the copy") && !answer.contains("no longer follow"), "{out}");
+    }
+}
+
 /// A client may send far more than the server has answered: past a
 /// bound on the changes to the names on their way, the proxy waits for the
 /// server's answers (asking for them with a Flush), then goes on.
@@ -602,10 +714,11 @@ fn a_change_to_the_names_the_server_skipped_is_not_believed() {
 fn a_client_that_sends_without_reading_gets_every_answer() {
     let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
     let parses = 3 * 1024;
-    let conversation = vec![(1, message::parse("", "SELECT 1").repeat(parses) + &message::sync())];
+    let conversation = vec![('1', message::parse("", "SELECT 1").repeat(parses) + &message::sync())];
     let (out, answers) = converse(&fx, &[conversation], false);
     assert_eq!(count_of(&answers[0], "1\\x00\\x00\\x00\\x04"), parses, "a ParseComplete each:\n{out}");
-    assert!(answers[0].ends_with("Z\\x00\\x00\\x00\\x05I'"), "{out}");
+    // Python quotes the bytes with ' or ", whichever they hold less of.
+    assert!(answers[0].trim_end_matches(['\'', '"']).ends_with("Z\\x00\\x00\\x00\\x05I"), "{out}");
 }
 
 /// A cursor's rows are masked whether SQL's FETCH or the protocol's
@@ -616,8 +729,10 @@ fn rows_of_a_cursor_are_masked_however_they_are_fetched() {
     let fx = Pg::start(DOCUMENTED_RULES, "agent", &[]);
     use message::*;
     let declare = "DECLARE c CURSOR WITH HOLD FOR SELECT lower(email), email, (SELECT phone FROM users) FROM users";
-    let conversations =
-        [vec![(1, query(declare)), (1, query("FETCH ALL c"))], vec![(1, query(declare)), (1, execute("c") + &sync())]];
+    let conversations = [
+        vec![('1', query(declare)), ('1', query("FETCH ALL c"))],
+        vec![('1', query(declare)), ('1', execute("c") + &sync())],
+    ];
     let (out, answers) = converse(&fx, &conversations, false);
     for answer in &answers {
         assert_eq!(count_of(answer, "****"), 3, "every column masked:\n{out}");

@@ -62,6 +62,12 @@ pub struct Analysis {
     pub executes: Vec<String>,
     /// Names `DEALLOCATE` drops.
     pub deallocates: Vec<Option<String>>,
+    /// Cursors (portals) `DECLARE` opens.
+    pub declares: Vec<String>,
+    /// Cursors `CLOSE` closes (`None`: `CLOSE ALL`).
+    pub closes: Vec<Option<String>>,
+    /// It copies rows in from the client (`COPY ... FROM STDIN`).
+    pub copies_in: bool,
     /// How many statements the string holds.
     pub statements: usize,
 }
@@ -235,7 +241,9 @@ impl Walk<'_> {
                 let file = !text(node, "filename").is_empty() || node.get("is_program") == Some(&Value::Bool(true));
                 if file {
                     analysis.opaque.push("COPY to or from a server file or program".to_owned());
-                } else if node.get("is_from") != Some(&Value::Bool(true)) {
+                } else if from {
+                    analysis.copies_in = true;
+                } else {
                     analysis.copies_out = true;
                 }
             }
@@ -251,6 +259,19 @@ impl Walk<'_> {
             "DeallocateStmt" => {
                 let name = text(node, "name");
                 analysis.deallocates.push((!name.is_empty()).then(|| name.to_owned()));
+            }
+            "DeclareCursorStmt" => analysis.declares.push(text(node, "portalname").to_owned()),
+            "ClosePortalStmt" => {
+                let name = text(node, "portalname");
+                analysis.closes.push((!name.is_empty()).then(|| name.to_owned()));
+            }
+            // DISCARD ALL drops every prepared statement and closes every cursor.
+            "DiscardStmt"
+                if node.get("target").and_then(Value::as_i64)
+                    == Some(pg_query::protobuf::DiscardMode::DiscardAll as i64) =>
+            {
+                analysis.deallocates.push(None);
+                analysis.closes.push(None);
             }
             "ColumnRef" => {
                 let fields = node.get("fields").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -537,6 +558,23 @@ mod tests {
             Verdict::Refuse(rule) => rule,
             other => panic!("{sql}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn statements_that_name_prepared_statements_and_cursors_say_which() {
+        let of = |sql: &str| analyze(sql).expect("parses");
+        let both = of("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p; DEALLOCATE ALL");
+        assert_eq!(both.prepares, ["p"]);
+        assert_eq!(both.executes, ["p"]);
+        assert_eq!(both.deallocates, [Some("p".to_owned()), None]);
+        let cursors = of("DECLARE c CURSOR WITH HOLD FOR SELECT 1; CLOSE c; CLOSE ALL");
+        assert_eq!(cursors.declares, ["c"]);
+        assert_eq!(cursors.closes, [Some("c".to_owned()), None]);
+        let discard = of("DISCARD ALL");
+        assert_eq!((discard.deallocates, discard.closes), (vec![None], vec![None]));
+        assert!(of("DISCARD PLANS").closes.is_empty());
+        assert!(of("COPY orders FROM STDIN").copies_in);
+        assert!(!of("COPY orders TO STDOUT").copies_in);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!
 //! Responses are matched to what caused them by order: every message sent
 //! upstream that the server answers leaves an [`Expect`] in a queue the
-//! response side reads from.
+//! response side reads from, and what the server skips after an error is
+//! dropped from it by the server's own rules. An answer that does not fit
+//! ends the connection: the proxy would no longer know what runs.
 
 mod catalog;
 mod names;
@@ -29,13 +31,13 @@ use std::{
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf},
     net::TcpStream,
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 use self::{
-    names::{Bound, Change, ChangeId, Lookup, Names, Statement},
+    names::{Bound, Change, ChangeId, Desync, Lookup, Names, Portal, Statement},
     startup::{Opening, Startup, Stream},
     wire::{Fields, Message},
 };
@@ -58,6 +60,10 @@ const REFUSED_MARKER: &str = "tollgate_refused_this_statement";
 
 /// SQLSTATE of a refusal by policy: insufficient_privilege.
 const REFUSED_CODE: &str = "42501";
+
+/// Prepared statements and cursors one string may name: each is looked up
+/// or becomes a change to follow (a bound on the work one message makes).
+const MAX_NAMES_PER_STATEMENT: usize = 64;
 
 /// Why a name is not looked up while the server's answers that decide it are on their way.
 const UNSETTLED: &str = "what it holds depends on messages the server has not answered yet; \
@@ -226,6 +232,7 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
     let (server_read, server_write) = tokio::io::split(server);
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
     let names = Names::default();
+    let (copy_tx, copy_rx) = watch::channel((0, Copying::Over));
     let mut front = Front {
         ctx: &ctx,
         governed: &governed,
@@ -238,6 +245,9 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
         names: &names,
         analyses: AnalysisCache::default(),
         described: None,
+        copy_window: None,
+        copies: 0,
+        copying: copy_rx,
     };
     let mut back = Back {
         ctx: &ctx,
@@ -251,6 +261,8 @@ async fn session(ctx: Arc<ProxyCtx>, governed: Governed, mut client: Stream, sta
         queue: VecDeque::new(),
         plan: None,
         catalog: catalog::Catalog::new(&startup),
+        skipping: false,
+        copying: copy_tx,
     };
     let mut backward = Box::pin(back.run());
     let ended = tokio::select! {
@@ -285,24 +297,42 @@ enum Expect {
     /// A statement's description: `ParameterDescription`, then `RowDescription` or `NoData`.
     DescribeStatement(Option<Arc<Analysis>>),
     /// A portal's description (`swallow`: the proxy asked, not the client).
-    DescribePortal { analysis: Option<Arc<Analysis>>, swallow: bool },
+    DescribePortal {
+        analysis: Option<Arc<Analysis>>,
+        swallow: bool,
+    },
     /// An execution: rows, then its completion.
     Execute(Box<Running>),
     /// A simple query: results until `ReadyForQuery`.
     Query(Box<Running>),
-    /// `ReadyForQuery` after a Sync.
+    /// `ReadyForQuery` after the client's Sync; the server skips to it
+    /// after an error in an extended-protocol message.
     Sync,
-    /// The marker sent for a refused statement: its error is replaced.
+    /// The marker Parse sent for a refused statement: its error is replaced.
     Refused(Box<Refusal>),
+    /// The marker Query sent for a refused Query: its error is replaced,
+    /// and its `ReadyForQuery` ([`Expect::Ready`]) follows.
+    RefusedQuery(Box<Refusal>),
+    Ready,
+}
+
+/// Whether a `COPY ... FROM STDIN` the client started is taking data, by
+/// the copy's number: the server ignores a Sync while it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copying {
+    Active,
+    Over,
 }
 
 /// A statement on its way, with its record.
 struct Running {
     record: ProxyRecord,
     analysis: Option<Arc<Analysis>>,
-    /// What it does to the prepared statements (`PREPARE`, `DEALLOCATE`),
-    /// confirmed when it completes.
+    /// What it does to the prepared statements and cursors (`PREPARE`,
+    /// `DEALLOCATE`, `DECLARE`, `CLOSE`), confirmed when it completes.
     changes: Option<ChangeId>,
+    /// The number of the `COPY ... FROM STDIN` it is.
+    copy: Option<u64>,
     rows: u64,
     masked: u64,
     commands: Vec<String>,
@@ -348,7 +378,17 @@ impl Refusal {
 
 impl Running {
     fn new(record: ProxyRecord, analysis: Option<Arc<Analysis>>) -> Self {
-        Self { record, analysis, changes: None, rows: 0, masked: 0, commands: Vec::new(), error: None, withheld: None }
+        Self {
+            record,
+            analysis,
+            changes: None,
+            copy: None,
+            rows: 0,
+            masked: 0,
+            commands: Vec::new(),
+            error: None,
+            withheld: None,
+        }
     }
 
     /// Writes the record: forwarded (with the server's error, if it failed)
@@ -398,7 +438,7 @@ impl Expect {
     fn abandon(self, ctx: &ProxyCtx, governed: &Governed, why: &str) {
         match self {
             Self::Execute(running) | Self::Query(running) => running.finish(ctx, governed, Some(why)),
-            Self::Refused(refusal) => refusal.finish(ctx, governed),
+            Self::Refused(refusal) | Self::RefusedQuery(refusal) => refusal.finish(ctx, governed),
             _ => {}
         }
     }
@@ -423,6 +463,11 @@ struct Front<'a> {
     analyses: AnalysisCache,
     /// The portal the client's previous message described.
     described: Option<String>,
+    /// The `COPY ... FROM STDIN` sent last, by number, until the client
+    /// ends its data; and what the server's side says of it.
+    copy_window: Option<u64>,
+    copies: u64,
+    copying: watch::Receiver<(u64, Copying)>,
 }
 
 impl Front<'_> {
@@ -437,6 +482,20 @@ impl Front<'_> {
             let described = self.described.take();
             if self.names.crowded() {
                 self.wait_for_answers().await.map_err(|e| format!("the server connection failed: {e}"))?;
+            }
+            if self.copy_window.is_some() && !matches!(message.tag, b'd' | b'c' | b'f' | b'H' | b'X') {
+                let copying = self.copy_state().await.map_err(|e| format!("the server connection failed: {e}"))?;
+                match (copying, message.tag) {
+                    // The server ignores it: it would answer nothing.
+                    (Copying::Active, b'S') => continue,
+                    (Copying::Active, other) => {
+                        return Err(format!(
+                            "message type '{}' during COPY FROM STDIN, which takes only CopyData, CopyDone, CopyFail, Flush and Sync",
+                            char::from(other)
+                        ));
+                    }
+                    (Copying::Over, _) => self.copy_window = None,
+                }
             }
             match message.tag {
                 b'Q' => {
@@ -454,7 +513,11 @@ impl Front<'_> {
                     self.names.end_batch();
                 }
                 // Flush, and the data of a COPY FROM STDIN the rules let start.
-                b'H' | b'd' | b'c' | b'f' => message.write_to(&mut self.outgoing),
+                b'H' | b'd' => message.write_to(&mut self.outgoing),
+                b'c' | b'f' => {
+                    self.copy_window = None;
+                    message.write_to(&mut self.outgoing);
+                }
                 b'X' => return Ok(()),
                 b'F' => {
                     let refusal = Refusal {
@@ -481,6 +544,18 @@ impl Front<'_> {
             self.outgoing.clear();
         }
         self.server.flush().await
+    }
+
+    /// Whether the server takes data for the `COPY ... FROM STDIN` sent
+    /// last: it answers that at once (CopyInResponse or an error, both
+    /// flushed), and the server's side says so.
+    async fn copy_state(&mut self) -> std::io::Result<Copying> {
+        let Some(copy) = self.copy_window else { return Ok(Copying::Over) };
+        self.flush().await?;
+        match self.copying.wait_for(|(number, _)| *number == copy).await {
+            Ok(state) => Ok(state.1),
+            Err(_) => Err(std::io::Error::other("the server's side ended")),
+        }
     }
 
     /// Sends what the client sent so far with a Flush, so the server
@@ -519,6 +594,17 @@ impl Front<'_> {
                 return (normalized, Err(e), verdict);
             }
         };
+        let named = analysis.prepares.len()
+            + analysis.executes.len()
+            + analysis.deallocates.len()
+            + analysis.declares.len()
+            + analysis.closes.len();
+        if named > MAX_NAMES_PER_STATEMENT {
+            let why = format!(
+                "it names {named} prepared statements or cursors; the proxy follows at most {MAX_NAMES_PER_STATEMENT} in one string"
+            );
+            return (normalized, Ok(analysis), Verdict::Refuse(why));
+        }
         if let Some(name) = analysis.prepares.iter().find(|name| self.statement_may_exist(name)) {
             let why = format!("PREPARE {name}: a statement of that name may exist already");
             return (normalized, Ok(analysis), Verdict::Refuse(why));
@@ -553,22 +639,45 @@ impl Front<'_> {
         (normalized, Ok(analysis), verdict)
     }
 
-    /// The SQL-level prepared statements a statement on its way creates
+    /// The prepared statements and cursors a statement on its way creates
     /// and drops, to be confirmed when it completes. SQL's `PREPARE` and
-    /// `DEALLOCATE` share their names with the protocol's prepared statements.
-    fn note_prepared(&mut self, analysis: &Arc<Analysis>) -> Option<ChangeId> {
-        if analysis.deallocates.is_empty() && analysis.prepares.is_empty() {
+    /// `DEALLOCATE` share their names with the protocol's prepared
+    /// statements, `DECLARE` and `CLOSE` with its portals.
+    fn note_names(&mut self, analysis: &Arc<Analysis>) -> Option<ChangeId> {
+        if analysis.deallocates.is_empty()
+            && analysis.prepares.is_empty()
+            && analysis.declares.is_empty()
+            && analysis.closes.is_empty()
+        {
             return None;
         }
         let dropped = analysis.deallocates.iter().map(|name| match name {
             Some(name) => Change::Statement(name.clone(), None),
             None => Change::NoStatements,
         });
+        // Each gets the whole string's analysis: which part is its body is
+        // not worth telling apart, and more is judged, not less.
         let prepared = analysis.prepares.iter().map(|name| {
             let statement = Statement { sql: format!("EXECUTE {name}"), analysis: analysis.clone(), judged: None };
             Change::Statement(name.clone(), Some(Arc::new(statement)))
         });
-        Some(self.names.change(dropped.chain(prepared)))
+        let closed = analysis.closes.iter().map(|name| match name {
+            Some(name) => Change::Portal(name.clone(), None),
+            None => Change::NoPortals,
+        });
+        let declared =
+            analysis.declares.iter().map(|name| Change::Portal(name.clone(), Some(Arc::new(Portal::Cursor))));
+        Some(self.names.change(dropped.chain(prepared).chain(closed).chain(declared)))
+    }
+
+    /// Opens the window of a `COPY ... FROM STDIN` on its way: its number.
+    fn note_copy(&mut self, analysis: &Analysis) -> Option<u64> {
+        if !analysis.copies_in {
+            return None;
+        }
+        self.copies += 1;
+        self.copy_window = Some(self.copies);
+        Some(self.copies)
     }
 
     /// May the server hold a prepared statement under `name`?
@@ -612,8 +721,10 @@ impl Front<'_> {
             // Only a statement that parsed can be held or passed.
             (Err(_), _) => return Ok(()),
         };
-        let mut running = Running::new(record, Some(analysis.clone()));
-        running.changes = self.note_prepared(&analysis);
+        let changes = self.note_names(&analysis);
+        let copy = self.note_copy(&analysis);
+        let mut running = Running::new(record, Some(analysis));
+        (running.changes, running.copy) = (changes, copy);
         self.forward(Expect::Query(Box::new(running)), message);
         Ok(())
     }
@@ -622,10 +733,9 @@ impl Front<'_> {
     /// the server's ReadyForQuery ends it) or a Parse.
     fn send_refusal(&mut self, refusal: Refusal, form: u8) {
         if form == b'Q' {
-            self.send(Expect::Refused(Box::new(refusal)), &wire::query(REFUSED_MARKER));
-            self.send(Expect::Sync, &[]);
+            self.send(Expect::RefusedQuery(Box::new(refusal)), &wire::query(REFUSED_MARKER));
         } else {
-            // A name no client uses: the Parse fails, so it creates nothing.
+            // The Parse fails whatever the name, so it creates nothing.
             self.send(Expect::Refused(Box::new(refusal)), &wire::parse("tollgate_refused", REFUSED_MARKER));
         }
     }
@@ -689,9 +799,9 @@ impl Front<'_> {
         }
         // The server binds the portal to what the name holds now.
         let bound = match self.names.statement(&statement) {
-            Lookup::Known(statement) => Ok(Bound { statement, parameters }),
-            Lookup::Absent => Err("its statement is not one the proxy knows".to_owned()),
-            Lookup::Unsettled => Err(format!("its statement {statement:?}: {UNSETTLED}")),
+            Lookup::Known(statement) => Portal::Bound(Bound { statement, parameters }),
+            Lookup::Absent => Portal::Unjudged("its statement is not one the proxy knows".to_owned()),
+            Lookup::Unsettled => Portal::Unjudged(format!("its statement {statement:?}: {UNSETTLED}")),
         };
         let id = self.names.change([Change::Portal(portal, Some(Arc::new(bound)))]);
         self.forward(Expect::Done(id), message);
@@ -700,33 +810,36 @@ impl Front<'_> {
 
     async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
         let portal = Fields::new(&message.body).cstr("Execute")?;
-        let bound = match self.names.portal(&portal) {
-            Lookup::Known(bound) => bound,
-            Lookup::Absent => {
-                // Not a portal the proxy bound: none (the server says so
-                // itself), or a cursor of SQL's DECLARE, judged then.
-                let record = self.record(None, None);
-                if !self.route.mask.is_empty() {
-                    let expect = Expect::DescribePortal { analysis: None, swallow: true };
-                    self.send(expect, &wire::describe_portal(&portal));
+        let found = self.names.portal(&portal);
+        let bound = match &found {
+            Lookup::Known(known) => match known.as_ref() {
+                Portal::Bound(bound) => Some(bound),
+                Portal::Cursor => None,
+                // What would run cannot be judged.
+                Portal::Unjudged(why) => {
+                    let why = format!("portal {portal:?}: {why}");
+                    self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
+                    return Ok(());
                 }
-                self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
-                return Ok(());
-            }
+            },
+            Lookup::Absent => None,
             Lookup::Unsettled => {
                 let why = format!("portal {portal:?}: {UNSETTLED}");
                 self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
                 return Ok(());
             }
         };
-        let Bound { statement, parameters } = match bound.as_ref() {
-            Ok(bound) => bound,
-            // What would run cannot be judged.
-            Err(why) => {
-                let why = format!("portal {portal:?}: {why}");
-                self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
-                return Ok(());
+        let Some(Bound { statement, parameters }) = bound else {
+            // Not a portal the proxy bound: none (the server says so
+            // itself), or a cursor, whose query was judged at its DECLARE.
+            // Its columns are masked as a query the proxy does not know.
+            let record = self.record(None, None);
+            if !self.route.mask.is_empty() {
+                let expect = Expect::DescribePortal { analysis: None, swallow: true };
+                self.send(expect, &wire::describe_portal(&portal));
             }
+            self.forward(Expect::Execute(Box::new(Running::new(record, None))), message);
+            return Ok(());
         };
         let sql = &statement.sql;
         let (normalized, analysis, verdict) = match &statement.judged {
@@ -771,8 +884,10 @@ impl Front<'_> {
             let expect = Expect::DescribePortal { analysis: Some(analysis.clone()), swallow: true };
             self.send(expect, &wire::describe_portal(&portal));
         }
-        let mut running = Running::new(record, Some(analysis.clone()));
-        running.changes = self.note_prepared(&analysis);
+        let changes = self.note_names(&analysis);
+        let copy = self.note_copy(&analysis);
+        let mut running = Running::new(record, Some(analysis));
+        (running.changes, running.copy) = (changes, copy);
         self.forward(Expect::Execute(Box::new(running)), message);
         Ok(())
     }
@@ -789,7 +904,10 @@ impl Front<'_> {
             Expect::DescribeStatement(analysis)
         } else {
             let analysis = match self.names.portal(&name) {
-                Lookup::Known(portal) => portal.as_ref().as_ref().ok().map(|bound| bound.statement.analysis.clone()),
+                Lookup::Known(portal) => match portal.as_ref() {
+                    Portal::Bound(bound) => Some(bound.statement.analysis.clone()),
+                    Portal::Unjudged(_) | Portal::Cursor => None,
+                },
                 Lookup::Absent | Lookup::Unsettled => None,
             };
             self.described = Some(name);
@@ -935,11 +1053,35 @@ struct Back<'a> {
     queue: VecDeque<Expect>,
     plan: Option<Plan>,
     catalog: catalog::Catalog,
+    /// The server skips everything up to the client's next Sync (an
+    /// extended-protocol message failed) and that Sync is not queued yet:
+    /// what comes meanwhile is dropped as it comes.
+    skipping: bool,
+    /// Tells the client's side whether a COPY FROM STDIN takes data.
+    copying: watch::Sender<(u64, Copying)>,
 }
 
 impl Back<'_> {
     async fn run(&mut self) {
         loop {
+            // While the server skips, it answers nothing until the Sync:
+            // what the client sends meanwhile is settled here as it comes,
+            // so the client's side never waits on it.
+            while self.skipping {
+                tokio::select! {
+                    biased;
+                    arrived = self.reader.fill_buf() => match arrived {
+                        Ok(bytes) if !bytes.is_empty() => break,
+                        _ => return,
+                    },
+                    expect = self.expect.recv() => {
+                        let Some(expect) = expect else { return };
+                        if self.enqueue(expect).is_err() {
+                            return self.desync().await;
+                        }
+                    }
+                }
+            }
             let message = match wire::read(&mut self.reader, wire::MAX_SERVER_MESSAGE).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return,
@@ -948,14 +1090,41 @@ impl Back<'_> {
                     return;
                 }
             };
+            let mut handled = Ok(());
             while let Ok(expect) = self.expect.try_recv() {
-                self.queue.push_back(expect);
+                handled = handled.and_then(|()| self.enqueue(expect));
             }
-            self.handle(message).await;
+            if handled.and(self.handle(message).await).is_err() {
+                return self.desync().await;
+            }
             if self.reader.buffer().is_empty() && self.flush().await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Queues what the server will answer next, or settles it at once when
+    /// the server skips it.
+    fn enqueue(&mut self, expect: Expect) -> Result<(), Desync> {
+        if !self.skipping {
+            self.queue.push_back(expect);
+            return Ok(());
+        }
+        if matches!(expect, Expect::Sync) {
+            self.skipping = false;
+            self.queue.push_back(expect);
+            return Ok(());
+        }
+        self.skip(expect, "skipped: an earlier message of the batch failed")
+    }
+
+    /// The server's answers no longer follow what was sent: the proxy can
+    /// no longer tell what runs, so the connection ends.
+    async fn desync(&mut self) {
+        tracing::warn!(session = %self.governed.session, "the PostgreSQL server's answers do not follow the messages sent; connection closed");
+        let why = "tollgate: the server's answers no longer follow the messages sent; the connection is closed";
+        self.outgoing.extend_from_slice(&wire::fatal("08P01", why));
+        let _ = self.flush().await;
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -977,14 +1146,18 @@ impl Back<'_> {
         }
     }
 
-    async fn handle(&mut self, message: Message) {
+    async fn handle(&mut self, message: Message) -> Result<(), Desync> {
         let (ctx, governed) = (self.ctx, self.governed);
         match message.tag {
             b'1' | b'2' | b'3' => {
-                if let Some(Expect::Done(id)) = self.queue.front() {
-                    self.names.settle(*id, true);
-                    self.queue.pop_front();
-                }
+                let Some(Expect::Done(id)) = self.queue.pop_front() else { return Err(Desync) };
+                self.names.settle(id, true)?;
+                self.pass(&message);
+            }
+            b'G' => {
+                // CopyInResponse: the COPY FROM STDIN takes data now.
+                let Some(copy) = self.running().and_then(|running| running.copy) else { return Err(Desync) };
+                self.copying.send_replace((copy, Copying::Active));
                 self.pass(&message);
             }
             b'T' => {
@@ -1059,9 +1232,7 @@ impl Back<'_> {
                     && let Some(Expect::Execute(running)) = self.queue.pop_front()
                 {
                     // A suspended portal has not completed its statement.
-                    if let Some(id) = running.changes {
-                        self.names.settle(id, message.tag == b'C');
-                    }
+                    self.ended(&running, message.tag == b'C')?;
                     running.finish(ctx, governed, None);
                 }
                 // The next result of a simple query starts afresh.
@@ -1071,19 +1242,20 @@ impl Back<'_> {
                     running.error.get_or_insert(why);
                 }
             }
-            b'E' => self.error(message),
+            b'E' => self.error(message)?,
             b'Z' => {
                 match self.queue.pop_front() {
                     Some(Expect::Query(running)) => {
                         // A failed statement stops the rest of its string:
                         // which of its changes happened is not known.
-                        if let Some(id) = running.changes {
-                            self.names.settle(id, running.error.is_none());
-                        }
+                        self.ended(&running, running.error.is_none())?;
                         running.finish(ctx, governed, None)
                     }
-                    Some(Expect::Sync) | None => {}
-                    Some(other) => self.skip(other, "the server ended the batch before answering"),
+                    Some(Expect::Sync | Expect::Ready) => {}
+                    _ => return Err(Desync),
+                }
+                if message.body.first() == Some(&b'I') {
+                    self.names.end_transaction();
                 }
                 self.plan = None;
                 self.pass(&message);
@@ -1093,6 +1265,19 @@ impl Back<'_> {
                 self.outgoing.extend_from_slice(&wire::frame(b'N', &masked));
             }
             _ => self.pass(&message),
+        }
+        Ok(())
+    }
+
+    /// A statement's answer is complete (`completed`: it ran to its end):
+    /// its changes to the names count or not, and a COPY it was is over.
+    fn ended(&mut self, running: &Running, completed: bool) -> Result<(), Desync> {
+        if let Some(copy) = running.copy {
+            self.copying.send_replace((copy, Copying::Over));
+        }
+        match running.changes {
+            Some(id) => self.names.settle(id, completed),
+            None => Ok(()),
         }
     }
 
@@ -1106,67 +1291,77 @@ impl Back<'_> {
         wire::error_body(&fields)
     }
 
-    fn error(&mut self, message: Message) {
+    fn error(&mut self, message: Message) -> Result<(), Desync> {
         let (ctx, governed) = (self.ctx, self.governed);
         let fields = wire::error_fields(&message.body);
         let text = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|(_, t)| t.clone()).unwrap_or_default();
         let summary = format!("{}: {}", text(b'C'), mask_text(self.route, &text(b'M')).0);
         let masked = self.masked_fields(&message);
+        let refused = |refusal: &Refusal| wire::error(refusal.code, &format!("tollgate: {}", refusal.message), None);
         match self.queue.pop_front() {
             Some(Expect::Refused(refusal)) => {
-                self.outgoing.extend_from_slice(&wire::error(
-                    refusal.code,
-                    &format!("tollgate: {}", refusal.message),
-                    None,
-                ));
+                self.outgoing.extend_from_slice(&refused(&refusal));
                 refusal.finish(ctx, governed);
             }
+            // A simple query's error does not make the server skip: its
+            // ReadyForQuery follows.
+            Some(Expect::RefusedQuery(refusal)) => {
+                self.outgoing.extend_from_slice(&refused(&refusal));
+                refusal.finish(ctx, governed);
+                self.queue.push_front(Expect::Ready);
+                return Ok(());
+            }
             Some(Expect::Query(mut running)) => {
-                // A simple query goes on to its ReadyForQuery.
                 running.error = Some(summary);
                 self.queue.push_front(Expect::Query(running));
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
-                return;
+                return Ok(());
             }
-            Some(Expect::Sync) => {
-                // An error outside any statement (a FATAL before the server closes).
-                self.queue.push_front(Expect::Sync);
+            // An error at a Sync (a commit that fails) or outside any
+            // message (a FATAL before the server closes).
+            Some(waiting @ (Expect::Sync | Expect::Ready)) => {
+                self.queue.push_front(waiting);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
-                return;
+                return Ok(());
+            }
+            None => {
+                self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
+                return Ok(());
             }
             Some(Expect::Execute(mut running)) => {
                 running.error = Some(summary);
-                if let Some(id) = running.changes {
-                    self.names.settle(id, false);
-                }
+                self.ended(&running, false)?;
                 running.finish(ctx, governed, None);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
             }
-            failed => {
+            Some(failed) => {
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
-                if let Some(failed) = failed {
-                    self.skip(failed, "the server failed it");
-                }
+                self.skip(failed, "the server failed it")?;
             }
         }
-        // The server skips the rest of the batch: nothing after this answers until Sync.
+        // An extended-protocol message failed: the server skips everything
+        // up to the client's next Sync, a Query too.
         while let Some(next) = self.queue.front() {
             if matches!(next, Expect::Sync) {
-                break;
+                return Ok(());
             }
             if let Some(skipped) = self.queue.pop_front() {
-                self.skip(skipped, "skipped: an earlier message of the batch failed");
+                self.skip(skipped, "skipped: an earlier message of the batch failed")?;
             }
         }
+        self.skipping = true;
+        Ok(())
     }
 
     /// An answer that will not come (or an error in its place): what the
     /// message would have changed did not happen, and its record is written.
-    fn skip(&mut self, expect: Expect, why: &str) {
-        if let Some(id) = expect.change() {
-            self.names.settle(id, false);
-        }
+    fn skip(&mut self, expect: Expect, why: &str) -> Result<(), Desync> {
+        let ended = match &expect {
+            Expect::Execute(running) | Expect::Query(running) => self.ended(running, false),
+            other => other.change().map_or(Ok(()), |id| self.names.settle(id, false)),
+        };
         expect.abandon(self.ctx, self.governed, why);
+        ended
     }
 
     /// The masking plan for a result's columns (`RowDescription`).

@@ -18,6 +18,10 @@
 //! message only if everything before it in its batch succeeded; those of
 //! earlier batches may or may not have happened, and a name they leave
 //! with more than one possible statement is [`Lookup::Unsettled`].
+//!
+//! The server's side settles changes in the order they were made, as its
+//! answers come in that order; an answer out of that order means the proxy
+//! no longer knows what the server does ([`Desync`]).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -51,9 +55,16 @@ pub struct Bound {
     pub parameters: Vec<String>,
 }
 
-/// A portal: what it runs, or why the proxy cannot tell (it was bound to a
-/// statement the proxy did not know).
-pub type Portal = Result<Bound, String>;
+/// A portal (a cursor, in SQL's words).
+#[derive(Debug)]
+pub enum Portal {
+    /// Bound by the protocol to a statement the proxy judged.
+    Bound(Bound),
+    /// Bound to a statement the proxy could not tell, and why: not run.
+    Unjudged(String),
+    /// Opened by SQL's `DECLARE`, whose query was judged then.
+    Cursor,
+}
 
 /// A change to the server's names, made when a message that makes it is
 /// sent and applied when the server confirms it.
@@ -63,8 +74,10 @@ pub enum Change {
     Statement(String, Option<Arc<Statement>>),
     /// `DEALLOCATE ALL`: every named statement dropped (not the unnamed).
     NoStatements,
-    /// A portal bound (`Some`) or closed (`None`).
+    /// A portal bound or declared (`Some`), or closed (`None`).
     Portal(String, Option<Arc<Portal>>),
+    /// `CLOSE ALL`: every portal closed.
+    NoPortals,
 }
 
 /// Which sent message a change waits on the answer of.
@@ -95,10 +108,10 @@ struct State {
     statements: HashMap<String, Arc<Statement>>,
     portals: HashMap<String, Arc<Portal>>,
     pending: VecDeque<Pending>,
-    next: u64,
+    next_id: u64,
     /// The client's current batch (counts Syncs, and Queries, whose own
     /// failures do not stop what follows).
-    batch: u64,
+    current_batch: u64,
 }
 
 #[derive(Debug)]
@@ -117,16 +130,16 @@ impl Names {
     /// Changes one sent message makes, all confirmed or dropped together.
     pub fn change(&self, changes: impl IntoIterator<Item = Change>) -> ChangeId {
         let mut state = self.state();
-        let id = ChangeId(state.next);
-        state.next += 1;
-        let batch = state.batch;
+        let id = ChangeId(state.next_id);
+        state.next_id += 1;
+        let batch = state.current_batch;
         state.pending.extend(changes.into_iter().map(|change| Pending { id, batch, change }));
         id
     }
 
     /// The messages sent from now on are a new batch.
     pub fn end_batch(&self) {
-        self.state().batch += 1;
+        self.state().current_batch += 1;
     }
 
     /// Are there more changes on their way than lookups should read?
@@ -140,36 +153,60 @@ impl Names {
     }
 
     /// The server answered the message that made change `id` (`confirmed`:
-    /// it succeeded) or skipped it. Changes before `id` not yet settled
-    /// were skipped: dropping one only makes the proxy know less.
-    pub fn settle(&self, id: ChangeId, confirmed: bool) {
+    /// it succeeded) or skipped it.
+    pub fn settle(&self, id: ChangeId, confirmed: bool) -> Result<(), Desync> {
         let mut state = self.state();
-        while state.pending.front().is_some_and(|pending| pending.id <= id) {
+        if state.pending.front().is_some_and(|pending| pending.id < id) {
+            // An earlier change unanswered: were it dropped, a name it
+            // replaced would keep what the server no longer holds.
+            return Err(Desync);
+        }
+        while state.pending.front().is_some_and(|pending| pending.id == id) {
             let Some(pending) = state.pending.pop_front() else { break };
-            if confirmed && pending.id == id {
+            if confirmed {
                 state.apply(pending.change);
             }
         }
         drop(state);
         self.settled.notify_one();
+        Ok(())
+    }
+
+    /// The server's transaction ended (ReadyForQuery, idle): the portals
+    /// bound in it are gone, a `WITH HOLD` cursor is known no better than
+    /// one the proxy did not see, and neither is taken for a bound portal.
+    pub fn end_transaction(&self) {
+        self.state().portals.clear();
     }
 
     pub fn statement(&self, name: &str) -> Lookup<Statement> {
         let state = self.state();
         state.lookup(state.statements.get(name), |change| match change {
-            Change::Statement(changed, statement) if changed == name => Some(statement.as_ref()),
-            Change::NoStatements if !name.is_empty() => Some(None),
-            _ => None,
+            Change::Statement(changed, statement) if changed == name => Touch::Leaves(statement.as_ref()),
+            Change::NoStatements if !name.is_empty() => Touch::Leaves(None),
+            _ => Touch::Untouched,
         })
     }
 
     pub fn portal(&self, name: &str) -> Lookup<Portal> {
         let state = self.state();
         state.lookup(state.portals.get(name), |change| match change {
-            Change::Portal(changed, portal) if changed == name => Some(portal.as_ref()),
-            _ => None,
+            Change::Portal(changed, portal) if changed == name => Touch::Leaves(portal.as_ref()),
+            Change::NoPortals => Touch::Leaves(None),
+            _ => Touch::Untouched,
         })
     }
+}
+
+/// The server's answers no longer follow the messages sent.
+#[derive(Debug)]
+pub struct Desync;
+
+/// What a change does to one name.
+enum Touch<'s, T> {
+    Untouched,
+    /// The name holds this afterwards (`None`: nothing).
+    Leaves(Option<&'s Arc<T>>),
 }
 
 impl State {
@@ -188,6 +225,7 @@ impl State {
             Change::Portal(name, None) => {
                 self.portals.remove(&name);
             }
+            Change::NoPortals => self.portals.clear(),
         }
     }
 
@@ -196,18 +234,22 @@ impl State {
     fn lookup<'s, T>(
         &'s self,
         confirmed: Option<&'s Arc<T>>,
-        touches: impl Fn(&'s Change) -> Option<Option<&'s Arc<T>>>,
+        touches: impl Fn(&'s Change) -> Touch<'s, T>,
     ) -> Lookup<T> {
-        let mut touched = self.pending.iter().rev().filter_map(|p| Some((p.batch, touches(&p.change)?)));
+        let mut touched = self.pending.iter().rev().filter_map(|p| match touches(&p.change) {
+            Touch::Leaves(held) => Some((p.batch, held)),
+            Touch::Untouched => None,
+        });
         let Some((batch, latest)) = touched.next() else {
             return confirmed.map_or(Lookup::Absent, |known| Lookup::Known(known.clone()));
         };
-        if batch == self.batch {
+        if batch == self.current_batch {
             // The server runs the message being judged only if the rest of
             // its batch, this change too, succeeded.
             return latest.map_or(Lookup::Absent, |known| Lookup::Known(known.clone()));
         }
-        // Any of these may be what the name holds; none means nothing runs.
+        // Any of these may be what the name holds. Nothing is no rival:
+        // what is not there runs nothing.
         let mut possible = std::iter::once(latest).chain(touched.map(|(_, held)| held)).chain([confirmed]).flatten();
         let Some(first) = possible.next() else { return Lookup::Absent };
         if possible.all(|other| Arc::ptr_eq(first, other)) { Lookup::Known(first.clone()) } else { Lookup::Unsettled }
@@ -236,14 +278,14 @@ mod tests {
         let delete = names.change([Change::Statement("s".into(), Some(statement("DELETE")))]);
         assert_eq!(known_sql(names.statement("s")).as_deref(), Some("DELETE"), "certain within its batch");
         names.end_batch();
-        names.settle(delete, true);
+        names.settle(delete, true).expect("in order");
         // A batch that fails: its DEALLOCATE and its Parse never happen.
         let dropped = names.change([Change::Statement("s".into(), None)]);
         let replaced = names.change([Change::Statement("s".into(), Some(statement("SELECT 1")))]);
         names.end_batch();
         assert_eq!(known_sql(names.statement("s")).as_deref(), Some("unsettled"), "DELETE or SELECT 1");
-        names.settle(dropped, false);
-        names.settle(replaced, false);
+        names.settle(dropped, false).expect("in order");
+        names.settle(replaced, false).expect("in order");
         assert_eq!(known_sql(names.statement("s")).as_deref(), Some("DELETE"));
     }
 
@@ -253,7 +295,7 @@ mod tests {
         let select = statement("SELECT 1");
         let first = names.change([Change::Statement("s".into(), Some(select.clone()))]);
         names.end_batch();
-        names.settle(first, true);
+        names.settle(first, true).expect("in order");
         names.change([Change::Statement("s".into(), None)]);
         names.change([Change::Statement("s".into(), Some(select))]);
         names.end_batch();
@@ -267,14 +309,31 @@ mod tests {
     }
 
     #[test]
-    fn settling_a_later_change_drops_the_earlier_ones_never_answered() {
+    fn a_cursor_rivals_a_bound_portal_and_a_transaction_end_forgets_both() {
+        let names = Names::default();
+        let bound = Portal::Bound(Bound { statement: statement("SELECT 1"), parameters: Vec::new() });
+        let bind = names.change([Change::Portal("p".into(), Some(Arc::new(bound)))]);
+        names.end_batch();
+        names.settle(bind, true).expect("in order");
+        let declare = names.change([Change::Portal("p".into(), Some(Arc::new(Portal::Cursor)))]);
+        names.end_batch();
+        assert!(matches!(names.portal("p"), Lookup::Unsettled), "the bound statement or the cursor");
+        names.settle(declare, true).expect("in order");
+        assert!(matches!(names.portal("p"), Lookup::Known(cursor) if matches!(*cursor, Portal::Cursor)));
+        names.end_transaction();
+        assert!(matches!(names.portal("p"), Lookup::Absent));
+        names.change([Change::Portal("q".into(), Some(Arc::new(Portal::Cursor)))]);
+        names.change([Change::NoPortals]);
+        assert!(matches!(names.portal("q"), Lookup::Absent), "CLOSE ALL, in the same batch");
+    }
+
+    #[test]
+    fn an_answer_out_of_order_is_a_desync() {
         let names = Names::default();
         names.change([Change::Statement("a".into(), Some(statement("SELECT a")))]);
         let later = names.change([Change::Statement("b".into(), Some(statement("SELECT b")))]);
         names.end_batch();
-        names.settle(later, true);
-        assert_eq!(known_sql(names.statement("a")), None);
-        assert_eq!(known_sql(names.statement("b")).as_deref(), Some("SELECT b"));
+        assert!(names.settle(later, true).is_err());
         assert!(!names.crowded());
     }
 }
