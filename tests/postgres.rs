@@ -421,6 +421,10 @@ mod message {
         framed(b'C', &[b"S".to_vec(), strings(&[name])].concat())
     }
 
+    pub fn describe_portal(name: &str) -> String {
+        framed(b'D', &[b"P".to_vec(), strings(&[name])].concat())
+    }
+
     pub fn flush() -> String {
         framed(b'H', &[])
     }
@@ -667,6 +671,41 @@ fn answers_are_matched_to_what_was_sent_whatever_the_server_skips() {
         ],
         // Names to follow in one string are bounded.
         vec![('1', query(&"DEALLOCATE x; ".repeat(65)))],
+        // Running a statement of SQL's PREPARE does not replay what the
+        // rest of its string did (CLOSE ALL would have the proxy forget p).
+        vec![
+            ('1', query("PREPARE x AS SELECT 1; CLOSE ALL")),
+            (
+                '1',
+                parse("d", "DELETE FROM orders WHERE id = 1")
+                    + &bind("p", "d")
+                    + &bind("q", "x")
+                    + &execute("q")
+                    + &execute("p")
+                    + &sync(),
+            ),
+        ],
+        // A second COPY in the string would need its own window.
+        vec![('1', query("COPY orders FROM STDIN; COPY orders FROM STDIN"))],
+        // A WITH HOLD cursor outlives its transaction; a Bind of its name
+        // fails while the proxy waits for the answer.
+        vec![
+            ('1', query("DECLARE h CURSOR WITH HOLD FOR SELECT lower(email) AS x FROM users")),
+            (
+                '2',
+                parse("t", "SELECT 1 AS x")
+                    + &bind("h", "t")
+                    + &sync()
+                    + &describe_portal("h")
+                    + &execute("h")
+                    + &sync(),
+            ),
+        ],
+        // A string that failed after its PREPARE: the statement exists.
+        vec![
+            ('1', query("PREPARE y AS SELECT lower(email) FROM users; SELECT 1/0")),
+            ('2', parse("y", "SELECT 1") + &sync() + &query("EXECUTE y")),
+        ],
     ];
     let (out, answers) = converse(&fx, &conversations, false);
     for held in [&answers[0], &answers[1], &answers[2]] {
@@ -676,6 +715,10 @@ fn answers_are_matched_to_what_was_sent_whatever_the_server_skips() {
     assert!(answers[3].contains("still here"), "{out}");
     assert!(answers[4].contains("****") && answers[5].contains("****"), "the cursor's rows, masked:\n{out}");
     assert!(answers[6].contains("it names 65 prepared statements or cursors"), "{out}");
+    assert!(answers[7].contains("nobody approved"), "the DELETE was judged:\n{out}");
+    assert!(answers[8].contains("more than one COPY FROM STDIN"), "{out}");
+    assert!(answers[9].contains("****") || answers[9].contains("not answered yet"), "{out}");
+    assert!(answers[10].contains("may exist already") && answers[10].contains("****"), "{out}");
     for answer in &answers {
         assert!(!answer.contains("no longer follow"), "{out}");
     }

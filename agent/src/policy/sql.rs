@@ -66,8 +66,8 @@ pub struct Analysis {
     pub declares: Vec<String>,
     /// Cursors `CLOSE` closes (`None`: `CLOSE ALL`).
     pub closes: Vec<Option<String>>,
-    /// It copies rows in from the client (`COPY ... FROM STDIN`).
-    pub copies_in: bool,
+    /// How many times it copies rows in from the client (`COPY ... FROM STDIN`).
+    pub copies_in: usize,
     /// How many statements the string holds.
     pub statements: usize,
 }
@@ -242,7 +242,7 @@ impl Walk<'_> {
                 if file {
                     analysis.opaque.push("COPY to or from a server file or program".to_owned());
                 } else if from {
-                    analysis.copies_in = true;
+                    analysis.copies_in += 1;
                 } else {
                     analysis.copies_out = true;
                 }
@@ -573,8 +573,8 @@ mod tests {
         let discard = of("DISCARD ALL");
         assert_eq!((discard.deallocates, discard.closes), (vec![None], vec![None]));
         assert!(of("DISCARD PLANS").closes.is_empty());
-        assert!(of("COPY orders FROM STDIN").copies_in);
-        assert!(!of("COPY orders TO STDOUT").copies_in);
+        assert_eq!(of("COPY orders FROM STDIN; COPY users FROM STDIN").copies_in, 2);
+        assert_eq!(of("COPY orders TO STDOUT").copies_in, 0);
     }
 
     #[test]

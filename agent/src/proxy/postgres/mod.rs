@@ -37,7 +37,7 @@ use tokio::{
 };
 
 use self::{
-    names::{Bound, Change, ChangeId, Desync, Lookup, Names, Portal, Statement},
+    names::{Bound, Change, ChangeId, Desync, Lookup, Names, Outcome, Portal, Statement},
     startup::{Opening, Startup, Stream},
     wire::{Fields, Message},
 };
@@ -297,10 +297,7 @@ enum Expect {
     /// A statement's description: `ParameterDescription`, then `RowDescription` or `NoData`.
     DescribeStatement(Option<Arc<Analysis>>),
     /// A portal's description (`swallow`: the proxy asked, not the client).
-    DescribePortal {
-        analysis: Option<Arc<Analysis>>,
-        swallow: bool,
-    },
+    DescribePortal { analysis: Option<Arc<Analysis>>, swallow: bool },
     /// An execution: rows, then its completion.
     Execute(Box<Running>),
     /// A simple query: results until `ReadyForQuery`.
@@ -313,6 +310,7 @@ enum Expect {
     /// The marker Query sent for a refused Query: its error is replaced,
     /// and its `ReadyForQuery` ([`Expect::Ready`]) follows.
     RefusedQuery(Box<Refusal>),
+    /// The `ReadyForQuery` that ends a refused Query.
     Ready,
 }
 
@@ -466,6 +464,7 @@ struct Front<'a> {
     /// The `COPY ... FROM STDIN` sent last, by number, until the client
     /// ends its data; and what the server's side says of it.
     copy_window: Option<u64>,
+    /// COPY FROM STDIN statements sent so far (their numbers).
     copies: u64,
     copying: watch::Receiver<(u64, Copying)>,
 }
@@ -605,8 +604,20 @@ impl Front<'_> {
             );
             return (normalized, Ok(analysis), Verdict::Refuse(why));
         }
+        // The server would refuse a name in use and keep what it holds;
+        // the proxy must know what that is.
         if let Some(name) = analysis.prepares.iter().find(|name| self.statement_may_exist(name)) {
             let why = format!("PREPARE {name}: a statement of that name may exist already");
+            return (normalized, Ok(analysis), Verdict::Refuse(why));
+        }
+        if let Some(name) = analysis.declares.iter().find(|name| !matches!(self.names.portal(name), Lookup::Absent)) {
+            let why = format!("DECLARE {name}: a portal of that name may exist already");
+            return (normalized, Ok(analysis), Verdict::Refuse(why));
+        }
+        // The client's side tells one copy's data from the next's only by
+        // the CopyDone that ends it.
+        if analysis.copies_in > 1 {
+            let why = "more than one COPY FROM STDIN in one string".to_owned();
             return (normalized, Ok(analysis), Verdict::Refuse(why));
         }
         if analysis.executes.is_empty() {
@@ -655,11 +666,24 @@ impl Front<'_> {
             Some(name) => Change::Statement(name.clone(), None),
             None => Change::NoStatements,
         });
-        // Each gets the whole string's analysis: which part is its body is
-        // not worth telling apart, and more is judged, not less.
-        let prepared = analysis.prepares.iter().map(|name| {
-            let statement = Statement { sql: format!("EXECUTE {name}"), analysis: analysis.clone(), judged: None };
-            Change::Statement(name.clone(), Some(Arc::new(statement)))
+        // Each is judged by the whole string's reads and writes (which part
+        // is its body is not told apart), but a body names no prepared
+        // statement or cursor and copies nothing in: running it must not
+        // replay what the rest of the string does to names.
+        let body = (!analysis.prepares.is_empty()).then(|| {
+            Arc::new(Analysis {
+                prepares: Vec::new(),
+                executes: Vec::new(),
+                deallocates: Vec::new(),
+                declares: Vec::new(),
+                closes: Vec::new(),
+                copies_in: 0,
+                ..Analysis::clone(analysis)
+            })
+        });
+        let prepared = analysis.prepares.iter().filter_map(|name| {
+            let statement = Statement { sql: format!("EXECUTE {name}"), analysis: body.clone()?, judged: None };
+            Some(Change::Statement(name.clone(), Some(Arc::new(statement))))
         });
         let closed = analysis.closes.iter().map(|name| match name {
             Some(name) => Change::Portal(name.clone(), None),
@@ -670,9 +694,19 @@ impl Front<'_> {
         Some(self.names.change(dropped.chain(prepared).chain(closed).chain(declared)))
     }
 
+    /// A statement let through, with what it does to names and whether it
+    /// is a COPY taking data.
+    fn on_its_way(&mut self, record: ProxyRecord, analysis: Arc<Analysis>) -> Box<Running> {
+        let changes = self.note_names(&analysis);
+        let copy = self.note_copy(&analysis);
+        let mut running = Running::new(record, Some(analysis));
+        (running.changes, running.copy) = (changes, copy);
+        Box::new(running)
+    }
+
     /// Opens the window of a `COPY ... FROM STDIN` on its way: its number.
     fn note_copy(&mut self, analysis: &Analysis) -> Option<u64> {
-        if !analysis.copies_in {
+        if analysis.copies_in == 0 {
             return None;
         }
         self.copies += 1;
@@ -721,11 +755,8 @@ impl Front<'_> {
             // Only a statement that parsed can be held or passed.
             (Err(_), _) => return Ok(()),
         };
-        let changes = self.note_names(&analysis);
-        let copy = self.note_copy(&analysis);
-        let mut running = Running::new(record, Some(analysis));
-        (running.changes, running.copy) = (changes, copy);
-        self.forward(Expect::Query(Box::new(running)), message);
+        let running = self.on_its_way(record, analysis);
+        self.forward(Expect::Query(running), message);
         Ok(())
     }
 
@@ -813,18 +844,18 @@ impl Front<'_> {
         let found = self.names.portal(&portal);
         let bound = match &found {
             Lookup::Known(known) => match known.as_ref() {
-                Portal::Bound(bound) => Some(bound),
-                Portal::Cursor => None,
-                // What would run cannot be judged.
-                Portal::Unjudged(why) => {
-                    let why = format!("portal {portal:?}: {why}");
-                    self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
-                    return Ok(());
-                }
+                Portal::Bound(bound) => Ok(Some(bound)),
+                Portal::Cursor => Ok(None),
+                Portal::Unjudged(why) => Err(why.as_str()),
             },
-            Lookup::Absent => None,
-            Lookup::Unsettled => {
-                let why = format!("portal {portal:?}: {UNSETTLED}");
+            Lookup::Absent => Ok(None),
+            Lookup::Unsettled => Err(UNSETTLED),
+        };
+        let bound = match bound {
+            Ok(bound) => bound,
+            // What would run cannot be judged.
+            Err(why) => {
+                let why = format!("portal {portal:?}: {why}");
                 self.send_refusal(Refusal::of_statement(self.record(None, None), true, why), b'P');
                 return Ok(());
             }
@@ -884,11 +915,8 @@ impl Front<'_> {
             let expect = Expect::DescribePortal { analysis: Some(analysis.clone()), swallow: true };
             self.send(expect, &wire::describe_portal(&portal));
         }
-        let changes = self.note_names(&analysis);
-        let copy = self.note_copy(&analysis);
-        let mut running = Running::new(record, Some(analysis));
-        (running.changes, running.copy) = (changes, copy);
-        self.forward(Expect::Execute(Box::new(running)), message);
+        let running = self.on_its_way(record, analysis);
+        self.forward(Expect::Execute(running), message);
         Ok(())
     }
 
@@ -1094,7 +1122,7 @@ impl Back<'_> {
             while let Ok(expect) = self.expect.try_recv() {
                 handled = handled.and_then(|()| self.enqueue(expect));
             }
-            if handled.and(self.handle(message).await).is_err() {
+            if handled.is_err() || self.handle(message).await.is_err() {
                 return self.desync().await;
             }
             if self.reader.buffer().is_empty() && self.flush().await.is_err() {
@@ -1151,7 +1179,7 @@ impl Back<'_> {
         match message.tag {
             b'1' | b'2' | b'3' => {
                 let Some(Expect::Done(id)) = self.queue.pop_front() else { return Err(Desync) };
-                self.names.settle(id, true)?;
+                self.names.settle(id, Outcome::Ran)?;
                 self.pass(&message);
             }
             b'G' => {
@@ -1160,7 +1188,14 @@ impl Back<'_> {
                 self.copying.send_replace((copy, Copying::Active));
                 self.pass(&message);
             }
+            b't' => {
+                self.fits(|front| matches!(front, Expect::DescribeStatement(_)))?;
+                self.pass(&message);
+            }
             b'T' => {
+                self.fits(|front| {
+                    matches!(front, Expect::DescribeStatement(_) | Expect::DescribePortal { .. } | Expect::Query(_))
+                })?;
                 let (analysis, swallow) = match self.queue.front() {
                     Some(Expect::DescribeStatement(analysis)) => (analysis.clone(), false),
                     Some(Expect::DescribePortal { analysis, swallow }) => (analysis.clone(), *swallow),
@@ -1176,6 +1211,7 @@ impl Back<'_> {
                 }
             }
             b'n' => {
+                self.fits(|front| matches!(front, Expect::DescribeStatement(_) | Expect::DescribePortal { .. }))?;
                 let swallow = matches!(self.queue.front(), Some(Expect::DescribePortal { swallow: true, .. }));
                 if matches!(self.queue.front(), Some(Expect::DescribeStatement(_) | Expect::DescribePortal { .. })) {
                     self.queue.pop_front();
@@ -1186,6 +1222,7 @@ impl Back<'_> {
                 }
             }
             b'D' => {
+                self.fits(|front| matches!(front, Expect::Execute(_) | Expect::Query(_)))?;
                 let refused = self.plan.as_ref().and_then(Plan::refused_column).map(str::to_owned);
                 let masked = match (&self.plan, &refused) {
                     (Some(plan), None) => plan.mask(self.route, &message.body),
@@ -1214,6 +1251,11 @@ impl Back<'_> {
                 }
             }
             b'C' | b'I' | b's' => {
+                self.fits(|front| match front {
+                    Expect::Execute(_) => true,
+                    Expect::Query(_) => message.tag != b's',
+                    _ => false,
+                })?;
                 let command =
                     String::from_utf8_lossy(message.body.strip_suffix(b"\0").unwrap_or(&message.body)).into_owned();
                 let withheld = self.running().and_then(|r| r.withheld.clone());
@@ -1232,7 +1274,8 @@ impl Back<'_> {
                     && let Some(Expect::Execute(running)) = self.queue.pop_front()
                 {
                     // A suspended portal has not completed its statement.
-                    self.ended(&running, message.tag == b'C')?;
+                    let outcome = if message.tag == b's' { Outcome::Skipped } else { Outcome::Ran };
+                    self.ended(&running, outcome)?;
                     running.finish(ctx, governed, None);
                 }
                 // The next result of a simple query starts afresh.
@@ -1248,7 +1291,8 @@ impl Back<'_> {
                     Some(Expect::Query(running)) => {
                         // A failed statement stops the rest of its string:
                         // which of its changes happened is not known.
-                        self.ended(&running, running.error.is_none())?;
+                        let outcome = if running.error.is_none() { Outcome::Ran } else { Outcome::Failed };
+                        self.ended(&running, outcome)?;
                         running.finish(ctx, governed, None)
                     }
                     Some(Expect::Sync | Expect::Ready) => {}
@@ -1269,14 +1313,19 @@ impl Back<'_> {
         Ok(())
     }
 
-    /// A statement's answer is complete (`completed`: it ran to its end):
-    /// its changes to the names count or not, and a COPY it was is over.
-    fn ended(&mut self, running: &Running, completed: bool) -> Result<(), Desync> {
+    /// Does the answer come where the queue says one of its kind may?
+    fn fits(&self, fits: impl Fn(&Expect) -> bool) -> Result<(), Desync> {
+        if self.queue.front().is_some_and(fits) { Ok(()) } else { Err(Desync) }
+    }
+
+    /// A statement's answer is complete: its changes to the names count as
+    /// the outcome says, and a COPY it was is over.
+    fn ended(&mut self, running: &Running, outcome: Outcome) -> Result<(), Desync> {
         if let Some(copy) = running.copy {
             self.copying.send_replace((copy, Copying::Over));
         }
         match running.changes {
-            Some(id) => self.names.settle(id, completed),
+            Some(id) => self.names.settle(id, outcome),
             None => Ok(()),
         }
     }
@@ -1330,7 +1379,7 @@ impl Back<'_> {
             }
             Some(Expect::Execute(mut running)) => {
                 running.error = Some(summary);
-                self.ended(&running, false)?;
+                self.ended(&running, Outcome::Skipped)?;
                 running.finish(ctx, governed, None);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
             }
@@ -1357,8 +1406,8 @@ impl Back<'_> {
     /// message would have changed did not happen, and its record is written.
     fn skip(&mut self, expect: Expect, why: &str) -> Result<(), Desync> {
         let ended = match &expect {
-            Expect::Execute(running) | Expect::Query(running) => self.ended(running, false),
-            other => other.change().map_or(Ok(()), |id| self.names.settle(id, false)),
+            Expect::Execute(running) | Expect::Query(running) => self.ended(running, Outcome::Skipped),
+            other => other.change().map_or(Ok(()), |id| self.names.settle(id, Outcome::Skipped)),
         };
         expect.abandon(self.ctx, self.governed, why);
         ended

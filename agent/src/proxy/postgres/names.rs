@@ -7,10 +7,13 @@
 //! a Parse of a name in use, skips every message after an error until the
 //! next Sync (a Query, `DEALLOCATE` in it, included), and stops a Query's
 //! statements at the first that fails. So a change is applied only when
-//! the server's answer confirms it, and dropped otherwise. Whatever is
-//! dropped, the proxy never believes a name holds a statement the server
-//! does not run under it: a name the proxy knows holds what the proxy
-//! judged, or nothing at all.
+//! the server's answer confirms it, and dropped otherwise; of a string of
+//! statements that failed part way, what it created counts and what it
+//! dropped does not (the proxy lets it create only names it knows free).
+//! So a name the proxy knows holds what the proxy judged, or nothing at all.
+//! The one way past this is a function that runs `PREPARE` or opens a
+//! cursor as dynamic SQL; a function the rules let run can as well change
+//! data itself.
 //!
 //! The client may send on before the answers come. A message's lookup then
 //! also sees the changes still on their way: those of its own batch (the
@@ -78,6 +81,18 @@ pub enum Change {
     Portal(String, Option<Arc<Portal>>),
     /// `CLOSE ALL`: every portal closed.
     NoPortals,
+}
+
+/// What the server did with a message that makes changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It ran: every change counts.
+    Ran,
+    /// A string of statements failed part way: what it created may exist,
+    /// what it dropped may not be gone.
+    Failed,
+    /// It failed, or the server skipped it: nothing changed.
+    Skipped,
 }
 
 /// Which sent message a change waits on the answer of.
@@ -152,9 +167,8 @@ impl Names {
         self.settled.notified().await;
     }
 
-    /// The server answered the message that made change `id` (`confirmed`:
-    /// it succeeded) or skipped it.
-    pub fn settle(&self, id: ChangeId, confirmed: bool) -> Result<(), Desync> {
+    /// The server answered the message that made change `id`, or skipped it.
+    pub fn settle(&self, id: ChangeId, outcome: Outcome) -> Result<(), Desync> {
         let mut state = self.state();
         if state.pending.front().is_some_and(|pending| pending.id < id) {
             // An earlier change unanswered: were it dropped, a name it
@@ -163,7 +177,8 @@ impl Names {
         }
         while state.pending.front().is_some_and(|pending| pending.id == id) {
             let Some(pending) = state.pending.pop_front() else { break };
-            if confirmed {
+            let creates = matches!(pending.change, Change::Statement(_, Some(_)) | Change::Portal(_, Some(_)));
+            if outcome == Outcome::Ran || (outcome == Outcome::Failed && creates) {
                 state.apply(pending.change);
             }
         }
@@ -173,10 +188,10 @@ impl Names {
     }
 
     /// The server's transaction ended (ReadyForQuery, idle): the portals
-    /// bound in it are gone, a `WITH HOLD` cursor is known no better than
-    /// one the proxy did not see, and neither is taken for a bound portal.
+    /// the protocol bound in it are gone. A cursor stays known as one: it
+    /// may have been declared `WITH HOLD`.
     pub fn end_transaction(&self) {
-        self.state().portals.clear();
+        self.state().portals.retain(|_, portal| matches!(portal.as_ref(), Portal::Cursor));
     }
 
     pub fn statement(&self, name: &str) -> Lookup<Statement> {
@@ -248,8 +263,9 @@ impl State {
             // its batch, this change too, succeeded.
             return latest.map_or(Lookup::Absent, |known| Lookup::Known(known.clone()));
         }
-        // Any of these may be what the name holds. Nothing is no rival:
-        // what is not there runs nothing.
+        // Any of these may be what the name holds. Nothing is no rival: a
+        // statement that is not there runs nothing, and a portal the proxy
+        // does not know is no bound one (see the module's notes).
         let mut possible = std::iter::once(latest).chain(touched.map(|(_, held)| held)).chain([confirmed]).flatten();
         let Some(first) = possible.next() else { return Lookup::Absent };
         if possible.all(|other| Arc::ptr_eq(first, other)) { Lookup::Known(first.clone()) } else { Lookup::Unsettled }
@@ -278,14 +294,14 @@ mod tests {
         let delete = names.change([Change::Statement("s".into(), Some(statement("DELETE")))]);
         assert_eq!(known_sql(names.statement("s")).as_deref(), Some("DELETE"), "certain within its batch");
         names.end_batch();
-        names.settle(delete, true).expect("in order");
+        names.settle(delete, Outcome::Ran).expect("in order");
         // A batch that fails: its DEALLOCATE and its Parse never happen.
         let dropped = names.change([Change::Statement("s".into(), None)]);
         let replaced = names.change([Change::Statement("s".into(), Some(statement("SELECT 1")))]);
         names.end_batch();
         assert_eq!(known_sql(names.statement("s")).as_deref(), Some("unsettled"), "DELETE or SELECT 1");
-        names.settle(dropped, false).expect("in order");
-        names.settle(replaced, false).expect("in order");
+        names.settle(dropped, Outcome::Skipped).expect("in order");
+        names.settle(replaced, Outcome::Skipped).expect("in order");
         assert_eq!(known_sql(names.statement("s")).as_deref(), Some("DELETE"));
     }
 
@@ -295,7 +311,7 @@ mod tests {
         let select = statement("SELECT 1");
         let first = names.change([Change::Statement("s".into(), Some(select.clone()))]);
         names.end_batch();
-        names.settle(first, true).expect("in order");
+        names.settle(first, Outcome::Ran).expect("in order");
         names.change([Change::Statement("s".into(), None)]);
         names.change([Change::Statement("s".into(), Some(select))]);
         names.end_batch();
@@ -314,17 +330,39 @@ mod tests {
         let bound = Portal::Bound(Bound { statement: statement("SELECT 1"), parameters: Vec::new() });
         let bind = names.change([Change::Portal("p".into(), Some(Arc::new(bound)))]);
         names.end_batch();
-        names.settle(bind, true).expect("in order");
+        names.settle(bind, Outcome::Ran).expect("in order");
         let declare = names.change([Change::Portal("p".into(), Some(Arc::new(Portal::Cursor)))]);
         names.end_batch();
         assert!(matches!(names.portal("p"), Lookup::Unsettled), "the bound statement or the cursor");
-        names.settle(declare, true).expect("in order");
+        names.settle(declare, Outcome::Ran).expect("in order");
         assert!(matches!(names.portal("p"), Lookup::Known(cursor) if matches!(*cursor, Portal::Cursor)));
         names.end_transaction();
-        assert!(matches!(names.portal("p"), Lookup::Absent));
+        assert!(matches!(names.portal("p"), Lookup::Known(_)), "a cursor may be WITH HOLD");
+        let bound = Portal::Bound(Bound { statement: statement("SELECT 2"), parameters: Vec::new() });
+        let bind = names.change([Change::Portal("b".into(), Some(Arc::new(bound)))]);
+        names.settle(bind, Outcome::Ran).expect("in order");
+        names.end_transaction();
+        assert!(matches!(names.portal("b"), Lookup::Absent), "a bound portal ends with its transaction");
         names.change([Change::Portal("q".into(), Some(Arc::new(Portal::Cursor)))]);
         names.change([Change::NoPortals]);
         assert!(matches!(names.portal("q"), Lookup::Absent), "CLOSE ALL, in the same batch");
+    }
+
+    #[test]
+    fn a_string_that_failed_part_way_leaves_what_it_created_and_what_it_dropped() {
+        let names = Names::default();
+        let old = names.change([Change::Statement("old".into(), Some(statement("SELECT old")))]);
+        names.settle(old, Outcome::Ran).expect("in order");
+        let string = names.change([
+            Change::Statement("old".into(), None),
+            Change::Statement("new".into(), Some(statement("DELETE"))),
+            Change::Portal("c".into(), Some(Arc::new(Portal::Cursor))),
+        ]);
+        names.end_batch();
+        names.settle(string, Outcome::Failed).expect("in order");
+        assert_eq!(known_sql(names.statement("old")).as_deref(), Some("SELECT old"));
+        assert_eq!(known_sql(names.statement("new")).as_deref(), Some("DELETE"));
+        assert!(matches!(names.portal("c"), Lookup::Known(_)));
     }
 
     #[test]
@@ -333,7 +371,7 @@ mod tests {
         names.change([Change::Statement("a".into(), Some(statement("SELECT a")))]);
         let later = names.change([Change::Statement("b".into(), Some(statement("SELECT b")))]);
         names.end_batch();
-        assert!(names.settle(later, true).is_err());
+        assert!(names.settle(later, Outcome::Ran).is_err());
         assert!(!names.crowded());
     }
 }
