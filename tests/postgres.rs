@@ -556,28 +556,26 @@ fn a_change_to_the_names_the_server_skipped_is_not_believed() {
     let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
     use message::*;
     let failing = "SELECT * FROM no_such_table";
-    let conversations = [
-        // A held DELETE under a name; a failing batch with DEALLOCATE of it
-        // as a Query; a harmless text under the name.
+    // A held DELETE under a name; a failing batch that drops the name
+    // (`drop`); a harmless text under the name, and an Execute of it.
+    let dropped_in_a_failing_batch = |name: &str, id: u32, drop: String| {
         vec![
-            ('1', parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
-            ('1', parse("", failing) + &query("DEALLOCATE s") + &sync()),
-            ('1', parse("s", "SELECT 1") + &sync()),
-            ('1', bind("", "s") + &execute("") + &sync()),
-        ],
+            ('1', parse(name, &format!("DELETE FROM orders WHERE id = {id}")) + &sync()),
+            ('1', parse("", failing) + &drop + &sync()),
+            ('1', parse(name, "SELECT 1") + &sync()),
+            ('1', bind("", name) + &execute("") + &sync()),
+        ]
+    };
+    let conversations = [
+        // DEALLOCATE as a Query.
+        dropped_in_a_failing_batch("s", 1, query("DEALLOCATE s")),
         // The unnamed statement parsed again in a failing batch.
         vec![
             ('1', parse("", "DELETE FROM orders WHERE id = 2") + &sync()),
             ('1', parse("x", failing) + &parse("", "SELECT 1") + &sync()),
             ('1', bind("", "") + &execute("") + &sync()),
         ],
-        // A Close in a failing batch.
-        vec![
-            ('1', parse("c", "DELETE FROM orders WHERE id = 3") + &sync()),
-            ('1', parse("", failing) + &close_statement("c") + &sync()),
-            ('1', parse("c", "SELECT 1") + &sync()),
-            ('1', bind("", "c") + &execute("") + &sync()),
-        ],
+        dropped_in_a_failing_batch("c", 3, close_statement("c")),
         // A string of statements that stops before its DEALLOCATE; the
         // name taken again for a statement that reads nothing masked.
         vec![
@@ -722,6 +720,77 @@ fn answers_are_matched_to_what_was_sent_whatever_the_server_skips() {
     for answer in &answers {
         assert!(!answer.contains("no longer follow"), "{out}");
     }
+}
+
+/// What the server takes for one name the proxy takes for one too (it
+/// keeps 63 bytes of a name), FETCH does not run a portal the protocol
+/// bound, `EXPLAIN DECLARE` opens no cursor, and a portal described before
+/// its `EXECUTE` is judged again is masked by what runs. A cursor without
+/// HOLD and a PREPARE that failed leave their names free.
+#[test]
+fn names_fetch_and_descriptions_follow_what_the_server_runs() {
+    let fx = Pg::start(DOCUMENTED_RULES, "agent", &[REVIEWERS, "approval_timeout: 2s"]);
+    use message::*;
+    let long = |last: char| format!("{}{last}", "a".repeat(63));
+    let conversations = [
+        vec![(
+            '1',
+            parse("d", "DELETE FROM orders WHERE id = 2") + &bind(&long('1'), "d") + &execute(&long('2')) + &sync(),
+        )],
+        vec![(
+            '1',
+            parse(&long('1'), "SELECT 1 AS e")
+                + &close_statement(&long('2'))
+                + &parse(&long('3'), "SELECT lower(email) AS e FROM users")
+                + &bind("", &long('1'))
+                + &execute("")
+                + &sync(),
+        )],
+        vec![('1', parse("\u{e9}", "SELECT 1") + &sync())],
+        vec![
+            (
+                '1',
+                parse("d", "DELETE FROM orders WHERE id = 3 RETURNING id")
+                    + &bind("p", "d")
+                    + &query("FETCH ALL FROM p"),
+            ),
+            ('1', sync()),
+        ],
+        vec![
+            ('1', parse("s", "EXPLAIN DECLARE p CURSOR FOR SELECT 1") + &sync()),
+            (
+                '1',
+                parse("d", "DELETE FROM orders WHERE id = 1")
+                    + &bind("p", "d")
+                    + &bind("q", "s")
+                    + &execute("q")
+                    + &execute("p")
+                    + &sync(),
+            ),
+        ],
+        vec![
+            ('1', query("PREPARE z AS SELECT 1 AS a")),
+            ('1', parse("s", "EXECUTE z") + &sync()),
+            ('1', query("DEALLOCATE z")),
+            ('1', query("PREPARE z AS SELECT lower(email) AS a FROM users")),
+            ('1', bind("p", "s") + &describe_portal("p") + &execute("p") + &sync()),
+        ],
+        vec![
+            ('1', query("BEGIN; DECLARE cc CURSOR FOR SELECT 1; COMMIT")),
+            ('1', query("BEGIN; DECLARE cc CURSOR FOR SELECT 2; COMMIT")),
+            ('1', query("PREPARE zz AS SELECT no_such_column")),
+            ('1', query("PREPARE zz AS SELECT 3")),
+            ('1', query("EXECUTE zz")),
+        ],
+    ];
+    let (out, answers) = converse(&fx, &conversations, false);
+    assert!(answers[0].contains("nobody approved"), "one portal to the server, one to the proxy:\n{out}");
+    assert!(answers[1].contains("****"), "{out}");
+    assert!(answers[2].contains("other than ASCII"), "{out}");
+    assert!(answers[3].contains("FETCH p: it is a portal the protocol bound"), "{out}");
+    assert!(answers[4].contains("nobody approved"), "EXPLAIN DECLARE opened no cursor p:\n{out}");
+    assert!(answers[5].contains("****"), "{out}");
+    assert!(!answers[6].contains("may exist") && answers[6].contains("SELECT 1"), "names freed:\n{out}");
 }
 
 /// On the extended protocol a client sends Sync right after a COPY's

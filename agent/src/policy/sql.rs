@@ -62,8 +62,12 @@ pub struct Analysis {
     pub executes: Vec<String>,
     /// Names `DEALLOCATE` drops.
     pub deallocates: Vec<Option<String>>,
-    /// Cursors (portals) `DECLARE` opens.
-    pub declares: Vec<String>,
+    /// Cursors (portals) `DECLARE` opens, and whether each is `WITH HOLD`
+    /// (it outlives its transaction). Only a statement of its own opens
+    /// one: `EXPLAIN DECLARE` does not.
+    pub declares: Vec<(String, bool)>,
+    /// Cursors `FETCH` and `MOVE` read.
+    pub fetches: Vec<String>,
     /// Cursors `CLOSE` closes (`None`: `CLOSE ALL`).
     pub closes: Vec<Option<String>>,
     /// How many times it copies rows in from the client (`COPY ... FROM STDIN`).
@@ -73,6 +77,13 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// Does judging it depend on the connection's prepared statements and
+    /// cursors at the time: what `EXECUTE` runs, whether a name `PREPARE`
+    /// or `DECLARE` takes is free, what `FETCH` reads?
+    pub fn depends_on_names(&self) -> bool {
+        !(self.executes.is_empty() && self.prepares.is_empty() && self.declares.is_empty() && self.fetches.is_empty())
+    }
+
     /// Adds what `other` does (a prepared statement an `EXECUTE` runs).
     pub fn absorb(&mut self, other: &Analysis) {
         self.kinds.extend(other.kinds.iter().cloned());
@@ -127,6 +138,15 @@ pub fn analyze(sql: &str) -> Result<Analysis, String> {
     let mut walk = Walk { analysis: &mut analysis, single_names: BTreeSet::new(), relations: BTreeSet::new() };
     walk.value(&tree, "", "");
     let Walk { single_names, relations, .. } = walk;
+    for statement in &parsed.protobuf.stmts {
+        if let Some(pg_query::NodeEnum::DeclareCursorStmt(declare)) =
+            statement.stmt.as_ref().and_then(|node| node.node.as_ref())
+        {
+            // CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h.
+            let hold = declare.options & 0x0020 != 0;
+            analysis.declares.push((declare.portalname.clone(), hold));
+        }
+    }
     // A bare name that is also a relation (or its alias) is a whole-row reference.
     if single_names.iter().any(|name| relations.contains(name)) {
         analysis.whole_rows = true;
@@ -228,7 +248,10 @@ impl Walk<'_> {
             // A cursor's rows are those of a query judged when it was
             // declared, or inside a function: any computed column may
             // carry a masked one.
-            "FetchStmt" => analysis.whole_rows = true,
+            "FetchStmt" => {
+                analysis.whole_rows = true;
+                analysis.fetches.push(text(node, "portalname").to_owned());
+            }
             "DoStmt" => analysis.opaque.push("a DO block runs code the proxy cannot see before it runs".to_owned()),
             "CallStmt" => {
                 analysis.opaque.push("CALL runs a procedure whose statements the proxy cannot see".to_owned())
@@ -260,7 +283,6 @@ impl Walk<'_> {
                 let name = text(node, "name");
                 analysis.deallocates.push((!name.is_empty()).then(|| name.to_owned()));
             }
-            "DeclareCursorStmt" => analysis.declares.push(text(node, "portalname").to_owned()),
             "ClosePortalStmt" => {
                 let name = text(node, "portalname");
                 analysis.closes.push((!name.is_empty()).then(|| name.to_owned()));
@@ -567,9 +589,11 @@ mod tests {
         assert_eq!(both.prepares, ["p"]);
         assert_eq!(both.executes, ["p"]);
         assert_eq!(both.deallocates, [Some("p".to_owned()), None]);
-        let cursors = of("DECLARE c CURSOR WITH HOLD FOR SELECT 1; CLOSE c; CLOSE ALL");
-        assert_eq!(cursors.declares, ["c"]);
+        let cursors = of("DECLARE c CURSOR WITH HOLD FOR SELECT 1; DECLARE d CURSOR FOR SELECT 1; CLOSE c; CLOSE ALL");
+        assert_eq!(cursors.declares, [("c".to_owned(), true), ("d".to_owned(), false)]);
         assert_eq!(cursors.closes, [Some("c".to_owned()), None]);
+        assert!(of("EXPLAIN DECLARE e CURSOR FOR SELECT 1").declares.is_empty(), "EXPLAIN opens no cursor");
+        assert_eq!(of("FETCH ALL FROM c; MOVE 1 IN d").fetches, ["c", "d"]);
         let discard = of("DISCARD ALL");
         assert_eq!((discard.deallocates, discard.closes), (vec![None], vec![None]));
         assert!(of("DISCARD PLANS").closes.is_empty());

@@ -593,15 +593,33 @@ impl Front<'_> {
                 return (normalized, Err(e), verdict);
             }
         };
-        let named = analysis.prepares.len()
-            + analysis.executes.len()
-            + analysis.deallocates.len()
-            + analysis.declares.len()
-            + analysis.closes.len();
-        if named > MAX_NAMES_PER_STATEMENT {
+        let names: Vec<&str> = (analysis.prepares.iter().chain(&analysis.executes).chain(&analysis.fetches))
+            .chain(analysis.deallocates.iter().flatten())
+            .chain(analysis.closes.iter().flatten())
+            .chain(analysis.declares.iter().map(|(name, _)| name))
+            .map(String::as_str)
+            .collect();
+        if names.len() > MAX_NAMES_PER_STATEMENT {
             let why = format!(
-                "it names {named} prepared statements or cursors; the proxy follows at most {MAX_NAMES_PER_STATEMENT} in one string"
+                "it names {} prepared statements or cursors; the proxy follows at most {MAX_NAMES_PER_STATEMENT} in one string",
+                names.len()
             );
+            return (normalized, Ok(analysis), Verdict::Refuse(why));
+        }
+        if let Some(name) = names.iter().find(|name| wire::server_name(name) != Some(**name)) {
+            let why = format!(
+                "the name {name:?} is not ASCII of at most {} bytes, which the server could read as another",
+                wire::MAX_NAME
+            );
+            return (normalized, Ok(analysis), Verdict::Refuse(why));
+        }
+        // A portal the protocol bound runs its statement when FETCH reads it.
+        if let Some(name) = analysis.fetches.iter().find(|name| match self.names.portal(name) {
+            Lookup::Absent => false,
+            Lookup::Known(portal) => !matches!(portal.as_ref(), Portal::Cursor { .. }),
+            Lookup::Unsettled => true,
+        }) {
+            let why = format!("FETCH {name}: it is a portal the protocol bound, which Execute runs");
             return (normalized, Ok(analysis), Verdict::Refuse(why));
         }
         // The server would refuse a name in use and keep what it holds;
@@ -610,7 +628,9 @@ impl Front<'_> {
             let why = format!("PREPARE {name}: a statement of that name may exist already");
             return (normalized, Ok(analysis), Verdict::Refuse(why));
         }
-        if let Some(name) = analysis.declares.iter().find(|name| !matches!(self.names.portal(name), Lookup::Absent)) {
+        if let Some((name, _)) =
+            analysis.declares.iter().find(|(name, _)| !matches!(self.names.portal(name), Lookup::Absent))
+        {
             let why = format!("DECLARE {name}: a portal of that name may exist already");
             return (normalized, Ok(analysis), Verdict::Refuse(why));
         }
@@ -677,6 +697,7 @@ impl Front<'_> {
                 deallocates: Vec::new(),
                 declares: Vec::new(),
                 closes: Vec::new(),
+                fetches: Vec::new(),
                 copies_in: 0,
                 ..Analysis::clone(analysis)
             })
@@ -689,8 +710,10 @@ impl Front<'_> {
             Some(name) => Change::Portal(name.clone(), None),
             None => Change::NoPortals,
         });
-        let declared =
-            analysis.declares.iter().map(|name| Change::Portal(name.clone(), Some(Arc::new(Portal::Cursor))));
+        let declared = analysis
+            .declares
+            .iter()
+            .map(|(name, hold)| Change::Portal(name.clone(), Some(Arc::new(Portal::Cursor { hold: *hold }))));
         Some(self.names.change(dropped.chain(prepared).chain(closed).chain(declared)))
     }
 
@@ -773,7 +796,7 @@ impl Front<'_> {
 
     fn parse(&mut self, message: &Message) -> Result<(), wire::Malformed> {
         let mut fields = Fields::new(&message.body);
-        let name = fields.cstr("Parse")?;
+        let name = fields.name("Parse")?;
         let sql = fields.cstr("Parse")?;
         let (normalized, analysis, mut verdict) = self.judge(&sql);
         // The server refuses a name in use and keeps what it holds; were
@@ -809,8 +832,8 @@ impl Front<'_> {
 
     fn bind(&mut self, message: &Message) -> Result<(), wire::Malformed> {
         let mut fields = Fields::new(&message.body);
-        let portal = fields.cstr("Bind")?;
-        let statement = fields.cstr("Bind")?;
+        let portal = fields.name("Bind")?;
+        let statement = fields.name("Bind")?;
         let format_count = fields.i16("Bind")?.max(0) as usize;
         let formats = (0..format_count).map(|_| fields.i16("Bind")).collect::<Result<Vec<_>, _>>()?;
         let value_count = fields.i16("Bind")?.max(0) as usize;
@@ -840,12 +863,12 @@ impl Front<'_> {
     }
 
     async fn execute(&mut self, message: &Message, described: Option<String>) -> Result<(), wire::Malformed> {
-        let portal = Fields::new(&message.body).cstr("Execute")?;
+        let portal = Fields::new(&message.body).name("Execute")?;
         let found = self.names.portal(&portal);
         let bound = match &found {
             Lookup::Known(known) => match known.as_ref() {
                 Portal::Bound(bound) => Ok(Some(bound)),
-                Portal::Cursor => Ok(None),
+                Portal::Cursor { .. } => Ok(None),
                 Portal::Unjudged(why) => Err(why.as_str()),
             },
             Lookup::Absent => Ok(None),
@@ -873,12 +896,11 @@ impl Front<'_> {
             return Ok(());
         };
         let sql = &statement.sql;
+        // What `EXECUTE` runs is looked up by the server as it runs, and
+        // whether a name is free is known only now.
+        let rejudged = statement.judged.is_some() && statement.analysis.depends_on_names();
         let (normalized, analysis, verdict) = match &statement.judged {
-            // What `EXECUTE` runs is looked up by the server as it runs,
-            // and whether a `PREPARE`'s name is free is known only now.
-            Some((normalized, verdict))
-                if statement.analysis.executes.is_empty() && statement.analysis.prepares.is_empty() =>
-            {
+            Some((normalized, verdict)) if !rejudged => {
                 (normalized.clone(), statement.analysis.clone(), verdict.clone())
             }
             Some(_) => match self.judge(sql) {
@@ -910,8 +932,9 @@ impl Front<'_> {
             }
             Verdict::Pass => {}
         }
-        // Masks need the result's columns: ask for them unless the client just did.
-        if !self.route.mask.is_empty() && described.as_deref() != Some(portal.as_str()) {
+        // Masks need the result's columns: ask for them unless the client
+        // just did and its Describe was planned with this analysis.
+        if !self.route.mask.is_empty() && (rejudged || described.as_deref() != Some(portal.as_str())) {
             let expect = Expect::DescribePortal { analysis: Some(analysis.clone()), swallow: true };
             self.send(expect, &wire::describe_portal(&portal));
         }
@@ -923,7 +946,7 @@ impl Front<'_> {
     fn describe(&mut self, message: &Message) -> Result<(), wire::Malformed> {
         let mut fields = Fields::new(&message.body);
         let what = fields.u8("Describe")?;
-        let name = fields.cstr("Describe")?;
+        let name = fields.name("Describe")?;
         let expect = if what == b'S' {
             let analysis = match self.names.statement(&name) {
                 Lookup::Known(statement) => Some(statement.analysis.clone()),
@@ -934,7 +957,7 @@ impl Front<'_> {
             let analysis = match self.names.portal(&name) {
                 Lookup::Known(portal) => match portal.as_ref() {
                     Portal::Bound(bound) => Some(bound.statement.analysis.clone()),
-                    Portal::Unjudged(_) | Portal::Cursor => None,
+                    Portal::Unjudged(_) | Portal::Cursor { .. } => None,
                 },
                 Lookup::Absent | Lookup::Unsettled => None,
             };
@@ -948,7 +971,7 @@ impl Front<'_> {
     fn close(&mut self, message: &Message) -> Result<(), wire::Malformed> {
         let mut fields = Fields::new(&message.body);
         let what = fields.u8("Close")?;
-        let name = fields.cstr("Close")?;
+        let name = fields.name("Close")?;
         // The protocol's and SQL's prepared statements share names.
         let change = if what == b'S' { Change::Statement(name, None) } else { Change::Portal(name, None) };
         let id = self.names.change([change]);
@@ -1291,7 +1314,14 @@ impl Back<'_> {
                     Some(Expect::Query(running)) => {
                         // A failed statement stops the rest of its string:
                         // which of its changes happened is not known.
-                        let outcome = if running.error.is_none() { Outcome::Ran } else { Outcome::Failed };
+                        // One statement that failed did nothing; of several,
+                        // those before the failure ran.
+                        let several = running.analysis.as_ref().is_some_and(|analysis| analysis.statements > 1);
+                        let outcome = match (&running.error, several) {
+                            (None, _) => Outcome::Ran,
+                            (Some(_), true) => Outcome::Failed,
+                            (Some(_), false) => Outcome::Skipped,
+                        };
                         self.ended(&running, outcome)?;
                         running.finish(ctx, governed, None)
                     }

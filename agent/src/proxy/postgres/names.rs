@@ -65,8 +65,9 @@ pub enum Portal {
     Bound(Bound),
     /// Bound to a statement the proxy could not tell, and why: not run.
     Unjudged(String),
-    /// Opened by SQL's `DECLARE`, whose query was judged then.
-    Cursor,
+    /// Opened by SQL's `DECLARE`, whose query was judged then (`hold`:
+    /// `WITH HOLD`, it outlives its transaction).
+    Cursor { hold: bool },
 }
 
 /// A change to the server's names, made when a message that makes it is
@@ -187,11 +188,10 @@ impl Names {
         Ok(())
     }
 
-    /// The server's transaction ended (ReadyForQuery, idle): the portals
-    /// the protocol bound in it are gone. A cursor stays known as one: it
-    /// may have been declared `WITH HOLD`.
+    /// The server's transaction ended (ReadyForQuery, idle): its portals
+    /// are gone but for cursors declared `WITH HOLD`.
     pub fn end_transaction(&self) {
-        self.state().portals.retain(|_, portal| matches!(portal.as_ref(), Portal::Cursor));
+        self.state().portals.retain(|_, portal| matches!(portal.as_ref(), Portal::Cursor { hold: true }));
     }
 
     pub fn statement(&self, name: &str) -> Lookup<Statement> {
@@ -331,19 +331,22 @@ mod tests {
         let bind = names.change([Change::Portal("p".into(), Some(Arc::new(bound)))]);
         names.end_batch();
         names.settle(bind, Outcome::Ran).expect("in order");
-        let declare = names.change([Change::Portal("p".into(), Some(Arc::new(Portal::Cursor)))]);
+        let declare = names.change([Change::Portal("p".into(), Some(Arc::new(Portal::Cursor { hold: true })))]);
         names.end_batch();
         assert!(matches!(names.portal("p"), Lookup::Unsettled), "the bound statement or the cursor");
         names.settle(declare, Outcome::Ran).expect("in order");
-        assert!(matches!(names.portal("p"), Lookup::Known(cursor) if matches!(*cursor, Portal::Cursor)));
+        assert!(matches!(names.portal("p"), Lookup::Known(cursor) if matches!(*cursor, Portal::Cursor { .. })));
         names.end_transaction();
-        assert!(matches!(names.portal("p"), Lookup::Known(_)), "a cursor may be WITH HOLD");
+        assert!(matches!(names.portal("p"), Lookup::Known(_)), "a cursor WITH HOLD outlives it");
         let bound = Portal::Bound(Bound { statement: statement("SELECT 2"), parameters: Vec::new() });
         let bind = names.change([Change::Portal("b".into(), Some(Arc::new(bound)))]);
+        let declare = names.change([Change::Portal("c".into(), Some(Arc::new(Portal::Cursor { hold: false })))]);
         names.settle(bind, Outcome::Ran).expect("in order");
+        names.settle(declare, Outcome::Ran).expect("in order");
         names.end_transaction();
         assert!(matches!(names.portal("b"), Lookup::Absent), "a bound portal ends with its transaction");
-        names.change([Change::Portal("q".into(), Some(Arc::new(Portal::Cursor)))]);
+        assert!(matches!(names.portal("c"), Lookup::Absent), "and a cursor without HOLD");
+        names.change([Change::Portal("q".into(), Some(Arc::new(Portal::Cursor { hold: false })))]);
         names.change([Change::NoPortals]);
         assert!(matches!(names.portal("q"), Lookup::Absent), "CLOSE ALL, in the same batch");
     }
@@ -356,7 +359,7 @@ mod tests {
         let string = names.change([
             Change::Statement("old".into(), None),
             Change::Statement("new".into(), Some(statement("DELETE"))),
-            Change::Portal("c".into(), Some(Arc::new(Portal::Cursor))),
+            Change::Portal("c".into(), Some(Arc::new(Portal::Cursor { hold: false }))),
         ]);
         names.end_batch();
         names.settle(string, Outcome::Failed).expect("in order");

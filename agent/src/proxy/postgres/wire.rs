@@ -107,8 +107,26 @@ pub struct Fields(Bytes);
 
 /// A client message that does not hold what its type says.
 #[derive(Debug, thiserror::Error)]
-#[error("malformed {0} message")]
-pub struct Malformed(pub &'static str);
+pub enum Malformed {
+    #[error("malformed {0} message")]
+    Message(&'static str),
+    #[error(
+        "the {0} message names a prepared statement or portal in characters other than ASCII, \
+         which the server may read as a longer name, cut short where the proxy would not"
+    )]
+    Name(&'static str),
+}
+
+/// The longest name of a prepared statement or portal the server keeps
+/// whole (NAMEDATALEN - 1): it compares only this much of a longer one.
+pub const MAX_NAME: usize = 63;
+
+/// A name as the server keeps it (its first [`MAX_NAME`] bytes), so two
+/// names it takes for one are one to the proxy too. `None` if it is not
+/// ASCII: in the server's encoding it may have more bytes.
+pub fn server_name(name: &str) -> Option<&str> {
+    name.is_ascii().then(|| &name[..name.len().min(MAX_NAME)])
+}
 
 impl Fields {
     /// Over `body`.
@@ -118,16 +136,22 @@ impl Fields {
 
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self, what: &'static str) -> Result<String, Malformed> {
-        let end = self.0.iter().position(|b| *b == 0).ok_or(Malformed(what))?;
-        let text = std::str::from_utf8(&self.0[..end]).map_err(|_| Malformed(what))?.to_owned();
+        let end = self.0.iter().position(|b| *b == 0).ok_or(Malformed::Message(what))?;
+        let text = std::str::from_utf8(&self.0[..end]).map_err(|_| Malformed::Message(what))?.to_owned();
         self.0.advance(end + 1);
         Ok(text)
+    }
+
+    /// The name of a prepared statement or portal, as the server keeps it.
+    pub fn name(&mut self, what: &'static str) -> Result<String, Malformed> {
+        let name = self.cstr(what)?;
+        server_name(&name).map(str::to_owned).ok_or(Malformed::Name(what))
     }
 
     /// A byte.
     pub fn u8(&mut self, what: &'static str) -> Result<u8, Malformed> {
         if self.0.is_empty() {
-            return Err(Malformed(what));
+            return Err(Malformed::Message(what));
         }
         Ok(self.0.get_u8())
     }
@@ -135,7 +159,7 @@ impl Fields {
     /// A 16-bit count or code.
     pub fn i16(&mut self, what: &'static str) -> Result<i16, Malformed> {
         if self.0.len() < 2 {
-            return Err(Malformed(what));
+            return Err(Malformed::Message(what));
         }
         Ok(self.0.get_i16())
     }
@@ -143,7 +167,7 @@ impl Fields {
     /// A 32-bit number.
     pub fn i32(&mut self, what: &'static str) -> Result<i32, Malformed> {
         if self.0.len() < 4 {
-            return Err(Malformed(what));
+            return Err(Malformed::Message(what));
         }
         Ok(self.0.get_i32())
     }
@@ -155,7 +179,7 @@ impl Fields {
             return Ok(None);
         }
         if self.0.len() < length as usize {
-            return Err(Malformed(what));
+            return Err(Malformed::Message(what));
         }
         Ok(Some(self.0.split_to(length as usize)))
     }
