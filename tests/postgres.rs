@@ -916,6 +916,22 @@ fn pgbench_runs_through_the_proxy_with_every_statement_recorded() {
         .filter(|e| e["sql"].as_str().is_some_and(|s| s.contains("pgbench_accounts")) && e["outcome"] == "forwarded")
         .count();
     assert_eq!(selects, 100, "{}", pretty(&show));
+
+    // libpq's pipeline mode: statements prepared in one batch and run in
+    // the next before the first is answered.
+    let script = tempfile::NamedTempFile::new().expect("a pgbench script");
+    std::fs::write(
+        script.path(),
+        "\\set a random(1, 100000)\n\\startpipeline\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :a;\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :a + 1;\n\\endpipeline\n",
+    )
+    .expect("writing the script");
+    let script_path = script.path().to_string_lossy().into_owned();
+    let argv = [&pgbench, "-h", "127.0.0.1", "-p", &port, "-U", "whoever", "-n", "-f", &script_path, "-M", "prepared"];
+    let out = fx.daemon.run(&fx.token, &[&argv[..], &["-c", "2", "-t", "20", &fx.db.name]].concat());
+    assert!(out.success() && out.stdout.contains("number of transactions actually processed: 40/40"), "{out}");
+    assert!(out.stdout.contains("number of failed transactions: 0"), "{out}");
 }
 
 #[test]
