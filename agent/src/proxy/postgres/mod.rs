@@ -935,7 +935,8 @@ impl Front<'_> {
         // Masks need the result's columns: ask for them unless the client
         // just did and its Describe was planned with this analysis.
         if !self.route.mask.is_empty() && (rejudged || described.as_deref() != Some(portal.as_str())) {
-            let expect = Expect::DescribePortal { analysis: Some(analysis.clone()), swallow: true };
+            let analysis = masked_by(&analysis);
+            let expect = Expect::DescribePortal { analysis, swallow: true };
             self.send(expect, &wire::describe_portal(&portal));
         }
         let running = self.on_its_way(record, analysis);
@@ -949,14 +950,14 @@ impl Front<'_> {
         let name = fields.name("Describe")?;
         let expect = if what == b'S' {
             let analysis = match self.names.statement(&name) {
-                Lookup::Known(statement) => Some(statement.analysis.clone()),
+                Lookup::Known(statement) => masked_by(&statement.analysis),
                 Lookup::Absent | Lookup::Unsettled => None,
             };
             Expect::DescribeStatement(analysis)
         } else {
             let analysis = match self.names.portal(&name) {
                 Lookup::Known(portal) => match portal.as_ref() {
-                    Portal::Bound(bound) => Some(bound.statement.analysis.clone()),
+                    Portal::Bound(bound) => masked_by(&bound.statement.analysis),
                     Portal::Unjudged(_) | Portal::Cursor { .. } => None,
                 },
                 Lookup::Absent | Lookup::Unsettled => None,
@@ -1006,6 +1007,14 @@ impl Front<'_> {
             )),
         }
     }
+}
+
+/// The analysis a statement's result columns are masked by: its own, or
+/// none (every computed column masked) when what it runs depends on the
+/// names at the time. A portal suspended at its row limit and run on
+/// returns rows of what its first Execute ran, whatever the names hold now.
+fn masked_by(analysis: &Arc<Analysis>) -> Option<Arc<Analysis>> {
+    (!analysis.depends_on_names()).then(|| analysis.clone())
 }
 
 /// Applies the route's regex masks to text; returns it and how many matched.
@@ -1166,7 +1175,7 @@ impl Back<'_> {
             self.queue.push_back(expect);
             return Ok(());
         }
-        self.skip(expect, "skipped: an earlier message of the batch failed")
+        self.skip(expect, Outcome::Skipped, "skipped: an earlier message of the batch failed")
     }
 
     /// The server's answers no longer follow what was sent: the proxy can
@@ -1319,8 +1328,8 @@ impl Back<'_> {
                         let several = running.analysis.as_ref().is_some_and(|analysis| analysis.statements > 1);
                         let outcome = match (&running.error, several) {
                             (None, _) => Outcome::Ran,
-                            (Some(_), true) => Outcome::Failed,
-                            (Some(_), false) => Outcome::Skipped,
+                            (Some(_), true) => Outcome::PartWay,
+                            (Some(_), false) => Outcome::Failed,
                         };
                         self.ended(&running, outcome)?;
                         running.finish(ctx, governed, None)
@@ -1409,13 +1418,13 @@ impl Back<'_> {
             }
             Some(Expect::Execute(mut running)) => {
                 running.error = Some(summary);
-                self.ended(&running, Outcome::Skipped)?;
+                self.ended(&running, Outcome::Failed)?;
                 running.finish(ctx, governed, None);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
             }
             Some(failed) => {
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
-                self.skip(failed, "the server failed it")?;
+                self.skip(failed, Outcome::Failed, "the server failed it")?;
             }
         }
         // An extended-protocol message failed: the server skips everything
@@ -1425,19 +1434,19 @@ impl Back<'_> {
                 return Ok(());
             }
             if let Some(skipped) = self.queue.pop_front() {
-                self.skip(skipped, "skipped: an earlier message of the batch failed")?;
+                self.skip(skipped, Outcome::Skipped, "skipped: an earlier message of the batch failed")?;
             }
         }
         self.skipping = true;
         Ok(())
     }
 
-    /// An answer that will not come (or an error in its place): what the
-    /// message would have changed did not happen, and its record is written.
-    fn skip(&mut self, expect: Expect, why: &str) -> Result<(), Desync> {
+    /// An answer that will not come, or an error in its place (`outcome`
+    /// says which): its changes settle so, and its record is written.
+    fn skip(&mut self, expect: Expect, outcome: Outcome, why: &str) -> Result<(), Desync> {
         let ended = match &expect {
-            Expect::Execute(running) | Expect::Query(running) => self.ended(running, Outcome::Skipped),
-            other => other.change().map_or(Ok(()), |id| self.names.settle(id, Outcome::Skipped)),
+            Expect::Execute(running) | Expect::Query(running) => self.ended(running, outcome),
+            other => other.change().map_or(Ok(()), |id| self.names.settle(id, outcome)),
         };
         expect.abandon(self.ctx, self.governed, why);
         ended

@@ -8,9 +8,12 @@
 //! next Sync (a Query, `DEALLOCATE` in it, included), and stops a Query's
 //! statements at the first that fails. So a change is applied only when
 //! the server's answer confirms it, and dropped otherwise; of a string of
-//! statements that failed part way, what it created counts and what it
-//! dropped does not (the proxy lets it create only names it knows free).
-//! So a name the proxy knows holds what the proxy judged, or nothing at all.
+//! statements that failed part way, what it created counts (the proxy lets
+//! it create only names it knows free). So a name the proxy knows holds
+//! what the proxy judged, or nothing at all. A drop that may not have
+//! happened, in a statement that ran and failed, is applied where
+//! forgetting is safe (see [`State::apply`]): `DEALLOCATE` or `CLOSE` of a
+//! name that does not exist fails, and the name must not stay taken.
 //! The one way past this is a function that runs `PREPARE` or opens a
 //! cursor as dynamic SQL; a function the rules let run can as well change
 //! data itself.
@@ -89,10 +92,13 @@ pub enum Change {
 pub enum Outcome {
     /// It ran: every change counts.
     Ran,
-    /// A string of statements failed part way: what it created may exist,
-    /// what it dropped may not be gone.
+    /// A string of several statements failed part way: what it created
+    /// may exist, what it dropped may not be gone.
+    PartWay,
+    /// It failed: it created nothing, and what it would have dropped may
+    /// not have been there (a `DEALLOCATE` of a missing name fails).
     Failed,
-    /// It failed, or the server skipped it: nothing changed.
+    /// The server skipped it: nothing changed.
     Skipped,
 }
 
@@ -178,10 +184,7 @@ impl Names {
         }
         while state.pending.front().is_some_and(|pending| pending.id == id) {
             let Some(pending) = state.pending.pop_front() else { break };
-            let creates = matches!(pending.change, Change::Statement(_, Some(_)) | Change::Portal(_, Some(_)));
-            if outcome == Outcome::Ran || (outcome == Outcome::Failed && creates) {
-                state.apply(pending.change);
-            }
+            state.apply(pending.change, outcome);
         }
         drop(state);
         self.settled.notify_one();
@@ -225,22 +228,36 @@ enum Touch<'s, T> {
 }
 
 impl State {
-    fn apply(&mut self, change: Change) {
+    /// Applies what of a change the outcome allows. A create counts when
+    /// it may have happened. A drop that may not have happened still lets
+    /// the proxy forget a statement (one it does not know is refused) or a
+    /// cursor (what runs under a name it does not know is masked as a
+    /// cursor is), never a portal the protocol bound.
+    fn apply(&mut self, change: Change, outcome: Outcome) {
+        if outcome == Outcome::Skipped {
+            return;
+        }
+        let created = matches!(outcome, Outcome::Ran | Outcome::PartWay);
+        let dropped = outcome == Outcome::Ran;
+        let is_cursor = |portal: &Arc<Portal>| matches!(portal.as_ref(), Portal::Cursor { .. });
         match change {
-            Change::Statement(name, Some(statement)) => {
+            Change::Statement(name, Some(statement)) if created => {
                 self.statements.insert(name, statement);
             }
             Change::Statement(name, None) => {
                 self.statements.remove(&name);
             }
             Change::NoStatements => self.statements.retain(|name, _| name.is_empty()),
-            Change::Portal(name, Some(portal)) => {
+            Change::Portal(name, Some(portal)) if created => {
                 self.portals.insert(name, portal);
             }
             Change::Portal(name, None) => {
-                self.portals.remove(&name);
+                if dropped || self.portals.get(&name).is_some_and(is_cursor) {
+                    self.portals.remove(&name);
+                }
             }
-            Change::NoPortals => self.portals.clear(),
+            Change::NoPortals => self.portals.retain(|_, portal| !dropped && !is_cursor(portal)),
+            Change::Statement(_, Some(_)) | Change::Portal(_, Some(_)) => {}
         }
     }
 
@@ -362,8 +379,9 @@ mod tests {
             Change::Portal("c".into(), Some(Arc::new(Portal::Cursor { hold: false }))),
         ]);
         names.end_batch();
-        names.settle(string, Outcome::Failed).expect("in order");
-        assert_eq!(known_sql(names.statement("old")).as_deref(), Some("SELECT old"));
+        names.settle(string, Outcome::PartWay).expect("in order");
+        // Forgotten: a statement the proxy does not know is refused.
+        assert_eq!(known_sql(names.statement("old")), None);
         assert_eq!(known_sql(names.statement("new")).as_deref(), Some("DELETE"));
         assert!(matches!(names.portal("c"), Lookup::Known(_)));
     }
