@@ -335,6 +335,8 @@ struct Running {
     masked: u64,
     commands: Vec<String>,
     error: Option<String>,
+    /// The server's error said a prepared statement or cursor is not there.
+    name_missing: bool,
     /// Set when its rows were withheld: the error the client gets instead.
     withheld: Option<String>,
 }
@@ -385,6 +387,7 @@ impl Running {
             masked: 0,
             commands: Vec::new(),
             error: None,
+            name_missing: false,
             withheld: None,
         }
     }
@@ -1329,6 +1332,7 @@ impl Back<'_> {
                         let outcome = match (&running.error, several) {
                             (None, _) => Outcome::Ran,
                             (Some(_), true) => Outcome::PartWay,
+                            (Some(_), false) if running.name_missing => Outcome::NotThere,
                             (Some(_), false) => Outcome::Failed,
                         };
                         self.ended(&running, outcome)?;
@@ -1384,6 +1388,8 @@ impl Back<'_> {
         let fields = wire::error_fields(&message.body);
         let text = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|(_, t)| t.clone()).unwrap_or_default();
         let summary = format!("{}: {}", text(b'C'), mask_text(self.route, &text(b'M')).0);
+        // invalid_sql_statement_name, invalid_cursor_name.
+        let name_missing = matches!(text(b'C').as_str(), "26000" | "34000");
         let masked = self.masked_fields(&message);
         let refused = |refusal: &Refusal| wire::error(refusal.code, &format!("tollgate: {}", refusal.message), None);
         match self.queue.pop_front() {
@@ -1401,6 +1407,7 @@ impl Back<'_> {
             }
             Some(Expect::Query(mut running)) => {
                 running.error = Some(summary);
+                running.name_missing = name_missing;
                 self.queue.push_front(Expect::Query(running));
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
                 return Ok(());
@@ -1418,7 +1425,7 @@ impl Back<'_> {
             }
             Some(Expect::Execute(mut running)) => {
                 running.error = Some(summary);
-                self.ended(&running, Outcome::Failed)?;
+                self.ended(&running, if name_missing { Outcome::NotThere } else { Outcome::Failed })?;
                 running.finish(ctx, governed, None);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
             }

@@ -10,10 +10,10 @@
 //! the server's answer confirms it, and dropped otherwise; of a string of
 //! statements that failed part way, what it created counts (the proxy lets
 //! it create only names it knows free). So a name the proxy knows holds
-//! what the proxy judged, or nothing at all. A drop that may not have
-//! happened, in a statement that ran and failed, is applied where
-//! forgetting is safe (see [`State::apply`]): `DEALLOCATE` or `CLOSE` of a
-//! name that does not exist fails, and the name must not stay taken.
+//! what the proxy judged, or nothing at all; and a name it does not know
+//! holds nothing (so a lookup may weigh pending changes against it). A
+//! `DEALLOCATE` or `CLOSE` that fails because its name is not there
+//! ([`Outcome::NotThere`]) frees the name, which would otherwise stay taken.
 //! The one way past this is a function that runs `PREPARE` or opens a
 //! cursor as dynamic SQL; a function the rules let run can as well change
 //! data itself.
@@ -95,9 +95,11 @@ pub enum Outcome {
     /// A string of several statements failed part way: what it created
     /// may exist, what it dropped may not be gone.
     PartWay,
-    /// It failed: it created nothing, and what it would have dropped may
-    /// not have been there (a `DEALLOCATE` of a missing name fails).
+    /// It failed: nothing changed.
     Failed,
+    /// It failed because a name it drops is not there (SQLSTATE 26000 or
+    /// 34000, of a single statement): the name holds nothing.
+    NotThere,
     /// The server skipped it: nothing changed.
     Skipped,
 }
@@ -228,36 +230,29 @@ enum Touch<'s, T> {
 }
 
 impl State {
-    /// Applies what of a change the outcome allows. A create counts when
-    /// it may have happened. A drop that may not have happened still lets
-    /// the proxy forget a statement (one it does not know is refused) or a
-    /// cursor (what runs under a name it does not know is masked as a
-    /// cursor is), never a portal the protocol bound.
+    /// Applies what of a change the outcome says happened: a create that
+    /// may have happened counts (a name the proxy knows may hold nothing),
+    /// a drop only when it surely happened (a name the proxy does not know
+    /// must hold nothing).
     fn apply(&mut self, change: Change, outcome: Outcome) {
-        if outcome == Outcome::Skipped {
-            return;
-        }
         let created = matches!(outcome, Outcome::Ran | Outcome::PartWay);
-        let dropped = outcome == Outcome::Ran;
-        let is_cursor = |portal: &Arc<Portal>| matches!(portal.as_ref(), Portal::Cursor { .. });
+        let dropped = matches!(outcome, Outcome::Ran | Outcome::NotThere);
         match change {
             Change::Statement(name, Some(statement)) if created => {
                 self.statements.insert(name, statement);
             }
-            Change::Statement(name, None) => {
+            Change::Statement(name, None) if dropped => {
                 self.statements.remove(&name);
             }
-            Change::NoStatements => self.statements.retain(|name, _| name.is_empty()),
+            Change::NoStatements if dropped => self.statements.retain(|name, _| name.is_empty()),
             Change::Portal(name, Some(portal)) if created => {
                 self.portals.insert(name, portal);
             }
-            Change::Portal(name, None) => {
-                if dropped || self.portals.get(&name).is_some_and(is_cursor) {
-                    self.portals.remove(&name);
-                }
+            Change::Portal(name, None) if dropped => {
+                self.portals.remove(&name);
             }
-            Change::NoPortals => self.portals.retain(|_, portal| !dropped && !is_cursor(portal)),
-            Change::Statement(_, Some(_)) | Change::Portal(_, Some(_)) => {}
+            Change::NoPortals if dropped => self.portals.clear(),
+            _ => {}
         }
     }
 
@@ -380,10 +375,22 @@ mod tests {
         ]);
         names.end_batch();
         names.settle(string, Outcome::PartWay).expect("in order");
-        // Forgotten: a statement the proxy does not know is refused.
-        assert_eq!(known_sql(names.statement("old")), None);
+        assert_eq!(known_sql(names.statement("old")).as_deref(), Some("SELECT old"), "the drop may not have run");
         assert_eq!(known_sql(names.statement("new")).as_deref(), Some("DELETE"));
         assert!(matches!(names.portal("c"), Lookup::Known(_)));
+    }
+
+    #[test]
+    fn a_drop_that_failed_for_want_of_its_name_frees_it() {
+        let names = Names::default();
+        let stale = names.change([Change::Statement("w".into(), Some(statement("SELECT w")))]);
+        names.settle(stale, Outcome::PartWay).expect("in order");
+        let aborted = names.change([Change::Statement("w".into(), None)]);
+        names.settle(aborted, Outcome::Failed).expect("in order");
+        assert_eq!(known_sql(names.statement("w")).as_deref(), Some("SELECT w"), "in an aborted transaction, say");
+        let missing = names.change([Change::Statement("w".into(), None)]);
+        names.settle(missing, Outcome::NotThere).expect("in order");
+        assert_eq!(known_sql(names.statement("w")), None);
     }
 
     #[test]
