@@ -856,6 +856,33 @@ fn names_fetch_and_descriptions_follow_what_the_server_runs() {
     assert!(!answers[12].contains("bob@example.com"), "{out}");
 }
 
+/// A savepoint's rollback drops the portals bound since; an Execute of one
+/// fails with "portal does not exist", which says nothing of the names its
+/// statement would drop (here on a route with no masks, where the proxy
+/// sends no Describe of its own first).
+#[test]
+fn an_execute_of_a_portal_a_savepoint_dropped_frees_no_name() {
+    let fx = Pg::start(
+        "          approve:\n            - { statement: [delete] }\n",
+        "agent",
+        &[REVIEWERS, "approval_timeout: 2s"],
+    );
+    use message::*;
+    let conversation = vec![
+        ('1', parse("s", "DELETE FROM orders WHERE id = 1") + &sync()),
+        ('1', query("BEGIN")),
+        ('1', query("SAVEPOINT a")),
+        ('1', parse("d", "DEALLOCATE s") + &bind("p", "d") + &sync()),
+        ('1', query("ROLLBACK TO a")),
+        ('1', execute("p") + &sync()),
+        ('1', query("ROLLBACK")),
+        ('2', query("PREPARE s AS SELECT 1") + &query("EXECUTE s")),
+    ];
+    let (out, answers) = converse(&fx, &[conversation], false);
+    assert!(answers[0].contains("34000"), "the portal was gone:\n{out}");
+    assert!(answers[0].contains("nobody approved"), "EXECUTE s was judged as the DELETE:\n{out}");
+}
+
 /// On the extended protocol a client sends Sync right after a COPY's
 /// Execute, which the server ignores while it takes the data, and another
 /// after the data (libpq does). The proxy keeps its answers in step, and

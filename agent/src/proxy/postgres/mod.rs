@@ -1425,7 +1425,9 @@ impl Back<'_> {
             }
             Some(Expect::Execute(mut running)) => {
                 running.error = Some(summary);
-                self.ended(&running, if name_missing { Outcome::NotThere } else { Outcome::Failed })?;
+                // Not NotThere: the missing name may be the portal's own
+                // (one a savepoint's rollback dropped), not one it drops.
+                self.ended(&running, Outcome::Failed)?;
                 running.finish(ctx, governed, None);
                 self.outgoing.extend_from_slice(&wire::frame(b'E', &masked));
             }

@@ -98,7 +98,7 @@ pub enum Outcome {
     /// It failed: nothing changed.
     Failed,
     /// It failed because a name it drops is not there (SQLSTATE 26000 or
-    /// 34000, of a single statement): the name holds nothing.
+    /// 34000, of a Query of a single statement): the name holds nothing.
     NotThere,
     /// The server skipped it: nothing changed.
     Skipped,
